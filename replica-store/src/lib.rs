@@ -1,0 +1,1 @@
+//! Chunk-addressed replica store (chunks, manifests, recovery points, backends).
