@@ -1,0 +1,12 @@
+//! The Standby gateway: tracked disks, serving them, and (in later modules) the change log,
+//! replication engine, jobs and failover.
+
+pub mod catalog;
+pub mod config;
+pub mod disk;
+pub mod serve;
+pub mod units;
+
+pub use catalog::{DataDir, DiskRecord};
+pub use config::Config;
+pub use disk::Disk;

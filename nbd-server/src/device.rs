@@ -1,0 +1,174 @@
+//! The storage side of an export: what the protocol needs from a block device.
+
+use std::future::Future;
+use std::io;
+
+/// What a device can do; turned into NBD transmission flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceFlags {
+    /// Every completed write (acknowledged on any connection) is made durable by a flush on any
+    /// connection. Only then may the server advertise `NBD_FLAG_CAN_MULTI_CONN`.
+    pub flush_covers_all_connections: bool,
+    /// The device supports trim (punching holes).
+    pub trim: bool,
+    /// `write_zeroes` with `fast_only` can succeed (e.g. hole punching or fallocate zero-range).
+    pub fast_zero: bool,
+    /// `block_status` reports real allocation; otherwise everything is reported as data.
+    pub block_status: bool,
+    /// Spinning media (a hint to clients' elevators).
+    pub rotational: bool,
+}
+
+impl Default for DeviceFlags {
+    fn default() -> Self {
+        Self {
+            flush_covers_all_connections: true,
+            trim: true,
+            fast_zero: true,
+            block_status: true,
+            rotational: false,
+        }
+    }
+}
+
+/// Block size constraints (`NBD_INFO_BLOCK_SIZE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSize {
+    pub minimum: u32,
+    pub preferred: u32,
+    pub maximum: u32,
+}
+
+/// Flags for `write_zeroes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The client allows the range to be deallocated (NBD_CMD_FLAG_NO_HOLE was *not* set).
+    pub may_trim: bool,
+    /// Fail with `Unsupported` instead of writing zeroes slowly (NBD_CMD_FLAG_FAST_ZERO).
+    pub fast_only: bool,
+    /// Force unit access: durable before the reply.
+    pub fua: bool,
+}
+
+/// One run of the device with the same allocation state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// Not allocated (reads as zero unless `zero` is false — for us holes always read as zero).
+    pub hole: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+}
+
+/// A block device behind an export. Offsets and lengths are validated by the server before a
+/// method is called: `offset + len <= size()` always holds, and writes never reach a read-only
+/// export.
+///
+/// Errors are plain `io::Error`s; the server maps them to NBD error numbers
+/// (`ENOSPC`/`EDQUOT`/`EFBIG` → `NBD_ENOSPC`, `EPERM`/`EROFS` → `NBD_EPERM`,
+/// `Unsupported` → `NBD_ENOTSUP`, `InvalidInput` → `NBD_EINVAL`, others → `NBD_EIO`).
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// Capabilities.
+    fn flags(&self) -> DeviceFlags {
+        DeviceFlags::default()
+    }
+
+    /// Block size constraints.
+    fn block_size(&self) -> BlockSize {
+        BlockSize {
+            minimum: 1,
+            preferred: 4096,
+            maximum: crate::proto::MAX_PAYLOAD,
+        }
+    }
+
+    /// Reads `len` bytes at `offset`.
+    fn read(&self, offset: u64, len: usize) -> impl Future<Output = io::Result<Vec<u8>>> + Send;
+
+    /// Writes `data` at `offset`; with `fua` it is durable before this returns.
+    fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Makes every write that completed before this call durable.
+    fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Discards a range (it may read back as zeroes afterwards, or keep old data).
+    fn trim(&self, offset: u64, len: u64, fua: bool)
+        -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Makes a range read as zeroes.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Allocation state of `[offset, offset+len)`; may cover less than `len`, never more, and
+    /// must return at least one non-empty extent.
+    fn block_status(
+        &self,
+        _offset: u64,
+        len: u64,
+    ) -> impl Future<Output = io::Result<Vec<Extent>>> + Send {
+        async move {
+            Ok(vec![Extent {
+                length: len,
+                hole: false,
+                zero: false,
+            }])
+        }
+    }
+
+    /// Hints that a range will be read soon.
+    fn cache(&self, _offset: u64, _len: u64) -> impl Future<Output = io::Result<()>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// Maps an I/O error from a device to an NBD error number.
+pub fn nbd_errno(e: &io::Error) -> u32 {
+    use crate::proto::*;
+    if let Some(code) = e.raw_os_error() {
+        return match code {
+            libc_codes::EPERM | libc_codes::EROFS | libc_codes::EACCES => EPERM,
+            libc_codes::ENOSPC | libc_codes::EDQUOT | libc_codes::EFBIG => ENOSPC,
+            libc_codes::EINVAL => EINVAL,
+            libc_codes::ENOMEM => ENOMEM,
+            libc_codes::EOPNOTSUPP => ENOTSUP,
+            libc_codes::ESHUTDOWN => ESHUTDOWN,
+            _ => EIO,
+        };
+    }
+    match e.kind() {
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => EPERM,
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge => {
+            ENOSPC
+        }
+        io::ErrorKind::InvalidInput => EINVAL,
+        io::ErrorKind::OutOfMemory => ENOMEM,
+        io::ErrorKind::Unsupported => ENOTSUP,
+        _ => EIO,
+    }
+}
+
+/// Linux errno values (the server is Linux-only; avoids a libc dependency).
+mod libc_codes {
+    pub const EPERM: i32 = 1;
+    pub const EACCES: i32 = 13;
+    pub const ENOMEM: i32 = 12;
+    pub const EINVAL: i32 = 22;
+    pub const EFBIG: i32 = 27;
+    pub const ENOSPC: i32 = 28;
+    pub const EROFS: i32 = 30;
+    pub const EOPNOTSUPP: i32 = 95;
+    pub const ESHUTDOWN: i32 = 108;
+    pub const EDQUOT: i32 = 122;
+}

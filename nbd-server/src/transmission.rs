@@ -1,0 +1,474 @@
+//! The transmission phase: a pipelined request loop with out-of-order replies.
+//!
+//! One task reads requests (and write payloads) off the socket in order, validates them and
+//! spawns one task per request; a single writer task sends replies as they complete, so a
+//! reply is never interleaved with another. At most [`MAX_IN_FLIGHT`] requests and
+//! [`MAX_IN_FLIGHT_BYTES`] payload bytes are outstanding per connection; past that the reader
+//! stops reading, which pushes back on the client through TCP.
+//!
+//! A write is handed to the device only once its whole payload has arrived, so a client that
+//! vanishes mid-request never causes a partial write.
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{debug, trace};
+
+use crate::device::{nbd_errno, BlockDevice, Extent, ZeroFlags};
+use crate::export::Export;
+use crate::handshake::{BoxStream, Negotiated};
+use crate::proto::*;
+use crate::SessionError;
+
+/// Reads shorter than this never get holes split out of them.
+const HOLE_SCAN_MIN: usize = 64 * 1024;
+/// Granularity (and minimum run) of zero detection in structured reads.
+const HOLE_BLOCK: usize = 4096;
+static ZERO_BLOCK: [u8; HOLE_BLOCK] = [0u8; HOLE_BLOCK];
+
+/// A reply, written to the socket as one unit.
+struct Reply(Vec<Vec<u8>>);
+
+struct Conn<D> {
+    export: Arc<Export<D>>,
+    neg: Negotiated,
+    size: u64,
+    tx: mpsc::UnboundedSender<Reply>,
+}
+
+impl<D: BlockDevice> Conn<D> {
+    fn send(&self, r: Reply) {
+        // The writer only goes away when the client has; the reader will notice too.
+        let _ = self.tx.send(r);
+    }
+
+    /// Replies with an error, structured (with a message) when negotiated.
+    fn error(&self, cookie: u64, errno: u32, msg: &str) {
+        debug!(export = %self.export.name, cookie, errno, msg, "request failed");
+        if self.neg.structured {
+            let msg = &msg.as_bytes()[..msg.len().min(4096)];
+            let mut payload = Vec::with_capacity(6 + msg.len());
+            payload.extend_from_slice(&errno.to_be_bytes());
+            payload.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+            payload.extend_from_slice(msg);
+            let hdr = structured_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                cookie,
+                payload.len() as u32,
+            );
+            self.send(Reply(vec![hdr.to_vec(), payload]));
+        } else {
+            self.send(Reply(vec![simple_reply(errno, cookie).to_vec()]));
+        }
+    }
+
+    fn ok(&self, cookie: u64) {
+        self.send(Reply(vec![simple_reply(0, cookie).to_vec()]));
+    }
+
+    fn done(&self, cookie: u64, r: io::Result<()>, what: &str) {
+        match r {
+            Ok(()) => self.ok(cookie),
+            Err(e) => self.error(cookie, nbd_errno(&e), &format!("{what} failed: {e}")),
+        }
+    }
+
+    /// Is `[offset, offset+len)` inside the export?
+    fn in_bounds(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.size)
+    }
+
+    fn read_reply(&self, cookie: u64, offset: u64, data: Vec<u8>, df: bool) {
+        if !self.neg.structured {
+            self.send(Reply(vec![simple_reply(0, cookie).to_vec(), data]));
+            return;
+        }
+        if df || data.len() < HOLE_SCAN_MIN {
+            self.send(Reply(structured_data(cookie, offset, data, true)));
+            return;
+        }
+        self.send(Reply(split_holes(cookie, offset, data)));
+    }
+
+    fn block_status_reply(&self, cookie: u64, extents: &[Extent], len: u32, req_one: bool) {
+        let mut payload = Vec::with_capacity(4 + 8 * extents.len().min(MAX_EXTENTS));
+        payload.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+        let mut left = u64::from(len);
+        let mut count = 0usize;
+        let mut last: Option<(u64, u32)> = None;
+        let push = |payload: &mut Vec<u8>, (l, f): (u64, u32)| {
+            payload.extend_from_slice(&(l as u32).to_be_bytes());
+            payload.extend_from_slice(&f.to_be_bytes());
+        };
+        for e in extents {
+            if left == 0 || count >= MAX_EXTENTS {
+                break;
+            }
+            let l = e.length.min(left);
+            if l == 0 {
+                continue;
+            }
+            left -= l;
+            let flags =
+                (if e.hole { STATE_HOLE } else { 0 }) | (if e.zero { STATE_ZERO } else { 0 });
+            match last {
+                Some((pl, pf)) if pf == flags => last = Some((pl + l, pf)),
+                Some(prev) => {
+                    push(&mut payload, prev);
+                    count += 1;
+                    last = Some((l, flags));
+                }
+                None => last = Some((l, flags)),
+            }
+            if req_one {
+                break;
+            }
+        }
+        match last {
+            Some(prev) => push(&mut payload, prev),
+            None => {
+                self.error(cookie, EIO, "device returned no extents");
+                return;
+            }
+        }
+        let hdr = structured_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            cookie,
+            payload.len() as u32,
+        );
+        self.send(Reply(vec![hdr.to_vec(), payload]));
+    }
+}
+
+fn structured_data(cookie: u64, offset: u64, data: Vec<u8>, done: bool) -> Vec<Vec<u8>> {
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
+    let mut head = Vec::with_capacity(STRUCTURED_HEADER_LEN + 8);
+    head.extend_from_slice(&structured_header(
+        flags,
+        REPLY_TYPE_OFFSET_DATA,
+        cookie,
+        8 + data.len() as u32,
+    ));
+    head.extend_from_slice(&offset.to_be_bytes());
+    vec![head, data]
+}
+
+fn structured_hole(cookie: u64, offset: u64, len: u32, done: bool) -> Vec<u8> {
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
+    let mut b = Vec::with_capacity(STRUCTURED_HEADER_LEN + 12);
+    b.extend_from_slice(&structured_header(
+        flags,
+        REPLY_TYPE_OFFSET_HOLE,
+        cookie,
+        12,
+    ));
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// Sends runs of all-zero blocks as `OFFSET_HOLE` chunks and the rest as `OFFSET_DATA`.
+fn split_holes(cookie: u64, offset: u64, data: Vec<u8>) -> Vec<Vec<u8>> {
+    // Find runs: (start, end, is_zero), block-granular, the tail block possibly short.
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let end = (pos + HOLE_BLOCK).min(data.len());
+        let zero = data[pos..end] == ZERO_BLOCK[..end - pos];
+        match runs.last_mut() {
+            Some(r) if r.2 == zero => r.1 = end,
+            _ => runs.push((pos, end, zero)),
+        }
+        pos = end;
+    }
+    if runs.len() == 1 && !runs[0].2 {
+        return structured_data(cookie, offset, data, true);
+    }
+    let n = runs.len();
+    let mut parts = Vec::with_capacity(n * 2);
+    for (i, (s, e, zero)) in runs.into_iter().enumerate() {
+        let done = i + 1 == n;
+        let off = offset + s as u64;
+        if zero {
+            parts.push(structured_hole(cookie, off, (e - s) as u32, done));
+        } else {
+            parts.extend(structured_data(cookie, off, data[s..e].to_vec(), done));
+        }
+    }
+    parts
+}
+
+async fn writer_loop<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+) -> io::Result<()> {
+    let mut w = BufWriter::with_capacity(256 * 1024, wr);
+    while let Some(Reply(parts)) = rx.recv().await {
+        for p in &parts {
+            w.write_all(p).await?;
+        }
+        // Batch whatever else is ready into the same flush.
+        while let Ok(Reply(parts)) = rx.try_recv() {
+            for p in &parts {
+                w.write_all(p).await?;
+            }
+        }
+        w.flush().await?;
+    }
+    w.shutdown().await
+}
+
+/// Reads and discards `len` payload bytes.
+async fn drain<R: AsyncRead + Unpin>(rd: &mut R, len: u64) -> Result<(), SessionError> {
+    let n = tokio::io::copy(&mut rd.take(len), &mut tokio::io::sink()).await?;
+    if n != len {
+        return Err(SessionError::Disconnected);
+    }
+    Ok(())
+}
+
+/// Serves requests on a negotiated connection until the client disconnects or the server
+/// shuts down; in-flight requests are completed and answered first.
+pub async fn serve<D: BlockDevice>(
+    stream: BoxStream,
+    export: Arc<Export<D>>,
+    neg: Negotiated,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(256 * 1024, rd);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(writer_loop(wr, rx));
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
+    let conn = Arc::new(Conn {
+        size: export.device.size(),
+        export,
+        neg,
+        tx,
+    });
+
+    let result = request_loop(&mut rd, &conn, &slots, &budget, &mut shutdown).await;
+
+    // Let every accepted request finish and queue its reply, then close the writer.
+    let _all = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
+    drop(conn);
+    match writer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => trace!("reply writer ended: {e}"),
+        Err(e) => debug!("reply writer task failed: {e}"),
+    }
+    result
+}
+
+async fn request_loop<D: BlockDevice, R: AsyncRead + Unpin>(
+    rd: &mut R,
+    conn: &Arc<Conn<D>>,
+    slots: &Arc<Semaphore>,
+    budget: &Arc<Semaphore>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let mut hdr = [0u8; REQUEST_HEADER_LEN];
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Ok(()),
+            r = rd.read_exact(&mut hdr) => match r {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(SessionError::Disconnected)
+                }
+                Err(e) => return Err(e.into()),
+            },
+        }
+        let req = decode_request(&hdr).map_err(SessionError::Decode)?;
+        trace!(?req, "request");
+        if req.command == CMD_DISC {
+            return Ok(());
+        }
+        let slot = Arc::clone(slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| SessionError::Protocol("semaphore closed"))?;
+        let c = Arc::clone(conn);
+        let cookie = req.cookie;
+        let len = u64::from(req.length);
+        let ro = c.export.read_only;
+        let bad_flags = |allowed: u16| req.flags & !allowed != 0;
+
+        match req.command {
+            CMD_WRITE => {
+                if req.length > MAX_PAYLOAD {
+                    drain(rd, len).await?;
+                    c.error(cookie, EINVAL, "write larger than the maximum payload");
+                    continue;
+                }
+                let bytes = Arc::clone(budget)
+                    .acquire_many_owned(req.length.max(1))
+                    .await
+                    .map_err(|_| SessionError::Protocol("semaphore closed"))?;
+                let mut data = vec![0u8; req.length as usize];
+                match rd.read_exact(&mut data).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        // Client vanished mid-payload: nothing is written.
+                        return Err(SessionError::Disconnected);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                if bad_flags(CMD_FLAG_FUA) {
+                    c.error(cookie, EINVAL, "unsupported flags for WRITE");
+                } else if ro {
+                    c.error(cookie, EPERM, "export is read-only");
+                } else if !c.in_bounds(req.offset, len) {
+                    c.error(cookie, ENOSPC, "write beyond the end of the export");
+                } else if len == 0 {
+                    c.ok(cookie);
+                } else {
+                    tokio::spawn(async move {
+                        let fua = req.flags & CMD_FLAG_FUA != 0;
+                        let r = c.export.device.write(req.offset, data, fua).await;
+                        c.done(cookie, r, "write");
+                        drop((slot, bytes));
+                    });
+                }
+            }
+            CMD_READ => {
+                let allowed = if c.neg.structured { CMD_FLAG_DF } else { 0 };
+                if bad_flags(allowed) {
+                    c.error(cookie, EINVAL, "unsupported flags for READ");
+                } else if req.length > MAX_PAYLOAD {
+                    c.error(cookie, EINVAL, "read larger than the maximum payload");
+                } else if !c.in_bounds(req.offset, len) {
+                    c.error(cookie, EINVAL, "read beyond the end of the export");
+                } else if len == 0 {
+                    c.read_reply(cookie, req.offset, Vec::new(), true);
+                } else {
+                    let bytes = Arc::clone(budget)
+                        .acquire_many_owned(req.length)
+                        .await
+                        .map_err(|_| SessionError::Protocol("semaphore closed"))?;
+                    tokio::spawn(async move {
+                        match c.export.device.read(req.offset, req.length as usize).await {
+                            Ok(data) if data.len() == req.length as usize => {
+                                let df = req.flags & CMD_FLAG_DF != 0;
+                                c.read_reply(cookie, req.offset, data, df);
+                            }
+                            Ok(_) => c.error(cookie, EIO, "device returned a short read"),
+                            Err(e) => c.error(cookie, nbd_errno(&e), &format!("read: {e}")),
+                        }
+                        drop((slot, bytes));
+                    });
+                }
+            }
+            CMD_FLUSH => {
+                if bad_flags(0) {
+                    c.error(cookie, EINVAL, "unsupported flags for FLUSH");
+                } else {
+                    tokio::spawn(async move {
+                        let r = c.export.device.flush().await;
+                        c.done(cookie, r, "flush");
+                        drop(slot);
+                    });
+                }
+            }
+            CMD_TRIM => {
+                if bad_flags(CMD_FLAG_FUA) {
+                    c.error(cookie, EINVAL, "unsupported flags for TRIM");
+                } else if ro {
+                    c.error(cookie, EPERM, "export is read-only");
+                } else if !c.export.device.flags().trim {
+                    c.error(cookie, EINVAL, "trim is not supported by this export");
+                } else if !c.in_bounds(req.offset, len) {
+                    c.error(cookie, EINVAL, "trim beyond the end of the export");
+                } else if len == 0 {
+                    c.ok(cookie);
+                } else {
+                    tokio::spawn(async move {
+                        let fua = req.flags & CMD_FLAG_FUA != 0;
+                        let r = c.export.device.trim(req.offset, len, fua).await;
+                        c.done(cookie, r, "trim");
+                        drop(slot);
+                    });
+                }
+            }
+            CMD_WRITE_ZEROES => {
+                let allowed = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO;
+                if bad_flags(allowed) {
+                    c.error(cookie, EINVAL, "unsupported flags for WRITE_ZEROES");
+                } else if ro {
+                    c.error(cookie, EPERM, "export is read-only");
+                } else if !c.in_bounds(req.offset, len) {
+                    c.error(cookie, ENOSPC, "write zeroes beyond the end of the export");
+                } else if len == 0 {
+                    c.ok(cookie);
+                } else {
+                    tokio::spawn(async move {
+                        let flags = ZeroFlags {
+                            may_trim: req.flags & CMD_FLAG_NO_HOLE == 0,
+                            fast_only: req.flags & CMD_FLAG_FAST_ZERO != 0,
+                            fua: req.flags & CMD_FLAG_FUA != 0,
+                        };
+                        let r = c.export.device.write_zeroes(req.offset, len, flags).await;
+                        c.done(cookie, r, "write zeroes");
+                        drop(slot);
+                    });
+                }
+            }
+            CMD_BLOCK_STATUS => {
+                let negotiated = c.neg.structured
+                    && c.neg.meta_export.as_deref() == Some(c.export.name.as_str());
+                if bad_flags(CMD_FLAG_REQ_ONE) {
+                    c.error(cookie, EINVAL, "unsupported flags for BLOCK_STATUS");
+                } else if !negotiated {
+                    c.error(cookie, EINVAL, "no metadata context was negotiated");
+                } else if len == 0 || !c.in_bounds(req.offset, len) {
+                    c.error(
+                        cookie,
+                        EINVAL,
+                        "block status range is empty or out of bounds",
+                    );
+                } else {
+                    tokio::spawn(async move {
+                        let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+                        let r = if c.export.device.flags().block_status {
+                            c.export.device.block_status(req.offset, len).await
+                        } else {
+                            Ok(vec![Extent {
+                                length: len,
+                                hole: false,
+                                zero: false,
+                            }])
+                        };
+                        match r {
+                            Ok(ext) => c.block_status_reply(cookie, &ext, req.length, req_one),
+                            Err(e) => c.error(cookie, nbd_errno(&e), &format!("block status: {e}")),
+                        }
+                        drop(slot);
+                    });
+                }
+            }
+            CMD_CACHE => {
+                if bad_flags(0) {
+                    c.error(cookie, EINVAL, "unsupported flags for CACHE");
+                } else if !c.in_bounds(req.offset, len) {
+                    c.error(cookie, EINVAL, "cache beyond the end of the export");
+                } else {
+                    tokio::spawn(async move {
+                        let r = c.export.device.cache(req.offset, len).await;
+                        c.done(cookie, r, "cache");
+                        drop(slot);
+                    });
+                }
+            }
+            _ => c.error(cookie, EINVAL, "unknown command"),
+        }
+    }
+}

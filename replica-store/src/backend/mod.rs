@@ -1,0 +1,89 @@
+//! Object-store backends behind one small async trait.
+
+use std::fmt::Debug;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::Result;
+
+#[cfg(feature = "testing")]
+pub mod faulty;
+pub mod local;
+#[cfg(feature = "testing")]
+pub mod memory;
+pub mod s3;
+
+/// Metadata of one stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Key relative to the backend root (`/`-separated).
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification time as reported by the backend.
+    pub modified: SystemTime,
+}
+
+/// A flat key/value object store. Keys are `/`-separated relative paths made of
+/// `[A-Za-z0-9._-]` segments. All operations are idempotent where it makes sense:
+/// deleting a missing key succeeds, putting the same key twice overwrites.
+#[async_trait]
+pub trait Backend: Send + Sync + Debug {
+    /// Human-readable location (for error messages and `store info`).
+    fn describe(&self) -> String;
+
+    /// Store `data` at `key`, replacing any existing object. Atomic: readers see the old or
+    /// the new object, never a partial one. Durable once it returns.
+    async fn put(&self, key: &str, data: Bytes) -> Result<()>;
+
+    /// Store `data` at `key` unless an object already exists there. Returns `true` if this call
+    /// wrote it. Best effort on stores that ignore conditional writes (they may overwrite):
+    /// callers only use it for content-addressed keys, where overwriting is harmless.
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool>;
+
+    /// Read a whole object. Missing objects give [`crate::Error::NotFound`].
+    async fn get(&self, key: &str) -> Result<Bytes>;
+
+    /// Read `len` bytes at `offset` of an object (shorter at the end of the object).
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes>;
+
+    /// Metadata of an object, `None` if it does not exist.
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>>;
+
+    /// All objects whose key starts with `prefix`, in lexicographic key order.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+
+    /// Delete an object. Deleting a missing object is not an error.
+    async fn delete(&self, key: &str) -> Result<()>;
+
+    /// Move an object to another key (used by GC). The default copies then deletes; at every
+    /// moment the object exists under at least one of the two keys.
+    async fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let data = self.get(from).await?;
+        self.put(to, data).await?;
+        self.delete(from).await
+    }
+}
+
+/// Validate a backend key: relative, `/`-separated, segments of `[A-Za-z0-9._-]`, no `.`/`..`.
+pub fn validate_key(key: &str) -> Result<()> {
+    let ok = !key.is_empty()
+        && key.len() <= 900
+        && key.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::Error::InvalidArgument(format!(
+            "invalid object key {key:?}"
+        )))
+    }
+}

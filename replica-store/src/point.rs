@@ -1,0 +1,473 @@
+//! Recovery points: metadata, building (full or from a parent) and atomic publication.
+//!
+//! A point belongs to a VM and covers all of its disks. Its objects are:
+//! - `indexes/<vm>/<point-id>/<disk>.idx`: one [`DiskIndex`] per disk (written first),
+//! - `points/<vm>/<point-id>.point`: the [`PointMeta`] (written last: the atomic commit).
+//!
+//! Point ids are `YYYYMMDDTHHMMSS.mmmZ-<16 hex random>`: unique per writer, so no two writers
+//! ever write the same key and no conditional put is needed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{ChunkId, MAGIC_INDEX, MAGIC_POINT};
+use crate::error::{Error, Result};
+use crate::manifest::DiskIndex;
+use crate::store::{now_unix_ms, PutKind, PutOutcome, Store};
+
+/// Version of the point metadata format.
+pub const POINT_FORMAT_VERSION: u32 = 1;
+
+/// How consistent the disks of a point are with each other and with the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// As after a power loss, all disks at the same instant.
+    #[default]
+    Crash,
+    /// Application-consistent (guest quiesced).
+    App,
+}
+
+/// One disk of a point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskEntry {
+    /// Disk name (unique within the VM).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Chunk size of the index.
+    pub chunk_size: u32,
+    /// Number of chunks.
+    pub chunks: u64,
+    /// Number of non-hole chunks.
+    pub data_chunks: u64,
+    /// Log sequence number of the source's change log this disk image corresponds to.
+    pub source_lsn: u64,
+    /// Key of the index object.
+    pub index_key: String,
+    /// Hex SHA-256 over the index's chunk ids.
+    pub index_checksum: String,
+}
+
+/// Metadata of a recovery point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointMeta {
+    /// Point format version.
+    pub format_version: u32,
+    /// VM the point belongs to.
+    pub vm: String,
+    /// Point id (sortable by time).
+    pub id: String,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Consistency level.
+    pub consistency: Consistency,
+    /// Point this one was derived from.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Disks, sorted by name.
+    pub disks: Vec<DiskEntry>,
+    /// Free-form labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PointMeta {
+    /// `vm/id`.
+    pub fn full_id(&self) -> String {
+        format!("{}/{}", self.vm, self.id)
+    }
+
+    /// The disk named `name`.
+    pub fn disk(&self, name: &str) -> Result<&DiskEntry> {
+        self.disks
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| Error::DiskNotFound {
+                point: self.full_id(),
+                disk: name.into(),
+            })
+    }
+
+    /// Logical size of all disks.
+    pub fn total_size(&self) -> u64 {
+        self.disks.iter().map(|d| d.size).sum()
+    }
+}
+
+/// Key of a point object.
+pub fn point_key(vm: &str, id: &str) -> String {
+    format!("points/{vm}/{id}.point")
+}
+
+/// Key of an index object.
+pub fn index_key(vm: &str, id: &str, disk: &str) -> String {
+    format!("indexes/{vm}/{id}/{disk}.idx")
+}
+
+/// Validate a VM or disk name: 1..=128 chars of `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn validate_name(kind: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{kind} name {name:?} must be 1-128 characters of A-Z a-z 0-9 . _ - and not start with '.'"
+        )))
+    }
+}
+
+/// A new unique point id for the current time.
+pub fn new_point_id(unix_ms: u64) -> String {
+    format!("{}-{:016x}", format_utc_ms(unix_ms), rand::random::<u64>())
+}
+
+/// `YYYYMMDDTHHMMSS.mmmZ`.
+pub fn format_utc_ms(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = (secs / 86400) as i64;
+    let sod = secs % 86400;
+    // Civil-from-days (Howard Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}.{:03}Z",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60,
+        unix_ms % 1000
+    )
+}
+
+#[derive(Debug)]
+struct DiskState {
+    index: DiskIndex,
+    source_lsn: u64,
+}
+
+/// Uploads chunks for one session; cheap to clone and usable from many tasks at once.
+/// Remembers which chunks it saw present (or inherited from the parent) to skip HEADs.
+#[derive(Debug, Clone)]
+pub struct ChunkWriter {
+    store: Store,
+    known: Arc<Mutex<HashSet<ChunkId>>>,
+}
+
+impl ChunkWriter {
+    /// Store one chunk's plaintext; returns its id and what was done.
+    pub async fn put(&self, data: Bytes) -> Result<PutOutcome> {
+        let codec = self.store.codec().clone();
+        let d = data.clone();
+        let id = tokio::task::spawn_blocking(move || codec.digest(&d))
+            .await
+            .map_err(|e| Error::Config(format!("hash task failed: {e}")))?;
+        self.put_with_id(id, data).await
+    }
+
+    /// Store a chunk whose id the caller computed with [`Store::digest`].
+    pub async fn put_with_id(&self, id: ChunkId, data: Bytes) -> Result<PutOutcome> {
+        if id.is_zero() {
+            return Ok(PutOutcome {
+                id,
+                uploaded_bytes: 0,
+                kind: PutKind::Zero,
+            });
+        }
+        if self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+        {
+            return Ok(PutOutcome {
+                id,
+                uploaded_bytes: 0,
+                kind: PutKind::Deduplicated,
+            });
+        }
+        let out = self.store.put_chunk_with_id(id, data, true).await?;
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        Ok(out)
+    }
+}
+
+/// Builds a recovery point. Chunks are uploaded as they come; [`PointBuilder::publish`]
+/// writes the indexes and then the point object.
+#[derive(Debug)]
+pub struct PointBuilder {
+    store: Store,
+    vm: String,
+    parent: Option<String>,
+    consistency: Consistency,
+    labels: BTreeMap<String, String>,
+    disks: BTreeMap<String, DiskState>,
+    started: Instant,
+    writer: ChunkWriter,
+}
+
+impl PointBuilder {
+    /// A point for `vm` with no disks yet.
+    pub fn new(store: &Store, vm: &str) -> Result<Self> {
+        validate_name("VM", vm)?;
+        let writer = ChunkWriter {
+            store: store.clone(),
+            known: Arc::default(),
+        };
+        Ok(PointBuilder {
+            store: store.clone(),
+            vm: vm.to_string(),
+            parent: None,
+            consistency: Consistency::Crash,
+            labels: BTreeMap::new(),
+            disks: BTreeMap::new(),
+            started: Instant::now(),
+            writer,
+        })
+    }
+
+    /// A point derived from `parent`: same disks, every chunk entry copied from the parent's
+    /// indexes (no chunk data is read). Replace the changed entries, then publish.
+    pub async fn from_parent(store: &Store, parent: &PointMeta) -> Result<Self> {
+        let mut b = Self::new(store, &parent.vm)?;
+        b.parent = Some(parent.id.clone());
+        b.consistency = parent.consistency;
+        let mut known = HashSet::new();
+        for d in &parent.disks {
+            let index = store.load_index(parent, &d.name).await?;
+            known.extend(index.entries().iter().copied().filter(|e| !e.is_zero()));
+            b.disks.insert(
+                d.name.clone(),
+                DiskState {
+                    index,
+                    source_lsn: d.source_lsn,
+                },
+            );
+        }
+        *b.writer.known.lock().unwrap_or_else(|p| p.into_inner()) = known;
+        Ok(b)
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+
+    /// Parent point id, if derived.
+    pub fn parent(&self) -> Option<&str> {
+        self.parent.as_deref()
+    }
+
+    /// Set the consistency level.
+    pub fn set_consistency(&mut self, c: Consistency) {
+        self.consistency = c;
+    }
+
+    /// Set a label.
+    pub fn set_label(&mut self, k: &str, v: &str) {
+        self.labels.insert(k.into(), v.into());
+    }
+
+    /// Add a disk made of holes (or reset an inherited one).
+    pub fn add_disk(&mut self, name: &str, size: u64) -> Result<()> {
+        validate_name("disk", name)?;
+        let index = DiskIndex::new(size, self.store.chunk_size())?;
+        self.disks.insert(
+            name.to_string(),
+            DiskState {
+                index,
+                source_lsn: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Resize an inherited disk. Returns chunk indexes whose content must be rewritten
+    /// (a non-hole chunk whose length changed).
+    pub fn resize_disk(&mut self, name: &str, size: u64) -> Result<Vec<u64>> {
+        Ok(self.disk_mut(name)?.index.resize(size))
+    }
+
+    /// Drop a disk from the point.
+    pub fn remove_disk(&mut self, name: &str) -> Result<()> {
+        self.disks
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| Error::DiskNotFound {
+                point: format!("{} (unpublished)", self.vm),
+                disk: name.into(),
+            })
+    }
+
+    /// Disk names.
+    pub fn disks(&self) -> Vec<String> {
+        self.disks.keys().cloned().collect()
+    }
+
+    /// Current index of a disk (entries copied from the parent until replaced).
+    pub fn index(&self, disk: &str) -> Result<&DiskIndex> {
+        self.disks
+            .get(disk)
+            .map(|d| &d.index)
+            .ok_or_else(|| Error::DiskNotFound {
+                point: format!("{} (unpublished)", self.vm),
+                disk: disk.into(),
+            })
+    }
+
+    fn disk_mut(&mut self, disk: &str) -> Result<&mut DiskState> {
+        let vm = self.vm.clone();
+        self.disks.get_mut(disk).ok_or_else(|| Error::DiskNotFound {
+            point: format!("{vm} (unpublished)"),
+            disk: disk.into(),
+        })
+    }
+
+    /// Record the source change-log position of a disk.
+    pub fn set_source_lsn(&mut self, disk: &str, lsn: u64) -> Result<()> {
+        self.disk_mut(disk)?.source_lsn = lsn;
+        Ok(())
+    }
+
+    /// A handle to upload chunks concurrently; record results with [`Self::set_chunk`].
+    pub fn writer(&self) -> ChunkWriter {
+        self.writer.clone()
+    }
+
+    /// Point chunk `index` of `disk` at `id` (a chunk already stored via [`Self::writer`], or
+    /// [`ChunkId::ZERO`] for a hole). Only chunks confirmed stored may be recorded.
+    pub fn set_chunk(&mut self, disk: &str, index: u64, id: ChunkId) -> Result<()> {
+        self.disk_mut(disk)?.index.set(index, id)
+    }
+
+    /// Upload `data` as chunk `index` of `disk` and record it (serial convenience).
+    pub async fn write_chunk(&mut self, disk: &str, index: u64, data: Bytes) -> Result<PutOutcome> {
+        let expect = self.index(disk)?.chunk_len(index);
+        if data.len() != expect {
+            return Err(Error::InvalidArgument(format!(
+                "chunk {index} of disk {disk} must be {expect} bytes, got {}",
+                data.len()
+            )));
+        }
+        let out = self.writer.put(data).await?;
+        self.set_chunk(disk, index, out.id)?;
+        Ok(out)
+    }
+
+    /// Write the indexes, then the point object (the commit). Refuses if the session lasted
+    /// longer than the store's `max_session_secs` (GC may have collected chunks it relied on).
+    pub async fn publish(self) -> Result<PointMeta> {
+        let elapsed = self.started.elapsed().as_secs();
+        let max = self.store.settings().max_session_secs;
+        if elapsed > max {
+            return Err(Error::SessionExpired {
+                vm: self.vm.clone(),
+                elapsed_secs: elapsed,
+                max_secs: max,
+            });
+        }
+        if self.disks.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a recovery point needs at least one disk".into(),
+            ));
+        }
+        let created = now_unix_ms();
+        let id = new_point_id(created);
+        let mut disks = Vec::new();
+        for (name, st) in &self.disks {
+            let key = index_key(&self.vm, &id, name);
+            self.store
+                .put_object(MAGIC_INDEX, &key, &st.index.to_bytes())
+                .await?;
+            disks.push(DiskEntry {
+                name: name.clone(),
+                size: st.index.disk_size(),
+                chunk_size: st.index.chunk_size(),
+                chunks: st.index.len(),
+                data_chunks: st.index.data_chunks(),
+                source_lsn: st.source_lsn,
+                index_key: key,
+                index_checksum: hex::encode(st.index.checksum()),
+            });
+        }
+        let meta = PointMeta {
+            format_version: POINT_FORMAT_VERSION,
+            vm: self.vm.clone(),
+            id: id.clone(),
+            created_unix_ms: created,
+            consistency: self.consistency,
+            parent: self.parent.clone(),
+            disks,
+            labels: self.labels.clone(),
+        };
+        let json = serde_json::to_vec(&meta)
+            .map_err(|e| Error::Config(format!("serializing point: {e}")))?;
+        self.store
+            .put_object(MAGIC_POINT, &point_key(&self.vm, &id), &json)
+            .await?;
+        tracing::info!(point = %meta.full_id(), disks = meta.disks.len(), "published recovery point");
+        Ok(meta)
+    }
+}
+
+impl Store {
+    /// Load and check one disk index of a point.
+    pub async fn load_index(&self, point: &PointMeta, disk: &str) -> Result<DiskIndex> {
+        let d = point.disk(disk)?;
+        let raw = self
+            .get_object(MAGIC_INDEX, &d.index_key)
+            .await
+            .map_err(|e| match e {
+                Error::NotFound { key, .. } => {
+                    Error::corrupt_object(key, format!("index of {} is missing", point.full_id()))
+                }
+                other => other,
+            })?;
+        let idx = DiskIndex::from_bytes(&raw, &d.index_key)?;
+        if hex::encode(idx.checksum()) != d.index_checksum || idx.disk_size() != d.size {
+            return Err(Error::corrupt_object(
+                &d.index_key,
+                "does not match the point's checksum/size",
+            ));
+        }
+        Ok(idx)
+    }
+
+    /// Start a new point for `vm`.
+    pub fn point_builder(&self, vm: &str) -> Result<PointBuilder> {
+        PointBuilder::new(self, vm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_format() {
+        assert_eq!(format_utc_ms(0), "19700101T000000.000Z");
+        assert_eq!(format_utc_ms(1_700_000_000_123), "20231114T221320.123Z");
+        assert!(validate_name("VM", "vm-1.a_b").is_ok());
+        assert!(validate_name("VM", "../x").is_err());
+        assert!(validate_name("VM", ".x").is_err());
+    }
+}

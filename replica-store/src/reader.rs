@@ -1,0 +1,278 @@
+//! Reading a recovery point's disk as a random-access device: verified chunks through a
+//! bounded LRU cache, sequential read-ahead, and hole (zero) extents for block status.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use lru::LruCache;
+
+use crate::chunk::ChunkId;
+use crate::error::{Error, Result};
+use crate::manifest::DiskIndex;
+use crate::point::PointMeta;
+use crate::store::Store;
+
+/// Reader tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct ReaderOptions {
+    /// Chunks kept in the LRU cache.
+    pub cache_chunks: usize,
+    /// Chunks fetched ahead when reads are sequential (0 disables read-ahead).
+    pub readahead_chunks: usize,
+}
+
+impl Default for ReaderOptions {
+    fn default() -> Self {
+        ReaderOptions {
+            cache_chunks: 256,
+            readahead_chunks: 8,
+        }
+    }
+}
+
+/// A run of bytes that is either all data or a hole (reads as zeros, not stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Byte offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// True for a hole.
+    pub zero: bool,
+}
+
+type Fetch = Shared<BoxFuture<'static, Result<Bytes>>>;
+
+/// Random-access reader of one disk of one point. Cheap to clone (shares cache).
+#[derive(Clone)]
+pub struct DiskReader {
+    inner: Arc<ReaderInner>,
+}
+
+struct ReaderInner {
+    store: Store,
+    point: String,
+    index: DiskIndex,
+    opts: ReaderOptions,
+    cache: Mutex<LruCache<u64, Bytes>>,
+    inflight: Mutex<HashMap<u64, Fetch>>,
+    next_sequential: AtomicU64,
+}
+
+impl std::fmt::Debug for DiskReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DiskReader({}, {} bytes)",
+            self.inner.point,
+            self.inner.index.disk_size()
+        )
+    }
+}
+
+impl Store {
+    /// Open disk `disk` of `point` for reading.
+    pub async fn open_disk(
+        &self,
+        point: &PointMeta,
+        disk: &str,
+        opts: ReaderOptions,
+    ) -> Result<DiskReader> {
+        let index = self.load_index(point, disk).await?;
+        Ok(DiskReader::new(
+            self.clone(),
+            format!("{}:{}", point.full_id(), disk),
+            index,
+            opts,
+        ))
+    }
+}
+
+impl DiskReader {
+    /// A reader over an already loaded index.
+    pub fn new(store: Store, name: String, index: DiskIndex, opts: ReaderOptions) -> Self {
+        let cap = NonZeroUsize::new(opts.cache_chunks.max(1)).unwrap_or(NonZeroUsize::MIN);
+        DiskReader {
+            inner: Arc::new(ReaderInner {
+                store,
+                point: name,
+                index,
+                opts,
+                cache: Mutex::new(LruCache::new(cap)),
+                inflight: Mutex::new(HashMap::new()),
+                next_sequential: AtomicU64::new(u64::MAX),
+            }),
+        }
+    }
+
+    /// Disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.index.disk_size()
+    }
+
+    /// The index.
+    pub fn index(&self) -> &DiskIndex {
+        &self.inner.index
+    }
+
+    /// Data/hole extents covering `[offset, offset+len)` (clipped to the disk), adjacent
+    /// extents of the same kind merged.
+    pub fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
+        let idx = &self.inner.index;
+        let end = offset.saturating_add(len).min(idx.disk_size());
+        let mut out: Vec<Extent> = Vec::new();
+        let cs = idx.chunk_size() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let ci = pos / cs;
+            let cend = ((ci + 1) * cs).min(end);
+            let zero = idx.get(ci).is_none_or(|e| e.is_zero());
+            match out.last_mut() {
+                Some(last) if last.zero == zero && last.offset + last.length == pos => {
+                    last.length += cend - pos
+                }
+                _ => out.push(Extent {
+                    offset: pos,
+                    length: cend - pos,
+                    zero,
+                }),
+            }
+            pos = cend;
+        }
+        out
+    }
+
+    /// True if `[offset, offset+len)` is entirely holes.
+    pub fn is_zero(&self, offset: u64, len: u64) -> bool {
+        self.extents(offset, len).iter().all(|e| e.zero)
+    }
+
+    /// Read `len` bytes at `offset` (clipped at the end of the disk).
+    pub async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let idx = &self.inner.index;
+        let end = offset.saturating_add(len as u64).min(idx.disk_size());
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let cs = idx.chunk_size() as u64;
+        let first = offset / cs;
+        let last = (end - 1) / cs;
+        // Sequential detection: the read starts where the previous one ended (chunk-wise).
+        let prev = self.inner.next_sequential.swap(last + 1, Ordering::Relaxed);
+        if self.inner.opts.readahead_chunks > 0
+            && (prev == first || prev == first + 1 || first == 0)
+        {
+            self.readahead(last + 1);
+        }
+        if first == last {
+            let c = self.chunk(first).await?;
+            let s = (offset - first * cs) as usize;
+            return Ok(c.slice(s..s + (end - offset) as usize));
+        }
+        // Fetch all chunks of the range concurrently, then assemble.
+        let futs: Vec<_> = (first..=last).map(|ci| self.chunk(ci)).collect();
+        let chunks = futures::future::try_join_all(futs).await?;
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for (k, c) in chunks.iter().enumerate() {
+            let ci = first + k as u64;
+            let cstart = ci * cs;
+            let s = offset.saturating_sub(cstart) as usize;
+            let e = ((end - cstart) as usize).min(c.len());
+            out.extend_from_slice(&c[s..e]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Read into `buf` at `offset`; returns the bytes read (short only at the end of the disk).
+    pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let b = self.read_at(offset, buf.len()).await?;
+        buf[..b.len()].copy_from_slice(&b);
+        Ok(b.len())
+    }
+
+    fn readahead(&self, from: u64) {
+        let n = self.inner.index.len();
+        for ci in from..(from + self.inner.opts.readahead_chunks as u64).min(n) {
+            let id = self.inner.index.get(ci).unwrap_or(ChunkId::ZERO);
+            if id.is_zero() || self.cached(ci).is_some() {
+                continue;
+            }
+            let f = self.fetch(ci, id);
+            tokio::spawn(async move {
+                // Errors surface when the chunk is actually read.
+                let _ = f.await;
+            });
+        }
+    }
+
+    fn cached(&self, ci: u64) -> Option<Bytes> {
+        self.inner
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ci)
+            .cloned()
+    }
+
+    /// One verified chunk (zeros for holes).
+    pub async fn chunk(&self, ci: u64) -> Result<Bytes> {
+        let idx = &self.inner.index;
+        let id = idx
+            .get(ci)
+            .ok_or_else(|| Error::InvalidArgument(format!("chunk {ci} out of range")))?;
+        if id.is_zero() {
+            return Ok(zeros(idx.chunk_len(ci)));
+        }
+        if let Some(b) = self.cached(ci) {
+            return Ok(b);
+        }
+        self.fetch(ci, id).await
+    }
+
+    fn fetch(&self, ci: u64, id: ChunkId) -> Fetch {
+        let mut inflight = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = inflight.get(&ci) {
+            return f.clone();
+        }
+        let me = self.clone();
+        let len = self.inner.index.chunk_len(ci);
+        let fut: BoxFuture<'static, Result<Bytes>> = async move {
+            let r = me.inner.store.get_chunk(&id, Some(len)).await;
+            if let Ok(b) = &r {
+                me.inner
+                    .cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .put(ci, b.clone());
+            }
+            me.inner
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&ci);
+            r
+        }
+        .boxed();
+        let shared = fut.shared();
+        inflight.insert(ci, shared.clone());
+        shared
+    }
+}
+
+fn zeros(n: usize) -> Bytes {
+    static ZEROS: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    let z = ZEROS.get_or_init(|| Bytes::from(vec![0u8; 4 << 20]));
+    if n <= z.len() {
+        z.slice(..n)
+    } else {
+        Bytes::from(vec![0u8; n])
+    }
+}

@@ -1,0 +1,400 @@
+//! The store handle: `store.toml`, opening/creating, chunk and object I/O.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::chunk::{ChunkId, Codec, Compression};
+use crate::crypto::{Cipher, Crypto, StoreKey};
+use crate::error::{Error, Result};
+
+/// Key of the store description at the root of the backend.
+pub const STORE_TOML: &str = "store.toml";
+/// Value of `format` in `store.toml`.
+pub const FORMAT_NAME: &str = "standby-replica-store";
+/// Format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Default chunk size (see docs/replica-store.md for the measurements behind it).
+pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
+/// Default maximum duration of an upload session (and GC fossil delay).
+pub const DEFAULT_MAX_SESSION_SECS: u64 = 6 * 3600;
+
+/// Encryption section of `store.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EncryptionSettings {
+    /// AEAD cipher.
+    pub cipher: Cipher,
+    /// Fingerprint of the store key (see [`StoreKey::fingerprint`]).
+    pub key_fingerprint: String,
+}
+
+/// Contents of `store.toml`: everything a gateway needs to read the store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    /// Format version ([`FORMAT_VERSION`]).
+    pub format_version: u32,
+    /// Random id of this store.
+    pub store_id: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// Chunk size in bytes (power of two, 4 KiB..=64 MiB).
+    pub chunk_size: u32,
+    /// Chunk compression.
+    pub compression: Compression,
+    /// zstd level.
+    pub compression_level: i32,
+    /// Upload sessions older than this refuse to publish; GC deletes fossils only after it.
+    pub max_session_secs: u64,
+    /// Present when the store is encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionSettings>,
+}
+
+/// Options of [`Store::create`].
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Compression.
+    pub compression: Compression,
+    /// zstd level (1 is fast).
+    pub compression_level: i32,
+    /// Max upload session duration.
+    pub max_session_secs: u64,
+    /// Cipher, used when a key is given.
+    pub cipher: Cipher,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            compression: Compression::Zstd,
+            compression_level: 1,
+            max_session_secs: DEFAULT_MAX_SESSION_SECS,
+            cipher: Cipher::Aes256Gcm,
+        }
+    }
+}
+
+/// Outcome of storing one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// Id of the chunk ([`ChunkId::ZERO`] for a hole).
+    pub id: ChunkId,
+    /// Bytes written to the backend (0 for holes and chunks already present).
+    pub uploaded_bytes: u64,
+    /// What happened.
+    pub kind: PutKind,
+}
+
+/// What [`Store::put_chunk`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutKind {
+    /// All zeros: nothing stored.
+    Zero,
+    /// Already in the store: nothing uploaded.
+    Deduplicated,
+    /// Uploaded.
+    Uploaded,
+}
+
+/// An open replica store. Cheap to clone; all clones share the same backend and keys.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) settings: StoreSettings,
+    pub(crate) codec: Codec,
+}
+
+pub(crate) fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Create a new store on an empty backend. With `key`, the store is encrypted.
+    pub async fn create(
+        backend: Arc<dyn Backend>,
+        opts: CreateOptions,
+        key: Option<&StoreKey>,
+    ) -> Result<Store> {
+        if !opts.chunk_size.is_power_of_two() || !(4096..=64 << 20).contains(&opts.chunk_size) {
+            return Err(Error::InvalidArgument(format!(
+                "chunk size {} must be a power of two between 4 KiB and 64 MiB",
+                opts.chunk_size
+            )));
+        }
+        if backend.head(STORE_TOML).await?.is_some() {
+            return Err(Error::AlreadyExists {
+                location: backend.describe(),
+            });
+        }
+        let settings = StoreSettings {
+            format: FORMAT_NAME.into(),
+            format_version: FORMAT_VERSION,
+            store_id: hex::encode(rand::random::<[u8; 16]>()),
+            created_unix: now_unix_ms() / 1000,
+            chunk_size: opts.chunk_size,
+            compression: opts.compression,
+            compression_level: opts.compression_level,
+            max_session_secs: opts.max_session_secs,
+            encryption: key.map(|k| EncryptionSettings {
+                cipher: opts.cipher,
+                key_fingerprint: k.fingerprint(),
+            }),
+        };
+        let text = toml::to_string(&settings)
+            .map_err(|e| Error::Config(format!("serializing store.toml: {e}")))?;
+        let text = format!(
+            "# Standby replica store. Do not edit: the format is described in docs/replica-store.md.\n{text}"
+        );
+        backend.put(STORE_TOML, Bytes::from(text)).await?;
+        tracing::info!(location = %backend.describe(), encrypted = key.is_some(), "created replica store");
+        Self::from_settings(backend, settings, key)
+    }
+
+    /// Open an existing store. `key` is required if and only if the store is encrypted.
+    pub async fn open(backend: Arc<dyn Backend>, key: Option<&StoreKey>) -> Result<Store> {
+        let location = backend.describe();
+        let raw = match backend.get(STORE_TOML).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Err(Error::NotAStore { location }),
+            Err(e) => return Err(e),
+        };
+        let text = std::str::from_utf8(&raw)
+            .map_err(|_| Error::corrupt_object(STORE_TOML, "not UTF-8"))?;
+        let value: toml::Value =
+            toml::from_str(text).map_err(|e| Error::corrupt_object(STORE_TOML, e.to_string()))?;
+        let format = value.get("format").and_then(|v| v.as_str()).unwrap_or("");
+        let version = value
+            .get("format_version")
+            .and_then(|v| v.as_integer())
+            .unwrap_or(-1);
+        if format != FORMAT_NAME || version != FORMAT_VERSION as i64 {
+            return Err(Error::UnsupportedFormat {
+                location,
+                found: format!("{format:?} version {version}"),
+                supported: FORMAT_VERSION,
+            });
+        }
+        let settings: StoreSettings =
+            toml::from_str(text).map_err(|e| Error::corrupt_object(STORE_TOML, e.to_string()))?;
+        Self::from_settings(backend, settings, key)
+    }
+
+    fn from_settings(
+        backend: Arc<dyn Backend>,
+        settings: StoreSettings,
+        key: Option<&StoreKey>,
+    ) -> Result<Store> {
+        let location = backend.describe();
+        let crypto = match (&settings.encryption, key) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(Error::Config(format!(
+                    "a key was supplied but the store at {location} is not encrypted"
+                )))
+            }
+            (Some(enc), None) => {
+                return Err(Error::KeyRequired {
+                    location,
+                    fingerprint: enc.key_fingerprint.clone(),
+                })
+            }
+            (Some(enc), Some(k)) => {
+                let found = k.fingerprint();
+                if found != enc.key_fingerprint {
+                    return Err(Error::WrongKey {
+                        location,
+                        expected: enc.key_fingerprint.clone(),
+                        found,
+                    });
+                }
+                Some(Crypto::new(k, enc.cipher))
+            }
+        };
+        let codec = Codec::new(settings.compression, settings.compression_level, crypto);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                backend,
+                settings,
+                codec,
+            }),
+        })
+    }
+
+    /// The store's settings (`store.toml`).
+    pub fn settings(&self) -> &StoreSettings {
+        &self.inner.settings
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.inner.backend
+    }
+
+    /// Chunk size in bytes.
+    pub fn chunk_size(&self) -> u32 {
+        self.inner.settings.chunk_size
+    }
+
+    /// True if the store is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.inner.codec.encrypted()
+    }
+
+    /// Chunk id of `data` exactly as the store computes it ([`ChunkId::ZERO`] if all zeros;
+    /// keyed when the store is encrypted). Lets a resync compare local data with an index
+    /// without reading the store.
+    pub fn digest(&self, data: &[u8]) -> ChunkId {
+        self.inner.codec.digest(data)
+    }
+
+    pub(crate) fn codec(&self) -> &Codec {
+        &self.inner.codec
+    }
+
+    /// True if the chunk object exists (holes always "exist").
+    pub async fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        if id.is_zero() {
+            return Ok(true);
+        }
+        Ok(self.inner.backend.head(&id.key()).await?.is_some())
+    }
+
+    /// Store one chunk (hash, skip holes, skip if present, else encode and upload).
+    pub async fn put_chunk(&self, data: Bytes) -> Result<PutOutcome> {
+        let codec = self.inner.codec.clone();
+        let d = data.clone();
+        let id = tokio::task::spawn_blocking(move || codec.digest(&d))
+            .await
+            .map_err(|e| Error::Config(format!("hash task failed: {e}")))?;
+        self.put_chunk_with_id(id, data, true).await
+    }
+
+    /// Store a chunk whose id is already computed. With `check_exists`, a HEAD avoids
+    /// re-uploading a chunk that is already present.
+    pub async fn put_chunk_with_id(
+        &self,
+        id: ChunkId,
+        data: Bytes,
+        check_exists: bool,
+    ) -> Result<PutOutcome> {
+        if id.is_zero() {
+            return Ok(PutOutcome {
+                id,
+                uploaded_bytes: 0,
+                kind: PutKind::Zero,
+            });
+        }
+        let key = id.key();
+        if check_exists && self.inner.backend.head(&key).await?.is_some() {
+            return Ok(PutOutcome {
+                id,
+                uploaded_bytes: 0,
+                kind: PutKind::Deduplicated,
+            });
+        }
+        let codec = self.inner.codec.clone();
+        let obj = tokio::task::spawn_blocking(move || codec.encode_chunk(&id, &data))
+            .await
+            .map_err(|e| Error::Config(format!("encode task failed: {e}")))??;
+        let n = obj.len() as u64;
+        if self.inner.backend.put_if_absent(&key, obj).await? {
+            Ok(PutOutcome {
+                id,
+                uploaded_bytes: n,
+                kind: PutKind::Uploaded,
+            })
+        } else {
+            Ok(PutOutcome {
+                id,
+                uploaded_bytes: 0,
+                kind: PutKind::Deduplicated,
+            })
+        }
+    }
+
+    /// Read and verify a chunk. `expected_len` is checked when given. A chunk that GC has
+    /// turned into a fossil (see gc) is still readable.
+    pub async fn get_chunk(&self, id: &ChunkId, expected_len: Option<usize>) -> Result<Bytes> {
+        if id.is_zero() {
+            return Ok(Bytes::from(vec![
+                0u8;
+                expected_len
+                    .unwrap_or(self.chunk_size() as usize)
+            ]));
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let obj = match self.inner.backend.get(&id.key()).await {
+                Ok(o) => o,
+                Err(e) if e.is_not_found() => {
+                    match self.inner.backend.get(&id.fossil_key()).await {
+                        Ok(o) => o,
+                        Err(e) if e.is_not_found() => {
+                            return Err(Error::MissingChunk {
+                                digest: id.to_hex(),
+                            })
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            let codec = self.inner.codec.clone();
+            let id2 = *id;
+            let res =
+                tokio::task::spawn_blocking(move || codec.decode_chunk(&id2, &obj, expected_len))
+                    .await
+                    .map_err(|e| Error::Config(format!("verify task failed: {e}")))?;
+            match res {
+                // One retry: a corruption in transit looks the same as one at rest.
+                Err(Error::CorruptChunk { .. }) if attempt == 1 => {
+                    tracing::warn!(chunk = %id, "chunk failed verification, reading it again");
+                    continue;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Seal and store a non-chunk object.
+    pub(crate) async fn put_object(&self, magic: [u8; 4], key: &str, plain: &[u8]) -> Result<()> {
+        let codec = self.inner.codec.clone();
+        let k = key.to_string();
+        let p = plain.to_vec();
+        let obj = tokio::task::spawn_blocking(move || codec.seal(magic, k.as_bytes(), &p, true))
+            .await
+            .map_err(|e| Error::Config(format!("encode task failed: {e}")))??;
+        self.inner.backend.put(key, Bytes::from(obj)).await
+    }
+
+    /// Read and open a non-chunk object.
+    pub(crate) async fn get_object(&self, magic: [u8; 4], key: &str) -> Result<Vec<u8>> {
+        let obj = self.inner.backend.get(key).await?;
+        let codec = self.inner.codec.clone();
+        let k = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            codec
+                .open(magic, k.as_bytes(), &obj)
+                .map_err(|r| Error::corrupt_object(k, r))
+        })
+        .await
+        .map_err(|e| Error::Config(format!("decode task failed: {e}")))?
+    }
+}

@@ -1,0 +1,141 @@
+//! Verify: re-read and re-hash chunks of a point or of the whole store; report missing and
+//! corrupt chunks and the points they break.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::stream::{self, StreamExt};
+
+use crate::chunk::ChunkId;
+use crate::error::{Error, Result};
+use crate::point::PointMeta;
+use crate::store::Store;
+
+/// A chunk that could not be verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkProblem {
+    /// The chunk.
+    pub id: ChunkId,
+    /// Why.
+    pub reason: String,
+    /// Points (`vm/id`) that reference it (empty for an unreferenced chunk).
+    pub points: Vec<String>,
+}
+
+/// Result of a verification.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    /// Points whose indexes were read.
+    pub points_checked: usize,
+    /// Chunks read and re-hashed.
+    pub chunks_checked: usize,
+    /// Plaintext bytes re-hashed.
+    pub bytes_checked: u64,
+    /// Referenced chunks that are missing.
+    pub missing: Vec<ChunkProblem>,
+    /// Chunks that failed verification.
+    pub corrupt: Vec<ChunkProblem>,
+    /// Point or index objects that could not be read, with the reason.
+    pub bad_objects: Vec<(String, String)>,
+    /// Points (`vm/id`) that cannot be fully restored.
+    pub broken_points: Vec<String>,
+}
+
+impl VerifyReport {
+    /// True if nothing is wrong.
+    pub fn is_ok(&self) -> bool {
+        self.missing.is_empty() && self.corrupt.is_empty() && self.bad_objects.is_empty()
+    }
+}
+
+impl Store {
+    /// Verify one point: its indexes and every chunk it references.
+    pub async fn verify_point(&self, point: &PointMeta) -> Result<VerifyReport> {
+        self.verify_points(std::slice::from_ref(point), false).await
+    }
+
+    /// Verify every point and every chunk object of the store (unreferenced ones too).
+    pub async fn verify_all(&self) -> Result<VerifyReport> {
+        let points = self.list_points(None).await?;
+        self.verify_points(&points, true).await
+    }
+
+    async fn verify_points(&self, points: &[PointMeta], all_chunks: bool) -> Result<VerifyReport> {
+        let mut report = VerifyReport {
+            points_checked: points.len(),
+            ..Default::default()
+        };
+        // chunk -> (expected length, points)
+        let mut refs: BTreeMap<ChunkId, (usize, BTreeSet<String>)> = BTreeMap::new();
+        let mut broken: BTreeSet<String> = BTreeSet::new();
+        for p in points {
+            for d in &p.disks {
+                match self.load_index(p, &d.name).await {
+                    Ok(idx) => {
+                        for (i, id) in idx.entries().iter().enumerate() {
+                            if !id.is_zero() {
+                                let e = refs
+                                    .entry(*id)
+                                    .or_insert((idx.chunk_len(i as u64), BTreeSet::new()));
+                                e.1.insert(p.full_id());
+                            }
+                        }
+                    }
+                    Err(e) if e.is_recoverable() => return Err(e),
+                    Err(e) => {
+                        report
+                            .bad_objects
+                            .push((d.index_key.clone(), e.to_string()));
+                        broken.insert(p.full_id());
+                    }
+                }
+            }
+        }
+        let mut todo: Vec<(ChunkId, Option<usize>)> =
+            refs.iter().map(|(id, (l, _))| (*id, Some(*l))).collect();
+        if all_chunks {
+            for o in self.backend().list("chunks/").await? {
+                if let Some(id) = o.key.rsplit('/').next().and_then(ChunkId::from_hex) {
+                    if !refs.contains_key(&id) {
+                        todo.push((id, None));
+                    }
+                }
+            }
+        }
+        let mut results = stream::iter(todo)
+            .map(|(id, len)| async move { (id, self.get_chunk(&id, len).await) })
+            .buffer_unordered(8);
+        while let Some((id, r)) = results.next().await {
+            let pts = || {
+                refs.get(&id)
+                    .map(|(_, s)| s.iter().cloned().collect())
+                    .unwrap_or_default()
+            };
+            match r {
+                Ok(b) => {
+                    report.chunks_checked += 1;
+                    report.bytes_checked += b.len() as u64;
+                }
+                Err(Error::MissingChunk { .. }) => {
+                    let points: Vec<String> = pts();
+                    broken.extend(points.iter().cloned());
+                    report.missing.push(ChunkProblem {
+                        id,
+                        reason: "missing".into(),
+                        points,
+                    });
+                }
+                Err(Error::CorruptChunk { reason, .. }) => {
+                    report.chunks_checked += 1;
+                    let points: Vec<String> = pts();
+                    broken.extend(points.iter().cloned());
+                    report.corrupt.push(ChunkProblem { id, reason, points });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        report.missing.sort_by_key(|p| p.id);
+        report.corrupt.sort_by_key(|p| p.id);
+        report.broken_points = broken.into_iter().collect();
+        Ok(report)
+    }
+}

@@ -1,0 +1,56 @@
+//! The conformance suite against the local-directory and in-memory backends.
+//! (The same suite runs against a real S3 server in the workspace's end-to-end tests.)
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use replica_store::backend::local::LocalBackend;
+use replica_store::testing::{self, BackendFactory, MemoryBackend};
+use replica_store::Backend;
+
+struct Local(tempfile::TempDir);
+
+#[async_trait]
+impl BackendFactory for Local {
+    async fn fresh(&self, name: &str) -> Arc<dyn Backend> {
+        Arc::new(LocalBackend::open(self.0.path().join(name)).unwrap())
+    }
+}
+
+struct Memory;
+
+#[async_trait]
+impl BackendFactory for Memory {
+    async fn fresh(&self, _name: &str) -> Arc<dyn Backend> {
+        Arc::new(MemoryBackend::new())
+    }
+}
+
+fn local() -> Local {
+    Local(tempfile::tempdir().unwrap())
+}
+
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        mod local_dir { use super::*; $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { testing::$name(&local()).await }
+        )* }
+        mod memory { use super::*; $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { testing::$name(&Memory).await }
+        )* }
+    };
+}
+
+scenarios!(
+    store_format,
+    dedup_and_zero_elision,
+    point_publish_list_read,
+    blobs,
+    prune_policy,
+    verify_detects_corruption,
+    encryption_right_and_wrong_key,
+    gc_with_concurrent_uploader,
+    faults_never_wrong_data,
+);

@@ -1,0 +1,247 @@
+//! Harness for end-to-end tests: runs the real `standby` binary and real clients.
+//!
+//! Tests fail loudly (never skip) when a client tool they need is missing: install them with
+//! the test command in the README.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Path of the `standby` binary, built on first use in the same profile as the tests.
+pub fn standby_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("STANDBY_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> → target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in target/<profile>/deps")
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "standby-tools",
+            "--bin",
+            "standby",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .expect("run cargo build for the standby binary");
+        assert!(status.success(), "building the standby binary failed");
+        let bin = profile_dir.join("standby");
+        assert!(
+            bin.exists(),
+            "standby binary not found at {}",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
+}
+
+/// Fails the test with an actionable message when a client tool is missing.
+pub fn require_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("required test tool '{name}' is not installed: run the README's test command (it installs the test dependencies)");
+}
+
+/// Runs a command, failing the test with its output if it does not succeed.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command and returns its stdout as text.
+pub fn run_stdout(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run(cmd).stdout).into_owned()
+}
+
+/// A `standby` CLI invocation on a data directory.
+pub fn standby(data_dir: &Path) -> Command {
+    let mut c = Command::new(standby_bin());
+    c.arg("--data-dir").arg(data_dir);
+    c.env_remove("STANDBY_CONFIG");
+    c
+}
+
+/// A running `standby serve` process.
+pub struct Gateway {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    stderr_log: PathBuf,
+}
+
+impl Gateway {
+    /// Starts `standby serve` on an ephemeral loopback port and waits until it serves.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Gateway {
+        let stderr_log = data_dir.join(format!(
+            "serve-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(data_dir).expect("create data dir");
+        let log = std::fs::File::create(&stderr_log).expect("create serve log");
+        let mut child = standby(data_dir)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn standby serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("nbd://").nth(1) {
+                        let addr = rest.split_whitespace().next().unwrap_or_default();
+                        let addr: SocketAddr = addr.parse().expect("bound address");
+                        return Gateway {
+                            child: Some(child),
+                            addr,
+                            data_dir: data_dir.to_path_buf(),
+                            stderr_log,
+                        };
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
+                    panic!("standby serve did not start within 60 s; its log:\n{log}");
+                }
+            }
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// `nbd://127.0.0.1:PORT/EXPORT`
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://{}/{}", self.addr, export)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as libc::pid_t, sig) };
+        }
+    }
+
+    /// SIGTERM and wait: the clean shutdown path.
+    pub fn stop(mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("child");
+        wait_timeout(&mut child, Duration::from_secs(30))
+    }
+
+    /// SIGKILL and wait: a crash.
+    pub fn kill9(mut self) {
+        self.signal(libc::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_timeout(child: &mut Child, t: Duration) -> ExitStatus {
+    let deadline = Instant::now() + t;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {t:?} after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A temporary directory for one test (kept on failure when STANDBY_KEEP_TEST_DIRS is set).
+pub fn test_dir(name: &str) -> tempfile::TempDir {
+    let base = std::env::var_os("STANDBY_TEST_TMP")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&base).expect("test tmp base");
+    tempfile::Builder::new()
+        .prefix(&format!("standby-{name}-"))
+        .tempdir_in(base)
+        .expect("tempdir")
+}
+
+/// Fills a file with deterministic pseudo-random bytes.
+pub fn random_file(path: &Path, size: u64, seed: u64) {
+    use rand::{RngCore, SeedableRng};
+    use std::io::Write;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        f.write_all(&buf[..n]).expect("write");
+        left -= n as u64;
+    }
+    f.flush().expect("flush");
+}

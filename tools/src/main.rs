@@ -1,0 +1,214 @@
+//! `standby`: the Standby command-line tool.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use gateway::serve::ServeOptions;
+use gateway::units::{format_size, parse_size};
+use gateway::{Config, DataDir};
+
+#[derive(Parser)]
+#[command(
+    name = "standby",
+    version,
+    about = "Keeps VM disks recoverable: serves them over NBD, logs every write, replicates them"
+)]
+struct Cli {
+    /// Data directory (disks, change logs, state).
+    #[arg(
+        long,
+        global = true,
+        env = "STANDBY_DATA_DIR",
+        default_value = "./standby-data"
+    )]
+    data_dir: PathBuf,
+    /// Configuration file (default: DATA_DIR/standby.toml if it exists).
+    #[arg(long, global = true, env = "STANDBY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log filter (e.g. info, debug, gateway=trace); also RUST_LOG.
+    #[arg(long, global = true, env = "STANDBY_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve every disk as an NBD export named after the disk.
+    Serve(ServeArgs),
+    /// Manage disks.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TCP address to listen on [default: 127.0.0.1:10809].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Also listen on this Unix socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// TLS certificate (PEM) for STARTTLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Refuse clients that do not start TLS.
+    #[arg(long)]
+    tls_required: bool,
+    /// If the data directory has no disk yet, create a 1 GiB disk named "demo".
+    #[arg(long)]
+    demo: bool,
+}
+
+#[derive(Subcommand)]
+enum DiskCommand {
+    /// Create a sparse raw disk in the data directory.
+    Create {
+        name: String,
+        /// Size, e.g. 20G, 512M, 1T.
+        #[arg(long, value_parser = parse_size_arg)]
+        size: u64,
+    },
+    /// Adopt an existing raw image where it is (nothing is copied).
+    Import {
+        name: String,
+        image: PathBuf,
+        /// Serve it read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List disks.
+    List,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn init_logging(filter: &str) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn open_data_dir(cli: &Cli) -> Result<DataDir> {
+    let config = Config::locate(cli.config.as_deref(), &cli.data_dir)?;
+    DataDir::open(&cli.data_dir, config).with_context(|| {
+        format!(
+            "cannot use data directory {} (set --data-dir or STANDBY_DATA_DIR)",
+            cli.data_dir.display()
+        )
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("standby: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let dd = open_data_dir(&cli)?;
+    match cli.command {
+        Command::Serve(args) => serve(&dd, args),
+        Command::Disk(cmd) => disk(&dd, cmd),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn serve(dd: &DataDir, args: ServeArgs) -> Result<()> {
+    if args.demo && dd.disks()?.is_empty() {
+        dd.create_disk("demo", 1 << 30)?;
+        eprintln!("standby: created a 1 GiB demo disk named 'demo'");
+    }
+    let disks = dd.disks()?;
+    if disks.is_empty() {
+        eprintln!(
+            "standby: no disks yet: create one with `standby disk create NAME --size 20G` (or use --demo)"
+        );
+    }
+    let listen = args
+        .listen
+        .clone()
+        .or_else(|| dd.config().serve.listen.clone())
+        .unwrap_or_else(|| gateway::config::DEFAULT_LISTEN.to_string());
+    for name in disks.keys() {
+        eprintln!("standby: connect with: qemu-img info nbd://{listen}/{name}");
+    }
+    let opts = ServeOptions {
+        listen: args.listen,
+        socket: args.socket,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        tls_required: args.tls_required,
+    };
+    runtime()?.block_on(gateway::serve::serve(dd, opts))?;
+    Ok(())
+}
+
+fn disk(dd: &DataDir, cmd: DiskCommand) -> Result<()> {
+    match cmd {
+        DiskCommand::Create { name, size } => {
+            let rec = dd.create_disk(&name, size)?;
+            println!(
+                "created disk {} ({}) at {}",
+                rec.name,
+                format_size(size),
+                rec.image.display()
+            );
+        }
+        DiskCommand::Import {
+            name,
+            image,
+            read_only,
+        } => {
+            let rec = dd.import_disk(&name, &image, read_only)?;
+            println!("imported disk {} from {}", rec.name, rec.image.display());
+        }
+        DiskCommand::List => {
+            let disks = dd.disks()?;
+            println!(
+                "{:<24} {:>12} {:<9} {:<4} IMAGE",
+                "NAME", "SIZE", "ORIGIN", "MODE"
+            );
+            for rec in disks.values() {
+                let size = image_size(&rec.image)
+                    .map(format_size)
+                    .unwrap_or_else(|| "missing".into());
+                println!(
+                    "{:<24} {:>12} {:<9} {:<4} {}",
+                    rec.name,
+                    size,
+                    format!("{:?}", rec.origin).to_lowercase(),
+                    if rec.read_only { "ro" } else { "rw" },
+                    rec.image.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn image_size(p: &Path) -> Option<u64> {
+    std::fs::metadata(p).ok().map(|m| m.len())
+}
