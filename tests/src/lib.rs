@@ -3,6 +3,8 @@
 //! Tests fail loudly (never skip) when a client tool they need is missing: install them with
 //! the test command in the README.
 
+pub mod nbd_client;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

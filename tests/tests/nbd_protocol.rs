@@ -1,0 +1,201 @@
+//! Protocol and bad-input tests against the real `standby serve`, over a raw socket.
+
+use standby_e2e::nbd_client::*;
+use standby_e2e::{run, standby, test_dir, Gateway};
+
+const MIB: u64 = 1 << 20;
+
+fn setup(name: &str) -> (tempfile::TempDir, Gateway) {
+    let t = test_dir(name);
+    let dd = t.path().join("data");
+    run(standby(&dd).args(["disk", "create", "d1", "--size", "16M"]));
+    let ro = t.path().join("ro.raw");
+    std::fs::write(&ro, vec![0x5au8; MIB as usize]).unwrap();
+    run(standby(&dd)
+        .args(["disk", "import", "ro", "--read-only"])
+        .arg(&ro));
+    let g = Gateway::start(&dd, &[]);
+    (t, g)
+}
+
+fn client(g: &Gateway, export: &str) -> RawClient {
+    let mut c = RawClient::connect(g.addr).unwrap();
+    assert_eq!(c.go(export).unwrap(), REP_ACK);
+    c
+}
+
+#[test]
+fn unknown_and_oversized_options_are_refused_without_dropping_the_connection() {
+    let (_t, g) = setup("opts");
+    let mut c = RawClient::connect(g.addr).unwrap();
+    // An unknown option with a payload: drained and refused.
+    c.send_option(0x4242, b"some payload the server must skip")
+        .unwrap();
+    let r = c.read_opt_reply().unwrap();
+    assert_eq!((r.option, r.kind), (0x4242, REP_ERR_UNSUP));
+    // An oversized option: drained and refused.
+    c.send_option(0x4343, &vec![0u8; 1 << 20]).unwrap();
+    assert_eq!(c.read_opt_reply().unwrap().kind, REP_ERR_TOO_BIG);
+    // STRUCTURED_REPLY with data is invalid.
+    c.send_option(OPT_STRUCTURED_REPLY, b"x").unwrap();
+    assert_eq!(c.read_opt_reply().unwrap().kind, REP_ERR_INVALID);
+    // SET_META_CONTEXT before structured replies is invalid.
+    let r = c.set_meta_context("d1", "base:allocation").unwrap();
+    assert_eq!(r.last().unwrap().kind, REP_ERR_INVALID);
+    // A truncated GO payload is invalid, an unknown export is unknown.
+    c.send_option(OPT_GO, &[0, 0, 0, 9, b'd']).unwrap();
+    assert_eq!(c.read_opt_reply().unwrap().kind, REP_ERR_INVALID);
+    assert_eq!(c.go("nope").unwrap(), REP_ERR_UNKNOWN);
+    // The session still works.
+    assert_eq!(c.go("d1").unwrap(), REP_ACK);
+    assert_eq!(c.size, 16 * MIB);
+    assert_eq!(c.write(0, &[1u8; 512]).unwrap(), 0);
+    assert_eq!(c.read(0, 512).unwrap().data, vec![1u8; 512]);
+}
+
+#[test]
+fn bad_option_magic_disconnects() {
+    let (_t, g) = setup("optmagic");
+    let mut c = RawClient::connect(g.addr).unwrap();
+    use std::io::Write;
+    c.sock.write_all(&[0xde; 16]).unwrap();
+    assert!(c.is_closed());
+    // The server is still there for others.
+    let mut c2 = client(&g, "d1");
+    assert_eq!(c2.flush().unwrap(), 0);
+}
+
+#[test]
+fn out_of_range_overflow_unknown_and_read_only_requests_get_errors() {
+    let (_t, g) = setup("range");
+    let mut c = client(&g, "d1");
+    let size = c.size;
+    assert_eq!(c.read(size - 512, 1024).unwrap().error, EINVAL);
+    assert_eq!(c.read(u64::MAX - 10, 512).unwrap().error, EINVAL);
+    assert_eq!(c.write(size, &[1u8; 512]).unwrap(), ENOSPC);
+    assert_eq!(c.write(u64::MAX - 100, &[1u8; 512]).unwrap(), ENOSPC);
+    assert_eq!(c.call(0, CMD_TRIM, size, 4096, &[]).unwrap().error, EINVAL);
+    assert_eq!(
+        c.call(0, CMD_WRITE_ZEROES, size - 1, 2, &[]).unwrap().error,
+        ENOSPC
+    );
+    // Unknown command and unknown flags.
+    assert_eq!(c.call(0, 99, 0, 0, &[]).unwrap().error, EINVAL);
+    assert_eq!(c.call(1 << 9, CMD_READ, 0, 512, &[]).unwrap().error, EINVAL);
+    // Block status without a negotiated context.
+    assert_eq!(
+        c.call(0, CMD_BLOCK_STATUS, 0, 4096, &[]).unwrap().error,
+        EINVAL
+    );
+    // A write larger than the maximum payload is drained and refused; the stream stays in sync.
+    let big = vec![7u8; 33 * MIB as usize];
+    assert_eq!(c.write(0, &big).unwrap(), EINVAL);
+    assert_eq!(c.read(0, 4096).unwrap().data, vec![0u8; 4096]);
+
+    let mut r = client(&g, "ro");
+    assert_ne!(r.tflags & 2, 0, "read-only flag advertised");
+    assert_eq!(r.write(0, &[1u8; 512]).unwrap(), EPERM);
+    assert_eq!(r.call(0, CMD_TRIM, 0, 512, &[]).unwrap().error, EPERM);
+    assert_eq!(r.read(0, 512).unwrap().data, vec![0x5au8; 512]);
+}
+
+#[test]
+fn wrong_request_magic_disconnects_cleanly() {
+    let (_t, g) = setup("reqmagic");
+    let mut c = client(&g, "d1");
+    use std::io::Write;
+    c.sock.write_all(&[0u8; 28]).unwrap();
+    assert!(c.is_closed());
+    let mut c2 = client(&g, "d1");
+    assert_eq!(c2.read(0, 512).unwrap().error, 0);
+}
+
+#[test]
+fn client_vanishing_mid_write_writes_nothing() {
+    let (_t, g) = setup("vanish");
+    {
+        let mut c = client(&g, "d1");
+        // Header announces 1 MiB, only half arrives, then the client is gone.
+        c.send_request(
+            0,
+            CMD_WRITE,
+            1,
+            MIB,
+            MIB as u32,
+            &vec![0xeeu8; (MIB / 2) as usize],
+        )
+        .unwrap();
+        c.sock.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut c = client(&g, "d1");
+    let r = c.read(MIB, MIB as u32).unwrap();
+    assert_eq!(r.error, 0);
+    assert!(r.data.iter().all(|&b| b == 0), "no partial write");
+}
+
+#[test]
+fn pipelined_requests_all_answered() {
+    let (_t, g) = setup("pipeline");
+    let mut c = client(&g, "d1");
+    // 200 writes sent back to back without waiting (more than the in-flight limit).
+    for i in 0..200u64 {
+        let data = vec![(i % 251) as u8; 4096];
+        c.send_request(0, CMD_WRITE, i, i * 4096, 4096, &data)
+            .unwrap();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let r = c.read_reply(|_| 0).unwrap();
+        assert_eq!(r.error, 0);
+        assert!(seen.insert(r.cookie), "duplicate reply {}", r.cookie);
+    }
+    // Pipelined reads, answered possibly out of order, each with its own data.
+    for i in 0..200u64 {
+        c.send_request(0, CMD_READ, 1000 + i, i * 4096, 4096, &[])
+            .unwrap();
+    }
+    for _ in 0..200 {
+        let r = c.read_reply(|_| 4096).unwrap();
+        let i = r.cookie - 1000;
+        assert_eq!(r.data, vec![(i % 251) as u8; 4096], "cookie {}", r.cookie);
+    }
+    c.send_request(0, CMD_DISC, 0, 0, 0, &[]).unwrap();
+    assert!(c.is_closed());
+}
+
+#[test]
+fn structured_reads_holes_and_block_status() {
+    let (_t, g) = setup("structured");
+    let mut c = RawClient::connect(g.addr).unwrap();
+    c.structured_reply().unwrap();
+    let r = c.set_meta_context("d1", "base:allocation").unwrap();
+    assert_eq!(r[0].kind, REP_META_CONTEXT);
+    assert_eq!(c.go("d1").unwrap(), REP_ACK);
+    // Data in the middle of a 1 MiB read; the rest is holes.
+    assert_eq!(c.write(512 * 1024, &[9u8; 8192]).unwrap(), 0);
+    let r = c.read(0, MIB as u32).unwrap();
+    assert_eq!(r.error, 0);
+    let mut want = vec![0u8; MIB as usize];
+    want[512 * 1024..512 * 1024 + 8192].fill(9);
+    assert_eq!(r.data, want);
+    // Block status: hole, data, hole.
+    let r = c.call(0, CMD_BLOCK_STATUS, 0, MIB as u32, &[]).unwrap();
+    assert_eq!(r.error, 0);
+    let d = &r.data[4..];
+    let ext: Vec<(u32, u32)> = d
+        .chunks(8)
+        .map(|x| {
+            (
+                u32::from_be_bytes(x[0..4].try_into().unwrap()),
+                u32::from_be_bytes(x[4..8].try_into().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(ext.iter().map(|e| u64::from(e.0)).sum::<u64>(), MIB);
+    assert!(ext.iter().any(|e| e.1 == 0), "a data extent: {ext:?}");
+    assert!(ext.iter().any(|e| e.1 == 3), "a hole extent: {ext:?}");
+    // A read past the end gets a structured error, not a simple reply.
+    let r = c.read(c.size, 512).unwrap();
+    assert_eq!(r.error, EINVAL);
+}
