@@ -88,6 +88,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Reads `len` bytes at `offset`.
     fn read(&self, offset: u64, len: usize) -> impl Future<Output = io::Result<Vec<u8>>> + Send;
 
+    /// A read that completes at once without blocking (e.g. served from the page cache with
+    /// `RWF_NOWAIT`), or `None` to take the asynchronous [`BlockDevice::read`] path. The server
+    /// calls it inline on the connection's task, so it must never block.
+    fn read_now(&self, _offset: u64, _len: usize) -> Option<io::Result<Vec<u8>>> {
+        None
+    }
+
     /// Writes `data` at `offset`; with `fua` it is durable before this returns.
     fn write(
         &self,

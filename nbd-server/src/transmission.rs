@@ -222,6 +222,23 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
     w.shutdown().await
 }
 
+/// Reads a request payload of `len` bytes into a fresh buffer (without zero-filling it first).
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    len: usize,
+) -> Result<Vec<u8>, SessionError> {
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        let mut limited = (&mut *rd).take((len - data.len()) as u64);
+        match limited.read_buf(&mut data).await {
+            Ok(0) => return Err(SessionError::Disconnected),
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(data)
+}
+
 /// Reads and discards `len` payload bytes.
 async fn drain<R: AsyncRead + Unpin>(rd: &mut R, len: u64) -> Result<(), SessionError> {
     let n = tokio::io::copy(&mut rd.take(len), &mut tokio::io::sink()).await?;
@@ -314,15 +331,8 @@ async fn request_loop<D: BlockDevice, R: AsyncRead + Unpin>(
                     .acquire_many_owned(req.length.max(1))
                     .await
                     .map_err(|_| SessionError::Protocol("semaphore closed"))?;
-                let mut data = vec![0u8; req.length as usize];
-                match rd.read_exact(&mut data).await {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        // Client vanished mid-payload: nothing is written.
-                        return Err(SessionError::Disconnected);
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+                // Client vanished mid-payload: nothing is written.
+                let data = read_payload(rd, req.length as usize).await?;
                 if bad_flags(CMD_FLAG_FUA) {
                     c.error(cookie, EINVAL, "unsupported flags for WRITE");
                 } else if ro {
@@ -350,6 +360,16 @@ async fn request_loop<D: BlockDevice, R: AsyncRead + Unpin>(
                     c.error(cookie, EINVAL, "read beyond the end of the export");
                 } else if len == 0 {
                     c.read_reply(cookie, req.offset, Vec::new(), true);
+                } else if let Some(r) = c.export.device.read_now(req.offset, req.length as usize) {
+                    // Served without blocking: no task, no thread hop.
+                    let df = req.flags & CMD_FLAG_DF != 0;
+                    match r {
+                        Ok(data) if data.len() == req.length as usize => {
+                            c.read_reply(cookie, req.offset, data, df)
+                        }
+                        Ok(_) => c.error(cookie, EIO, "device returned a short read"),
+                        Err(e) => c.error(cookie, nbd_errno(&e), &format!("read: {e}")),
+                    }
                 } else {
                     let bytes = Arc::clone(budget)
                         .acquire_many_owned(req.length)

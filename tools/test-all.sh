@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs (when missing) and runs the whole suite.
+#
+#   tools/test-all.sh            # install missing dependencies, lint, build, run every test
+#
+# Environment:
+#   STANDBY_SKIP_INSTALL=1   do not install anything (fail if something is missing)
+#   STANDBY_SKIP_LINT=1      skip cargo fmt / clippy
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+GARAGE_VERSION=2.5.0
+APT_PACKAGES=(qemu-utils libnbd-bin nbdkit fio fuse3 openssl restic rsync python3 ca-certificates)
+export PATH="$HOME/.cargo/bin:$PATH"
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "need root (or sudo) to run: $*" >&2; return 1; fi
+}
+
+install_deps() {
+    local missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "== installing ${missing[*]}"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    fi
+    if ! garage --version 2>/dev/null | grep -q "v$GARAGE_VERSION"; then
+        echo "== building the Garage S3 server $GARAGE_VERSION (takes ~15 minutes on 2 cores)"
+        cargo install garage --version "$GARAGE_VERSION" --locked --quiet
+    fi
+    if ! cargo nextest --version >/dev/null 2>&1; then
+        echo "== installing cargo-nextest"
+        cargo install cargo-nextest --locked --quiet
+    fi
+}
+
+[ "${STANDBY_SKIP_INSTALL:-0}" = 1 ] || install_deps
+
+if [ "${STANDBY_SKIP_LINT:-0}" != 1 ]; then
+    echo "== cargo fmt --check"
+    cargo fmt --all -- --check
+    echo "== cargo clippy"
+    cargo clippy --workspace --all-targets --release --quiet -- -D warnings
+fi
+
+echo "== build"
+cargo build --workspace --all-targets --release --quiet
+echo "== tests"
+cargo nextest run --workspace --release --no-fail-fast
