@@ -28,7 +28,7 @@ install_deps() {
         as_root apt-get update -qq
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
     fi
-    if ! garage --version 2>/dev/null | grep -q "v$GARAGE_VERSION"; then
+    if ! garage --version 2>/dev/null | grep -q "$GARAGE_VERSION"; then
         echo "== building the Garage S3 server $GARAGE_VERSION (takes ~15 minutes on 2 cores)"
         cargo install garage --version "$GARAGE_VERSION" --locked --quiet
     fi
