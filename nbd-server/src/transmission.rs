@@ -12,7 +12,7 @@
 use std::io;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, trace};
 
@@ -202,24 +202,70 @@ fn split_holes(cookie: u64, offset: u64, data: Vec<u8>) -> Vec<Vec<u8>> {
     parts
 }
 
+/// Most replies gathered into one `writev`.
+const WRITE_BATCH_REPLIES: usize = 64;
+/// Most iovecs handed to one `writev` (Linux's IOV_MAX is 1024).
+const MAX_IOVECS: usize = 1024;
+
 async fn writer_loop<W: AsyncWrite + Unpin>(
-    wr: W,
+    mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
 ) -> io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 * 1024, wr);
-    while let Some(Reply(parts)) = rx.recv().await {
-        for p in &parts {
-            w.write_all(p).await?;
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    while let Some(Reply(first)) = rx.recv().await {
+        parts.clear();
+        parts.extend(first);
+        // Gather whatever else is ready: one system call for many replies.
+        let mut n = 1;
+        while n < WRITE_BATCH_REPLIES {
+            match rx.try_recv() {
+                Ok(Reply(more)) => parts.extend(more),
+                Err(_) => break,
+            }
+            n += 1;
         }
-        // Batch whatever else is ready into the same flush.
-        while let Ok(Reply(parts)) = rx.try_recv() {
-            for p in &parts {
-                w.write_all(p).await?;
+        write_all_vectored(&mut wr, &parts).await?;
+    }
+    wr.shutdown().await
+}
+
+/// Writes every byte of `parts` with as few `writev` calls as the kernel allows.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    parts: &[Vec<u8>],
+) -> io::Result<()> {
+    let mut idx = 0; // first part not fully written
+    let mut off = 0; // bytes of parts[idx] already written
+    while idx < parts.len() {
+        if parts[idx].len() == off {
+            idx += 1;
+            off = 0;
+            continue;
+        }
+        let mut slices = Vec::with_capacity((parts.len() - idx).min(MAX_IOVECS));
+        slices.push(io::IoSlice::new(&parts[idx][off..]));
+        for p in parts[idx + 1..].iter().take(MAX_IOVECS - 1) {
+            if !p.is_empty() {
+                slices.push(io::IoSlice::new(p));
             }
         }
-        w.flush().await?;
+        let mut written = wr.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 && idx < parts.len() {
+            let left = parts[idx].len() - off;
+            if written >= left {
+                written -= left;
+                idx += 1;
+                off = 0;
+            } else {
+                off += written;
+                written = 0;
+            }
+        }
     }
-    w.shutdown().await
+    wr.flush().await
 }
 
 /// Reads a request payload of `len` bytes into a fresh buffer (without zero-filling it first).

@@ -82,3 +82,27 @@ fn disks_declared_in_the_config_are_served() {
     assert_eq!(c.read(0, 16).unwrap().data, vec![0x11u8; 16]);
     assert_eq!(c.write(0, &[0u8; 16]).unwrap(), EPERM);
 }
+
+#[test]
+fn unix_socket_serves_qemu_img() {
+    standby_e2e::require_tool("qemu-img");
+    let t = test_dir("unix");
+    let dd = t.path().join("data");
+    run(standby(&dd).args(["disk", "create", "u1", "--size", "2M"]));
+    let sock = t.path().join("standby.sock");
+    let g = Gateway::start(&dd, &["--socket", sock.to_str().unwrap()]);
+    let uri = format!("nbd+unix:///u1?socket={}", sock.display());
+    run(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x3c 0 64k",
+        "-c",
+        "read -P 0x3c 0 64k",
+        &uri,
+    ]));
+    let info = standby_e2e::run_stdout(std::process::Command::new("qemu-img").args(["info", &uri]));
+    assert!(info.contains("2 MiB"), "{info}");
+    assert!(g.stop().success());
+    assert!(!sock.exists(), "socket removed on shutdown");
+}
