@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 GARAGE_VERSION=2.5.0
-APT_PACKAGES=(qemu-utils libnbd-bin nbdkit fio fuse3 openssl restic rsync python3 ca-certificates)
+APT_PACKAGES=(qemu-utils libnbd-bin nbdkit fio fuse3 e2fsprogs util-linux openssl restic rsync python3 ca-certificates)
 export PATH="$HOME/.cargo/bin:$PATH"
 
 as_root() {

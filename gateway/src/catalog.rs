@@ -5,6 +5,7 @@
 //!   standby.toml          optional configuration (serve settings, declared disks)
 //!   disks/NAME.toml       one record per disk: its image path, id, read-only flag
 //!   disks/NAME.img        images made by `standby disk create`
+//!   disks/NAME.hrl/       the change log of a tracked disk (segments, state file)
 //! ```
 //!
 //! Disks come from two places: records in `disks/` (made by `disk create` / `disk import`) and
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::info;
 
+use crate::changelog::LogError;
 use crate::config::Config;
 use crate::disk::{Disk, DiskError};
 
@@ -44,6 +46,12 @@ pub enum CatalogError {
     },
     #[error(transparent)]
     Disk(#[from] DiskError),
+    #[error("disk '{0}' is declared in the configuration file: set `tracked = true` or `tracked = false` in its [[disk]] table instead")]
+    Declared(String),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CatalogError + 'a {
@@ -77,6 +85,9 @@ pub struct DiskRecord {
     #[serde(default)]
     pub read_only: bool,
     pub origin: Origin,
+    /// A change log is kept for this disk (survives restarts).
+    #[serde(default)]
+    pub tracked: bool,
 }
 
 /// Validates a disk (or VM) name: it becomes an export name and a file name.
@@ -176,6 +187,7 @@ impl DataDir {
                     id: d.id.clone().unwrap_or_else(|| format!("config-{}", d.name)),
                     read_only: d.read_only,
                     origin: Origin::Config,
+                    tracked: d.tracked,
                 },
             );
         }
@@ -209,7 +221,7 @@ impl DataDir {
     /// Creates a sparse raw disk of `size` bytes in the data directory.
     pub fn create_disk(&self, name: &str, size: u64) -> Result<DiskRecord, CatalogError> {
         self.ensure_new(name)?;
-        if size < 512 || size % 512 != 0 {
+        if size < 512 || size & 511 != 0 {
             return Err(CatalogError::BadSize(size));
         }
         let image = self.disks_dir().join(format!("{name}.img"));
@@ -234,6 +246,7 @@ impl DataDir {
             id: new_id(),
             read_only: false,
             origin: Origin::Created,
+            tracked: false,
         };
         if let Err(e) = self.write_record(&rec) {
             let _ = fs::remove_file(&rec.image);
@@ -261,14 +274,47 @@ impl DataDir {
             id: new_id(),
             read_only,
             origin: Origin::Imported,
+            tracked: false,
         };
         self.write_record(&rec)?;
         info!(disk = name, image = %rec.image.display(), "disk imported");
         Ok(rec)
     }
 
-    /// Opens a disk for I/O.
+    /// The change-log directory of a disk: `disks/NAME.hrl` (inside the data directory even
+    /// for images that live elsewhere).
+    pub fn log_dir(&self, name: &str) -> PathBuf {
+        self.disks_dir().join(format!("{name}.hrl"))
+    }
+
+    /// Switches change tracking of a disk on or off (takes effect when the disk is next
+    /// opened). Config-declared disks are switched in the configuration file.
+    pub fn set_tracked(&self, name: &str, tracked: bool) -> Result<DiskRecord, CatalogError> {
+        let mut rec = self.disk(name)?;
+        if rec.origin == Origin::Config {
+            return Err(CatalogError::Declared(name.to_string()));
+        }
+        if rec.tracked != tracked {
+            rec.tracked = tracked;
+            self.write_record(&rec)?;
+            info!(disk = name, tracked, "change tracking switched");
+        }
+        Ok(rec)
+    }
+
+    /// Opens a disk for I/O; a tracked, writable disk gets its change log (recovered first).
     pub fn open_disk(&self, rec: &DiskRecord) -> Result<Disk, CatalogError> {
+        if rec.tracked && !rec.read_only {
+            let opts = self.config.log.options().map_err(CatalogError::Config)?;
+            let (disk, _report) = Disk::open_tracked(
+                &rec.name,
+                &rec.image,
+                &self.log_dir(&rec.name),
+                &rec.id,
+                opts,
+            )?;
+            return Ok(disk);
+        }
         Ok(Disk::open(&rec.name, &rec.image, rec.read_only)?)
     }
 }
@@ -323,5 +369,31 @@ mod tests {
         assert_eq!(all.keys().collect::<Vec<_>>(), vec!["ext", "vm1-os"]);
         assert!(all["ext"].read_only);
         assert!(matches!(dd.disk("zzz"), Err(CatalogError::NotFound(_))));
+    }
+
+    #[test]
+    fn tracked_flag_survives_and_old_records_load() {
+        let t = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(t.path(), Config::default()).unwrap();
+        dd.create_disk("a", 1 << 20).unwrap();
+        assert!(!dd.disk("a").unwrap().tracked);
+        dd.set_tracked("a", true).unwrap();
+        let dd2 = DataDir::open(t.path(), Config::default()).unwrap();
+        assert!(dd2.disk("a").unwrap().tracked);
+        let disk = dd2.open_disk(&dd2.disk("a").unwrap()).unwrap();
+        assert!(disk.change_log().is_some());
+        assert!(dd2.log_dir("a").join("state.toml").exists());
+        // A record written before the field existed loads as untracked.
+        let old = "name = \"b\"\nimage = \"/x\"\nid = \"1\"\norigin = \"created\"\n";
+        fs::write(dd.disks_dir().join("b.toml"), old).unwrap();
+        assert!(!dd.disk("b").unwrap().tracked);
+        let cfg =
+            Config::parse("[[disk]]\nname = \"c\"\nimage = \"c.raw\"\ntracked = true\n").unwrap();
+        let dd3 = DataDir::open(t.path(), cfg).unwrap();
+        assert!(dd3.disk("c").unwrap().tracked);
+        assert!(matches!(
+            dd3.set_tracked("c", false),
+            Err(CatalogError::Declared(_))
+        ));
     }
 }

@@ -8,16 +8,25 @@
 //! tls_key = "server-key.pem"
 //! tls_required = false              # refuse clients that do not start TLS
 //!
+//! [log]                             # change logs of tracked disks
+//! segment_size = "64M"              # seal a segment and start the next at this size
+//! min_free = "1G"                   # overflow (resync needed) when the log's file system
+//! min_free_percent = 5              #   has less free than min(min_free, this % of it)
+//!
 //! [[disk]]
 //! name = "web01-os"
 //! image = "/var/lib/images/web01-os.raw"
 //! read_only = false
+//! tracked = true                    # keep a change log for this disk
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::changelog::LogOptions;
+use crate::units::parse_size;
 
 /// Default NBD listen address (the IANA NBD port on loopback).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -55,6 +64,44 @@ pub struct DeclaredDisk {
     pub read_only: bool,
     /// Stable identity; defaults to "config-NAME".
     pub id: Option<String>,
+    /// Keep a change log for this disk.
+    #[serde(default)]
+    pub tracked: bool,
+}
+
+/// Change-log settings (`[log]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Segment size limit, e.g. "64M" (default 64 MiB).
+    pub segment_size: Option<String>,
+    /// Absolute free-space floor of the log's file system, e.g. "1G" (default 1 GiB).
+    pub min_free: Option<String>,
+    /// Free-space floor in percent of the file system (default 5).
+    pub min_free_percent: Option<u8>,
+}
+
+impl LogConfig {
+    /// The change-log options these settings describe.
+    pub fn options(&self) -> Result<LogOptions, String> {
+        let mut o = LogOptions::default();
+        if let Some(s) = &self.segment_size {
+            o.segment_size = parse_size(s).map_err(|e| format!("log.segment_size: {e}"))?;
+            if o.segment_size < 4096 {
+                return Err(format!("log.segment_size must be at least 4K, got {s}"));
+            }
+        }
+        if let Some(s) = &self.min_free {
+            o.min_free_bytes = parse_size(s).map_err(|e| format!("log.min_free: {e}"))?;
+        }
+        if let Some(p) = self.min_free_percent {
+            if p > 100 {
+                return Err(format!("log.min_free_percent must be 0-100, got {p}"));
+            }
+            o.min_free_percent = p;
+        }
+        Ok(o)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +111,8 @@ pub struct Config {
     pub serve: ServeConfig,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DeclaredDisk>,
+    #[serde(default)]
+    pub log: LogConfig,
 }
 
 impl Config {
@@ -80,7 +129,9 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let c: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.log.options()?;
+        Ok(c)
     }
 
     /// The explicit file if given, else `DATA_DIR/standby.toml` if it exists, else defaults.
@@ -113,5 +164,23 @@ mod tests {
         assert_eq!(c.disks.len(), 1);
         let e = Config::parse("[serve]\nlisten_addr = \"x\"\n").unwrap_err();
         assert!(e.contains("listen_addr"), "{e}");
+    }
+
+    #[test]
+    fn log_settings_and_tracked_flag() {
+        let c = Config::parse(
+            "[log]\nsegment_size = \"1M\"\nmin_free_percent = 1\n[[disk]]\nname = \"a\"\nimage = \"a.raw\"\ntracked = true\n",
+        )
+        .unwrap();
+        assert!(c.disks[0].tracked);
+        let o = c.log.options().unwrap();
+        assert_eq!(o.segment_size, 1 << 20);
+        assert_eq!(o.min_free_percent, 1);
+        assert_eq!(
+            Config::default().log.options().unwrap(),
+            LogOptions::default()
+        );
+        assert!(Config::parse("[log]\nsegment_size = \"12X\"\n").is_err());
+        assert!(Config::parse("[log]\nmin_free_percent = 101\n").is_err());
     }
 }

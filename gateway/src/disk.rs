@@ -5,6 +5,11 @@
 //!
 //! I/O is positioned (`pread`/`pwrite`/`fallocate` on one shared file descriptor) and runs on
 //! tokio's blocking pool; there is no lock on the data path.
+//!
+//! A *tracked* disk (opened with [`Disk::open_tracked`]) has a [`ChangeLog`]: every write,
+//! trim and zero is appended to the log before it reaches the image, and FLUSH/FUA make log
+//! and image durable together (see [`crate::changelog`]). An untracked disk writes straight
+//! to its image.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -17,6 +22,9 @@ use nbd_server::{BlockDevice, DeviceFlags, Extent, ZeroFlags};
 use thiserror::Error;
 use tracing::debug;
 
+use crate::changelog::format::{Kind, FLAG_FUA, FLAG_MAY_TRIM};
+use crate::changelog::{ChangeLog, LogError, LogOptions, RecoveryReport};
+
 /// Why a disk cannot be opened.
 #[derive(Debug, Error)]
 pub enum DiskError {
@@ -26,6 +34,8 @@ pub enum DiskError {
     NotAFile(PathBuf),
     #[error("disk image {0} is empty (0 bytes)")]
     Empty(PathBuf),
+    #[error(transparent)]
+    Log(#[from] LogError),
 }
 
 /// Largest zero buffer written at once when a file system cannot zero a range itself.
@@ -37,6 +47,7 @@ struct Inner {
     file: File,
     size: u64,
     read_only: bool,
+    log: Option<ChangeLog>,
 }
 
 /// A raw disk image. Cheap to clone (all clones share one file).
@@ -56,51 +67,77 @@ impl std::fmt::Debug for Disk {
     }
 }
 
-fn blocking<T: Send + 'static>(
+/// Largest read served inline from the page cache. Larger reads go to the blocking pool: they
+/// take long enough to copy that running them on the connection's task would stall it, and
+/// sequential reads would often find read-ahead pending (`RWF_NOWAIT` then fails anyway).
+pub const READ_NOW_MAX: usize = 64 * 1024;
+
+async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> impl std::future::Future<Output = io::Result<T>> {
-    async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(format!("I/O task failed: {e}"))))
-    }
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(format!("I/O task failed: {e}"))))
 }
 
 impl Disk {
     /// Opens a raw image (a regular file or a block device).
     pub fn open(name: &str, path: &Path, read_only: bool) -> Result<Self, DiskError> {
-        let err = |source| DiskError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(err)?;
-        let meta = file.metadata().map_err(err)?;
-        use std::os::unix::fs::FileTypeExt;
-        let ft = meta.file_type();
-        let size = if ft.is_file() {
-            meta.len()
-        } else if ft.is_block_device() {
-            use std::io::Seek;
-            (&file).seek(io::SeekFrom::End(0)).map_err(err)?
-        } else {
-            return Err(DiskError::NotAFile(path.to_path_buf()));
-        };
-        if size == 0 {
-            return Err(DiskError::Empty(path.to_path_buf()));
-        }
-        Ok(Self {
+        let (file, size) = open_image(path, read_only)?;
+        Ok(Self::from_parts(name, path, file, size, read_only, None))
+    }
+
+    fn from_parts(
+        name: &str,
+        path: &Path,
+        file: File,
+        size: u64,
+        read_only: bool,
+        log: Option<ChangeLog>,
+    ) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 name: name.to_string(),
                 path: path.to_path_buf(),
                 file,
                 size,
                 read_only,
+                log,
             }),
+        }
+    }
+
+    /// Opens a raw image for writing with its change log in `log_dir` (created if needed,
+    /// recovered if it exists). `disk_id` is the disk's stable identity.
+    pub fn open_tracked(
+        name: &str,
+        path: &Path,
+        log_dir: &Path,
+        disk_id: &str,
+        opts: LogOptions,
+    ) -> Result<(Self, RecoveryReport), DiskError> {
+        let (file, size) = open_image(path, false)?;
+        let (log, report) = ChangeLog::open(name, log_dir, disk_id, &file, size, opts)?;
+        Ok((
+            Self::from_parts(name, path, file, size, false, Some(log)),
+            report,
+        ))
+    }
+
+    /// The change log, when the disk is tracked.
+    pub fn change_log(&self) -> Option<&ChangeLog> {
+        self.inner.log.as_ref()
+    }
+
+    /// Clean shutdown of a tracked disk: seals the active log segment and records that the
+    /// image is in step with the log. Writes after this fail. No-op for an untracked disk.
+    pub async fn close(&self) -> io::Result<()> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || match &inner.log {
+            Some(log) => log.close().map_err(io::Error::from),
+            None => Ok(()),
         })
+        .await
     }
 
     pub fn name(&self) -> &str {
@@ -146,12 +183,16 @@ impl Disk {
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         self.check(offset, len as u64)?;
         let inner = Arc::clone(&self.inner);
-        blocking(move || {
-            let mut buf = vec![0u8; len];
-            inner.file.read_exact_at(&mut buf, offset)?;
-            Ok(buf)
-        })
-        .await
+        blocking(move || crate::fastio::pread_exact(&inner.file, offset, len)).await
+    }
+
+    /// Reads up to [`READ_NOW_MAX`] bytes straight from the page cache without blocking, or
+    /// `None` if that is not possible (then use [`Disk::read`]).
+    pub fn read_now(&self, offset: u64, len: usize) -> Option<io::Result<Vec<u8>>> {
+        if len > READ_NOW_MAX || self.check(offset, len as u64).is_err() {
+            return None;
+        }
+        crate::fastio::pread_nowait(&self.inner.file, offset, len)
     }
 
     /// Writes `data` at `offset`; with `fua` the data is durable when this returns.
@@ -159,6 +200,17 @@ impl Disk {
         self.check_writable(offset, data.len() as u64)?;
         let inner = Arc::clone(&self.inner);
         blocking(move || {
+            if let Some(log) = &inner.log {
+                let flags = if fua { FLAG_FUA } else { 0 };
+                let len = data.len() as u64;
+                log.record(Kind::Write, flags, offset, len, &data, || {
+                    inner.file.write_all_at(&data, offset)
+                })?;
+                if fua {
+                    log.sync()?;
+                }
+                return Ok(());
+            }
             inner.file.write_all_at(&data, offset)?;
             if fua {
                 inner.file.sync_data()?;
@@ -174,7 +226,11 @@ impl Disk {
             return Ok(());
         }
         let inner = Arc::clone(&self.inner);
-        blocking(move || inner.file.sync_data()).await
+        blocking(move || match &inner.log {
+            Some(log) => log.flush(),
+            None => inner.file.sync_data(),
+        })
+        .await
     }
 
     /// Discards a range: it reads back as zeroes and its blocks are released.
@@ -182,6 +238,20 @@ impl Disk {
         self.check_writable(offset, len)?;
         let inner = Arc::clone(&self.inner);
         blocking(move || {
+            if let Some(log) = &inner.log {
+                let flags = if fua { FLAG_FUA } else { 0 };
+                log.record(Kind::Trim, flags, offset, len, &[], || {
+                    // Replay zeroes a trimmed range, so the image must read as zeroes too.
+                    if punch_hole(&inner.file, offset, len).is_err() {
+                        write_zero_buffers(&inner.file, offset, len)?;
+                    }
+                    Ok(())
+                })?;
+                if fua {
+                    log.sync()?;
+                }
+                return Ok(());
+            }
             punch_hole(&inner.file, offset, len)?;
             if fua {
                 inner.file.sync_data()?;
@@ -198,6 +268,31 @@ impl Disk {
         let inner = Arc::clone(&self.inner);
         blocking(move || {
             let f = &inner.file;
+            if let Some(log) = &inner.log {
+                let mut rflags = if flags.fua { FLAG_FUA } else { 0 };
+                if flags.may_trim {
+                    rflags |= FLAG_MAY_TRIM;
+                }
+                let mut slow = false;
+                log.record(Kind::WriteZeroes, rflags, offset, len, &[], || {
+                    let done = (flags.may_trim && punch_hole(f, offset, len).is_ok())
+                        || zero_range(f, offset, len).is_ok();
+                    if !done {
+                        // Logged already: the image must follow the log even when the client
+                        // asked for fast zeroing only (it is told "unsupported" afterwards).
+                        slow = true;
+                        write_zero_buffers(f, offset, len)?;
+                    }
+                    Ok(())
+                })?;
+                if flags.fua {
+                    log.sync()?;
+                }
+                if slow && flags.fast_only {
+                    return Err(io::Error::from(io::ErrorKind::Unsupported));
+                }
+                return Ok(());
+            }
             let done = (flags.may_trim && punch_hole(f, offset, len).is_ok())
                 || zero_range(f, offset, len).is_ok();
             if !done {
@@ -222,6 +317,34 @@ impl Disk {
     }
 }
 
+/// Opens an image and finds its size (a regular file or a block device, never empty).
+fn open_image(path: &Path, read_only: bool) -> Result<(File, u64), DiskError> {
+    let err = |source| DiskError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    use std::os::unix::fs::FileTypeExt;
+    let ft = meta.file_type();
+    let size = if ft.is_file() {
+        meta.len()
+    } else if ft.is_block_device() {
+        use std::io::Seek;
+        (&file).seek(io::SeekFrom::End(0)).map_err(err)?
+    } else {
+        return Err(DiskError::NotAFile(path.to_path_buf()));
+    };
+    if size == 0 {
+        return Err(DiskError::Empty(path.to_path_buf()));
+    }
+    Ok((file, size))
+}
+
 fn fallocate(f: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     let (off, l) = match (i64::try_from(offset), i64::try_from(len)) {
         (Ok(o), Ok(l)) => (o, l),
@@ -236,7 +359,7 @@ fn fallocate(f: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<(
     }
 }
 
-fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
+pub(crate) fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
     fallocate(
         f,
         libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -245,7 +368,7 @@ fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
     )
 }
 
-fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
+pub(crate) fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
     fallocate(
         f,
         libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
@@ -254,7 +377,7 @@ fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
     )
 }
 
-fn write_zero_buffers(f: &File, offset: u64, len: u64) -> io::Result<()> {
+pub(crate) fn write_zero_buffers(f: &File, offset: u64, len: u64) -> io::Result<()> {
     let buf = vec![0u8; ZERO_CHUNK.min(len as usize)];
     let mut done = 0u64;
     while done < len {
@@ -339,6 +462,10 @@ impl BlockDevice for Disk {
 
     async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         Disk::read(self, offset, len).await
+    }
+
+    fn read_now(&self, offset: u64, len: usize) -> Option<io::Result<Vec<u8>>> {
+        Disk::read_now(self, offset, len)
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {

@@ -2,8 +2,12 @@
 //! replication engine, jobs and failover.
 
 pub mod catalog;
+pub mod changelog;
 pub mod config;
 pub mod disk;
+pub mod fastio;
+pub mod fuse;
+pub mod replication;
 pub mod serve;
 pub mod units;
 

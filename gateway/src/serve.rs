@@ -147,6 +147,11 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
             error!(disk = %e.name, "final flush failed: {err}");
             failed = true;
         }
+        // Seals the change log of a tracked disk (clean shutdown).
+        if let Err(err) = e.device.close().await {
+            error!(disk = %e.name, "closing the change log failed: {err}");
+            failed = true;
+        }
     }
     if !failed {
         info!("stopped cleanly; all disks flushed");

@@ -1,5 +1,6 @@
 //! Property tests of whole sessions: arbitrary client bytes — random, or valid traffic with
 //! mutations — never panic the server, and every session ends (no hang).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::io;
 use std::sync::{Arc, Mutex};

@@ -54,8 +54,15 @@ impl Store {
     pub async fn list_points(&self, vm: Option<&str>) -> Result<Vec<PointMeta>> {
         let ids = self.list_point_ids(vm).await?;
         let mut points: Vec<PointMeta> = stream::iter(ids)
-            .map(|(vm, id)| async move { self.load_point(&vm, &id).await })
+            .map(|(vm, id)| async move {
+                match self.load_point(&vm, &id).await {
+                    // Deleted between listing and reading (prune running elsewhere).
+                    Err(Error::PointNotFound { .. }) => Ok(None),
+                    other => other.map(Some),
+                }
+            })
             .buffered(16)
+            .try_filter_map(|p| std::future::ready(Ok(p)))
             .try_collect()
             .await?;
         points.sort_by(|a, b| {

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::crypto::Crypto;
+use crate::crypto::{Crypto, NONCE_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 
 /// Header length of every envelope.
@@ -61,16 +61,17 @@ impl ChunkId {
         Some(ChunkId(v.try_into().ok()?))
     }
 
-    /// Object key: `chunks/<first 4 hex>/<hex>`.
+    /// Object key: `chunks/<first 3 hex>/<hex>` (4,096 fan-out directories: ~8 chunks per
+    /// directory per GiB of distinct 64 KiB chunks).
     pub fn key(&self) -> String {
         let h = self.to_hex();
-        format!("chunks/{}/{}", &h[..4], h)
+        format!("chunks/{}/{}", &h[..3], h)
     }
 
     /// Object key of this chunk while it is a GC fossil.
     pub fn fossil_key(&self) -> String {
         let h = self.to_hex();
-        format!("fossils/{}/{}", &h[..4], h)
+        format!("fossils/{}/{}", &h[..3], h)
     }
 }
 
@@ -102,6 +103,22 @@ pub fn is_all_zero(buf: &[u8]) -> bool {
     // OR-reduction per 4 KiB block vectorizes well and still exits early on data.
     buf.chunks(4096)
         .all(|b| b.iter().fold(0u8, |a, &x| a | x) == 0)
+}
+
+/// Probe for incompressible data: for chunks over 32 KiB, compress an 8 KiB sample first and
+/// skip the full attempt when the sample does not shrink by 1/32 (random data, ciphertext,
+/// already-compressed files) — that saves most of zstd's cost on such chunks.
+fn worth_compressing(plain: &[u8], level: i32) -> bool {
+    const SAMPLE: usize = 8 * 1024;
+    if plain.len() <= 4 * SAMPLE {
+        return true;
+    }
+    let mid = plain.len() / 2;
+    let sample = &plain[mid..mid + SAMPLE];
+    match zstd::bulk::compress(sample, level) {
+        Ok(c) => c.len() + SAMPLE / 32 < SAMPLE,
+        Err(_) => true,
+    }
 }
 
 /// Encodes and decodes objects for one store (compression and keys).
@@ -153,40 +170,46 @@ impl Codec {
         compress: bool,
     ) -> Result<Vec<u8>> {
         let mut flags = 0u8;
-        let mut body: Vec<u8> = Vec::new();
-        let mut compressed = false;
-        if compress && self.compression == Compression::Zstd && plain.len() >= 64 {
+        let mut compressed: Option<Vec<u8>> = None;
+        if compress
+            && self.compression == Compression::Zstd
+            && plain.len() >= 64
+            && worth_compressing(plain, self.level)
+        {
             let c = zstd::bulk::compress(plain, self.level)
                 .map_err(|e| Error::Config(format!("zstd compression failed: {e}")))?;
             if c.len() + plain.len() / 32 < plain.len() {
-                body = c;
-                compressed = true;
+                compressed = Some(c);
                 flags |= FLAG_ZSTD;
             }
         }
-        if !compressed {
-            body = plain.to_vec();
-        }
+        let src: &[u8] = compressed.as_deref().unwrap_or(plain);
         let mut header = [0u8; HEADER_LEN];
         header[..4].copy_from_slice(&magic);
         header[4] = ENVELOPE_VERSION;
-        header[7] = 0;
         header[8..16].copy_from_slice(&(plain.len() as u64).to_le_bytes());
         if let Some(c) = &self.crypto {
             flags |= FLAG_ENCRYPTED;
             header[6] = c.cipher().id();
         }
         header[5] = flags;
-        if let Some(c) = &self.crypto {
-            let aad = aad(&header, name);
-            body = c.seal(&aad, body)?;
-        }
-        let mut crc = crc32c::crc32c(&header[..16]);
-        crc = crc32c::crc32c_append(crc, &body);
-        header[16..20].copy_from_slice(&crc.to_le_bytes());
-        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        // Build the object in one buffer: one copy of the data, encrypted in place.
+        let extra = if self.crypto.is_some() {
+            NONCE_LEN + TAG_LEN
+        } else {
+            0
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + src.len() + extra);
         out.extend_from_slice(&header);
-        out.extend_from_slice(&body);
+        if let Some(c) = &self.crypto {
+            out.extend_from_slice(&[0u8; NONCE_LEN]);
+            out.extend_from_slice(src);
+            c.seal_into(&aad(&header, name), &mut out, HEADER_LEN)?;
+        } else {
+            out.extend_from_slice(src);
+        }
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..16]), &out[HEADER_LEN..]);
+        out[16..20].copy_from_slice(&crc.to_le_bytes());
         Ok(out)
     }
 

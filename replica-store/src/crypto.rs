@@ -193,19 +193,32 @@ impl Crypto {
         m.finalize().into_bytes().into()
     }
 
-    /// Encrypt `buf` in place with a fresh random nonce; returns nonce || ciphertext || tag.
-    pub fn seal(&self, aad: &[u8], mut buf: Vec<u8>) -> Result<Vec<u8>> {
+    /// Encrypt in place: `out[start..start + NONCE_LEN]` receives a fresh random nonce, the
+    /// bytes after it are encrypted, and the tag is appended.
+    pub fn seal_into(&self, aad: &[u8], out: &mut Vec<u8>, start: usize) -> Result<()> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::thread_rng().fill_bytes(&mut nonce);
-        let r = match (&self.aes, &self.chacha) {
-            (Some(c), _) => c.encrypt_in_place((&nonce).into(), aad, &mut buf),
-            (_, Some(c)) => c.encrypt_in_place((&nonce).into(), aad, &mut buf),
-            _ => unreachable!(),
-        };
-        r.map_err(|_| Error::Config("encryption failed".into()))?;
-        let mut out = Vec::with_capacity(NONCE_LEN + buf.len());
-        out.extend_from_slice(&nonce);
+        if out.len() < start + NONCE_LEN {
+            return Err(Error::Config("seal_into: buffer too short".into()));
+        }
+        out[start..start + NONCE_LEN].copy_from_slice(&nonce);
+        let body = &mut out[start + NONCE_LEN..];
+        let tag = match (&self.aes, &self.chacha) {
+            (Some(c), _) => c.encrypt_in_place_detached((&nonce).into(), aad, body),
+            (_, Some(c)) => c.encrypt_in_place_detached((&nonce).into(), aad, body),
+            _ => return Err(Error::Config("no cipher".into())),
+        }
+        .map_err(|_| Error::Config("encryption failed".into()))?;
+        out.extend_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Encrypt `buf` with a fresh random nonce; returns nonce || ciphertext || tag.
+    pub fn seal(&self, aad: &[u8], buf: Vec<u8>) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(NONCE_LEN + buf.len() + TAG_LEN);
+        out.extend_from_slice(&[0u8; NONCE_LEN]);
         out.extend_from_slice(&buf);
+        self.seal_into(aad, &mut out, 0)?;
         Ok(out)
     }
 

@@ -91,12 +91,30 @@ impl Store {
         for p in points {
             for d in &p.disks {
                 let (store, p, d) = (self.clone(), p.clone(), d.name.clone());
-                futs.push(async move { store.load_index(&p, &d).await });
+                futs.push(async move {
+                    match store.load_index(&p, &d).await {
+                        Ok(i) => Ok(Some(i)),
+                        // Pruned while we were marking: its chunks need no protection.
+                        Err(e)
+                            if !e.is_recoverable()
+                                && store
+                                    .backend()
+                                    .head(&crate::point::point_key(&p.vm, &p.id))
+                                    .await?
+                                    .is_none() =>
+                        {
+                            Ok(None)
+                        }
+                        Err(e) => Err(e),
+                    }
+                });
             }
         }
         let mut s = stream::iter(futs).buffer_unordered(8);
         while let Some(idx) = s.next().await {
-            into.extend(idx?.entries().iter().filter(|e| !e.is_zero()).copied());
+            if let Some(idx) = idx? {
+                into.extend(idx.entries().iter().filter(|e| !e.is_zero()).copied());
+            }
         }
         Ok(())
     }

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 
+use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::point::{PointBuilder, PointMeta};
-use crate::store::{PutKind, Store};
+use crate::store::{PutKind, PutOutcome, Store};
 
 /// Counters of an import.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -32,8 +33,11 @@ pub struct ImportStats {
     pub elapsed: Duration,
 }
 
-/// Default number of chunks in flight during import/export.
+/// Default number of chunks (export) or batches (import) in flight.
 pub const DEFAULT_CONCURRENCY: usize = 16;
+
+/// Bytes of image an import reads, hashes and encodes in one blocking task.
+const IMPORT_BATCH_BYTES: usize = 1 << 20;
 
 fn open_image(path: &Path) -> Result<(File, u64)> {
     use std::io::{Seek, SeekFrom};
@@ -46,6 +50,49 @@ fn open_image(path: &Path) -> Result<(File, u64)> {
     Ok((f, size))
 }
 
+/// Data extents of a sparse file as `(start, end)` pairs, found with `SEEK_DATA`/`SEEK_HOLE`
+/// once per extent (instead of once per chunk). `None` when the filesystem cannot tell (then
+/// every chunk is read).
+fn data_extents(file: &File, size: u64) -> Option<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek(2) on a descriptor owned by `file`. Image reads use pread, which
+        // ignores the file offset this moves.
+        let d = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if d < 0 {
+            return match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::ENXIO) => Some(out), // no data after `pos`
+                _ => None,
+            };
+        }
+        // SAFETY: as above.
+        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+        if h < 0 {
+            return None;
+        }
+        let (d, h) = (d as u64, (h as u64).min(size));
+        if h <= d {
+            return None;
+        }
+        out.push((d, h));
+        pos = h;
+    }
+    Some(out)
+}
+
+/// True if `[off, off+len)` overlaps no data extent (a hole of a sparse file: zeros that need
+/// not be read). `extents` is sorted; `None` means unknown (read everything).
+fn is_hole(extents: Option<&[(u64, u64)]>, off: u64, len: usize) -> bool {
+    let Some(ext) = extents else { return false };
+    let end = off + len as u64;
+    // First extent ending after `off`.
+    let i = ext.partition_point(|&(_, e)| e <= off);
+    ext.get(i).is_none_or(|&(s, _)| s >= end)
+}
+
 /// Read a raw image into disk `disk` of `builder` (added or replaced with the image's size).
 pub async fn import_disk(
     builder: &mut PointBuilder,
@@ -55,6 +102,7 @@ pub async fn import_disk(
 ) -> Result<ImportStats> {
     let start = Instant::now();
     let (file, size) = open_image(image)?;
+    let extents = Arc::new(data_extents(&file, size));
     let file = Arc::new(file);
     builder.add_disk(disk, size)?;
     let index = builder.index(disk)?.clone();
@@ -63,34 +111,92 @@ pub async fn import_disk(
         chunks: index.len(),
         ..Default::default()
     };
-    let mut results = stream::iter(0..index.len())
-        .map(|ci| {
+    // Work in batches of IMPORT_BATCH_BYTES: one blocking task reads, hashes and encodes a
+    // batch (data stays hot in the CPU cache, one thread hand-off per batch), one backend call
+    // stages its new chunks. `concurrency` batches are in flight, so every core hashes while
+    // others wait for I/O.
+    let per_batch = (IMPORT_BATCH_BYTES / index.chunk_size() as usize).max(1) as u64;
+    let batches = index.len().div_ceil(per_batch);
+    let mut results = stream::iter(0..batches)
+        .map(|b| {
             let file = file.clone();
+            let extents = extents.clone();
             let writer = writer.clone();
-            let off = index.chunk_offset(ci);
-            let len = index.chunk_len(ci);
+            let index = &index;
+            let range = b * per_batch..((b + 1) * per_batch).min(index.len());
+            let chunks: Vec<(u64, u64, usize)> = range
+                .map(|ci| (ci, index.chunk_offset(ci), index.chunk_len(ci)))
+                .collect();
             async move {
-                let data = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len];
-                    file.read_exact_at(&mut buf, off).map(|_| Bytes::from(buf))
+                let w = writer.clone();
+                // (chunk index, len, id, encoded object if it must be stored)
+                type Item = (u64, usize, ChunkId, Option<Bytes>);
+                let items = tokio::task::spawn_blocking(move || -> Result<Vec<Item>> {
+                    let codec = w.store().codec();
+                    let mut buf = Vec::new();
+                    let mut out = Vec::with_capacity(chunks.len());
+                    for (ci, off, len) in chunks {
+                        if is_hole(extents.as_deref(), off, len) {
+                            out.push((ci, len, ChunkId::ZERO, None));
+                            continue;
+                        }
+                        buf.resize(len, 0);
+                        file.read_exact_at(&mut buf, off)
+                            .map_err(|e| Error::io(format!("reading image at offset {off}"), e))?;
+                        let id = codec.digest(&buf);
+                        if w.knows(&id) {
+                            out.push((ci, len, id, None));
+                        } else {
+                            out.push((ci, len, id, Some(codec.encode_chunk(&id, &buf)?)));
+                        }
+                    }
+                    Ok(out)
                 })
                 .await
-                .map_err(|e| Error::Config(format!("read task failed: {e}")))?
-                .map_err(|e| Error::io(format!("reading image at offset {off}"), e))?;
-                writer.put(data).await.map(|o| (ci, len, o))
+                .map_err(|e| Error::Config(format!("read task failed: {e}")))??;
+                let mut outcomes = Vec::with_capacity(items.len());
+                let mut to_stage = Vec::new();
+                for (ci, len, id, obj) in items {
+                    let kind = if id.is_zero() {
+                        PutKind::Zero
+                    } else {
+                        PutKind::Deduplicated
+                    };
+                    let slot = obj.map(|obj| {
+                        to_stage.push((id, obj));
+                        to_stage.len() - 1
+                    });
+                    let out = PutOutcome {
+                        id,
+                        uploaded_bytes: 0,
+                        kind,
+                    };
+                    outcomes.push((ci, len, out, slot));
+                }
+                let staged = if to_stage.is_empty() {
+                    Vec::new()
+                } else {
+                    writer.stage_encoded(to_stage).await?
+                };
+                let outcomes: Vec<(u64, usize, PutOutcome)> = outcomes
+                    .into_iter()
+                    .map(|(ci, len, out, slot)| (ci, len, slot.map_or(out, |i| staged[i])))
+                    .collect();
+                Ok::<_, Error>(outcomes)
             }
         })
         .buffer_unordered(concurrency.max(1));
     while let Some(r) = results.next().await {
-        let (ci, len, out) = r?;
-        stats.bytes_read += len as u64;
-        match out.kind {
-            PutKind::Zero => stats.zero_chunks += 1,
-            PutKind::Deduplicated => stats.dedup_chunks += 1,
-            PutKind::Uploaded => stats.uploaded_chunks += 1,
+        for (ci, len, out) in r? {
+            stats.bytes_read += len as u64;
+            match out.kind {
+                PutKind::Zero => stats.zero_chunks += 1,
+                PutKind::Deduplicated => stats.dedup_chunks += 1,
+                PutKind::Uploaded => stats.uploaded_chunks += 1,
+            }
+            stats.uploaded_bytes += out.uploaded_bytes;
+            builder.set_chunk(disk, ci, out.id)?;
         }
-        stats.uploaded_bytes += out.uploaded_bytes;
-        builder.set_chunk(disk, ci, out.id)?;
     }
     stats.elapsed = start.elapsed();
     tracing::info!(disk, ?stats, "imported image");

@@ -14,6 +14,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Staged;
 use crate::chunk::{ChunkId, MAGIC_INDEX, MAGIC_POINT};
 use crate::error::{Error, Result};
 use crate::manifest::DiskIndex;
@@ -163,11 +164,14 @@ struct DiskState {
 }
 
 /// Uploads chunks for one session; cheap to clone and usable from many tasks at once.
-/// Remembers which chunks it saw present (or inherited from the parent) to skip HEADs.
+/// Remembers which chunks it saw present, staged or inherited from the parent to skip HEADs.
+/// New chunks are staged ([`crate::backend::Backend::put_staged`]) and committed together by
+/// [`PointBuilder::publish`] before any index is written.
 #[derive(Debug, Clone)]
 pub struct ChunkWriter {
     store: Store,
     known: Arc<Mutex<HashSet<ChunkId>>>,
+    staged: Arc<Mutex<Vec<Staged>>>,
 }
 
 impl ChunkWriter {
@@ -202,12 +206,83 @@ impl ChunkWriter {
                 kind: PutKind::Deduplicated,
             });
         }
-        let out = self.store.put_chunk_with_id(id, data, true).await?;
+        let (out, staged) = self.store.stage_chunk_with_id(id, data).await?;
+        if let Some(s) = staged {
+            self.staged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(s);
+        }
         self.known
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id);
         Ok(out)
+    }
+
+    /// True if this session already stored, staged or inherited chunk `id`.
+    pub(crate) fn knows(&self, id: &ChunkId) -> bool {
+        id.is_zero()
+            || self
+                .known
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(id)
+    }
+
+    /// The store.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Stage already-encoded chunk objects (ids not zero); returns one outcome per item.
+    pub(crate) async fn stage_encoded(
+        &self,
+        items: Vec<(ChunkId, Bytes)>,
+    ) -> Result<Vec<PutOutcome>> {
+        let ids: Vec<(ChunkId, u64)> = items.iter().map(|(id, o)| (*id, o.len() as u64)).collect();
+        let res = self
+            .store
+            .backend()
+            .put_staged_batch(items.into_iter().map(|(id, o)| (id.key(), o)).collect())
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut staged = Vec::new();
+        for ((id, n), r) in ids.into_iter().zip(res) {
+            out.push(PutOutcome {
+                id,
+                uploaded_bytes: if r.is_some() { n } else { 0 },
+                kind: if r.is_some() {
+                    PutKind::Uploaded
+                } else {
+                    PutKind::Deduplicated
+                },
+            });
+            staged.extend(r);
+        }
+        self.staged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(staged);
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(out.iter().map(|o| o.id));
+        Ok(out)
+    }
+
+    /// Make every chunk staged so far durable and visible (done by [`PointBuilder::publish`];
+    /// call it earlier to bound the amount of staged data).
+    pub async fn commit(&self) -> Result<()> {
+        let staged = std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()));
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let n = staged.len();
+        let t = Instant::now();
+        self.store.backend().commit_staged(staged).await?;
+        tracing::debug!(chunks = n, elapsed = ?t.elapsed(), "committed staged chunks");
+        Ok(())
     }
 }
 
@@ -232,6 +307,7 @@ impl PointBuilder {
         let writer = ChunkWriter {
             store: store.clone(),
             known: Arc::default(),
+            staged: Arc::default(),
         };
         Ok(PointBuilder {
             store: store.clone(),
@@ -354,7 +430,8 @@ impl PointBuilder {
     }
 
     /// Point chunk `index` of `disk` at `id` (a chunk already stored via [`Self::writer`], or
-    /// [`ChunkId::ZERO`] for a hole). Only chunks confirmed stored may be recorded.
+    /// [`ChunkId::ZERO`] for a hole). Only chunks confirmed stored, or staged by this builder's
+    /// writer (committed by [`Self::publish`]), may be recorded.
     pub fn set_chunk(&mut self, disk: &str, index: u64, id: ChunkId) -> Result<()> {
         self.disk_mut(disk)?.index.set(index, id)
     }
@@ -390,6 +467,8 @@ impl PointBuilder {
                 "a recovery point needs at least one disk".into(),
             ));
         }
+        // Every chunk the indexes reference must be durable before the first index is written.
+        self.writer.commit().await?;
         let created = now_unix_ms();
         let id = new_point_id(created);
         let mut disks = Vec::new();

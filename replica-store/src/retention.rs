@@ -80,6 +80,8 @@ impl Store {
                 report.removed.push(p.full_id());
             }
         }
+        report.removed.sort();
+        report.kept.sort();
         Ok(report)
     }
 }

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Staged};
 use crate::chunk::{ChunkId, Codec, Compression};
 use crate::crypto::{Cipher, Crypto, StoreKey};
 use crate::error::{Error, Result};
@@ -16,9 +16,9 @@ pub const STORE_TOML: &str = "store.toml";
 /// Value of `format` in `store.toml`.
 pub const FORMAT_NAME: &str = "standby-replica-store";
 /// Format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Default chunk size (see docs/replica-store.md for the measurements behind it).
-pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 /// Default maximum duration of an upload session (and GC fossil delay).
 pub const DEFAULT_MAX_SESSION_SECS: u64 = 6 * 3600;
 
@@ -325,6 +325,48 @@ impl Store {
                 uploaded_bytes: 0,
                 kind: PutKind::Deduplicated,
             })
+        }
+    }
+
+    /// Like [`Self::put_chunk_with_id`] (with the existence check), but a new chunk is only
+    /// staged ([`crate::backend::Backend::put_staged`]): it may be referenced only after
+    /// [`crate::backend::Backend::commit_staged`] returned for the returned [`Staged`].
+    pub async fn stage_chunk_with_id(
+        &self,
+        id: ChunkId,
+        data: Bytes,
+    ) -> Result<(PutOutcome, Option<Staged>)> {
+        let dedup = PutOutcome {
+            id,
+            uploaded_bytes: 0,
+            kind: if id.is_zero() {
+                PutKind::Zero
+            } else {
+                PutKind::Deduplicated
+            },
+        };
+        if id.is_zero() {
+            return Ok((dedup, None));
+        }
+        let key = id.key();
+        if self.inner.backend.head(&key).await?.is_some() {
+            return Ok((dedup, None));
+        }
+        let codec = self.inner.codec.clone();
+        let obj = tokio::task::spawn_blocking(move || codec.encode_chunk(&id, &data))
+            .await
+            .map_err(|e| Error::Config(format!("encode task failed: {e}")))??;
+        let n = obj.len() as u64;
+        match self.inner.backend.put_staged(&key, obj).await? {
+            Some(staged) => Ok((
+                PutOutcome {
+                    id,
+                    uploaded_bytes: n,
+                    kind: PutKind::Uploaded,
+                },
+                Some(staged),
+            )),
+            None => Ok((dedup, None)),
         }
     }
 

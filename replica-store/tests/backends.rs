@@ -13,7 +13,7 @@ struct Local(tempfile::TempDir);
 #[async_trait]
 impl BackendFactory for Local {
     async fn fresh(&self, name: &str) -> Arc<dyn Backend> {
-        Arc::new(LocalBackend::open(self.0.path().join(name)).unwrap())
+        Arc::new(LocalBackend::open(self.0.path().join(name)).expect("local backend"))
     }
 }
 
@@ -27,7 +27,7 @@ impl BackendFactory for Memory {
 }
 
 fn local() -> Local {
-    Local(tempfile::tempdir().unwrap())
+    Local(tempfile::tempdir().expect("tempdir"))
 }
 
 macro_rules! scenarios {

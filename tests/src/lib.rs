@@ -3,6 +3,7 @@
 //! Tests fail loudly (never skip) when a client tool they need is missing: install them with
 //! the test command in the README.
 
+pub mod garage;
 pub mod nbd_client;
 
 use std::io::{BufRead, BufReader};
@@ -148,6 +149,7 @@ impl Gateway {
                 }
                 Err(_) => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
                     panic!("standby serve did not start within 60 s; its log:\n{log}");
                 }

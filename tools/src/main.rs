@@ -1,5 +1,9 @@
 //! `standby`: the Standby command-line tool.
 
+mod cmd_log;
+mod cmd_mount;
+mod cmd_store;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -8,6 +12,11 @@ use clap::{Parser, Subcommand};
 use gateway::serve::ServeOptions;
 use gateway::units::{format_size, parse_size};
 use gateway::{Config, DataDir};
+
+/// mimalloc keeps large I/O buffers (up to 32 MiB per request) in process instead of mapping and
+/// unmapping them for every request, as the system allocator does above its mmap threshold.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +50,17 @@ enum Command {
     /// Manage disks.
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Change tracking and change logs.
+    #[command(subcommand)]
+    Log(cmd_log::LogCommand),
+    /// Mount the FUSE view: DIR/disks/NAME for every disk (until SIGINT/SIGTERM).
+    Mount(cmd_mount::MountArgs),
+    /// Replica store: init, info, verify, gc, prune, import, export.
+    #[command(subcommand)]
+    Store(cmd_store::StoreCommand),
+    /// Recovery points.
+    #[command(subcommand)]
+    Points(cmd_store::PointsCommand),
 }
 
 #[derive(clap::Args)]
@@ -126,6 +146,10 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(&dd, args),
         Command::Disk(cmd) => disk(&dd, cmd),
+        Command::Log(cmd) => cmd_log::run_log(&dd, cmd),
+        Command::Mount(args) => cmd_mount::run_mount(&dd, args),
+        Command::Store(cmd) => runtime()?.block_on(cmd_store::run_store(cmd, dd.root())),
+        Command::Points(cmd) => runtime()?.block_on(cmd_store::run_points(cmd, dd.root())),
     }
 }
 

@@ -133,6 +133,24 @@ impl Backend for FaultyBackend {
         Ok(r)
     }
 
+    async fn put_staged(&self, key: &str, data: Bytes) -> Result<Option<super::Staged>> {
+        let cfg = self.before("put_staged", key).await?;
+        let r = self.inner.put_staged(key, data).await?;
+        if self.roll(cfg.lost_ack_rate) {
+            return Err(Error::Injected {
+                op: "put_staged (ack lost)".into(),
+                key: key.into(),
+            });
+        }
+        Ok(r)
+    }
+
+    async fn commit_staged(&self, staged: Vec<super::Staged>) -> Result<()> {
+        let key = staged.first().map(|s| s.key.clone()).unwrap_or_default();
+        self.before("commit_staged", &key).await?;
+        self.inner.commit_staged(staged).await
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes> {
         let cfg = self.before("get", key).await?;
         let b = self.inner.get(key).await?;

@@ -26,6 +26,34 @@ pub struct ObjectMeta {
     pub modified: SystemTime,
 }
 
+/// An object written by [`Backend::put_staged`] and not yet published by
+/// [`Backend::commit_staged`]. Dropping it uncommitted discards the staged data.
+#[derive(Debug)]
+pub struct Staged {
+    /// Final key of the object.
+    pub key: String,
+    /// Local backend: the temporary file holding the (not yet fsynced) object.
+    pub(crate) tmp: Option<std::path::PathBuf>,
+}
+
+impl Staged {
+    /// A staged object that needs no commit (the backend already stored it durably).
+    pub fn done(key: &str) -> Self {
+        Staged {
+            key: key.to_string(),
+            tmp: None,
+        }
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
 /// A flat key/value object store. Keys are `/`-separated relative paths made of
 /// `[A-Za-z0-9._-]` segments. All operations are idempotent where it makes sense:
 /// deleting a missing key succeeds, putting the same key twice overwrites.
@@ -57,6 +85,38 @@ pub trait Backend: Send + Sync + Debug {
 
     /// Delete an object. Deleting a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<()>;
+
+    /// Stage a content-addressed object (a chunk) for a batch commit. The object may stay
+    /// invisible and non-durable until [`Backend::commit_staged`] returns for it; only then may
+    /// anything reference it. A crash before the commit leaves no object under `key`.
+    /// The default stores it at once with [`Backend::put_if_absent`] (right for object stores
+    /// whose acknowledged PUT is durable) and returns `None` if it already existed.
+    async fn put_staged(&self, key: &str, data: Bytes) -> Result<Option<Staged>> {
+        Ok(self
+            .put_if_absent(key, data)
+            .await?
+            .then(|| Staged::done(key)))
+    }
+
+    /// Stage many content-addressed objects, skipping those that already exist (`None` in the
+    /// result, in input order). The default HEADs each key and then [`Backend::put_staged`]s
+    /// the missing ones, all concurrently.
+    async fn put_staged_batch(&self, items: Vec<(String, Bytes)>) -> Result<Vec<Option<Staged>>> {
+        futures::future::try_join_all(items.into_iter().map(|(key, data)| async move {
+            if self.head(&key).await?.is_some() {
+                return Ok(None);
+            }
+            self.put_staged(&key, data).await
+        }))
+        .await
+    }
+
+    /// Make staged objects durable and visible under their keys, all or (on error) some of
+    /// them; after `Ok`, every one is complete and durable. The default does nothing.
+    async fn commit_staged(&self, staged: Vec<Staged>) -> Result<()> {
+        drop(staged);
+        Ok(())
+    }
 
     /// Move an object to another key (used by GC). The default copies then deletes; at every
     /// moment the object exists under at least one of the two keys.

@@ -395,11 +395,10 @@ impl Backend for S3Backend {
     }
 
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool> {
-        // Check first (cheap when the object exists), then a conditional put. Servers that
-        // ignore If-None-Match overwrite, which is harmless for content-addressed keys.
-        if self.head(key).await?.is_some() {
-            return Ok(false);
-        }
+        // A conditional put (If-None-Match: *). Servers that ignore it (Garage) overwrite,
+        // which is harmless: callers only use this for content-addressed keys, and they HEAD
+        // first when they want to avoid the upload.
+        validate_key(key)?;
         let full = self.full_key(key);
         let _p = self.permit().await?;
         if data.len() > MULTIPART_THRESHOLD {

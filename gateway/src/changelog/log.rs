@@ -1,0 +1,1393 @@
+//! [`ChangeLog`]: the live change log of one disk.
+//!
+//! **Write path** (`record`): under the request lock the request waits until no in-flight
+//! request overlaps its range and registers its range. Under the append lock it reserves the
+//! next LSN and its place in the active segment (rotating first if the segment is full) and
+//! writes header and data with one `pwritev` — so records reach the log file in LSN order and
+//! the log is always a contiguous prefix. Then, without any lock, it applies the change to the
+//! image and releases its range. So the image never holds a change the log lacks, and
+//! overlapping requests reach log and image in the same order.
+//!
+//! **Sync** (`sync`, used by FLUSH and FUA): group commit. A caller needs one sync round that
+//! starts after it arrived; the first waiter becomes the leader of the next round, everyone
+//! who arrived before that round started shares it. A round waits for the requests reserved
+//! before it to complete, then fdatasyncs the unsealed segments, the directory when segments
+//! were created, and the image.
+//!
+//! **Rotation**: when the next record would pass the segment size, a new segment is started
+//! and the old one is sealed in the background (after its in-flight requests drain): footer
+//! with SHA-256, fdatasync, then the state file records that every LSN up to the segment's
+//! last is in the image (the redo point; valid across a process crash because the image's page
+//! cache survives it, while a host crash without clean shutdown marks the chain broken). `take` does the same at a flush barrier
+//! and waits for it; `close` seals the active segment at clean shutdown.
+//!
+//! **State file** (`state.toml`): chain id, first live segment and LSN (after `release`), the
+//! redo point, clean-shutdown flag with the image's mtime and the boot id, and the persistent
+//! health (healthy / broken / overflow with the reason).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use super::format::{self, End, Kind, RecordHeader, SegmentHeader, HEADER_LEN, RECORD_HEADER_LEN};
+use super::segment::{self, create_segment, list_segments, pwritev_all, seal_file, sync_dir};
+use super::{replay, LogError, LogOptions, LogState};
+use crate::catalog::write_atomic;
+
+pub const STATE_FILE: &str = "state.toml";
+const LOCK_FILE: &str = "lock";
+
+/// One segment of the chain, as the replicator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub seq: u64,
+    pub first_lsn: u64,
+    /// `first_lsn - 1` when the segment holds no record.
+    pub last_lsn: u64,
+    pub records: u64,
+    /// File size (for the active segment: bytes reserved so far).
+    pub bytes: u64,
+    pub path: PathBuf,
+    pub sealed: bool,
+}
+
+/// Where recovery cut a torn tail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    pub seq: u64,
+    /// Length of the segment kept (header and whole records).
+    pub at: u64,
+    /// Bytes dropped from that segment and from the segments after it.
+    pub dropped_bytes: u64,
+    /// Later segment files that were discarded entirely.
+    pub discarded_segments: Vec<u64>,
+    pub reason: String,
+}
+
+/// What opening (and recovering) a log found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub fresh: bool,
+    pub segments: usize,
+    pub cut: Option<Cut>,
+    /// Records re-applied to the image (those after the last known redo point).
+    pub redone: u64,
+    pub last_lsn: u64,
+    pub state: LogState,
+}
+
+/// The persistent state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateFile {
+    pub format: u32,
+    pub disk_id: String,
+    /// Hex, 16 digits.
+    pub chain_id: String,
+    /// First segment not yet released, and its first LSN.
+    pub first_seq: u64,
+    pub first_lsn: u64,
+    /// Every record with an LSN up to this one is known to be in the image.
+    pub applied_lsn: u64,
+    /// The log was closed cleanly (then `image_mtime_ns` is the image's mtime at that moment).
+    pub clean: bool,
+    pub image_mtime_ns: i64,
+    pub boot_id: String,
+    /// "healthy", "broken" or "overflow".
+    pub state: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl StateFile {
+    fn fresh(disk_id: &str) -> Self {
+        Self {
+            format: 1,
+            disk_id: disk_id.to_string(),
+            chain_id: format!("{:016x}", random_u64()),
+            first_seq: 0,
+            first_lsn: 1,
+            applied_lsn: 0,
+            clean: false,
+            image_mtime_ns: 0,
+            boot_id: boot_id(),
+            state: "healthy".into(),
+            reason: String::new(),
+        }
+    }
+
+    fn log_state(&self) -> LogState {
+        match self.state.as_str() {
+            "healthy" => LogState::Healthy,
+            "overflow" => LogState::Overflow {
+                reason: self.reason.clone(),
+            },
+            _ => LogState::Broken {
+                reason: self.reason.clone(),
+            },
+        }
+    }
+
+    fn set_state(&mut self, s: &LogState) {
+        self.state = s.label().to_string();
+        self.reason = s.reason().unwrap_or_default().to_string();
+    }
+}
+
+/// Reads the state file of a log directory (`None` when there is none).
+pub fn read_state(dir: &Path) -> Result<Option<StateFile>, LogError> {
+    let path = dir.join(STATE_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LogError::io("cannot read", &path)(e)),
+    };
+    toml::from_str(&text)
+        .map(Some)
+        .map_err(|e| LogError::BadState {
+            path,
+            reason: e.to_string(),
+        })
+}
+
+fn random_u64() -> u64 {
+    let id = crate::catalog::new_id();
+    u64::from_str_radix(&id[..16.min(id.len())], 16).unwrap_or(0x5eed)
+}
+
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn mtime_ns(f: &File) -> io::Result<i64> {
+    let m = f.metadata()?;
+    Ok(m.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec()))
+}
+
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || e.kind() == io::ErrorKind::StorageFull
+}
+
+struct Seg {
+    seq: u64,
+    first_lsn: u64,
+    path: PathBuf,
+    file: File,
+}
+
+struct Active {
+    seg: Arc<Seg>,
+    pos: u64,
+    count: u64,
+}
+
+struct Inflight {
+    id: u64,
+    start: u64,
+    end: u64,
+}
+
+/// Request bookkeeping: ranges in flight, health, sealed segments, persistent state.
+struct St {
+    state: LogState,
+    sealed: Vec<SegmentInfo>,
+    inflight: Vec<Inflight>,
+    next_ticket: u64,
+    /// LSNs completed (applied to the image) above `applied_upto`.
+    applied_done: BTreeSet<u64>,
+    /// Every LSN up to this one has completed.
+    applied_upto: u64,
+    range_waiters: usize,
+    closed: bool,
+    paused: bool,
+    p: StateFile,
+}
+
+/// The append side: LSNs, the active segment and the segments waiting to be sealed. Its lock
+/// is held across the `pwritev` of a record, so records reach the log in LSN order and the
+/// log is always a contiguous prefix (lock order: `ap` before `st`, never the reverse).
+struct Ap {
+    chain_id: u64,
+    next_lsn: u64,
+    active: Option<Active>,
+    /// Full segments waiting to be sealed, oldest first.
+    retired: VecDeque<Active>,
+    dir_dirty: bool,
+}
+
+#[derive(Default)]
+struct SyncSt {
+    started: u64,
+    completed: u64,
+    running: bool,
+    failed_gen: u64,
+    last_error: String,
+}
+
+struct Shared {
+    name: String,
+    dir: PathBuf,
+    disk_id: [u8; 16],
+    disk_size: u64,
+    opts: LogOptions,
+    image: File,
+    st: Mutex<St>,
+    ap: Mutex<Ap>,
+    /// Mirrors `st.state.is_healthy()` for the append path.
+    logging: AtomicBool,
+    range_cv: Condvar,
+    sync: Mutex<SyncSt>,
+    sync_cv: Condvar,
+    seal_lock: Mutex<()>,
+    persist_lock: Mutex<()>,
+    state_dirty: AtomicBool,
+    appended: AtomicU64,
+    sync_rounds: AtomicU64,
+    _lock: File,
+}
+
+/// The change log of one disk. Cheap to clone (clones share the log).
+#[derive(Clone)]
+pub struct ChangeLog {
+    sh: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ChangeLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeLog")
+            .field("disk", &self.sh.name)
+            .field("dir", &self.sh.dir)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(g).unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes the log directory's lock, retrying for up to a second (a log being closed in this
+/// process may still be releasing it).
+fn lock_dir_retry(dir: &Path) -> Result<File, LogError> {
+    let mut tries = 0;
+    loop {
+        match lock_dir(dir) {
+            Err(LogError::Locked(_)) if tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Takes an exclusive, non-blocking `flock` on the log directory's lock file.
+fn lock_dir(dir: &Path) -> Result<File, LogError> {
+    let path = dir.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(LogError::io("cannot open", &path))?;
+    // SAFETY: flock on a valid descriptor we own.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(LogError::Locked(dir.to_path_buf()));
+        }
+        return Err(LogError::io("cannot lock", &path)(e));
+    }
+    Ok(f)
+}
+
+/// Whether another process holds the log directory (e.g. a running `standby serve`).
+pub fn is_locked(dir: &Path) -> bool {
+    matches!(lock_dir(dir), Err(LogError::Locked(_)))
+}
+
+/// Removes a log directory (refused while a process has the log open).
+pub fn remove_log_dir(dir: &Path) -> Result<(), LogError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let _guard = lock_dir(dir)?;
+    fs::remove_dir_all(dir).map_err(LogError::io("cannot remove", dir))
+}
+
+/// What recovery of the segment files produced.
+struct Recovered {
+    sealed: Vec<SegmentInfo>,
+    next_seq: u64,
+    next_lsn: u64,
+}
+
+struct Ctx<'a> {
+    dir: &'a Path,
+    disk_id: [u8; 16],
+    chain_id: u64,
+    disk_size: u64,
+}
+
+fn check_header(h: &SegmentHeader, seq: u64, cx: &Ctx<'_>) -> Result<(), String> {
+    if h.seq != seq {
+        return Err(format!("segment file {seq} says it is segment {}", h.seq));
+    }
+    if h.disk_id != cx.disk_id {
+        return Err(format!("segment {seq} belongs to another disk"));
+    }
+    if h.chain_id != cx.chain_id {
+        return Err(format!(
+            "segment {seq} belongs to another log chain ({:016x})",
+            h.chain_id
+        ));
+    }
+    if h.disk_size != cx.disk_size {
+        return Err(format!(
+            "segment {seq} was written for a disk of {} bytes, the disk now has {}",
+            h.disk_size, cx.disk_size
+        ));
+    }
+    Ok(())
+}
+
+fn info_of(seq: u64, path: &Path, d: &format::Decoded, bytes: u64) -> SegmentInfo {
+    SegmentInfo {
+        seq,
+        first_lsn: d.header.first_lsn,
+        last_lsn: d.last_lsn(),
+        records: d.records.len() as u64,
+        bytes,
+        path: path.to_path_buf(),
+        sealed: true,
+    }
+}
+
+/// Verifies the sealed segments, cuts and seals the unsealed tail. `Err` is a broken chain.
+fn recover_segments(
+    cx: &Ctx<'_>,
+    p: &StateFile,
+    report: &mut RecoveryReport,
+) -> Result<Recovered, String> {
+    let segs = list_segments(cx.dir).map_err(|e| format!("cannot list segments: {e}"))?;
+    let mut expect_seq = p.first_seq;
+    let mut expect_lsn = p.first_lsn;
+    let mut sealed = Vec::new();
+    let mut in_tail = false;
+    let mut cut: Option<Cut> = None;
+    let n = segs.len();
+    for (idx, (seq, path)) in segs.into_iter().enumerate() {
+        if seq < p.first_seq {
+            // Released but not yet deleted when the process stopped.
+            let _ = fs::remove_file(&path);
+            continue;
+        }
+        let bytes = fs::read(&path).map_err(|e| format!("cannot read segment {seq}: {e}"))?;
+        if let Some(c) = cut.as_mut() {
+            // After a cut: discard, unless the file is sealed (which a cut cannot explain).
+            if let Ok(d) = format::decode_segment(&bytes) {
+                if d.sealed() {
+                    return Err(format!(
+                        "segment {} is damaged at byte {} ({}) but segment {seq} after it is sealed",
+                        c.seq, c.at, c.reason
+                    ));
+                }
+            }
+            c.dropped_bytes += bytes.len() as u64;
+            c.discarded_segments.push(seq);
+            fs::remove_file(&path).map_err(|e| format!("cannot remove segment {seq}: {e}"))?;
+            continue;
+        }
+        if seq != expect_seq {
+            return Err(format!(
+                "segment {expect_seq} is missing (the next one present is {seq})"
+            ));
+        }
+        let d = match format::decode_segment(&bytes) {
+            Ok(d) => d,
+            Err(e) if segment::is_stub(bytes.len() as u64) => {
+                // Torn while being created: it cannot hold any record.
+                cut = Some(Cut {
+                    seq,
+                    at: 0,
+                    dropped_bytes: bytes.len() as u64,
+                    discarded_segments: vec![seq],
+                    reason: e.to_string(),
+                });
+                fs::remove_file(&path).map_err(|e| format!("cannot remove segment {seq}: {e}"))?;
+                continue;
+            }
+            Err(e) => return Err(format!("segment {seq}: {e}")),
+        };
+        check_header(&d.header, seq, cx)?;
+        match &d.end {
+            End::Sealed(_) if in_tail => {
+                return Err(format!(
+                    "segment {seq} is sealed but follows an unsealed segment"
+                ))
+            }
+            End::Sealed(_) => {
+                if d.header.first_lsn != expect_lsn {
+                    return Err(format!(
+                        "LSN gap: segment {seq} starts at LSN {} but LSN {expect_lsn} was expected",
+                        d.header.first_lsn
+                    ));
+                }
+                expect_lsn = d.last_lsn().wrapping_add(1);
+                expect_seq = seq + 1;
+                sealed.push(info_of(seq, &path, &d, bytes.len() as u64));
+                report.segments += 1;
+            }
+            End::Open | End::Torn { .. } => {
+                in_tail = true;
+                let last = idx + 1 == n;
+                if d.header.first_lsn != expect_lsn {
+                    if d.header.first_lsn < expect_lsn {
+                        return Err(format!(
+                            "LSN overlap: segment {seq} starts at LSN {} but LSN {expect_lsn} was expected",
+                            d.header.first_lsn
+                        ));
+                    }
+                    // Records reserved at the end of the previous segment never reached
+                    // it: nothing from here on can be in the image or acknowledged as
+                    // durable, so it is cut.
+                    cut = Some(Cut {
+                        seq,
+                        at: 0,
+                        dropped_bytes: bytes.len() as u64,
+                        discarded_segments: vec![seq],
+                        reason: format!(
+                            "starts at LSN {} but the log ends at LSN {}",
+                            d.header.first_lsn,
+                            expect_lsn.wrapping_sub(1)
+                        ),
+                    });
+                    fs::remove_file(&path)
+                        .map_err(|e| format!("cannot remove segment {seq}: {e}"))?;
+                    continue;
+                }
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| format!("cannot open segment {seq}: {e}"))?;
+                if let End::Torn { reason } = &d.end {
+                    warn!(
+                        segment = seq,
+                        at = d.valid_len,
+                        dropped = bytes.len() as u64 - d.valid_len,
+                        "cutting torn tail of the change log: {reason}"
+                    );
+                    cut = Some(Cut {
+                        seq,
+                        at: d.valid_len,
+                        dropped_bytes: bytes.len() as u64 - d.valid_len,
+                        discarded_segments: Vec::new(),
+                        reason: reason.clone(),
+                    });
+                }
+                expect_lsn = d.last_lsn().wrapping_add(1);
+                if d.records.is_empty() && (last || cut.is_some()) {
+                    // An empty last segment: the new active segment takes its place.
+                    drop(file);
+                    fs::remove_file(&path)
+                        .map_err(|e| format!("cannot remove segment {seq}: {e}"))?;
+                    expect_seq = seq;
+                    continue;
+                }
+                let len = seal_file(&file, d.valid_len, d.records.len() as u64, d.last_lsn())
+                    .map_err(|e| format!("cannot seal segment {seq}: {e}"))?;
+                let mut info = info_of(seq, &path, &d, len);
+                info.sealed = true;
+                sealed.push(info);
+                expect_seq = seq + 1;
+                report.segments += 1;
+            }
+        }
+    }
+    if let (Some(c), true) = (&cut, p.clean) {
+        return Err(format!(
+            "segment {} is damaged at byte {} ({}) although the log was closed cleanly",
+            c.seq, c.at, c.reason
+        ));
+    }
+    report.cut = cut;
+    sync_dir(cx.dir).map_err(|e| format!("cannot sync log directory: {e}"))?;
+    Ok(Recovered {
+        sealed,
+        next_seq: expect_seq,
+        next_lsn: expect_lsn,
+    })
+}
+
+impl ChangeLog {
+    /// Opens (creating if needed) the change log in `dir` for a disk, recovering it.
+    ///
+    /// `image` is the disk image (open for writing): recovery re-applies records it may
+    /// lack, and sync rounds fdatasync it together with the log.
+    pub fn open(
+        name: &str,
+        dir: &Path,
+        disk_id: &str,
+        image: &File,
+        disk_size: u64,
+        opts: LogOptions,
+    ) -> Result<(ChangeLog, RecoveryReport), LogError> {
+        fs::create_dir_all(dir).map_err(LogError::io("cannot create", dir))?;
+        let lock_file = lock_dir_retry(dir)?;
+        let image = image
+            .try_clone()
+            .map_err(LogError::io("cannot duplicate image descriptor for", dir))?;
+        let existing = list_segments(dir).map_err(LogError::io("cannot list", dir))?;
+        let (mut p, fresh) = match read_state(dir)? {
+            Some(p) => (p, false),
+            None => {
+                let mut p = StateFile::fresh(disk_id);
+                if !existing.is_empty() {
+                    p.set_state(&LogState::Broken {
+                        reason: "the log's state file is missing".into(),
+                    });
+                }
+                (p, existing.is_empty())
+            }
+        };
+        let mut state = p.log_state();
+        let chain_id = u64::from_str_radix(&p.chain_id, 16).unwrap_or(0);
+        if state.is_healthy() && p.disk_id != disk_id {
+            state = LogState::Broken {
+                reason: format!("the log belongs to disk id {}", p.disk_id),
+            };
+        }
+        let mut report = RecoveryReport {
+            fresh,
+            segments: 0,
+            cut: None,
+            redone: 0,
+            last_lsn: p.first_lsn.wrapping_sub(1),
+            state: LogState::Healthy,
+        };
+        let cx = Ctx {
+            dir,
+            disk_id: format::disk_id_bytes(disk_id),
+            chain_id,
+            disk_size,
+        };
+        let mut rec = Recovered {
+            sealed: Vec::new(),
+            next_seq: p.first_seq,
+            next_lsn: p.first_lsn,
+        };
+        if state.is_healthy() {
+            match recover_segments(&cx, &p, &mut report) {
+                Ok(r) => rec = r,
+                Err(reason) => state = LogState::Broken { reason },
+            }
+        }
+        let last_lsn = rec.next_lsn.wrapping_sub(1);
+        report.last_lsn = last_lsn;
+        if state.is_healthy() && !fresh {
+            let mtime = mtime_ns(&image).map_err(LogError::io("cannot stat image of", dir))?;
+            let boot = boot_id();
+            if p.clean && mtime != p.image_mtime_ns {
+                state = LogState::Broken {
+                    reason: "the image was modified after the last clean shutdown without the change log (newer than its log)".into(),
+                };
+            } else if !p.clean && !p.boot_id.is_empty() && !boot.is_empty() && p.boot_id != boot {
+                state = LogState::Broken {
+                    reason: "the host restarted without a clean shutdown: the image may hold unflushed writes the log lost".into(),
+                };
+            } else if p.applied_lsn > last_lsn {
+                state = LogState::Broken {
+                    reason: format!(
+                        "the image holds changes up to LSN {} but the log ends at LSN {last_lsn}",
+                        p.applied_lsn
+                    ),
+                };
+            }
+        }
+        if state.is_healthy() && p.applied_lsn < last_lsn {
+            let paths: Vec<PathBuf> = rec
+                .sealed
+                .iter()
+                .filter(|s| s.last_lsn > p.applied_lsn)
+                .map(|s| s.path.clone())
+                .collect();
+            match replay::replay_after(&paths, &image, p.applied_lsn) {
+                Ok(stats) => {
+                    report.redone = stats.records;
+                    image
+                        .sync_data()
+                        .map_err(LogError::io("cannot sync image of", dir))?;
+                }
+                Err(e) => {
+                    state = LogState::Broken {
+                        reason: format!("redo after a crash failed: {e}"),
+                    }
+                }
+            }
+        }
+        if state.is_healthy() {
+            p.applied_lsn = last_lsn;
+            p.first_seq = rec.sealed.first().map(|s| s.seq).unwrap_or(rec.next_seq);
+            p.first_lsn = rec
+                .sealed
+                .first()
+                .map(|s| s.first_lsn)
+                .unwrap_or(rec.next_lsn);
+        }
+        p.clean = false;
+        p.boot_id = boot_id();
+        p.set_state(&state);
+        if let Some(reason) = state.reason() {
+            error!(disk = name, "change log is {}: {reason}", state.label());
+        }
+        let st = St {
+            state: state.clone(),
+            sealed: rec.sealed,
+            inflight: Vec::new(),
+            next_ticket: 0,
+            applied_done: BTreeSet::new(),
+            applied_upto: last_lsn,
+            range_waiters: 0,
+            closed: false,
+            paused: false,
+            p,
+        };
+        let ap = Ap {
+            chain_id,
+            next_lsn: rec.next_lsn,
+            active: None,
+            retired: VecDeque::new(),
+            dir_dirty: false,
+        };
+        let log = ChangeLog {
+            sh: Arc::new(Shared {
+                name: name.to_string(),
+                dir: dir.to_path_buf(),
+                disk_id: cx.disk_id,
+                disk_size,
+                opts,
+                image,
+                st: Mutex::new(st),
+                ap: Mutex::new(ap),
+                logging: AtomicBool::new(state.is_healthy()),
+                range_cv: Condvar::new(),
+                sync: Mutex::new(SyncSt::default()),
+                sync_cv: Condvar::new(),
+                seal_lock: Mutex::new(()),
+                persist_lock: Mutex::new(()),
+                state_dirty: AtomicBool::new(false),
+                appended: AtomicU64::new(0),
+                sync_rounds: AtomicU64::new(0),
+                _lock: lock_file,
+            }),
+        };
+        if state.is_healthy() {
+            let mut ap = lock(&log.sh.ap);
+            if let Err(e) = log.start_segment(&mut ap, rec.next_seq) {
+                log.degrade(&e, "cannot create the first segment");
+            }
+        }
+        log.persist()?;
+        if log.state().is_healthy() {
+            log.check_space();
+        }
+        report.state = log.state();
+        info!(disk = name, segments = report.segments, last_lsn = report.last_lsn, redone = report.redone, cut = ?report.cut, state = %report.state, "change log opened");
+        Ok((log, report))
+    }
+
+    fn start_segment(&self, ap: &mut Ap, seq: u64) -> io::Result<()> {
+        let header = SegmentHeader {
+            disk_id: self.sh.disk_id,
+            chain_id: ap.chain_id,
+            seq,
+            first_lsn: ap.next_lsn,
+            disk_size: self.sh.disk_size,
+        };
+        let (path, file) = create_segment(&self.sh.dir, &header)?;
+        ap.active = Some(Active {
+            seg: Arc::new(Seg {
+                seq,
+                first_lsn: ap.next_lsn,
+                path,
+                file,
+            }),
+            pos: HEADER_LEN as u64,
+            count: 0,
+        });
+        ap.dir_dirty = true;
+        Ok(())
+    }
+
+    /// Retires the active segment and starts the next one.
+    fn rotate_locked(&self, ap: &mut Ap) -> io::Result<()> {
+        let Some(old) = ap.active.take() else {
+            return Ok(());
+        };
+        let seq = old.seg.seq + 1;
+        match self.start_segment(ap, seq) {
+            Ok(()) => {
+                ap.retired.push_back(old);
+                Ok(())
+            }
+            Err(e) => {
+                ap.active = Some(old);
+                Err(e)
+            }
+        }
+    }
+
+    /// Leaves the healthy state after a log I/O error: out of space → overflow, else broken.
+    fn degrade(&self, e: &io::Error, what: &str) {
+        let mut st = lock(&self.sh.st);
+        if !st.state.is_healthy() {
+            return;
+        }
+        st.state = if is_no_space(e) {
+            LogState::Overflow {
+                reason: format!("{what}: {e}"),
+            }
+        } else {
+            LogState::Broken {
+                reason: format!("{what}: {e}"),
+            }
+        };
+        self.sh.logging.store(false, Ordering::Release);
+        error!(disk = %self.sh.name, "change log is now {}; writes continue to the image, the disk needs a full resync", st.state);
+        let s = st.state.clone();
+        st.p.set_state(&s);
+        self.sh.state_dirty.store(true, Ordering::Release);
+    }
+
+    fn mark_broken(&self, reason: String) {
+        let mut st = lock(&self.sh.st);
+        if let LogState::Broken { .. } = st.state {
+            return;
+        }
+        error!(disk = %self.sh.name, "change log is now broken: {reason}; the disk needs a full resync");
+        st.state = LogState::Broken { reason };
+        self.sh.logging.store(false, Ordering::Release);
+        let s = st.state.clone();
+        st.p.set_state(&s);
+        self.sh.state_dirty.store(true, Ordering::Release);
+    }
+
+    fn persist_if_dirty(&self) {
+        if self.sh.state_dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.persist() {
+                error!(disk = %self.sh.name, "cannot record the change log's state: {e}");
+                self.sh.state_dirty.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Writes the state file (serialized; always the newest state).
+    fn persist(&self) -> Result<(), LogError> {
+        let _g = lock(&self.sh.persist_lock);
+        let p = lock(&self.sh.st).p.clone();
+        let path = self.sh.dir.join(STATE_FILE);
+        let text = toml::to_string(&p).map_err(|e| LogError::BadState {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&path, text.as_bytes()).map_err(LogError::io("cannot write", &path))
+    }
+
+    fn check_space(&self) {
+        if let Some(reason) = self.low_space() {
+            let mut st = lock(&self.sh.st);
+            if st.state.is_healthy() {
+                st.state = LogState::Overflow { reason };
+                self.sh.logging.store(false, Ordering::Release);
+                error!(disk = %self.sh.name, "change log is now {}; writes continue to the image, the disk needs a full resync", st.state);
+                let s = st.state.clone();
+                st.p.set_state(&s);
+                self.sh.state_dirty.store(true, Ordering::Release);
+            }
+            drop(st);
+            self.persist_if_dirty();
+        }
+    }
+
+    /// `Some(reason)` when the log's file system is below its free-space floor.
+    fn low_space(&self) -> Option<String> {
+        let c = std::ffi::CString::new(self.sh.dir.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: statvfs with a valid NUL-terminated path and a zeroed out-struct.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+        if r != 0 {
+            return None;
+        }
+        let frsize = s.f_frsize as u64;
+        let avail = (s.f_bavail as u64).saturating_mul(frsize);
+        let total = (s.f_blocks as u64).saturating_mul(frsize);
+        let pct_floor = total / 100 * u64::from(self.sh.opts.min_free_percent);
+        let floor = self.sh.opts.min_free_bytes.min(pct_floor);
+        (avail < floor).then(|| {
+            format!("only {avail} bytes free on the log's file system (floor {floor} bytes)")
+        })
+    }
+
+    /// Waits until no in-flight request overlaps `[start, end)` and registers this one.
+    fn begin_range(&self, start: u64, end: u64) -> io::Result<u64> {
+        let mut st = lock(&self.sh.st);
+        loop {
+            if st.closed {
+                return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+            }
+            let busy = st.paused
+                || (start < end && st.inflight.iter().any(|i| i.start < end && start < i.end));
+            if !busy {
+                break;
+            }
+            st.range_waiters += 1;
+            st = wait(&self.sh.range_cv, st);
+            st.range_waiters -= 1;
+        }
+        let id = st.next_ticket;
+        st.next_ticket += 1;
+        st.inflight.push(Inflight { id, start, end });
+        Ok(id)
+    }
+
+    fn complete(&self, id: u64, lsn: Option<u64>) {
+        let mut st = lock(&self.sh.st);
+        if let Some(i) = st.inflight.iter().position(|i| i.id == id) {
+            st.inflight.swap_remove(i);
+        }
+        if let Some(lsn) = lsn {
+            if lsn == st.applied_upto.wrapping_add(1) {
+                let mut w = lsn;
+                while st.applied_done.remove(&(w + 1)) {
+                    w += 1;
+                }
+                st.applied_upto = w;
+            } else {
+                st.applied_done.insert(lsn);
+            }
+        }
+        if st.range_waiters > 0 {
+            self.sh.range_cv.notify_all();
+        }
+    }
+
+    /// Reserves the next LSN and writes the record, under the append lock. Returns the LSN
+    /// (None when the log is not recording) and whether the active segment was rotated.
+    fn append(
+        &self,
+        h: &mut RecordHeader,
+        data: &[u8],
+        barrier_rotate: bool,
+    ) -> (Option<u64>, bool) {
+        if !self.sh.logging.load(Ordering::Acquire) {
+            return (None, false);
+        }
+        let rec_len = (RECORD_HEADER_LEN + data.len()) as u64;
+        let mut ap = lock(&self.sh.ap);
+        let mut rotated = false;
+        let full = ap
+            .active
+            .as_ref()
+            .is_some_and(|a| a.count > 0 && a.pos + rec_len > self.sh.opts.segment_size);
+        if full {
+            match self.rotate_locked(&mut ap) {
+                Ok(()) => rotated = true,
+                Err(e) => {
+                    self.degrade(&e, "cannot start a new log segment");
+                    return (None, false);
+                }
+            }
+        }
+        let lsn = ap.next_lsn;
+        let Some(a) = ap.active.as_mut() else {
+            return (None, rotated);
+        };
+        h.lsn = lsn;
+        let hb = format::encode_record_header(h, data);
+        let pos = a.pos;
+        a.pos += rec_len;
+        a.count += 1;
+        let file = Arc::clone(&a.seg);
+        ap.next_lsn += 1;
+        if let Err(e) = pwritev_all(&file.file, &[&hb, data], pos) {
+            self.degrade(&e, "cannot append to the change log");
+        }
+        if barrier_rotate {
+            match self.rotate_locked(&mut ap) {
+                Ok(()) => rotated = true,
+                Err(e) => self.degrade(&e, "cannot start a new log segment"),
+            }
+        }
+        (Some(lsn), rotated)
+    }
+
+    /// Logs one change and applies it with `apply` (which changes the image), in the order
+    /// described in the module documentation. Blocking; call from the blocking pool.
+    ///
+    /// `apply` failing after the record was logged breaks the chain (the log then holds a
+    /// change the image does not): its error is returned.
+    pub fn record(
+        &self,
+        kind: Kind,
+        flags: u8,
+        offset: u64,
+        length: u64,
+        data: &[u8],
+        apply: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.record_inner(kind, flags, offset, length, data, false, apply)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_inner(
+        &self,
+        kind: Kind,
+        flags: u8,
+        offset: u64,
+        length: u64,
+        data: &[u8],
+        barrier_rotate: bool,
+        apply: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let rec_len = (RECORD_HEADER_LEN + data.len()) as u64;
+        let interval = self.sh.opts.space_check_interval.max(1);
+        let before = self.sh.appended.fetch_add(rec_len, Ordering::Relaxed);
+        if before / interval != (before + rec_len) / interval {
+            self.check_space();
+        }
+        let (start, end) = match kind {
+            Kind::Flush => (0, 0),
+            _ => (offset, offset.saturating_add(length)),
+        };
+        let id = self.begin_range(start, end)?;
+        let mut h = RecordHeader {
+            lsn: 0,
+            kind,
+            flags,
+            offset,
+            length,
+            data_len: data.len() as u32,
+        };
+        let (lsn, rotated) = self.append(&mut h, data, barrier_rotate);
+        let r = apply();
+        if let Err(e) = &r {
+            if lsn.is_some() {
+                self.mark_broken(format!(
+                    "a {} at {offset}+{length} was logged but could not be applied to the image: {e}",
+                    kind.name()
+                ));
+            }
+        }
+        self.complete(id, lsn);
+        if rotated && !barrier_rotate {
+            let weak = Arc::downgrade(&self.sh);
+            let spawned = std::thread::Builder::new()
+                .name("hrl-seal".into())
+                .spawn(move || {
+                    let Some(sh) = weak.upgrade() else { return };
+                    let me = ChangeLog { sh };
+                    if let Err(e) = me.seal_retired() {
+                        error!(disk = %me.sh.name, "sealing a change-log segment failed: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                warn!("cannot start the segment sealer thread ({e}); sealing inline");
+                if let Err(e) = self.seal_retired() {
+                    error!(disk = %self.sh.name, "sealing a change-log segment failed: {e}");
+                }
+            }
+        }
+        self.persist_if_dirty();
+        r
+    }
+
+    /// Appends a flush barrier and makes every completed change durable (log and image).
+    pub fn flush(&self) -> io::Result<()> {
+        match self.record(Kind::Flush, 0, 0, 0, &[], || Ok(())) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESHUTDOWN) => {}
+            Err(e) => return Err(e),
+        }
+        self.sync()
+    }
+
+    /// Makes every change completed before this call durable: group commit.
+    pub fn sync(&self) -> io::Result<()> {
+        let mut s = lock(&self.sh.sync);
+        let target = s.started + 1;
+        loop {
+            if s.completed >= target {
+                if s.failed_gen >= target {
+                    return Err(io::Error::other(format!(
+                        "change log sync failed: {}",
+                        s.last_error
+                    )));
+                }
+                return Ok(());
+            }
+            if !s.running {
+                s.running = true;
+                s.started += 1;
+                let generation = s.started;
+                drop(s);
+                let r = self.sync_round();
+                s = lock(&self.sh.sync);
+                s.running = false;
+                s.completed = generation;
+                if let Err(e) = r {
+                    s.failed_gen = generation;
+                    s.last_error = e.to_string();
+                }
+                self.sh.sync_cv.notify_all();
+                continue;
+            }
+            s = wait(&self.sh.sync_cv, s);
+        }
+    }
+
+    fn sync_round(&self) -> io::Result<()> {
+        self.sh.sync_rounds.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut st = lock(&self.sh.st);
+            let b = st.next_ticket;
+            while st.inflight.iter().any(|i| i.id < b) {
+                st.range_waiters += 1;
+                st = wait(&self.sh.range_cv, st);
+                st.range_waiters -= 1;
+            }
+        }
+        let (files, dir_dirty) = {
+            let mut ap = lock(&self.sh.ap);
+            let mut files: Vec<Arc<Seg>> = ap.retired.iter().map(|a| Arc::clone(&a.seg)).collect();
+            if let Some(a) = &ap.active {
+                files.push(Arc::clone(&a.seg));
+            }
+            (files, std::mem::take(&mut ap.dir_dirty))
+        };
+        for seg in &files {
+            if let Err(e) = seg.file.sync_data() {
+                self.degrade(&e, "cannot sync the change log");
+                self.persist_if_dirty();
+                return Err(e);
+            }
+        }
+        if dir_dirty {
+            if let Err(e) = sync_dir(&self.sh.dir) {
+                lock(&self.sh.ap).dir_dirty = true;
+                return Err(e);
+            }
+        }
+        self.sh.image.sync_data()
+    }
+
+    /// Seals the retired segments, oldest first (after their requests have completed).
+    fn seal_retired(&self) -> Result<(), LogError> {
+        let _g = lock(&self.sh.seal_lock);
+        loop {
+            let Some((seg, len, count)) = lock(&self.sh.ap)
+                .retired
+                .front()
+                .map(|a| (Arc::clone(&a.seg), a.pos, a.count))
+            else {
+                break;
+            };
+            let last_lsn = (seg.first_lsn + count).wrapping_sub(1);
+            {
+                let mut st = lock(&self.sh.st);
+                while st.applied_upto < last_lsn {
+                    st.range_waiters += 1;
+                    st = wait(&self.sh.range_cv, st);
+                    st.range_waiters -= 1;
+                }
+            }
+            if !self.sh.logging.load(Ordering::Acquire) {
+                lock(&self.sh.ap).retired.clear();
+                break;
+            }
+            // The redo point may move past this segment without an image fdatasync: the
+            // image's page cache survives a process crash, and a host crash without a clean
+            // shutdown marks the chain broken (boot id) instead of trusting the redo point.
+            let bytes = match seal_file(&seg.file, len, count, last_lsn) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.degrade(&e, "cannot seal a change-log segment");
+                    self.persist_if_dirty();
+                    return Err(LogError::io("cannot seal", &seg.path)(e));
+                }
+            };
+            {
+                let mut ap = lock(&self.sh.ap);
+                ap.retired.pop_front();
+                let mut st = lock(&self.sh.st);
+                st.sealed.push(SegmentInfo {
+                    seq: seg.seq,
+                    first_lsn: seg.first_lsn,
+                    last_lsn,
+                    records: count,
+                    bytes,
+                    path: seg.path.clone(),
+                    sealed: true,
+                });
+                st.p.applied_lsn = st.p.applied_lsn.max(last_lsn);
+            }
+            self.persist()?;
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment at a flush barrier (if it holds any record) and returns every
+    /// sealed segment not yet released, oldest first: what the replicator should ship. New
+    /// writes go to the next segment meanwhile.
+    pub fn take(&self) -> Result<Vec<SegmentInfo>, LogError> {
+        self.require_healthy()?;
+        let has_records = lock(&self.sh.ap)
+            .active
+            .as_ref()
+            .is_some_and(|a| a.count > 0);
+        if has_records {
+            self.record_inner(Kind::Flush, 0, 0, 0, &[], true, || Ok(()))
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::ESHUTDOWN) => LogError::Closed(self.sh.name.clone()),
+                    _ => LogError::Io {
+                        what: "cannot write a barrier to",
+                        path: self.sh.dir.clone(),
+                        source: e,
+                    },
+                })?;
+        }
+        self.seal_retired()?;
+        self.require_healthy()?;
+        Ok(lock(&self.sh.st).sealed.clone())
+    }
+
+    /// Deletes the sealed segments up to and including `upto_seq` (shipped by the replicator).
+    pub fn release(&self, upto_seq: u64) -> Result<(), LogError> {
+        let removed: Vec<SegmentInfo> = {
+            let ap = lock(&self.sh.ap);
+            let unsealed = ap
+                .retired
+                .iter()
+                .map(|a| a.seg.seq)
+                .chain(ap.active.as_ref().map(|a| a.seg.seq))
+                .find(|&s| s <= upto_seq);
+            if let Some(seq) = unsealed {
+                return Err(LogError::NotSealed {
+                    disk: self.sh.name.clone(),
+                    seq,
+                });
+            }
+            let mut st = lock(&self.sh.st);
+            let (gone, keep): (Vec<_>, Vec<_>) =
+                st.sealed.drain(..).partition(|s| s.seq <= upto_seq);
+            st.sealed = keep;
+            if let Some(last) = gone.last() {
+                st.p.first_seq = last.seq + 1;
+                st.p.first_lsn = last.last_lsn + 1;
+            }
+            gone
+        };
+        if removed.is_empty() {
+            return Ok(());
+        }
+        self.persist()?;
+        for s in &removed {
+            fs::remove_file(&s.path).map_err(LogError::io("cannot remove", &s.path))?;
+        }
+        sync_dir(&self.sh.dir).map_err(LogError::io("cannot sync", &self.sh.dir))
+    }
+
+    /// Clean shutdown: waits for in-flight requests, seals the active segment, syncs the image
+    /// and records a clean state. Later writes fail.
+    pub fn close(&self) -> Result<(), LogError> {
+        {
+            let mut st = lock(&self.sh.st);
+            if st.closed {
+                return Ok(());
+            }
+            st.closed = true;
+            while !st.inflight.is_empty() {
+                st.range_waiters += 1;
+                st = wait(&self.sh.range_cv, st);
+                st.range_waiters -= 1;
+            }
+        }
+        let healthy = self.sh.logging.load(Ordering::Acquire);
+        if healthy {
+            let mut ap = lock(&self.sh.ap);
+            if let Some(a) = ap.active.take() {
+                if a.count > 0 {
+                    ap.retired.push_back(a);
+                } else {
+                    fs::remove_file(&a.seg.path)
+                        .map_err(LogError::io("cannot remove", &a.seg.path))?;
+                    ap.dir_dirty = true;
+                }
+            }
+        }
+        if healthy {
+            self.seal_retired()?;
+        }
+        let dir = &self.sh.dir;
+        self.sh
+            .image
+            .sync_data()
+            .map_err(LogError::io("cannot sync image of", dir))?;
+        sync_dir(dir).map_err(LogError::io("cannot sync", dir))?;
+        let mtime = mtime_ns(&self.sh.image).map_err(LogError::io("cannot stat image of", dir))?;
+        let last = lock(&self.sh.ap).next_lsn.wrapping_sub(1);
+        {
+            let mut st = lock(&self.sh.st);
+            st.p.clean = true;
+            st.p.image_mtime_ns = mtime;
+            if st.state.is_healthy() {
+                st.p.applied_lsn = last;
+            }
+        }
+        self.persist()?;
+        // Later openers (in this process too) may take the log over now.
+        // SAFETY: flock on a descriptor we own.
+        unsafe { libc::flock(self.sh._lock.as_raw_fd(), libc::LOCK_UN) };
+        info!(disk = %self.sh.name, state = %self.state(), "change log closed");
+        Ok(())
+    }
+
+    /// Starts a new, empty chain (after a full resync): every segment is deleted.
+    pub fn reset(&self) -> Result<(), LogError> {
+        let _g = lock(&self.sh.seal_lock);
+        {
+            let mut st = lock(&self.sh.st);
+            if st.closed {
+                return Err(LogError::Closed(self.sh.name.clone()));
+            }
+            st.paused = true;
+            while !st.inflight.is_empty() {
+                st.range_waiters += 1;
+                st = wait(&self.sh.range_cv, st);
+                st.range_waiters -= 1;
+            }
+        }
+        // Nothing is in flight and nothing can start: lock order ap → st holds.
+        let mut ap = lock(&self.sh.ap);
+        let mut st = lock(&self.sh.st);
+        let result = (|| -> Result<(), LogError> {
+            ap.active = None;
+            ap.retired.clear();
+            st.sealed.clear();
+            let dir = &self.sh.dir;
+            for (_, path) in list_segments(dir).map_err(LogError::io("cannot list", dir))? {
+                fs::remove_file(&path).map_err(LogError::io("cannot remove", &path))?;
+            }
+            let disk_id = st.p.disk_id.clone();
+            st.p = StateFile::fresh(&disk_id);
+            ap.chain_id = u64::from_str_radix(&st.p.chain_id, 16).unwrap_or(0);
+            st.state = LogState::Healthy;
+            ap.next_lsn = 1;
+            st.applied_upto = 0;
+            st.applied_done.clear();
+            self.start_segment(&mut ap, 0)
+                .map_err(LogError::io("cannot create a segment in", dir))?;
+            self.sh.logging.store(true, Ordering::Release);
+            Ok(())
+        })();
+        st.paused = false;
+        self.sh.range_cv.notify_all();
+        drop(st);
+        drop(ap);
+        result?;
+        self.persist()?;
+        info!(disk = %self.sh.name, "change log reset: new chain");
+        Ok(())
+    }
+
+    fn require_healthy(&self) -> Result<(), LogError> {
+        let st = lock(&self.sh.st);
+        if st.closed {
+            return Err(LogError::Closed(self.sh.name.clone()));
+        }
+        if !st.state.is_healthy() {
+            return Err(LogError::NotHealthy {
+                disk: self.sh.name.clone(),
+                state: st.state.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits until segments retired by size rotation are sealed.
+    pub fn wait_sealed(&self) -> Result<(), LogError> {
+        self.seal_retired()
+    }
+
+    /// Health of the chain.
+    pub fn state(&self) -> LogState {
+        lock(&self.sh.st).state.clone()
+    }
+
+    /// Log bytes not yet released (sealed, being sealed and active segments).
+    pub fn unshipped_bytes(&self) -> u64 {
+        let ap = lock(&self.sh.ap);
+        let st = lock(&self.sh.st);
+        st.sealed.iter().map(|s| s.bytes).sum::<u64>()
+            + ap.retired.iter().map(|a| a.pos).sum::<u64>()
+            + ap.active.as_ref().map(|a| a.pos).unwrap_or(0)
+    }
+
+    /// Unshipped log bytes divided by the disk size (the resync rule fires at 0.5).
+    pub fn unshipped_ratio(&self) -> f64 {
+        self.unshipped_bytes() as f64 / self.sh.disk_size.max(1) as f64
+    }
+
+    /// Sealed segments not yet released, oldest first.
+    pub fn sealed_segments(&self) -> Vec<SegmentInfo> {
+        lock(&self.sh.st).sealed.clone()
+    }
+
+    /// The active segment (what has been reserved in it so far).
+    pub fn active_segment(&self) -> Option<SegmentInfo> {
+        let ap = lock(&self.sh.ap);
+        ap.active.as_ref().map(|a| SegmentInfo {
+            seq: a.seg.seq,
+            first_lsn: a.seg.first_lsn,
+            last_lsn: (a.seg.first_lsn + a.count).wrapping_sub(1),
+            records: a.count,
+            bytes: a.pos,
+            path: a.seg.path.clone(),
+            sealed: false,
+        })
+    }
+
+    /// LSN of the last record reserved.
+    pub fn last_lsn(&self) -> u64 {
+        lock(&self.sh.ap).next_lsn.wrapping_sub(1)
+    }
+
+    /// Sync rounds run so far (each serves every flusher waiting when it started).
+    pub fn sync_rounds(&self) -> u64 {
+        self.sh.sync_rounds.load(Ordering::Relaxed)
+    }
+
+    pub fn chain_id(&self) -> u64 {
+        lock(&self.sh.ap).chain_id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.sh.dir
+    }
+}

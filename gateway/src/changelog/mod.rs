@@ -1,0 +1,158 @@
+//! The per-disk change log (`.hrl`): every write, trim and zero of a tracked disk, in order,
+//! with its data, in segment files beside the disk (`disks/NAME.hrl/NNNN….log`).
+//!
+//! * [`format`]: the byte layout of segments (header, records, footer) — pure functions.
+//! * [`segment`]: segment files (naming, appends, sealing, offline inspection).
+//! * [`log`]: [`ChangeLog`], the live log: appends, group commit, rotation, `take`/`release`,
+//!   recovery and accounting.
+//! * [`replay`]: applying segments to an image.
+//!
+//! Rules (see `docs/changelog.md`):
+//! * A record is appended to the active segment before its change reaches the image; records
+//!   are appended in LSN order (so the log file is always a contiguous prefix and the image
+//!   never holds a change the log lacks). Overlapping requests are serialized: for them log
+//!   order = image order = acknowledgement order.
+//! * FLUSH (and FUA) fdatasync the unsealed segments and the image before the reply; concurrent
+//!   flushers share one sync round (group commit).
+//! * Recovery at open verifies sealed segments, cuts a torn tail at the last whole record,
+//!   redoes the records the image may lack, and marks the chain broken on anything it cannot
+//!   prove consistent.
+
+pub mod format;
+pub mod log;
+pub mod replay;
+pub mod segment;
+
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+pub use self::log::{ChangeLog, Cut, RecoveryReport, SegmentInfo};
+pub use self::replay::{replay, replay_after, replay_dir, ReplayStats};
+
+/// Default segment size limit.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
+/// Default free-space floor (absolute) of the log's file system.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 1 << 30;
+/// Default free-space floor (percent of the file system).
+pub const DEFAULT_MIN_FREE_PERCENT: u8 = 5;
+
+/// Tunables of a change log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogOptions {
+    /// A segment is sealed and a new one started when the next record would pass this size.
+    pub segment_size: u64,
+    /// The log overflows when free space on its file system drops below
+    /// `min(min_free_bytes, min_free_percent % of the file system)`.
+    pub min_free_bytes: u64,
+    pub min_free_percent: u8,
+    /// Free space is checked every this many appended bytes (and at every rotation).
+    pub space_check_interval: u64,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        Self {
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+            min_free_percent: DEFAULT_MIN_FREE_PERCENT,
+            space_check_interval: 16 << 20,
+        }
+    }
+}
+
+/// The health of a log chain. Anything but `Healthy` means the replica needs a full resync;
+/// writes to the disk keep working in every state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogState {
+    Healthy,
+    /// The chain cannot be trusted (gap, corrupt or missing segment, image changed behind the
+    /// log's back, I/O error on the log).
+    Broken {
+        reason: String,
+    },
+    /// The log's file system ran (nearly) out of space; changes since then are not logged.
+    Overflow {
+        reason: String,
+    },
+}
+
+impl LogState {
+    pub fn is_healthy(&self) -> bool {
+        matches!(self, LogState::Healthy)
+    }
+
+    /// "healthy", "broken" or "overflow".
+    pub fn label(&self) -> &'static str {
+        match self {
+            LogState::Healthy => "healthy",
+            LogState::Broken { .. } => "broken",
+            LogState::Overflow { .. } => "overflow",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            LogState::Healthy => None,
+            LogState::Broken { reason } | LogState::Overflow { reason } => Some(reason),
+        }
+    }
+}
+
+impl std::fmt::Display for LogState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.reason() {
+            None => f.write_str(self.label()),
+            Some(r) => write!(f, "{} ({r})", self.label()),
+        }
+    }
+}
+
+/// Change-log errors.
+#[derive(Debug, Error)]
+pub enum LogError {
+    #[error("change log: {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("change log {0} is in use by another process: stop `standby serve` first")]
+    Locked(PathBuf),
+    #[error("change log segment {path} is damaged: {reason}; the disk needs a full resync")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("change log state file {path} is damaged: {reason}; disable and re-enable tracking (`standby log disable`, `standby log enable`) and resync the disk")]
+    BadState { path: PathBuf, reason: String },
+    #[error("the change log of disk '{disk}' is {state}: it cannot be shipped; the disk needs a full resync")]
+    NotHealthy { disk: String, state: LogState },
+    #[error("the change log of disk '{0}' is closed")]
+    Closed(String),
+    #[error("segment {seq} of disk '{disk}' cannot be released: only sealed segments can be")]
+    NotSealed { disk: String, seq: u64 },
+}
+
+impl LogError {
+    pub(crate) fn io<'a>(
+        what: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(io::Error) -> Self + 'a {
+        move |source| LogError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl From<LogError> for io::Error {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::Io { source, .. } => source,
+            other => io::Error::other(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! A real S3 server for tests: a single-node Garage (<https://garagehq.deuxfleurs.fr>) on
+//! 127.0.0.1 with ports chosen per run, a key and a bucket, stopped (SIGTERM) on drop.
+//!
+//! The `garage` binary is looked up on PATH and in ~/.cargo/bin
+//! (`cargo install garage --version 2.5.0 --locked`). If it is missing, [`Garage::start`]
+//! panics with instructions: S3 tests fail rather than silently pass. Set `STANDBY_SKIP_S3=1`
+//! to skip them explicitly ([`Garage::start_or_skip`] then returns `None`).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+/// Region Garage is configured with.
+pub const REGION: &str = "garage";
+
+/// A running Garage server.
+pub struct Garage {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// S3 endpoint URL, e.g. `http://127.0.0.1:39123`.
+    pub s3_endpoint: String,
+    /// Admin API address (`127.0.0.1:PORT`).
+    pub admin_addr: String,
+    /// Access key id with read/write/owner rights on [`Garage::bucket`].
+    pub access_key: String,
+    /// Secret key.
+    pub secret_key: String,
+    /// Bucket created at start.
+    pub bucket: String,
+}
+
+impl std::fmt::Debug for Garage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Garage({}, bucket {})", self.s3_endpoint, self.bucket)
+    }
+}
+
+/// Path of the garage binary, if installed.
+pub fn garage_binary() -> Option<PathBuf> {
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join("garage");
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    let home = std::env::var_os("HOME")?;
+    let p = Path::new(&home).join(".cargo/bin/garage");
+    p.is_file().then_some(p)
+}
+
+/// True if the environment asks to skip real-S3 tests (`STANDBY_SKIP_S3=1`).
+pub fn skip_requested() -> bool {
+    std::env::var("STANDBY_SKIP_S3").is_ok_and(|v| v == "1")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free TCP port on 127.0.0.1")
+}
+
+fn random_hex(n: usize) -> String {
+    let mut rng = rand::thread_rng();
+    (0..n)
+        .map(|_| format!("{:x}", rng.gen_range(0..16u8)))
+        .collect()
+}
+
+/// Minimal HTTP GET returning the status code.
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    let head = std::str::from_utf8(&buf[..n]).ok()?;
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
+impl Garage {
+    /// Start a server, or return `None` if `STANDBY_SKIP_S3=1`. Panics if garage is missing.
+    pub fn start_or_skip() -> Option<Garage> {
+        if skip_requested() {
+            eprintln!("STANDBY_SKIP_S3=1: skipping a real-S3 test");
+            return None;
+        }
+        Some(Self::start())
+    }
+
+    /// Start a single-node Garage with a key and a bucket and wait until it is healthy.
+    pub fn start() -> Garage {
+        let bin = garage_binary().unwrap_or_else(|| {
+            panic!(
+                "the `garage` binary (S3 server used by the replica-store tests) is not on PATH \
+                 nor in ~/.cargo/bin. Install it with `cargo install garage --version 2.5.0 \
+                 --locked` (about 15 minutes), or set STANDBY_SKIP_S3=1 to skip real-S3 tests"
+            )
+        });
+        let dir = tempfile::Builder::new()
+            .prefix("standby-garage-")
+            .tempdir()
+            .expect("tempdir");
+        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+        let config = dir.path().join("garage.toml");
+        let text = format!(
+            r#"metadata_dir = "{meta}"
+data_dir = "{data}"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:{rpc}"
+rpc_public_addr = "127.0.0.1:{rpc}"
+rpc_secret = "{secret}"
+
+[s3_api]
+s3_region = "{REGION}"
+api_bind_addr = "127.0.0.1:{s3}"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:{admin}"
+"#,
+            meta = dir.path().join("meta").display(),
+            data = dir.path().join("data").display(),
+            secret = random_hex(64),
+        );
+        std::fs::write(&config, text).expect("writing garage config");
+        let access_key = format!("GK{}", random_hex(24));
+        let secret_key = random_hex(64);
+        let bucket = format!("standby-test-{}", random_hex(8));
+        let log_path = dir.path().join("garage.log");
+        let log = std::fs::File::create(&log_path).expect("garage log file");
+        let log2 = log.try_clone().expect("garage log file");
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&config)
+            .args(["server", "--single-node", "--default-bucket"])
+            .env("GARAGE_DEFAULT_ACCESS_KEY", &access_key)
+            .env("GARAGE_DEFAULT_SECRET_KEY", &secret_key)
+            .env("GARAGE_DEFAULT_BUCKET", &bucket)
+            .env("RUST_LOG", "garage=warn")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let mut g = Garage {
+            child,
+            dir,
+            s3_endpoint: format!("http://127.0.0.1:{s3}"),
+            admin_addr: format!("127.0.0.1:{admin}"),
+            access_key,
+            secret_key,
+            bucket,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if http_status(&g.admin_addr, "/health") == Some(200) {
+                break;
+            }
+            if let Ok(Some(status)) = g.child.try_wait() {
+                panic!(
+                    "garage exited with {status} during start-up; log:\n{}",
+                    g.log_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!("garage not healthy after 30 s; log:\n{}", g.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        g
+    }
+
+    /// Last lines of the server log (for failure messages).
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Working directory of the server (config, data, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,143 @@
+//! `standby store` / `standby points` from the command line, on the local store.
+
+use std::process::Command;
+
+use standby_e2e::{random_file, run, run_stdout, standby, test_dir};
+
+const MIB: u64 = 1 << 20;
+
+fn fails_with(cmd: &mut Command, needle: &str) {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{cmd:?} should fail");
+    assert!(
+        err.contains(needle),
+        "{cmd:?}: expected '{needle}' in:\n{err}"
+    );
+}
+
+#[test]
+fn import_list_export_verify_gc_prune() {
+    let t = test_dir("store-cli");
+    let dd = t.path().join("data");
+    let a = t.path().join("a.raw");
+    let b = t.path().join("b.raw");
+    random_file(&a, 6 * MIB, 21);
+    // b: zeros with a random middle: zero chunks must not be stored.
+    std::fs::write(&b, vec![0u8; 8 * MIB as usize]).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&b).unwrap();
+        f.write_all_at(&std::fs::read(&a).unwrap()[..MIB as usize], 3 * MIB)
+            .unwrap();
+    }
+    fails_with(standby(&dd).args(["points", "list"]), "store");
+    run(standby(&dd).args(["store", "init"]));
+    fails_with(standby(&dd).args(["store", "init"]), "exist");
+
+    // One point with two disks; a second import dedups everything.
+    run(standby(&dd)
+        .args(["store", "import", "vm1/a"])
+        .arg(&a)
+        .arg("vm1/b")
+        .arg(&b));
+    let again = run_stdout(standby(&dd).args(["store", "import", "vm1/a"]).arg(&a));
+    assert!(
+        again.contains("0 chunks uploaded") || again.contains(" 0 uploaded"),
+        "{again}"
+    );
+    let list = run_stdout(standby(&dd).args(["points", "list"]));
+    assert_eq!(
+        list.lines().filter(|l| l.starts_with("vm1")).count(),
+        2,
+        "{list}"
+    );
+    let info = run_stdout(standby(&dd).args(["store", "info"]));
+    // 6 MiB of a + its first MiB again inside b (deduplicated) = 96 chunks of 64 KiB.
+    assert!(info.contains("chunks:          96"), "{info}");
+
+    // Export both disks of the first point and compare byte for byte.
+    let first = list
+        .lines()
+        .find(|l| l.starts_with("vm1"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .to_string();
+    for (disk, src) in [("a", &a), ("b", &b)] {
+        let out = t.path().join(format!("{disk}.out"));
+        run(standby(&dd)
+            .args(["store", "export", &format!("vm1/{first}"), "--disk", disk])
+            .arg(&out));
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(src).unwrap(),
+            "{disk} differs"
+        );
+    }
+    assert!(run_stdout(standby(&dd).args(["store", "verify"])).contains("OK"));
+
+    // Corrupt one chunk file: verify names it and fails; export refuses to return bad data.
+    let chunk = walk(&dd.join("store").join("chunks"))
+        .into_iter()
+        .next()
+        .expect("a chunk file");
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff;
+    std::fs::write(&chunk, bytes).unwrap();
+    let out = standby(&dd).args(["store", "verify"]).output().unwrap();
+    assert!(!out.status.success());
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.to_lowercase().contains("corrupt"), "{text}");
+
+    // Prune to the newest point, then GC (dry run first) removes nothing still referenced.
+    run(standby(&dd).args(["store", "prune", "--keep-last", "1"]));
+    let list = run_stdout(standby(&dd).args(["points", "list"]));
+    assert_eq!(
+        list.lines().filter(|l| l.starts_with("vm1")).count(),
+        1,
+        "{list}"
+    );
+    run(standby(&dd).args(["store", "gc", "--dry-run", "--grace", "0s"]));
+    fails_with(
+        standby(&dd).args(["store", "export", "vm1/nope", "x.raw"]),
+        "nope",
+    );
+}
+
+#[test]
+fn encrypted_store_needs_its_key() {
+    let t = test_dir("store-key");
+    let dd = t.path().join("data");
+    let a = t.path().join("a.raw");
+    random_file(&a, 2 * MIB, 5);
+    run(standby(&dd).args(["store", "init", "--encrypt"]));
+    run(standby(&dd).args(["store", "import", "vm/a"]).arg(&a));
+    let out = t.path().join("a.out");
+    run(standby(&dd)
+        .args(["store", "export", "vm/latest"])
+        .arg(&out));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&a).unwrap());
+    // Replace the key with another one: refused with a clear error.
+    let key = dd.join("store.key");
+    let len = std::fs::read(&key).unwrap().len();
+    let other = t.path().join("other");
+    run(standby(&other).args(["store", "init", "--encrypt"]));
+    std::fs::copy(other.join("store.key"), &key).unwrap();
+    assert_eq!(std::fs::read(&key).unwrap().len(), len);
+    fails_with(standby(&dd).args(["points", "list"]), "key");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}

@@ -1,0 +1,301 @@
+//! `standby log …`: change tracking and change-log inspection.
+
+use anyhow::{bail, Context, Result};
+use gateway::changelog::format::{End, FLAG_FUA, FLAG_MAY_TRIM};
+use gateway::changelog::log::{is_locked, read_state, remove_log_dir};
+use gateway::changelog::segment::{inspect_file, list_segments, segment_path};
+use gateway::units::format_size;
+use gateway::DataDir;
+
+#[derive(clap::Subcommand)]
+pub enum LogCommand {
+    /// Start keeping a change log for a disk (from the next time it is opened).
+    Enable { disk: String },
+    /// Stop keeping a change log for a disk and delete its log (refused while it is served).
+    Disable { disk: String },
+    /// List the segments of a disk's change log: LSN ranges, sizes, sealed or active.
+    List { disk: String },
+    /// Check a disk's change log: headers, record checksums, footer hashes, LSN continuity.
+    Verify { disk: String },
+    /// Print the records of one segment, one per line.
+    Dump {
+        disk: String,
+        /// Segment sequence number (see `standby log list`).
+        #[arg(long)]
+        segment: u64,
+    },
+    /// Apply every record of a disk's change log, oldest first, to an image file (for
+    /// example a copy of the disk taken when tracking started).
+    Replay {
+        disk: String,
+        /// The image to change in place.
+        #[arg(long)]
+        onto: std::path::PathBuf,
+    },
+}
+
+pub fn run_log(dd: &DataDir, cmd: LogCommand) -> Result<()> {
+    match cmd {
+        LogCommand::Enable { disk } => {
+            let rec = dd.disk(&disk)?;
+            if rec.read_only {
+                bail!("disk '{disk}' is read-only: there is nothing to track");
+            }
+            if rec.tracked {
+                println!("disk {disk} is already tracked");
+                return Ok(());
+            }
+            dd.set_tracked(&disk, true)?;
+            println!(
+                "change tracking enabled for disk {disk}; it starts when the disk is next opened (restart `standby serve` if it is running)"
+            );
+        }
+        LogCommand::Disable { disk } => {
+            let rec = dd.disk(&disk)?;
+            let dir = dd.log_dir(&disk);
+            if dir.exists() && is_locked(&dir) {
+                bail!("disk '{disk}' is being served with its change log open: stop `standby serve` first");
+            }
+            if rec.tracked {
+                dd.set_tracked(&disk, false)?;
+            }
+            let had = dir.exists();
+            remove_log_dir(&dir)?;
+            println!(
+                "change tracking disabled for disk {disk}{}",
+                if had {
+                    "; its change log was deleted (the replica will need a full resync)"
+                } else {
+                    ""
+                }
+            );
+        }
+        LogCommand::List { disk } => list(dd, &disk)?,
+        LogCommand::Verify { disk } => verify(dd, &disk)?,
+        LogCommand::Dump { disk, segment } => dump(dd, &disk, segment)?,
+        LogCommand::Replay { disk, onto } => {
+            let dir = log_dir_of(dd, &disk)?;
+            let img = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&onto)
+                .with_context(|| format!("cannot open {} for writing", onto.display()))?;
+            let stats = gateway::changelog::replay_dir(&dir, &img)?;
+            img.sync_data()
+                .with_context(|| format!("cannot sync {}", onto.display()))?;
+            println!(
+                "replayed {} record(s) from {} segment(s) onto {} (LSN {} to {})",
+                stats.records,
+                stats.segments,
+                onto.display(),
+                stats.first_lsn.unwrap_or(0),
+                stats.last_lsn.unwrap_or(0)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn log_dir_of(dd: &DataDir, disk: &str) -> Result<std::path::PathBuf> {
+    let rec = dd.disk(disk)?;
+    let dir = dd.log_dir(disk);
+    if !dir.exists() {
+        if rec.tracked {
+            bail!("disk '{disk}' is tracked but has no change log yet (it is created when the disk is next opened)");
+        }
+        bail!("disk '{disk}' is not tracked: enable it with `standby log enable {disk}`");
+    }
+    Ok(dir)
+}
+
+fn list(dd: &DataDir, disk: &str) -> Result<()> {
+    let dir = log_dir_of(dd, disk)?;
+    if let Some(st) = read_state(&dir)? {
+        println!(
+            "disk {disk}: log {}{}; chain {}; redo point LSN {}; {}",
+            st.state,
+            if st.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", st.reason)
+            },
+            st.chain_id,
+            st.applied_lsn,
+            if st.clean {
+                "closed cleanly"
+            } else {
+                "open or not closed cleanly"
+            }
+        );
+    }
+    println!(
+        "{:>6} {:>12} {:>12} {:>8} {:>10}  STATUS",
+        "SEQ", "FIRST_LSN", "LAST_LSN", "RECORDS", "SIZE"
+    );
+    let mut total = 0;
+    for (seq, path) in list_segments(&dir)? {
+        let (s, _) = inspect_file(seq, &path)?;
+        total += s.bytes;
+        match &s.decoded {
+            Ok(d) => println!(
+                "{:>6} {:>12} {:>12} {:>8} {:>10}  {}",
+                seq,
+                d.header.first_lsn,
+                d.last_lsn(),
+                d.records.len(),
+                format_size(s.bytes),
+                s.status()
+            ),
+            Err(_) => println!(
+                "{:>6} {:>12} {:>12} {:>8} {:>10}  {}",
+                seq,
+                "-",
+                "-",
+                "-",
+                format_size(s.bytes),
+                s.status()
+            ),
+        }
+    }
+    println!("total {}", format_size(total));
+    Ok(())
+}
+
+fn verify(dd: &DataDir, disk: &str) -> Result<()> {
+    let dir = log_dir_of(dd, disk)?;
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    let st = read_state(&dir)?;
+    let (mut expect_seq, mut expect_lsn) = match &st {
+        Some(s) => {
+            if s.state != "healthy" {
+                problems.push(format!("log state is {}: {}", s.state, s.reason));
+            }
+            (Some(s.first_seq), Some(s.first_lsn))
+        }
+        None => {
+            problems.push("state file is missing".to_string());
+            (None, None)
+        }
+    };
+    let segs = list_segments(&dir)?;
+    let n = segs.len();
+    let mut records = 0u64;
+    for (i, (seq, path)) in segs.into_iter().enumerate() {
+        let (s, _) = inspect_file(seq, &path)?;
+        if expect_seq.is_some_and(|e| seq < e) {
+            notes.push(format!("segment {seq} was released but not yet deleted"));
+            continue;
+        }
+        if let Some(e) = expect_seq {
+            if seq != e {
+                problems.push(format!("segment {e} is missing"));
+            }
+        }
+        expect_seq = Some(seq + 1);
+        let d = match &s.decoded {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(format!("segment {seq}: {e}"));
+                continue;
+            }
+        };
+        if let Some(e) = expect_lsn {
+            if d.header.first_lsn != e {
+                problems.push(format!(
+                    "LSN gap: segment {seq} starts at LSN {} where {e} was expected",
+                    d.header.first_lsn
+                ));
+            }
+        }
+        expect_lsn = Some(d.last_lsn() + 1);
+        records += d.records.len() as u64;
+        let last = i + 1 == n;
+        match &d.end {
+            End::Sealed(_) => {}
+            End::Open if last => notes.push(format!("segment {seq} is the active segment")),
+            End::Torn { reason } if last => notes.push(format!(
+                "segment {seq} (active) ends with an incomplete record at byte {} ({reason}): it is cut when the disk is next opened, or it is being written",
+                d.valid_len
+            )),
+            End::Open => notes.push(format!(
+                "segment {seq} is not sealed yet (sealed when the disk is next opened)"
+            )),
+            End::Torn { reason } => problems.push(format!(
+                "segment {seq} is damaged at byte {}: {reason}",
+                d.valid_len
+            )),
+        }
+    }
+    for note in &notes {
+        println!("note: {note}");
+    }
+    if problems.is_empty() {
+        println!(
+            "log of disk {disk} is consistent: {n} segment(s), {records} record(s), up to LSN {}",
+            expect_lsn.unwrap_or(1).saturating_sub(1)
+        );
+        Ok(())
+    } else {
+        for p in &problems {
+            println!("problem: {p}");
+        }
+        bail!(
+            "the change log of disk '{disk}' is not consistent ({} problem(s)): the disk needs a full resync",
+            problems.len()
+        )
+    }
+}
+
+fn dump(dd: &DataDir, disk: &str, seq: u64) -> Result<()> {
+    let dir = log_dir_of(dd, disk)?;
+    let path = segment_path(&dir, seq);
+    if !path.exists() {
+        bail!("disk '{disk}' has no segment {seq} (see `standby log list {disk}`)");
+    }
+    let (s, _) = inspect_file(seq, &path).with_context(|| format!("reading {}", path.display()))?;
+    let d = match s.decoded {
+        Ok(d) => d,
+        Err(e) => bail!("segment {seq}: {e}"),
+    };
+    println!(
+        "segment {} chain {:016x} first_lsn {} disk_size {}",
+        d.header.seq, d.header.chain_id, d.header.first_lsn, d.header.disk_size
+    );
+    for r in &d.records {
+        let h = &r.header;
+        let mut flags = Vec::new();
+        if h.flags & FLAG_FUA != 0 {
+            flags.push("fua");
+        }
+        if h.flags & FLAG_MAY_TRIM != 0 {
+            flags.push("may_trim");
+        }
+        println!(
+            "lsn={} kind={} offset={} length={} flags={} at={}",
+            h.lsn,
+            h.kind.name(),
+            h.offset,
+            h.length,
+            if flags.is_empty() {
+                "-".to_string()
+            } else {
+                flags.join(",")
+            },
+            r.at
+        );
+    }
+    match &d.end {
+        End::Sealed(f) => println!(
+            "sealed: {} records, last LSN {}, sha256 {}",
+            f.record_count,
+            f.last_lsn,
+            f.sha256
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ),
+        End::Open => println!("active: {} records so far", d.records.len()),
+        End::Torn { reason } => println!("torn at byte {}: {reason}", d.valid_len),
+    }
+    Ok(())
+}

@@ -1,0 +1,566 @@
+//! `standby store ...` and `standby points ...`: the replica store from the command line.
+//!
+//! Dependencies this module needs in tools/Cargo.toml:
+//!   replica-store.workspace = true
+//!   anyhow.workspace = true
+//!   clap.workspace = true
+//!   serde.workspace = true
+//!   toml.workspace = true
+//!   tokio.workspace = true
+//!
+//! Where the store is: `<data-dir>/replica-store.toml` (written by `standby store init`)
+//! holds the location (`kind = "local"` + `path`, or `kind = "s3"` + endpoint, region,
+//! bucket, prefix, path_style) and the key file of an encrypted store. Without that file the
+//! store is the local directory `<data-dir>/store`. S3 credentials are never written there:
+//! they come from the AWS environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use replica_store::{
+    Cipher, Compression, Consistency, CreateOptions, GcOptions, RetentionPolicy, S3Config, Store,
+    StoreKey, StoreLocation,
+};
+use serde::{Deserialize, Serialize};
+
+/// Name of the store location file in the data directory.
+pub const LOCATION_FILE: &str = "replica-store.toml";
+
+/// `standby store ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum StoreCommand {
+    /// Create a replica store (local directory by default, or an S3 bucket).
+    Init {
+        /// Encrypt the store; creates a key file (see --key-file).
+        #[arg(long)]
+        encrypt: bool,
+        /// Key file to create (default <data-dir>/store.key).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Cipher of an encrypted store: aes-256-gcm or chacha20-poly1305.
+        #[arg(long, default_value = "aes-256-gcm")]
+        cipher: String,
+        /// Chunk size in bytes (power of two).
+        #[arg(long)]
+        chunk_size: Option<u32>,
+        /// Chunk compression: zstd or none.
+        #[arg(long, default_value = "zstd")]
+        compression: String,
+        /// Local store directory (default <data-dir>/store).
+        #[arg(long, conflicts_with = "s3_bucket")]
+        path: Option<PathBuf>,
+        /// S3 endpoint URL (omit for AWS S3).
+        #[arg(long)]
+        s3_endpoint: Option<String>,
+        /// S3 bucket: makes the store an S3 store.
+        #[arg(long)]
+        s3_bucket: Option<String>,
+        /// S3 region (Garage: "garage").
+        #[arg(long)]
+        s3_region: Option<String>,
+        /// Key prefix inside the bucket.
+        #[arg(long, default_value = "")]
+        s3_prefix: String,
+        /// Use path-style addressing (most self-hosted S3 servers need it).
+        #[arg(long)]
+        path_style: bool,
+    },
+    /// Show the store's location, settings, VMs and size.
+    Info,
+    /// Re-read and re-hash every chunk (of one point, or of the whole store).
+    Verify {
+        /// Only this point (VM/ID, ID or VM/latest).
+        #[arg(long)]
+        point: Option<String>,
+    },
+    /// Remove chunks no recovery point references (two-phase, safe during uploads).
+    Gc {
+        /// Only report what would be done.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep unreferenced chunks younger than this (e.g. 30m, 6h, 2d).
+        #[arg(long, default_value = "1h")]
+        grace: String,
+    },
+    /// Delete recovery points by retention policy (the newest point of a VM is always kept).
+    Prune {
+        /// Only this VM.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Keep the newest N points of each VM.
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// Keep points younger than this (e.g. 7d, 12h).
+        #[arg(long)]
+        keep_within: Option<String>,
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Import raw disk images as a new recovery point: `import VM/DISK IMAGE [VM/DISK IMAGE ...]`
+    /// (all disks of one VM go into one point).
+    Import {
+        /// Pairs of VM/DISK and image path.
+        #[arg(required = true, num_args = 2.., value_names = ["VM/DISK", "IMAGE"])]
+        items: Vec<String>,
+        /// Consistency to record: crash or app.
+        #[arg(long, default_value = "crash")]
+        consistency: String,
+    },
+    /// Export one disk of a recovery point to a sparse raw file.
+    Export {
+        /// Point: VM/ID, ID, or VM/latest.
+        point: String,
+        /// Target file (created or truncated).
+        file: PathBuf,
+        /// Disk name (needed when the point has several disks).
+        #[arg(long)]
+        disk: Option<String>,
+    },
+}
+
+/// `standby points ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum PointsCommand {
+    /// List recovery points (of one VM, or all).
+    List {
+        /// VM name.
+        vm: Option<String>,
+    },
+}
+
+/// Contents of `<data-dir>/replica-store.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LocationFile {
+    location: StoreLocation,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_file: Option<PathBuf>,
+}
+
+fn load_location(data_dir: &Path) -> anyhow::Result<LocationFile> {
+    let p = data_dir.join(LOCATION_FILE);
+    match std::fs::read_to_string(&p) {
+        Ok(text) => toml::from_str(&text).with_context(|| format!("parsing {}", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LocationFile {
+            location: StoreLocation::Local {
+                path: data_dir.join("store"),
+            },
+            key_file: None,
+        }),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+async fn open_store(data_dir: &Path) -> anyhow::Result<Store> {
+    let loc = load_location(data_dir)?;
+    let key = match &loc.key_file {
+        Some(k) => Some(StoreKey::load(k)?),
+        None => None,
+    };
+    Ok(loc.location.open(key.as_ref()).await?)
+}
+
+/// Parse `30s`, `15m`, `6h`, `7d`, `2w` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("invalid duration {s:?}"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        "w" => 7 * 86400,
+        _ => bail!("invalid duration unit in {s:?} (use s, m, h, d or w)"),
+    };
+    Ok(Duration::from_secs(n * mult))
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+fn time_of(ms: u64) -> String {
+    let id = replica_store::point::format_utc_ms(ms);
+    format!(
+        "{}-{}-{} {}:{}:{}Z",
+        &id[0..4],
+        &id[4..6],
+        &id[6..8],
+        &id[9..11],
+        &id[11..13],
+        &id[13..15]
+    )
+}
+
+/// Run a `standby store` subcommand.
+pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()> {
+    match cmd {
+        StoreCommand::Init {
+            encrypt,
+            key_file,
+            cipher,
+            chunk_size,
+            compression,
+            path,
+            s3_endpoint,
+            s3_bucket,
+            s3_region,
+            s3_prefix,
+            path_style,
+        } => {
+            std::fs::create_dir_all(data_dir)
+                .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+            // Record absolute paths: the location file must not depend on the current directory.
+            let data_dir = &std::path::absolute(data_dir)
+                .with_context(|| format!("resolving {}", data_dir.display()))?;
+            let path = path
+                .map(std::path::absolute)
+                .transpose()
+                .context("resolving --path")?;
+            let key_file = key_file
+                .map(std::path::absolute)
+                .transpose()
+                .context("resolving --key-file")?;
+            let loc_path = data_dir.join(LOCATION_FILE);
+            if loc_path.exists() {
+                bail!(
+                    "{} already exists: a store is already configured",
+                    loc_path.display()
+                );
+            }
+            let location = match s3_bucket {
+                Some(bucket) => StoreLocation::S3(S3Config {
+                    endpoint: s3_endpoint,
+                    region: s3_region,
+                    bucket,
+                    prefix: s3_prefix,
+                    path_style,
+                    ..Default::default()
+                }),
+                None => {
+                    if s3_endpoint.is_some() {
+                        bail!("--s3-endpoint needs --s3-bucket");
+                    }
+                    StoreLocation::Local {
+                        path: path.unwrap_or_else(|| data_dir.join("store")),
+                    }
+                }
+            };
+            let mut opts = CreateOptions {
+                compression: match compression.as_str() {
+                    "zstd" => Compression::Zstd,
+                    "none" => Compression::None,
+                    other => bail!("unknown compression {other:?} (zstd or none)"),
+                },
+                cipher: Cipher::parse(&cipher)?,
+                ..Default::default()
+            };
+            if let Some(cs) = chunk_size {
+                opts.chunk_size = cs;
+            }
+            let (key, key_path) = if encrypt {
+                let kp = key_file.unwrap_or_else(|| data_dir.join("store.key"));
+                let k = StoreKey::generate();
+                k.write_new(&kp)?;
+                (Some(k), Some(kp))
+            } else {
+                (None, None)
+            };
+            let store = match location.create(opts, key.as_ref()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(kp) = &key_path {
+                        let _ = std::fs::remove_file(kp);
+                    }
+                    return Err(e.into());
+                }
+            };
+            let file = LocationFile {
+                location,
+                key_file: key_path.clone(),
+            };
+            std::fs::write(&loc_path, toml::to_string(&file)?)
+                .with_context(|| format!("writing {}", loc_path.display()))?;
+            println!("created replica store at {}", store.backend().describe());
+            println!(
+                "chunk size {}, compression {:?}",
+                human(store.chunk_size() as u64),
+                store.settings().compression
+            );
+            if let Some(kp) = key_path {
+                println!(
+                    "encrypted ({:?}); key file {} (fingerprint {}). Back it up: without it the store is unreadable.",
+                    store.settings().encryption.as_ref().map(|e| e.cipher),
+                    kp.display(),
+                    key.map(|k| k.fingerprint()).unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        StoreCommand::Info => {
+            let store = open_store(data_dir).await?;
+            let s = store.settings();
+            println!("location:        {}", store.backend().describe());
+            println!("store id:        {}", s.store_id);
+            println!("format version:  {}", s.format_version);
+            println!("chunk size:      {}", human(s.chunk_size as u64));
+            println!(
+                "compression:     {:?} (level {})",
+                s.compression, s.compression_level
+            );
+            match &s.encryption {
+                Some(e) => println!(
+                    "encryption:      {:?}, key fingerprint {}",
+                    e.cipher, e.key_fingerprint
+                ),
+                None => println!("encryption:      none"),
+            }
+            let chunks = store.backend().list("chunks/").await?;
+            let bytes: u64 = chunks.iter().map(|o| o.size).sum();
+            println!("chunks:          {} ({})", chunks.len(), human(bytes));
+            let points = store.list_points(None).await?;
+            println!("points:          {}", points.len());
+            for vm in store.list_vms().await? {
+                let vp: Vec<_> = points.iter().filter(|p| p.vm == vm).collect();
+                let disks: Vec<String> = vp
+                    .last()
+                    .map(|p| {
+                        p.disks
+                            .iter()
+                            .map(|d| format!("{} ({})", d.name, human(d.size)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                println!(
+                    "  vm {vm}: {} points, disks: {}",
+                    vp.len(),
+                    disks.join(", ")
+                );
+            }
+            Ok(())
+        }
+        StoreCommand::Verify { point } => {
+            let store = open_store(data_dir).await?;
+            let report = match point {
+                Some(p) => {
+                    let meta = store.find_point(&p).await?;
+                    store.verify_point(&meta).await?
+                }
+                None => store.verify_all().await?,
+            };
+            println!(
+                "checked {} points, {} chunks ({})",
+                report.points_checked,
+                report.chunks_checked,
+                human(report.bytes_checked)
+            );
+            for (key, why) in &report.bad_objects {
+                println!("BAD OBJECT {key}: {why}");
+            }
+            for m in &report.missing {
+                println!("MISSING chunk {} (used by {})", m.id, m.points.join(", "));
+            }
+            for c in &report.corrupt {
+                println!(
+                    "CORRUPT chunk {}: {} (used by {})",
+                    c.id,
+                    c.reason,
+                    c.points.join(", ")
+                );
+            }
+            if report.is_ok() {
+                println!("OK");
+                Ok(())
+            } else {
+                println!("broken points: {}", report.broken_points.join(", "));
+                bail!(
+                    "verification failed: {} missing, {} corrupt chunks, {} bad objects",
+                    report.missing.len(),
+                    report.corrupt.len(),
+                    report.bad_objects.len()
+                )
+            }
+        }
+        StoreCommand::Gc { dry_run, grace } => {
+            let store = open_store(data_dir).await?;
+            let r = store
+                .gc(GcOptions {
+                    grace: parse_duration(&grace)?,
+                    dry_run,
+                    fossil_delay: None,
+                })
+                .await?;
+            let verb = if dry_run { "would move" } else { "moved" };
+            println!(
+                "{} points reference {} chunks; {} chunk objects listed, {} young unreferenced kept",
+                r.points, r.referenced_chunks, r.chunks_listed, r.kept_young
+            );
+            println!(
+                "{verb} {} unreferenced chunks ({}) to fossils; {} fossils restored; {} fossils deleted ({}); {} orphan indexes removed",
+                r.fossilized,
+                human(r.fossilized_bytes),
+                r.resurrected,
+                r.deleted,
+                human(r.deleted_bytes),
+                r.orphan_indexes_deleted
+            );
+            Ok(())
+        }
+        StoreCommand::Prune {
+            vm,
+            keep_last,
+            keep_within,
+            dry_run,
+        } => {
+            let store = open_store(data_dir).await?;
+            let policy = RetentionPolicy {
+                keep_last,
+                keep_within: keep_within.as_deref().map(parse_duration).transpose()?,
+            };
+            let r = store.prune(vm.as_deref(), policy, dry_run).await?;
+            for p in &r.removed {
+                println!("{} {p}", if dry_run { "would remove" } else { "removed" });
+            }
+            println!(
+                "kept {} points, {} {}",
+                r.kept.len(),
+                if dry_run { "would remove" } else { "removed" },
+                r.removed.len()
+            );
+            if !dry_run && !r.removed.is_empty() {
+                println!("run `standby store gc` to free the chunks they used");
+            }
+            Ok(())
+        }
+        StoreCommand::Import { items, consistency } => {
+            if items.len() % 2 != 0 {
+                bail!("import takes pairs: VM/DISK IMAGE [VM/DISK IMAGE ...]");
+            }
+            let store = open_store(data_dir).await?;
+            let mut vm_name: Option<String> = None;
+            let mut pairs = Vec::new();
+            for pair in items.chunks(2) {
+                let (vm, disk) = pair[0]
+                    .split_once('/')
+                    .with_context(|| format!("{:?}: expected VM/DISK", pair[0]))?;
+                if vm_name.get_or_insert_with(|| vm.to_string()) != vm {
+                    bail!("all disks of one import must belong to the same VM");
+                }
+                pairs.push((disk.to_string(), PathBuf::from(&pair[1])));
+            }
+            let vm = vm_name.context("nothing to import")?;
+            let mut b = store.point_builder(&vm)?;
+            b.set_consistency(match consistency.as_str() {
+                "crash" => Consistency::Crash,
+                "app" => Consistency::App,
+                other => bail!("unknown consistency {other:?} (crash or app)"),
+            });
+            for (disk, image) in &pairs {
+                let st = replica_store::import_disk(
+                    &mut b,
+                    disk,
+                    image,
+                    replica_store::image::DEFAULT_CONCURRENCY,
+                )
+                .await?;
+                let secs = st.elapsed.as_secs_f64().max(1e-9);
+                println!(
+                    "{vm}/{disk}: {} in {:.2}s ({:.0} MB/s): {} chunks uploaded ({}), {} already stored, {} zero",
+                    human(st.bytes_read),
+                    secs,
+                    st.bytes_read as f64 / secs / 1e6,
+                    st.uploaded_chunks,
+                    human(st.uploaded_bytes),
+                    st.dedup_chunks,
+                    st.zero_chunks
+                );
+            }
+            let p = b.publish().await?;
+            println!("published recovery point {}", p.full_id());
+            Ok(())
+        }
+        StoreCommand::Export { point, file, disk } => {
+            let store = open_store(data_dir).await?;
+            let meta = store.find_point(&point).await?;
+            let disk = match disk {
+                Some(d) => d,
+                None if meta.disks.len() == 1 => meta.disks[0].name.clone(),
+                None => bail!(
+                    "point {} has several disks ({}); choose one with --disk",
+                    meta.full_id(),
+                    meta.disks
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            let n = replica_store::export_disk(
+                &store,
+                &meta,
+                &disk,
+                &file,
+                replica_store::image::DEFAULT_CONCURRENCY,
+            )
+            .await?;
+            println!(
+                "exported {}:{} to {} ({} of data, {} disk size)",
+                meta.full_id(),
+                disk,
+                file.display(),
+                human(n),
+                human(meta.disk(&disk)?.size)
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Run a `standby points` subcommand.
+pub async fn run_points(cmd: PointsCommand, data_dir: &Path) -> anyhow::Result<()> {
+    match cmd {
+        PointsCommand::List { vm } => {
+            let store = open_store(data_dir).await?;
+            let points = store.list_points(vm.as_deref()).await?;
+            if points.is_empty() {
+                println!("no recovery points");
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:<40} {:<21} {:<6} DISKS",
+                "VM", "POINT", "CREATED", "CONS"
+            );
+            for p in points {
+                let disks: Vec<String> = p
+                    .disks
+                    .iter()
+                    .map(|d| format!("{}:{}@lsn{}", d.name, human(d.size), d.source_lsn))
+                    .collect();
+                println!(
+                    "{:<16} {:<40} {:<21} {:<6} {}",
+                    p.vm,
+                    p.id,
+                    time_of(p.created_unix_ms),
+                    format!("{:?}", p.consistency).to_lowercase(),
+                    disks.join(" ")
+                );
+            }
+            Ok(())
+        }
+    }
+}
