@@ -149,6 +149,9 @@ fn start_fio(uri: &str, out: &Path, seed: u64) -> Child {
             "--verify=crc32c",
             "--do_verify=0",
             "--verify_state_save=0",
+            // One process: killing it stops the job too (a forked job would outlive the kill
+            // and, with its server gone, keep writing errors to its output file).
+            "--thread",
             &format!("--randseed={seed}"),
             "--output-format=json",
         ])
