@@ -525,9 +525,18 @@ mod tests {
         assert_eq!(d.read(4096, 8192).await.unwrap(), vec![7u8; 8192]);
         d.trim(4096, 4096, false).await.unwrap();
         assert_eq!(d.read(4096, 4096).await.unwrap(), vec![0u8; 4096]);
+        // NO_HOLE: zeroed in place (may stay allocated).
+        d.write(8192, vec![9u8; 4096], false).await.unwrap();
         d.write_zeroes(8192, 4096, ZeroFlags::default())
             .await
             .unwrap();
+        assert_eq!(d.read(8192, 4096).await.unwrap(), vec![0u8; 4096]);
+        // Holes allowed: deallocated.
+        let may_trim = ZeroFlags {
+            may_trim: true,
+            ..ZeroFlags::default()
+        };
+        d.write_zeroes(8192, 4096, may_trim).await.unwrap();
         assert_eq!(d.read(8192, 4096).await.unwrap(), vec![0u8; 4096]);
         let ext = d.extents(0, 1 << 20).await.unwrap();
         assert!(ext.iter().all(|e| e.hole), "all zeroed again: {ext:?}");

@@ -71,6 +71,8 @@ pub fn exports(dd: &DataDir) -> Result<Arc<Exports<Disk>>, ServeError> {
 
 /// Serves until SIGINT or SIGTERM, then finishes in-flight requests and flushes every disk.
 pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
+    // Handlers first: a SIGTERM arriving any time after start-up is a clean shutdown.
+    let mut signals = Signals::install()?;
     let opts = opts.merged_with(dd);
     let tls = match (&opts.tls_cert, &opts.tls_key) {
         (Some(c), Some(k)) => Some(TlsConfig::from_pem_files(c, k, opts.tls_required)?),
@@ -128,7 +130,7 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
         tasks.spawn(async move { s.serve_unix(u).await });
     }
 
-    wait_for_signal().await?;
+    signals.wait().await;
     info!("shutting down: finishing in-flight requests");
     server.shutdown();
     while let Some(r) = tasks.join_next().await {
@@ -159,13 +161,24 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<(), ServeError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, ServeError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(ServeError::Signal)?,
+            int: signal(SignalKind::interrupt()).map_err(ServeError::Signal)?,
+        })
     }
-    Ok(())
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM received"),
+            _ = self.int.recv() => info!("SIGINT received"),
+        }
+    }
 }
