@@ -49,5 +49,7 @@ fi
 
 echo "== build"
 cargo build --workspace --all-targets --release --quiet
+# The end-to-end tests run this binary (built above with the workspace's feature set).
+export STANDBY_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/standby"
 echo "== tests"
 cargo nextest run --workspace --release --no-fail-fast
