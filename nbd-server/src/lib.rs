@@ -13,6 +13,7 @@
 pub mod device;
 pub mod export;
 pub mod handshake;
+pub mod mem;
 pub mod proto;
 pub mod tls;
 mod transmission;

@@ -2,41 +2,10 @@
 //! mutations — never panic the server, and every session ends (no hang).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::io;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nbd_server::proto::*;
-use nbd_server::{BlockDevice, Export, Exports, Server, ServerConfig, ZeroFlags};
 use proptest::prelude::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct MemDisk(Mutex<Vec<u8>>);
-
-impl BlockDevice for MemDisk {
-    fn size(&self) -> u64 {
-        self.0.lock().unwrap().len() as u64
-    }
-    async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let d = self.0.lock().unwrap();
-        Ok(d[offset as usize..offset as usize + len].to_vec())
-    }
-    async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {
-        let mut d = self.0.lock().unwrap();
-        d[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
-        Ok(())
-    }
-    async fn flush(&self) -> io::Result<()> {
-        Ok(())
-    }
-    async fn trim(&self, offset: u64, len: u64, _fua: bool) -> io::Result<()> {
-        self.0.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
-        Ok(())
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64, _f: ZeroFlags) -> io::Result<()> {
-        self.trim(offset, len, false).await
-    }
-}
 
 const DISK: usize = 64 * 1024;
 
@@ -46,29 +15,12 @@ fn session(input: Vec<u8>) -> Vec<u8> {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async move {
-        let exports = Arc::new(Exports::new());
-        exports.insert(Export {
-            name: "d".into(),
-            description: String::new(),
-            read_only: false,
-            device: Arc::new(MemDisk(Mutex::new(vec![0u8; DISK]))),
-        });
-        let server = Server::new(exports, ServerConfig::default());
-        let (client, srv) = tokio::io::duplex(1 << 20);
-        let task = tokio::spawn(Arc::clone(&server).session(Box::new(srv), "fuzz".into()));
-        let (mut rd, mut wr) = tokio::io::split(client);
-        let writer = tokio::spawn(async move {
-            let _ = wr.write_all(&input).await;
-            let _ = wr.shutdown().await;
-        });
-        let mut out = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut out)).await;
-        assert!(r.is_ok(), "session did not end");
-        task.await.unwrap();
-        let _ = writer.await;
-        out
-    })
+    rt.block_on(nbd_server::mem::session_over_bytes(
+        input,
+        DISK,
+        Duration::from_secs(10),
+    ))
+    .expect("session did not end")
 }
 
 fn opt(option: u32, data: &[u8]) -> Vec<u8> {
