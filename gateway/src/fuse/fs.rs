@@ -150,6 +150,16 @@ fn errno(e: &io::Error) -> Errno {
 
 /// Runs `f` on the live disk `ino` in a task; the task owns the tree, so no borrow outlives
 /// the request.
+/// Flushes a disk whose dirty flag the caller has just cleared; on failure the flag is set
+/// again (so a later close or fsync retries) and the error is logged and returned.
+async fn flush_live(l: &LiveDisk, what: &str) -> Result<(), Errno> {
+    l.disk.flush().await.map_err(|e| {
+        l.dirty.store(true, Ordering::Release);
+        warn!(disk = l.disk.name(), "{what} failed: {e}");
+        errno(&e)
+    })
+}
+
 fn live_of(tree: &Tree, ino: u64) -> Option<&LiveDisk> {
     match &tree.get(ino)?.kind {
         NodeKind::LiveDisk(l) => Some(l),
@@ -398,13 +408,9 @@ impl fuser::Filesystem for StandbyFs {
             if !l.dirty.swap(false, Ordering::AcqRel) {
                 return reply.ok();
             }
-            match l.disk.flush().await {
+            match flush_live(l, "flush on close").await {
                 Ok(()) => reply.ok(),
-                Err(e) => {
-                    l.dirty.store(true, Ordering::Release);
-                    warn!(disk = l.disk.name(), "flush on close failed: {e}");
-                    reply.error(errno(&e))
-                }
+                Err(e) => reply.error(e),
             }
         });
     }
@@ -426,13 +432,9 @@ impl fuser::Filesystem for StandbyFs {
                 return reply.error(Errno::ENOENT);
             };
             l.dirty.store(false, Ordering::Release);
-            match l.disk.flush().await {
+            match flush_live(l, "fsync").await {
                 Ok(()) => reply.ok(),
-                Err(e) => {
-                    l.dirty.store(true, Ordering::Release);
-                    warn!(disk = l.disk.name(), "fsync failed: {e}");
-                    reply.error(errno(&e))
-                }
+                Err(e) => reply.error(e),
             }
         });
     }
