@@ -16,14 +16,14 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use nbd_server::{BlockDevice, DeviceFlags, Extent, ZeroFlags};
 use thiserror::Error;
 use tracing::debug;
 
 use crate::changelog::format::{Kind, FLAG_FUA, FLAG_MAY_TRIM};
-use crate::changelog::{ChangeLog, LogError, LogOptions, RecoveryReport};
+use crate::changelog::{ChangeLog, DirtyMap, LogError, LogOptions, RecoveryReport};
 
 /// Why a disk cannot be opened.
 #[derive(Debug, Error)]
@@ -36,6 +36,10 @@ pub enum DiskError {
     Empty(PathBuf),
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error("disk {0} is read-only: it cannot be tracked")]
+    ReadOnly(String),
+    #[error("disk {0} has no change log (tracking is off)")]
+    NotTracked(String),
 }
 
 /// Largest zero buffer written at once when a file system cannot zero a range itself.
@@ -47,7 +51,38 @@ struct Inner {
     file: File,
     size: u64,
     read_only: bool,
-    log: Option<ChangeLog>,
+    /// Change tracking. Every write, trim and zero holds this lock shared while it runs, so
+    /// taking it exclusively ([`Disk::attach_log`], [`Disk::cut`]) waits for the writes in
+    /// flight and holds new ones back.
+    tracking: RwLock<Option<Tracking>>,
+}
+
+struct Tracking {
+    log: ChangeLog,
+    dirty: Arc<DirtyMap>,
+}
+
+impl Tracking {
+    fn new(log: ChangeLog, size: u64) -> Self {
+        let dirty = Arc::new(DirtyMap::open(log.dir(), size, log.opened_clean()));
+        Tracking { log, dirty }
+    }
+
+    /// Called after a change reached the image: a change the log did not record (overflow,
+    /// broken chain) is remembered in the dirty bitmap.
+    fn note(&self, offset: u64, len: u64) {
+        if !self.log.is_logging() {
+            self.dirty.mark(offset, len);
+        }
+    }
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A raw disk image. Cheap to clone (all clones share one file).
@@ -102,7 +137,7 @@ impl Disk {
                 file,
                 size,
                 read_only,
-                log,
+                tracking: RwLock::new(log.map(|l| Tracking::new(l, size))),
             }),
         }
     }
@@ -125,16 +160,89 @@ impl Disk {
     }
 
     /// The change log, when the disk is tracked.
-    pub fn change_log(&self) -> Option<&ChangeLog> {
-        self.inner.log.as_ref()
+    pub fn change_log(&self) -> Option<ChangeLog> {
+        read_lock(&self.inner.tracking)
+            .as_ref()
+            .map(|t| t.log.clone())
+    }
+
+    /// The dirty bitmap (changes the log could not record), when the disk is tracked.
+    pub fn dirty_map(&self) -> Option<Arc<DirtyMap>> {
+        read_lock(&self.inner.tracking)
+            .as_ref()
+            .map(|t| Arc::clone(&t.dirty))
+    }
+
+    /// Starts change tracking on an open disk (when protection is enabled while it is
+    /// served): waits for the writes in flight, then opens (or recovers) the log in
+    /// `log_dir`; every later write is logged. Blocking. No-op if the disk is tracked.
+    pub fn attach_log(
+        &self,
+        log_dir: &Path,
+        disk_id: &str,
+        opts: LogOptions,
+    ) -> Result<Option<RecoveryReport>, DiskError> {
+        if self.inner.read_only {
+            return Err(DiskError::ReadOnly(self.inner.name.clone()));
+        }
+        let mut t = write_lock(&self.inner.tracking);
+        if t.is_some() {
+            return Ok(None);
+        }
+        let (log, report) = ChangeLog::open(
+            &self.inner.name,
+            log_dir,
+            disk_id,
+            &self.inner.file,
+            self.inner.size,
+            opts,
+        )?;
+        *t = Some(Tracking::new(log, self.inner.size));
+        Ok(Some(report))
+    }
+
+    /// Cuts the change logs of several disks at one instant: writes to all of them are held
+    /// back (after the ones in flight complete) while each log gets a barrier, so a write
+    /// acknowledged on one disk before a write on another never lands in a later cut than
+    /// it. Returns each disk's last LSN in the cut. Blocking.
+    pub fn cut(disks: &[Disk]) -> Result<Vec<u64>, DiskError> {
+        let mut order: Vec<&Disk> = disks.iter().collect();
+        order.sort_by(|a, b| a.inner.name.cmp(&b.inner.name));
+        let guards: Vec<_> = order
+            .iter()
+            .map(|d| write_lock(&d.inner.tracking))
+            .collect();
+        let mut out = Vec::with_capacity(disks.len());
+        for d in disks {
+            let i = order
+                .iter()
+                .position(|o| Arc::ptr_eq(&o.inner, &d.inner))
+                .unwrap_or(0);
+            match guards[i].as_ref() {
+                Some(t) => out.push(t.log.barrier()?),
+                None => return Err(DiskError::NotTracked(d.inner.name.clone())),
+            }
+        }
+        drop(guards);
+        Ok(out)
+    }
+
+    /// Runs `f` while no write, trim or zero runs on this disk (those in flight complete
+    /// first; new ones wait). Blocking.
+    pub fn with_writes_paused<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _g = write_lock(&self.inner.tracking);
+        f()
     }
 
     /// Clean shutdown of a tracked disk: seals the active log segment and records that the
     /// image is in step with the log. Writes after this fail. No-op for an untracked disk.
     pub async fn close(&self) -> io::Result<()> {
         let inner = Arc::clone(&self.inner);
-        blocking(move || match &inner.log {
-            Some(log) => log.close().map_err(io::Error::from),
+        blocking(move || match read_lock(&inner.tracking).as_ref() {
+            Some(t) => {
+                t.log.close().map_err(io::Error::from)?;
+                t.dirty.save()
+            }
             None => Ok(()),
         })
         .await
@@ -200,14 +308,16 @@ impl Disk {
         self.check_writable(offset, data.len() as u64)?;
         let inner = Arc::clone(&self.inner);
         blocking(move || {
-            if let Some(log) = &inner.log {
+            let tracking = read_lock(&inner.tracking);
+            if let Some(t) = tracking.as_ref() {
                 let flags = if fua { FLAG_FUA } else { 0 };
                 let len = data.len() as u64;
-                log.record(Kind::Write, flags, offset, len, &data, || {
+                t.log.record(Kind::Write, flags, offset, len, &data, || {
                     inner.file.write_all_at(&data, offset)
                 })?;
+                t.note(offset, len);
                 if fua {
-                    log.sync()?;
+                    t.log.sync()?;
                 }
                 return Ok(());
             }
@@ -226,8 +336,14 @@ impl Disk {
             return Ok(());
         }
         let inner = Arc::clone(&self.inner);
-        blocking(move || match &inner.log {
-            Some(log) => log.flush(),
+        blocking(move || match read_lock(&inner.tracking).as_ref() {
+            Some(t) => {
+                t.log.flush()?;
+                if !t.log.is_logging() {
+                    t.dirty.save()?;
+                }
+                Ok(())
+            }
             None => inner.file.sync_data(),
         })
         .await
@@ -238,17 +354,19 @@ impl Disk {
         self.check_writable(offset, len)?;
         let inner = Arc::clone(&self.inner);
         blocking(move || {
-            if let Some(log) = &inner.log {
+            let tracking = read_lock(&inner.tracking);
+            if let Some(t) = tracking.as_ref() {
                 let flags = if fua { FLAG_FUA } else { 0 };
-                log.record(Kind::Trim, flags, offset, len, &[], || {
+                t.log.record(Kind::Trim, flags, offset, len, &[], || {
                     // Replay zeroes a trimmed range, so the image must read as zeroes too.
                     if punch_hole(&inner.file, offset, len).is_err() {
                         write_zero_buffers(&inner.file, offset, len)?;
                     }
                     Ok(())
                 })?;
+                t.note(offset, len);
                 if fua {
-                    log.sync()?;
+                    t.log.sync()?;
                 }
                 return Ok(());
             }
@@ -268,7 +386,9 @@ impl Disk {
         let inner = Arc::clone(&self.inner);
         blocking(move || {
             let f = &inner.file;
-            if let Some(log) = &inner.log {
+            let tracking = read_lock(&inner.tracking);
+            if let Some(t) = tracking.as_ref() {
+                let log = &t.log;
                 let mut rflags = if flags.fua { FLAG_FUA } else { 0 };
                 if flags.may_trim {
                     rflags |= FLAG_MAY_TRIM;
@@ -285,6 +405,7 @@ impl Disk {
                     }
                     Ok(())
                 })?;
+                t.note(offset, len);
                 if flags.fua {
                     log.sync()?;
                 }

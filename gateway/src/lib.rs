@@ -9,6 +9,7 @@ pub mod fastio;
 pub mod fuse;
 pub mod replication;
 pub mod serve;
+pub mod site;
 pub mod units;
 
 pub use catalog::{DataDir, DiskRecord};

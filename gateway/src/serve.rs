@@ -120,6 +120,18 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
         if tls.is_some() { " (TLS)" } else { "" }
     );
 
+    // The replication engine drives protected VMs while the disks are served.
+    let (stop_engine, engine_stop_rx) = tokio::sync::watch::channel(false);
+    let served =
+        crate::replication::engine::disk_map(exports.list().iter().map(|e| Disk::clone(&e.device)));
+    let engine = match crate::replication::Engine::new(dd.clone(), served, engine_stop_rx) {
+        Ok(engine) => Some(tokio::spawn(engine.run())),
+        Err(e) => {
+            error!("replication engine not started: {e}");
+            None
+        }
+    };
+
     let mut tasks = tokio::task::JoinSet::new();
     {
         let s = Arc::clone(&server);
@@ -131,7 +143,13 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
     }
 
     signals.wait().await;
-    info!("shutting down: finishing in-flight requests");
+    info!("shutting down: stopping replication, finishing in-flight requests");
+    let _ = stop_engine.send(true);
+    if let Some(h) = engine {
+        if let Err(e) = h.await {
+            error!("replication engine task failed: {e}");
+        }
+    }
     server.shutdown();
     while let Some(r) = tasks.join_next().await {
         match r {

@@ -90,6 +90,9 @@ impl Store {
         let mut futs = Vec::new();
         for p in points {
             for d in &p.disks {
+                for r in &d.patches {
+                    into.insert(r.chunk_id()?);
+                }
                 let (store, p, d) = (self.clone(), p.clone(), d.name.clone());
                 futs.push(async move {
                     match store.load_index(&p, &d).await {

@@ -242,6 +242,32 @@ pub async fn export_disk(
     while let Some(r) = results.next().await {
         written += r?;
     }
+    // The point's patches go over the chunks, oldest first (merged into one).
+    let entry = point.disk(disk)?;
+    if !entry.patches.is_empty() {
+        let patch = store.load_patches(&entry.patches, entry.size).await?;
+        let f = file.clone();
+        written += tokio::task::spawn_blocking(move || -> Result<u64> {
+            let zeros = vec![0u8; 1 << 20];
+            let mut n = 0;
+            for (off, len, data) in patch.extents() {
+                let r = match data {
+                    Some(d) => {
+                        n += len;
+                        f.write_all_at(d, off)
+                    }
+                    None => (0..len).step_by(zeros.len()).try_for_each(|at| {
+                        let l = (len - at).min(zeros.len() as u64) as usize;
+                        f.write_all_at(&zeros[..l], off + at)
+                    }),
+                };
+                r.map_err(|e| Error::io(format!("writing export at offset {off}"), e))?;
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(|e| Error::Config(format!("write task failed: {e}")))??;
+    }
     file.sync_all()
         .map_err(|e| Error::io(format!("syncing {}", target.display()), e))?;
     Ok(written)

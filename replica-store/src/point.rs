@@ -18,7 +18,9 @@ use crate::backend::Staged;
 use crate::chunk::{ChunkId, MAGIC_INDEX, MAGIC_POINT};
 use crate::error::{Error, Result};
 use crate::manifest::DiskIndex;
+use crate::patch::Patch;
 use crate::store::{now_unix_ms, PutKind, PutOutcome, Store};
+use futures::{StreamExt, TryStreamExt};
 
 /// Version of the point metadata format.
 pub const POINT_FORMAT_VERSION: u32 = 1;
@@ -53,6 +55,28 @@ pub struct DiskEntry {
     pub index_key: String,
     /// Hex SHA-256 over the index's chunk ids.
     pub index_checksum: String,
+    /// Patches applied over the index, oldest first (see [`crate::patch`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patches: Vec<PatchRef>,
+}
+
+/// A patch object a disk of a point applies over its index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchRef {
+    /// Chunk id (hex) of the patch object.
+    pub id: String,
+    /// Length of the patch's plaintext.
+    pub bytes: u64,
+    /// Data bytes the patch carries.
+    pub data_bytes: u64,
+}
+
+impl PatchRef {
+    /// The patch object's chunk id.
+    pub fn chunk_id(&self) -> Result<ChunkId> {
+        ChunkId::from_hex(&self.id)
+            .ok_or_else(|| Error::corrupt_object(self.id.clone(), "patch id is not a chunk id"))
+    }
 }
 
 /// Metadata of a recovery point.
@@ -161,6 +185,7 @@ pub fn format_utc_ms(unix_ms: u64) -> String {
 struct DiskState {
     index: DiskIndex,
     source_lsn: u64,
+    patches: Vec<PatchRef>,
 }
 
 /// Uploads chunks for one session; cheap to clone and usable from many tasks at once.
@@ -336,6 +361,7 @@ impl PointBuilder {
                 DiskState {
                     index,
                     source_lsn: d.source_lsn,
+                    patches: d.patches.clone(),
                 },
             );
         }
@@ -372,6 +398,7 @@ impl PointBuilder {
             DiskState {
                 index,
                 source_lsn: 0,
+                patches: Vec::new(),
             },
         );
         Ok(())
@@ -450,6 +477,97 @@ impl PointBuilder {
         Ok(out)
     }
 
+    /// Replace a disk's whole index (and drop its patches): a resynchronized disk.
+    pub fn set_index(&mut self, disk: &str, index: DiskIndex) -> Result<()> {
+        let d = self.disk_mut(disk)?;
+        d.index = index;
+        d.patches.clear();
+        Ok(())
+    }
+
+    /// Patches of a disk, oldest first.
+    pub fn patches(&self, disk: &str) -> Result<&[PatchRef]> {
+        self.disks
+            .get(disk)
+            .map(|d| d.patches.as_slice())
+            .ok_or_else(|| Error::DiskNotFound {
+                point: format!("{} (unpublished)", self.vm),
+                disk: disk.into(),
+            })
+    }
+
+    /// Store `patch` (split into objects of at most [`crate::patch::MAX_PATCH_DATA`]) and
+    /// append it to the disk's patch chain. Returns the bytes uploaded.
+    pub async fn add_patch(&mut self, disk: &str, patch: Patch) -> Result<u64> {
+        let size = self.index(disk)?.disk_size();
+        if patch.disk_size() != size {
+            return Err(Error::InvalidArgument(format!(
+                "patch for a {}-byte disk applied to disk {disk} of {size} bytes",
+                patch.disk_size()
+            )));
+        }
+        let mut uploaded = 0;
+        let mut refs = Vec::new();
+        for piece in patch.split() {
+            let bytes = piece.to_bytes();
+            let n = bytes.len() as u64;
+            let out = self.writer.put(Bytes::from(bytes)).await?;
+            uploaded += out.uploaded_bytes;
+            refs.push(PatchRef {
+                id: out.id.to_hex(),
+                bytes: n,
+                data_bytes: piece.data_bytes(),
+            });
+        }
+        self.disk_mut(disk)?.patches.extend(refs);
+        Ok(uploaded)
+    }
+
+    /// Fold a disk's patches into its chunks: each touched chunk is read once, patched and
+    /// stored; afterwards the disk has no patches. Returns (chunks rewritten, bytes uploaded).
+    pub async fn fold(&mut self, disk: &str) -> Result<(u64, u64)> {
+        let refs = self.patches(disk)?.to_vec();
+        if refs.is_empty() {
+            return Ok((0, 0));
+        }
+        let patch = self
+            .store
+            .load_patches(&refs, self.index(disk)?.disk_size())
+            .await?;
+        let index = self.index(disk)?.clone();
+        let cs = index.chunk_size() as u64;
+        let touched: Vec<u64> = patch.touched_chunks(cs).into_iter().collect();
+        let patch = Arc::new(patch);
+        let writer = self.writer.clone();
+        let store = self.store.clone();
+        let results: Vec<(u64, PutOutcome)> =
+            futures::stream::iter(touched.into_iter().map(|ci| {
+                let (patch, writer, store, index) =
+                    (patch.clone(), writer.clone(), store.clone(), &index);
+                let id = index.get(ci).unwrap_or(ChunkId::ZERO);
+                let len = index.chunk_len(ci);
+                async move {
+                    let base = store.get_chunk(&id, Some(len)).await?;
+                    let mut buf = base.to_vec();
+                    patch.apply(ci * cs, &mut buf);
+                    let out = writer.put(Bytes::from(buf)).await?;
+                    Ok::<_, Error>((ci, out))
+                }
+            }))
+            .buffer_unordered(16)
+            .try_collect()
+            .await?;
+        let mut uploaded = 0;
+        let n = results.len() as u64;
+        let d = self.disk_mut(disk)?;
+        for (ci, out) in results {
+            uploaded += out.uploaded_bytes;
+            d.index.set(ci, out.id)?;
+        }
+        d.patches.clear();
+        Ok((n, uploaded))
+    }
+
     /// Write the indexes, then the point object (the commit). Refuses if the session lasted
     /// longer than the store's `max_session_secs` (GC may have collected chunks it relied on).
     pub async fn publish(self) -> Result<PointMeta> {
@@ -486,6 +604,7 @@ impl PointBuilder {
                 source_lsn: st.source_lsn,
                 index_key: key,
                 index_checksum: hex::encode(st.index.checksum()),
+                patches: st.patches.clone(),
             });
         }
         let meta = PointMeta {
@@ -509,6 +628,27 @@ impl PointBuilder {
 }
 
 impl Store {
+    /// Load patch objects and merge them, oldest first, into one patch.
+    pub async fn load_patches(&self, refs: &[PatchRef], disk_size: u64) -> Result<Patch> {
+        let mut merged = Patch::new(disk_size);
+        for r in refs {
+            let id = r.chunk_id()?;
+            let raw = self.get_chunk(&id, Some(r.bytes as usize)).await?;
+            let p = Patch::from_bytes(&raw, &id.key())?;
+            if p.disk_size() != disk_size {
+                return Err(Error::corrupt_object(
+                    id.key(),
+                    format!(
+                        "patch is for a {}-byte disk, the point's disk has {disk_size}",
+                        p.disk_size()
+                    ),
+                ));
+            }
+            merged.merge(&p)?;
+        }
+        Ok(merged)
+    }
+
     /// Load and check one disk index of a point.
     pub async fn load_index(&self, point: &PointMeta, disk: &str) -> Result<DiskIndex> {
         let d = point.disk(disk)?;

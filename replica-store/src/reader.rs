@@ -13,6 +13,7 @@ use lru::LruCache;
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::manifest::DiskIndex;
+use crate::patch::Patch;
 use crate::point::PointMeta;
 use crate::store::Store;
 
@@ -57,6 +58,8 @@ struct ReaderInner {
     store: Store,
     point: String,
     index: DiskIndex,
+    /// Patches of the point's disk, merged (applied over fetched chunks).
+    patch: Option<Arc<Patch>>,
     opts: ReaderOptions,
     cache: Mutex<LruCache<u64, Bytes>>,
     inflight: Mutex<HashMap<u64, Fetch>>,
@@ -83,12 +86,20 @@ impl Store {
         opts: ReaderOptions,
     ) -> Result<DiskReader> {
         let index = self.load_index(point, disk).await?;
-        Ok(DiskReader::new(
+        let entry = point.disk(disk)?;
+        let mut r = DiskReader::new(
             self.clone(),
             format!("{}:{}", point.full_id(), disk),
             index,
             opts,
-        ))
+        );
+        if !entry.patches.is_empty() {
+            let patch = self.load_patches(&entry.patches, entry.size).await?;
+            if let Some(inner) = Arc::get_mut(&mut r.inner) {
+                inner.patch = Some(Arc::new(patch));
+            }
+        }
+        Ok(r)
     }
 }
 
@@ -101,6 +112,7 @@ impl DiskReader {
                 store,
                 point: name,
                 index,
+                patch: None,
                 opts,
                 cache: Mutex::new(LruCache::new(cap)),
                 inflight: Mutex::new(HashMap::new()),
@@ -130,7 +142,7 @@ impl DiskReader {
         while pos < end {
             let ci = pos / cs;
             let cend = ((ci + 1) * cs).min(end);
-            let zero = idx.get(ci).is_none_or(|e| e.is_zero());
+            let zero = idx.get(ci).is_none_or(|e| e.is_zero()) && !self.patched(ci, true);
             match out.last_mut() {
                 Some(last) if last.zero == zero && last.offset + last.length == pos => {
                     last.length += cend - pos
@@ -224,13 +236,27 @@ impl DiskReader {
         let id = idx
             .get(ci)
             .ok_or_else(|| Error::InvalidArgument(format!("chunk {ci} out of range")))?;
-        if id.is_zero() {
+        if id.is_zero() && !self.patched(ci, false) {
             return Ok(zeros(idx.chunk_len(ci)));
         }
         if let Some(b) = self.cached(ci) {
             return Ok(b);
         }
         self.fetch(ci, id).await
+    }
+
+    /// True if the point's patches change chunk `ci` (`data_only`: with data, not zeroes).
+    fn patched(&self, ci: u64, data_only: bool) -> bool {
+        let Some(p) = &self.inner.patch else {
+            return false;
+        };
+        let cs = self.inner.index.chunk_size() as u64;
+        let start = ci * cs;
+        p.touches(
+            start,
+            start + self.inner.index.chunk_len(ci) as u64,
+            data_only,
+        )
     }
 
     fn fetch(&self, ci: u64, id: ChunkId) -> Fetch {
@@ -245,7 +271,15 @@ impl DiskReader {
         let me = self.clone();
         let len = self.inner.index.chunk_len(ci);
         let fut: BoxFuture<'static, Result<Bytes>> = async move {
-            let r = me.inner.store.get_chunk(&id, Some(len)).await;
+            let mut r = me.inner.store.get_chunk(&id, Some(len)).await;
+            if let (Ok(b), Some(p)) = (&r, &me.inner.patch) {
+                let start = ci * me.inner.index.chunk_size() as u64;
+                if p.touches(start, start + len as u64, false) {
+                    let mut buf = b.to_vec();
+                    p.apply(start, &mut buf);
+                    r = Ok(Bytes::from(buf));
+                }
+            }
             if let Ok(b) = &r {
                 me.inner
                     .cache

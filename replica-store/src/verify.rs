@@ -69,6 +69,20 @@ impl Store {
         let mut broken: BTreeSet<String> = BTreeSet::new();
         for p in points {
             for d in &p.disks {
+                for r in &d.patches {
+                    match r.chunk_id() {
+                        Ok(id) => {
+                            let e = refs
+                                .entry(id)
+                                .or_insert((r.bytes as usize, BTreeSet::new()));
+                            e.1.insert(p.full_id());
+                        }
+                        Err(e) => {
+                            report.bad_objects.push((r.id.clone(), e.to_string()));
+                            broken.insert(p.full_id());
+                        }
+                    }
+                }
                 match self.load_index(p, &d.name).await {
                     Ok(idx) => {
                         for (i, id) in idx.entries().iter().enumerate() {

@@ -19,7 +19,9 @@ pub const REGION: &str = "garage";
 
 /// A running Garage server.
 pub struct Garage {
-    child: Child,
+    child: Option<Child>,
+    bin: PathBuf,
+    config: PathBuf,
     dir: tempfile::TempDir,
     /// S3 endpoint URL, e.g. `http://127.0.0.1:39123`.
     pub s3_endpoint: String,
@@ -138,24 +140,10 @@ api_bind_addr = "127.0.0.1:{admin}"
         let access_key = format!("GK{}", random_hex(24));
         let secret_key = random_hex(64);
         let bucket = format!("standby-test-{}", random_hex(8));
-        let log_path = dir.path().join("garage.log");
-        let log = std::fs::File::create(&log_path).expect("garage log file");
-        let log2 = log.try_clone().expect("garage log file");
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&config)
-            .args(["server", "--single-node", "--default-bucket"])
-            .env("GARAGE_DEFAULT_ACCESS_KEY", &access_key)
-            .env("GARAGE_DEFAULT_SECRET_KEY", &secret_key)
-            .env("GARAGE_DEFAULT_BUCKET", &bucket)
-            .env("RUST_LOG", "garage=warn")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         let mut g = Garage {
-            child,
+            child: None,
+            bin,
+            config,
             dir,
             s3_endpoint: format!("http://127.0.0.1:{s3}"),
             admin_addr: format!("127.0.0.1:{admin}"),
@@ -163,12 +151,39 @@ api_bind_addr = "127.0.0.1:{admin}"
             secret_key,
             bucket,
         };
+        g.spawn();
+        g
+    }
+
+    fn spawn(&mut self) {
+        let log_path = self.dir.path().join("garage.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("garage log file");
+        let log2 = log.try_clone().expect("garage log file");
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.config)
+            .args(["server", "--single-node", "--default-bucket"])
+            .env("GARAGE_DEFAULT_ACCESS_KEY", &self.access_key)
+            .env("GARAGE_DEFAULT_SECRET_KEY", &self.secret_key)
+            .env("GARAGE_DEFAULT_BUCKET", &self.bucket)
+            .env("RUST_LOG", "garage=warn")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
+        self.child = Some(child);
+        let g = self;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if http_status(&g.admin_addr, "/health") == Some(200) {
                 break;
             }
-            if let Ok(Some(status)) = g.child.try_wait() {
+            if let Some(Ok(Some(status))) = g.child.as_mut().map(|c| c.try_wait()) {
                 panic!(
                     "garage exited with {status} during start-up; log:\n{}",
                     g.log_tail()
@@ -179,7 +194,34 @@ api_bind_addr = "127.0.0.1:{admin}"
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        g
+    }
+
+    /// Stops the server (an outage); [`Garage::restart`] brings it back with the same data,
+    /// ports and keys.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the server again after [`Garage::stop`].
+    pub fn restart(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
     }
 
     /// Last lines of the server log (for failure messages).
@@ -197,19 +239,6 @@ api_bind_addr = "127.0.0.1:{admin}"
 
 impl Drop for Garage {
     fn drop(&mut self) {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod garage;
 pub mod nbd_client;
+pub mod repl;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -107,6 +108,11 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `standby serve` on an ephemeral loopback port and waits until it serves.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Gateway {
+        Self::start_env(data_dir, extra, &[])
+    }
+
+    /// Like [`Gateway::start`], with extra environment variables (e.g. S3 credentials).
+    pub fn start_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Gateway {
         let stderr_log = data_dir.join(format!(
             "serve-{}.log",
             std::time::SystemTime::now()
@@ -119,6 +125,7 @@ impl Gateway {
         let mut child = standby(data_dir)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

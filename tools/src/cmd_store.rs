@@ -22,10 +22,9 @@ use replica_store::{
     Cipher, Compression, Consistency, CreateOptions, GcOptions, RetentionPolicy, S3Config, Store,
     StoreKey, StoreLocation,
 };
-use serde::{Deserialize, Serialize};
 
 /// Name of the store location file in the data directory.
-pub const LOCATION_FILE: &str = "replica-store.toml";
+pub use gateway::site::{LocationFile, LOCATION_FILE};
 
 /// `standby store ...`
 #[derive(Debug, clap::Subcommand)]
@@ -130,35 +129,8 @@ pub enum PointsCommand {
     },
 }
 
-/// Contents of `<data-dir>/replica-store.toml`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct LocationFile {
-    location: StoreLocation,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    key_file: Option<PathBuf>,
-}
-
-fn load_location(data_dir: &Path) -> anyhow::Result<LocationFile> {
-    let p = data_dir.join(LOCATION_FILE);
-    match std::fs::read_to_string(&p) {
-        Ok(text) => toml::from_str(&text).with_context(|| format!("parsing {}", p.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LocationFile {
-            location: StoreLocation::Local {
-                path: data_dir.join("store"),
-            },
-            key_file: None,
-        }),
-        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
-    }
-}
-
-async fn open_store(data_dir: &Path) -> anyhow::Result<Store> {
-    let loc = load_location(data_dir)?;
-    let key = match &loc.key_file {
-        Some(k) => Some(StoreKey::load(k)?),
-        None => None,
-    };
-    Ok(loc.location.open(key.as_ref()).await?)
+pub async fn open_store(data_dir: &Path) -> anyhow::Result<Store> {
+    Ok(gateway::site::open_store(data_dir).await?)
 }
 
 /// Parse `30s`, `15m`, `6h`, `7d`, `2w` (a bare number is seconds).
@@ -179,7 +151,7 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs(n * mult))
 }
 
-fn human(bytes: u64) -> String {
+pub fn human(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut i = 0;
@@ -194,7 +166,13 @@ fn human(bytes: u64) -> String {
     }
 }
 
-fn time_of(ms: u64) -> String {
+/// UTC time with milliseconds.
+pub fn time_of_ms(ms: u64) -> String {
+    let id = replica_store::point::format_utc_ms(ms);
+    format!("{}.{}", time_of(ms).trim_end_matches('Z'), &id[16..20])
+}
+
+pub fn time_of(ms: u64) -> String {
     let id = replica_store::point::format_utc_ms(ms);
     format!(
         "{}-{}-{} {}:{}:{}Z",

@@ -2,6 +2,7 @@
 
 mod cmd_log;
 mod cmd_mount;
+mod cmd_repl;
 mod cmd_store;
 
 use std::path::{Path, PathBuf};
@@ -61,6 +62,29 @@ enum Command {
     /// Recovery points.
     #[command(subcommand)]
     Points(cmd_store::PointsCommand),
+    /// Protect a VM: enable protection, initial replication, then delta replication.
+    Protect(cmd_repl::ProtectArgs),
+    /// Stop protecting a VM (its recovery points stay in the store).
+    Unprotect { vm: String },
+    /// The site's replication policy.
+    #[command(subcommand)]
+    Policy(cmd_repl::PolicyCommand),
+    /// Resynchronize a VM now (instead of waiting for the resync window).
+    Resync {
+        vm: String,
+        /// Hash every chunk instead of only those the change records name.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Resume a Critical VM (after fixing the cause) or retry a waiting one now.
+    Resume { vm: String },
+    /// Protection state, health, RPO and log backlog of every protected VM.
+    Status,
+    /// Replication jobs, newest first.
+    Jobs(cmd_repl::JobsArgs),
+    /// One job in detail.
+    #[command(subcommand)]
+    Job(cmd_repl::JobCommand),
 }
 
 #[derive(clap::Args)]
@@ -150,6 +174,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Mount(args) => cmd_mount::run_mount(&dd, args),
         Command::Store(cmd) => runtime()?.block_on(cmd_store::run_store(cmd, dd.root())),
         Command::Points(cmd) => runtime()?.block_on(cmd_store::run_points(cmd, dd.root())),
+        Command::Protect(a) => runtime()?.block_on(cmd_repl::protect(&dd, a)),
+        Command::Unprotect { vm } => cmd_repl::unprotect(&dd, &vm),
+        Command::Policy(cmd) => cmd_repl::policy(&dd, cmd),
+        Command::Resync { vm, full } => cmd_repl::resync(&dd, &vm, full),
+        Command::Resume { vm } => cmd_repl::resume(&dd, &vm),
+        Command::Status => cmd_repl::status(&dd),
+        Command::Jobs(a) => runtime()?.block_on(cmd_repl::jobs(&dd, a)),
+        Command::Job(cmd) => cmd_repl::job(&dd, cmd),
     }
 }
 

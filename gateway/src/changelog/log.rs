@@ -255,6 +255,8 @@ struct Shared {
     state_dirty: AtomicBool,
     appended: AtomicU64,
     sync_rounds: AtomicU64,
+    /// Opened after a clean shutdown (or fresh).
+    opened_clean: bool,
     _lock: File,
 }
 
@@ -651,6 +653,7 @@ impl ChangeLog {
                 .map(|s| s.first_lsn)
                 .unwrap_or(rec.next_lsn);
         }
+        let opened_clean = fresh || p.clean;
         p.clean = false;
         p.boot_id = boot_id();
         p.set_state(&state);
@@ -695,6 +698,7 @@ impl ChangeLog {
                 state_dirty: AtomicBool::new(false),
                 appended: AtomicU64::new(0),
                 sync_rounds: AtomicU64::new(0),
+                opened_clean,
                 _lock: lock_file,
             }),
         };
@@ -1175,6 +1179,41 @@ impl ChangeLog {
         self.seal_retired()?;
         self.require_healthy()?;
         Ok(lock(&self.sh.st).sealed.clone())
+    }
+
+    /// Cuts the log at a barrier without waiting for the seal: when the active segment holds
+    /// records, a flush record ends it and new writes go to the next segment. Returns the LSN
+    /// of the last record in the cut. Call it while writes to the disk are paused (then the
+    /// cut is exact); [`Self::wait_sealed`] then seals the cut segments.
+    pub fn barrier(&self) -> Result<u64, LogError> {
+        self.require_healthy()?;
+        let has_records = lock(&self.sh.ap)
+            .active
+            .as_ref()
+            .is_some_and(|a| a.count > 0);
+        if has_records {
+            self.record_inner(Kind::Flush, 0, 0, 0, &[], true, || Ok(()))
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::ESHUTDOWN) => LogError::Closed(self.sh.name.clone()),
+                    _ => LogError::Io {
+                        what: "cannot write a barrier to",
+                        path: self.sh.dir.clone(),
+                        source: e,
+                    },
+                })?;
+        }
+        self.require_healthy()?;
+        Ok(self.last_lsn())
+    }
+
+    /// True while changes are being logged (false once the chain is broken or overflowed).
+    pub fn is_logging(&self) -> bool {
+        self.sh.logging.load(Ordering::Acquire)
+    }
+
+    /// True if the log was opened after a clean shutdown (or created fresh).
+    pub fn opened_clean(&self) -> bool {
+        self.sh.opened_clean
     }
 
     /// Deletes the sealed segments up to and including `upto_seq` (shipped by the replicator).

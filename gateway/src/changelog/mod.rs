@@ -18,6 +18,7 @@
 //!   redoes the records the image may lack, and marks the chain broken on anything it cannot
 //!   prove consistent.
 
+pub mod dirty;
 pub mod format;
 pub mod log;
 pub mod replay;
@@ -31,6 +32,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+pub use self::dirty::DirtyMap;
 pub use self::log::{ChangeLog, Cut, RecoveryReport, SegmentInfo};
 pub use self::replay::{replay, replay_after, replay_dir, ReplayStats};
 

@@ -3,8 +3,24 @@
 //! This module holds the engine's pure decision logic (no I/O, clock injected) so it can be tested
 //! exhaustively; the jobs that drive initial replication, delta replication and resync build on it.
 
+pub mod db;
+pub mod engine;
 pub mod health;
+pub mod policy;
 pub mod retry;
+
+pub use db::{Db, DbError, Phase, VmRow};
+pub use engine::{Engine, ReplError};
+pub use policy::Policy;
+pub use retry::ErrorClass;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 use std::fmt;
 

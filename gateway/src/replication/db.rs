@@ -1,0 +1,764 @@
+//! The replication state database: protected VMs, their state, the policy, jobs and resume
+//! checkpoints, in one SQLite file (`<data-dir>/replication.db`, WAL mode).
+//!
+//! The gateway (`standby serve`) runs the engine and writes here; the CLI (`standby protect`,
+//! `status`, `jobs`, `resync`, `resume`, `policy`) reads and writes the same file, so the CLI
+//! works whether or not the gateway runs, and everything survives restarts. Each update is one
+//! transaction.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::policy::Policy;
+
+/// File name inside the data directory.
+pub const DB_FILE: &str = "replication.db";
+const SCHEMA_VERSION: i64 = 1;
+/// Finished jobs kept (the oldest are deleted beyond this).
+pub const MAX_FINISHED_JOBS: i64 = 500;
+
+#[derive(Debug, Error)]
+pub enum DbError {
+    #[error("replication state database {path}: {source}")]
+    Sql {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("replication state database {path} has schema version {found}; this standby knows {SCHEMA_VERSION}")]
+    Schema { path: PathBuf, found: i64 },
+    #[error("VM {0} is not protected")]
+    NoSuchVm(String),
+    #[error("VM {0} is already protected (state {1}); run `standby unprotect {0}` first")]
+    AlreadyProtected(String, String),
+    #[error("stored policy is invalid: {0}")]
+    Policy(String),
+}
+
+/// Protection state as stored (the percent lives in [`VmRow::progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    EnablingProtection,
+    InitialReplication,
+    FinalizeProtection,
+    Protected,
+    ResyncRequired,
+    Resyncing,
+    Critical,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::EnablingProtection => "EnablingProtection",
+            Phase::InitialReplication => "InitialReplication",
+            Phase::FinalizeProtection => "FinalizeProtection",
+            Phase::Protected => "Protected",
+            Phase::ResyncRequired => "ResyncRequired",
+            Phase::Resyncing => "Resyncing",
+            Phase::Critical => "Critical",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Phase> {
+        Some(match s {
+            "EnablingProtection" => Phase::EnablingProtection,
+            "InitialReplication" => Phase::InitialReplication,
+            "FinalizeProtection" => Phase::FinalizeProtection,
+            "Protected" => Phase::Protected,
+            "ResyncRequired" => Phase::ResyncRequired,
+            "Resyncing" => Phase::Resyncing,
+            "Critical" => Phase::Critical,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One protected VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRow {
+    pub name: String,
+    pub disks: Vec<String>,
+    pub phase: Phase,
+    /// Percent done of the current phase (initial replication, resync).
+    pub progress: f64,
+    /// Why the VM is Critical or needs a resync.
+    pub reason: String,
+    /// Phase to go back to when an admin resumes a Critical VM.
+    pub resume_phase: Option<Phase>,
+    /// An admin asked for the resync to run now (outside the window).
+    pub resync_now: bool,
+    /// The next resync must hash every chunk (no trustworthy record of what changed).
+    pub resync_full: bool,
+    pub failures: u32,
+    pub last_error: String,
+    pub next_retry_ms: Option<u64>,
+    pub last_point: String,
+    pub last_point_ms: Option<u64>,
+    pub last_cycle_ms: Option<u64>,
+    pub last_app_ms: Option<u64>,
+    pub cycles_due: u32,
+    pub cycles_missed: u32,
+    pub created_ms: u64,
+}
+
+/// Per-disk figures the gateway publishes for `standby status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskStat {
+    pub vm: String,
+    pub disk: String,
+    pub size: u64,
+    pub backlog: u64,
+    pub log_state: String,
+    pub updated_ms: u64,
+}
+
+/// A job (one run of a replication step).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub id: i64,
+    pub vm: String,
+    pub kind: String,
+    /// running, succeeded, failed, interrupted
+    pub state: String,
+    pub created_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub progress: f64,
+    pub detail: String,
+    pub error: String,
+}
+
+/// A step of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRow {
+    pub seq: i64,
+    pub name: String,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub state: String,
+    pub detail: String,
+}
+
+/// Resume point of a long phase (initial replication or resync) of one disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub vm: String,
+    pub disk: String,
+    /// "initial" or "resync".
+    pub kind: String,
+    /// Change-log chain id and the LSN the phase started after.
+    pub chain: String,
+    pub start_lsn: u64,
+    /// Position in `todo` (or the chunk index for a full pass) done so far.
+    pub position: u64,
+    pub total: u64,
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+    /// The disk index built so far (a `DiskIndex` in its stored form), chunks committed.
+    pub index: Vec<u8>,
+    /// Chunks to process, as little-endian u64s; empty for a full pass.
+    pub todo: Vec<u8>,
+    pub done: bool,
+}
+
+/// The database handle (one connection; the engine serializes its use).
+pub struct Db {
+    path: PathBuf,
+    conn: Connection,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Db({})", self.path.display())
+    }
+}
+
+fn now_ms() -> u64 {
+    super::now_ms()
+}
+
+fn opt_u64(v: Option<i64>) -> Option<u64> {
+    v.map(|x| x.max(0) as u64)
+}
+
+impl Db {
+    /// Opens (creating if needed) the database of a data directory.
+    pub fn open(data_dir: &Path) -> Result<Db, DbError> {
+        let path = data_dir.join(DB_FILE);
+        let e = |source| DbError::Sql {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(e)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(e)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(e)?;
+        // WAL + NORMAL: a commit survives a process crash; a power loss may lose the last
+        // commits, which only repeats work (checkpoints name committed chunks only, and a host
+        // crash breaks the change-log chain, which forces a resync anyway).
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(e)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS vms(
+                name TEXT PRIMARY KEY, disks TEXT NOT NULL, phase TEXT NOT NULL,
+                progress REAL NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '',
+                resume_phase TEXT NOT NULL DEFAULT '', resync_now INTEGER NOT NULL DEFAULT 0,
+                resync_full INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,
+                last_error TEXT NOT NULL DEFAULT '', next_retry_ms INTEGER,
+                last_point TEXT NOT NULL DEFAULT '', last_point_ms INTEGER,
+                last_cycle_ms INTEGER, last_app_ms INTEGER,
+                cycles_due INTEGER NOT NULL DEFAULT 0, cycles_missed INTEGER NOT NULL DEFAULT 0,
+                created_ms INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS disk_stats(
+                vm TEXT NOT NULL, disk TEXT NOT NULL, size INTEGER NOT NULL,
+                backlog INTEGER NOT NULL, log_state TEXT NOT NULL, updated_ms INTEGER NOT NULL,
+                PRIMARY KEY(vm, disk));
+             CREATE TABLE IF NOT EXISTS jobs(
+                id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL, kind TEXT NOT NULL,
+                state TEXT NOT NULL, created_ms INTEGER NOT NULL, finished_ms INTEGER,
+                progress REAL NOT NULL DEFAULT 0, detail TEXT NOT NULL DEFAULT '',
+                error TEXT NOT NULL DEFAULT '');
+             CREATE TABLE IF NOT EXISTS job_steps(
+                job INTEGER NOT NULL, seq INTEGER NOT NULL, name TEXT NOT NULL,
+                started_ms INTEGER NOT NULL, finished_ms INTEGER, state TEXT NOT NULL,
+                detail TEXT NOT NULL DEFAULT '', PRIMARY KEY(job, seq));
+             CREATE TABLE IF NOT EXISTS checkpoints(
+                vm TEXT NOT NULL, disk TEXT NOT NULL, kind TEXT NOT NULL, chain TEXT NOT NULL,
+                start_lsn INTEGER NOT NULL, position INTEGER NOT NULL, total INTEGER NOT NULL,
+                bytes_read INTEGER NOT NULL, bytes_sent INTEGER NOT NULL, idx BLOB NOT NULL,
+                todo BLOB NOT NULL, done INTEGER NOT NULL, PRIMARY KEY(vm, disk));",
+        )
+        .map_err(e)?;
+        let db = Db { path, conn };
+        match db.meta("schema")? {
+            None => db.set_meta("schema", &SCHEMA_VERSION.to_string())?,
+            Some(v) if v == SCHEMA_VERSION.to_string() => {}
+            Some(v) => {
+                return Err(DbError::Schema {
+                    path: db.path.clone(),
+                    found: v.parse().unwrap_or(-1),
+                })
+            }
+        }
+        Ok(db)
+    }
+
+    fn err(&self, source: rusqlite::Error) -> DbError {
+        DbError::Sql {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, DbError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key=?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "INSERT INTO meta(key, value) VALUES(?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The site's replication policy (the default until one is set).
+    pub fn policy(&self) -> Result<Policy, DbError> {
+        match self.meta("policy")? {
+            None => Ok(Policy::default()),
+            Some(s) => serde_json::from_str(&s).map_err(|e| DbError::Policy(e.to_string())),
+        }
+    }
+
+    pub fn set_policy(&self, p: &Policy) -> Result<(), DbError> {
+        let s = serde_json::to_string(p).map_err(|e| DbError::Policy(e.to_string()))?;
+        self.set_meta("policy", &s)
+    }
+
+    fn vm_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
+        let disks: String = r.get("disks")?;
+        let phase: String = r.get("phase")?;
+        let resume: String = r.get("resume_phase")?;
+        Ok(VmRow {
+            name: r.get("name")?,
+            disks: disks
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            phase: Phase::parse(&phase).unwrap_or(Phase::Critical),
+            progress: r.get("progress")?,
+            reason: r.get("reason")?,
+            resume_phase: Phase::parse(&resume),
+            resync_now: r.get::<_, i64>("resync_now")? != 0,
+            resync_full: r.get::<_, i64>("resync_full")? != 0,
+            failures: r.get::<_, i64>("failures")?.max(0) as u32,
+            last_error: r.get("last_error")?,
+            next_retry_ms: opt_u64(r.get("next_retry_ms")?),
+            last_point: r.get("last_point")?,
+            last_point_ms: opt_u64(r.get("last_point_ms")?),
+            last_cycle_ms: opt_u64(r.get("last_cycle_ms")?),
+            last_app_ms: opt_u64(r.get("last_app_ms")?),
+            cycles_due: r.get::<_, i64>("cycles_due")?.max(0) as u32,
+            cycles_missed: r.get::<_, i64>("cycles_missed")?.max(0) as u32,
+            created_ms: r.get::<_, i64>("created_ms")?.max(0) as u64,
+        })
+    }
+
+    pub fn vms(&self) -> Result<Vec<VmRow>, DbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT * FROM vms ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], Self::vm_from_row)
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e));
+        rows
+    }
+
+    pub fn vm(&self, name: &str) -> Result<Option<VmRow>, DbError> {
+        self.conn
+            .query_row("SELECT * FROM vms WHERE name=?1", [name], Self::vm_from_row)
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Registers a VM for protection (phase EnablingProtection).
+    pub fn insert_vm(&self, name: &str, disks: &[String]) -> Result<(), DbError> {
+        self.write_tx(|| {
+            if let Some(v) = self.vm(name)? {
+                return Err(DbError::AlreadyProtected(
+                    name.to_string(),
+                    v.phase.to_string(),
+                ));
+            }
+            self.conn
+                .execute(
+                    "INSERT INTO vms(name, disks, phase, created_ms) VALUES(?1, ?2, ?3, ?4)",
+                    params![
+                        name,
+                        disks.join(","),
+                        Phase::EnablingProtection.as_str(),
+                        now_ms() as i64
+                    ],
+                )
+                .map(|_| ())
+                .map_err(|e| self.err(e))
+        })
+    }
+
+    /// Writes every mutable field of a VM row.
+    pub fn update_vm(&self, v: &VmRow) -> Result<(), DbError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE vms SET phase=?2, progress=?3, reason=?4, resume_phase=?5, resync_now=?6,
+                 resync_full=?7, failures=?8, last_error=?9, next_retry_ms=?10, last_point=?11,
+                 last_point_ms=?12, last_cycle_ms=?13, last_app_ms=?14, cycles_due=?15,
+                 cycles_missed=?16 WHERE name=?1",
+                params![
+                    v.name,
+                    v.phase.as_str(),
+                    v.progress,
+                    v.reason,
+                    v.resume_phase.map(|p| p.as_str()).unwrap_or(""),
+                    v.resync_now as i64,
+                    v.resync_full as i64,
+                    v.failures as i64,
+                    v.last_error,
+                    v.next_retry_ms.map(|x| x as i64),
+                    v.last_point,
+                    v.last_point_ms.map(|x| x as i64),
+                    v.last_cycle_ms.map(|x| x as i64),
+                    v.last_app_ms.map(|x| x as i64),
+                    v.cycles_due as i64,
+                    v.cycles_missed as i64,
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        if n == 0 {
+            return Err(DbError::NoSuchVm(v.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` in a write transaction taken up front (`BEGIN IMMEDIATE`), so a
+    /// read-modify-write never fails on a lock upgrade when the CLI and the gateway race: the
+    /// second waits (busy timeout) instead.
+    fn write_tx<T>(&self, f: impl FnOnce() -> Result<T, DbError>) -> Result<T, DbError> {
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err(e))?;
+        match f() {
+            Ok(v) => {
+                self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies `f` to a VM row in one transaction (for CLI requests racing the engine).
+    pub fn modify_vm(&self, name: &str, f: impl FnOnce(&mut VmRow)) -> Result<VmRow, DbError> {
+        self.write_tx(|| {
+            let mut v = self
+                .vm(name)?
+                .ok_or_else(|| DbError::NoSuchVm(name.to_string()))?;
+            f(&mut v);
+            self.update_vm(&v)?;
+            Ok(v)
+        })
+    }
+
+    pub fn delete_vm(&self, name: &str) -> Result<bool, DbError> {
+        self.write_tx(|| {
+            let n = self
+                .conn
+                .execute("DELETE FROM vms WHERE name=?1", [name])
+                .map_err(|e| self.err(e))?;
+            for t in ["disk_stats", "checkpoints"] {
+                self.conn
+                    .execute(&format!("DELETE FROM {t} WHERE vm=?1"), [name])
+                    .map_err(|e| self.err(e))?;
+            }
+            Ok(n > 0)
+        })
+    }
+
+    pub fn put_disk_stat(&self, s: &DiskStat) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "INSERT INTO disk_stats(vm, disk, size, backlog, log_state, updated_ms)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(vm, disk) DO UPDATE SET size=excluded.size,
+                   backlog=excluded.backlog, log_state=excluded.log_state,
+                   updated_ms=excluded.updated_ms",
+                params![
+                    s.vm,
+                    s.disk,
+                    s.size as i64,
+                    s.backlog as i64,
+                    s.log_state,
+                    s.updated_ms as i64
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn disk_stats(&self, vm: &str) -> Result<Vec<DiskStat>, DbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT * FROM disk_stats WHERE vm=?1 ORDER BY disk")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([vm], |r| {
+                Ok(DiskStat {
+                    vm: r.get("vm")?,
+                    disk: r.get("disk")?,
+                    size: r.get::<_, i64>("size")?.max(0) as u64,
+                    backlog: r.get::<_, i64>("backlog")?.max(0) as u64,
+                    log_state: r.get("log_state")?,
+                    updated_ms: r.get::<_, i64>("updated_ms")?.max(0) as u64,
+                })
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e));
+        rows
+    }
+
+    // ---- jobs ----
+
+    pub fn start_job(&self, vm: &str, kind: &str) -> Result<i64, DbError> {
+        self.conn
+            .execute(
+                "INSERT INTO jobs(vm, kind, state, created_ms) VALUES(?1, ?2, 'running', ?3)",
+                params![vm, kind, now_ms() as i64],
+            )
+            .map_err(|e| self.err(e))?;
+        let id = self.conn.last_insert_rowid();
+        // Bound the history.
+        self.conn
+            .execute(
+                "DELETE FROM jobs WHERE state!='running' AND id <= (SELECT id FROM jobs
+                 WHERE state!='running' ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+                [MAX_FINISHED_JOBS],
+            )
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .execute(
+                "DELETE FROM job_steps WHERE job NOT IN (SELECT id FROM jobs)",
+                [],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(id)
+    }
+
+    pub fn job_progress(&self, id: i64, progress: f64, detail: &str) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "UPDATE jobs SET progress=?2, detail=?3 WHERE id=?1",
+                params![id, progress, detail],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn finish_job(
+        &self,
+        id: i64,
+        state: &str,
+        detail: &str,
+        error: &str,
+    ) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "UPDATE jobs SET state=?2, finished_ms=?3, detail=CASE WHEN ?4='' THEN detail ELSE ?4 END,
+                 error=?5, progress=CASE WHEN ?2='succeeded' THEN 100 ELSE progress END WHERE id=?1",
+                params![id, state, now_ms() as i64, detail, error],
+            )
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .execute(
+                "UPDATE job_steps SET state=?2, finished_ms=?3 WHERE job=?1 AND finished_ms IS NULL",
+                params![id, if state == "succeeded" { "done" } else { state }, now_ms() as i64],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Jobs left "running" by a gateway that stopped are marked interrupted at start-up.
+    pub fn interrupt_running_jobs(&self) -> Result<usize, DbError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE jobs SET state='interrupted', finished_ms=?1,
+                 error='the gateway stopped while the job ran (it resumes in a new job)'
+                 WHERE state='running'",
+                [now_ms() as i64],
+            )
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .execute(
+                "UPDATE job_steps SET state='interrupted', finished_ms=?1 WHERE finished_ms IS NULL",
+                [now_ms() as i64],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(n)
+    }
+
+    /// Starts a step (finishing the job's previous one).
+    pub fn step(&self, job: i64, name: &str, detail: &str) -> Result<(), DbError> {
+        let now = now_ms() as i64;
+        self.conn
+            .execute(
+                "UPDATE job_steps SET state='done', finished_ms=?2 WHERE job=?1 AND finished_ms IS NULL",
+                params![job, now],
+            )
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .execute(
+                "INSERT INTO job_steps(job, seq, name, started_ms, state, detail)
+                 VALUES(?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_steps WHERE job=?1), ?2, ?3, 'running', ?4)",
+                params![job, name, now, detail],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+        Ok(JobRow {
+            id: r.get("id")?,
+            vm: r.get("vm")?,
+            kind: r.get("kind")?,
+            state: r.get("state")?,
+            created_ms: r.get::<_, i64>("created_ms")?.max(0) as u64,
+            finished_ms: opt_u64(r.get("finished_ms")?),
+            progress: r.get("progress")?,
+            detail: r.get("detail")?,
+            error: r.get("error")?,
+        })
+    }
+
+    /// The most recent jobs, newest first.
+    pub fn jobs(&self, limit: usize, vm: Option<&str>) -> Result<Vec<JobRow>, DbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT * FROM jobs WHERE (?1 IS NULL OR vm=?1) ORDER BY id DESC LIMIT ?2")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![vm, limit as i64], Self::job_from_row)
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e));
+        rows
+    }
+
+    pub fn job(&self, id: i64) -> Result<Option<(JobRow, Vec<StepRow>)>, DbError> {
+        let Some(j) = self
+            .conn
+            .query_row("SELECT * FROM jobs WHERE id=?1", [id], Self::job_from_row)
+            .optional()
+            .map_err(|e| self.err(e))?
+        else {
+            return Ok(None);
+        };
+        let mut st = self
+            .conn
+            .prepare("SELECT * FROM job_steps WHERE job=?1 ORDER BY seq")
+            .map_err(|e| self.err(e))?;
+        let steps = st
+            .query_map([id], |r| {
+                Ok(StepRow {
+                    seq: r.get("seq")?,
+                    name: r.get("name")?,
+                    started_ms: r.get::<_, i64>("started_ms")?.max(0) as u64,
+                    finished_ms: opt_u64(r.get("finished_ms")?),
+                    state: r.get("state")?,
+                    detail: r.get("detail")?,
+                })
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))?;
+        Ok(Some((j, steps)))
+    }
+
+    // ---- checkpoints ----
+
+    pub fn checkpoint(&self, vm: &str, disk: &str) -> Result<Option<Checkpoint>, DbError> {
+        self.conn
+            .query_row(
+                "SELECT * FROM checkpoints WHERE vm=?1 AND disk=?2",
+                [vm, disk],
+                |r| {
+                    Ok(Checkpoint {
+                        vm: r.get("vm")?,
+                        disk: r.get("disk")?,
+                        kind: r.get("kind")?,
+                        chain: r.get("chain")?,
+                        start_lsn: r.get::<_, i64>("start_lsn")?.max(0) as u64,
+                        position: r.get::<_, i64>("position")?.max(0) as u64,
+                        total: r.get::<_, i64>("total")?.max(0) as u64,
+                        bytes_read: r.get::<_, i64>("bytes_read")?.max(0) as u64,
+                        bytes_sent: r.get::<_, i64>("bytes_sent")?.max(0) as u64,
+                        index: r.get("idx")?,
+                        todo: r.get("todo")?,
+                        done: r.get::<_, i64>("done")? != 0,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn put_checkpoint(&self, c: &Checkpoint) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "INSERT INTO checkpoints(vm, disk, kind, chain, start_lsn, position, total,
+                   bytes_read, bytes_sent, idx, todo, done)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                 ON CONFLICT(vm, disk) DO UPDATE SET kind=excluded.kind, chain=excluded.chain,
+                   start_lsn=excluded.start_lsn, position=excluded.position,
+                   total=excluded.total, bytes_read=excluded.bytes_read,
+                   bytes_sent=excluded.bytes_sent, idx=excluded.idx, todo=excluded.todo,
+                   done=excluded.done",
+                params![
+                    c.vm,
+                    c.disk,
+                    c.kind,
+                    c.chain,
+                    c.start_lsn as i64,
+                    c.position as i64,
+                    c.total as i64,
+                    c.bytes_read as i64,
+                    c.bytes_sent as i64,
+                    c.index,
+                    c.todo,
+                    c.done as i64
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn clear_checkpoints(&self, vm: &str) -> Result<(), DbError> {
+        self.conn
+            .execute("DELETE FROM checkpoints WHERE vm=?1", [vm])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_jobs_and_checkpoints_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(d.path()).unwrap();
+        db.insert_vm("web", &["a".into(), "b".into()]).unwrap();
+        assert!(matches!(
+            db.insert_vm("web", &[]),
+            Err(DbError::AlreadyProtected(..))
+        ));
+        let v = db
+            .modify_vm("web", |v| {
+                v.phase = Phase::Critical;
+                v.resume_phase = Some(Phase::Protected);
+                v.next_retry_ms = Some(5);
+            })
+            .unwrap();
+        let db2 = Db::open(d.path()).unwrap();
+        assert_eq!(db2.vm("web").unwrap().unwrap(), v);
+        assert_eq!(v.disks, vec!["a", "b"]);
+        let j = db.start_job("web", "initial-replication").unwrap();
+        db.step(j, "copy a", "").unwrap();
+        db.step(j, "copy b", "").unwrap();
+        db.finish_job(j, "succeeded", "", "").unwrap();
+        let (jr, steps) = db.job(j).unwrap().unwrap();
+        assert_eq!(jr.state, "succeeded");
+        assert_eq!(steps.len(), 2);
+        assert!(steps.iter().all(|s| s.finished_ms.is_some()));
+        let c = Checkpoint {
+            vm: "web".into(),
+            disk: "a".into(),
+            kind: "initial".into(),
+            chain: "x".into(),
+            start_lsn: 3,
+            position: 10,
+            total: 20,
+            bytes_read: 1,
+            bytes_sent: 2,
+            index: vec![1, 2, 3],
+            todo: vec![],
+            done: false,
+        };
+        db.put_checkpoint(&c).unwrap();
+        assert_eq!(db.checkpoint("web", "a").unwrap().unwrap(), c);
+        assert!(db.delete_vm("web").unwrap());
+        assert!(db.checkpoint("web", "a").unwrap().is_none());
+    }
+}

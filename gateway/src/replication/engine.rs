@@ -1,0 +1,1363 @@
+//! The replication engine: runs inside `standby serve`, one worker per protected VM, each
+//! driving its VM through the phases kept in the state database ([`super::db`]).
+//!
+//! - **Enable protection**: prerequisites (disks served and writable, store reachable and
+//!   writable with the right key, local space for the logs), the relationship recorded in the
+//!   store (`protection/<vm>` blob), change tracking attached to the live disks.
+//! - **Initial replication**: per disk, a barrier in the change log (every earlier write is in
+//!   the image), then a pass over the image that stores every non-zero chunk, checkpointed so
+//!   it resumes after a restart. Writes made meanwhile are in the log; the first point is the
+//!   pass's chunks plus a patch of every record logged since the barrier, cut at one common
+//!   barrier across the VM's disks — so it is exactly the disks' state at that barrier.
+//! - **Finalize protection**: the first point is verified, the VM becomes Protected.
+//! - **Delta replication** every interval: one common cut, the records since the last point
+//!   become patches (bytes uploaded ≈ bytes written), a new point, pruning by retention, and
+//!   only then the shipped segments are deleted.
+//! - **Resynchronization** (log over 50% of the disk, chain broken, log overflow, replica
+//!   missing): the log restarts, then only the chunks that may differ are hashed — those the
+//!   old log and the dirty bitmap name, or all of them when neither can be trusted — and the
+//!   ones whose digest differs from the replica's index are sent; checkpointed like the
+//!   initial pass.
+//!
+//! Errors: recoverable ones retry on the back-off schedule; non-recoverable ones make the VM
+//! Critical until `standby resume`; a broken or overflowed log turns into ResyncRequired.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use replica_store::{
+    ChunkId, Consistency, DiskIndex, Patch, PointBuilder, PointMeta, RetentionPolicy, Store,
+};
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::db::{Checkpoint, Db, DbError, DiskStat, Phase, VmRow};
+use super::policy::{local_minute_of_day, Policy};
+use super::{now_ms, ErrorClass};
+use crate::catalog::DataDir;
+use crate::changelog::format::{decode_segment, Kind};
+use crate::changelog::segment::list_segments;
+use crate::changelog::{ChangeLog, LogError};
+use crate::disk::{Disk, DiskError};
+
+/// How often a worker looks at its VM's row.
+pub const TICK: Duration = Duration::from_millis(200);
+/// Checkpoint a pass at least this often.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+/// Chunks read and hashed per batch of a pass.
+const BATCH_CHUNKS: usize = 64;
+/// Namespace of the protection relationship blobs in the store.
+pub const PROTECTION_NS: &str = "protection";
+
+/// Why a replication step failed.
+#[derive(Debug, Error)]
+pub enum ReplError {
+    #[error("replica store: {0}")]
+    Store(#[from] replica_store::Error),
+    #[error("store location: {0}")]
+    Site(#[from] crate::site::SiteError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("disk {disk}: {source}")]
+    Disk { disk: String, source: DiskError },
+    #[error("disk {disk}: {source}")]
+    Io {
+        disk: String,
+        source: std::io::Error,
+    },
+    #[error("disk {0} is not served by this gateway (add it with `standby disk create/import` and restart `standby serve`)")]
+    DiskNotServed(String),
+    #[error("disk {0} is read-only and cannot be protected")]
+    DiskReadOnly(String),
+    #[error(
+        "not enough local space in {path}: {free} bytes free, {needed} needed for change logs"
+    )]
+    LowSpace {
+        path: PathBuf,
+        free: u64,
+        needed: u64,
+    },
+    #[error("change log of disk {disk}: {reason}")]
+    NeedsResync {
+        disk: String,
+        reason: String,
+        full: bool,
+    },
+    #[error("replica invalid: {0}")]
+    InvalidReplica(String),
+    #[error("{what} hook failed: {message}")]
+    Hook { what: String, message: String },
+    #[error("the gateway is shutting down")]
+    Shutdown,
+}
+
+impl ReplError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ReplError::Store(e) if e.is_recoverable() => ErrorClass::Recoverable,
+            ReplError::Store(_) | ReplError::Site(_) => ErrorClass::NonRecoverable,
+            ReplError::DiskNotServed(_) | ReplError::DiskReadOnly(_) => ErrorClass::NonRecoverable,
+            ReplError::InvalidReplica(_) => ErrorClass::NonRecoverable,
+            _ => ErrorClass::Recoverable,
+        }
+    }
+
+    fn log(disk: &str, e: LogError) -> ReplError {
+        match e {
+            LogError::NotHealthy { state, .. } => ReplError::NeedsResync {
+                disk: disk.to_string(),
+                full: state.label() == "broken",
+                reason: format!("the change log is {state}"),
+            },
+            other => ReplError::Disk {
+                disk: disk.to_string(),
+                source: DiskError::Log(other),
+            },
+        }
+    }
+
+    fn disk(disk: &str, e: DiskError) -> ReplError {
+        match e {
+            DiskError::Log(l) => Self::log(disk, l),
+            other => ReplError::Disk {
+                disk: disk.to_string(),
+                source: other,
+            },
+        }
+    }
+}
+
+type R<T> = Result<T, ReplError>;
+
+/// The engine. One per gateway process.
+pub struct Engine {
+    dd: DataDir,
+    disks: HashMap<String, Disk>,
+    db: Mutex<Db>,
+    store: tokio::sync::Mutex<Option<Store>>,
+    shutdown: watch::Receiver<bool>,
+    /// Last figures written per disk (written again only when they change).
+    stats: Mutex<HashMap<String, (u64, String, Instant)>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("data_dir", &self.dd.root())
+            .finish()
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+fn chain_hex(log: &ChangeLog) -> String {
+    format!("{:016x}", log.chain_id())
+}
+
+impl Engine {
+    /// An engine over the disks served by this process.
+    pub fn new(
+        dd: DataDir,
+        disks: HashMap<String, Disk>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Arc<Engine>, DbError> {
+        let db = Db::open(dd.root())?;
+        let n = db.interrupt_running_jobs()?;
+        if n > 0 {
+            info!(jobs = n, "marked jobs of the previous run interrupted");
+        }
+        Ok(Arc::new(Engine {
+            dd,
+            disks,
+            db: Mutex::new(db),
+            store: tokio::sync::Mutex::new(None),
+            shutdown,
+            stats: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn db<T>(&self, f: impl FnOnce(&Db) -> Result<T, DbError>) -> Result<T, DbError> {
+        let g = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        f(&g)
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    async fn store(&self) -> R<Store> {
+        let mut g = self.store.lock().await;
+        if let Some(s) = &*g {
+            return Ok(s.clone());
+        }
+        let s = crate::site::open_store(self.dd.root()).await?;
+        *g = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Runs until shutdown: a worker per protected VM.
+    pub async fn run(self: Arc<Self>) {
+        let mut workers: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            match self.db(|d| d.vms()) {
+                Ok(vms) => {
+                    for v in vms {
+                        let running = workers.get(&v.name).is_some_and(|h| !h.is_finished());
+                        if !running {
+                            let me = Arc::clone(&self);
+                            let name = v.name.clone();
+                            workers.insert(
+                                v.name.clone(),
+                                tokio::spawn(async move { me.worker(name).await }),
+                            );
+                        }
+                    }
+                }
+                Err(e) => warn!("replication: cannot read the state database: {e}"),
+            }
+            workers.retain(|_, h| !h.is_finished());
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.changed() => {}
+            }
+            if self.stopping() {
+                break;
+            }
+        }
+        for (_, h) in workers {
+            let _ = h.await;
+        }
+        info!("replication engine stopped");
+    }
+
+    async fn worker(self: Arc<Self>, vm: String) {
+        info!(vm = %vm, "replication worker started");
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            if self.stopping() {
+                break;
+            }
+            let row = match self.db(|d| d.vm(&vm)) {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    self.unprotected(&vm).await;
+                    break;
+                }
+                Err(e) => {
+                    warn!(vm = %vm, "cannot read VM state: {e}");
+                    tokio::time::sleep(TICK).await;
+                    continue;
+                }
+            };
+            self.publish_stats(&row);
+            if let Err(e) = self.tick(row).await {
+                warn!(vm = %vm, "replication step error: {e}");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// The VM was unprotected: stop logging into the void (segments are released; tracking
+    /// itself ends when the disk is next opened).
+    async fn unprotected(&self, vm: &str) {
+        info!(vm, "VM unprotected: releasing its change logs");
+        for d in self.disks.values() {
+            if let Ok(rec) = self.dd.disk(d.name()) {
+                if rec.tracked {
+                    continue;
+                }
+            }
+            if let Some(log) = d.change_log() {
+                let _ = blocking(move || -> Result<(), LogError> {
+                    let segs = log.take()?;
+                    if let Some(last) = segs.last() {
+                        log.release(last.seq)?;
+                    }
+                    Ok(())
+                })
+                .await;
+            }
+        }
+    }
+
+    fn publish_stats(&self, row: &VmRow) {
+        for name in &row.disks {
+            let Some(d) = self.disks.get(name) else {
+                continue;
+            };
+            let (backlog, state) = match d.change_log() {
+                Some(l) => (l.unshipped_bytes(), l.state().to_string()),
+                None => (0, "untracked".to_string()),
+            };
+            {
+                let mut m = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+                let fresh = m.get(name).is_some_and(|(b, s, t)| {
+                    *b == backlog && *s == state && t.elapsed() < Duration::from_secs(10)
+                });
+                if fresh {
+                    continue;
+                }
+                m.insert(name.clone(), (backlog, state.clone(), Instant::now()));
+            }
+            let s = DiskStat {
+                vm: row.name.clone(),
+                disk: name.clone(),
+                size: d.size(),
+                backlog,
+                log_state: state,
+                updated_ms: now_ms(),
+            };
+            let _ = self.db(|db| db.put_disk_stat(&s));
+        }
+    }
+
+    fn disks_of(&self, row: &VmRow) -> R<Vec<Disk>> {
+        row.disks
+            .iter()
+            .map(|n| {
+                self.disks
+                    .get(n)
+                    .cloned()
+                    .ok_or_else(|| ReplError::DiskNotServed(n.clone()))
+            })
+            .collect()
+    }
+
+    async fn tick(&self, row: VmRow) -> R<()> {
+        let policy = self.db(|d| d.policy())?;
+        let now = now_ms();
+        if row.phase == Phase::Critical {
+            return Ok(());
+        }
+        if row.next_retry_ms.is_some_and(|t| now < t) {
+            return Ok(());
+        }
+        let r = match row.phase {
+            Phase::EnablingProtection => self.enable(&row, &policy).await,
+            Phase::InitialReplication => {
+                if policy
+                    .initial_start_unix
+                    .is_some_and(|t| now < t.saturating_mul(1000))
+                {
+                    return Ok(());
+                }
+                self.initial(&row, &policy).await
+            }
+            Phase::FinalizeProtection => self.finalize(&row).await,
+            Phase::Protected => self.protected(&row, &policy).await,
+            Phase::ResyncRequired => {
+                let minute = local_minute_of_day((now / 1000) as i64);
+                if row.resync_now || policy.in_resync_window(minute) {
+                    self.db(|d| {
+                        d.modify_vm(&row.name, |v| {
+                            if v.phase == Phase::ResyncRequired {
+                                v.phase = Phase::Resyncing;
+                                v.progress = 0.0;
+                            }
+                        })
+                    })?;
+                }
+                return Ok(());
+            }
+            Phase::Resyncing => self.resync(&row, &policy).await,
+            Phase::Critical => Ok(()),
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(ReplError::Shutdown) => Ok(()),
+            Err(e) => {
+                self.failed(&row, &policy, &e)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Records a failed step: retry later, resync, or Critical.
+    fn failed(&self, row: &VmRow, policy: &Policy, e: &ReplError) -> Result<(), DbError> {
+        let msg = e.to_string();
+        let sched = policy.retry_schedule();
+        self.db(|d| {
+            d.modify_vm(&row.name, |v| {
+                if v.phase != row.phase {
+                    // An admin changed the VM meanwhile (resync, resume): theirs wins.
+                    return;
+                }
+                v.last_error = msg.clone();
+                if let ReplError::NeedsResync { full, reason, .. } = e {
+                    if v.phase != Phase::Resyncing {
+                        v.phase = Phase::ResyncRequired;
+                        v.reason = reason.clone();
+                    }
+                    v.resync_full |= *full;
+                    v.failures = 0;
+                    v.next_retry_ms = None;
+                    return;
+                }
+                match e.class() {
+                    ErrorClass::NonRecoverable => {
+                        v.resume_phase = Some(v.phase);
+                        v.phase = Phase::Critical;
+                        v.reason = msg.clone();
+                        v.next_retry_ms = None;
+                    }
+                    ErrorClass::Recoverable => {
+                        v.failures = v.failures.saturating_add(1);
+                        let delay = sched.delay(v.failures);
+                        v.next_retry_ms = Some(now_ms() + delay.as_millis() as u64);
+                        if v.phase == Phase::Protected {
+                            v.cycles_missed = v.cycles_missed.saturating_add(1);
+                        }
+                    }
+                }
+            })
+        })?;
+        Ok(())
+    }
+
+    fn succeeded(&self, vm: &str, f: impl FnOnce(&mut VmRow)) -> Result<VmRow, DbError> {
+        self.db(|d| {
+            d.modify_vm(vm, |v| {
+                v.failures = 0;
+                v.last_error.clear();
+                v.next_retry_ms = None;
+                f(v);
+            })
+        })
+    }
+
+    /// Runs `body` as a job: finished as succeeded or failed with the error.
+    async fn job<T, F: std::future::Future<Output = R<T>>>(
+        &self,
+        vm: &str,
+        kind: &str,
+        body: impl FnOnce(i64) -> F,
+    ) -> R<T> {
+        let id = self.db(|d| d.start_job(vm, kind))?;
+        let r = body(id).await;
+        let _ = self.db(|d| match &r {
+            Ok(_) => d.finish_job(id, "succeeded", "", ""),
+            Err(ReplError::Shutdown) => d.finish_job(id, "interrupted", "", "gateway stopping"),
+            Err(e) => d.finish_job(id, "failed", "", &e.to_string()),
+        });
+        r
+    }
+
+    fn step(&self, job: i64, name: &str, detail: &str) -> R<()> {
+        self.db(|d| d.step(job, name, detail))?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- enable protection
+
+    async fn enable(&self, row: &VmRow, _policy: &Policy) -> R<()> {
+        self.job(&row.name, "enable-protection", |job| async move {
+            self.step(job, "check disks", &row.disks.join(","))?;
+            let disks = self.disks_of(row)?;
+            for d in &disks {
+                if d.read_only() {
+                    return Err(ReplError::DiskReadOnly(d.name().to_string()));
+                }
+            }
+            self.step(
+                job,
+                "check replica store",
+                "reachable, writable, key matches",
+            )?;
+            let store = self.store().await?;
+            let rel = serde_json::json!({
+                "vm": row.name,
+                "disks": row.disks,
+                "gateway_data_dir": self.dd.root().display().to_string(),
+                "since_unix_ms": now_ms(),
+            });
+            store
+                .put_blob(PROTECTION_NS, &row.name, rel.to_string().as_bytes())
+                .await?;
+            self.step(job, "check local space", "room for the change logs")?;
+            let total: u64 = disks.iter().map(|d| d.size()).sum();
+            check_space(self.dd.root(), total / 2)?;
+            self.step(job, "start change tracking", "")?;
+            for d in &disks {
+                self.attach(d).await?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.succeeded(&row.name, |v| {
+            if v.phase == Phase::EnablingProtection {
+                v.phase = Phase::InitialReplication;
+                v.progress = 0.0;
+            }
+        })?;
+        info!(vm = %row.name, "protection enabled; initial replication starts");
+        Ok(())
+    }
+
+    async fn attach(&self, d: &Disk) -> R<ChangeLog> {
+        let rec = self
+            .dd
+            .disk(d.name())
+            .map_err(|_| ReplError::DiskNotServed(d.name().to_string()))?;
+        let opts = self
+            .dd
+            .config()
+            .log
+            .options()
+            .map_err(|e| ReplError::NeedsResync {
+                disk: d.name().to_string(),
+                reason: e,
+                full: true,
+            })?;
+        if rec.origin != crate::catalog::Origin::Config {
+            let _ = self.dd.set_tracked(d.name(), true);
+        }
+        let (dc, dir, id) = (d.clone(), self.dd.log_dir(d.name()), rec.id.clone());
+        blocking(move || dc.attach_log(&dir, &id, opts))
+            .await
+            .map_err(|e| ReplError::disk(d.name(), e))?;
+        d.change_log()
+            .ok_or_else(|| ReplError::DiskNotServed(d.name().to_string()))
+    }
+
+    fn log_of(&self, d: &Disk) -> R<ChangeLog> {
+        d.change_log().ok_or_else(|| ReplError::NeedsResync {
+            disk: d.name().to_string(),
+            reason: "change tracking is off".into(),
+            full: true,
+        })
+    }
+
+    // ---------------------------------------------------------------- initial replication
+
+    async fn initial(&self, row: &VmRow, policy: &Policy) -> R<()> {
+        let disks = self.disks_of(row)?;
+        let ds = &disks;
+        let store = self.store().await?;
+        let point = self
+            .job(&row.name, "initial-replication", |job| async move {
+                let cs = store.chunk_size() as u64;
+                let mut cks = Vec::new();
+                for d in ds {
+                    let log = match d.change_log() {
+                        Some(l) => l,
+                        None => self.attach(d).await?,
+                    };
+                    let valid = self
+                        .db(|db| db.checkpoint(&row.name, d.name()))?
+                        .filter(|c| {
+                            c.kind == "initial" && c.chain == chain_hex(&log) && log.is_logging()
+                        });
+                    let ck = match valid {
+                        Some(c) => {
+                            self.step(
+                                job,
+                                &format!("resume {}", d.name()),
+                                &format!("at chunk {} of {}", c.position, c.total),
+                            )?;
+                            c
+                        }
+                        None => {
+                            let start = self.start_pass(d, &log).await?;
+                            let index = DiskIndex::new(d.size(), cs as u32)?;
+                            let c = Checkpoint {
+                                vm: row.name.clone(),
+                                disk: d.name().to_string(),
+                                kind: "initial".into(),
+                                chain: chain_hex(&log),
+                                start_lsn: start,
+                                position: 0,
+                                total: index.len(),
+                                bytes_read: 0,
+                                bytes_sent: 0,
+                                index: index.to_bytes(),
+                                todo: Vec::new(),
+                                done: false,
+                            };
+                            self.db(|db| db.put_checkpoint(&c))?;
+                            c
+                        }
+                    };
+                    cks.push(ck);
+                }
+                let total: u64 = ds.iter().map(|d| d.size()).sum::<u64>().max(1);
+                let mut done_before = 0u64;
+                for (d, ck) in ds.iter().zip(cks.iter_mut()) {
+                    if !ck.done {
+                        self.step(
+                            job,
+                            &format!("copy {}", d.name()),
+                            &format!("{} bytes", d.size()),
+                        )?;
+                        self.pass(job, row, d, &store, ck, None, policy, done_before, total)
+                            .await?;
+                    }
+                    done_before += d.size();
+                }
+                self.step(job, "cut first recovery point", "")?;
+                let cut_ms = now_ms();
+                let meta = self.cut_point(row, ds, &store, &cks, None).await?;
+                let sent: u64 = cks.iter().map(|c| c.bytes_sent).sum();
+                self.db(|db| {
+                    db.job_progress(
+                        job,
+                        100.0,
+                        &format!(
+                            "point {} ; {} bytes sent for {} bytes of disk",
+                            meta.id, sent, total
+                        ),
+                    )
+                })?;
+                Ok((meta, cut_ms))
+            })
+            .await?;
+        self.point_made(row, &disks, &point.0, Phase::FinalizeProtection, point.1)
+            .await
+    }
+
+    /// Starts a pass over a disk: a barrier, after which every earlier write is in the image,
+    /// and the earlier segments released. Returns the barrier's LSN.
+    async fn start_pass(&self, d: &Disk, log: &ChangeLog) -> R<u64> {
+        let dc = d.clone();
+        let lsn = blocking(move || Disk::cut(&[dc]))
+            .await
+            .map_err(|e| ReplError::disk(d.name(), e))?[0];
+        let l = log.clone();
+        blocking(move || -> Result<(), LogError> {
+            l.wait_sealed()?;
+            if let Some(last) = l
+                .sealed_segments()
+                .iter()
+                .filter(|s| s.last_lsn <= lsn)
+                .map(|s| s.seq)
+                .max()
+            {
+                l.release(last)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| ReplError::log(d.name(), e))?;
+        Ok(lsn)
+    }
+
+    /// Reads, hashes and stores chunks of a disk (all of them, or `ck.todo`), comparing with
+    /// `base` (the replica's index) to send only what differs. Checkpoints as it goes.
+    #[allow(clippy::too_many_arguments)]
+    async fn pass(
+        &self,
+        job: i64,
+        row: &VmRow,
+        d: &Disk,
+        store: &Store,
+        ck: &mut Checkpoint,
+        base: Option<&(DiskIndex, BTreeSet<u64>)>,
+        policy: &Policy,
+        done_before: u64,
+        total_bytes: u64,
+    ) -> R<()> {
+        let mut index = DiskIndex::from_bytes(&ck.index, "checkpoint")?;
+        let todo: Vec<u64> = ck
+            .todo
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+            .collect();
+        let full = todo.is_empty();
+        let count = if full { index.len() } else { todo.len() as u64 };
+        let writer = PointBuilder::new(store, &row.name)?.writer();
+        let cs = index.chunk_size() as u64;
+        let started = Instant::now();
+        let sent_at_start = ck.bytes_sent;
+        let mut last_ck = Instant::now();
+        while ck.position < count {
+            if self.stopping() {
+                writer.commit().await?;
+                ck.index = index.to_bytes();
+                self.db(|db| db.put_checkpoint(ck))?;
+                return Err(ReplError::Shutdown);
+            }
+            let end = (ck.position + BATCH_CHUNKS as u64).min(count);
+            let batch: Vec<u64> = (ck.position..end)
+                .map(|p| if full { p } else { todo[p as usize] })
+                .collect();
+            let results: Vec<(u64, ChunkId, u64, u64)> =
+                futures::stream::iter(batch.into_iter().map(|ci| {
+                    let (d, store, writer) = (d.clone(), store.clone(), writer.clone());
+                    let len = index.chunk_len(ci);
+                    let known = base.and_then(|(b, patched)| {
+                        (!patched.contains(&ci)).then(|| b.get(ci)).flatten()
+                    });
+                    async move {
+                        let data = d.read(ci * cs, len).await.map_err(|e| ReplError::Io {
+                            disk: d.name().to_string(),
+                            source: e,
+                        })?;
+                        let s2 = store.clone();
+                        let (id, data) = blocking(move || (s2.digest(&data), data)).await;
+                        if known == Some(id) || id.is_zero() {
+                            return Ok::<_, ReplError>((ci, id, len as u64, 0));
+                        }
+                        let out = writer.put_with_id(id, Bytes::from(data)).await?;
+                        Ok((ci, id, len as u64, out.uploaded_bytes))
+                    }
+                }))
+                .buffer_unordered(8)
+                .try_collect()
+                .await?;
+            for (ci, id, read, sent) in results {
+                index.set(ci, id)?;
+                ck.bytes_read += read;
+                ck.bytes_sent += sent;
+            }
+            ck.position = end;
+            if policy.bandwidth_bytes_per_sec > 0 {
+                let want = Duration::from_secs_f64(
+                    (ck.bytes_sent - sent_at_start) as f64 / policy.bandwidth_bytes_per_sec as f64,
+                );
+                if let Some(wait) = want.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            if last_ck.elapsed() >= CHECKPOINT_EVERY || ck.position == count {
+                writer.commit().await?;
+                ck.index = index.to_bytes();
+                ck.done = ck.position == count;
+                self.db(|db| db.put_checkpoint(ck))?;
+                let disk_done = (d.size() * ck.position)
+                    .checked_div(count)
+                    .unwrap_or(d.size());
+                let pct = 100.0 * (done_before + disk_done) as f64 / total_bytes as f64;
+                let detail = format!(
+                    "{}: {} of {} chunks, {} bytes read, {} bytes sent",
+                    d.name(),
+                    ck.position,
+                    count,
+                    ck.bytes_read,
+                    ck.bytes_sent
+                );
+                self.db(|db| {
+                    db.job_progress(job, pct, &detail)?;
+                    db.modify_vm(&row.name, |v| v.progress = pct).map(|_| ())
+                })?;
+                last_ck = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts all of a VM's disks at one barrier and publishes a point. With `parent`, the
+    /// point derives from it (delta); without, each disk's index comes from its checkpoint
+    /// (initial replication, resync). Each disk gets a patch of the records logged after its
+    /// checkpoint's start (or the parent's LSN).
+    async fn cut_point(
+        &self,
+        row: &VmRow,
+        disks: &[Disk],
+        store: &Store,
+        cks: &[Checkpoint],
+        parent: Option<(&PointMeta, Consistency)>,
+    ) -> R<PointMeta> {
+        let dv: Vec<Disk> = disks.to_vec();
+        let lsns = blocking(move || Disk::cut(&dv))
+            .await
+            .map_err(|e| ReplError::disk(&row.name, e))?;
+        let mut b = match parent {
+            Some((p, consistency)) => {
+                let mut b = PointBuilder::from_parent(store, p).await?;
+                b.set_consistency(consistency);
+                b
+            }
+            None => PointBuilder::new(store, &row.name)?,
+        };
+        let policy = self.db(|d| d.policy())?;
+        for (i, d) in disks.iter().enumerate() {
+            let log = self.log_of(d)?;
+            let chain = chain_hex(&log);
+            let after = match parent {
+                Some((p, _)) => {
+                    let entry = p.disk(d.name()).map_err(|_| {
+                        ReplError::InvalidReplica(format!(
+                            "point {} has no disk {}",
+                            p.full_id(),
+                            d.name()
+                        ))
+                    })?;
+                    if p.labels.get(&format!("chain.{}", d.name())) != Some(&chain) {
+                        return Err(ReplError::NeedsResync {
+                            disk: d.name().to_string(),
+                            reason: "the change log restarted since the last recovery point".into(),
+                            full: false,
+                        });
+                    }
+                    entry.source_lsn
+                }
+                None => {
+                    let ck = &cks[i];
+                    b.add_disk(d.name(), d.size())?;
+                    b.set_index(d.name(), DiskIndex::from_bytes(&ck.index, "checkpoint")?)?;
+                    ck.start_lsn
+                }
+            };
+            let upto = lsns[i];
+            let l = log.clone();
+            let size = d.size();
+            let patch = blocking(move || patch_from_log(&l, after, upto, size))
+                .await
+                .map_err(|e| ReplError::log(d.name(), e))?;
+            if !patch.is_empty() {
+                b.add_patch(d.name(), patch).await?;
+            }
+            let pb: u64 = b.patches(d.name())?.iter().map(|p| p.bytes).sum();
+            if pb > policy.fold_patch_bytes {
+                let (n, up) = b.fold(d.name()).await?;
+                info!(vm = %row.name, disk = %d.name(), chunks = n, uploaded = up, "folded patches into chunks");
+            }
+            b.set_source_lsn(d.name(), upto)?;
+            b.set_label(&format!("chain.{}", d.name()), &chain);
+        }
+        Ok(b.publish().await?)
+    }
+
+    /// After a point is published: record it, then release the shipped segments.
+    /// `cut_ms`: when the cut began (the replica is current as of then).
+    async fn point_made(
+        &self,
+        row: &VmRow,
+        disks: &[Disk],
+        p: &PointMeta,
+        next: Phase,
+        cut_ms: u64,
+    ) -> R<()> {
+        let now = cut_ms;
+        self.db(|db| {
+            db.clear_checkpoints(&row.name)?;
+            db.modify_vm(&row.name, |v| {
+                if v.phase == row.phase {
+                    v.phase = next;
+                    v.progress = 100.0;
+                }
+                v.failures = 0;
+                v.last_error.clear();
+                v.next_retry_ms = None;
+                v.last_point = p.id.clone();
+                v.last_point_ms = Some(p.created_unix_ms);
+                v.last_cycle_ms = Some(now);
+                if p.consistency == Consistency::App {
+                    v.last_app_ms = Some(now);
+                }
+            })
+            .map(|_| ())
+        })?;
+        for d in disks {
+            let Ok(entry) = p.disk(d.name()) else {
+                continue;
+            };
+            let lsn = entry.source_lsn;
+            let log = self.log_of(d)?;
+            blocking(move || -> Result<(), LogError> {
+                log.wait_sealed()?;
+                if let Some(last) = log
+                    .sealed_segments()
+                    .iter()
+                    .filter(|s| s.last_lsn <= lsn)
+                    .map(|s| s.seq)
+                    .max()
+                {
+                    log.release(last)?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| ReplError::log(d.name(), e))?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- finalize
+
+    async fn finalize(&self, row: &VmRow) -> R<()> {
+        let store = self.store().await?;
+        self.job(&row.name, "finalize-protection", |job| async move {
+            self.step(job, "verify first recovery point", &row.last_point)?;
+            let p = store.load_point(&row.name, &row.last_point).await?;
+            let rep = store.verify_point(&p).await?;
+            if !rep.is_ok() {
+                return Err(ReplError::InvalidReplica(format!(
+                    "first point {} failed verification: {:?}",
+                    p.full_id(),
+                    rep.bad_objects
+                )));
+            }
+            Ok(())
+        })
+        .await?;
+        self.succeeded(&row.name, |v| {
+            if v.phase == Phase::FinalizeProtection {
+                v.phase = Phase::Protected;
+                v.reason.clear();
+            }
+        })?;
+        info!(vm = %row.name, "VM protected");
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- delta replication
+
+    async fn protected(&self, row: &VmRow, policy: &Policy) -> R<()> {
+        let disks = self.disks_of(row)?;
+        let ds = &disks;
+        // The resync rules.
+        for d in &disks {
+            let Some(log) = d.change_log() else {
+                return Err(ReplError::NeedsResync {
+                    disk: d.name().to_string(),
+                    reason: "change tracking is off".into(),
+                    full: true,
+                });
+            };
+            let st = log.state();
+            if !st.is_healthy() {
+                return Err(ReplError::NeedsResync {
+                    disk: d.name().to_string(),
+                    reason: format!("the change log is {st}"),
+                    full: st.label() == "broken",
+                });
+            }
+            if log.unshipped_ratio() >= 0.5 {
+                return Err(ReplError::NeedsResync {
+                    disk: d.name().to_string(),
+                    reason: format!(
+                        "unshipped log ({} bytes) reached 50% of the disk size",
+                        log.unshipped_bytes()
+                    ),
+                    full: false,
+                });
+            }
+        }
+        let now = now_ms();
+        let due = row
+            .last_cycle_ms
+            .is_none_or(|t| now >= t + policy.interval().as_millis() as u64);
+        if !due && row.failures == 0 {
+            return Ok(());
+        }
+        let changed = disks.iter().any(|d| {
+            d.change_log().is_some_and(|l| {
+                l.active_segment().is_some_and(|a| a.records > 0) || !l.sealed_segments().is_empty()
+            })
+        });
+        let app_due = policy.app_consistent_hours > 0.0
+            && row
+                .last_app_ms
+                .is_none_or(|t| now >= t + (policy.app_consistent_hours * 3_600_000.0) as u64);
+        if !changed && !app_due {
+            // Nothing to ship: the newest point is still the disks' state.
+            self.succeeded(&row.name, |v| {
+                v.last_cycle_ms = Some(now);
+                v.cycles_due = v.cycles_due.saturating_add(1);
+                decay(v);
+            })?;
+            return Ok(());
+        }
+        let store = self.store().await?;
+        let row2 = row.clone();
+        let p = self
+            .job(&row.name, "delta-replication", |job| async move {
+                self.step(job, "find parent point", &row2.last_point)?;
+                let parent = match store.load_point(&row2.name, &row2.last_point).await {
+                    Ok(p) => p,
+                    Err(e) if e.is_not_found() || !e.is_recoverable() => {
+                        return Err(ReplError::NeedsResync {
+                            disk: row2.disks.join(","),
+                            reason: format!(
+                                "the last recovery point {} is not readable in the store ({e}): replica invalid",
+                                row2.last_point
+                            ),
+                            full: false,
+                        })
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let consistency = if app_due {
+                    self.step(job, "freeze", "app-consistent point")?;
+                    run_hook("freeze", policy.freeze_cmd.as_deref(), &row2.name).await?;
+                    Consistency::App
+                } else {
+                    Consistency::Crash
+                };
+                self.step(job, "cut and ship", "")?;
+                let r = self
+                    .cut_point(&row2, ds, &store, &[], Some((&parent, consistency)))
+                    .await;
+                if app_due {
+                    self.step(job, "thaw", "")?;
+                    run_hook("thaw", policy.thaw_cmd.as_deref(), &row2.name).await?;
+                }
+                let p = r?;
+                self.step(job, "prune", &format!("keep {} h", policy.retention_hours))?;
+                let keep = RetentionPolicy {
+                    keep_last: Some(1),
+                    keep_within: Some(Duration::from_secs_f64(policy.retention_hours * 3600.0)),
+                };
+                let pr = store.prune(Some(&row2.name), keep, false).await?;
+                let sizes: u64 = p
+                    .disks
+                    .iter()
+                    .flat_map(|d| d.patches.iter())
+                    .map(|x| x.bytes)
+                    .sum();
+                self.db(|db| {
+                    db.job_progress(
+                        job,
+                        100.0,
+                        &format!(
+                            "point {} ; patch chain {} bytes ; {} points pruned",
+                            p.id,
+                            sizes,
+                            pr.removed.len()
+                        ),
+                    )
+                })?;
+                Ok(p)
+            })
+            .await?;
+        self.point_made(row, &disks, &p, Phase::Protected, now)
+            .await?;
+        self.db(|db| {
+            db.modify_vm(&row.name, |v| {
+                v.cycles_due = v.cycles_due.saturating_add(1);
+                decay(v);
+            })
+        })?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- resync
+
+    async fn resync(&self, row: &VmRow, policy: &Policy) -> R<()> {
+        let disks = self.disks_of(row)?;
+        let ds = &disks;
+        let store = self.store().await?;
+        let row2 = row.clone();
+        let p = self
+            .job(&row.name, "resync", |job| async move {
+                let row = &row2;
+                let cs = store.chunk_size() as u64;
+                let parent = match store.latest_point(&row.name).await? {
+                    Some(p) if p.disks.iter().all(|e| row.disks.contains(&e.name)) => Some(p),
+                    _ => None,
+                };
+                let mut cks = Vec::new();
+                let mut bases = Vec::new();
+                for d in ds {
+                    let log = match d.change_log() {
+                        Some(l) => l,
+                        None => self.attach(d).await?,
+                    };
+                    let (base, patched) = match &parent {
+                        Some(p) if p.disk(d.name()).is_ok_and(|e| e.size == d.size()) => {
+                            let idx = store.load_index(p, d.name()).await?;
+                            let e = p.disk(d.name())?;
+                            let patch = store.load_patches(&e.patches, e.size).await?;
+                            (idx, patch.touched_chunks(cs))
+                        }
+                        _ => (DiskIndex::new(d.size(), cs as u32)?, BTreeSet::new()),
+                    };
+                    let valid = self.db(|db| db.checkpoint(&row.name, d.name()))?.filter(|c| {
+                        c.kind == "resync" && c.chain == chain_hex(&log) && log.is_logging()
+                    });
+                    let ck = match valid {
+                        Some(c) => {
+                            self.step(job, &format!("resume {}", d.name()), &format!("{} of {}", c.position, c.total))?;
+                            c
+                        }
+                        None => {
+                            self.step(job, &format!("restart change log of {}", d.name()), "")?;
+                            let entry = parent.as_ref().and_then(|p| p.disk(d.name()).ok());
+                            let same_chain = parent.as_ref().is_some_and(|p| {
+                                p.labels.get(&format!("chain.{}", d.name())) == Some(&chain_hex(&log))
+                            });
+                            let after = match (entry, same_chain) {
+                                (Some(e), true) => Some(e.source_lsn),
+                                _ => None,
+                            };
+                            let full_wanted = row.resync_full || parent.is_none() || after.is_none();
+                            let (todo, full) =
+                                self.restart_log(d, &log, after, full_wanted, cs).await?;
+                            let mut todo: BTreeSet<u64> = todo;
+                            todo.extend(patched.iter().copied());
+                            let todo_bytes: Vec<u8> = if full {
+                                Vec::new()
+                            } else {
+                                todo.iter().flat_map(|c| c.to_le_bytes()).collect()
+                            };
+                            let nchunks = base.len();
+                            self.step(
+                                job,
+                                &format!("compare {}", d.name()),
+                                &if full {
+                                    format!("all {nchunks} chunks (no trustworthy change record)")
+                                } else {
+                                    format!("{} of {nchunks} chunks changed per log and bitmap", todo.len())
+                                },
+                            )?;
+                            let c = Checkpoint {
+                                vm: row.name.clone(),
+                                disk: d.name().to_string(),
+                                kind: "resync".into(),
+                                chain: chain_hex(&log),
+                                start_lsn: 0,
+                                position: 0,
+                                total: if full { nchunks } else { todo.len() as u64 },
+                                bytes_read: 0,
+                                bytes_sent: 0,
+                                index: base.to_bytes(),
+                                todo: todo_bytes,
+                                done: false,
+                            };
+                            // An empty todo list means a full pass: mark done at once instead.
+                            let mut c = c;
+                            if !full && todo.is_empty() {
+                                c.done = true;
+                            }
+                            self.db(|db| db.put_checkpoint(&c))?;
+                            c
+                        }
+                    };
+                    cks.push(ck);
+                    bases.push((base, patched));
+                }
+                let total: u64 = ds.iter().map(|d| d.size()).sum::<u64>().max(1);
+                let mut before = 0;
+                for ((d, ck), base) in ds.iter().zip(cks.iter_mut()).zip(bases.iter()) {
+                    if !ck.done {
+                        self.step(job, &format!("send differing chunks of {}", d.name()), "")?;
+                        self.pass(job, row, d, &store, ck, Some(base), policy, before, total).await?;
+                    }
+                    before += d.size();
+                }
+                self.step(job, "cut recovery point", "")?;
+                let cut_ms = now_ms();
+                let p = self.cut_point(row, ds, &store, &cks, None).await?;
+                let sent: u64 = cks.iter().map(|c| c.bytes_sent).sum();
+                let read: u64 = cks.iter().map(|c| c.bytes_read).sum();
+                let summary = format!(
+                    "point {} ; resync read {read} bytes, sent {sent} bytes for {total} bytes of disk ({:.2}%)",
+                    p.id,
+                    100.0 * sent as f64 / total as f64
+                );
+                self.db(|db| db.job_progress(job, 100.0, &summary))?;
+                Ok((p, summary, cut_ms))
+            })
+            .await?;
+        let (p, summary, cut_ms) = (p.0, p.1, p.2);
+        self.point_made(row, &disks, &p, Phase::Protected, cut_ms)
+            .await?;
+        self.succeeded(&row.name, |v| {
+            if v.phase == Phase::Protected {
+                v.reason.clear();
+                v.resync_now = false;
+                v.resync_full = false;
+            }
+        })?;
+        info!(vm = %row.name, "{summary}");
+        Ok(())
+    }
+
+    /// Starts a new log chain on a disk and returns the chunks that may differ from the
+    /// replica (everything logged after `after`, plus the dirty bitmap) — or `full` when no
+    /// trustworthy record exists.
+    async fn restart_log(
+        &self,
+        d: &Disk,
+        log: &ChangeLog,
+        after: Option<u64>,
+        full_wanted: bool,
+        cs: u64,
+    ) -> R<(BTreeSet<u64>, bool)> {
+        let dirty = d.dirty_map();
+        let (l, dc) = (log.clone(), d.clone());
+        let r = blocking(move || -> Result<(BTreeSet<u64>, bool), LogError> {
+            let mut full = full_wanted || l.state().label() == "broken";
+            let mut todo = BTreeSet::new();
+            if !full {
+                // Scan what is logged so far (writes continue meanwhile) ...
+                let (set, last) = chunks_in_log(l.dir(), after.unwrap_or(0), cs)?;
+                todo = set;
+                // ... then hold writes back, scan the rest and restart the chain.
+                dc.with_writes_paused(|| -> Result<(), LogError> {
+                    let (rest, _) = chunks_in_log(l.dir(), last, cs)?;
+                    todo.extend(rest);
+                    if let Some(m) = &dirty {
+                        if !m.trusted() && !l.is_logging() {
+                            full = true;
+                        }
+                        todo.extend(m.dirty_chunks(cs));
+                    }
+                    l.reset()?;
+                    if let Some(m) = &dirty {
+                        m.clear()
+                            .map_err(LogError::io("cannot save the dirty bitmap of", l.dir()))?;
+                    }
+                    Ok(())
+                })?;
+            } else {
+                dc.with_writes_paused(|| -> Result<(), LogError> {
+                    l.reset()?;
+                    if let Some(m) = &dirty {
+                        m.clear()
+                            .map_err(LogError::io("cannot save the dirty bitmap of", l.dir()))?;
+                    }
+                    Ok(())
+                })?;
+            }
+            Ok((todo, full))
+        })
+        .await
+        .map_err(|e| ReplError::log(d.name(), e))?;
+        Ok(r)
+    }
+}
+
+/// Halves the cycle counters now and then so health reflects recent cycles.
+fn decay(v: &mut VmRow) {
+    if v.cycles_due >= 100 {
+        v.cycles_due /= 2;
+        v.cycles_missed /= 2;
+    }
+}
+
+fn check_space(dir: &Path, needed: u64) -> R<()> {
+    let free = crate::fastio::free_bytes(dir).map_err(|e| ReplError::Io {
+        disk: dir.display().to_string(),
+        source: e,
+    })?;
+    if free < needed {
+        return Err(ReplError::LowSpace {
+            path: dir.to_path_buf(),
+            free,
+            needed,
+        });
+    }
+    Ok(())
+}
+
+async fn run_hook(what: &str, cmd: Option<&str>, vm: &str) -> R<()> {
+    let Some(cmd) = cmd else {
+        return Ok(());
+    };
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("STANDBY_VM", vm)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), out)
+        .await
+        .map_err(|_| ReplError::Hook {
+            what: what.into(),
+            message: "timed out after 300 s".into(),
+        })?
+        .map_err(|e| ReplError::Hook {
+            what: what.into(),
+            message: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(ReplError::Hook {
+            what: what.into(),
+            message: format!(
+                "{} exited with {}: {}",
+                cmd,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Records of the log's segments with `after < lsn <= upto`, as one patch.
+pub fn patch_from_log(
+    log: &ChangeLog,
+    after: u64,
+    upto: u64,
+    disk_size: u64,
+) -> Result<Patch, LogError> {
+    log.wait_sealed()?;
+    let mut patch = Patch::new(disk_size);
+    for seg in log.sealed_segments() {
+        if seg.last_lsn <= after || seg.first_lsn > upto {
+            continue;
+        }
+        let b = std::fs::read(&seg.path).map_err(LogError::io("cannot read", &seg.path))?;
+        let dec = decode_segment(&b).map_err(|e| LogError::Io {
+            what: "cannot decode",
+            path: seg.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        for r in &dec.records {
+            let h = &r.header;
+            if h.lsn <= after || h.lsn > upto {
+                continue;
+            }
+            let res = match h.kind {
+                Kind::Write => patch.write(h.offset, &b[r.data.clone()]),
+                Kind::Trim | Kind::WriteZeroes => patch.zero(h.offset, h.length),
+                Kind::Flush => Ok(()),
+            };
+            res.map_err(|e| LogError::Io {
+                what: "cannot use a record of",
+                path: seg.path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+    }
+    Ok(patch)
+}
+
+/// Chunks touched by the records in a log directory with LSN > `after`, and the last LSN seen.
+fn chunks_in_log(dir: &Path, after: u64, cs: u64) -> Result<(BTreeSet<u64>, u64), LogError> {
+    let mut out = BTreeSet::new();
+    let mut last = after;
+    for (_, path) in list_segments(dir).map_err(LogError::io("cannot list", dir))? {
+        let b = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(LogError::io("cannot read", &path)(e)),
+        };
+        let Ok(dec) = decode_segment(&b) else {
+            continue;
+        };
+        for r in &dec.records {
+            let h = &r.header;
+            if h.lsn <= after || h.kind == Kind::Flush || h.length == 0 {
+                continue;
+            }
+            last = last.max(h.lsn);
+            out.extend(h.offset / cs..=(h.offset + h.length - 1) / cs);
+        }
+    }
+    Ok((out, last))
+}
+
+/// Everything the engine needs from `serve`: build it from the served disks.
+pub fn disk_map(disks: impl IntoIterator<Item = Disk>) -> HashMap<String, Disk> {
+    disks
+        .into_iter()
+        .map(|d| (d.name().to_string(), d))
+        .collect::<BTreeMap<_, _>>()
+        .into_iter()
+        .collect()
+}

@@ -1,0 +1,60 @@
+//! Where this gateway's replica store is: `<data-dir>/replica-store.toml` (written by
+//! `standby store init`), or the embedded default, a local store in `<data-dir>/store`.
+
+use std::path::{Path, PathBuf};
+
+use replica_store::{Store, StoreKey, StoreLocation};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// File name of the location file.
+pub const LOCATION_FILE: &str = "replica-store.toml";
+
+#[derive(Debug, Error)]
+pub enum SiteError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid store location: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    Store(#[from] replica_store::Error),
+}
+
+/// Contents of the location file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LocationFile {
+    pub location: StoreLocation,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// The store location of a data directory.
+pub fn load_location(data_dir: &Path) -> Result<LocationFile, SiteError> {
+    let p = data_dir.join(LOCATION_FILE);
+    match std::fs::read_to_string(&p) {
+        Ok(text) => toml::from_str(&text).map_err(|e| SiteError::Parse {
+            path: p.clone(),
+            message: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LocationFile {
+            location: StoreLocation::Local {
+                path: data_dir.join("store"),
+            },
+            key_file: None,
+        }),
+        Err(source) => Err(SiteError::Read { path: p, source }),
+    }
+}
+
+/// Opens the data directory's store (with its key, when it has one).
+pub async fn open_store(data_dir: &Path) -> Result<Store, SiteError> {
+    let loc = load_location(data_dir)?;
+    let key = match &loc.key_file {
+        Some(k) => Some(StoreKey::load(k)?),
+        None => None,
+    };
+    Ok(loc.location.open(key.as_ref()).await?)
+}

@@ -1,0 +1,222 @@
+//! Helpers for replication tests: a site (data directory with disks and a store), waiting for
+//! protection states and points, exporting points, writing through NBD with an oracle.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, RngCore, SeedableRng};
+
+use crate::nbd_client::RawClient;
+use crate::{run, run_stdout, standby};
+
+/// `standby status` output.
+pub fn status(dd: &Path) -> String {
+    run_stdout(standby(dd).arg("status"))
+}
+
+/// The `state` line of a VM in `standby status`.
+pub fn state(dd: &Path, vm: &str) -> String {
+    let s = status(dd);
+    let mut in_vm = false;
+    for l in s.lines() {
+        if let Some(n) = l.strip_prefix("VM ") {
+            in_vm = n.trim() == vm;
+        } else if in_vm {
+            if let Some(st) = l.trim().strip_prefix("state") {
+                return st.trim().to_string();
+            }
+        }
+    }
+    String::new()
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or fails after `timeout` with `what` and
+/// the gateway's status and jobs.
+pub fn wait_for<T>(
+    dd: &Path,
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\nstatus:\n{}\njobs:\n{}",
+                status(dd),
+                jobs(dd)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the VM's state line starts with `prefix`.
+pub fn wait_state(dd: &Path, vm: &str, prefix: &str, timeout: Duration) {
+    wait_for(dd, &format!("VM {vm} to be {prefix}"), timeout, || {
+        state(dd, vm).starts_with(prefix).then_some(())
+    });
+}
+
+/// `standby jobs --limit 50` output.
+pub fn jobs(dd: &Path) -> String {
+    run_stdout(standby(dd).args(["jobs", "--limit", "50"]))
+}
+
+/// Point ids (`VM/ID`) of a VM, oldest first.
+pub fn points(dd: &Path, vm: &str) -> Vec<String> {
+    run_stdout(standby(dd).args(["points", "list", vm]))
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some(format!("{}/{}", w.next()?, w.next()?))
+        })
+        .collect()
+}
+
+/// UTC now in the point-id time format (`YYYYMMDDTHHMMSS.mmmZ`): ids compare as strings.
+pub fn id_now() -> String {
+    let o = Command::new("date")
+        .args(["-u", "+%Y%m%dT%H%M%S.%3NZ"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// When the VM's replica was last current (from `standby status`), as an [`id_now`] value.
+pub fn current_as_of(dd: &Path, vm: &str) -> Option<String> {
+    let s = status(dd);
+    let mut in_vm = false;
+    for l in s.lines() {
+        if let Some(n) = l.strip_prefix("VM ") {
+            in_vm = n.trim() == vm;
+        } else if in_vm {
+            if let Some(i) = l.find("current as of ") {
+                let t = l[i + 14..].trim_end_matches(')');
+                return Some(t.replace(['-', ':'], "").replace(' ', "T"));
+            }
+        }
+    }
+    None
+}
+
+/// Waits until the replica of `vm` is current as of a moment after `since` (an [`id_now`]
+/// value taken after the writes to check), then returns its newest point.
+pub fn synced_point(dd: &Path, vm: &str, since: &str, timeout: Duration) -> String {
+    wait_for(
+        dd,
+        &format!("{vm} to be replicated as of {since}"),
+        timeout,
+        || current_as_of(dd, vm).filter(|t| t.as_str() > since),
+    );
+    points(dd, vm).pop().expect("a point")
+}
+
+/// Exports one disk of a point to a file and returns its bytes.
+pub fn export(dd: &Path, point: &str, disk: &str, out: &Path) -> Vec<u8> {
+    run(standby(dd)
+        .args(["store", "export", point])
+        .arg(out)
+        .args(["--disk", disk]));
+    std::fs::read(out).expect("read export")
+}
+
+/// Asserts two disk images are equal, naming the first differing 4 KiB block.
+pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: sizes differ");
+    if got != want {
+        let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+        panic!(
+            "{what}: content differs, first at byte {i} (block {} of 4 KiB)",
+            i / 4096
+        );
+    }
+}
+
+/// A connection writing to an export while keeping the expected disk bytes.
+pub struct OracleWriter {
+    pub client: RawClient,
+    pub oracle: Vec<u8>,
+    rng: rand::rngs::StdRng,
+}
+
+impl OracleWriter {
+    /// Connects to `export` and starts from `initial` (the disk's current bytes).
+    pub fn new(addr: std::net::SocketAddr, export: &str, initial: Vec<u8>, seed: u64) -> Self {
+        let mut client = RawClient::connect(addr).expect("connect");
+        assert_eq!(client.go(export).expect("go"), crate::nbd_client::REP_ACK);
+        OracleWriter {
+            client,
+            oracle: initial,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// Writes `data` at `offset` and records it.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        assert_eq!(self.client.write(offset, data).expect("write"), 0);
+        self.oracle[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+    }
+
+    /// `n` random writes (sizes 512 B .. 256 KiB, 512-aligned) anywhere in the disk.
+    pub fn random_writes(&mut self, n: usize) -> u64 {
+        let size = self.oracle.len() as u64;
+        let mut total = 0;
+        for _ in 0..n {
+            let len = self.rng.gen_range(1..=512u64) * 512;
+            let off = self.rng.gen_range(0..(size - len) / 512) * 512;
+            let mut buf = vec![0u8; len as usize];
+            self.rng.fill_bytes(&mut buf);
+            self.write(off, &buf);
+            total += len;
+        }
+        assert_eq!(self.client.flush().expect("flush"), 0);
+        total
+    }
+}
+
+/// Reads a whole export through NBD with qemu-img (a real client) into a file's bytes.
+pub fn read_export(uri: &str, out: &Path) -> Vec<u8> {
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", uri])
+        .arg(out));
+    std::fs::read(out).expect("read")
+}
+
+/// A data directory with a local store, the given disks and a fast policy.
+pub fn site(root: &Path, disks: &[(&str, &str)]) -> PathBuf {
+    let dd = root.join("dd");
+    for (name, size) in disks {
+        run(standby(&dd).args(["disk", "create", name, "--size", size]));
+    }
+    run(standby(&dd).args(["store", "init"]));
+    fast_policy(&dd, "1s");
+    dd
+}
+
+/// Interval as given, resync window always, retries 60× faster.
+pub fn fast_policy(dd: &Path, interval: &str) {
+    run(standby(dd).args([
+        "policy",
+        "set",
+        "--interval",
+        interval,
+        "--resync-window",
+        "always",
+        "--retry-time-scale",
+        "60",
+    ]));
+}
+
+/// The detail column of the newest job of `kind` (from `standby jobs`).
+pub fn last_job_detail(dd: &Path, kind: &str) -> Option<String> {
+    jobs(dd)
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some(kind) && l.contains("succeeded"))
+        .map(|l| l.to_string())
+}

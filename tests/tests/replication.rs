@@ -1,0 +1,584 @@
+//! Replication end to end: `standby serve` with its engine, real NBD clients (fio, qemu-img,
+//! raw protocol writers), a local store and the real S3 server; points exported and compared
+//! with an oracle of the bytes written.
+
+use std::process::Command;
+use std::time::Duration;
+
+use standby_e2e::garage::Garage;
+use standby_e2e::repl::*;
+use standby_e2e::{random_file, require_tool, run, run_stdout, standby, test_dir, Gateway};
+
+const MIB: u64 = 1 << 20;
+const T: Duration = Duration::from_secs(60);
+
+fn fails_with(cmd: &mut Command, needle: &str) -> String {
+    let o = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "{cmd:?} should fail");
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "{cmd:?}: expected {needle:?} in:\n{err}"
+    );
+    err
+}
+
+fn fill(g: &Gateway, export: &str, bytes: u64, seed: u64, dir: &std::path::Path) {
+    let f = dir.join(format!("fill-{export}-{seed}.bin"));
+    random_file(&f, bytes, seed);
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&f)
+        .arg(g.uri(export)));
+}
+
+/// fio writes through NBD while initial replication runs; the first point and every delta
+/// point after it equal the bytes written (the oracle), on two disks.
+#[test]
+fn initial_replication_under_fio_then_deltas_match_the_oracle() {
+    require_tool("fio");
+    let t = test_dir("repl-ir");
+    let dd = site(t.path(), &[("a", "96M"), ("b", "32M")]);
+    // A slow initial copy so fio overlaps it.
+    run(standby(&dd).args(["policy", "set", "--bandwidth", "24M"]));
+    let g = Gateway::start(&dd, &[]);
+    fill(&g, "a", 64 * MIB, 1, t.path());
+    fill(&g, "b", 8 * MIB, 2, t.path());
+    run(standby(&dd).args(["protect", "web", "--disks", "a,b"]));
+    wait_state(&dd, "web", "InitialReplication", T);
+    let fio = run_stdout(Command::new("fio").current_dir(t.path()).args([
+        "--name=during-ir",
+        "--ioengine=nbd",
+        &format!("--uri={}", g.uri("a")),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=96M",
+        "--time_based",
+        "--runtime=3",
+        "--randseed=5",
+    ]));
+    assert!(fio.contains("WRITE:"), "fio output: {fio}");
+    // Still copying when fio ended: the writes were made during initial replication.
+    let st = state(&dd, "web");
+    assert!(
+        st.starts_with("InitialReplication"),
+        "initial replication should outlast fio (state {st})"
+    );
+    run(standby(&dd).args(["policy", "set", "--bandwidth", "0"]));
+    wait_state(&dd, "web", "Protected", T);
+    let since = id_now();
+    let a0 = read_export(&g.uri("a"), &t.path().join("a0.img"));
+    let b0 = read_export(&g.uri("b"), &t.path().join("b0.img"));
+    let p = synced_point(&dd, "web", &since, T);
+    assert_same(
+        "disk a after initial replication",
+        &export(&dd, &p, "a", &t.path().join("pa")),
+        &a0,
+    );
+    assert_same(
+        "disk b after initial replication",
+        &export(&dd, &p, "b", &t.path().join("pb")),
+        &b0,
+    );
+    let ir = last_job_detail(&dd, "initial-replication").expect("an initial-replication job");
+    assert!(ir.contains("bytes sent"), "{ir}");
+
+    // Deltas: random writes on both disks, plus zeroing, each round checked against the oracle.
+    let mut wa = OracleWriter::new(g.addr, "a", a0, 11);
+    let mut wb = OracleWriter::new(g.addr, "b", b0, 12);
+    for round in 0..3 {
+        wa.random_writes(40);
+        wb.random_writes(10);
+        if round == 1 {
+            run(Command::new("qemu-io")
+                .args(["-f", "raw", "-c", "write -z 1M 3M"])
+                .arg(g.uri("a")));
+            wa.oracle[MIB as usize..4 * MIB as usize].fill(0);
+        }
+        let since = id_now();
+        let p = synced_point(&dd, "web", &since, T);
+        let what = format!("round {round} point {p}");
+        assert_same(
+            &format!("{what} disk a"),
+            &export(&dd, &p, "a", &t.path().join("da")),
+            &wa.oracle,
+        );
+        assert_same(
+            &format!("{what} disk b"),
+            &export(&dd, &p, "b", &t.path().join("db")),
+            &wb.oracle,
+        );
+    }
+    let verify = run_stdout(standby(&dd).args(["store", "verify"]));
+    assert!(verify.contains("OK"), "{verify}");
+    // Every job step is visible.
+    let j = jobs(&dd);
+    assert!(
+        j.contains("delta-replication") && j.contains("finalize-protection"),
+        "{j}"
+    );
+    let id = j
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let show = run_stdout(standby(&dd).args(["job", "show", &id]));
+    assert!(show.contains("steps:"), "{show}");
+    assert_eq!(g.stop().code(), Some(0));
+}
+
+/// A write on disk x acknowledged before a write on disk y starts is never missing from a
+/// point that holds the write on y.
+#[test]
+fn points_are_consistent_across_the_disks_of_a_vm() {
+    let t = test_dir("repl-consistency");
+    let dd = site(t.path(), &[("x", "4M"), ("y", "4M")]);
+    fast_policy(&dd, "continuous");
+    let g = Gateway::start(&dd, &[]);
+    run(standby(&dd).args(["protect", "db", "--disks", "x,y"]));
+    wait_state(&dd, "db", "Protected", T);
+    let first = points(&dd, "db").len();
+    let (addr, stop) = (
+        g.addr,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let s2 = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let mut x = standby_e2e::nbd_client::RawClient::connect(addr).unwrap();
+        x.go("x").unwrap();
+        let mut y = standby_e2e::nbd_client::RawClient::connect(addr).unwrap();
+        y.go("y").unwrap();
+        let mut n: u64 = 0;
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            let block = vec![n.to_le_bytes(); 512].concat();
+            let off = (n % 64) * 4096;
+            assert_eq!(x.write(off, &block).unwrap(), 0);
+            assert_eq!(y.write(off, &block).unwrap(), 0);
+        }
+        n
+    });
+    wait_for(&dd, "6 points cut during the write pairs", T, || {
+        (points(&dd, "db").len() >= first + 6).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let total = writer.join().unwrap();
+    assert!(total > 100, "only {total} write pairs");
+    let max_seq = |img: &[u8]| {
+        img[..64 * 4096]
+            .chunks(4096)
+            .map(|b| u64::from_le_bytes(b[..8].try_into().unwrap()))
+            .max()
+            .unwrap()
+    };
+    let pts = points(&dd, "db");
+    let mut checked = 0;
+    for p in pts.iter().skip(first) {
+        let x = max_seq(&export(&dd, p, "x", &t.path().join("x.img")));
+        let y = max_seq(&export(&dd, p, "y", &t.path().join("y.img")));
+        assert!(
+            y <= x && x <= y + 1,
+            "point {p}: x at {x}, y at {y}: the cut split a write pair"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 6);
+    assert_eq!(g.stop().code(), Some(0));
+}
+
+/// Unshipped log past 50% of the disk marks the VM for resync, which hashes only the chunks
+/// the log names and sends only those; a full resync afterwards finds nothing to send.
+#[test]
+fn resync_after_the_fifty_percent_rule_sends_only_changed_chunks() {
+    let t = test_dir("repl-resync");
+    let dd = site(t.path(), &[("d", "64M")]);
+    let g = Gateway::start(&dd, &[]);
+    fill(&g, "d", 16 * MIB, 3, t.path());
+    run(standby(&dd).args(["protect", "vm", "--disks", "d"]));
+    wait_state(&dd, "vm", "Protected", T);
+    // Ship nothing for an hour: the log only grows.
+    fast_policy(&dd, "1h");
+    let img = t.path().join("new.bin");
+    random_file(&img, 36 * MIB, 4);
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c"])
+        .arg(format!("write -s {} 20M 36M", img.display()))
+        .arg(g.uri("d")));
+    wait_for(&dd, "a resync job", T, || last_job_detail(&dd, "resync"));
+    wait_state(&dd, "vm", "Protected", T);
+    let detail = last_job_detail(&dd, "resync").unwrap();
+    let num = |key: &str| -> u64 {
+        let i = detail
+            .find(key)
+            .unwrap_or_else(|| panic!("{key} in {detail}"));
+        detail[i + key.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (read, sent) = (num("read "), num("sent "));
+    assert!(
+        read <= 37 * MIB,
+        "resync hashed {read} bytes for 36 MiB changed: {detail}"
+    );
+    assert!(
+        (36 * MIB..=37 * MIB).contains(&sent),
+        "resync sent {sent} bytes: {detail}"
+    );
+    let want = read_export(&g.uri("d"), &t.path().join("want.img"));
+    let p = points(&dd, "vm").pop().unwrap();
+    assert_same(
+        "after resync",
+        &export(&dd, &p, "d", &t.path().join("got.img")),
+        &want,
+    );
+
+    // A full resync hashes every chunk and sends nothing: the replica is already equal.
+    run(standby(&dd).args(["resync", "vm", "--full"]));
+    wait_for(&dd, "the full resync", T, || {
+        last_job_detail(&dd, "resync").filter(|d| d != &detail)
+    });
+    wait_state(&dd, "vm", "Protected", T);
+    let full = last_job_detail(&dd, "resync").unwrap();
+    assert!(full.contains(&format!("read {} bytes", 64 * MIB)), "{full}");
+    assert!(full.contains("sent 0 bytes"), "{full}");
+    assert_eq!(g.stop().code(), Some(0));
+}
+
+/// A log that overflows (file system "full") keeps the disk writable; the dirty bitmap makes
+/// the resync hash only the chunks written meanwhile.
+#[test]
+fn log_overflow_resyncs_from_the_dirty_bitmap() {
+    let t = test_dir("repl-overflow");
+    let dd = site(t.path(), &[("d", "64M")]);
+    let g = Gateway::start(&dd, &[]);
+    fill(&g, "d", 32 * MIB, 5, t.path());
+    run(standby(&dd).args(["protect", "vm", "--disks", "d"]));
+    wait_state(&dd, "vm", "Protected", T);
+    fast_policy(&dd, "1h");
+    assert_eq!(g.stop().code(), Some(0));
+    // Now every free-space check fails: the next rotation overflows the log.
+    std::fs::write(
+        dd.join("standby.toml"),
+        "[log]\nsegment_size = \"64K\"\nmin_free = \"1000T\"\nmin_free_percent = 100\n",
+    )
+    .unwrap();
+    let g = Gateway::start(&dd, &[]);
+    let initial = read_export(&g.uri("d"), &t.path().join("i.img"));
+    let mut w = OracleWriter::new(g.addr, "d", initial, 21);
+    for i in 0..24u64 {
+        w.write(i * 2 * MIB + 4096, &vec![i as u8 + 1; 8192]);
+    }
+    assert_eq!(w.client.flush().unwrap(), 0);
+    wait_for(&dd, "the overflow resync", T, || {
+        last_job_detail(&dd, "resync")
+    });
+    let detail = last_job_detail(&dd, "resync").unwrap();
+    let show =
+        run_stdout(standby(&dd).args(["job", "show", detail.split_whitespace().next().unwrap()]));
+    assert!(show.contains("changed per log and bitmap"), "{show}");
+    // 24 writes of 8 KiB: 24 chunks hashed, not 1,024.
+    assert!(show.contains("24 of 1024 chunks"), "{show}");
+    let p = points(&dd, "vm").pop().unwrap();
+    assert_same(
+        "after overflow resync",
+        &export(&dd, &p, "d", &t.path().join("o.img")),
+        &w.oracle,
+    );
+    drop(w);
+    g.stop();
+}
+
+/// The store on the real S3 server: an outage makes deltas fail and retry on the back-off
+/// schedule (Warning, next retry shown); when the server returns, replication converges.
+#[test]
+fn s3_outage_retries_then_converges() {
+    let Some(mut garage) = Garage::start_or_skip() else {
+        return;
+    };
+    let t = test_dir("repl-s3");
+    let dd = t.path().join("dd");
+    run(standby(&dd).args(["disk", "create", "d", "--size", "32M"]));
+    let (ak, sk) = (garage.access_key.clone(), garage.secret_key.clone());
+    // CLI calls of this test (one process per test) reach the store with these.
+    std::env::set_var("AWS_ACCESS_KEY_ID", &ak);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", &sk);
+    let env = [
+        ("AWS_ACCESS_KEY_ID", ak.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", sk.as_str()),
+    ];
+    run(standby(&dd)
+        .envs(env)
+        .args(["store", "init", "--s3-endpoint", &garage.s3_endpoint])
+        .args([
+            "--s3-bucket",
+            &garage.bucket,
+            "--s3-region",
+            "garage",
+            "--path-style",
+        ]));
+    fast_policy(&dd, "1s");
+    let g = Gateway::start_env(&dd, &[], &env);
+    fill(&g, "d", 8 * MIB, 6, t.path());
+    run(standby(&dd)
+        .envs(env)
+        .args(["protect", "vm", "--disks", "d"]));
+    wait_state(&dd, "vm", "Protected", T);
+    let initial = read_export(&g.uri("d"), &t.path().join("i.img"));
+    let mut w = OracleWriter::new(g.addr, "d", initial, 31);
+
+    garage.stop();
+    w.random_writes(30);
+    wait_for(&dd, "a failed delta with a retry scheduled", T, || {
+        let s = status(&dd);
+        (s.contains("next retry") && s.contains("Warning")).then_some(s)
+    });
+    wait_for(
+        &dd,
+        "a third failed attempt",
+        Duration::from_secs(90),
+        || (jobs(&dd).matches("failed").count() >= 3).then_some(()),
+    );
+    let failed_before_restart = jobs(&dd).matches("failed").count();
+    garage.restart();
+    let since = id_now();
+    let p = synced_point(&dd, "vm", &since, Duration::from_secs(120));
+    assert_same(
+        "after the outage",
+        &export_env(&dd, &p, "d", &t.path().join("o.img"), &env),
+        &w.oracle,
+    );
+    let s = status(&dd);
+    assert!(
+        !s.contains("last error") && !s.contains("next retry"),
+        "{s}"
+    );
+    assert!(failed_before_restart >= 3);
+    drop(w);
+    g.stop();
+}
+
+fn export_env(
+    dd: &std::path::Path,
+    p: &str,
+    disk: &str,
+    out: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Vec<u8> {
+    run(standby(dd)
+        .envs(env.iter().copied())
+        .args(["store", "export", p])
+        .arg(out)
+        .args(["--disk", disk]));
+    std::fs::read(out).unwrap()
+}
+
+/// Wrong credentials are not retried: the VM turns Critical with the reason until an admin
+/// resumes it.
+#[test]
+fn auth_failure_is_critical_without_retries() {
+    let Some(garage) = Garage::start_or_skip() else {
+        return;
+    };
+    let t = test_dir("repl-auth");
+    let dd = t.path().join("dd");
+    run(standby(&dd).args(["disk", "create", "d", "--size", "16M"]));
+    std::env::set_var("AWS_ACCESS_KEY_ID", &garage.access_key);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", &garage.secret_key);
+    let env = [
+        ("AWS_ACCESS_KEY_ID", garage.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", garage.secret_key.as_str()),
+    ];
+    run(standby(&dd)
+        .envs(env)
+        .args(["store", "init", "--s3-endpoint", &garage.s3_endpoint])
+        .args([
+            "--s3-bucket",
+            &garage.bucket,
+            "--s3-region",
+            "garage",
+            "--path-style",
+        ]));
+    fast_policy(&dd, "1s");
+    let g = Gateway::start_env(&dd, &[], &env);
+    run(standby(&dd)
+        .envs(env)
+        .args(["protect", "vm", "--disks", "d"]));
+    wait_state(&dd, "vm", "Protected", T);
+    assert_eq!(g.stop().code(), Some(0));
+
+    let bad = [
+        ("AWS_ACCESS_KEY_ID", garage.access_key.as_str()),
+        (
+            "AWS_SECRET_ACCESS_KEY",
+            "0000000000000000000000000000000000000000000000000000000000000000",
+        ),
+    ];
+    let g = Gateway::start_env(&dd, &[], &bad);
+    let mut c = standby_e2e::nbd_client::RawClient::connect(g.addr).unwrap();
+    c.go("d").unwrap();
+    assert_eq!(c.write(0, &[7u8; 4096]).unwrap(), 0);
+    wait_state(&dd, "vm", "Critical", T);
+    let s = status(&dd);
+    assert!(s.contains("health       Critical"), "{s}");
+    let failed = jobs(&dd).matches("failed").count();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        jobs(&dd).matches("failed").count(),
+        failed,
+        "a Critical VM must not retry"
+    );
+    assert!(state(&dd, "vm").starts_with("Critical"));
+    g.stop();
+
+    // Fixed: resume, and replication carries on with the write made meanwhile.
+    let g = Gateway::start_env(&dd, &[], &env);
+    run(standby(&dd).args(["resume", "vm"]));
+    wait_state(&dd, "vm", "Protected", T);
+    let since = id_now();
+    let p = synced_point(&dd, "vm", &since, T);
+    let img = export_env(&dd, &p, "d", &t.path().join("r.img"), &env);
+    assert!(img[..4096].iter().all(|&b| b == 7));
+    g.stop();
+}
+
+/// kill -9 of the gateway in initial replication, then in a resync: each resumes where its
+/// checkpoint left it and converges to the right bytes.
+#[test]
+fn kill9_in_initial_replication_and_resync_resumes() {
+    let t = test_dir("repl-kill");
+    let dd = site(t.path(), &[("d", "128M")]);
+    run(standby(&dd).args(["policy", "set", "--bandwidth", "16M"]));
+    let g = Gateway::start(&dd, &[]);
+    fill(&g, "d", 96 * MIB, 7, t.path());
+    run(standby(&dd).args(["protect", "vm", "--disks", "d"]));
+    wait_for(&dd, "initial replication past 25%", T, || {
+        let s = state(&dd, "vm");
+        let pct: f64 = s
+            .strip_prefix("InitialReplication ")
+            .and_then(|p| p.trim_end_matches('%').parse().ok())
+            .unwrap_or(0.0);
+        (pct >= 25.0).then_some(())
+    });
+    g.kill9();
+    let g = Gateway::start(&dd, &[]);
+    // Writes after the crash land in the log and in the first point.
+    let mut w = OracleWriter::new(
+        g.addr,
+        "d",
+        read_export(&g.uri("d"), &t.path().join("i.img")),
+        41,
+    );
+    w.random_writes(20);
+    run(standby(&dd).args(["policy", "set", "--bandwidth", "0"]));
+    wait_state(&dd, "vm", "Protected", T);
+    let j = jobs(&dd);
+    assert!(j.contains("interrupted"), "{j}");
+    let ir = last_job_detail(&dd, "initial-replication").unwrap();
+    let id = ir.split_whitespace().next().unwrap();
+    let show = run_stdout(standby(&dd).args(["job", "show", id]));
+    assert!(
+        show.contains("resume d"),
+        "the second run must resume, not restart:\n{show}"
+    );
+    let since = id_now();
+    let p = synced_point(&dd, "vm", &since, T);
+    assert_same(
+        "after kill -9 in initial replication",
+        &export(&dd, &p, "d", &t.path().join("a.img")),
+        &w.oracle,
+    );
+
+    // A full resync, slowed down, killed half way, resumed.
+    run(standby(&dd).args(["policy", "set", "--bandwidth", "8M"]));
+    w.random_writes(200);
+    run(standby(&dd).args(["resync", "vm", "--full"]));
+    wait_for(&dd, "the resync to be under way", T, || {
+        let s = state(&dd, "vm");
+        s.strip_prefix("Resyncing ")
+            .and_then(|p| p.trim_end_matches('%').parse::<f64>().ok())
+            .filter(|p| *p >= 10.0)
+    });
+    drop(w);
+    g.kill9();
+    let g = Gateway::start(&dd, &[]);
+    let mut w = OracleWriter::new(
+        g.addr,
+        "d",
+        read_export(&g.uri("d"), &t.path().join("j.img")),
+        42,
+    );
+    w.random_writes(10);
+    run(standby(&dd).args(["policy", "set", "--bandwidth", "0"]));
+    wait_state(&dd, "vm", "Protected", T);
+    let since = id_now();
+    let p = synced_point(&dd, "vm", &since, T);
+    assert_same(
+        "after kill -9 in resync",
+        &export(&dd, &p, "d", &t.path().join("b.img")),
+        &w.oracle,
+    );
+    let rs = last_job_detail(&dd, "resync").unwrap();
+    let show =
+        run_stdout(standby(&dd).args(["job", "show", rs.split_whitespace().next().unwrap()]));
+    assert!(show.contains("resume d"), "{show}");
+    drop(w);
+    g.stop();
+}
+
+/// Bad requests get clear errors and change nothing.
+#[test]
+fn protection_commands_refuse_bad_input() {
+    let t = test_dir("repl-bad");
+    let dd = site(t.path(), &[("a", "8M"), ("b", "8M")]);
+    fails_with(
+        standby(&dd).args(["protect", "vm", "--disks", "nope"]),
+        "nope",
+    );
+    fails_with(
+        standby(&dd).args(["protect", "vm", "--disks", "a,a"]),
+        "twice",
+    );
+    fails_with(
+        standby(&dd).args(["protect", "bad/name", "--disks", "a"]),
+        "name",
+    );
+    fails_with(standby(&dd).args(["resume", "ghost"]), "not protected");
+    fails_with(standby(&dd).args(["unprotect", "ghost"]), "not protected");
+    fails_with(
+        standby(&dd).args(["policy", "set", "--resync-window", "25:00-01:00"]),
+        "window",
+    );
+    fails_with(
+        standby(&dd).args(["policy", "set", "--retention", "0s"]),
+        "retention",
+    );
+    fails_with(standby(&dd).args(["job", "show", "999"]), "no job");
+    assert!(status(&dd).contains("no protected VM"));
+    run(standby(&dd).args(["protect", "vm", "--disks", "a"]));
+    fails_with(
+        standby(&dd).args(["protect", "vm", "--disks", "b"]),
+        "already protected",
+    );
+    fails_with(
+        standby(&dd).args(["protect", "other", "--disks", "a"]),
+        "already belongs",
+    );
+    fails_with(standby(&dd).args(["resync", "vm"]), "EnablingProtection");
+    // A disk the running gateway does not serve: Critical with the reason, no retries.
+    let g = Gateway::start(&dd, &[]);
+    run(standby(&dd).args(["disk", "create", "late", "--size", "8M"]));
+    run(standby(&dd).args(["protect", "late-vm", "--disks", "late"]));
+    wait_state(&dd, "late-vm", "Critical", T);
+    assert!(status(&dd).contains("not served by this gateway"));
+    wait_state(&dd, "vm", "Protected", T);
+    run(standby(&dd).args(["unprotect", "late-vm"]));
+    assert!(!status(&dd).contains("late-vm"));
+    g.stop();
+}

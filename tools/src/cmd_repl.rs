@@ -1,0 +1,558 @@
+//! Replication commands: protect, unprotect, policy, resync, resume, status, jobs, job.
+//!
+//! They read and write the replication state database in the data directory; the gateway
+//! (`standby serve`) picks the changes up within a second.
+
+use std::io::IsTerminal;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use gateway::replication::db::{Db, Phase};
+use gateway::replication::health::{evaluate, Health, HealthInput};
+use gateway::replication::{now_ms, Policy};
+use gateway::DataDir;
+
+use crate::cmd_store::{human, open_store, parse_duration, time_of, time_of_ms};
+
+#[derive(clap::Args)]
+pub struct ProtectArgs {
+    /// VM name (a group of disks replicated together).
+    pub vm: String,
+    /// The VM's disks, comma separated (disks of this data directory).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub disks: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Show the site's replication policy.
+    Show,
+    /// Change settings of the site's replication policy (others keep their value).
+    Set(Box<PolicySetArgs>),
+}
+
+#[derive(clap::Args)]
+pub struct PolicySetArgs {
+    /// Copy frequency: 30s, 5m, 15m (or any duration), or "continuous".
+    #[arg(long)]
+    pub interval: Option<String>,
+    /// Keep recovery points for this long, e.g. 24h, 7d.
+    #[arg(long)]
+    pub retention: Option<String>,
+    /// Cut an app-consistent point this often (e.g. 4h), or "off".
+    #[arg(long)]
+    pub app_consistent: Option<String>,
+    /// Command run before an app-consistent cut (e.g. a guest-agent fsfreeze); $STANDBY_VM
+    /// names the VM. "none" clears it.
+    #[arg(long)]
+    pub freeze_cmd: Option<String>,
+    /// Command run after an app-consistent cut. "none" clears it.
+    #[arg(long)]
+    pub thaw_cmd: Option<String>,
+    /// Start initial replication "now" or at a Unix time (seconds).
+    #[arg(long)]
+    pub initial_start: Option<String>,
+    /// Local-time window for resynchronization, "HH:MM-HH:MM" or "always".
+    #[arg(long)]
+    pub resync_window: Option<String>,
+    /// Upload limit per second, e.g. 100M; 0 = none.
+    #[arg(long)]
+    pub bandwidth: Option<String>,
+    /// Fold a disk's patches into chunks beyond this size, e.g. 256M.
+    #[arg(long)]
+    pub fold_patch_bytes: Option<String>,
+    /// Divide retry delays by this factor (for tests and drills).
+    #[arg(long, hide = true)]
+    pub retry_time_scale: Option<u32>,
+}
+
+#[derive(clap::Args)]
+pub struct JobsArgs {
+    /// Only this VM's jobs.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// How many (newest first).
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Keep showing running jobs (progress bars on a terminal) until none runs.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+#[derive(Subcommand)]
+pub enum JobCommand {
+    /// One job with its steps and timings.
+    Show { id: i64 },
+}
+
+fn open_db(dd: &DataDir) -> Result<Db> {
+    Db::open(dd.root()).context("opening the replication state")
+}
+
+pub async fn protect(dd: &DataDir, a: ProtectArgs) -> Result<()> {
+    gateway::catalog::validate_name(&a.vm).context("invalid VM name")?;
+    let mut seen = std::collections::BTreeSet::new();
+    for d in &a.disks {
+        let rec = dd
+            .disk(d)
+            .with_context(|| format!("VM {} cannot be protected", a.vm))?;
+        if rec.read_only {
+            bail!("disk {d} is read-only: only writable disks can be protected");
+        }
+        if !seen.insert(d.clone()) {
+            bail!("disk {d} is listed twice");
+        }
+    }
+    let db = open_db(dd)?;
+    for v in db.vms()? {
+        if let Some(d) = v.disks.iter().find(|d| a.disks.contains(d)) {
+            if v.name != a.vm {
+                bail!("disk {d} already belongs to protected VM {}", v.name);
+            }
+        }
+    }
+    // The store must be reachable with the right key before anything is recorded.
+    open_store(dd.root())
+        .await
+        .context("the replica store is not usable")?;
+    db.insert_vm(&a.vm, &a.disks)?;
+    for d in &a.disks {
+        if let Err(e) = dd.set_tracked(d, true) {
+            eprintln!("note: {e} (switch tracking on in the configuration file)");
+        }
+    }
+    println!(
+        "VM {} registered for protection (disks {}); the gateway enables protection and starts initial replication",
+        a.vm,
+        a.disks.join(", ")
+    );
+    Ok(())
+}
+
+pub fn unprotect(dd: &DataDir, vm: &str) -> Result<()> {
+    let db = open_db(dd)?;
+    let Some(v) = db.vm(vm)? else {
+        bail!("VM {vm} is not protected");
+    };
+    db.delete_vm(vm)?;
+    for d in &v.disks {
+        let _ = dd.set_tracked(d, false);
+    }
+    println!(
+        "VM {vm} unprotected: replication stopped; its recovery points stay in the store (remove them with `standby store prune`)"
+    );
+    Ok(())
+}
+
+pub fn policy(dd: &DataDir, cmd: PolicyCommand) -> Result<()> {
+    let db = open_db(dd)?;
+    let mut p = db.policy()?;
+    if let PolicyCommand::Set(a) = cmd {
+        let a = *a;
+        if let Some(i) = a.interval {
+            p.interval_secs = if i == "continuous" {
+                0
+            } else {
+                parse_duration(&i)?.as_secs().max(1)
+            };
+        }
+        if let Some(r) = a.retention {
+            p.retention_hours = parse_duration(&r)?.as_secs_f64() / 3600.0;
+        }
+        if let Some(x) = a.app_consistent {
+            p.app_consistent_hours = if x == "off" {
+                0.0
+            } else {
+                parse_duration(&x)?.as_secs_f64() / 3600.0
+            };
+        }
+        if let Some(c) = a.freeze_cmd {
+            p.freeze_cmd = (c != "none").then_some(c);
+        }
+        if let Some(c) = a.thaw_cmd {
+            p.thaw_cmd = (c != "none").then_some(c);
+        }
+        if let Some(s) = a.initial_start {
+            p.initial_start_unix = if s == "now" {
+                None
+            } else {
+                Some(s.parse().with_context(|| {
+                    format!("--initial-start must be \"now\" or Unix seconds, not {s:?}")
+                })?)
+            };
+        }
+        if let Some(w) = a.resync_window {
+            p.resync_window = w;
+        }
+        if let Some(b) = a.bandwidth {
+            p.bandwidth_bytes_per_sec =
+                gateway::units::parse_size(&b).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        if let Some(b) = a.fold_patch_bytes {
+            p.fold_patch_bytes =
+                gateway::units::parse_size(&b).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        if let Some(s) = a.retry_time_scale {
+            p.retry_time_scale = s;
+        }
+        p.validate()
+            .map_err(|e| anyhow::anyhow!("invalid policy: {e}"))?;
+        db.set_policy(&p)?;
+    }
+    print_policy(&p);
+    Ok(())
+}
+
+fn print_policy(p: &Policy) {
+    let interval = if p.interval_secs == 0 {
+        "continuous".to_string()
+    } else {
+        format!("{} s", p.interval_secs)
+    };
+    println!("copy frequency        {interval}");
+    println!("retention             {} h", p.retention_hours);
+    if p.app_consistent_hours > 0.0 {
+        println!("app-consistent every  {} h", p.app_consistent_hours);
+    } else {
+        println!("app-consistent every  off");
+    }
+    println!(
+        "freeze / thaw         {} / {}",
+        p.freeze_cmd.as_deref().unwrap_or("-"),
+        p.thaw_cmd.as_deref().unwrap_or("-")
+    );
+    println!(
+        "initial replication   {}",
+        p.initial_start_unix
+            .map(|t| time_of(t * 1000))
+            .unwrap_or_else(|| "now".into())
+    );
+    println!("resync window         {}", p.resync_window);
+    println!(
+        "bandwidth limit       {}",
+        if p.bandwidth_bytes_per_sec == 0 {
+            "none".to_string()
+        } else {
+            format!("{}/s", human(p.bandwidth_bytes_per_sec))
+        }
+    );
+    println!("fold patches beyond   {}", human(p.fold_patch_bytes));
+    if p.retry_time_scale > 1 {
+        println!("retry time scale      1/{}", p.retry_time_scale);
+    }
+}
+
+pub fn resync(dd: &DataDir, vm: &str, full: bool) -> Result<()> {
+    let db = open_db(dd)?;
+    let v = db.modify_vm(vm, |v| {
+        if matches!(v.phase, Phase::Protected | Phase::ResyncRequired) {
+            v.phase = Phase::ResyncRequired;
+            if v.reason.is_empty() {
+                v.reason = "requested by an admin".into();
+            }
+        }
+        v.resync_now = true;
+        v.resync_full |= full;
+        v.next_retry_ms = None;
+    })?;
+    match v.phase {
+        Phase::ResyncRequired | Phase::Resyncing => {
+            println!("VM {vm}: resynchronization starts now")
+        }
+        p => {
+            bail!("VM {vm} is {p}: a resync applies to a protected VM (after initial replication)")
+        }
+    }
+    Ok(())
+}
+
+pub fn resume(dd: &DataDir, vm: &str) -> Result<()> {
+    let db = open_db(dd)?;
+    let before = db
+        .vm(vm)?
+        .with_context(|| format!("VM {vm} is not protected"))?;
+    if before.phase != Phase::Critical && before.next_retry_ms.is_none() {
+        println!("VM {vm} is {}: nothing to resume", before.phase);
+        return Ok(());
+    }
+    let v = db.modify_vm(vm, |v| {
+        if v.phase == Phase::Critical {
+            v.phase = v.resume_phase.unwrap_or(Phase::EnablingProtection);
+            v.resume_phase = None;
+            v.reason.clear();
+        }
+        v.failures = 0;
+        v.next_retry_ms = None;
+    })?;
+    println!("VM {vm} resumed: {}", v.phase);
+    Ok(())
+}
+
+fn ago(ms: u64) -> String {
+    let s = now_ms().saturating_sub(ms) / 1000;
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        _ => format!("{} h", s / 3600),
+    }
+}
+
+fn to_time(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+pub fn status(dd: &DataDir) -> Result<()> {
+    let db = open_db(dd)?;
+    let policy = db.policy()?;
+    let vms = db.vms()?;
+    if vms.is_empty() {
+        println!("no protected VM (protect one with `standby protect VM --disks a,b`)");
+        return Ok(());
+    }
+    for v in vms {
+        let (health, reasons) = match v.phase {
+            Phase::Critical => evaluate(&HealthInput {
+                now: SystemTime::now(),
+                interval: policy.interval(),
+                newest_point: None,
+                cycles_due: 0,
+                cycles_missed: 0,
+                halted: true,
+            }),
+            Phase::Protected | Phase::ResyncRequired | Phase::Resyncing => {
+                let (mut h, mut r) = evaluate(&HealthInput {
+                    now: SystemTime::now(),
+                    interval: policy.interval(),
+                    newest_point: v.last_cycle_ms.map(to_time),
+                    cycles_due: v.cycles_due,
+                    cycles_missed: v.cycles_missed,
+                    halted: false,
+                });
+                if v.phase != Phase::Protected {
+                    h = h.max(Health::Warning);
+                    r.push(format!("resynchronization needed: {}", v.reason));
+                }
+                if !v.last_error.is_empty() {
+                    h = h.max(Health::Warning);
+                }
+                (h, r)
+            }
+            _ => {
+                let mut r = Vec::new();
+                let mut h = Health::Normal;
+                if !v.last_error.is_empty() {
+                    h = Health::Warning;
+                    r.push("initial replication is retrying".into());
+                }
+                (h, r)
+            }
+        };
+        let phase = match v.phase {
+            Phase::InitialReplication | Phase::Resyncing => {
+                format!("{} {:.0}%", v.phase, v.progress)
+            }
+            Phase::Critical => format!("Critical ({})", v.reason),
+            Phase::ResyncRequired => format!("ResyncRequired ({})", v.reason),
+            p => p.to_string(),
+        };
+        println!("VM {}", v.name);
+        println!("  state        {phase}");
+        println!(
+            "  health       {health:?}{}",
+            if reasons.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", reasons.join("; "))
+            }
+        );
+        match v.last_cycle_ms {
+            Some(t) => println!(
+                "  RPO          {} (replica current as of {})",
+                ago(t),
+                time_of_ms(t)
+            ),
+            None => println!("  RPO          - (no recovery point yet)"),
+        }
+        if !v.last_point.is_empty() {
+            println!("  last point   {}/{}", v.name, v.last_point);
+        }
+        let stats = db.disk_stats(&v.name)?;
+        for name in &v.disks {
+            match stats.iter().find(|s| &s.disk == name) {
+                Some(s) => println!(
+                    "  disk {name:<12} size {}  log backlog {} ({:.1}%)  log {}",
+                    human(s.size),
+                    human(s.backlog),
+                    100.0 * s.backlog as f64 / s.size.max(1) as f64,
+                    s.log_state
+                ),
+                None => println!("  disk {name:<12} (not reported: is `standby serve` running?)"),
+            }
+        }
+        if !v.last_error.is_empty() {
+            println!("  last error   {}", v.last_error);
+        }
+        if let Some(t) = v.next_retry_ms {
+            println!(
+                "  next retry   in {} s (attempt {})",
+                t.saturating_sub(now_ms()).div_ceil(1000),
+                v.failures + 1
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn jobs(dd: &DataDir, a: JobsArgs) -> Result<()> {
+    let db = open_db(dd)?;
+    if !a.watch {
+        print_jobs(&db, &a)?;
+        return Ok(());
+    }
+    if std::io::stdout().is_terminal() {
+        return watch_bars(&db, &a).await;
+    }
+    // Not a terminal: one line per change of a running job, until none runs.
+    let mut last = String::new();
+    loop {
+        let running: Vec<_> = db
+            .jobs(a.limit, a.vm.as_deref())?
+            .into_iter()
+            .filter(|j| j.state == "running")
+            .collect();
+        let line = running
+            .iter()
+            .map(|j| {
+                format!(
+                    "#{} {} {} {:.0}% {}",
+                    j.id, j.vm, j.kind, j.progress, j.detail
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" | ");
+        if line != last {
+            println!(
+                "{}",
+                if line.is_empty() {
+                    "no running job"
+                } else {
+                    &line
+                }
+            );
+            last = line;
+        }
+        if running.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn watch_bars(db: &Db, a: &JobsArgs) -> Result<()> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let mp = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:30} [{bar:40}] {pos:>3}% {msg}")
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .progress_chars("=> ");
+    let mut bars: std::collections::BTreeMap<i64, ProgressBar> = Default::default();
+    loop {
+        let jobs = db.jobs(a.limit, a.vm.as_deref())?;
+        let mut any = false;
+        for j in &jobs {
+            let running = j.state == "running";
+            if let Some(b) = bars.get(&j.id) {
+                b.set_position(j.progress as u64);
+                b.set_message(j.detail.clone());
+                if !running && !b.is_finished() {
+                    b.finish_with_message(format!("{} {}", j.state, j.error));
+                }
+            } else if running {
+                let b = mp.add(ProgressBar::new(100).with_style(style.clone()));
+                b.set_prefix(format!("#{} {} {}", j.id, j.vm, j.kind));
+                b.set_position(j.progress as u64);
+                bars.insert(j.id, b);
+            }
+            any |= running;
+        }
+        if !any {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn print_jobs(db: &Db, a: &JobsArgs) -> Result<()> {
+    let jobs = db.jobs(a.limit, a.vm.as_deref())?;
+    if jobs.is_empty() {
+        println!("no jobs");
+        return Ok(());
+    }
+    println!(
+        "{:>6}  {:<12} {:<20} {:<12} {:>5}  {:<21} {:>9}  detail",
+        "id", "vm", "kind", "state", "%", "started", "duration"
+    );
+    for j in jobs {
+        let dur = j
+            .finished_ms
+            .unwrap_or_else(now_ms)
+            .saturating_sub(j.created_ms);
+        let detail = if j.error.is_empty() {
+            j.detail
+        } else {
+            j.error
+        };
+        println!(
+            "{:>6}  {:<12} {:<20} {:<12} {:>5.0}  {:<21} {:>7.1} s  {}",
+            j.id,
+            j.vm,
+            j.kind,
+            j.state,
+            j.progress,
+            time_of(j.created_ms),
+            dur as f64 / 1000.0,
+            detail
+        );
+    }
+    Ok(())
+}
+
+pub fn job(dd: &DataDir, cmd: JobCommand) -> Result<()> {
+    let db = open_db(dd)?;
+    let JobCommand::Show { id } = cmd;
+    let Some((j, steps)) = db.job(id)? else {
+        bail!("no job {id} (see `standby jobs`)");
+    };
+    println!("job {} : {} of VM {}", j.id, j.kind, j.vm);
+    println!("  state     {} ({:.0}%)", j.state, j.progress);
+    println!("  started   {}", time_of(j.created_ms));
+    if let Some(f) = j.finished_ms {
+        println!(
+            "  finished  {} ({:.1} s)",
+            time_of(f),
+            f.saturating_sub(j.created_ms) as f64 / 1000.0
+        );
+    }
+    if !j.detail.is_empty() {
+        println!("  detail    {}", j.detail);
+    }
+    if !j.error.is_empty() {
+        println!("  error     {}", j.error);
+    }
+    println!("  steps:");
+    for s in steps {
+        let dur = s
+            .finished_ms
+            .unwrap_or_else(now_ms)
+            .saturating_sub(s.started_ms);
+        println!(
+            "    {:>2}. {:<36} {:<12} {:>7.1} s  {}",
+            s.seq,
+            s.name,
+            s.state,
+            dur as f64 / 1000.0,
+            s.detail
+        );
+    }
+    Ok(())
+}
