@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod changelog;
 pub mod config;
 pub mod disk;
+pub mod failover;
 pub mod fastio;
 pub mod fuse;
 pub mod replication;

@@ -4,13 +4,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use nbd_server::{Export, Exports, Server, ServerConfig, TlsConfig};
+use nbd_server::{BlockDevice, Export, Exports, Server, ServerConfig, TlsConfig};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use crate::catalog::{CatalogError, DataDir};
-use crate::disk::Disk;
+use crate::failover::Device;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -55,7 +55,7 @@ impl ServeOptions {
 }
 
 /// Opens every disk of the data directory as an export.
-pub fn exports(dd: &DataDir) -> Result<Arc<Exports<Disk>>, ServeError> {
+pub fn exports(dd: &DataDir) -> Result<Arc<Exports<Device>>, ServeError> {
     let exports = Arc::new(Exports::new());
     for rec in dd.disks()?.values() {
         let disk = dd.open_disk(rec)?;
@@ -63,7 +63,7 @@ pub fn exports(dd: &DataDir) -> Result<Arc<Exports<Disk>>, ServeError> {
             name: rec.name.clone(),
             description: format!("standby disk {}", rec.name),
             read_only: rec.read_only,
-            device: Arc::new(disk),
+            device: Arc::new(Device::Live(disk)),
         });
     }
     Ok(exports)
@@ -122,9 +122,19 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
 
     // The replication engine drives protected VMs while the disks are served.
     let (stop_engine, engine_stop_rx) = tokio::sync::watch::channel(false);
-    let served =
-        crate::replication::engine::disk_map(exports.list().iter().map(|e| Disk::clone(&e.device)));
-    let engine = match crate::replication::Engine::new(dd.clone(), served, engine_stop_rx) {
+    let served = crate::replication::engine::disk_map(
+        exports
+            .list()
+            .iter()
+            .filter_map(|e| e.device.live().cloned()),
+    );
+    let engine = match crate::replication::Engine::new(
+        dd.clone(),
+        served,
+        Arc::clone(&exports),
+        bound.to_string(),
+        engine_stop_rx,
+    ) {
         Ok(engine) => Some(tokio::spawn(engine.run())),
         Err(e) => {
             error!("replication engine not started: {e}");

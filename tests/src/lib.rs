@@ -3,6 +3,7 @@
 //! Tests fail loudly (never skip) when a client tool they need is missing: install them with
 //! the test command in the README.
 
+pub mod fuse;
 pub mod garage;
 pub mod nbd_client;
 pub mod repl;

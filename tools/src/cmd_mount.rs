@@ -17,6 +17,10 @@ pub struct MountArgs {
     /// Threads reading FUSE requests (I/O itself runs in parallel regardless).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: u16,
+    /// Show only replicas/ (recovery points), not the live disks: use it beside a running
+    /// `standby serve`, which owns the live disks.
+    #[arg(long)]
+    pub replicas_only: bool,
 }
 
 /// Mounts, serves until SIGINT/SIGTERM, unmounts.
@@ -25,7 +29,7 @@ pub fn run_mount(dd: &DataDir, args: MountArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    if dd.disks()?.is_empty() {
+    if dd.disks()?.is_empty() && !args.replicas_only {
         eprintln!(
             "standby: no disks yet: {}/disks will be empty (create one with `standby disk create NAME --size 20G`)",
             args.dir.display()
@@ -34,6 +38,7 @@ pub fn run_mount(dd: &DataDir, args: MountArgs) -> Result<()> {
     let opts = MountOptions {
         allow_other: args.allow_other,
         threads: usize::from(args.threads),
+        replicas_only: args.replicas_only,
     };
     serve_mount(dd, &args.dir, &opts, &rt)?;
     Ok(())

@@ -62,6 +62,10 @@ pub struct PolicySetArgs {
     /// Fold a disk's patches into chunks beyond this size, e.g. 256M.
     #[arg(long)]
     pub fold_patch_bytes: Option<String>,
+    /// Command a test failover launches, e.g. a qemu command line using {disk0} (NBD URI of
+    /// the first disk), {disk:NAME}, {vm}, {point}, {dir}. "none" clears it.
+    #[arg(long)]
+    pub failover_command: Option<String>,
     /// Divide retry delays by this factor (for tests and drills).
     #[arg(long, hide = true)]
     pub retry_time_scale: Option<u32>,
@@ -189,6 +193,9 @@ pub fn policy(dd: &DataDir, cmd: PolicyCommand) -> Result<()> {
             p.bandwidth_bytes_per_sec =
                 gateway::units::parse_size(&b).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
+        if let Some(c) = a.failover_command {
+            p.failover_command = (c != "none").then_some(c);
+        }
         if let Some(b) = a.fold_patch_bytes {
             p.fold_patch_bytes =
                 gateway::units::parse_size(&b).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -238,6 +245,10 @@ fn print_policy(p: &Policy) {
         }
     );
     println!("fold patches beyond   {}", human(p.fold_patch_bytes));
+    println!(
+        "failover command      {}",
+        p.failover_command.as_deref().unwrap_or("-")
+    );
     if p.retry_time_scale > 1 {
         println!("retry time scale      1/{}", p.retry_time_scale);
     }
@@ -306,9 +317,9 @@ pub fn status(dd: &DataDir) -> Result<()> {
     let db = open_db(dd)?;
     let policy = db.policy()?;
     let vms = db.vms()?;
+    let attachments = db.attachments()?;
     if vms.is_empty() {
         println!("no protected VM (protect one with `standby protect VM --disks a,b`)");
-        return Ok(());
     }
     for v in vms {
         let (health, reasons) = match v.phase {
@@ -401,7 +412,46 @@ pub fn status(dd: &DataDir) -> Result<()> {
             );
         }
     }
+    print_attachments(&attachments);
     Ok(())
+}
+
+fn print_attachments(attachments: &[gateway::replication::db::Attachment]) {
+    if attachments.is_empty() {
+        return;
+    }
+    println!("Recovery points served");
+    for a in attachments {
+        let what = match a.kind.as_str() {
+            "test" => "test failover",
+            "failover" => "failover",
+            _ => "attached",
+        };
+        let mut line = format!(
+            "  {:<40} {what:<14} {}/{}@{} {} {}",
+            a.export,
+            a.vm,
+            a.disk,
+            a.point,
+            if a.rw { "rw" } else { "ro" },
+            a.state
+        );
+        if a.kind == "failover" {
+            line.push_str(&format!(" (hydrated {:.0}%)", a.progress));
+        }
+        if let Some(pid) = a.pid {
+            // SAFETY: signal 0 only checks whether the process exists.
+            let alive = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0;
+            line.push_str(&format!(
+                " VM pid {pid} {}",
+                if alive { "running" } else { "exited" }
+            ));
+        }
+        if !a.error.is_empty() {
+            line.push_str(&format!(" error: {}", a.error));
+        }
+        println!("{line}");
+    }
 }
 
 pub async fn jobs(dd: &DataDir, a: JobsArgs) -> Result<()> {

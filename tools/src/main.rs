@@ -1,5 +1,6 @@
 //! `standby`: the Standby command-line tool.
 
+mod cmd_failover;
 mod cmd_log;
 mod cmd_mount;
 mod cmd_repl;
@@ -85,6 +86,32 @@ enum Command {
     /// One job in detail.
     #[command(subcommand)]
     Job(cmd_repl::JobCommand),
+    /// Serve a recovery point as an NBD export (read-only, or --rw through an overlay).
+    Attach(cmd_failover::AttachArgs),
+    /// Stop serving an attached recovery point.
+    Detach { export: String },
+    /// Test failover, failover, or `failover commit VM`.
+    Failover(FailoverCommand),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct FailoverCommand {
+    #[command(subcommand)]
+    sub: Option<FailoverSub>,
+    #[command(flatten)]
+    args: Option<cmd_failover::FailoverArgs>,
+}
+
+#[derive(Subcommand)]
+enum FailoverSub {
+    /// Wait until the failed-over disks are hydrated, then make them local disks.
+    Commit {
+        vm: String,
+        /// Seconds to wait for hydration.
+        #[arg(long, default_value_t = 3600)]
+        wait: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -155,6 +182,12 @@ fn open_data_dir(cli: &Cli) -> Result<DataDir> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_) | Command::Mount(_)) {
+        // A CLI writing into a closed pipe (`standby status | head`) ends quietly, as
+        // command-line tools do; the servers keep ignoring SIGPIPE (sockets report EPIPE).
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     init_logging(&cli.log);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -182,6 +215,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status => cmd_repl::status(&dd),
         Command::Jobs(a) => runtime()?.block_on(cmd_repl::jobs(&dd, a)),
         Command::Job(cmd) => cmd_repl::job(&dd, cmd),
+        Command::Attach(a) => runtime()?.block_on(cmd_failover::attach(&dd, a)),
+        Command::Detach { export } => cmd_failover::detach(&dd, &export),
+        Command::Failover(FailoverCommand { sub, args }) => match (sub, args) {
+            (Some(FailoverSub::Commit { vm, wait }), _) => cmd_failover::commit(&dd, &vm, wait),
+            (None, Some(a)) => runtime()?.block_on(cmd_failover::failover(&dd, a)),
+            (None, None) => anyhow::bail!("give a VM (see `standby failover --help`)"),
+        },
     }
 }
 

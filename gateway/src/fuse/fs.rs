@@ -27,7 +27,7 @@ use nbd_server::ZeroFlags;
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
-use super::tree::{LiveDisk, Node, NodeKind, Tree};
+use super::tree::{LiveDisk, Node, NodeKind, ReplicaFile, Tree};
 use crate::disk::Disk;
 
 /// How long the kernel may cache names and attributes (disks never change size while mounted).
@@ -99,6 +99,15 @@ impl StandbyFs {
                     }
                 }
             }
+            NodeKind::Replica(r) => {
+                a.kind = FileType::RegularFile;
+                a.perm = 0o444;
+                a.nlink = 1;
+                a.size = r.size;
+                a.blocks = r.size.div_ceil(512);
+                let t = UNIX_EPOCH + Duration::from_millis(r.point.created_unix_ms);
+                (a.mtime, a.ctime, a.atime) = (t, t, t);
+            }
         }
         a
     }
@@ -112,6 +121,7 @@ impl StandbyFs {
         match &self.node(ino)?.kind {
             NodeKind::LiveDisk(l) => Ok(l),
             NodeKind::Dir { .. } => Err(Errno::EISDIR),
+            NodeKind::Replica(_) => Err(Errno::EROFS),
         }
     }
 
@@ -119,6 +129,11 @@ impl StandbyFs {
     fn live_arc(&self, ino: INodeNo) -> Result<(Arc<Tree>, u64), Errno> {
         self.live(ino)?;
         Ok((Arc::clone(&self.tree), ino.0))
+    }
+
+    /// The tree, when `ino` is a replica file.
+    fn replica_arc(&self, ino: INodeNo) -> Option<Arc<Tree>> {
+        replica_of(&self.tree, ino.0).map(|_| Arc::clone(&self.tree))
     }
 }
 
@@ -158,6 +173,13 @@ async fn flush_live(l: &LiveDisk, what: &str) -> Result<(), Errno> {
         warn!(disk = l.disk.name(), "{what} failed: {e}");
         errno(&e)
     })
+}
+
+fn replica_of(tree: &Tree, ino: u64) -> Option<&ReplicaFile> {
+    match &tree.get(ino)?.kind {
+        NodeKind::Replica(r) => Some(r),
+        _ => None,
+    }
 }
 
 fn live_of(tree: &Tree, ino: u64) -> Option<&LiveDisk> {
@@ -285,6 +307,7 @@ impl fuser::Filesystem for StandbyFs {
                     return reply.error(Errno::EPERM);
                 }
                 NodeKind::Dir { .. } => return reply.error(Errno::EISDIR),
+                NodeKind::Replica(_) => return reply.error(Errno::EROFS),
             }
         }
         // Time changes are accepted and ignored (the times shown are the image's).
@@ -292,6 +315,18 @@ impl fuser::Filesystem for StandbyFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let writing = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        if let Ok(Node {
+            kind: NodeKind::Replica(_),
+            ..
+        }) = self.node(ino)
+        {
+            if writing {
+                return reply.error(Errno::EROFS);
+            }
+            // Recovery points never change: the kernel may cache their pages.
+            return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        }
         let l = match self.live(ino) {
             Ok(l) => l,
             Err(e) => return reply.error(e),
@@ -319,6 +354,30 @@ impl fuser::Filesystem for StandbyFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if let Some(tree) = self.replica_arc(ino) {
+            let ino = ino.0;
+            self.rt.spawn(async move {
+                let Some(r) = replica_of(&tree, ino) else {
+                    return reply.error(Errno::ENOENT);
+                };
+                if offset >= r.size || size == 0 {
+                    return reply.data(&[]);
+                }
+                let len = u64::from(size).min(r.size - offset) as usize;
+                let res = match r.disk().await {
+                    Ok(d) => d.read(offset, len).await,
+                    Err(e) => Err(e),
+                };
+                match res {
+                    Ok(buf) => reply.data(&buf),
+                    Err(e) => {
+                        warn!(replica = ?r, offset, len, "read failed: {e}");
+                        reply.error(Errno::EIO)
+                    }
+                }
+            });
+            return;
+        }
         let (tree, ino) = match self.live_arc(ino) {
             Ok(x) => x,
             Err(e) => return reply.error(e),
@@ -523,6 +582,43 @@ impl fuser::Filesystem for StandbyFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        if let Some(tree) = self.replica_arc(ino) {
+            let ino = ino.0;
+            let Ok(offset) = u64::try_from(offset) else {
+                return reply.error(Errno::ENXIO);
+            };
+            if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
+                return reply.error(Errno::EINVAL);
+            }
+            self.rt.spawn(async move {
+                let Some(r) = replica_of(&tree, ino) else {
+                    return reply.error(Errno::ENOENT);
+                };
+                if offset >= r.size {
+                    return reply.error(Errno::ENXIO);
+                }
+                let d = match r.disk().await {
+                    Ok(d) => d,
+                    Err(_) => return reply.error(Errno::EIO),
+                };
+                let Ok(ext) = d.extents(offset, r.size - offset).await else {
+                    return reply.error(Errno::EIO);
+                };
+                let mut pos = offset;
+                for e in ext {
+                    if e.hole != (whence == libc::SEEK_DATA) {
+                        return reply.offset(pos as i64);
+                    }
+                    pos += e.length;
+                }
+                if whence == libc::SEEK_HOLE {
+                    reply.offset(r.size as i64)
+                } else {
+                    reply.error(Errno::ENXIO)
+                }
+            });
+            return;
+        }
         let (tree, ino) = match self.live_arc(ino) {
             Ok(x) => x,
             Err(e) => return reply.error(e),
@@ -602,6 +698,9 @@ impl fuser::Filesystem for StandbyFs {
         match &self.node(ino) {
             Ok(node) => match &node.kind {
                 NodeKind::LiveDisk(l) if mask.contains(AccessFlags::W_OK) && l.disk.read_only() => {
+                    reply.error(Errno::EROFS)
+                }
+                NodeKind::Replica(_) if mask.contains(AccessFlags::W_OK) => {
                     reply.error(Errno::EROFS)
                 }
                 _ => reply.ok(),

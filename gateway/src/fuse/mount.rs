@@ -14,7 +14,7 @@ use tokio::runtime::Runtime;
 use tracing::{error, info, warn};
 
 use super::fs::StandbyFs;
-use super::tree::{Tree, TreeError};
+use super::tree::{ReplicaFile, Tree, TreeError};
 use crate::catalog::{CatalogError, DataDir};
 
 /// Why the FUSE view cannot be mounted or served.
@@ -61,6 +61,8 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Threads reading requests from the kernel (the I/O itself runs on the tokio runtime).
     pub threads: usize,
+    /// Show only `replicas/` (the live disks stay with a running `standby serve`).
+    pub replicas_only: bool,
 }
 
 impl Default for MountOptions {
@@ -68,6 +70,7 @@ impl Default for MountOptions {
         Self {
             allow_other: false,
             threads: 4,
+            replicas_only: false,
         }
     }
 }
@@ -248,6 +251,51 @@ impl Drop for MountGuard {
     }
 }
 
+/// Adds `replicas/VM/DISK@POINT` (and `DISK@latest`) for every point of the data directory's
+/// replica store. Without a usable store the directory stays empty (a warning says why).
+fn add_replicas(dd: &DataDir, tree: &mut Tree, rt: &Runtime) {
+    let store_dir_missing =
+        !dd.root().join(crate::site::LOCATION_FILE).exists() && !dd.root().join("store").exists();
+    if store_dir_missing {
+        return;
+    }
+    let listed = rt.block_on(async {
+        let store = crate::site::open_store(dd.root()).await?;
+        let points = store.list_points(None).await?;
+        Ok::<_, crate::site::SiteError>((store, points))
+    });
+    let (store, points) = match listed {
+        Ok(x) => x,
+        Err(e) => {
+            warn!("replicas/ stays empty: the replica store cannot be read: {e}");
+            return;
+        }
+    };
+    let mut latest: std::collections::BTreeMap<String, &replica_store::PointMeta> =
+        Default::default();
+    for p in &points {
+        latest.insert(p.vm.clone(), p);
+    }
+    let named = points
+        .iter()
+        .map(|p| (p, p.id.clone()))
+        .chain(latest.values().map(|p| (*p, "latest".to_string())));
+    for (p, label) in named {
+        for d in &p.disks {
+            let file = ReplicaFile {
+                store: store.clone(),
+                point: p.clone(),
+                disk: d.name.clone(),
+                size: d.size,
+                opened: tokio::sync::OnceCell::new(),
+            };
+            if let Err(e) = tree.add_replica(&p.vm, &format!("{}@{label}", d.name), file) {
+                warn!("replica {}:{} not shown: {e}", p.full_id(), d.name);
+            }
+        }
+    }
+}
+
 /// Mounts the FUSE view of every disk of `dd` at `dir`, prints `standby: mounted at DIR` on
 /// stdout, serves until SIGINT or SIGTERM (or until someone else unmounts it), then unmounts
 /// and flushes every disk.
@@ -260,13 +308,19 @@ pub fn serve_mount(
     let dir = check_mount_point(dir)?;
 
     let mut tree = Tree::new();
-    for rec in dd.disks()?.values() {
+    let live = if opts.replicas_only {
+        Default::default()
+    } else {
+        dd.disks()?
+    };
+    for rec in live.values() {
         let disk = dd.open_disk(rec).map_err(|source| FuseError::OpenDisk {
             name: rec.name.clone(),
             source,
         })?;
         tree.add_live_disk(disk)?;
     }
+    add_replicas(dd, &mut tree, rt);
     let tree = Arc::new(tree);
 
     // Signals first: once mounted, SIGINT/SIGTERM must reach the unmount below.

@@ -4,7 +4,9 @@
 //! ```text
 //! /                 ino 1
 //! /disks/           ino 2   one file per live disk of the data directory
-//! /replicas/        ino 3   (recovery points, later)
+//! /replicas/        ino 3   one directory per VM of the replica store
+//! /replicas/VM/DISK@POINT   one read-only file per disk of every recovery point
+//! /replicas/VM/DISK@latest  the newest point's disk
 //! ```
 //!
 //! Inode numbers are indexes into one vector (`ino = index + 1`), so a lookup is a bounds
@@ -31,6 +33,46 @@ pub struct LiveDisk {
     pub dirty: AtomicBool,
 }
 
+/// A disk of a recovery point shown as a read-only file; opened (index and patches loaded)
+/// on first read, then read lazily through the store's verified chunk cache.
+pub struct ReplicaFile {
+    pub store: replica_store::Store,
+    pub point: replica_store::PointMeta,
+    pub disk: String,
+    pub size: u64,
+    pub opened: tokio::sync::OnceCell<crate::failover::ReplicaDisk>,
+}
+
+impl std::fmt::Debug for ReplicaFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReplicaFile({}:{})", self.point.full_id(), self.disk)
+    }
+}
+
+impl ReplicaFile {
+    /// The replica disk, opened on first use.
+    pub async fn disk(&self) -> std::io::Result<&crate::failover::ReplicaDisk> {
+        self.opened
+            .get_or_try_init(|| async {
+                let reader = self
+                    .store
+                    .open_disk(
+                        &self.point,
+                        &self.disk,
+                        replica_store::ReaderOptions::default(),
+                    )
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                Ok(crate::failover::ReplicaDisk::new(
+                    &format!("{}:{}", self.point.full_id(), self.disk),
+                    reader,
+                    None,
+                ))
+            })
+            .await
+    }
+}
+
 /// What a node is.
 #[derive(Debug)]
 pub enum NodeKind {
@@ -38,7 +80,8 @@ pub enum NodeKind {
     Dir { children: BTreeMap<String, u64> },
     /// `disks/NAME`: reads and writes go through the gateway's [`Disk`].
     LiveDisk(LiveDisk),
-    // Later: `ReplicaDisk` (a recovery point, read-only or with a copy-on-write overlay).
+    /// `replicas/VM/DISK@POINT`: a disk of a recovery point, read-only.
+    Replica(ReplicaFile),
 }
 
 /// One file or directory.
@@ -165,6 +208,20 @@ impl Tree {
                 dirty: AtomicBool::new(false),
             }),
         )
+    }
+
+    /// Adds `replicas/VM/NAME` for a disk of a recovery point (creating the VM directory).
+    pub fn add_replica(
+        &mut self,
+        vm: &str,
+        name: &str,
+        file: ReplicaFile,
+    ) -> Result<u64, TreeError> {
+        let dir = match self.lookup(REPLICAS_INO, vm) {
+            Some(n) => n.ino,
+            None => self.add_dir(REPLICAS_INO, vm)?,
+        };
+        self.add(dir, name, NodeKind::Replica(file))
     }
 
     /// Every live disk (for the final flush).

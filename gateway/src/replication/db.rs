@@ -170,6 +170,30 @@ pub struct Checkpoint {
     pub done: bool,
 }
 
+/// A recovery point served as an export (attach, test failover, failover).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attachment {
+    pub export: String,
+    pub vm: String,
+    pub disk: String,
+    /// Point id.
+    pub point: String,
+    pub rw: bool,
+    /// "attach", "test" or "failover".
+    pub kind: String,
+    /// Overlay directory (for a writable attachment).
+    pub dir: String,
+    pub created_ms: u64,
+    /// requested, served, hydrated, commit, error.
+    pub state: String,
+    pub error: String,
+    /// Hydration percent (failover).
+    pub progress: f64,
+    pub served_ms: Option<u64>,
+    /// Process launched for a test failover (on the first disk's row).
+    pub pid: Option<u32>,
+}
+
 /// The database handle (one connection; the engine serializes its use).
 pub struct Db {
     path: PathBuf,
@@ -235,7 +259,13 @@ impl Db {
                 vm TEXT NOT NULL, disk TEXT NOT NULL, kind TEXT NOT NULL, chain TEXT NOT NULL,
                 start_lsn INTEGER NOT NULL, position INTEGER NOT NULL, total INTEGER NOT NULL,
                 bytes_read INTEGER NOT NULL, bytes_sent INTEGER NOT NULL, idx BLOB NOT NULL,
-                todo BLOB NOT NULL, done INTEGER NOT NULL, PRIMARY KEY(vm, disk));",
+                todo BLOB NOT NULL, done INTEGER NOT NULL, PRIMARY KEY(vm, disk));
+             CREATE TABLE IF NOT EXISTS attachments(
+                export TEXT PRIMARY KEY, vm TEXT NOT NULL, disk TEXT NOT NULL,
+                point TEXT NOT NULL, rw INTEGER NOT NULL, kind TEXT NOT NULL, dir TEXT NOT NULL,
+                created_ms INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'requested',
+                error TEXT NOT NULL DEFAULT '', progress REAL NOT NULL DEFAULT 0,
+                served_ms INTEGER, pid INTEGER);",
         )
         .map_err(e)?;
         let db = Db { path, conn };
@@ -643,6 +673,103 @@ impl Db {
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.err(e))?;
         Ok(Some((j, steps)))
+    }
+
+    // ---- meta values for the CLI ----
+
+    /// A free-form value the gateway publishes (e.g. its NBD address).
+    pub fn get_value(&self, key: &str) -> Result<Option<String>, DbError> {
+        self.meta(&format!("value.{key}"))
+    }
+
+    pub fn set_value(&self, key: &str, value: &str) -> Result<(), DbError> {
+        self.set_meta(&format!("value.{key}"), value)
+    }
+
+    // ---- attachments ----
+
+    pub fn add_attachment(&self, a: &Attachment) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "INSERT INTO attachments(export, vm, disk, point, rw, kind, dir, created_ms)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    a.export,
+                    a.vm,
+                    a.disk,
+                    a.point,
+                    a.rw as i64,
+                    a.kind,
+                    a.dir,
+                    a.created_ms as i64
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn attachments(&self) -> Result<Vec<Attachment>, DbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT * FROM attachments ORDER BY export")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(Attachment {
+                    export: r.get("export")?,
+                    vm: r.get("vm")?,
+                    disk: r.get("disk")?,
+                    point: r.get("point")?,
+                    rw: r.get::<_, i64>("rw")? != 0,
+                    kind: r.get("kind")?,
+                    dir: r.get("dir")?,
+                    created_ms: r.get::<_, i64>("created_ms")?.max(0) as u64,
+                    state: r.get("state")?,
+                    error: r.get("error")?,
+                    progress: r.get("progress")?,
+                    served_ms: opt_u64(r.get("served_ms")?),
+                    pid: r.get::<_, Option<i64>>("pid")?.map(|p| p.max(0) as u32),
+                })
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e));
+        rows
+    }
+
+    pub fn set_attachment(
+        &self,
+        export: &str,
+        state: &str,
+        error: &str,
+        progress: f64,
+    ) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "UPDATE attachments SET state=?2, error=?3, progress=?4,
+                 served_ms=CASE WHEN ?2='served' AND served_ms IS NULL THEN ?5 ELSE served_ms END
+                 WHERE export=?1",
+                params![export, state, error, progress, now_ms() as i64],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn set_attachment_pid(&self, export: &str, pid: Option<u32>) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "UPDATE attachments SET pid=?2 WHERE export=?1",
+                params![export, pid.map(i64::from)],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn delete_attachment(&self, export: &str) -> Result<bool, DbError> {
+        self.conn
+            .execute("DELETE FROM attachments WHERE export=?1", [export])
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))
     }
 
     // ---- checkpoints ----

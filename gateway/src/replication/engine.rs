@@ -36,6 +36,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::db::Attachment;
 use super::db::{Checkpoint, Db, DbError, DiskStat, Phase, VmRow};
 use super::policy::{local_minute_of_day, Policy};
 use super::{now_ms, ErrorClass};
@@ -44,6 +45,9 @@ use crate::changelog::format::{decode_segment, Kind};
 use crate::changelog::segment::list_segments;
 use crate::changelog::{ChangeLog, LogError};
 use crate::disk::{Disk, DiskError};
+use crate::failover::{Device, Overlay, ReplicaDisk};
+use nbd_server::{Export, Exports};
+use replica_store::ReaderOptions;
 
 /// How often a worker looks at its VM's row.
 pub const TICK: Duration = Duration::from_millis(200);
@@ -137,12 +141,28 @@ type R<T> = Result<T, ReplError>;
 /// The engine. One per gateway process.
 pub struct Engine {
     dd: DataDir,
-    disks: HashMap<String, Disk>,
+    /// Live disks served by this process (failover commits add to it).
+    disks: std::sync::RwLock<HashMap<String, Disk>>,
     db: Mutex<Db>,
     store: tokio::sync::Mutex<Option<Store>>,
     shutdown: watch::Receiver<bool>,
     /// Last figures written per disk (written again only when they change).
     stats: Mutex<HashMap<String, (u64, String, Instant)>>,
+    /// The server's export table (replica disks are added and removed here).
+    exports: Arc<Exports<Device>>,
+    /// Replica disks served for attachments, by export name, with their hydration task.
+    attached: tokio::sync::Mutex<HashMap<String, Attached>>,
+}
+
+struct Attached {
+    disk: ReplicaDisk,
+    hydration: Option<tokio::task::JoinHandle<()>>,
+    /// Overlay directory removed with the export (attach and test failover overlays are
+    /// scratch space; a failover's is the VM's data until committed).
+    scratch: Option<PathBuf>,
+    /// The request this serves (a detach and a new attach under the same name between two
+    /// passes is a new request).
+    created_ms: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -169,26 +189,35 @@ impl Engine {
     pub fn new(
         dd: DataDir,
         disks: HashMap<String, Disk>,
+        exports: Arc<Exports<Device>>,
+        nbd_addr: String,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Engine>, DbError> {
         let db = Db::open(dd.root())?;
+        db.set_value("nbd_addr", &nbd_addr)?;
         let n = db.interrupt_running_jobs()?;
         if n > 0 {
             info!(jobs = n, "marked jobs of the previous run interrupted");
         }
         Ok(Arc::new(Engine {
             dd,
-            disks,
+            disks: std::sync::RwLock::new(disks),
             db: Mutex::new(db),
             store: tokio::sync::Mutex::new(None),
             shutdown,
             stats: Mutex::new(HashMap::new()),
+            exports,
+            attached: tokio::sync::Mutex::new(HashMap::new()),
         }))
     }
 
     fn db<T>(&self, f: impl FnOnce(&Db) -> Result<T, DbError>) -> Result<T, DbError> {
         let g = self.db.lock().unwrap_or_else(|p| p.into_inner());
         f(&g)
+    }
+
+    fn live_disks(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Disk>> {
+        self.disks.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn stopping(&self) -> bool {
@@ -227,6 +256,7 @@ impl Engine {
                 Err(e) => warn!("replication: cannot read the state database: {e}"),
             }
             workers.retain(|_, h| !h.is_finished());
+            self.sync_attachments().await;
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = shutdown.changed() => {}
@@ -238,7 +268,224 @@ impl Engine {
         for (_, h) in workers {
             let _ = h.await;
         }
+        for (_, a) in self.attached.lock().await.drain() {
+            if let Some(h) = a.hydration {
+                h.abort();
+            }
+            if let Err(e) = a.disk.flush().await {
+                warn!(disk = %a.disk.name(), "flushing an overlay at shutdown failed: {e}");
+            }
+        }
         info!("replication engine stopped");
+    }
+
+    /// Serves the attachments the database asks for and stops serving the removed ones.
+    async fn sync_attachments(self: &Arc<Self>) {
+        let rows = match self.db(|d| d.attachments()) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("cannot read attachments: {e}");
+                return;
+            }
+        };
+        let mut attached = self.attached.lock().await;
+        // Removed by the CLI (detach, test-failover cleanup), or replaced by a new request.
+        let gone: Vec<String> = attached
+            .iter()
+            .filter(|(k, a)| {
+                !rows
+                    .iter()
+                    .any(|r| &r.export == *k && r.created_ms == a.created_ms)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for name in gone {
+            if let Some(a) = attached.remove(&name) {
+                if let Some(h) = a.hydration {
+                    h.abort();
+                }
+                let _ = a.disk.flush().await;
+                let still_replica = self
+                    .exports
+                    .get(&name)
+                    .is_some_and(|e| matches!(*e.device, Device::Replica(_)));
+                if still_replica {
+                    self.exports.remove(&name);
+                }
+                if let Some(dir) = a.scratch {
+                    drop(a.disk);
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        warn!(dir = %dir.display(), "cannot remove an overlay: {e}");
+                    }
+                }
+                info!(export = %name, "replica export removed");
+            }
+        }
+        for row in rows {
+            if row.state == "error" {
+                continue;
+            }
+            if row.state == "commit" {
+                if let Err(e) = self.commit_failover(&mut attached, &row).await {
+                    warn!(export = %row.export, "failover commit failed: {e}");
+                    let _ = self
+                        .db(|d| d.set_attachment(&row.export, "hydrated", &e.to_string(), 100.0));
+                }
+                continue;
+            }
+            if attached.contains_key(&row.export) {
+                continue;
+            }
+            match self.open_attachment(&row).await {
+                Ok(disk) => {
+                    self.exports.insert(Export {
+                        name: row.export.clone(),
+                        description: format!(
+                            "{}/{}@{} ({})",
+                            row.vm, row.disk, row.point, row.kind
+                        ),
+                        read_only: !row.rw,
+                        device: Arc::new(Device::Replica(disk.clone())),
+                    });
+                    let state = if row.state == "hydrated" {
+                        "hydrated"
+                    } else {
+                        "served"
+                    };
+                    let _ = self.db(|d| d.set_attachment(&row.export, state, "", row.progress));
+                    info!(export = %row.export, point = %row.point, rw = row.rw, "replica export served");
+                    let hydration = (row.kind == "failover" && row.state != "hydrated")
+                        .then(|| self.spawn_hydration(&row.export, disk.clone()));
+                    let scratch =
+                        (row.rw && row.kind != "failover").then(|| PathBuf::from(&row.dir));
+                    attached.insert(
+                        row.export.clone(),
+                        Attached {
+                            disk,
+                            hydration,
+                            scratch,
+                            created_ms: row.created_ms,
+                        },
+                    );
+                }
+                Err(e) => {
+                    warn!(export = %row.export, "cannot serve replica: {e}");
+                    let _ =
+                        self.db(|d| d.set_attachment(&row.export, "error", &e.to_string(), 0.0));
+                }
+            }
+        }
+    }
+
+    async fn open_attachment(&self, row: &Attachment) -> R<ReplicaDisk> {
+        let store = self.store().await?;
+        let point = store.load_point(&row.vm, &row.point).await?;
+        let reader = store
+            .open_disk(&point, &row.disk, ReaderOptions::default())
+            .await?;
+        let overlay = if row.rw {
+            let dir = PathBuf::from(&row.dir);
+            let size = reader.size();
+            let grain = u64::from(reader.index().chunk_size());
+            Some(
+                blocking(move || Overlay::open(&dir, size, grain))
+                    .await
+                    .map_err(|e| ReplError::Io {
+                        disk: row.export.clone(),
+                        source: e,
+                    })?,
+            )
+        } else {
+            None
+        };
+        Ok(ReplicaDisk::new(&row.export, reader, overlay))
+    }
+
+    /// Copies a failed-over disk's remaining chunks into its overlay in the background.
+    fn spawn_hydration(
+        self: &Arc<Self>,
+        export: &str,
+        disk: ReplicaDisk,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = Arc::clone(self);
+        let export = export.to_string();
+        tokio::spawn(async move {
+            let mut last = Instant::now();
+            let r = disk
+                .hydrate(|done, total| {
+                    if last.elapsed() >= Duration::from_millis(500) {
+                        let pct = 100.0 * done as f64 / total.max(1) as f64;
+                        let _ = me.db(|d| d.set_attachment(&export, "served", "", pct));
+                        last = Instant::now();
+                    }
+                })
+                .await;
+            match r {
+                Ok(()) => {
+                    let _ = me.db(|d| d.set_attachment(&export, "hydrated", "", 100.0));
+                    info!(export = %export, "failed-over disk hydrated: a complete local image");
+                }
+                Err(e) => {
+                    warn!(export = %export, "hydration failed (retried at the next start): {e}");
+                    let _ = me.db(|d| {
+                        d.set_attachment(&export, "served", &format!("hydration: {e}"), 0.0)
+                    });
+                }
+            }
+        })
+    }
+
+    /// Turns a hydrated failover disk into a regular disk of this gateway: its overlay image
+    /// is adopted in place and the export switches to the live disk.
+    async fn commit_failover(
+        &self,
+        attached: &mut HashMap<String, Attached>,
+        row: &Attachment,
+    ) -> R<()> {
+        let Some(a) = attached.get(&row.export) else {
+            return Ok(()); // served first, then committed on a later pass
+        };
+        if let Some(h) = &a.hydration {
+            if !h.is_finished() {
+                return Ok(());
+            }
+        }
+        let ov =
+            a.disk.overlay().cloned().ok_or_else(|| {
+                ReplError::InvalidReplica(format!("{} has no overlay", row.export))
+            })?;
+        if ov.grains_present() != ov.grains() {
+            return Ok(()); // still hydrating
+        }
+        a.disk.flush().await.map_err(|e| ReplError::Io {
+            disk: row.export.clone(),
+            source: e,
+        })?;
+        let image = ov.dir().join(crate::failover::replica::OVERLAY_IMAGE);
+        let rec = self
+            .dd
+            .import_disk(&row.export, &image, false)
+            .map_err(|e| {
+                ReplError::InvalidReplica(format!("cannot adopt {}: {e}", image.display()))
+            })?;
+        let disk = self.dd.open_disk(&rec).map_err(|e| {
+            ReplError::InvalidReplica(format!("cannot open {}: {e}", image.display()))
+        })?;
+        self.exports.insert(Export {
+            name: row.export.clone(),
+            description: format!("standby disk {}", row.export),
+            read_only: false,
+            device: Arc::new(Device::Live(disk.clone())),
+        });
+        self.disks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(row.export.clone(), disk);
+        attached.remove(&row.export);
+        let _ = std::fs::remove_file(ov.dir().join(crate::failover::replica::OVERLAY_MAP));
+        self.db(|d| d.delete_attachment(&row.export))?;
+        info!(export = %row.export, "failover committed: the disk is now a local disk of this gateway");
+        Ok(())
     }
 
     async fn worker(self: Arc<Self>, vm: String) {
@@ -275,7 +522,8 @@ impl Engine {
     /// itself ends when the disk is next opened).
     async fn unprotected(&self, vm: &str) {
         info!(vm, "VM unprotected: releasing its change logs");
-        for d in self.disks.values() {
+        let all: Vec<Disk> = self.live_disks().values().cloned().collect();
+        for d in &all {
             if let Ok(rec) = self.dd.disk(d.name()) {
                 if rec.tracked {
                     continue;
@@ -296,7 +544,7 @@ impl Engine {
 
     fn publish_stats(&self, row: &VmRow) {
         for name in &row.disks {
-            let Some(d) = self.disks.get(name) else {
+            let Some(d) = self.live_disks().get(name).cloned() else {
                 continue;
             };
             let (backlog, state) = match d.change_log() {
@@ -329,7 +577,7 @@ impl Engine {
         row.disks
             .iter()
             .map(|n| {
-                self.disks
+                self.live_disks()
                     .get(n)
                     .cloned()
                     .ok_or_else(|| ReplError::DiskNotServed(n.clone()))

@@ -30,6 +30,9 @@ pub struct Policy {
     pub retry_time_scale: u32,
     /// A disk's patches are folded into chunks when they hold more than this many bytes.
     pub fold_patch_bytes: u64,
+    /// Command a test failover launches (`sh -c`), with `{disk0}`, `{disk1}`, … (NBD URIs of
+    /// the VM's disks in name order), `{disk:NAME}`, `{vm}`, `{point}` and `{dir}` replaced.
+    pub failover_command: Option<String>,
 }
 
 /// Shortest gap between two continuous-mode cycles.
@@ -48,6 +51,7 @@ impl Default for Policy {
             bandwidth_bytes_per_sec: 0,
             retry_time_scale: 1,
             fold_patch_bytes: 256 << 20,
+            failover_command: None,
         }
     }
 }

@@ -1,0 +1,747 @@
+#!/usr/bin/env python3
+"""Replication benchmark: standby's replication engine against restic and rsync, same run.
+
+Run it through tools/bench/replication.sh (which builds the binary). Four benchmarks, each
+printed as a Markdown table of medians and ratios against the peer measured in the same run,
+peers alternated within each round (A B A B ...):
+
+  initial  SIZE_GIB image (alternating 4 MiB random / 4 MiB zero extents) imported as a disk:
+           `standby protect` until the VM is Protected, vs `restic backup` of the same image.
+  delta    DELTA_GIB image of the same layout, protected with interval 5m; 1% of it rewritten
+           by random 4 KiB writes (fio nbd engine); one delta cycle (triggered by setting the
+           interval to 1s), vs restic's incremental backup of the same image after the same
+           writes. Time and bytes added to the store / repository.
+  resync   DELTA_GIB disk that differs from its replica in 1% of its 4 KiB blocks: (a) resync
+           after a change-log overflow (log + dirty bitmap), (b) `standby resync VM --full`,
+           vs `rsync --ignore-times --inplace --no-whole-file` between two files that differ
+           in 1% of their 4 KiB blocks.
+  rpo      RPO_GIB disk, fio writing RPO_RATE (random 64 KiB) for RPO_SECONDS, policy
+           `continuous` then `30s`; `standby status` sampled every 0.5 s.
+
+Environment: STANDBY_BIN (required), SIZE_GIB=8, DELTA_GIB=2, RPO_GIB=4, ROUNDS=3,
+ROUNDS_INITIAL=2, RPO_SECONDS=60, RPO_RATE=50m, BENCHES=initial,delta,resync,rpo,
+RPO_FOLD_VARIANTS=1 (also run the RPO rows with patch folding pushed out of reach),
+KEEP=0 (keep the work directory). First argument: work directory (default: a new temp dir).
+"""
+import datetime
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+GIB = 1 << 30
+EXTENT = 4 << 20
+
+
+def env_int(name, default):
+    return int(os.environ.get(name, default))
+
+
+SIZE_GIB = env_int("SIZE_GIB", 8)
+DELTA_GIB = env_int("DELTA_GIB", 2)
+RPO_GIB = env_int("RPO_GIB", 4)
+ROUNDS = env_int("ROUNDS", 3)
+ROUNDS_INITIAL = env_int("ROUNDS_INITIAL", 2)
+RPO_SECONDS = env_int("RPO_SECONDS", 60)
+RPO_RATE = os.environ.get("RPO_RATE", "50m")
+RPO_FOLD_VARIANTS = env_int("RPO_FOLD_VARIANTS", 1)
+BENCHES = os.environ.get("BENCHES", "initial,delta,resync,rpo").split(",")
+KEEP = env_int("KEEP", 0)
+RESTIC_PASSWORD = "bench"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def file_bytes(path):
+    """Sum of file sizes under path (what an object store would hold)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def pct(xs, p):
+    """Nearest-rank percentile."""
+    xs = sorted(xs)
+    if not xs:
+        return None
+    k = max(0, min(len(xs) - 1, int(round(p / 100 * len(xs) + 0.5)) - 1))
+    return xs[k]
+
+
+def fmt_int(n):
+    return "n/a" if n is None else f"{int(n):,}"
+
+
+def fmt_s(x, nd=2):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def ratio(a, b, nd=1):
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.{nd}f}x"
+
+
+def make_image(path, gib):
+    """Sparse raw image: alternating 4 MiB random / 4 MiB zero extents."""
+    size = gib * GIB
+    if os.path.exists(path) and os.path.getsize(path) == size:
+        return
+    log(f"writing {gib} GiB image (half random, half zeros)...")
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(0, size // EXTENT, 2):
+            f.seek(i * EXTENT)
+            f.write(os.urandom(EXTENT))
+
+
+def warm(path):
+    with open(path, "rb") as f:
+        while f.read(16 << 20):
+            pass
+
+
+def copy_sparse(src, dst):
+    subprocess.run(["cp", "--sparse=always", src, dst], check=True)
+
+
+def now_utc_ms_from(stamp):
+    """'2026-11-26 08:05:49.123' (UTC) -> epoch seconds."""
+    d = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f")
+    return d.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+class Standby:
+    """One data directory and, while started, its `standby serve`."""
+
+    def __init__(self, binary, data):
+        self.bin, self.data = binary, data
+        self.env = dict(os.environ, STANDBY_DATA_DIR=data, STANDBY_LOG="warn")
+        self.env.pop("STANDBY_CONFIG", None)
+        self.proc = None
+        self.port = None
+        self.out = data + ".serve.out"
+        self.err = data + ".serve.err"
+
+    def run(self, *args, check=True):
+        p = subprocess.run([self.bin, *args], env=self.env, capture_output=True, text=True)
+        if check and p.returncode != 0:
+            raise RuntimeError(f"standby {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
+        return p.stdout
+
+    def fresh(self):
+        self.stop()
+        shutil.rmtree(self.data, ignore_errors=True)
+        os.makedirs(self.data)
+
+    def start(self):
+        self.port = free_port()
+        env = dict(self.env, STANDBY_LOG="info")
+        with open(self.out, "w") as o, open(self.err, "a") as e:
+            self.proc = subprocess.Popen([self.bin, "serve", "--listen", f"127.0.0.1:{self.port}"],
+                                         env=env, stdout=o, stderr=e)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"standby serve exited with {self.proc.returncode}: {self.tail()}")
+            with open(self.out) as f:
+                if "standby: serving" in f.read():
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("standby serve did not become ready")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                log("standby serve did not stop within 60 s after SIGTERM; killing it")
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def tail(self, n=8):
+        try:
+            with open(self.err) as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def uri(self, disk):
+        return f"nbd://127.0.0.1:{self.port}/{disk}"
+
+    # -- status and jobs ---------------------------------------------------------------
+
+    def status(self):
+        out = self.run("status")
+        st = {"raw": out}
+        m = re.search(r"^\s+state\s+(.*)$", out, re.M)
+        st["state"] = m.group(1).strip() if m else ""
+        m = re.search(r"current as of (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)Z", out)
+        st["as_of"] = now_utc_ms_from(m.group(1)) if m else None
+        m = re.search(r"log backlog ([\d.]+) (B|KiB|MiB|GiB|TiB)", out)
+        if m:
+            mult = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}[m.group(2)]
+            st["backlog"] = float(m.group(1)) * mult
+        return st
+
+    def wait_state(self, prefix, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            s = self.status()
+            if s["state"].startswith(prefix):
+                return s
+            if s["state"].startswith("Critical"):
+                raise RuntimeError(f"VM went {s['state']}")
+            time.sleep(0.2)
+        raise RuntimeError(f"timed out waiting for state {prefix}: {self.status()['raw']}")
+
+    def jobs(self, limit=50):
+        out = self.run("jobs", "--limit", str(limit))
+        jobs = []
+        for line in out.splitlines()[1:]:
+            m = re.match(r"^\s*(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\d+)\s+(\S+ \S+)\s+([\d.]+) s\s\s(.*)$", line)
+            if m:
+                jobs.append({"id": int(m.group(1)), "kind": m.group(3), "state": m.group(4),
+                             "secs": float(m.group(7)), "detail": m.group(8)})
+        return jobs
+
+    def last_job_id(self):
+        j = self.jobs(1)
+        return j[0]["id"] if j else 0
+
+    def job_ms(self, job_id):
+        """Job duration in ms from the state database (the jobs column shows 0.1 s)."""
+        try:
+            import sqlite3
+            c = sqlite3.connect(f"file:{self.data}/replication.db?mode=ro", uri=True, timeout=10)
+            row = c.execute("SELECT finished_ms - created_ms FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            c.close()
+            return row[0] / 1000.0 if row and row[0] is not None else None
+        except Exception:
+            return None
+
+    def wait_job(self, kind, after_id, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for j in self.jobs(20):
+                if j["id"] > after_id and j["kind"] == kind and j["state"] != "running":
+                    j["ms_secs"] = self.job_ms(j["id"])
+                    j["time"] = j["ms_secs"] if j["ms_secs"] is not None else j["secs"]
+                    return j
+            time.sleep(0.05)
+        raise RuntimeError(f"no finished {kind} job after #{after_id} within {timeout} s")
+
+    def store_bytes(self):
+        return file_bytes(os.path.join(self.data, "store"))
+
+    def setup(self, disk, image=None, size=None, interval="5m"):
+        self.fresh()
+        if image:
+            self.run("disk", "import", disk, image)
+        else:
+            self.run("disk", "create", disk, "--size", size)
+        self.run("store", "init")
+        self.run("policy", "set", "--interval", interval, "--retention", "24h",
+                 "--resync-window", "always", "--bandwidth", "0")
+
+    def protect(self, vm, disk, timeout):
+        self.run("protect", vm, "--disks", disk)
+        return self.wait_state("Protected", timeout)
+
+
+def restic(repo, *args):
+    env = dict(os.environ, RESTIC_PASSWORD=RESTIC_PASSWORD, RESTIC_REPOSITORY=repo)
+    p = subprocess.run(["restic", *args], env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"restic {' '.join(args)} failed: {p.stderr.strip()}")
+    return p.stdout
+
+
+def restic_backup(repo, path):
+    t0 = time.time()
+    restic(repo, "backup", "-q", "--compression", "auto", path)
+    return time.time() - t0
+
+
+def fio_writes(uri, n, bs, seed, out):
+    subprocess.run(["fio", "--name=w", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+                    f"--bs={bs}", f"--number_ios={n}", "--norandommap", "--refill_buffers",
+                    f"--randseed={seed}", "--iodepth=32", "--output-format=json",
+                    f"--output={out}"], check=True, stdout=subprocess.DEVNULL)
+    with open(out) as f:
+        w = json.load(f)["jobs"][0]["write"]
+    if w["total_ios"] != n:
+        raise RuntimeError(f"fio wrote {w['total_ios']} blocks, expected {n}")
+    return w["io_bytes"]
+
+
+def one_percent_writes(gib):
+    return gib * GIB // 4096 // 100
+
+
+# ------------------------------------------------------------------------------ benchmarks
+
+def bench_initial(bin_, work):
+    img = os.path.join(work, "initial.raw")
+    make_image(img, SIZE_GIB)
+    warm(img)
+    size = SIZE_GIB * GIB
+    nonzero = size // 2
+    sb = Standby(bin_, os.path.join(work, "initial-data"))
+    repo = os.path.join(work, "initial-restic")
+    res = {"protect": [], "job": [], "restic": [], "sent": None, "stored": None, "rstored": None}
+    try:
+        for r in range(ROUNDS_INITIAL):
+            log(f"initial: round {r + 1}/{ROUNDS_INITIAL}")
+            sb.setup("disk0", image=img)
+            sb.start()
+            last = sb.last_job_id()
+            t0 = time.time()
+            sb.protect("vm0", "disk0", timeout=size / 20e6 + 300)
+            t = time.time() - t0
+            j = [x for x in sb.jobs(10) if x["kind"] == "initial-replication" and x["id"] > last][0]
+            jt = sb.job_ms(j["id"]) or j["secs"]
+            m = re.search(r"(\d+) bytes sent for (\d+) bytes of disk", j["detail"])
+            res["sent"] = int(m.group(1)) if m else None
+            res["stored"] = sb.store_bytes()
+            res["protect"].append(t)
+            res["job"].append(jt)
+            log(f"  standby: protect -> Protected {t:.1f} s (initial-replication job {jt:.1f} s), "
+                f"stored {res['stored']:,} bytes")
+            sb.stop()
+            shutil.rmtree(sb.data, ignore_errors=True)
+
+            shutil.rmtree(repo, ignore_errors=True)
+            restic(repo, "init")
+            t = restic_backup(repo, img)
+            res["rstored"] = file_bytes(repo)
+            res["restic"].append(t)
+            log(f"  restic:  backup {t:.1f} s, repository {res['rstored']:,} bytes")
+            shutil.rmtree(repo, ignore_errors=True)
+    finally:
+        sb.stop()
+        shutil.rmtree(sb.data, ignore_errors=True)
+        shutil.rmtree(repo, ignore_errors=True)
+    if not KEEP:
+        os.remove(img)
+
+    tp, tj, tr = median(res["protect"]), median(res["job"]), median(res["restic"])
+    print(f"### 1. Initial replication ({SIZE_GIB} GiB image, {SIZE_GIB / 2:g} GiB non-zero)\n")
+    print(f"| peer | time (s, median of {ROUNDS_INITIAL}) | MB/s of disk size | MB/s of non-zero data "
+          "| bytes stored | speed vs restic |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rows = [("standby: `protect` → Protected", tp, res["stored"]),
+            ("standby: initial-replication job alone", tj, res["stored"]),
+            ("restic backup (`--compression auto`)", tr, res["rstored"])]
+    for name, t, stored in rows:
+        print(f"| {name} | {fmt_s(t, 1)} | {size / t / 1e6:.0f} | {nonzero / t / 1e6:.0f} | "
+              f"{fmt_int(stored)} | {ratio(tr, t, 2)} |")
+    print()
+    print(f"runs (s): protect→Protected {' / '.join(f'{x:.1f}' for x in res['protect'])}; "
+          f"initial-replication job {' / '.join(f'{x:.1f}' for x in res['job'])}; "
+          f"restic {' / '.join(f'{x:.1f}' for x in res['restic'])}")
+    print(f"standby bytes sent (job detail): {fmt_int(res['sent'])}; stored bytes = sum of object "
+          "sizes in the store / repository after the run\n")
+
+
+def bench_delta(bin_, work):
+    base = os.path.join(work, "base-delta.raw")
+    make_image(base, DELTA_GIB)
+    disk_img = os.path.join(work, "delta-disk.raw")
+    repo = os.path.join(work, "delta-restic")
+    sb = Standby(bin_, os.path.join(work, "delta-data"))
+    n = one_percent_writes(DELTA_GIB)
+    R = {k: [] for k in ("job", "wall", "sb_bytes", "patch", "r_time", "r_bytes", "r_full", "written")}
+    verified = None
+    try:
+        for r in range(ROUNDS):
+            log(f"delta: round {r + 1}/{ROUNDS}")
+            copy_sparse(base, disk_img)
+            warm(disk_img)
+            sb.setup("disk0", image=disk_img, interval="5m")
+            sb.start()
+            sb.protect("vm0", "disk0", timeout=DELTA_GIB * GIB / 20e6 + 300)
+            shutil.rmtree(repo, ignore_errors=True)
+            restic(repo, "init")
+            R["r_full"].append(restic_backup(repo, disk_img))
+            written = fio_writes(sb.uri("disk0"), n, "4k", 1000 + r, os.path.join(work, "fio.json"))
+            R["written"].append(written)
+            time.sleep(0.5)
+
+            def standby_delta():
+                s0 = sb.store_bytes()
+                last = sb.last_job_id()
+                t0 = time.time()
+                sb.run("policy", "set", "--interval", "1s")
+                j = sb.wait_job("delta-replication", last, timeout=300)
+                wall = time.time() - t0
+                sb.run("policy", "set", "--interval", "5m")
+                if j["state"] != "succeeded":
+                    raise RuntimeError(f"delta job {j['id']} {j['state']}: {j['detail']}")
+                grown = sb.store_bytes() - s0
+                m = re.search(r"patch chain (\d+) bytes", j["detail"])
+                R["job"].append(j["time"])
+                R["wall"].append(wall)
+                R["sb_bytes"].append(grown)
+                R["patch"].append(int(m.group(1)) if m else None)
+                log(f"  standby: delta job {j['time']:.3f} s (trigger→done {wall:.2f} s), "
+                    f"store +{grown:,} bytes")
+
+            def restic_incr():
+                b0 = file_bytes(repo)
+                t = restic_backup(repo, disk_img)
+                grown = file_bytes(repo) - b0
+                R["r_time"].append(t)
+                R["r_bytes"].append(grown)
+                log(f"  restic:  incremental {t:.2f} s, repository +{grown:,} bytes")
+
+            order = (standby_delta, restic_incr) if r % 2 == 0 else (restic_incr, standby_delta)
+            for f in order:
+                f()
+            if r == ROUNDS - 1:
+                verified = verify_latest(sb, "vm0", "disk0", disk_img, work)
+            sb.stop()
+            shutil.rmtree(sb.data, ignore_errors=True)
+            shutil.rmtree(repo, ignore_errors=True)
+    finally:
+        sb.stop()
+        shutil.rmtree(sb.data, ignore_errors=True)
+        shutil.rmtree(repo, ignore_errors=True)
+        if os.path.exists(disk_img):
+            os.remove(disk_img)
+
+    job, wall, sbb = median(R["job"]), median(R["wall"]), median(R["sb_bytes"])
+    rt, rb, wr = median(R["r_time"]), median(R["r_bytes"]), median(R["written"])
+    print(f"### 2. Delta cost ({DELTA_GIB} GiB disk, {n:,} random 4 KiB writes = {wr / 1e6:.1f} MB)\n")
+    print(f"| peer | time (s, median of {ROUNDS}) | bytes added to store / repository | "
+          "bytes added / bytes written |")
+    print("|---|---:|---:|---:|")
+    print(f"| standby delta-replication job | {fmt_s(job, 3)} | {fmt_int(sbb)} | {sbb / wr:.3f} |")
+    print(f"| standby, policy change → job done | {fmt_s(wall, 3)} | | |")
+    print(f"| restic incremental backup | {fmt_s(rt, 2)} | {fmt_int(rb)} | {rb / wr:.1f} |")
+    print()
+    print("| ratio | measured | target | |")
+    print("|---|---:|---:|---|")
+    tr = rt / job
+    br = rb / sbb
+    ov = sbb / wr
+    print(f"| time restic / standby job | {tr:.1f}x | ≥ 50x | {'met' if tr >= 50 else 'missed'} |")
+    print(f"| bytes restic / standby | {br:.1f}x | ≥ 20x | {'met' if br >= 20 else 'missed'} |")
+    print(f"| standby bytes uploaded / bytes written | {ov:.3f}x | ≤ 1.2x + metadata | "
+          f"{'met' if ov <= 1.2 else 'missed'} |")
+    print()
+    print(f"runs: standby job (s) {' / '.join(f'{x:.3f}' for x in R['job'])}; trigger→done (s) "
+          f"{' / '.join(f'{x:.2f}' for x in R['wall'])}; store bytes {' / '.join(fmt_int(x) for x in R['sb_bytes'])}; "
+          f"patch bytes (job detail) {' / '.join(fmt_int(x) for x in R['patch'])}")
+    print(f"runs: restic incremental (s) {' / '.join(f'{x:.2f}' for x in R['r_time'])}; repository bytes "
+          f"{' / '.join(fmt_int(x) for x in R['r_bytes'])}; restic first backup (s) "
+          f"{' / '.join(f'{x:.2f}' for x in R['r_full'])}")
+    print(f"order alternated per round (standby first, then restic first); last round's newest point "
+          f"exported and compared with the disk: {verified}\n")
+
+
+def verify_latest(sb, vm, disk, image, work):
+    out = sb.run("points", "list", vm)
+    ids = re.findall(r"^\S+\s+(\d{8}T\S+)", out, re.M)
+    if not ids:
+        return "no point"
+    exp = os.path.join(work, "export.raw")
+    try:
+        sb.run("store", "export", f"{vm}/{ids[-1]}", exp, "--disk", disk)
+        same = subprocess.run(["cmp", "-s", exp, image]).returncode == 0
+        return "identical" if same else "DIFFERENT"
+    finally:
+        if os.path.exists(exp):
+            os.remove(exp)
+
+
+def excluded_window():
+    """A one-minute resync window twelve hours away (local time)."""
+    t = time.localtime(time.time() + 12 * 3600)
+    a = t.tm_hour * 60 + t.tm_min
+    b = (a + 1) % (24 * 60)
+    return f"{a // 60:02d}:{a % 60:02d}-{b // 60:02d}:{b % 60:02d}"
+
+
+OVERFLOW_TOML = '[log]\nsegment_size = "64K"\nmin_free = "1000T"\nmin_free_percent = 100\n'
+
+
+def rsync_round(src, dst, size, seed):
+    """Rewrite 1% of src's 4 KiB blocks, then rsync src onto dst (equal before)."""
+    rng = random.Random(seed)
+    n = size // 4096 // 100
+    with open(src, "r+b") as f:
+        for _ in range(n):
+            f.seek(rng.randrange(size // 4096) * 4096)
+            f.write(os.urandom(4096))
+    t0 = time.time()
+    p = subprocess.run(["rsync", "--ignore-times", "--inplace", "--no-whole-file", "--stats", src, dst],
+                       capture_output=True, text=True, check=True)
+    t = time.time() - t0
+    lit = re.search(r"Literal data: ([\d,]+)", p.stdout)
+    sent = re.search(r"Total bytes sent: ([\d,]+)", p.stdout)
+    return t, int(lit.group(1).replace(",", "")), int(sent.group(1).replace(",", ""))
+
+
+def bench_resync(bin_, work):
+    base = os.path.join(work, "base-delta.raw")
+    make_image(base, DELTA_GIB)
+    size = DELTA_GIB * GIB
+    disk_img = os.path.join(work, "resync-disk.raw")
+    src, dst = os.path.join(work, "rsync-src.raw"), os.path.join(work, "rsync-dst.raw")
+    sb = Standby(bin_, os.path.join(work, "resync-data"))
+    n = one_percent_writes(DELTA_GIB)
+    A, B, RS = [], [], []
+    verified = None
+    toml = os.path.join(sb.data, "standby.toml")
+    try:
+        for f in (disk_img, src, dst):
+            copy_sparse(base, f)
+            warm(f)
+        sb.setup("disk0", image=disk_img, interval="5m")
+        sb.start()
+        sb.protect("vm0", "disk0", timeout=size / 20e6 + 300)
+        sb.stop()
+        for r in range(ROUNDS):
+            log(f"resync: round {r + 1}/{ROUNDS}")
+            # (a) log overflow: writes land in the dirty bitmap; the resync waits outside its
+            # window until the writes are done, then the window opens and the engine resyncs.
+            with open(toml, "w") as f:
+                f.write(OVERFLOW_TOML)
+            sb.run("policy", "set", "--resync-window", excluded_window())
+            sb.start()
+            fio_writes(sb.uri("disk0"), n, "4k", 2000 + r, os.path.join(work, "fio.json"))
+            time.sleep(0.5)
+            st = sb.status()
+            if not st["state"].startswith("ResyncRequired"):
+                log(f"  note: after the overflow writes the VM is {st['state']!r}")
+            A.append(resync_once(sb, lambda: sb.run("policy", "set", "--resync-window", "always"), "(a)"))
+            sb.stop()
+            os.remove(toml)
+            sb.start()
+
+            RS.append(rsync_round(src, dst, size, 3000 + 2 * r))
+            log(f"  rsync: {RS[-1][0]:.2f} s, literal data {RS[-1][1]:,} bytes")
+
+            # (b) full resync of a disk whose replica misses 1% of its blocks (normal log).
+            fio_writes(sb.uri("disk0"), n, "4k", 4000 + r, os.path.join(work, "fio.json"))
+            time.sleep(0.5)
+            B.append(resync_once(sb, lambda: sb.run("resync", "vm0", "--full"), "(b)"))
+
+            RS.append(rsync_round(src, dst, size, 3001 + 2 * r))
+            log(f"  rsync: {RS[-1][0]:.2f} s, literal data {RS[-1][1]:,} bytes")
+            if r == ROUNDS - 1:
+                verified = verify_latest(sb, "vm0", "disk0", disk_img, work)
+            sb.stop()
+    finally:
+        sb.stop()
+        shutil.rmtree(sb.data, ignore_errors=True)
+        for f in (disk_img, src, dst):
+            if os.path.exists(f):
+                os.remove(f)
+
+    ta, tb, tr = median([x["time"] for x in A]), median([x["time"] for x in B]), median([x[0] for x in RS])
+    print(f"### 3. Resync of a {DELTA_GIB} GiB disk differing from its replica in 1% of its 4 KiB blocks\n")
+    print(f"| peer | time (s, median) | bytes read | bytes sent | chunks compared | speed vs rsync | target | |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, xs, t, target in (("standby resync after log overflow (log + dirty bitmap)", A, ta, 5),
+                                ("standby `resync --full`", B, tb, 2)):
+        sp = tr / t
+        print(f"| {name} | {fmt_s(t, 2)} | {fmt_int(median([x['read'] for x in xs]))} | "
+              f"{fmt_int(median([x['sent'] for x in xs]))} | {xs[-1]['compare']} | {sp:.2f}x | ≥ {target}x | "
+              f"{'met' if sp >= target else 'missed'} |")
+    print(f"| rsync `--ignore-times --inplace --no-whole-file` | {fmt_s(tr, 2)} | 2 × {fmt_int(size)} | "
+          f"{fmt_int(median([x[2] for x in RS]))} (literal data {fmt_int(median([x[1] for x in RS]))}) | | 1.00x | | |")
+    print()
+    runs = lambda xs: " / ".join(f"{x:.2f}" for x in xs)
+    print(f"runs (s): (a) {runs([x['time'] for x in A])}; (b) {runs([x['time'] for x in B])}; "
+          f"rsync {runs([x[0] for x in RS])}")
+    print(f"standby store growth per resync: (a) {' / '.join(fmt_int(x['grown']) for x in A)}; "
+          f"(b) {' / '.join(fmt_int(x['grown']) for x in B)}; replica of the last round exported and "
+          f"compared with the disk: {verified}\n")
+
+
+def resync_once(sb, trigger, label):
+    s0 = sb.store_bytes()
+    last = sb.last_job_id()
+    trigger()
+    j = sb.wait_job("resync", last, timeout=600)
+    if j["state"] != "succeeded":
+        raise RuntimeError(f"resync job {j['id']} {j['state']}: {j['detail']}")
+    sb.wait_state("Protected", 60)
+    m = re.search(r"resync read (\d+) bytes, sent (\d+) bytes", j["detail"])
+    show = sb.run("job", "show", str(j["id"]))
+    c = re.search(r"compare \S+\s+\S+\s+[\d.]+ s\s+(\d+|all \d+)(?: of (\d+))? chunks", show)
+    compare = "?"
+    if c:
+        compare = f"{c.group(1)} of {c.group(2)}" if c.group(2) else c.group(1)
+    res = {"time": j["time"], "read": int(m.group(1)), "sent": int(m.group(2)),
+           "grown": sb.store_bytes() - s0, "compare": compare}
+    log(f"  standby {label}: resync job {res['time']:.2f} s, read {res['read']:,}, sent {res['sent']:,}, "
+        f"compared {compare}")
+    return res
+
+
+def bench_rpo(bin_, work):
+    sb = Standby(bin_, os.path.join(work, "rpo-data"))
+    variants = [("continuous", None), ("30s", None)]
+    if RPO_FOLD_VARIANTS:
+        variants += [("continuous", "1T"), ("30s", "1T")]
+    rows = []
+    try:
+        for interval, fold in variants:
+            log(f"rpo: interval {interval}, fold {'default' if fold is None else fold}")
+            sb.setup("disk0", size=f"{RPO_GIB}G", interval="5m")
+            if fold:
+                sb.run("policy", "set", "--fold-patch-bytes", fold)
+            sb.start()
+            sb.protect("vm0", "disk0", timeout=RPO_GIB * GIB / 20e6 + 300)
+            sb.run("policy", "set", "--interval", interval)
+            time.sleep(1.0)
+            last = sb.last_job_id()
+            out = os.path.join(work, "fio-rpo.json")
+            fio = subprocess.Popen(["fio", "--name=w", "--ioengine=nbd", f"--uri={sb.uri('disk0')}",
+                                    "--rw=randwrite", "--bs=64k", "--iodepth=4", f"--rate={RPO_RATE}",
+                                    "--time_based", f"--runtime={RPO_SECONDS}", "--norandommap",
+                                    "--refill_buffers", "--output-format=json", f"--output={out}"],
+                                   stdout=subprocess.DEVNULL)
+            samples, states, backlog = [], {}, 0.0
+            nxt = time.time()
+            while fio.poll() is None:
+                st = sb.status()
+                now = time.time()  # after the call: errs on the high side
+                if st["as_of"] is not None:
+                    samples.append(now - st["as_of"])
+                key = st["state"].split(" (")[0]
+                states.setdefault(key, now)
+                backlog = max(backlog, st.get("backlog", 0))
+                nxt += 0.5
+                time.sleep(max(0, nxt - time.time()))
+            with open(out) as f:
+                w = json.load(f)["jobs"][0]["write"]
+            jobs = [j for j in sb.jobs(500) if j["id"] > last and j["kind"] == "delta-replication"]
+            ok = [j for j in jobs if j["state"] == "succeeded"]
+            bad = [j for j in jobs if j["state"] == "failed"]
+            final = sb.status()
+            row = {"interval": interval, "fold": fold or "256 MiB (default)", "n": len(samples),
+                   "med": median(samples), "p95": pct(samples, 95), "max": max(samples) if samples else None,
+                   "ok": len(ok), "failed": len(bad), "job_med": median([j["secs"] for j in ok]),
+                   "state": final["state"].split(" (")[0], "mbps": w["bw_bytes"] / 1e6,
+                   "backlog": backlog, "err": bad[0]["detail"] if bad else "",
+                   "states": sorted(states, key=states.get)}
+            rows.append(row)
+            log(f"  RPO median {fmt_s(row['med'])} s, p95 {fmt_s(row['p95'])} s, max {fmt_s(row['max'])} s; "
+                f"deltas ok {row['ok']} failed {row['failed']}; state {row['state']}; fio {row['mbps']:.1f} MB/s")
+            if row["err"]:
+                log(f"  first failed delta: {row['err']}")
+            sb.stop()
+            shutil.rmtree(sb.data, ignore_errors=True)
+    finally:
+        sb.stop()
+        shutil.rmtree(sb.data, ignore_errors=True)
+
+    print(f"### 4. RPO under sustained writes ({RPO_GIB} GiB disk, fio random 64 KiB writes "
+          f"`--rate={RPO_RATE}` for {RPO_SECONDS} s)\n")
+    print("| interval | fold patches beyond | RPO median (s) | p95 (s) | max (s) | samples | delta jobs ok / failed "
+          "| median delta job (s) | max log backlog | state at end | fio MB/s | target (p95) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|")
+    for r in rows:
+        target = ""
+        if r["interval"] == "continuous":
+            target = f"≤ 1 s: {'met' if r['p95'] is not None and r['p95'] <= 1 else 'missed'}"
+        print(f"| {r['interval']} | {r['fold']} | {fmt_s(r['med'])} | {fmt_s(r['p95'])} | {fmt_s(r['max'])} | "
+              f"{r['n']} | {r['ok']} / {r['failed']} | {fmt_s(r['job_med'], 1)} | {r['backlog'] / 1e6:,.0f} MB | "
+              f"{r['state']} | {r['mbps']:.1f} | {target} |")
+    print()
+    for r in rows:
+        if r["err"]:
+            print(f"- {r['interval']}, fold {r['fold']}: first failed delta job: `{r['err']}`; "
+                  f"states seen: {' → '.join(r['states'])}")
+    print("RPO sample = time right after `standby status` returned − its \"replica current as of\" time, "
+          "every 0.5 s while fio runs.\n")
+
+
+def main():
+    binary = os.environ.get("STANDBY_BIN")
+    if not binary:
+        sys.exit("STANDBY_BIN is required (tools/bench/replication.sh sets it)")
+    created = len(sys.argv) < 2
+    work = tempfile.mkdtemp(prefix="standby-repl-bench-") if created else sys.argv[1]
+    os.makedirs(work, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    # Peaks: the initial image's data plus its replica; the RPO disk plus its patches.
+    need = (max(SIZE_GIB * 1.25 if "initial" in BENCHES else 0, RPO_GIB * 2, DELTA_GIB * 3) + 4) * GIB
+    if free < need:
+        sys.exit(f"only {free / GIB:.1f} GiB free in the work directory, about {need / GIB:.0f} GiB "
+                 f"needed: lower SIZE_GIB")
+    # A private copy, so a concurrent rebuild cannot swap the binary in the middle of the run.
+    bin_ = os.path.join(work, "standby")
+    shutil.copy2(binary, bin_)
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
+    params = (f"SIZE_GIB={SIZE_GIB} DELTA_GIB={DELTA_GIB} RPO_GIB={RPO_GIB} ROUNDS={ROUNDS} "
+              f"ROUNDS_INITIAL={ROUNDS_INITIAL} RPO_SECONDS={RPO_SECONDS} RPO_RATE={RPO_RATE} "
+              f"RPO_FOLD_VARIANTS={RPO_FOLD_VARIANTS} BENCHES={','.join(BENCHES)}")
+    print(f"`{os.environ.get('BENCH_COMMAND', 'tools/bench/replication.sh')}`\n")
+    print(f"parameters: {params}; standby at commit {rev}; {os.cpu_count()} cores; "
+          f"restic {restic_version()}; {fio_version()}; rsync {rsync_version()}\n")
+    sys.stdout.flush()
+    t0 = time.time()
+    try:
+        for b in BENCHES:
+            {"initial": bench_initial, "delta": bench_delta, "resync": bench_resync, "rpo": bench_rpo}[b](bin_, work)
+            sys.stdout.flush()
+    finally:
+        if created and not KEEP:
+            shutil.rmtree(work, ignore_errors=True)
+        elif not KEEP:
+            for f in ("standby", "initial.raw", "base-delta.raw", "fio.json", "fio-rpo.json"):
+                if os.path.exists(os.path.join(work, f)):
+                    os.remove(os.path.join(work, f))
+    print(f"total run time {time.time() - t0:.0f} s; load average at the end "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+def restic_version():
+    return subprocess.run(["restic", "version"], capture_output=True, text=True).stdout.split()[1]
+
+
+def fio_version():
+    return subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip()
+
+
+def rsync_version():
+    return subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.split()[2]
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    main()

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Replication benchmark: standby's replication engine against restic and rsync in one run
+# (peers alternated A B A B ..., medians of the rounds). Prints one Markdown table per benchmark:
+#   1. initial replication of a SIZE_GIB image (alternating 4 MiB random / 4 MiB zero extents):
+#      `standby protect` until Protected vs `restic backup` (--compression auto);
+#   2. delta cost after 1% random 4 KiB writes to a DELTA_GIB disk (fio nbd engine): one
+#      delta-replication job vs restic's incremental backup (time, bytes added);
+#   3. resync of a disk differing from its replica in 1% of its 4 KiB blocks, (a) after a change
+#      log overflow (log + dirty bitmap) and (b) `standby resync VM --full`, vs
+#      `rsync --ignore-times --inplace --no-whole-file`;
+#   4. RPO sampled from `standby status` every 0.5 s while fio writes RPO_RATE for RPO_SECONDS
+#      to a protected RPO_GIB disk, policy `continuous` and `30s`.
+# Details: tools/bench/replication.py; results: docs/bench-replication.md.
+#
+# Usage: tools/bench/replication.sh [WORKDIR]
+#   env: STANDBY_BIN=<prebuilt standby> (otherwise built here, in CARGO_TARGET_DIR if set)
+#        SIZE_GIB=8 DELTA_GIB=2 RPO_GIB=4 ROUNDS=3 ROUNDS_INITIAL=2 RPO_SECONDS=60 RPO_RATE=50m
+#        RPO_FOLD_VARIANTS=1 BENCHES=initial,delta,resync,rpo KEEP=0
+# Needs: cargo, python3, fio (with the nbd engine), restic, rsync.
+# Free space: about 1.25 x SIZE_GIB + 4 GiB (at least 12 GiB) in WORKDIR (default: a new
+# directory under $TMPDIR, removed at the end). Default run: about 12-15 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+for tool in python3 fio restic rsync; do
+  command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 1; }
+done
+if [ -z "${STANDBY_BIN:-}" ]; then
+  echo "building standby (release)..." >&2
+  cargo build --release --quiet -p standby-tools --bin standby
+  STANDBY_BIN="${CARGO_TARGET_DIR:-target}/release/standby"
+fi
+export STANDBY_BIN
+# The command line as given (parameters that were set in the environment first).
+cmd=""
+for v in SIZE_GIB DELTA_GIB RPO_GIB ROUNDS ROUNDS_INITIAL RPO_SECONDS RPO_RATE RPO_FOLD_VARIANTS BENCHES KEEP; do
+  [ -n "${!v:-}" ] && cmd+="$v=${!v} "
+done
+export BENCH_COMMAND="${cmd}tools/bench/replication.sh${*:+ $*}"
+exec python3 tools/bench/replication.py "$@"
