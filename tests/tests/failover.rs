@@ -409,3 +409,96 @@ fn fuse_live_disk_to_replica_file_through_loop_mounts() {
     m.stop_ok();
     g.stop();
 }
+
+/// With the store on the real S3 server: a planned failover (final delta on the primary),
+/// the disks served at once on the recovery gateway while they hydrate, commit, and reverse
+/// replication that sends only the chunks changed after the failover.
+#[test]
+fn failover_to_another_gateway_on_s3_then_reverse_replication() {
+    let Some(garage) = standby_e2e::garage::Garage::start_or_skip() else {
+        return;
+    };
+    std::env::set_var("AWS_ACCESS_KEY_ID", &garage.access_key);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", &garage.secret_key);
+    let t = test_dir("failover-s3");
+    let primary = t.path().join("primary");
+    run(standby(&primary).args(["disk", "create", "app", "--size", "48M"]));
+    run(standby(&primary)
+        .args(["store", "init", "--s3-endpoint", &garage.s3_endpoint])
+        .args([
+            "--s3-bucket",
+            &garage.bucket,
+            "--s3-region",
+            "garage",
+            "--path-style",
+        ]));
+    fast_policy(&primary, "1s");
+    let g1 = Gateway::start(&primary, &[]);
+    let mut w = OracleWriter::new(g1.addr, "app", vec![0u8; 48 << 20], 5);
+    for _ in 0..4 {
+        w.random_writes(60);
+    }
+    run(standby(&primary).args(["protect", "vm", "--disks", "app"]));
+    wait_state(&primary, "vm", "Protected", T);
+    w.random_writes(20); // carried by the final delta only
+    drop(w.client);
+    let out = run_stdout(standby(&primary).args(["failover", "vm", "--prepare"]));
+    assert!(out.contains("final changes replicated"), "{out}");
+    let written = w.oracle.clone();
+    g1.stop();
+
+    // The recovery site: its own data directory on the same store.
+    let recovery = t.path().join("recovery");
+    std::fs::create_dir_all(&recovery).unwrap();
+    std::fs::copy(
+        primary.join("replica-store.toml"),
+        recovery.join("replica-store.toml"),
+    )
+    .unwrap();
+    fast_policy(&recovery, "1s");
+    let g2 = Gateway::start(&recovery, &[]);
+    let out = run_stdout(standby(&recovery).args(["failover", "vm"]));
+    assert!(
+        out.contains("failed over") && out.contains("hydrating"),
+        "{out}"
+    );
+    // Served at once, with the final delta's bytes.
+    assert_same(
+        "failed-over disk",
+        &read_export(&g2.uri("app"), &t.path().join("f.img")),
+        &written,
+    );
+    let mut w2 = OracleWriter::new(g2.addr, "app", written, 6);
+    let changed = w2.random_writes(30);
+    let out = run_stdout(standby(&recovery).args(["failover", "commit", "vm", "--wait", "120"]));
+    assert!(out.contains("committed"), "{out}");
+    let disks = run_stdout(standby(&recovery).args(["disk", "list"]));
+    assert!(disks.contains("app"), "{disks}");
+    assert_same(
+        "committed disk",
+        &read_export(&g2.uri("app"), &t.path().join("c.img")),
+        &w2.oracle,
+    );
+
+    // Reverse replication from the recovery site: only chunks changed since sent.
+    run(standby(&recovery).args(["protect", "vm", "--disks", "app"]));
+    wait_state(&recovery, "vm", "Protected", T);
+    let ir = last_job_detail(&recovery, "initial-replication").unwrap();
+    let sent: u64 = ir
+        .split("; ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {ir}"));
+    // 30 writes of ≤ 256 KiB touch at most 30 × 5 chunks of 64 KiB; the disk holds ~40 MiB.
+    assert!(
+        sent <= 30 * 5 * 65536 + (1 << 20),
+        "reverse replication sent {sent} bytes for {changed} bytes changed: {ir}"
+    );
+    let since = id_now();
+    let p = synced_point(&recovery, "vm", &since, T);
+    let got = export(&recovery, &p, "app", &t.path().join("r.img"));
+    assert_same("reverse-replicated point", &got, &w2.oracle);
+    drop(w2);
+    g2.stop();
+}

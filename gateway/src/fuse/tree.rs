@@ -81,7 +81,7 @@ pub enum NodeKind {
     /// `disks/NAME`: reads and writes go through the gateway's [`Disk`].
     LiveDisk(LiveDisk),
     /// `replicas/VM/DISK@POINT`: a disk of a recovery point, read-only.
-    Replica(ReplicaFile),
+    Replica(Box<ReplicaFile>),
 }
 
 /// One file or directory.
@@ -221,7 +221,7 @@ impl Tree {
             Some(n) => n.ino,
             None => self.add_dir(REPLICAS_INO, vm)?,
         };
-        self.add(dir, name, NodeKind::Replica(file))
+        self.add(dir, name, NodeKind::Replica(Box::new(file)))
     }
 
     /// Every live disk (for the final flush).
