@@ -582,3 +582,69 @@ fn protection_commands_refuse_bad_input() {
     assert!(!status(&dd).contains("late-vm"));
     g.stop();
 }
+
+/// kill -9 of the gateway at random moments while deltas run (continuous mode, writes going
+/// on): after each restart replication resumes and the newest point equals the bytes written.
+#[test]
+fn kill9_during_delta_replication_converges() {
+    use rand::{Rng, SeedableRng};
+    let t = test_dir("repl-kill-delta");
+    let dd = site(t.path(), &[("d", "32M")]);
+    fast_policy(&dd, "continuous");
+    let mut g = Gateway::start(&dd, &[]);
+    run(standby(&dd).args(["protect", "vm", "--disks", "d"]));
+    wait_state(&dd, "vm", "Protected", T);
+    let mut oracle = vec![0u8; 32 << 20];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(77);
+    for round in 0..4 {
+        let mut w = OracleWriter::new(g.addr, "d", oracle, 100 + round);
+        w.random_writes(60);
+        oracle = w.oracle.clone();
+        drop(w);
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..400)));
+        g.kill9();
+        g = Gateway::start(&dd, &[]);
+    }
+    wait_state(&dd, "vm", "Protected", T);
+    let since = id_now();
+    let p = synced_point(&dd, "vm", &since, T);
+    assert_same(
+        "after 4 kills during deltas",
+        &export(&dd, &p, "d", &t.path().join("k.img")),
+        &oracle,
+    );
+    let verify = run_stdout(standby(&dd).args(["store", "verify"]));
+    assert!(verify.contains("OK"), "{verify}");
+    g.stop();
+}
+
+/// App-consistent points run the freeze and thaw hooks around the cut and are marked app.
+#[test]
+fn app_consistent_points_run_freeze_and_thaw() {
+    let t = test_dir("repl-app");
+    let dd = site(t.path(), &[("d", "8M")]);
+    let hooks = t.path().join("hooks.log");
+    run(standby(&dd)
+        .args(["policy", "set", "--app-consistent", "2s"])
+        .arg("--freeze-cmd")
+        .arg(format!("echo freeze $STANDBY_VM >> {}", hooks.display()))
+        .arg("--thaw-cmd")
+        .arg(format!("echo thaw $STANDBY_VM >> {}", hooks.display())));
+    let g = Gateway::start(&dd, &[]);
+    run(standby(&dd).args(["protect", "vm", "--disks", "d"]));
+    wait_state(&dd, "vm", "Protected", T);
+    wait_for(&dd, "an app-consistent point", T, || {
+        run_stdout(standby(&dd).args(["points", "list", "vm"]))
+            .lines()
+            .any(|l| l.split_whitespace().nth(4) == Some("app"))
+            .then_some(())
+    });
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    assert!(log.starts_with("freeze vm\nthaw vm\n"), "{log}");
+    // A failing freeze hook is a recoverable error: retried, shown in status.
+    run(standby(&dd).args(["policy", "set", "--freeze-cmd", "exit 3"]));
+    wait_for(&dd, "the hook failure in status", T, || {
+        status(&dd).contains("freeze hook failed").then_some(())
+    });
+    g.stop();
+}
