@@ -143,13 +143,23 @@ impl Store {
         }
     }
 
-    /// Delete a point: the point object first (un-publish), then its indexes.
+    /// Delete a point: the point object first (un-publish), then its indexes — those no
+    /// other point of the VM shares (a delta point refers to its parent's unchanged index).
     pub async fn delete_point(&self, point: &PointMeta) -> Result<()> {
         self.backend()
             .delete(&point_key(&point.vm, &point.id))
             .await?;
+        let shared: std::collections::HashSet<String> = self
+            .list_points(Some(&point.vm))
+            .await?
+            .iter()
+            .filter(|p| p.id != point.id)
+            .flat_map(|p| p.disks.iter().map(|d| d.index_key.clone()))
+            .collect();
         for d in &point.disks {
-            self.backend().delete(&d.index_key).await?;
+            if !shared.contains(&d.index_key) {
+                self.backend().delete(&d.index_key).await?;
+            }
         }
         tracing::info!(point = %point.full_id(), "deleted recovery point");
         Ok(())

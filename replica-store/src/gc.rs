@@ -259,7 +259,14 @@ impl Store {
                 .await?;
         }
 
-        // Orphan indexes: written by sessions that never published, older than the delay.
+        // Orphan indexes: written by sessions that never published, older than the delay. An
+        // index a live point refers to (a delta point shares its parent's) is never one.
+        let live_indexes: HashSet<String> = self
+            .list_points(None)
+            .await?
+            .iter()
+            .flat_map(|p| p.disks.iter().map(|d| d.index_key.clone()))
+            .collect();
         let idx_cutoff = now
             .checked_sub(fossil_delay)
             .unwrap_or(SystemTime::UNIX_EPOCH);
@@ -268,7 +275,10 @@ impl Store {
             let (_, Some(vm), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
                 continue;
             };
-            if seen.contains(&format!("{vm}/{id}")) || o.modified >= idx_cutoff {
+            if seen.contains(&format!("{vm}/{id}"))
+                || live_indexes.contains(&o.key)
+                || o.modified >= idx_cutoff
+            {
                 continue;
             }
             if backend

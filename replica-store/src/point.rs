@@ -186,6 +186,9 @@ struct DiskState {
     index: DiskIndex,
     source_lsn: u64,
     patches: Vec<PatchRef>,
+    /// The parent's index object (key, checksum) while the index is unchanged: the point
+    /// refers to it instead of storing the same index again (deltas only add patches).
+    inherited: Option<(String, String)>,
 }
 
 /// Uploads chunks for one session; cheap to clone and usable from many tasks at once.
@@ -362,6 +365,7 @@ impl PointBuilder {
                     index,
                     source_lsn: d.source_lsn,
                     patches: d.patches.clone(),
+                    inherited: Some((d.index_key.clone(), d.index_checksum.clone())),
                 },
             );
         }
@@ -399,6 +403,7 @@ impl PointBuilder {
                 index,
                 source_lsn: 0,
                 patches: Vec::new(),
+                inherited: None,
             },
         );
         Ok(())
@@ -407,7 +412,9 @@ impl PointBuilder {
     /// Resize an inherited disk. Returns chunk indexes whose content must be rewritten
     /// (a non-hole chunk whose length changed).
     pub fn resize_disk(&mut self, name: &str, size: u64) -> Result<Vec<u64>> {
-        Ok(self.disk_mut(name)?.index.resize(size))
+        let d = self.disk_mut(name)?;
+        d.inherited = None;
+        Ok(d.index.resize(size))
     }
 
     /// Drop a disk from the point.
@@ -460,7 +467,11 @@ impl PointBuilder {
     /// [`ChunkId::ZERO`] for a hole). Only chunks confirmed stored, or staged by this builder's
     /// writer (committed by [`Self::publish`]), may be recorded.
     pub fn set_chunk(&mut self, disk: &str, index: u64, id: ChunkId) -> Result<()> {
-        self.disk_mut(disk)?.index.set(index, id)
+        let d = self.disk_mut(disk)?;
+        if d.index.get(index) != Some(id) {
+            d.inherited = None;
+        }
+        d.index.set(index, id)
     }
 
     /// Upload `data` as chunk `index` of `disk` and record it (serial convenience).
@@ -482,6 +493,7 @@ impl PointBuilder {
         let d = self.disk_mut(disk)?;
         d.index = index;
         d.patches.clear();
+        d.inherited = None;
         Ok(())
     }
 
@@ -565,6 +577,7 @@ impl PointBuilder {
             d.index.set(ci, out.id)?;
         }
         d.patches.clear();
+        d.inherited = None;
         Ok((n, uploaded))
     }
 
@@ -591,10 +604,16 @@ impl PointBuilder {
         let id = new_point_id(created);
         let mut disks = Vec::new();
         for (name, st) in &self.disks {
-            let key = index_key(&self.vm, &id, name);
-            self.store
-                .put_object(MAGIC_INDEX, &key, &st.index.to_bytes())
-                .await?;
+            let (key, checksum) = match &st.inherited {
+                Some((key, sum)) => (key.clone(), sum.clone()),
+                None => {
+                    let key = index_key(&self.vm, &id, name);
+                    self.store
+                        .put_object(MAGIC_INDEX, &key, &st.index.to_bytes())
+                        .await?;
+                    (key, hex::encode(st.index.checksum()))
+                }
+            };
             disks.push(DiskEntry {
                 name: name.clone(),
                 size: st.index.disk_size(),
@@ -603,7 +622,7 @@ impl PointBuilder {
                 data_chunks: st.index.data_chunks(),
                 source_lsn: st.source_lsn,
                 index_key: key,
-                index_checksum: hex::encode(st.index.checksum()),
+                index_checksum: checksum,
                 patches: st.patches.clone(),
             });
         }

@@ -19,7 +19,7 @@ peers alternated within each round (A B A B ...):
            `continuous` then `30s`; `standby status` sampled every 0.5 s.
 
 Environment: STANDBY_BIN (required), SIZE_GIB=8, DELTA_GIB=2, RPO_GIB=4, ROUNDS=3,
-ROUNDS_INITIAL=2, RPO_SECONDS=60, RPO_RATE=50m, BENCHES=initial,delta,resync,rpo,
+ROUNDS_INITIAL=2, DELTAS_PER_ROUND=2, RPO_SECONDS=60, RPO_RATE=50m, BENCHES=initial,delta,resync,rpo,
 RPO_FOLD_VARIANTS=1 (also run the RPO rows with patch folding pushed out of reach),
 KEEP=0 (keep the work directory). First argument: work directory (default: a new temp dir).
 """
@@ -50,6 +50,7 @@ DELTA_GIB = env_int("DELTA_GIB", 2)
 RPO_GIB = env_int("RPO_GIB", 4)
 ROUNDS = env_int("ROUNDS", 3)
 ROUNDS_INITIAL = env_int("ROUNDS_INITIAL", 2)
+DELTAS_PER_ROUND = env_int("DELTAS_PER_ROUND", 2)
 RPO_SECONDS = env_int("RPO_SECONDS", 60)
 RPO_RATE = os.environ.get("RPO_RATE", "50m")
 RPO_FOLD_VARIANTS = env_int("RPO_FOLD_VARIANTS", 1)
@@ -304,7 +305,14 @@ def fio_writes(uri, n, bs, seed, out):
 
 
 def one_percent_writes(gib):
-    return gib * GIB // 4096 // 100
+    """1% of a disk's 4 KiB blocks, rounded up (5,243 for 2 GiB)."""
+    return -(-gib * GIB // 4096 // 100)
+
+
+def settle():
+    """Flush dirty pages before a timed step, so no peer pays for another's writeback
+    (standby's store commit calls syncfs, which flushes the whole file system)."""
+    os.sync()
 
 
 # ------------------------------------------------------------------------------ benchmarks
@@ -324,6 +332,7 @@ def bench_initial(bin_, work):
             sb.setup("disk0", image=img)
             sb.start()
             last = sb.last_job_id()
+            settle()
             t0 = time.time()
             sb.protect("vm0", "disk0", timeout=size / 20e6 + 300)
             t = time.time() - t0
@@ -341,6 +350,7 @@ def bench_initial(bin_, work):
 
             shutil.rmtree(repo, ignore_errors=True)
             restic(repo, "init")
+            settle()
             t = restic_backup(repo, img)
             res["rstored"] = file_bytes(repo)
             res["restic"].append(t)
@@ -392,11 +402,9 @@ def bench_delta(bin_, work):
             shutil.rmtree(repo, ignore_errors=True)
             restic(repo, "init")
             R["r_full"].append(restic_backup(repo, disk_img))
-            written = fio_writes(sb.uri("disk0"), n, "4k", 1000 + r, os.path.join(work, "fio.json"))
-            R["written"].append(written)
-            time.sleep(0.5)
 
             def standby_delta():
+                settle()
                 s0 = sb.store_bytes()
                 last = sb.last_job_id()
                 t0 = time.time()
@@ -416,6 +424,7 @@ def bench_delta(bin_, work):
                     f"store +{grown:,} bytes")
 
             def restic_incr():
+                settle()
                 b0 = file_bytes(repo)
                 t = restic_backup(repo, disk_img)
                 grown = file_bytes(repo) - b0
@@ -423,9 +432,13 @@ def bench_delta(bin_, work):
                 R["r_bytes"].append(grown)
                 log(f"  restic:  incremental {t:.2f} s, repository +{grown:,} bytes")
 
-            order = (standby_delta, restic_incr) if r % 2 == 0 else (restic_incr, standby_delta)
-            for f in order:
-                f()
+            for k in range(DELTAS_PER_ROUND):
+                written = fio_writes(sb.uri("disk0"), n, "4k", 1000 + 10 * r + k, os.path.join(work, "fio.json"))
+                R["written"].append(written)
+                time.sleep(0.5)
+                order = (standby_delta, restic_incr) if (r + k) % 2 == 0 else (restic_incr, standby_delta)
+                for f in order:
+                    f()
             if r == ROUNDS - 1:
                 verified = verify_latest(sb, "vm0", "disk0", disk_img, work)
             sb.stop()
@@ -441,7 +454,7 @@ def bench_delta(bin_, work):
     job, wall, sbb = median(R["job"]), median(R["wall"]), median(R["sb_bytes"])
     rt, rb, wr = median(R["r_time"]), median(R["r_bytes"]), median(R["written"])
     print(f"### 2. Delta cost ({DELTA_GIB} GiB disk, {n:,} random 4 KiB writes = {wr / 1e6:.1f} MB)\n")
-    print(f"| peer | time (s, median of {ROUNDS}) | bytes added to store / repository | "
+    print(f"| peer | time (s, median of {len(R['job'])}) | bytes added to store / repository | "
           "bytes added / bytes written |")
     print("|---|---:|---:|---:|")
     print(f"| standby delta-replication job | {fmt_s(job, 3)} | {fmt_int(sbb)} | {sbb / wr:.3f} |")
@@ -464,7 +477,8 @@ def bench_delta(bin_, work):
     print(f"runs: restic incremental (s) {' / '.join(f'{x:.2f}' for x in R['r_time'])}; repository bytes "
           f"{' / '.join(fmt_int(x) for x in R['r_bytes'])}; restic first backup (s) "
           f"{' / '.join(f'{x:.2f}' for x in R['r_full'])}")
-    print(f"order alternated per round (standby first, then restic first); last round's newest point "
+    print(f"{ROUNDS} rounds (fresh protection, fresh restic repository) x {DELTAS_PER_ROUND} rounds of writes; "
+          f"which peer goes first alternates; `sync` before each timed step; the last newest point "
           f"exported and compared with the disk: {verified}\n")
 
 
@@ -502,6 +516,7 @@ def rsync_round(src, dst, size, seed):
         for _ in range(n):
             f.seek(rng.randrange(size // 4096) * 4096)
             f.write(os.urandom(4096))
+    settle()
     t0 = time.time()
     p = subprocess.run(["rsync", "--ignore-times", "--inplace", "--no-whole-file", "--stats", src, dst],
                        capture_output=True, text=True, check=True)
@@ -590,6 +605,7 @@ def bench_resync(bin_, work):
 
 
 def resync_once(sb, trigger, label):
+    settle()
     s0 = sb.store_bytes()
     last = sb.last_job_id()
     trigger()
@@ -708,7 +724,7 @@ def main():
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
     params = (f"SIZE_GIB={SIZE_GIB} DELTA_GIB={DELTA_GIB} RPO_GIB={RPO_GIB} ROUNDS={ROUNDS} "
-              f"ROUNDS_INITIAL={ROUNDS_INITIAL} RPO_SECONDS={RPO_SECONDS} RPO_RATE={RPO_RATE} "
+              f"ROUNDS_INITIAL={ROUNDS_INITIAL} DELTAS_PER_ROUND={DELTAS_PER_ROUND} RPO_SECONDS={RPO_SECONDS} RPO_RATE={RPO_RATE} "
               f"RPO_FOLD_VARIANTS={RPO_FOLD_VARIANTS} BENCHES={','.join(BENCHES)}")
     print(f"`{os.environ.get('BENCH_COMMAND', 'tools/bench/replication.sh')}`\n")
     print(f"parameters: {params}; standby at commit {rev}; {os.cpu_count()} cores; "

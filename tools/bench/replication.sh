@@ -14,8 +14,8 @@
 #
 # Usage: tools/bench/replication.sh [WORKDIR]
 #   env: STANDBY_BIN=<prebuilt standby> (otherwise built here, in CARGO_TARGET_DIR if set)
-#        SIZE_GIB=8 DELTA_GIB=2 RPO_GIB=4 ROUNDS=3 ROUNDS_INITIAL=2 RPO_SECONDS=60 RPO_RATE=50m
-#        RPO_FOLD_VARIANTS=1 BENCHES=initial,delta,resync,rpo KEEP=0
+#        SIZE_GIB=8 DELTA_GIB=2 RPO_GIB=4 ROUNDS=3 ROUNDS_INITIAL=2 DELTAS_PER_ROUND=2
+#        RPO_SECONDS=60 RPO_RATE=50m RPO_FOLD_VARIANTS=1 BENCHES=initial,delta,resync,rpo KEEP=0
 # Needs: cargo, python3, fio (with the nbd engine), restic, rsync.
 # Free space: about 1.25 x SIZE_GIB + 4 GiB (at least 12 GiB) in WORKDIR (default: a new
 # directory under $TMPDIR, removed at the end). Default run: about 12-15 minutes on 2 cores.
@@ -32,7 +32,7 @@ fi
 export STANDBY_BIN
 # The command line as given (parameters that were set in the environment first).
 cmd=""
-for v in SIZE_GIB DELTA_GIB RPO_GIB ROUNDS ROUNDS_INITIAL RPO_SECONDS RPO_RATE RPO_FOLD_VARIANTS BENCHES KEEP; do
+for v in SIZE_GIB DELTA_GIB RPO_GIB ROUNDS ROUNDS_INITIAL DELTAS_PER_ROUND RPO_SECONDS RPO_RATE RPO_FOLD_VARIANTS BENCHES KEEP; do
   [ -n "${!v:-}" ] && cmd+="$v=${!v} "
 done
 export BENCH_COMMAND="${cmd}tools/bench/replication.sh${*:+ $*}"

@@ -55,6 +55,8 @@ pub const TICK: Duration = Duration::from_millis(200);
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// Chunks read and hashed per batch of a pass.
 const BATCH_CHUNKS: usize = 64;
+/// Points are pruned at most this often per VM (pruning lists every point).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Namespace of the protection relationship blobs in the store.
 pub const PROTECTION_NS: &str = "protection";
 
@@ -150,6 +152,8 @@ pub struct Engine {
     stats: Mutex<HashMap<String, (u64, String, Instant)>>,
     /// The server's export table (replica disks are added and removed here).
     exports: Arc<Exports<Device>>,
+    /// When each VM's points were last pruned.
+    pruned: Mutex<HashMap<String, Instant>>,
     /// Replica disks served for attachments, by export name, with their hydration task.
     attached: tokio::sync::Mutex<HashMap<String, Attached>>,
 }
@@ -207,6 +211,7 @@ impl Engine {
             shutdown,
             stats: Mutex::new(HashMap::new()),
             exports,
+            pruned: Mutex::new(HashMap::new()),
             attached: tokio::sync::Mutex::new(HashMap::new()),
         }))
     }
@@ -1255,12 +1260,25 @@ impl Engine {
                     run_hook("thaw", policy.thaw_cmd.as_deref(), &row2.name).await?;
                 }
                 let p = r?;
-                self.step(job, "prune", &format!("keep {} h", policy.retention_hours))?;
-                let keep = RetentionPolicy {
-                    keep_last: Some(1),
-                    keep_within: Some(Duration::from_secs_f64(policy.retention_hours * 3600.0)),
+                // Pruning lists every point of the VM: at most once a minute.
+                let prune_due = {
+                    let mut m = self.pruned.lock().unwrap_or_else(|p| p.into_inner());
+                    let due = m.get(&row2.name).is_none_or(|t| t.elapsed() >= PRUNE_EVERY);
+                    if due {
+                        m.insert(row2.name.clone(), Instant::now());
+                    }
+                    due
                 };
-                let pr = store.prune(Some(&row2.name), keep, false).await?;
+                let pr = if prune_due {
+                    self.step(job, "prune", &format!("keep {} h", policy.retention_hours))?;
+                    let keep = RetentionPolicy {
+                        keep_last: Some(1),
+                        keep_within: Some(Duration::from_secs_f64(policy.retention_hours * 3600.0)),
+                    };
+                    store.prune(Some(&row2.name), keep, false).await?
+                } else {
+                    Default::default()
+                };
                 let sizes: u64 = p
                     .disks
                     .iter()
