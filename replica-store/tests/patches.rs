@@ -1,5 +1,6 @@
 //! Delta points: patches over a shared parent index, read back exactly, through pruning of
 //! the parent, garbage collection and folding.
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
