@@ -200,14 +200,28 @@ fn resync_after_the_fifty_percent_rule_sends_only_changed_chunks() {
     fill(&g, "d", 16 * MIB, 3, t.path());
     run(standby(&dd).args(["protect", "vm", "--disks", "d"]));
     wait_state(&dd, "vm", "Protected", T);
-    // Ship nothing for an hour: the log only grows.
+    // Ship nothing for an hour: the log only grows; no automatic resync until asked.
     fast_policy(&dd, "1h");
+    let hour = run_stdout(Command::new("date").arg("+%H"))
+        .trim()
+        .parse::<u32>()
+        .unwrap();
+    let away = (hour + 12) % 24;
+    run(standby(&dd).args([
+        "policy",
+        "set",
+        "--resync-window",
+        &format!("{away:02}:00-{away:02}:01"),
+    ]));
     let img = t.path().join("new.bin");
     random_file(&img, 36 * MIB, 4);
     run(Command::new("qemu-io")
         .args(["-f", "raw", "-c"])
         .arg(format!("write -s {} 20M 36M", img.display()))
         .arg(g.uri("d")));
+    wait_state(&dd, "vm", "ResyncRequired", T);
+    assert!(status(&dd).contains("50%"), "{}", status(&dd));
+    run(standby(&dd).args(["resync", "vm"]));
     wait_for(&dd, "a resync job", T, || last_job_detail(&dd, "resync"));
     wait_state(&dd, "vm", "Protected", T);
     let detail = last_job_detail(&dd, "resync").unwrap();
@@ -246,7 +260,11 @@ fn resync_after_the_fifty_percent_rule_sends_only_changed_chunks() {
     });
     wait_state(&dd, "vm", "Protected", T);
     let full = last_job_detail(&dd, "resync").unwrap();
-    assert!(full.contains(&format!("read {} bytes", 64 * MIB)), "{full}");
+    let show =
+        run_stdout(standby(&dd).args(["job", "show", full.split_whitespace().next().unwrap()]));
+    assert!(show.contains("all 1024 chunks"), "{show}");
+    // Every data chunk read (holes are known from the image's allocation map), none sent.
+    assert!(full.contains(&format!("read {} bytes", 52 * MIB)), "{full}");
     assert!(full.contains("sent 0 bytes"), "{full}");
     assert_eq!(g.stop().code(), Some(0));
 }
@@ -269,6 +287,18 @@ fn log_overflow_resyncs_from_the_dirty_bitmap() {
         "[log]\nsegment_size = \"64K\"\nmin_free = \"1000T\"\nmin_free_percent = 100\n",
     )
     .unwrap();
+    // Hold automatic resyncs back (a window 12 hours away) until every write is made.
+    let hour = run_stdout(Command::new("date").arg("+%H"))
+        .trim()
+        .parse::<u32>()
+        .unwrap();
+    let away = (hour + 12) % 24;
+    run(standby(&dd).args([
+        "policy",
+        "set",
+        "--resync-window",
+        &format!("{away:02}:00-{away:02}:01"),
+    ]));
     let g = Gateway::start(&dd, &[]);
     let initial = read_export(&g.uri("d"), &t.path().join("i.img"));
     let mut w = OracleWriter::new(g.addr, "d", initial, 21);
@@ -276,6 +306,9 @@ fn log_overflow_resyncs_from_the_dirty_bitmap() {
         w.write(i * 2 * MIB + 4096, &vec![i as u8 + 1; 8192]);
     }
     assert_eq!(w.client.flush().unwrap(), 0);
+    wait_state(&dd, "vm", "ResyncRequired", T);
+    assert!(status(&dd).contains("overflow"), "{}", status(&dd));
+    run(standby(&dd).args(["resync", "vm"]));
     wait_for(&dd, "the overflow resync", T, || {
         last_job_detail(&dd, "resync")
     });

@@ -721,13 +721,16 @@ def main():
     # A private copy, so a concurrent rebuild cannot swap the binary in the middle of the run.
     bin_ = os.path.join(work, "standby")
     shutil.copy2(binary, bin_)
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
+    origin = os.environ.get("BENCH_BIN_ORIGIN", "prebuilt")
+    source = (f"built from the working tree at {rev}" if origin == "built"
+              else f"prebuilt binary (STANDBY_BIN); working tree at {rev}")
     params = (f"SIZE_GIB={SIZE_GIB} DELTA_GIB={DELTA_GIB} RPO_GIB={RPO_GIB} ROUNDS={ROUNDS} "
               f"ROUNDS_INITIAL={ROUNDS_INITIAL} DELTAS_PER_ROUND={DELTAS_PER_ROUND} RPO_SECONDS={RPO_SECONDS} RPO_RATE={RPO_RATE} "
               f"RPO_FOLD_VARIANTS={RPO_FOLD_VARIANTS} BENCHES={','.join(BENCHES)}")
     print(f"`{os.environ.get('BENCH_COMMAND', 'tools/bench/replication.sh')}`\n")
-    print(f"parameters: {params}; standby at commit {rev}; {os.cpu_count()} cores; "
+    print(f"parameters: {params}; standby: {source}; {os.cpu_count()} cores; "
           f"restic {restic_version()}; {fio_version()}; rsync {rsync_version()}\n")
     sys.stdout.flush()
     t0 = time.time()

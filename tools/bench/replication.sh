@@ -28,6 +28,7 @@ if [ -z "${STANDBY_BIN:-}" ]; then
   echo "building standby (release)..." >&2
   cargo build --release --quiet -p standby-tools --bin standby
   STANDBY_BIN="${CARGO_TARGET_DIR:-target}/release/standby"
+  export BENCH_BIN_ORIGIN=built
 fi
 export STANDBY_BIN
 # The command line as given (parameters that were set in the environment first).

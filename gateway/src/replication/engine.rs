@@ -946,6 +946,12 @@ impl Engine {
             let batch: Vec<u64> = (ck.position..end)
                 .map(|p| if full { p } else { todo[p as usize] })
                 .collect();
+            // Chunks that are holes in the image are zero chunks: never read.
+            let holes = if full {
+                hole_chunks(d, ck.position, end, &index).await?
+            } else {
+                BTreeSet::new()
+            };
             let results: Vec<(u64, ChunkId, u64, u64)> =
                 futures::stream::iter(batch.into_iter().map(|ci| {
                     let (d, store, writer) = (d.clone(), store.clone(), writer.clone());
@@ -953,7 +959,11 @@ impl Engine {
                     let known = base.and_then(|(b, patched)| {
                         (!patched.contains(&ci)).then(|| b.get(ci)).flatten()
                     });
+                    let hole = holes.contains(&ci);
                     async move {
+                        if hole {
+                            return Ok::<_, ReplError>((ci, ChunkId::ZERO, 0, 0));
+                        }
                         let data = d.read(ci * cs, len).await.map_err(|e| ReplError::Io {
                             disk: d.name().to_string(),
                             source: e,
@@ -1496,6 +1506,37 @@ impl Engine {
         .map_err(|e| ReplError::log(d.name(), e))?;
         Ok(r)
     }
+}
+
+/// Chunks `first..end` of `d` that lie entirely in holes of its image (`SEEK_HOLE`).
+async fn hole_chunks(d: &Disk, first: u64, end: u64, index: &DiskIndex) -> R<BTreeSet<u64>> {
+    let cs = u64::from(index.chunk_size());
+    let start = first * cs;
+    let stop = (end * cs).min(d.size());
+    let mut out = BTreeSet::new();
+    if stop <= start {
+        return Ok(out);
+    }
+    let ext = d
+        .extents(start, stop - start)
+        .await
+        .map_err(|e| ReplError::Io {
+            disk: d.name().to_string(),
+            source: e,
+        })?;
+    let mut pos = start;
+    for e in ext {
+        if e.hole {
+            let (a, b) = (pos.div_ceil(cs), (pos + e.length) / cs);
+            out.extend(a..b);
+            // A hole ending at the disk's end covers its last, shorter chunk too.
+            if pos + e.length == d.size() && d.size() % cs != 0 {
+                out.insert(d.size() / cs);
+            }
+        }
+        pos += e.length;
+    }
+    Ok(out)
 }
 
 /// Halves the cycle counters now and then so health reflects recent cycles.
