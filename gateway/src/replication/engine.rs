@@ -1530,7 +1530,7 @@ async fn hole_chunks(d: &Disk, first: u64, end: u64, index: &DiskIndex) -> R<BTr
             let (a, b) = (pos.div_ceil(cs), (pos + e.length) / cs);
             out.extend(a..b);
             // A hole ending at the disk's end covers its last, shorter chunk too.
-            if pos + e.length == d.size() && d.size() % cs != 0 {
+            if pos + e.length == d.size() && (d.size() / cs) * cs != d.size() {
                 out.insert(d.size() / cs);
             }
         }
