@@ -227,6 +227,17 @@ impl Disk {
         Ok(out)
     }
 
+    /// Stops change tracking on an open disk (the VM was unprotected): waits for the writes
+    /// in flight, closes the log (sealed, clean) and writes straight to the image from then
+    /// on. Blocking. No-op for an untracked disk.
+    pub fn detach_log(&self) -> Result<(), DiskError> {
+        let mut t = write_lock(&self.inner.tracking);
+        if let Some(tr) = t.take() {
+            tr.log.close()?;
+        }
+        Ok(())
+    }
+
     /// Runs `f` while no write, trim or zero runs on this disk (those in flight complete
     /// first; new ones wait). Blocking.
     pub fn with_writes_paused<T>(&self, f: impl FnOnce() -> T) -> T {

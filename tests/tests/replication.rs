@@ -613,6 +613,15 @@ fn protection_commands_refuse_bad_input() {
     wait_state(&dd, "vm", "Protected", T);
     run(standby(&dd).args(["unprotect", "late-vm"]));
     assert!(!status(&dd).contains("late-vm"));
+    // Unprotecting stops change tracking at once: the log goes away, writes keep working.
+    assert!(dd.join("disks/a.hrl").exists());
+    run(standby(&dd).args(["unprotect", "vm"]));
+    wait_for(&dd, "the change log of disk a to be removed", T, || {
+        (!dd.join("disks/a.hrl").exists()).then_some(())
+    });
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 3 0 64k"])
+        .arg(g.uri("a")));
     g.stop();
 }
 

@@ -502,26 +502,24 @@ def bench_rto(bin_, work):
         for rc in rcs.values():
             rc.stop()
 
-    ref_gib = min(rcs) if rcs else None
-    ref = median(rcs[ref_gib].total) if rcs else None
     fl = median(floor)
     print(f"### 1. Recovery time (RTO): sparse disk with the 64 MiB boot image at its start\n")
-    print(f"| peer | disk | first 4 KiB read (s) | boot to `STANDBY-MARKER` (s) | restic {ref_gib or '?'} GiB / this "
-          "(boot) |")
+    print("| peer | disk | first 4 KiB read (s) | boot to `STANDBY-MARKER` (s) | restic / standby, boot "
+          "(same disk size) |")
     print("|---|---:|---:|---:|---:|")
     for gib in SIZES_GIB:
         s = sbs[gib]
+        rb = median(rcs[gib].total) if gib in rcs else None
         print(f"| standby test failover (local store) | {gib} GiB | {fmt_s(median(s.a))} | {fmt_s(median(s.b))} | "
-              f"{ratio(ref, median(s.b))} |")
+              f"{ratio(rb, median(s.b)) if rb else 'restic not run'} |")
     for gib in SIZES_GIB:
         if gib in rcs:
             rc = rcs[gib]
-            print(f"| restic restore, then qemu from the file | {gib} GiB | {fmt_s(median(rc.restore))} (restore) | "
-                  f"{fmt_s(median(rc.total))} | {ratio(ref, median(rc.total))} |")
+            print(f"| restic restore, then qemu from the file | {gib} GiB | {fmt_s(median(rc.restore))} "
+                  f"(restore done) | {fmt_s(median(rc.total))} | |")
     for gib, free in skipped:
         print(f"| restic restore, then qemu from the file | {gib} GiB | not run | not run | |")
-    print(f"| qemu from the 64 MiB boot image file (no recovery; floor) | 64 MiB | | {fmt_s(fl)} | "
-          f"{ratio(ref, fl)} |")
+    print(f"| qemu from the 64 MiB boot image file (no recovery; floor) | 64 MiB | | {fmt_s(fl)} | |")
     print()
     print(f"Medians of {ROUNDS}. First read: `standby failover vm --test --no-launch` started → "
           "`qemu-io -r -c 'read 0 4k'` on the test export done. Boot: `standby failover vm --test` started "
@@ -729,11 +727,12 @@ def main():
     shutil.copy2(binary, bin_)
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=REPO_ROOT).stdout.strip() or "?"
+    built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(os.stat(binary).st_mtime))
     params = (f"SIZES_GIB={','.join(map(str, SIZES_GIB))} ROUNDS={ROUNDS} READ_GIB={READ_GIB} "
               f"DATA_GIB={DATA_GIB} NO_EXTENTS={NO_EXTENTS} BENCHES={','.join(BENCHES)}")
     qv = run("qemu-system-x86_64", "--version").splitlines()[0].replace("QEMU emulator version ", "")
     print(f"`{os.environ.get('BENCH_COMMAND', 'tools/bench/failover.sh')}`\n")
-    print(f"parameters: {params}; standby at commit {rev}; {os.cpu_count()} cores; "
+    print(f"parameters: {params}; standby binary built {built}, work tree at commit {rev}; {os.cpu_count()} cores; "
           f"page cache dropped before each measured run: {'yes' if DROPPING else 'no'}; restic {restic_version()}; "
           f"qemu {qv.split()[0]} (TCG); {run('nbdcopy', '--version').splitlines()[0]}; "
           f"{run('nbdkit', '--version').strip()}\n")

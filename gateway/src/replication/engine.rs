@@ -526,23 +526,23 @@ impl Engine {
     /// The VM was unprotected: stop logging into the void (segments are released; tracking
     /// itself ends when the disk is next opened).
     async fn unprotected(&self, vm: &str) {
-        info!(vm, "VM unprotected: releasing its change logs");
+        info!(vm, "VM unprotected: stopping change tracking of its disks");
         let all: Vec<Disk> = self.live_disks().values().cloned().collect();
         for d in &all {
-            if let Ok(rec) = self.dd.disk(d.name()) {
-                if rec.tracked {
-                    continue;
-                }
+            match self.dd.disk(d.name()) {
+                Ok(rec) if !rec.tracked && d.change_log().is_some() => {}
+                _ => continue,
             }
-            if let Some(log) = d.change_log() {
-                let _ = blocking(move || -> Result<(), LogError> {
-                    let segs = log.take()?;
-                    if let Some(last) = segs.last() {
-                        log.release(last.seq)?;
-                    }
-                    Ok(())
-                })
-                .await;
+            let (dc, dir) = (d.clone(), self.dd.log_dir(d.name()));
+            let r = blocking(move || -> Result<(), DiskError> {
+                dc.detach_log()?;
+                crate::changelog::log::remove_log_dir(&dir)?;
+                Ok(())
+            })
+            .await;
+            match r {
+                Ok(()) => info!(disk = %d.name(), "change tracking stopped, log removed"),
+                Err(e) => warn!(disk = %d.name(), "cannot stop change tracking: {e}"),
             }
         }
     }
