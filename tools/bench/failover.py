@@ -26,8 +26,8 @@ The OS page cache is dropped before every measured run when that is possible (ro
 DROP_CACHES=auto|0|1.
 
 Environment: STANDBY_BIN (required), SIZES_GIB=2,20, ROUNDS=3, READ_GIB=2, DATA_GIB=1,
-BENCHES=rto,read, NO_EXTENTS=1, DROP_CACHES=auto, RESTIC_HEADROOM_GIB=8 (restic's restore of
-a disk writes all of it with restic < 0.15: its row is skipped unless the work directory has the
+BENCHES=rto,read, NO_EXTENTS=1, DROP_CACHES=auto, RESTIC_HEADROOM_GIB=8 (restic 0.14 has no
+sparse restore and writes every byte of the disk: its row is skipped unless the work directory has the
 disk size plus this much free), BOOT_TIMEOUT=120, KEEP=0. First argument: work directory
 (default: a new temp dir).
 """

@@ -51,6 +51,9 @@ use replica_store::ReaderOptions;
 
 /// How often a worker looks at its VM's row.
 pub const TICK: Duration = Duration::from_millis(200);
+/// How often the engine looks for new VMs and attachment requests (an attach or a test
+/// failover is served within this).
+const SUPERVISOR_TICK: Duration = Duration::from_millis(100);
 /// Checkpoint a pass at least this often.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// Chunks read and hashed per batch of a pass.
@@ -263,7 +266,7 @@ impl Engine {
             workers.retain(|_, h| !h.is_finished());
             self.sync_attachments().await;
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(SUPERVISOR_TICK) => {}
                 _ = shutdown.changed() => {}
             }
             if self.stopping() {
@@ -385,9 +388,13 @@ impl Engine {
     async fn open_attachment(&self, row: &Attachment) -> R<ReplicaDisk> {
         let store = self.store().await?;
         let point = store.load_point(&row.vm, &row.point).await?;
-        let reader = store
-            .open_disk(&point, &row.disk, ReaderOptions::default())
-            .await?;
+        // A booting VM or a copy reads sequentially: a deeper read-ahead hides the store's
+        // latency (S3 most of all); 64 MiB of cache per disk.
+        let opts = ReaderOptions {
+            cache_chunks: 1024,
+            readahead_chunks: 32,
+        };
+        let reader = store.open_disk(&point, &row.disk, opts).await?;
         let overlay = if row.rw {
             let dir = PathBuf::from(&row.dir);
             let size = reader.size();
