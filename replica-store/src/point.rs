@@ -542,6 +542,8 @@ impl PointBuilder {
         if refs.is_empty() {
             return Ok((0, 0));
         }
+        // Patches added by this builder are only staged: make them readable first.
+        self.writer.commit().await?;
         let patch = self
             .store
             .load_patches(&refs, self.index(disk)?.disk_size())

@@ -690,3 +690,34 @@ fn app_consistent_points_run_freeze_and_thaw() {
     });
     g.stop();
 }
+
+/// Patches fold into chunks once a disk's chain passes the policy's limit; the folded points
+/// read back exactly.
+#[test]
+fn patch_chains_fold_into_chunks() {
+    let t = test_dir("repl-fold");
+    let dd = site(t.path(), &[("d", "16M")]);
+    run(standby(&dd).args(["policy", "set", "--fold-patch-bytes", "300K"]));
+    let g = Gateway::start(&dd, &[]);
+    run(standby(&dd).args(["protect", "vm", "--disks", "d"]));
+    wait_state(&dd, "vm", "Protected", T);
+    let mut w = OracleWriter::new(g.addr, "d", vec![0u8; 16 << 20], 9);
+    for round in 0..5 {
+        w.random_writes(8);
+        let since = id_now();
+        let p = synced_point(&dd, "vm", &since, T);
+        assert_same(
+            &format!("round {round}"),
+            &export(&dd, &p, "d", &t.path().join("f.img")),
+            &w.oracle,
+        );
+    }
+    let j = jobs(&dd);
+    assert!(
+        j.contains("patch chain 0 bytes"),
+        "no delta folded its patches:\n{j}"
+    );
+    assert!(state(&dd, "vm").starts_with("Protected"));
+    drop(w);
+    g.stop();
+}

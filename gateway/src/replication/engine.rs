@@ -1392,7 +1392,7 @@ impl Engine {
                                 job,
                                 &format!("compare {}", d.name()),
                                 &if full {
-                                    format!("all {nchunks} chunks (no trustworthy change record)")
+                                    format!("all {nchunks} chunks (full comparison: {})", if row.resync_full { "requested, or the chain broke" } else { "no trustworthy change record" })
                                 } else {
                                     format!("{} of {nchunks} chunks changed per log and bitmap", todo.len())
                                 },
