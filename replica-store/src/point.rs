@@ -125,6 +125,22 @@ impl PointMeta {
     }
 }
 
+/// `now`, or one more than the last value returned in this process: points published by one
+/// process get distinct, increasing creation times, so "latest" is never a coin toss between
+/// two points of the same millisecond.
+fn monotonic_ms(now: u64) -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let mut prev = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(prev + 1);
+        match LAST.compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(p) => prev = p,
+        }
+    }
+}
+
 /// Key of a point object.
 pub fn point_key(vm: &str, id: &str) -> String {
     format!("points/{vm}/{id}.point")
@@ -602,7 +618,7 @@ impl PointBuilder {
         }
         // Every chunk the indexes reference must be durable before the first index is written.
         self.writer.commit().await?;
-        let created = now_unix_ms();
+        let created = monotonic_ms(now_unix_ms());
         let id = new_point_id(created);
         let mut disks = Vec::new();
         for (name, st) in &self.disks {
