@@ -220,3 +220,19 @@ pub fn last_job_detail(dd: &Path, kind: &str) -> Option<String> {
         .find(|l| l.split_whitespace().nth(2) == Some(kind) && l.contains("succeeded"))
         .map(|l| l.to_string())
 }
+
+/// Sets the resync window to one minute twelve hours away, so a resync starts only when a
+/// test asks for it (`standby resync VM`), after its writes.
+pub fn hold_resyncs(dd: &Path) {
+    let hour = run_stdout(Command::new("date").arg("+%H"))
+        .trim()
+        .parse::<u32>()
+        .expect("hour");
+    let away = (hour + 12) % 24;
+    run(standby(dd).args([
+        "policy",
+        "set",
+        "--resync-window",
+        &format!("{away:02}:00-{away:02}:01"),
+    ]));
+}

@@ -202,17 +202,7 @@ fn resync_after_the_fifty_percent_rule_sends_only_changed_chunks() {
     wait_state(&dd, "vm", "Protected", T);
     // Ship nothing for an hour: the log only grows; no automatic resync until asked.
     fast_policy(&dd, "1h");
-    let hour = run_stdout(Command::new("date").arg("+%H"))
-        .trim()
-        .parse::<u32>()
-        .unwrap();
-    let away = (hour + 12) % 24;
-    run(standby(&dd).args([
-        "policy",
-        "set",
-        "--resync-window",
-        &format!("{away:02}:00-{away:02}:01"),
-    ]));
+    hold_resyncs(&dd);
     let img = t.path().join("new.bin");
     random_file(&img, 36 * MIB, 4);
     run(Command::new("qemu-io")
@@ -288,17 +278,7 @@ fn log_overflow_resyncs_from_the_dirty_bitmap() {
     )
     .unwrap();
     // Hold automatic resyncs back (a window 12 hours away) until every write is made.
-    let hour = run_stdout(Command::new("date").arg("+%H"))
-        .trim()
-        .parse::<u32>()
-        .unwrap();
-    let away = (hour + 12) % 24;
-    run(standby(&dd).args([
-        "policy",
-        "set",
-        "--resync-window",
-        &format!("{away:02}:00-{away:02}:01"),
-    ]));
+    hold_resyncs(&dd);
     let g = Gateway::start(&dd, &[]);
     let initial = read_export(&g.uri("d"), &t.path().join("i.img"));
     let mut w = OracleWriter::new(g.addr, "d", initial, 21);

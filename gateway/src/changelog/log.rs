@@ -1160,22 +1160,7 @@ impl ChangeLog {
     /// sealed segment not yet released, oldest first: what the replicator should ship. New
     /// writes go to the next segment meanwhile.
     pub fn take(&self) -> Result<Vec<SegmentInfo>, LogError> {
-        self.require_healthy()?;
-        let has_records = lock(&self.sh.ap)
-            .active
-            .as_ref()
-            .is_some_and(|a| a.count > 0);
-        if has_records {
-            self.record_inner(Kind::Flush, 0, 0, 0, &[], true, || Ok(()))
-                .map_err(|e| match e.raw_os_error() {
-                    Some(libc::ESHUTDOWN) => LogError::Closed(self.sh.name.clone()),
-                    _ => LogError::Io {
-                        what: "cannot write a barrier to",
-                        path: self.sh.dir.clone(),
-                        source: e,
-                    },
-                })?;
-        }
+        self.barrier()?;
         self.seal_retired()?;
         self.require_healthy()?;
         Ok(lock(&self.sh.st).sealed.clone())

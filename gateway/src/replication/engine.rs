@@ -896,21 +896,9 @@ impl Engine {
             .await
             .map_err(|e| ReplError::disk(d.name(), e))?[0];
         let l = log.clone();
-        blocking(move || -> Result<(), LogError> {
-            l.wait_sealed()?;
-            if let Some(last) = l
-                .sealed_segments()
-                .iter()
-                .filter(|s| s.last_lsn <= lsn)
-                .map(|s| s.seq)
-                .max()
-            {
-                l.release(last)?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| ReplError::log(d.name(), e))?;
+        blocking(move || release_through(&l, lsn))
+            .await
+            .map_err(|e| ReplError::log(d.name(), e))?;
         Ok(lsn)
     }
 
@@ -1137,21 +1125,9 @@ impl Engine {
             };
             let lsn = entry.source_lsn;
             let log = self.log_of(d)?;
-            blocking(move || -> Result<(), LogError> {
-                log.wait_sealed()?;
-                if let Some(last) = log
-                    .sealed_segments()
-                    .iter()
-                    .filter(|s| s.last_lsn <= lsn)
-                    .map(|s| s.seq)
-                    .max()
-                {
-                    log.release(last)?;
-                }
-                Ok(())
-            })
-            .await
-            .map_err(|e| ReplError::log(d.name(), e))?;
+            blocking(move || release_through(&log, lsn))
+                .await
+                .map_err(|e| ReplError::log(d.name(), e))?;
         }
         Ok(())
     }
@@ -1490,22 +1466,10 @@ impl Engine {
                         }
                         todo.extend(m.dirty_chunks(cs));
                     }
-                    l.reset()?;
-                    if let Some(m) = &dirty {
-                        m.clear()
-                            .map_err(LogError::io("cannot save the dirty bitmap of", l.dir()))?;
-                    }
-                    Ok(())
+                    restart(&l, dirty.as_deref())
                 })?;
             } else {
-                dc.with_writes_paused(|| -> Result<(), LogError> {
-                    l.reset()?;
-                    if let Some(m) = &dirty {
-                        m.clear()
-                            .map_err(LogError::io("cannot save the dirty bitmap of", l.dir()))?;
-                    }
-                    Ok(())
-                })?;
+                dc.with_writes_paused(|| restart(&l, dirty.as_deref()))?;
             }
             Ok((todo, full))
         })
@@ -1600,6 +1564,32 @@ async fn run_hook(what: &str, cmd: Option<&str>, vm: &str) -> R<()> {
         });
     }
     Ok(())
+}
+
+/// A new, empty log chain and a clean dirty bitmap (call with writes paused).
+fn restart(log: &ChangeLog, dirty: Option<&crate::changelog::DirtyMap>) -> Result<(), LogError> {
+    log.reset()?;
+    if let Some(m) = dirty {
+        m.clear()
+            .map_err(LogError::io("cannot save the dirty bitmap of", log.dir()))?;
+    }
+    Ok(())
+}
+
+/// Seals what was cut and deletes every segment whose records all have LSN ≤ `lsn` (they are
+/// in the store, or — at the start of a pass — in the image the pass reads).
+fn release_through(log: &ChangeLog, lsn: u64) -> Result<(), LogError> {
+    log.wait_sealed()?;
+    let last = log
+        .sealed_segments()
+        .iter()
+        .filter(|s| s.last_lsn <= lsn)
+        .map(|s| s.seq)
+        .max();
+    match last {
+        Some(seq) => log.release(seq),
+        None => Ok(()),
+    }
 }
 
 /// Records of the log's segments with `after < lsn <= upto`, as one patch.
