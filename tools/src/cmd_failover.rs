@@ -376,13 +376,18 @@ async fn failover_inner(
     Ok(lines.join("\n"))
 }
 
-fn test_cleanup(dd: &DataDir, vm: &str) -> Result<()> {
-    let db = db(dd)?;
-    let rows: Vec<Attachment> = db
+/// The attachments of `kind` ("test", "failover") of one VM.
+fn vm_attachments(db: &Db, vm: &str, kind: &str) -> Result<Vec<Attachment>> {
+    Ok(db
         .attachments()?
         .into_iter()
-        .filter(|r| r.vm == vm && r.kind == "test")
-        .collect();
+        .filter(|r| r.vm == vm && r.kind == kind)
+        .collect())
+}
+
+fn test_cleanup(dd: &DataDir, vm: &str) -> Result<()> {
+    let db = db(dd)?;
+    let rows: Vec<Attachment> = vm_attachments(&db, vm, "test")?;
     if rows.is_empty() {
         bail!("VM {vm} has no test failover");
     }
@@ -478,11 +483,7 @@ async fn prepare(dd: &DataDir, a: &FailoverArgs) -> Result<()> {
 
 pub fn commit(dd: &DataDir, vm: &str, wait: u64) -> Result<()> {
     let db = db(dd)?;
-    let rows: Vec<Attachment> = db
-        .attachments()?
-        .into_iter()
-        .filter(|r| r.vm == vm && r.kind == "failover")
-        .collect();
+    let rows: Vec<Attachment> = vm_attachments(&db, vm, "failover")?;
     if rows.is_empty() {
         bail!("VM {vm} has no failover to commit");
     }
@@ -493,11 +494,7 @@ pub fn commit(dd: &DataDir, vm: &str, wait: u64) -> Result<()> {
     }
     let deadline = Instant::now() + Duration::from_secs(wait);
     loop {
-        let left: Vec<Attachment> = db
-            .attachments()?
-            .into_iter()
-            .filter(|r| r.vm == vm && r.kind == "failover")
-            .collect();
+        let left: Vec<Attachment> = vm_attachments(&db, vm, "failover")?;
         if left.is_empty() {
             break;
         }
