@@ -85,15 +85,17 @@ async fn main() -> R<()> {
     let t = Instant::now();
     let mut b = store.point_builder("bench")?;
     let stats = replica_store::import_disk(&mut b, "disk0", &image, 16).await?;
+    let import_secs = t.elapsed().as_secs_f64();
     let p = b.publish().await?;
     let secs = t.elapsed().as_secs_f64();
     let (stored, objects) = stored_bytes(&store).await?;
     if mode == "import" {
         println!(
-            "mode=import chunk_size={} bytes={} secs={:.3} mbps={:.0} stored_bytes={} objects={} uploaded_chunks={} zero_chunks={}",
+            "mode=import chunk_size={} bytes={} secs={:.3} publish_secs={:.3} mbps={:.0} stored_bytes={} objects={} uploaded_chunks={} zero_chunks={}",
             store.chunk_size(),
             stats.bytes_read,
             secs,
+            secs - import_secs,
             stats.bytes_read as f64 / secs / 1e6,
             stored,
             objects,

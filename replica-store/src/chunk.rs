@@ -115,10 +115,31 @@ fn worth_compressing(plain: &[u8], level: i32) -> bool {
     }
     let mid = plain.len() / 2;
     let sample = &plain[mid..mid + SAMPLE];
-    match zstd::bulk::compress(sample, level) {
+    match zstd_compress(sample, level) {
         Ok(c) => c.len() + SAMPLE / 32 < SAMPLE,
         Err(_) => true,
     }
+}
+
+thread_local! {
+    /// One zstd context per thread and level, reused: creating a context costs more than
+    /// compressing an 8 KiB probe.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd-compress `data` at `level` with this thread's reusable context.
+fn zstd_compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        match slot.as_mut() {
+            Some((_, c)) => c.compress(data),
+            None => zstd::bulk::compress(data, level),
+        }
+    })
 }
 
 /// Encodes and decodes objects for one store (compression and keys).
@@ -127,16 +148,26 @@ pub struct Codec {
     compression: Compression,
     level: i32,
     crypto: Option<Crypto>,
+    /// Store chunks that are neither compressed nor encrypted as their bare plaintext (no
+    /// envelope), as stores of format 3 do.
+    raw_chunks: bool,
 }
 
 impl Codec {
-    /// A codec.
+    /// A codec (writing bare chunk objects where possible).
     pub fn new(compression: Compression, level: i32, crypto: Option<Crypto>) -> Self {
         Codec {
             compression,
             level,
             crypto,
+            raw_chunks: true,
         }
+    }
+
+    /// Always wrap chunks in an envelope (stores of format 2, whose readers expect one).
+    pub fn with_enveloped_chunks(mut self) -> Self {
+        self.raw_chunks = false;
+        self
     }
 
     /// True if objects are encrypted.
@@ -176,7 +207,7 @@ impl Codec {
             && plain.len() >= 64
             && worth_compressing(plain, self.level)
         {
-            let c = zstd::bulk::compress(plain, self.level)
+            let c = zstd_compress(plain, self.level)
                 .map_err(|e| Error::Config(format!("zstd compression failed: {e}")))?;
             if c.len() + plain.len() / 32 < plain.len() {
                 compressed = Some(c);
@@ -281,9 +312,30 @@ impl Codec {
         Ok(plain)
     }
 
-    /// Encode a chunk object.
+    /// Encode a chunk object. In an unencrypted store a chunk that does not compress is
+    /// stored bare: its object is exactly its plaintext (a 64 KiB chunk fills 16 file-system
+    /// blocks instead of 17, and nothing is copied into an envelope). Its SHA-256 id still
+    /// verifies it on every read.
     pub fn encode_chunk(&self, id: &ChunkId, plain: &[u8]) -> Result<Bytes> {
-        self.seal(MAGIC_CHUNK, &id.0, plain, true).map(Bytes::from)
+        let bare = self.raw_chunks
+            && self.crypto.is_none()
+            && !looks_enveloped(plain)
+            && !(self.compression == Compression::Zstd
+                && plain.len() >= 64
+                && worth_compressing(plain, self.level));
+        if bare {
+            return Ok(Bytes::copy_from_slice(plain));
+        }
+        let obj = self.seal(MAGIC_CHUNK, &id.0, plain, true)?;
+        if self.raw_chunks
+            && self.crypto.is_none()
+            && obj[5] & FLAG_ZSTD == 0
+            && !looks_enveloped(plain)
+        {
+            // The full attempt did not pay off after all: bare is smaller.
+            return Ok(Bytes::copy_from_slice(plain));
+        }
+        Ok(Bytes::from(obj))
     }
 
     /// Decode and fully verify a chunk object (CRC, tag, length, digest).
@@ -297,7 +349,13 @@ impl Codec {
             digest: id.to_hex(),
             reason,
         };
-        let plain = self.open(MAGIC_CHUNK, &id.0, obj).map_err(corrupt)?;
+        // A bare chunk (see [`Codec::encode_chunk`]) is its own plaintext; everything else is
+        // an envelope. Either way the digest below is the final check.
+        let plain = if self.crypto.is_none() && !looks_enveloped(obj) {
+            obj.to_vec()
+        } else {
+            self.open(MAGIC_CHUNK, &id.0, obj).map_err(corrupt)?
+        };
         if let Some(l) = expected_len {
             if plain.len() != l {
                 return Err(corrupt(format!(
@@ -312,6 +370,16 @@ impl Codec {
         }
         Ok(Bytes::from(plain))
     }
+}
+
+/// True if `obj` starts with a chunk envelope header whose CRC matches. Bare chunks never
+/// do: a plaintext that would is stored in an envelope instead.
+fn looks_enveloped(obj: &[u8]) -> bool {
+    if obj.len() < HEADER_LEN || obj[..4] != MAGIC_CHUNK || obj[4] != ENVELOPE_VERSION {
+        return false;
+    }
+    let stored = u32::from_le_bytes([obj[16], obj[17], obj[18], obj[19]]);
+    crc32c::crc32c_append(crc32c::crc32c(&obj[..16]), &obj[HEADER_LEN..]) == stored
 }
 
 fn aad(header: &[u8], name: &[u8]) -> Vec<u8> {
@@ -360,6 +428,59 @@ mod tests {
             assert!(codec.decode_chunk(&other, &obj, None).is_err());
         }
         assert!(is_all_zero(&[0u8; 10000]));
+    }
+
+    #[test]
+    fn bare_chunks_only_when_unencrypted_and_incompressible() {
+        let mut random = vec![0u8; 65536];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut random);
+        let text: Vec<u8> = (0..65536u32).map(|i| b"standby "[i as usize % 8]).collect();
+        let key = StoreKey::generate();
+        let plain = Codec::new(Compression::Zstd, 1, None);
+        let enc = Codec::new(
+            Compression::None,
+            1,
+            Some(Crypto::new(&key, Cipher::Aes256Gcm)),
+        );
+        let v2 = Codec::new(Compression::Zstd, 1, None).with_enveloped_chunks();
+        for (codec, data, bare) in [
+            (&plain, &random, true),
+            (&plain, &text, false),
+            (&enc, &random, false),
+            (&v2, &random, false),
+        ] {
+            let id = codec.digest(data);
+            let obj = codec.encode_chunk(&id, data).unwrap();
+            assert_eq!(obj[..] == data[..], bare);
+            assert_eq!(
+                &codec.decode_chunk(&id, &obj, Some(data.len())).unwrap()[..],
+                &data[..]
+            );
+            // A flipped bit is caught either way, bare or enveloped.
+            let mut bad = obj.to_vec();
+            bad[obj.len() / 2] ^= 4;
+            assert!(matches!(
+                codec.decode_chunk(&id, &bad, None),
+                Err(Error::CorruptChunk { .. })
+            ));
+        }
+        // A format-3 reader reads format-2 envelopes.
+        let id = v2.digest(&random);
+        let obj = v2.encode_chunk(&id, &random).unwrap();
+        assert_eq!(
+            &plain.decode_chunk(&id, &obj, None).unwrap()[..],
+            &random[..]
+        );
+        // A plaintext that happens to be a valid envelope is itself enveloped, so it can never
+        // be mistaken for one when read back.
+        let tricky = obj.to_vec();
+        let tid = plain.digest(&tricky);
+        let tobj = plain.encode_chunk(&tid, &tricky).unwrap();
+        assert_ne!(&tobj[..], &tricky[..]);
+        assert_eq!(
+            &plain.decode_chunk(&tid, &tobj, None).unwrap()[..],
+            &tricky[..]
+        );
         let mut z = vec![0u8; 10000];
         z[9999] = 1;
         assert!(!is_all_zero(&z));

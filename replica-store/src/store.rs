@@ -15,8 +15,12 @@ use crate::error::{Error, Result};
 pub const STORE_TOML: &str = "store.toml";
 /// Value of `format` in `store.toml`.
 pub const FORMAT_NAME: &str = "standby-replica-store";
-/// Format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 2;
+/// Format version this build writes. Version 3 stores chunks that neither compress nor are
+/// encrypted bare (no envelope); version 2 stores, whose readers expect an envelope on every
+/// chunk, are still read and written the version 2 way.
+pub const FORMAT_VERSION: u32 = 3;
+/// Oldest format version this build opens.
+pub const OLDEST_FORMAT_VERSION: u32 = 2;
 /// Default chunk size (see docs/replica-store.md for the measurements behind it).
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 /// Default maximum duration of an upload session (and GC fossil delay).
@@ -183,7 +187,9 @@ impl Store {
             .get("format_version")
             .and_then(|v| v.as_integer())
             .unwrap_or(-1);
-        if format != FORMAT_NAME || version != FORMAT_VERSION as i64 {
+        if format != FORMAT_NAME
+            || !(i64::from(OLDEST_FORMAT_VERSION)..=i64::from(FORMAT_VERSION)).contains(&version)
+        {
             return Err(Error::UnsupportedFormat {
                 location,
                 found: format!("{format:?} version {version}"),
@@ -226,7 +232,10 @@ impl Store {
                 Some(Crypto::new(k, enc.cipher))
             }
         };
-        let codec = Codec::new(settings.compression, settings.compression_level, crypto);
+        let mut codec = Codec::new(settings.compression, settings.compression_level, crypto);
+        if settings.format_version < 3 {
+            codec = codec.with_enveloped_chunks();
+        }
         Ok(Store {
             inner: Arc::new(Inner {
                 backend,

@@ -767,6 +767,24 @@ pub async fn store_format(f: &dyn BackendFactory) {
     let e = Store::open(backend.clone(), None).await.unwrap_err();
     assert!(matches!(e, Error::UnsupportedFormat { .. }), "{e}");
     assert!(!e.is_recoverable());
+
+    // A format-2 store is still opened, and its chunks keep their envelopes.
+    backend
+        .put(
+            "store.toml",
+            Bytes::from(text.replace(
+                &format!("format_version = {}", crate::store::FORMAT_VERSION),
+                "format_version = 2",
+            )),
+        )
+        .await
+        .unwrap();
+    let v2 = Store::open(backend.clone(), None).await.unwrap();
+    let data = Bytes::from(random_bytes(7, s.chunk_size() as usize));
+    let out = v2.put_chunk(data.clone()).await.unwrap();
+    let obj = backend.get(&out.id.key()).await.unwrap();
+    assert_eq!(&obj[..4], b"SBCK");
+    assert_eq!(v2.get_chunk(&out.id, None).await.unwrap(), data);
 }
 
 /// Run every scenario.

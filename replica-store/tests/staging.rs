@@ -28,8 +28,28 @@ fn image(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// Staging files (beside their chunks' final names) under the store root.
 fn tmp_files(root: &std::path::Path) -> usize {
-    std::fs::read_dir(root.join(".tmp")).unwrap().count()
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else if e.file_name().to_string_lossy().starts_with(".stage-") {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// This process's staging marker exists.
+fn marker(root: &std::path::Path) -> bool {
+    root.join(".tmp")
+        .join(format!("staging-{}", std::process::id()))
+        .exists()
 }
 
 async fn chunk_count(b: &LocalBackend) -> usize {
@@ -52,9 +72,10 @@ async fn crash_between_staging_and_commit() {
         .unwrap();
     assert_eq!(stats.uploaded_chunks, 5);
     assert_eq!(stats.zero_chunks, 2);
-    // Staged, not committed: no chunk under its final name.
+    // Staged, not committed: no chunk under its final name, and listing skips staging files.
     assert_eq!(chunk_count(&backend).await, 0);
     assert_eq!(tmp_files(&root), 5);
+    assert!(marker(&root));
     // "Crash": the builder vanishes without running any destructor.
     std::mem::forget(b);
     assert!(store.list_points(Some("vm")).await.unwrap().is_empty());
@@ -63,6 +84,7 @@ async fn crash_between_staging_and_commit() {
     let reopened = LocalBackend::open(&root).unwrap();
     assert_eq!(reopened.remove_stale_tmp(Duration::ZERO).unwrap(), 5);
     assert_eq!(tmp_files(&root), 0);
+    assert!(!marker(&root));
     assert_eq!(chunk_count(&reopened).await, 0);
 
     // The next import stores every chunk again and publishes a complete point.
@@ -75,6 +97,7 @@ async fn crash_between_staging_and_commit() {
     let p = b.publish().await.unwrap();
     assert_eq!(chunk_count(&reopened).await, 5);
     assert_eq!(tmp_files(&root), 0);
+    assert!(!marker(&root), "the marker goes with the last staged file");
     let idx = store.load_index(&p, "d").await.unwrap();
     for id in idx.entries().iter().filter(|e| !e.is_zero()) {
         assert!(store.has_chunk(id).await.unwrap(), "chunk {id} missing");
@@ -107,6 +130,7 @@ async fn abandoned_session_discards_staged_chunks() {
     assert_eq!(tmp_files(&root), 5);
     drop(b);
     assert_eq!(tmp_files(&root), 0);
+    assert!(!marker(&root));
     assert_eq!(chunk_count(&backend).await, 0);
     // Chunks staged by one session are deduplicated within it, and committed by publish.
     let mut b = store.point_builder("vm").unwrap();
@@ -125,4 +149,27 @@ async fn abandoned_session_discards_staged_chunks() {
             assert!(store.has_chunk(id).await.unwrap());
         }
     }
+}
+
+#[test]
+fn open_removes_staging_files_of_a_dead_process_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    LocalBackend::open(&root).unwrap();
+    // A crashed process (no such pid) left a marker and staging files; a live one (this
+    // process) has a marker and a staging file in flight.
+    let dead = 999_999_999;
+    let live = std::process::id();
+    let chunk_dir = root.join("chunks").join("abc");
+    std::fs::create_dir_all(&chunk_dir).unwrap();
+    for (pid, n) in [(dead, 1), (dead, 2), (live, 3)] {
+        std::fs::write(root.join(".tmp").join(format!("staging-{pid}")), b"").unwrap();
+        std::fs::write(chunk_dir.join(format!(".stage-{pid}-{n}-7")), b"x").unwrap();
+    }
+    std::fs::write(chunk_dir.join("abcdef"), b"a chunk").unwrap();
+    LocalBackend::open(&root).unwrap();
+    assert!(!root.join(".tmp").join(format!("staging-{dead}")).exists());
+    assert!(marker(&root));
+    assert_eq!(tmp_files(&root), 1, "only the live process's file is left");
+    assert!(chunk_dir.join("abcdef").exists());
 }

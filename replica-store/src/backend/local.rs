@@ -21,6 +21,9 @@ use bytes::Bytes;
 use super::{validate_key, Backend, ObjectMeta, Staged};
 use crate::error::{Error, Result};
 
+/// Staged bytes after which a background `syncfs` starts writing them out.
+const BACKGROUND_SYNC_BYTES: u64 = 256 << 20;
+
 /// Name of the directory holding in-flight temporary files (never listed as objects).
 const TMP_DIR: &str = ".tmp";
 
@@ -34,6 +37,12 @@ pub struct LocalBackend {
 struct Inner {
     root: PathBuf,
     seq: AtomicU64,
+    /// Staging sessions of this process (see [`Staging`]).
+    staging: Arc<Staging>,
+    /// Bytes staged since the last background writeback was started.
+    unsynced: AtomicU64,
+    /// A background `syncfs` is running.
+    syncing: Arc<std::sync::atomic::AtomicBool>,
     /// fsync files and directories (disable only for throw-away test stores).
     durable: bool,
     /// Directories known to exist (saves a stat per staged chunk at commit).
@@ -51,8 +60,11 @@ impl LocalBackend {
             .map_err(|e| Error::io(format!("creating store directory {}", root.display()), e))?;
         let b = LocalBackend {
             inner: Arc::new(Inner {
+                staging: Arc::new(Staging::new(&root)),
                 root,
                 seq: AtomicU64::new(0),
+                unsynced: AtomicU64::new(0),
+                syncing: Arc::default(),
                 durable: true,
                 dirs: Mutex::default(),
             }),
@@ -72,8 +84,13 @@ impl LocalBackend {
         };
         let now = SystemTime::now();
         let mut removed = 0;
+        let mut markers = Vec::new();
         for ent in rd.flatten() {
             let name = ent.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix(MARKER_PREFIX) {
+                markers.push((pid.to_string(), ent));
+                continue;
+            }
             let dead = name
                 .split('-')
                 .next()
@@ -86,6 +103,19 @@ impl LocalBackend {
                 .unwrap_or(false);
             if (dead || old) && fs::remove_file(ent.path()).is_ok() {
                 removed += 1;
+            }
+        }
+        // Staging files of crashed processes, found through their markers.
+        for (pid, ent) in markers {
+            let dead = pid.parse::<i32>().is_ok_and(|p| !process_alive(p));
+            let old = ent
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| now.duration_since(t).unwrap_or_default() >= older_than)
+                .unwrap_or(false);
+            if dead || old {
+                removed += remove_staging_files(&self.inner.root, &pid);
+                let _ = fs::remove_file(ent.path());
             }
         }
         Ok(removed)
@@ -197,6 +227,37 @@ impl Inner {
         }
     }
 
+    /// Counts staged bytes; every [`BACKGROUND_SYNC_BYTES`] starts a `syncfs` on a background
+    /// thread (unless one runs), so the disk writes a session's chunks while later ones are
+    /// still being hashed and the commit's own `syncfs` finds little left to write.
+    fn note_staged(&self, n: u64) {
+        use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+        if self.unsynced.fetch_add(n, Relaxed) + n < BACKGROUND_SYNC_BYTES {
+            return;
+        }
+        if self.syncing.swap(true, AcqRel) {
+            return;
+        }
+        self.unsynced.store(0, Relaxed);
+        let root = self.root.clone();
+        let flag = self.syncing.clone();
+        let spawned = std::thread::Builder::new()
+            .name("store-writeback".into())
+            .spawn(move || {
+                if let Ok(d) = File::open(&root) {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: syncfs(2) on a descriptor owned by `d`. Errors are ignored: this
+                    // is only a head start, the commit's own syncfs reports them.
+                    unsafe { libc::syncfs(d.as_raw_fd()) };
+                }
+                flag.store(false, std::sync::atomic::Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.syncing
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     /// Make every dirty page and inode of the store's filesystem durable (one `syncfs`).
     fn sync_fs(&self) -> Result<()> {
         #[cfg(target_os = "linux")]
@@ -236,11 +297,37 @@ impl Inner {
         Ok(())
     }
 
+    /// Write a chunk object to a staging file beside its final name (same directory: the
+    /// commit's rename stays inside one directory, and writers of different chunks do not
+    /// contend on one staging directory's lock). Not fsynced; see [`Inner::commit_staged`].
     fn put_staged(&self, key: &str, data: &[u8]) -> Result<Staged> {
-        let tmp = self.write_tmp(data, false)?;
+        let path = self.root.join(key);
+        self.ensure_parent_nosync(&path)?;
+        let session = self.staging.begin()?;
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_file_name(format!(
+            "{STAGE_PREFIX}{}-{}-{}",
+            std::process::id(),
+            n,
+            rand::random::<u32>()
+        ));
+        let res = match write_direct(&tmp, data) {
+            Some(r) => r,
+            None => (|| -> std::io::Result<()> {
+                let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+                f.write_all(data)?;
+                self.note_staged(data.len() as u64);
+                Ok(())
+            })(),
+        };
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(format!("writing {}", tmp.display()), e));
+        }
         Ok(Staged {
             key: key.to_string(),
             tmp: Some(tmp),
+            _session: Some(session),
         })
     }
 
@@ -337,7 +424,9 @@ impl Inner {
                     Ok(n) => n,
                     Err(_) => continue,
                 };
-                if rel.is_empty() && name == TMP_DIR {
+                // The temporary directory and staging files are not objects (keys never
+                // have a segment starting with '.').
+                if name.starts_with('.') {
                     continue;
                 }
                 let key = if rel.is_empty() {
@@ -401,10 +490,190 @@ fn process_alive(pid: i32) -> bool {
     r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
+/// Alignment and size granularity of direct writes.
+const DIRECT_ALIGN: usize = 4096;
+/// Largest object written with `O_DIRECT` (bare chunks of the default size fit).
+const DIRECT_MAX: usize = 1 << 20;
+
+thread_local! {
+    /// A reusable [`DIRECT_ALIGN`]-aligned buffer for direct writes.
+    static DIRECT_BUF: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
+    /// Set once this file system refused `O_DIRECT` (then never tried again by this thread).
+    static NO_DIRECT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A heap buffer aligned for `O_DIRECT`.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Option<Self> {
+        let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN).ok()?;
+        // SAFETY: the layout has a non-zero size (callers pass DIRECT_MAX).
+        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc(layout) })?;
+        Some(AlignedBuf { ptr, layout })
+    }
+
+    fn slice_mut(&mut self, len: usize) -> &mut [u8] {
+        assert!(len <= self.layout.size());
+        // SAFETY: `ptr` owns `layout.size() >= len` bytes; u8 has no invalid values once
+        // written, and callers overwrite the slice before reading it.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// Write a new file with `O_DIRECT`: the data goes straight to the disk instead of being
+/// copied into (and crowding) the page cache, and the commit's `syncfs` finds it already
+/// written. Only for sizes that are a multiple of [`DIRECT_ALIGN`] (bare chunks); `None` if
+/// that does not apply or the file system refuses direct I/O (then write it buffered).
+fn write_direct(path: &Path, data: &[u8]) -> Option<std::io::Result<()>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if data.is_empty() || data.len() & (DIRECT_ALIGN - 1) != 0 || data.len() > DIRECT_MAX {
+        return None;
+    }
+    if NO_DIRECT.with(|c| c.get()) {
+        return None;
+    }
+    let f = match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            NO_DIRECT.with(|c| c.set(true));
+            return None;
+        }
+        Err(e) => return Some(Err(e)),
+    };
+    let r = DIRECT_BUF.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = AlignedBuf::new(DIRECT_MAX);
+        }
+        let Some(buf) = slot.as_mut() else {
+            return Err(std::io::Error::from(std::io::ErrorKind::OutOfMemory));
+        };
+        let b = buf.slice_mut(data.len());
+        b.copy_from_slice(data);
+        (&f).write_all(b)
+    });
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // Direct I/O is not possible here after all: the caller rewrites it buffered.
+            drop(f);
+            let _ = fs::remove_file(path);
+            NO_DIRECT.with(|c| c.set(true));
+            None
+        }
+        r => Some(r),
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
+    sync_dir_io(dir).map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
+}
+
+fn sync_dir_io(dir: &Path) -> std::io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// Prefix of staging files (beside their final names; never listed as objects).
+pub(crate) const STAGE_PREFIX: &str = ".stage-";
+/// Prefix of the per-process staging markers in the temporary directory.
+const MARKER_PREFIX: &str = "staging-";
+/// A live process's marker is touched at least this often while it stages.
+const MARKER_REFRESH: Duration = Duration::from_secs(3600);
+
+/// The staging sessions of one process on one store. While any staged file of this process
+/// is outstanding, the marker `.tmp/staging-<pid>` exists (created, and made durable, before
+/// the first staging file). A crashed process leaves its marker behind, and the next open
+/// (see [`LocalBackend::remove_stale_tmp`]) removes that process's staging files; a store
+/// without markers is never walked.
+#[derive(Debug)]
+pub(crate) struct Staging {
+    tmp_dir: PathBuf,
+    marker: PathBuf,
+    /// Outstanding staged files, and when the marker was last created or touched.
+    state: Mutex<(usize, Option<std::time::Instant>)>,
+}
+
+impl Staging {
+    fn new(root: &Path) -> Self {
+        let tmp_dir = root.join(TMP_DIR);
+        let marker = tmp_dir.join(format!("{MARKER_PREFIX}{}", std::process::id()));
+        Staging {
+            tmp_dir,
+            marker,
+            state: Mutex::new((0, None)),
+        }
+    }
+
+    /// Count one more staged file (creating or refreshing the marker as needed).
+    fn begin(self: &Arc<Self>) -> Result<StagingGuard> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = st.1.is_some_and(|t| t.elapsed() < MARKER_REFRESH);
+        if st.0 == 0 || !fresh {
+            File::create(&self.marker)
+                .and_then(|f| f.set_modified(SystemTime::now()))
+                .and_then(|()| sync_dir_io(&self.tmp_dir))
+                .map_err(|e| Error::io(format!("creating {}", self.marker.display()), e))?;
+            st.1 = Some(std::time::Instant::now());
+        }
+        st.0 += 1;
+        Ok(StagingGuard(Arc::clone(self)))
+    }
+}
+
+/// One outstanding staged file; dropping the last one removes the marker.
+#[derive(Debug)]
+pub(crate) struct StagingGuard(Arc<Staging>);
+
+impl Drop for StagingGuard {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = st.0.saturating_sub(1);
+        if st.0 == 0 {
+            let _ = fs::remove_file(&self.0.marker);
+            st.1 = None;
+        }
+    }
+}
+
+/// Remove every staging file of process `pid` under `dir`; returns how many.
+fn remove_staging_files(dir: &Path, pid: &str) -> usize {
+    let prefix = format!("{STAGE_PREFIX}{pid}-");
+    let mut removed = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for ent in rd.flatten() {
+            let name = ent.file_name();
+            let name = name.to_string_lossy();
+            match ent.file_type() {
+                Ok(t) if t.is_dir() && name != TMP_DIR => stack.push(ent.path()),
+                Ok(t)
+                    if t.is_file()
+                        && name.starts_with(&prefix)
+                        && fs::remove_file(ent.path()).is_ok() =>
+                {
+                    removed += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    removed
 }
 
 #[async_trait]

@@ -34,6 +34,8 @@ pub struct Staged {
     pub key: String,
     /// Local backend: the temporary file holding the (not yet fsynced) object.
     pub(crate) tmp: Option<std::path::PathBuf>,
+    /// Local backend: keeps the process's staging marker while the file is outstanding.
+    pub(crate) _session: Option<local::StagingGuard>,
 }
 
 impl Staged {
@@ -42,6 +44,7 @@ impl Staged {
         Staged {
             key: key.to_string(),
             tmp: None,
+            _session: None,
         }
     }
 }
@@ -127,7 +130,8 @@ pub trait Backend: Send + Sync + Debug {
     }
 }
 
-/// Validate a backend key: relative, `/`-separated, segments of `[A-Za-z0-9._-]`, no `.`/`..`.
+/// Validate a backend key: relative, `/`-separated, segments of `[A-Za-z0-9._-]` not starting
+/// with `.` (such names are the backends' own: temporary and staging files).
 pub fn validate_key(key: &str) -> Result<()> {
     let ok = !key.is_empty()
         && key.len() <= 900
