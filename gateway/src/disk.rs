@@ -107,6 +107,31 @@ impl std::fmt::Debug for Disk {
 /// sequential reads would often find read-ahead pending (`RWF_NOWAIT` then fails anyway).
 pub const READ_NOW_MAX: usize = 64 * 1024;
 
+/// Largest write done inline by [`Disk::write_now`].
+pub const WRITE_NOW_MAX: usize = 1 << 20;
+
+/// The write path of every front end: log the change (when tracked), then apply it.
+fn write_blocking(inner: &Inner, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+    let tracking = read_lock(&inner.tracking);
+    if let Some(t) = tracking.as_ref() {
+        let flags = if fua { FLAG_FUA } else { 0 };
+        let len = data.len() as u64;
+        t.log.record(Kind::Write, flags, offset, len, data, || {
+            inner.file.write_all_at(data, offset)
+        })?;
+        t.note(offset, len);
+        if fua {
+            t.log.sync()?;
+        }
+        return Ok(());
+    }
+    inner.file.write_all_at(data, offset)?;
+    if fua {
+        inner.file.sync_data()?;
+    }
+    Ok(())
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
@@ -318,27 +343,21 @@ impl Disk {
     pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
         self.check_writable(offset, data.len() as u64)?;
         let inner = Arc::clone(&self.inner);
-        blocking(move || {
-            let tracking = read_lock(&inner.tracking);
-            if let Some(t) = tracking.as_ref() {
-                let flags = if fua { FLAG_FUA } else { 0 };
-                let len = data.len() as u64;
-                t.log.record(Kind::Write, flags, offset, len, &data, || {
-                    inner.file.write_all_at(&data, offset)
-                })?;
-                t.note(offset, len);
-                if fua {
-                    t.log.sync()?;
-                }
-                return Ok(());
-            }
-            inner.file.write_all_at(&data, offset)?;
-            if fua {
-                inner.file.sync_data()?;
-            }
-            Ok(())
-        })
-        .await
+        blocking(move || write_blocking(&inner, offset, &data, fua)).await
+    }
+
+    /// A write without FUA of up to [`WRITE_NOW_MAX`] bytes, done on the caller's thread:
+    /// logged (when tracked) and copied into the image's page cache, which takes a few
+    /// microseconds — less than handing it to another thread. `None` for FUA writes and
+    /// larger ones (then use [`Disk::write`]).
+    pub fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
+        if fua || data.len() > WRITE_NOW_MAX {
+            return None;
+        }
+        if let Err(e) = self.check_writable(offset, data.len() as u64) {
+            return Some(Err(e));
+        }
+        Some(write_blocking(&self.inner, offset, data, false))
     }
 
     /// Makes every completed write durable (`fdatasync`).
@@ -600,6 +619,10 @@ impl BlockDevice for Disk {
         Disk::read_now(self, offset, len)
     }
 
+    fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
+        Disk::write_now(self, offset, data, fua)
+    }
+
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
         Disk::write(self, offset, data, fua).await
     }
@@ -684,6 +707,25 @@ mod tests {
         let e = ro.write(0, vec![1], false).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
         assert_eq!(ro.read(0, 1).await.unwrap(), vec![0]);
+    }
+
+    #[tokio::test]
+    async fn inline_writes_take_the_same_path() {
+        let (t, d) = disk(4 << 20);
+        // Small writes without FUA are done at once; FUA and very large ones are not.
+        assert!(d.write_now(0, &[5u8; 4096], false).unwrap().is_ok());
+        assert!(d.write_now(0, &[5u8; 4096], true).is_none());
+        assert!(d
+            .write_now(0, &vec![5u8; WRITE_NOW_MAX + 1], false)
+            .is_none());
+        assert_eq!(d.read(0, 4096).await.unwrap(), vec![5u8; 4096]);
+        // Bad requests are refused, never half done.
+        let e = d.write_now(4 << 20, &[1u8; 1], false).unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let ro = Disk::open("d", &t.path().join("d.img"), true).unwrap();
+        let e = ro.write_now(0, &[1u8; 1], false).unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(d.read(0, 1).await.unwrap(), vec![5]);
     }
 
     #[test]

@@ -95,6 +95,14 @@ pub trait BlockDevice: Send + Sync + 'static {
         None
     }
 
+    /// A write that completes at once on the caller's thread (e.g. a buffered `pwrite` into
+    /// the page cache), or `None` to take the asynchronous [`BlockDevice::write`] path. The
+    /// server calls it inline on the connection's task, so it must not wait for the disk
+    /// (no FUA, no sync) and should be short.
+    fn write_now(&self, _offset: u64, _data: &[u8], _fua: bool) -> Option<io::Result<()>> {
+        None
+    }
+
     /// Writes `data` at `offset`; with `fua` it is durable before this returns.
     fn write(
         &self,

@@ -70,6 +70,13 @@ impl BlockDevice for Device {
         }
     }
 
+    fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
+        match self {
+            Device::Live(d) => BlockDevice::write_now(d, offset, data, fua),
+            Device::Replica(_) => None,
+        }
+    }
+
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
         match self {
             Device::Live(d) => BlockDevice::write(d, offset, data, fua).await,
