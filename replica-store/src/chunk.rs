@@ -317,21 +317,15 @@ impl Codec {
     /// blocks instead of 17, and nothing is copied into an envelope). Its SHA-256 id still
     /// verifies it on every read.
     pub fn encode_chunk(&self, id: &ChunkId, plain: &[u8]) -> Result<Bytes> {
-        let bare = self.raw_chunks
-            && self.crypto.is_none()
-            && !looks_enveloped(plain)
-            && !(self.compression == Compression::Zstd
-                && plain.len() >= 64
-                && worth_compressing(plain, self.level));
-        if bare {
+        let may_be_bare = self.raw_chunks && self.crypto.is_none() && !looks_enveloped(plain);
+        let try_zstd = self.compression == Compression::Zstd
+            && plain.len() >= 64
+            && worth_compressing(plain, self.level);
+        if may_be_bare && !try_zstd {
             return Ok(Bytes::copy_from_slice(plain));
         }
         let obj = self.seal(MAGIC_CHUNK, &id.0, plain, true)?;
-        if self.raw_chunks
-            && self.crypto.is_none()
-            && obj[5] & FLAG_ZSTD == 0
-            && !looks_enveloped(plain)
-        {
+        if may_be_bare && obj[5] & FLAG_ZSTD == 0 {
             // The full attempt did not pay off after all: bare is smaller.
             return Ok(Bytes::copy_from_slice(plain));
         }

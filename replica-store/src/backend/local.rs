@@ -154,13 +154,13 @@ impl Inner {
         ))
     }
 
-    /// Write `data` to a fresh temporary file and (with `sync`) fsync it.
-    fn write_tmp(&self, data: &[u8], sync: bool) -> Result<PathBuf> {
+    /// Write `data` to a fresh temporary file and fsync it.
+    fn write_tmp(&self, data: &[u8]) -> Result<PathBuf> {
         let tmp = self.tmp_path();
         let res = (|| -> std::io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(data)?;
-            if sync && self.durable {
+            if self.durable {
                 f.sync_data()?;
             }
             Ok(())
@@ -199,7 +199,7 @@ impl Inner {
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         let path = self.root.join(key);
         self.ensure_parent(&path)?;
-        let tmp = self.write_tmp(data, true)?;
+        let tmp = self.write_tmp(data)?;
         if let Err(e) = fs::rename(&tmp, &path) {
             let _ = fs::remove_file(&tmp);
             return Err(Error::io(format!("renaming into {}", path.display()), e));
@@ -213,7 +213,7 @@ impl Inner {
             return Ok(false);
         }
         self.ensure_parent(&path)?;
-        let tmp = self.write_tmp(data, true)?;
+        let tmp = self.write_tmp(data)?;
         // link(2) fails with EEXIST instead of replacing: an atomic create-if-absent.
         let res = fs::hard_link(&tmp, &path);
         let _ = fs::remove_file(&tmp);
@@ -342,8 +342,8 @@ impl Inner {
         // 2. Into place. Renaming over an existing chunk replaces it with identical bytes.
         for s in &mut staged {
             let Some(tmp) = s.tmp.as_ref() else { continue };
+            // The staging file lives in the same directory (see `put_staged`).
             let path = self.root.join(&s.key);
-            self.ensure_parent_nosync(&path)?;
             fs::rename(tmp, &path)
                 .map_err(|e| Error::io(format!("renaming into {}", path.display()), e))?;
             s.tmp = None;
