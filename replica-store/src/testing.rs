@@ -754,31 +754,20 @@ pub async fn store_format(f: &dyn BackendFactory) {
     let again = Store::open(backend.clone(), None).await.unwrap();
     assert_eq!(again.settings(), s.settings());
     let text = String::from_utf8(backend.get("store.toml").await.unwrap().to_vec()).unwrap();
-    backend
-        .put(
-            "store.toml",
-            Bytes::from(text.replace(
-                &format!("format_version = {}", crate::store::FORMAT_VERSION),
-                "format_version = 99",
-            )),
-        )
-        .await
-        .unwrap();
+    // store.toml as written, but claiming format `v`.
+    let with_version = |v: u32| {
+        Bytes::from(text.replace(
+            &format!("format_version = {}", crate::store::FORMAT_VERSION),
+            &format!("format_version = {v}"),
+        ))
+    };
+    backend.put("store.toml", with_version(99)).await.unwrap();
     let e = Store::open(backend.clone(), None).await.unwrap_err();
     assert!(matches!(e, Error::UnsupportedFormat { .. }), "{e}");
     assert!(!e.is_recoverable());
 
     // A format-2 store is still opened, and its chunks keep their envelopes.
-    backend
-        .put(
-            "store.toml",
-            Bytes::from(text.replace(
-                &format!("format_version = {}", crate::store::FORMAT_VERSION),
-                "format_version = 2",
-            )),
-        )
-        .await
-        .unwrap();
+    backend.put("store.toml", with_version(2)).await.unwrap();
     let v2 = Store::open(backend.clone(), None).await.unwrap();
     let data = Bytes::from(random_bytes(7, s.chunk_size() as usize));
     let out = v2.put_chunk(data.clone()).await.unwrap();
