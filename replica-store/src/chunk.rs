@@ -61,17 +61,17 @@ impl ChunkId {
         Some(ChunkId(v.try_into().ok()?))
     }
 
-    /// Object key: `chunks/<first 3 hex>/<hex>` (4,096 fan-out directories: ~8 chunks per
-    /// directory per GiB of distinct 64 KiB chunks).
-    pub fn key(&self) -> String {
+    /// Object key: `chunks/<first d hex>/<hex>`, `d` = the store's fan-out digits (2 since
+    /// format 4: 256 directories; 3 in formats 2 and 3). Use [`crate::Store::chunk_key`].
+    pub fn key(&self, fan_out_digits: usize) -> String {
         let h = self.to_hex();
-        format!("chunks/{}/{}", &h[..3], h)
+        format!("chunks/{}/{}", &h[..fan_out_digits], h)
     }
 
-    /// Object key of this chunk while it is a GC fossil.
-    pub fn fossil_key(&self) -> String {
+    /// Object key of this chunk while it is a GC fossil. Use [`crate::Store::fossil_key`].
+    pub fn fossil_key(&self, fan_out_digits: usize) -> String {
         let h = self.to_hex();
-        format!("fossils/{}/{}", &h[..3], h)
+        format!("fossils/{}/{}", &h[..fan_out_digits], h)
     }
 }
 

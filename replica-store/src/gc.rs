@@ -158,12 +158,12 @@ impl Store {
                     }
                     report.resurrected += 1;
                 } else if old {
-                    if let Some(m) = backend.head(&id.fossil_key()).await? {
+                    if let Some(m) = backend.head(&self.fossil_key(&id)).await? {
                         report.deleted += 1;
                         report.deleted_bytes += m.size;
                     }
                     if !opts.dry_run {
-                        backend.delete(&id.fossil_key()).await?;
+                        backend.delete(&self.fossil_key(&id)).await?;
                     }
                 }
             }
@@ -247,8 +247,9 @@ impl Store {
             stream::iter(candidates.keys().copied())
                 .map(|id| {
                     let b = backend.clone();
+                    let (key, fossil) = (self.chunk_key(&id), self.fossil_key(&id));
                     async move {
-                        match b.rename(&id.key(), &id.fossil_key()).await {
+                        match b.rename(&key, &fossil).await {
                             Err(e) if e.is_not_found() => Ok(()),
                             r => r,
                         }
@@ -299,10 +300,11 @@ impl Store {
 
     async fn resurrect(&self, id: &ChunkId) -> Result<()> {
         let b = self.backend();
-        if b.head(&id.key()).await?.is_some() {
-            return b.delete(&id.fossil_key()).await;
+        let (key, fossil) = (self.chunk_key(id), self.fossil_key(id));
+        if b.head(&key).await?.is_some() {
+            return b.delete(&fossil).await;
         }
-        match b.rename(&id.fossil_key(), &id.key()).await {
+        match b.rename(&fossil, &key).await {
             Err(e) if e.is_not_found() => Ok(()),
             r => r,
         }

@@ -288,7 +288,12 @@ impl ChunkWriter {
         let res = self
             .store
             .backend()
-            .put_staged_batch(items.into_iter().map(|(id, o)| (id.key(), o)).collect())
+            .put_staged_batch(
+                items
+                    .into_iter()
+                    .map(|(id, o)| (self.store.chunk_key(&id), o))
+                    .collect(),
+            )
             .await?;
         let mut out = Vec::with_capacity(ids.len());
         let mut staged = Vec::new();
@@ -671,10 +676,10 @@ impl Store {
         for r in refs {
             let id = r.chunk_id()?;
             let raw = self.get_chunk(&id, Some(r.bytes as usize)).await?;
-            let p = Patch::from_bytes(&raw, &id.key())?;
+            let p = Patch::from_bytes(&raw, &self.chunk_key(&id))?;
             if p.disk_size() != disk_size {
                 return Err(Error::corrupt_object(
-                    id.key(),
+                    self.chunk_key(&id),
                     format!(
                         "patch is for a {}-byte disk, the point's disk has {disk_size}",
                         p.disk_size()

@@ -17,21 +17,34 @@ use crate::patch::Patch;
 use crate::point::PointMeta;
 use crate::store::Store;
 
-/// Reader tuning.
+/// Reader tuning, in bytes so memory does not depend on the store's chunk size.
 #[derive(Debug, Clone, Copy)]
 pub struct ReaderOptions {
-    /// Chunks kept in the LRU cache.
-    pub cache_chunks: usize,
-    /// Chunks fetched ahead when reads are sequential (0 disables read-ahead).
-    pub readahead_chunks: usize,
+    /// Plaintext bytes of verified chunks kept in the LRU cache (at least one chunk).
+    pub cache_bytes: u64,
+    /// Bytes fetched ahead when reads are sequential, rounded up to whole chunks (0 disables
+    /// read-ahead).
+    pub readahead_bytes: u64,
 }
 
 impl Default for ReaderOptions {
     fn default() -> Self {
         ReaderOptions {
-            cache_chunks: 256,
-            readahead_chunks: 8,
+            cache_bytes: 16 << 20,
+            readahead_bytes: 512 << 10,
         }
+    }
+}
+
+impl ReaderOptions {
+    /// Cache capacity in chunks of `chunk_size` bytes (at least 1).
+    fn cache_chunks(&self, chunk_size: u64) -> usize {
+        (self.cache_bytes / chunk_size.max(1)).max(1) as usize
+    }
+
+    /// Read-ahead depth in chunks of `chunk_size` bytes.
+    fn readahead_chunks(&self, chunk_size: u64) -> u64 {
+        self.readahead_bytes.div_ceil(chunk_size.max(1))
     }
 }
 
@@ -106,7 +119,8 @@ impl Store {
 impl DiskReader {
     /// A reader over an already loaded index.
     pub fn new(store: Store, name: String, index: DiskIndex, opts: ReaderOptions) -> Self {
-        let cap = NonZeroUsize::new(opts.cache_chunks.max(1)).unwrap_or(NonZeroUsize::MIN);
+        let cap = NonZeroUsize::new(opts.cache_chunks(index.chunk_size() as u64))
+            .unwrap_or(NonZeroUsize::MIN);
         DiskReader {
             inner: Arc::new(ReaderInner {
                 store,
@@ -175,8 +189,7 @@ impl DiskReader {
         let last = (end - 1) / cs;
         // Sequential detection: the read starts where the previous one ended (chunk-wise).
         let prev = self.inner.next_sequential.swap(last + 1, Ordering::Relaxed);
-        if self.inner.opts.readahead_chunks > 0
-            && (prev == first || prev == first + 1 || first == 0)
+        if self.inner.opts.readahead_bytes > 0 && (prev == first || prev == first + 1 || first == 0)
         {
             self.readahead(last + 1);
         }
@@ -208,7 +221,11 @@ impl DiskReader {
 
     fn readahead(&self, from: u64) {
         let n = self.inner.index.len();
-        for ci in from..(from + self.inner.opts.readahead_chunks as u64).min(n) {
+        let depth = self
+            .inner
+            .opts
+            .readahead_chunks(self.inner.index.chunk_size() as u64);
+        for ci in from..(from + depth).min(n) {
             let id = self.inner.index.get(ci).unwrap_or(ChunkId::ZERO);
             if id.is_zero() || self.cached(ci).is_some() {
                 continue;
@@ -308,5 +325,27 @@ fn zeros(n: usize) -> Bytes {
         z.slice(..n)
     } else {
         Bytes::from(vec![0u8; n])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReaderOptions;
+
+    #[test]
+    fn cache_and_read_ahead_follow_the_chunk_size() {
+        let o = ReaderOptions::default();
+        assert_eq!(o.cache_chunks(64 << 10), 256);
+        assert_eq!(o.cache_chunks(256 << 10), 64);
+        assert_eq!(o.readahead_chunks(256 << 10), 2);
+        // Rounded up to whole chunks; a cache always holds at least one chunk.
+        assert_eq!(o.readahead_chunks(1 << 20), 1);
+        assert_eq!(o.cache_chunks(64 << 20), 1);
+        let none = ReaderOptions {
+            cache_bytes: 0,
+            readahead_bytes: 0,
+        };
+        assert_eq!(none.cache_chunks(4096), 1);
+        assert_eq!(none.readahead_chunks(4096), 0);
     }
 }

@@ -15,14 +15,24 @@ use crate::error::{Error, Result};
 pub const STORE_TOML: &str = "store.toml";
 /// Value of `format` in `store.toml`.
 pub const FORMAT_NAME: &str = "standby-replica-store";
-/// Format version this build writes. Version 3 stores chunks that neither compress nor are
-/// encrypted bare (no envelope); version 2 stores, whose readers expect an envelope on every
-/// chunk, are still read and written the version 2 way.
-pub const FORMAT_VERSION: u32 = 3;
+/// Format version this build writes. Version 4 names the number of hex digits of a chunk id
+/// that form its fan-out directory in `store.toml` (`fan_out_digits`, 2 by default); versions
+/// 2 and 3 always used 3. Version 3 stores chunks that neither compress nor are encrypted bare
+/// (no envelope); version 2 stores, whose readers expect an envelope on every chunk, are still
+/// read and written the version 2 way.
+pub const FORMAT_VERSION: u32 = 4;
 /// Oldest format version this build opens.
 pub const OLDEST_FORMAT_VERSION: u32 = 2;
 /// Default chunk size (see docs/replica-store.md for the measurements behind it).
-pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
+/// Default fan-out of chunk keys: 2 hex digits, 256 directories (`chunks/ab/<id>`).
+pub const DEFAULT_FAN_OUT_DIGITS: u32 = 2;
+/// Fan-out digits of format 2 and 3 stores, whose `store.toml` does not name them.
+const LEGACY_FAN_OUT_DIGITS: u32 = 3;
+
+fn legacy_fan_out_digits() -> u32 {
+    LEGACY_FAN_OUT_DIGITS
+}
 /// Default maximum duration of an upload session (and GC fossil delay).
 pub const DEFAULT_MAX_SESSION_SECS: u64 = 6 * 3600;
 
@@ -54,6 +64,10 @@ pub struct StoreSettings {
     pub compression_level: i32,
     /// Upload sessions older than this refuse to publish; GC deletes fossils only after it.
     pub max_session_secs: u64,
+    /// Hex digits of a chunk id that name its fan-out directory (1..=4; absent, and 3, in
+    /// format 2 and 3 stores).
+    #[serde(default = "legacy_fan_out_digits")]
+    pub fan_out_digits: u32,
     /// Present when the store is encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionSettings>,
@@ -70,6 +84,8 @@ pub struct CreateOptions {
     pub compression_level: i32,
     /// Max upload session duration.
     pub max_session_secs: u64,
+    /// Hex digits of a chunk id that name its fan-out directory (1..=4): 16^d directories.
+    pub fan_out_digits: u32,
     /// Cipher, used when a key is given.
     pub cipher: Cipher,
 }
@@ -81,6 +97,7 @@ impl Default for CreateOptions {
             compression: Compression::Zstd,
             compression_level: 1,
             max_session_secs: DEFAULT_MAX_SESSION_SECS,
+            fan_out_digits: DEFAULT_FAN_OUT_DIGITS,
             cipher: Cipher::Aes256Gcm,
         }
     }
@@ -141,6 +158,12 @@ impl Store {
                 opts.chunk_size
             )));
         }
+        if !(1..=4).contains(&opts.fan_out_digits) {
+            return Err(Error::InvalidArgument(format!(
+                "fan-out of {} hex digits: it must be 1 to 4 (16 to 65,536 directories)",
+                opts.fan_out_digits
+            )));
+        }
         if backend.head(STORE_TOML).await?.is_some() {
             return Err(Error::AlreadyExists {
                 location: backend.describe(),
@@ -155,6 +178,7 @@ impl Store {
             compression: opts.compression,
             compression_level: opts.compression_level,
             max_session_secs: opts.max_session_secs,
+            fan_out_digits: opts.fan_out_digits,
             encryption: key.map(|k| EncryptionSettings {
                 cipher: opts.cipher,
                 key_fingerprint: k.fingerprint(),
@@ -198,6 +222,17 @@ impl Store {
         }
         let settings: StoreSettings =
             toml::from_str(text).map_err(|e| Error::corrupt_object(STORE_TOML, e.to_string()))?;
+        if !(1..=4).contains(&settings.fan_out_digits)
+            || (settings.format_version < 4 && settings.fan_out_digits != LEGACY_FAN_OUT_DIGITS)
+        {
+            return Err(Error::corrupt_object(
+                STORE_TOML,
+                format!(
+                    "fan_out_digits = {} is not valid for format version {}",
+                    settings.fan_out_digits, settings.format_version
+                ),
+            ));
+        }
         Self::from_settings(backend, settings, key)
     }
 
@@ -260,6 +295,16 @@ impl Store {
         self.inner.settings.chunk_size
     }
 
+    /// Object key of a chunk (`chunks/<first fan-out digits of the id>/<id>`).
+    pub fn chunk_key(&self, id: &ChunkId) -> String {
+        id.key(self.inner.settings.fan_out_digits as usize)
+    }
+
+    /// Object key of a chunk while it is a GC fossil.
+    pub fn fossil_key(&self, id: &ChunkId) -> String {
+        id.fossil_key(self.inner.settings.fan_out_digits as usize)
+    }
+
     /// True if the store is encrypted.
     pub fn is_encrypted(&self) -> bool {
         self.inner.codec.encrypted()
@@ -281,7 +326,12 @@ impl Store {
         if id.is_zero() {
             return Ok(true);
         }
-        Ok(self.inner.backend.head(&id.key()).await?.is_some())
+        Ok(self
+            .inner
+            .backend
+            .head(&self.chunk_key(id))
+            .await?
+            .is_some())
     }
 
     /// Store one chunk (hash, skip holes, skip if present, else encode and upload).
@@ -309,7 +359,7 @@ impl Store {
                 kind: PutKind::Zero,
             });
         }
-        let key = id.key();
+        let key = self.chunk_key(&id);
         if check_exists && self.inner.backend.head(&key).await?.is_some() {
             return Ok(PutOutcome {
                 id,
@@ -357,7 +407,7 @@ impl Store {
         if id.is_zero() {
             return Ok((dedup, None));
         }
-        let key = id.key();
+        let key = self.chunk_key(&id);
         if self.inner.backend.head(&key).await?.is_some() {
             return Ok((dedup, None));
         }
@@ -392,10 +442,10 @@ impl Store {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let obj = match self.inner.backend.get(&id.key()).await {
+            let obj = match self.inner.backend.get(&self.chunk_key(id)).await {
                 Ok(o) => o,
                 Err(e) if e.is_not_found() => {
-                    match self.inner.backend.get(&id.fossil_key()).await {
+                    match self.inner.backend.get(&self.fossil_key(id)).await {
                         Ok(o) => o,
                         Err(e) if e.is_not_found() => {
                             return Err(Error::MissingChunk {

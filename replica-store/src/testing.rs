@@ -130,7 +130,12 @@ pub async fn dedup_and_zero_elision(f: &dyn BackendFactory) {
     // compressible chunks are stored smaller than they are
     let idx = store.load_index(&p1, "d0").await.unwrap();
     let c_id = idx.get(9).unwrap();
-    let c_size = backend.head(&c_id.key()).await.unwrap().unwrap().size;
+    let c_size = backend
+        .head(&store.chunk_key(&c_id))
+        .await
+        .unwrap()
+        .unwrap()
+        .size;
     assert!(
         c_size < TEST_CHUNK as u64 / 4,
         "compressible chunk stored in {c_size} bytes"
@@ -180,8 +185,8 @@ pub async fn point_publish_list_read(f: &dyn BackendFactory) {
             &p,
             "root",
             ReaderOptions {
-                cache_chunks: 2,
-                readahead_chunks: 2,
+                cache_bytes: 2 * TEST_CHUNK as u64,
+                readahead_bytes: 2 * TEST_CHUNK as u64,
             },
         )
         .await
@@ -397,12 +402,19 @@ pub async fn verify_detects_corruption(f: &dyn BackendFactory) {
     assert_eq!(clean.chunks_checked, 4);
     let idx = store.load_index(&p, "d").await.unwrap();
     let victim = idx.get(1).unwrap();
-    let mut obj = backend.get(&victim.key()).await.unwrap().to_vec();
+    let mut obj = backend
+        .get(&store.chunk_key(&victim))
+        .await
+        .unwrap()
+        .to_vec();
     let n = obj.len();
     obj[n - 10] ^= 0x01;
-    backend.put(&victim.key(), Bytes::from(obj)).await.unwrap();
+    backend
+        .put(&store.chunk_key(&victim), Bytes::from(obj))
+        .await
+        .unwrap();
     let gone = idx.get(4).unwrap();
-    backend.delete(&gone.key()).await.unwrap();
+    backend.delete(&store.chunk_key(&gone)).await.unwrap();
 
     let v = store.verify_all().await.unwrap();
     assert!(!v.is_ok());
@@ -488,7 +500,11 @@ pub async fn encryption_right_and_wrong_key(f: &dyn BackendFactory) {
             ))
             .into(),
         );
-        assert!(backend.head(&plain_id.key()).await.unwrap().is_none());
+        assert!(backend
+            .head(&store.chunk_key(&plain_id))
+            .await
+            .unwrap()
+            .is_none());
         // No object contains recognizable plaintext.
         let needle = b"compressible text";
         for o in backend.list("").await.unwrap() {
@@ -591,8 +607,8 @@ pub async fn faults_never_wrong_data(f: &dyn BackendFactory) {
             &good,
             "d",
             ReaderOptions {
-                cache_chunks: 1,
-                readahead_chunks: 0,
+                cache_bytes: TEST_CHUNK as u64,
+                readahead_bytes: 0,
             },
         )
         .await
@@ -754,24 +770,54 @@ pub async fn store_format(f: &dyn BackendFactory) {
     let again = Store::open(backend.clone(), None).await.unwrap();
     assert_eq!(again.settings(), s.settings());
     let text = String::from_utf8(backend.get("store.toml").await.unwrap().to_vec()).unwrap();
-    // store.toml as written, but claiming format `v`.
+    // New stores fan chunks out by the first 2 hex digits of their id.
+    let id = s.digest(b"fan-out");
+    assert_eq!(
+        s.chunk_key(&id),
+        format!("chunks/{}/{id}", &id.to_hex()[..2])
+    );
+    // store.toml as written, but claiming format `v` (formats before 4 do not name their
+    // fan-out).
     let with_version = |v: u32| {
-        Bytes::from(text.replace(
+        let t = text.replace(
             &format!("format_version = {}", crate::store::FORMAT_VERSION),
             &format!("format_version = {v}"),
-        ))
+        );
+        Bytes::from(if v < 4 {
+            t.replace("fan_out_digits = 2\n", "")
+        } else {
+            t
+        })
     };
+    let bad_fan_out = Bytes::from(text.replace("fan_out_digits = 2", "fan_out_digits = 9"));
+    backend.put("store.toml", bad_fan_out).await.unwrap();
+    let e = Store::open(backend.clone(), None).await.unwrap_err();
+    assert!(matches!(e, Error::CorruptObject { .. }), "{e}");
     backend.put("store.toml", with_version(99)).await.unwrap();
     let e = Store::open(backend.clone(), None).await.unwrap_err();
     assert!(matches!(e, Error::UnsupportedFormat { .. }), "{e}");
     assert!(!e.is_recoverable());
+
+    // A format-3 store is still opened, with its 3-digit fan-out.
+    backend.put("store.toml", with_version(3)).await.unwrap();
+    let v3 = Store::open(backend.clone(), None).await.unwrap();
+    assert_eq!(v3.settings().fan_out_digits, 3);
+    let data = Bytes::from(random_bytes(6, s.chunk_size() as usize));
+    let out = v3.put_chunk(data.clone()).await.unwrap();
+    let key = format!("chunks/{}/{}", &out.id.to_hex()[..3], out.id);
+    assert_eq!(v3.chunk_key(&out.id), key);
+    assert_eq!(backend.get(&key).await.unwrap(), data);
+    assert_eq!(v3.get_chunk(&out.id, None).await.unwrap(), data);
 
     // A format-2 store is still opened, and its chunks keep their envelopes.
     backend.put("store.toml", with_version(2)).await.unwrap();
     let v2 = Store::open(backend.clone(), None).await.unwrap();
     let data = Bytes::from(random_bytes(7, s.chunk_size() as usize));
     let out = v2.put_chunk(data.clone()).await.unwrap();
-    let obj = backend.get(&out.id.key()).await.unwrap();
+    let obj = backend.get(&v2.chunk_key(&out.id)).await.unwrap();
+    assert!(v2
+        .chunk_key(&out.id)
+        .starts_with(&format!("chunks/{}/", &out.id.to_hex()[..3])));
     assert_eq!(&obj[..4], b"SBCK");
     assert_eq!(v2.get_chunk(&out.id, None).await.unwrap(), data);
 }

@@ -28,7 +28,10 @@ async fn read_all(store: &Store, vm: &str, id: &str) -> Vec<u8> {
 async fn delta_points_share_the_parent_index_and_survive_prune_and_gc() {
     let store = Store::create(
         Arc::new(MemoryBackend::new()),
-        CreateOptions::default(),
+        CreateOptions {
+            chunk_size: 64 * 1024,
+            ..Default::default()
+        },
         None,
     )
     .await

@@ -62,9 +62,16 @@ async fn crash_between_staging_and_commit() {
     let img = image(dir.path());
     let root = dir.path().join("store");
     let backend = LocalBackend::open(&root).unwrap();
-    let store = Store::create(Arc::new(backend.clone()), CreateOptions::default(), None)
-        .await
-        .unwrap();
+    let store = Store::create(
+        Arc::new(backend.clone()),
+        CreateOptions {
+            chunk_size: CHUNK as u32,
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap();
 
     let mut b = store.point_builder("vm").unwrap();
     let stats = replica_store::import_disk(&mut b, "d", &img, 4)
@@ -120,9 +127,16 @@ async fn abandoned_session_discards_staged_chunks() {
     let img = image(dir.path());
     let root = dir.path().join("store");
     let backend = LocalBackend::open(&root).unwrap();
-    let store = Store::create(Arc::new(backend.clone()), CreateOptions::default(), None)
-        .await
-        .unwrap();
+    let store = Store::create(
+        Arc::new(backend.clone()),
+        CreateOptions {
+            chunk_size: CHUNK as u32,
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap();
     let mut b = store.point_builder("vm").unwrap();
     replica_store::import_disk(&mut b, "d", &img, 4)
         .await

@@ -32,6 +32,15 @@ fn import_list_export_verify_gc_prune() {
             .unwrap();
     }
     fails_with(standby(&dd).args(["points", "list"]), "store");
+    // Bad layout settings are refused before anything is written.
+    fails_with(
+        standby(&dd).args(["store", "init", "--fan-out-digits", "5"]),
+        "must be 1 to 4",
+    );
+    fails_with(
+        standby(&dd).args(["store", "init", "--chunk-size", "100000"]),
+        "power of two",
+    );
     run(standby(&dd).args(["store", "init"]));
     fails_with(standby(&dd).args(["store", "init"]), "exist");
 
@@ -53,8 +62,19 @@ fn import_list_export_verify_gc_prune() {
         "{list}"
     );
     let info = run_stdout(standby(&dd).args(["store", "info"]));
-    // 6 MiB of a + its first MiB again inside b (deduplicated) = 96 chunks of 64 KiB.
-    assert!(info.contains("chunks:          96"), "{info}");
+    // 6 MiB of a + its first MiB again inside b (deduplicated) = 24 chunks of 256 KiB, in
+    // 256 fan-out directories at most.
+    assert!(info.contains("chunks:          24"), "{info}");
+    assert!(info.contains("format version:  4"), "{info}");
+    assert!(info.contains("2 hex digits (256 directories)"), "{info}");
+    let fan_out = std::fs::read_dir(dd.join("store").join("chunks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect::<Vec<_>>();
+    assert!(
+        !fan_out.is_empty() && fan_out.iter().all(|n| n.len() == 2),
+        "{fan_out:?}"
+    );
 
     // Export both disks of the first point and compare byte for byte.
     let first = list

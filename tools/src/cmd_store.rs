@@ -40,9 +40,13 @@ pub enum StoreCommand {
         /// Cipher of an encrypted store: aes-256-gcm or chacha20-poly1305.
         #[arg(long, default_value = "aes-256-gcm")]
         cipher: String,
-        /// Chunk size in bytes (power of two).
+        /// Chunk size in bytes (power of two, 4096..=67108864; default 262144).
         #[arg(long)]
         chunk_size: Option<u32>,
+        /// Hex digits of a chunk id that name its directory: 2 = 256 directories (default);
+        /// 3 (4,096) suits stores that will hold more than ~50 million chunks.
+        #[arg(long)]
+        fan_out_digits: Option<u32>,
         /// Chunk compression: zstd or none.
         #[arg(long, default_value = "zstd")]
         compression: String,
@@ -193,6 +197,7 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
             key_file,
             cipher,
             chunk_size,
+            fan_out_digits,
             compression,
             path,
             s3_endpoint,
@@ -251,6 +256,9 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
             if let Some(cs) = chunk_size {
                 opts.chunk_size = cs;
             }
+            if let Some(d) = fan_out_digits {
+                opts.fan_out_digits = d;
+            }
             let (key, key_path) = if encrypt {
                 let kp = key_file.unwrap_or_else(|| data_dir.join("store.key"));
                 let k = StoreKey::generate();
@@ -297,6 +305,11 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
             println!("store id:        {}", s.store_id);
             println!("format version:  {}", s.format_version);
             println!("chunk size:      {}", human(s.chunk_size as u64));
+            println!(
+                "chunk fan-out:   {} hex digits ({} directories)",
+                s.fan_out_digits,
+                1u32 << (4 * s.fan_out_digits)
+            );
             println!(
                 "compression:     {:?} (level {})",
                 s.compression, s.compression_level

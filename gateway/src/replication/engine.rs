@@ -391,8 +391,8 @@ impl Engine {
         // A booting VM or a copy reads sequentially: a deeper read-ahead hides the store's
         // latency (S3 most of all); 64 MiB of cache per disk.
         let opts = ReaderOptions {
-            cache_chunks: 1024,
-            readahead_chunks: 32,
+            cache_bytes: 64 << 20,
+            readahead_bytes: 2 << 20,
         };
         let reader = store.open_disk(&point, &row.disk, opts).await?;
         let overlay = if row.rw {
