@@ -24,7 +24,7 @@ pub const FORMAT_VERSION: u32 = 4;
 /// Oldest format version this build opens.
 pub const OLDEST_FORMAT_VERSION: u32 = 2;
 /// Default chunk size (see docs/replica-store.md for the measurements behind it).
-pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 /// Default fan-out of chunk keys: 2 hex digits, 256 directories (`chunks/ab/<id>`).
 pub const DEFAULT_FAN_OUT_DIGITS: u32 = 2;
 /// Fan-out digits of format 2 and 3 stores, whose `store.toml` does not name them.

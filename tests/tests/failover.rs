@@ -490,9 +490,9 @@ fn failover_to_another_gateway_on_s3_then_reverse_replication() {
         .and_then(|s| s.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no byte count in {ir}"));
-    // 30 writes of ≤ 256 KiB touch at most 30 × 2 chunks of 256 KiB; the disk holds ~40 MiB.
+    // 30 writes of ≤ 256 KiB touch at most 30 × 5 chunks of 64 KiB; the disk holds ~40 MiB.
     assert!(
-        sent <= 30 * 2 * (256 << 10) + (1 << 20),
+        sent <= 30 * 5 * 65536 + (1 << 20),
         "reverse replication sent {sent} bytes for {changed} bytes changed: {ir}"
     );
     let since = id_now();

@@ -252,8 +252,8 @@ fn resync_after_the_fifty_percent_rule_sends_only_changed_chunks() {
     let full = last_job_detail(&dd, "resync").unwrap();
     let show =
         run_stdout(standby(&dd).args(["job", "show", full.split_whitespace().next().unwrap()]));
-    // 64 MiB in chunks of the default 256 KiB.
-    assert!(show.contains("all 256 chunks"), "{show}");
+    // 64 MiB in chunks of the default 64 KiB.
+    assert!(show.contains("all 1024 chunks"), "{show}");
     // Every data chunk read (holes are known from the image's allocation map), none sent.
     assert!(full.contains(&format!("read {} bytes", 52 * MIB)), "{full}");
     assert!(full.contains("sent 0 bytes"), "{full}");
@@ -297,8 +297,8 @@ fn log_overflow_resyncs_from_the_dirty_bitmap() {
     let show =
         run_stdout(standby(&dd).args(["job", "show", detail.split_whitespace().next().unwrap()]));
     assert!(show.contains("changed per log and bitmap"), "{show}");
-    // 24 writes of 8 KiB: 24 chunks hashed, not all 256.
-    assert!(show.contains("24 of 256 chunks"), "{show}");
+    // 24 writes of 8 KiB: 24 chunks hashed, not all 1,024.
+    assert!(show.contains("24 of 1024 chunks"), "{show}");
     let p = points(&dd, "vm").pop().unwrap();
     assert_same(
         "after overflow resync",

@@ -62,9 +62,9 @@ fn import_list_export_verify_gc_prune() {
         "{list}"
     );
     let info = run_stdout(standby(&dd).args(["store", "info"]));
-    // 6 MiB of a + its first MiB again inside b (deduplicated) = 24 chunks of 256 KiB, in
+    // 6 MiB of a + its first MiB again inside b (deduplicated) = 96 chunks of 64 KiB, in
     // 256 fan-out directories at most.
-    assert!(info.contains("chunks:          24"), "{info}");
+    assert!(info.contains("chunks:          96"), "{info}");
     assert!(info.contains("format version:  4"), "{info}");
     assert!(info.contains("2 hex digits (256 directories)"), "{info}");
     let fan_out = std::fs::read_dir(dd.join("store").join("chunks"))

@@ -40,7 +40,7 @@ pub enum StoreCommand {
         /// Cipher of an encrypted store: aes-256-gcm or chacha20-poly1305.
         #[arg(long, default_value = "aes-256-gcm")]
         cipher: String,
-        /// Chunk size in bytes (power of two, 4096..=67108864; default 262144).
+        /// Chunk size in bytes (power of two, 4096..=67108864; default 65536).
         #[arg(long)]
         chunk_size: Option<u32>,
         /// Hex digits of a chunk id that name its directory: 2 = 256 directories (default);
