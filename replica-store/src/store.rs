@@ -27,14 +27,16 @@ pub const OLDEST_FORMAT_VERSION: u32 = 2;
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 /// Default fan-out of chunk keys: 2 hex digits, 256 directories (`chunks/ab/<id>`).
 pub const DEFAULT_FAN_OUT_DIGITS: u32 = 2;
+/// Fan-out digits a store may have: 16 to 65,536 directories.
+const FAN_OUT_DIGITS: std::ops::RangeInclusive<u32> = 1..=4;
 /// Fan-out digits of format 2 and 3 stores, whose `store.toml` does not name them.
 const LEGACY_FAN_OUT_DIGITS: u32 = 3;
+/// Default maximum duration of an upload session (and GC fossil delay).
+pub const DEFAULT_MAX_SESSION_SECS: u64 = 6 * 3600;
 
 fn legacy_fan_out_digits() -> u32 {
     LEGACY_FAN_OUT_DIGITS
 }
-/// Default maximum duration of an upload session (and GC fossil delay).
-pub const DEFAULT_MAX_SESSION_SECS: u64 = 6 * 3600;
 
 /// Encryption section of `store.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -158,7 +160,7 @@ impl Store {
                 opts.chunk_size
             )));
         }
-        if !(1..=4).contains(&opts.fan_out_digits) {
+        if !FAN_OUT_DIGITS.contains(&opts.fan_out_digits) {
             return Err(Error::InvalidArgument(format!(
                 "fan-out of {} hex digits: it must be 1 to 4 (16 to 65,536 directories)",
                 opts.fan_out_digits
@@ -222,7 +224,7 @@ impl Store {
         }
         let settings: StoreSettings =
             toml::from_str(text).map_err(|e| Error::corrupt_object(STORE_TOML, e.to_string()))?;
-        if !(1..=4).contains(&settings.fan_out_digits)
+        if !FAN_OUT_DIGITS.contains(&settings.fan_out_digits)
             || (settings.format_version < 4 && settings.fan_out_digits != LEGACY_FAN_OUT_DIGITS)
         {
             return Err(Error::corrupt_object(
