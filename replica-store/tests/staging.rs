@@ -52,6 +52,17 @@ fn marker(root: &std::path::Path) -> bool {
         .exists()
 }
 
+/// A new store of `CHUNK`-sized chunks on `backend`.
+async fn create_store(backend: &LocalBackend) -> Store {
+    let opts = CreateOptions {
+        chunk_size: CHUNK as u32,
+        ..Default::default()
+    };
+    Store::create(Arc::new(backend.clone()), opts, None)
+        .await
+        .unwrap()
+}
+
 async fn chunk_count(b: &LocalBackend) -> usize {
     b.list("chunks/").await.unwrap().len()
 }
@@ -62,16 +73,7 @@ async fn crash_between_staging_and_commit() {
     let img = image(dir.path());
     let root = dir.path().join("store");
     let backend = LocalBackend::open(&root).unwrap();
-    let store = Store::create(
-        Arc::new(backend.clone()),
-        CreateOptions {
-            chunk_size: CHUNK as u32,
-            ..Default::default()
-        },
-        None,
-    )
-    .await
-    .unwrap();
+    let store = create_store(&backend).await;
 
     let mut b = store.point_builder("vm").unwrap();
     let stats = replica_store::import_disk(&mut b, "d", &img, 4)
@@ -127,16 +129,7 @@ async fn abandoned_session_discards_staged_chunks() {
     let img = image(dir.path());
     let root = dir.path().join("store");
     let backend = LocalBackend::open(&root).unwrap();
-    let store = Store::create(
-        Arc::new(backend.clone()),
-        CreateOptions {
-            chunk_size: CHUNK as u32,
-            ..Default::default()
-        },
-        None,
-    )
-    .await
-    .unwrap();
+    let store = create_store(&backend).await;
     let mut b = store.point_builder("vm").unwrap();
     replica_store::import_disk(&mut b, "d", &img, 4)
         .await
