@@ -4,7 +4,9 @@
 //! here and nowhere else.
 //!
 //! I/O is positioned (`pread`/`pwrite`/`fallocate` on one shared file descriptor) and runs on
-//! tokio's blocking pool; there is no lock on the data path.
+//! tokio's blocking pool, or inline when it cannot wait for the disk; there is no lock on the
+//! data path. Large reads of cached data can also leave as ranges of the image mapped into
+//! memory, which the NBD server's socket write copies in one go (see [`crate::mapped`]).
 //!
 //! A *tracked* disk (opened with [`Disk::open_tracked`]) has a [`ChangeLog`]: every write,
 //! trim and zero is appended to the log before it reaches the image, and FLUSH/FUA make log
@@ -24,6 +26,7 @@ use tracing::debug;
 
 use crate::changelog::format::{Kind, FLAG_FUA, FLAG_MAY_TRIM};
 use crate::changelog::{ChangeLog, DirtyMap, LogError, LogOptions, RecoveryReport};
+use crate::mapped::ImageMap;
 
 /// Why a disk cannot be opened.
 #[derive(Debug, Error)]
@@ -55,6 +58,8 @@ struct Inner {
     /// taking it exclusively ([`Disk::attach_log`], [`Disk::cut`]) waits for the writes in
     /// flight and holds new ones back.
     tracking: RwLock<Option<Tracking>>,
+    /// The image mapped for zero-copy NBD reads (`None` where it cannot be mapped).
+    map: Option<Arc<ImageMap>>,
 }
 
 struct Tracking {
@@ -155,11 +160,19 @@ impl Disk {
         read_only: bool,
         log: Option<ChangeLog>,
     ) -> Self {
+        let map = match ImageMap::new(&file, size) {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                debug!(disk = name, "image not mapped, reads are copied: {e}");
+                None
+            }
+        };
         Self {
             inner: Arc::new(Inner {
                 name: name.to_string(),
                 path: path.to_path_buf(),
                 file,
+                map,
                 size,
                 read_only,
                 tracking: RwLock::new(log.map(|l| Tracking::new(l, size))),
@@ -337,6 +350,13 @@ impl Disk {
             return None;
         }
         crate::fastio::pread_nowait(&self.inner.file, offset, len)
+    }
+
+    /// A read the NBD server hands to the kernel as mapped memory (see [`crate::mapped`]), or
+    /// `None` when the range is small, not all in the page cache, or holds a hole.
+    pub fn read_mapped(&self, offset: u64, len: usize) -> Option<nbd_server::MappedRead> {
+        self.check(offset, len as u64).ok()?;
+        self.inner.map.as_ref()?.read(&self.inner.file, offset, len)
     }
 
     /// Writes `data` at `offset`; with `fua` the data is durable when this returns.
@@ -617,6 +637,10 @@ impl BlockDevice for Disk {
 
     fn read_now(&self, offset: u64, len: usize) -> Option<io::Result<Vec<u8>>> {
         Disk::read_now(self, offset, len)
+    }
+
+    fn read_mapped(&self, offset: u64, len: usize) -> Option<nbd_server::MappedRead> {
+        Disk::read_mapped(self, offset, len)
     }
 
     fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {

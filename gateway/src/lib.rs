@@ -8,6 +8,7 @@ pub mod disk;
 pub mod failover;
 pub mod fastio;
 pub mod fuse;
+pub mod mapped;
 pub mod replication;
 pub mod serve;
 pub mod site;

@@ -2,6 +2,8 @@
 
 use std::future::Future;
 use std::io;
+use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// What a device can do; turned into NBD transmission flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +97,17 @@ pub trait BlockDevice: Send + Sync + 'static {
         None
     }
 
+    /// The bytes of a read as a range of memory the device keeps mapped (e.g. its image file,
+    /// `mmap`ed), or `None` to take [`BlockDevice::read_now`] / [`BlockDevice::read`]. The
+    /// server hands the range to the kernel in the socket write, so the data goes from the
+    /// page cache into the socket in one copy. It never reads the bytes itself, so it only
+    /// asks on connections whose socket the kernel writes directly (not TLS). The bytes are
+    /// those of the device when the reply is written, so only offer ranges that are in memory
+    /// (the write must not wait for the disk) and whose structure the reply does not depend on.
+    fn read_mapped(&self, _offset: u64, _len: usize) -> Option<MappedRead> {
+        None
+    }
+
     /// A write that completes at once on the caller's thread (e.g. a buffered `pwrite` into
     /// the page cache), or `None` to take the asynchronous [`BlockDevice::write`] path. The
     /// server calls it inline on the connection's task, so it must not wait for the disk
@@ -145,6 +158,65 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Hints that a range will be read soon.
     fn cache(&self, _offset: u64, _len: u64) -> impl Future<Output = io::Result<()>> + Send {
         async { Ok(()) }
+    }
+}
+
+/// A range of memory a device keeps mapped, sent to a socket by the kernel without the server
+/// reading it (see [`BlockDevice::read_mapped`]).
+///
+/// The server builds an `IoSlice` over the range for `writev` and never dereferences it: if
+/// the mapping's file shrank under it, the kernel's copy fails with `EFAULT` and the
+/// connection is closed, where a read in user space would raise `SIGBUS`.
+pub struct MappedRead {
+    ptr: NonNull<u8>,
+    len: usize,
+    _owner: Arc<dyn Send + Sync>,
+}
+
+// SAFETY: the range is plain memory kept mapped by `_owner` (itself `Send + Sync`); it is
+// only ever read, by the kernel.
+unsafe impl Send for MappedRead {}
+// SAFETY: as above; `&MappedRead` gives no access to the bytes from Rust.
+unsafe impl Sync for MappedRead {}
+
+impl MappedRead {
+    /// A range of `len` bytes at `ptr`, kept mapped while `owner` lives.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must be one readable mapping that stays mapped (not unmapped or
+    /// remapped) as long as `owner` or any clone of it is alive.
+    pub unsafe fn new(ptr: NonNull<u8>, len: usize, owner: Arc<dyn Send + Sync>) -> Self {
+        Self {
+            ptr,
+            len,
+            _owner: owner,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes from `from` on, for the kernel's eyes only: pass it to a system call that
+    /// copies it (a socket or pipe write) and never read it in user space.
+    pub fn io_slice(&self, from: usize) -> io::IoSlice<'_> {
+        assert!(from <= self.len, "offset past the end of a mapped read");
+        // SAFETY: the range is mapped while `_owner` lives (the contract of `new`), and
+        // `from <= len`. Building the slice reads nothing.
+        let s = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(from), self.len - from) };
+        io::IoSlice::new(s)
+    }
+}
+
+impl std::fmt::Debug for MappedRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedRead")
+            .field("len", &self.len)
+            .finish()
     }
 }
 

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-pub use device::{BlockDevice, BlockSize, DeviceFlags, Extent, ZeroFlags};
+pub use device::{BlockDevice, BlockSize, DeviceFlags, Extent, MappedRead, ZeroFlags};
 pub use export::{Export, Exports};
 pub use tls::{TlsConfig, TlsError};
 
@@ -47,6 +47,17 @@ pub enum SessionError {
     Tls(io::Error),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+    #[error("sending a reply failed: {0}{hint}", hint = reply_hint(.0))]
+    Reply(io::Error),
+}
+
+fn reply_hint(e: &io::Error) -> &'static str {
+    // EFAULT: the kernel could not copy a mapped read, e.g. the file behind it shrank.
+    if e.raw_os_error() == Some(14) {
+        " (the memory of a mapped read went away: did a disk image shrink while it was served?)"
+    } else {
+        ""
+    }
 }
 
 /// Server settings.
@@ -87,7 +98,11 @@ impl<D: BlockDevice> Server<D> {
         self.accept_loop(|| async {
             let (sock, peer) = listener.accept().await?;
             let _ = sock.set_nodelay(true);
-            Ok((Box::new(sock) as handshake::BoxStream, peer.to_string()))
+            Ok((
+                Box::new(sock) as handshake::BoxStream,
+                peer.to_string(),
+                Transport::Socket,
+            ))
         })
         .await
     }
@@ -96,7 +111,11 @@ impl<D: BlockDevice> Server<D> {
     pub async fn serve_unix(self: &Arc<Self>, listener: UnixListener) -> io::Result<()> {
         self.accept_loop(|| async {
             let (sock, _) = listener.accept().await?;
-            Ok((Box::new(sock) as handshake::BoxStream, "unix".to_string()))
+            Ok((
+                Box::new(sock) as handshake::BoxStream,
+                "unix".to_string(),
+                Transport::Socket,
+            ))
         })
         .await
     }
@@ -104,7 +123,7 @@ impl<D: BlockDevice> Server<D> {
     async fn accept_loop<F, Fut>(self: &Arc<Self>, mut accept: F) -> io::Result<()>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = io::Result<(handshake::BoxStream, String)>>,
+        Fut: std::future::Future<Output = io::Result<(handshake::BoxStream, String, Transport)>>,
     {
         let mut stop = self.shutdown.subscribe();
         let mut sessions = JoinSet::new();
@@ -115,9 +134,9 @@ impl<D: BlockDevice> Server<D> {
             tokio::select! {
                 _ = stop.changed() => {}
                 r = accept() => match r {
-                    Ok((stream, peer)) => {
+                    Ok((stream, peer, transport)) => {
                         let me = Arc::clone(self);
-                        sessions.spawn(async move { me.session(stream, peer).await });
+                        sessions.spawn(async move { me.session_on(stream, peer, transport).await });
                     }
                     Err(e) => {
                         // Typically EMFILE: back off instead of spinning.
@@ -132,15 +151,23 @@ impl<D: BlockDevice> Server<D> {
         Ok(())
     }
 
-    /// Runs one client session to its end, logging how it ended.
+    /// Runs one client session to its end over any byte stream, logging how it ended.
     pub async fn session(self: Arc<Self>, stream: handshake::BoxStream, peer: String) {
-        match self.run_session(stream).await {
+        self.session_on(stream, peer, Transport::Stream).await
+    }
+
+    async fn session_on(self: Arc<Self>, stream: handshake::BoxStream, peer: String, t: Transport) {
+        match self.run_session(stream, t).await {
             Ok(()) | Err(SessionError::Disconnected) => debug!(%peer, "session closed"),
             Err(e) => info!(%peer, "session ended: {e}"),
         }
     }
 
-    async fn run_session(&self, stream: handshake::BoxStream) -> Result<(), SessionError> {
+    async fn run_session(
+        &self,
+        stream: handshake::BoxStream,
+        transport: Transport,
+    ) -> Result<(), SessionError> {
         let outcome = handshake::negotiate(stream, &self.exports, self.config.tls.as_ref()).await?;
         match outcome {
             handshake::Outcome::Closed => Ok(()),
@@ -150,10 +177,22 @@ impl<D: BlockDevice> Server<D> {
                 negotiated,
             } => {
                 debug!(export = %export.name, structured = negotiated.structured, tls = negotiated.tls, "transmission");
-                transmission::serve(stream, export, negotiated, self.shutdown.subscribe()).await
+                // Under TLS the payload is encrypted in user space: no mapped reads.
+                let kernel_writes = transport == Transport::Socket && !negotiated.tls;
+                let stop = self.shutdown.subscribe();
+                transmission::serve(stream, export, negotiated, kernel_writes, stop).await
             }
         }
     }
+}
+
+/// What a session's stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// A TCP or Unix socket: `writev` hands its buffers straight to the kernel.
+    Socket,
+    /// Some other byte stream, which may read the buffers it is given in user space.
+    Stream,
 }
 
 /// Binds a Unix socket listener, replacing a stale socket file left by a previous run.

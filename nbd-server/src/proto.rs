@@ -127,7 +127,8 @@ pub const MAX_STRING_LEN: usize = 4096;
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 /// Requests in flight per connection before the server stops reading new ones.
 pub const MAX_IN_FLIGHT: usize = 64;
-/// Bytes of request payload buffered per connection (bounds memory with big writes in flight).
+/// Bytes of write payloads and read replies held per connection (a read holds its share until
+/// its reply is on the socket); bounds memory with big requests in flight.
 pub const MAX_IN_FLIGHT_BYTES: usize = 128 * 1024 * 1024;
 /// Most options one client may send before it is disconnected (a negotiation loop guard).
 pub const MAX_OPTIONS: usize = 1024;

@@ -8,15 +8,19 @@
 //!
 //! A write is handed to the device only once its whole payload has arrived, so a client that
 //! vanishes mid-request never causes a partial write.
+//!
+//! On a plain socket, a read the device can offer as mapped memory
+//! ([`BlockDevice::read_mapped`]) is queued as that range: the reply's `writev` copies it from
+//! the page cache into the socket, one copy instead of two, on the writer's thread.
 
 use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, trace};
 
-use crate::device::{nbd_errno, BlockDevice, Extent, ZeroFlags};
+use crate::device::{nbd_errno, BlockDevice, Extent, MappedRead, ZeroFlags};
 use crate::export::Export;
 use crate::handshake::{BoxStream, Negotiated};
 use crate::proto::*;
@@ -29,19 +33,65 @@ const HOLE_BLOCK: usize = 4096;
 static ZERO_BLOCK: [u8; HOLE_BLOCK] = [0u8; HOLE_BLOCK];
 
 /// A reply, written to the socket as one unit.
-struct Reply(Vec<Vec<u8>>);
+struct Reply {
+    parts: Vec<Part>,
+    /// Released once the reply is written.
+    _held: Held,
+}
+
+/// A request's in-flight slot and payload bytes, held until its reply is on the socket.
+#[derive(Default)]
+struct Held {
+    _slot: Option<OwnedSemaphorePermit>,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// A piece of a reply.
+enum Part {
+    Bytes(Vec<u8>),
+    /// Read data the kernel copies straight from a mapping (only on kernel-written sockets).
+    Mapped(MappedRead),
+}
+
+impl Part {
+    fn len(&self) -> usize {
+        match self {
+            Part::Bytes(b) => b.len(),
+            Part::Mapped(m) => m.len(),
+        }
+    }
+
+    fn io_slice(&self, from: usize) -> io::IoSlice<'_> {
+        match self {
+            Part::Bytes(b) => io::IoSlice::new(&b[from..]),
+            Part::Mapped(m) => m.io_slice(from),
+        }
+    }
+}
+
+impl From<Vec<u8>> for Part {
+    fn from(b: Vec<u8>) -> Self {
+        Part::Bytes(b)
+    }
+}
 
 struct Conn<D> {
     export: Arc<Export<D>>,
     neg: Negotiated,
     size: u64,
+    /// The reply writer's `writev` goes straight to the kernel: mapped reads are allowed.
+    kernel_writes: bool,
     tx: mpsc::UnboundedSender<Reply>,
 }
 
 impl<D: BlockDevice> Conn<D> {
-    fn send(&self, r: Reply) {
+    fn send(&self, parts: Vec<Part>) {
+        self.send_held(parts, Held::default());
+    }
+
+    fn send_held(&self, parts: Vec<Part>, held: Held) {
         // The writer only goes away when the client has; the reader will notice too.
-        let _ = self.tx.send(r);
+        let _ = self.tx.send(Reply { parts, _held: held });
     }
 
     /// Replies with an error, structured (with a message) when negotiated.
@@ -59,14 +109,14 @@ impl<D: BlockDevice> Conn<D> {
                 cookie,
                 payload.len() as u32,
             );
-            self.send(Reply(vec![hdr.to_vec(), payload]));
+            self.send(vec![hdr.to_vec().into(), payload.into()]);
         } else {
-            self.send(Reply(vec![simple_reply(errno, cookie).to_vec()]));
+            self.send(vec![simple_reply(errno, cookie).to_vec().into()]);
         }
     }
 
     fn ok(&self, cookie: u64) {
-        self.send(Reply(vec![simple_reply(0, cookie).to_vec()]));
+        self.send(vec![simple_reply(0, cookie).to_vec().into()]);
     }
 
     fn done(&self, cookie: u64, r: io::Result<()>, what: &str) {
@@ -81,16 +131,72 @@ impl<D: BlockDevice> Conn<D> {
         offset.checked_add(len).is_some_and(|end| end <= self.size)
     }
 
-    fn read_reply(&self, cookie: u64, offset: u64, data: Vec<u8>, df: bool) {
-        if !self.neg.structured {
-            self.send(Reply(vec![simple_reply(0, cookie).to_vec(), data]));
+    fn read_reply(&self, cookie: u64, offset: u64, data: Vec<u8>, df: bool, held: Held) {
+        let parts = if !self.neg.structured {
+            vec![simple_reply(0, cookie).to_vec().into(), data.into()]
+        } else if df || data.len() < HOLE_SCAN_MIN {
+            structured_data(cookie, offset, data, true)
+        } else {
+            split_holes(cookie, offset, data)
+        };
+        self.send_held(parts, held);
+    }
+
+    /// Answers a valid, non-empty read: as mapped memory, at once from the page cache, or
+    /// from the blocking pool.
+    fn read(self: &Arc<Self>, cookie: u64, offset: u64, len: u32, df: bool, held: Held) {
+        if let Some(parts) = self.mapped_read(cookie, offset, len) {
+            // The writer's `writev` does the only copy.
+            self.send_held(parts, held);
             return;
         }
-        if df || data.len() < HOLE_SCAN_MIN {
-            self.send(Reply(structured_data(cookie, offset, data, true)));
-            return;
+        let want = len as usize;
+        match self.export.device.read_now(offset, want) {
+            // Served without blocking: no task, no thread hop.
+            Some(r) => self.read_done(cookie, offset, want, r, df, held),
+            None => {
+                let c = Arc::clone(self);
+                tokio::spawn(async move {
+                    let r = c.export.device.read(offset, want).await;
+                    c.read_done(cookie, offset, want, r, df, held);
+                });
+            }
         }
-        self.send(Reply(split_holes(cookie, offset, data)));
+    }
+
+    fn read_done(
+        &self,
+        cookie: u64,
+        offset: u64,
+        want: usize,
+        r: io::Result<Vec<u8>>,
+        df: bool,
+        held: Held,
+    ) {
+        match r {
+            Ok(data) if data.len() == want => self.read_reply(cookie, offset, data, df, held),
+            Ok(_) => self.error(cookie, EIO, "device returned a short read"),
+            Err(e) => self.error(cookie, nbd_errno(&e), &format!("read: {e}")),
+        }
+    }
+
+    /// The reply to a read as mapped memory, if the device offers it on this connection.
+    fn mapped_read(&self, cookie: u64, offset: u64, len: u32) -> Option<Vec<Part>> {
+        if !self.kernel_writes {
+            return None;
+        }
+        let m = self.export.device.read_mapped(offset, len as usize)?;
+        if m.len() != len as usize {
+            // A device bug; the ordinary path answers instead.
+            debug!(export = %self.export.name, offset, len, got = m.len(), "mapped read of the wrong length");
+            return None;
+        }
+        let head = if self.neg.structured {
+            structured_data_head(cookie, offset, len, true)
+        } else {
+            simple_reply(0, cookie).to_vec()
+        };
+        Some(vec![head.into(), Part::Mapped(m)])
     }
 
     fn block_status_reply(&self, cookie: u64, extents: &[Extent], len: u32, req_one: bool) {
@@ -140,21 +246,27 @@ impl<D: BlockDevice> Conn<D> {
             cookie,
             payload.len() as u32,
         );
-        self.send(Reply(vec![hdr.to_vec(), payload]));
+        self.send(vec![hdr.to_vec().into(), payload.into()]);
     }
 }
 
-fn structured_data(cookie: u64, offset: u64, data: Vec<u8>, done: bool) -> Vec<Vec<u8>> {
+fn structured_data(cookie: u64, offset: u64, data: Vec<u8>, done: bool) -> Vec<Part> {
+    let head = structured_data_head(cookie, offset, data.len() as u32, done);
+    vec![head.into(), data.into()]
+}
+
+/// The header of an `OFFSET_DATA` chunk carrying `len` bytes read at `offset`.
+fn structured_data_head(cookie: u64, offset: u64, len: u32, done: bool) -> Vec<u8> {
     let flags = if done { REPLY_FLAG_DONE } else { 0 };
     let mut head = Vec::with_capacity(STRUCTURED_HEADER_LEN + 8);
     head.extend_from_slice(&structured_header(
         flags,
         REPLY_TYPE_OFFSET_DATA,
         cookie,
-        8 + data.len() as u32,
+        8 + len,
     ));
     head.extend_from_slice(&offset.to_be_bytes());
-    vec![head, data]
+    head
 }
 
 fn structured_hole(cookie: u64, offset: u64, len: u32, done: bool) -> Vec<u8> {
@@ -172,7 +284,7 @@ fn structured_hole(cookie: u64, offset: u64, len: u32, done: bool) -> Vec<u8> {
 }
 
 /// Sends runs of all-zero blocks as `OFFSET_HOLE` chunks and the rest as `OFFSET_DATA`.
-fn split_holes(cookie: u64, offset: u64, data: Vec<u8>) -> Vec<Vec<u8>> {
+fn split_holes(cookie: u64, offset: u64, data: Vec<u8>) -> Vec<Part> {
     // Find runs: (start, end, is_zero), block-granular, the tail block possibly short.
     let mut runs: Vec<(usize, usize, bool)> = Vec::new();
     let mut pos = 0;
@@ -194,7 +306,7 @@ fn split_holes(cookie: u64, offset: u64, data: Vec<u8>) -> Vec<Vec<u8>> {
         let done = i + 1 == n;
         let off = offset + s as u64;
         if zero {
-            parts.push(structured_hole(cookie, off, (e - s) as u32, done));
+            parts.push(structured_hole(cookie, off, (e - s) as u32, done).into());
         } else {
             parts.extend(structured_data(cookie, off, data[s..e].to_vec(), done));
         }
@@ -211,29 +323,28 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
 ) -> io::Result<()> {
-    let mut parts: Vec<Vec<u8>> = Vec::new();
-    while let Some(Reply(first)) = rx.recv().await {
-        parts.clear();
-        parts.extend(first);
+    let mut batch: Vec<Reply> = Vec::with_capacity(WRITE_BATCH_REPLIES);
+    let mut parts: Vec<Part> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
         // Gather whatever else is ready: one system call for many replies.
-        let mut n = 1;
-        while n < WRITE_BATCH_REPLIES {
+        while batch.len() < WRITE_BATCH_REPLIES {
             match rx.try_recv() {
-                Ok(Reply(more)) => parts.extend(more),
+                Ok(more) => batch.push(more),
                 Err(_) => break,
             }
-            n += 1;
         }
+        parts.extend(batch.iter_mut().flat_map(|r| r.parts.drain(..)));
         write_all_vectored(&mut wr, &parts).await?;
+        parts.clear();
+        // Written: release the replies' slots and bytes.
+        batch.clear();
     }
     wr.shutdown().await
 }
 
 /// Writes every byte of `parts` with as few `writev` calls as the kernel allows.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    parts: &[Vec<u8>],
-) -> io::Result<()> {
+async fn write_all_vectored<W: AsyncWrite + Unpin>(wr: &mut W, parts: &[Part]) -> io::Result<()> {
     let mut idx = 0; // first part not fully written
     let mut off = 0; // bytes of parts[idx] already written
     while idx < parts.len() {
@@ -243,10 +354,10 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
             continue;
         }
         let mut slices = Vec::with_capacity((parts.len() - idx).min(MAX_IOVECS));
-        slices.push(io::IoSlice::new(&parts[idx][off..]));
+        slices.push(parts[idx].io_slice(off));
         for p in parts[idx + 1..].iter().take(MAX_IOVECS - 1) {
-            if !p.is_empty() {
-                slices.push(io::IoSlice::new(p));
+            if p.len() > 0 {
+                slices.push(p.io_slice(0));
             }
         }
         let mut written = wr.write_vectored(&slices).await?;
@@ -300,22 +411,39 @@ pub async fn serve<D: BlockDevice>(
     stream: BoxStream,
     export: Arc<Export<D>>,
     neg: Negotiated,
+    kernel_writes: bool,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(writer_loop(wr, rx));
+    let mut writer = tokio::spawn(writer_loop(wr, rx));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
     let conn = Arc::new(Conn {
         size: export.device.size(),
         export,
         neg,
+        kernel_writes,
         tx,
     });
 
-    let result = request_loop(&mut rd, &conn, &slots, &budget, &mut shutdown).await;
+    let result = tokio::select! {
+        r = request_loop(&mut rd, &conn, &slots, &budget, &mut shutdown) => r,
+        // The writer only stops early when the socket failed (the client is gone, or a mapped
+        // read's image shrank under it): stop reading requests and close the connection.
+        w = &mut writer => {
+            return Err(match w {
+                Ok(Err(e)) if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) => SessionError::Disconnected,
+                Ok(Err(e)) => SessionError::Reply(e),
+                Ok(Ok(())) => SessionError::Protocol("reply writer stopped"),
+                Err(e) => SessionError::Io(io::Error::other(format!("reply writer task failed: {e}"))),
+            });
+        }
+    };
 
     // Let every accepted request finish and queue its reply, then close the writer.
     let _all = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
@@ -412,33 +540,20 @@ async fn request_loop<D: BlockDevice, R: AsyncRead + Unpin>(
                 } else if !c.in_bounds(req.offset, len) {
                     c.error(cookie, EINVAL, "read beyond the end of the export");
                 } else if len == 0 {
-                    c.read_reply(cookie, req.offset, Vec::new(), true);
-                } else if let Some(r) = c.export.device.read_now(req.offset, req.length as usize) {
-                    // Served without blocking: no task, no thread hop.
-                    let df = req.flags & CMD_FLAG_DF != 0;
-                    match r {
-                        Ok(data) if data.len() == req.length as usize => {
-                            c.read_reply(cookie, req.offset, data, df)
-                        }
-                        Ok(_) => c.error(cookie, EIO, "device returned a short read"),
-                        Err(e) => c.error(cookie, nbd_errno(&e), &format!("read: {e}")),
-                    }
+                    c.read_reply(cookie, req.offset, Vec::new(), true, Held::default());
                 } else {
+                    // The slot and the bytes stay held until the reply has been written, so
+                    // a client that does not read its replies cannot make them pile up.
                     let bytes = Arc::clone(budget)
                         .acquire_many_owned(req.length)
                         .await
                         .map_err(|_| SessionError::Protocol("semaphore closed"))?;
-                    tokio::spawn(async move {
-                        match c.export.device.read(req.offset, req.length as usize).await {
-                            Ok(data) if data.len() == req.length as usize => {
-                                let df = req.flags & CMD_FLAG_DF != 0;
-                                c.read_reply(cookie, req.offset, data, df);
-                            }
-                            Ok(_) => c.error(cookie, EIO, "device returned a short read"),
-                            Err(e) => c.error(cookie, nbd_errno(&e), &format!("read: {e}")),
-                        }
-                        drop((slot, bytes));
-                    });
+                    let held = Held {
+                        _slot: Some(slot),
+                        _bytes: Some(bytes),
+                    };
+                    let df = req.flags & CMD_FLAG_DF != 0;
+                    c.read(cookie, req.offset, req.length, df, held);
                 }
             }
             CMD_FLUSH => {

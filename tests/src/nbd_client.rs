@@ -50,6 +50,8 @@ pub struct Reply {
     pub error: u32,
     pub cookie: u64,
     pub data: Vec<u8>,
+    /// The structured chunk types, in order (empty for a simple reply).
+    pub chunks: Vec<u16>,
 }
 
 pub struct RawClient {
@@ -196,12 +198,14 @@ impl RawClient {
                     error,
                     cookie,
                     data,
+                    chunks: Vec::new(),
                 })
             }
             STRUCTURED_REPLY_MAGIC => {
                 // Collect chunks until DONE.
                 let mut error = 0;
                 let mut data = Vec::new();
+                let mut chunks = Vec::new();
                 let mut cookie;
                 let mut first = true;
                 loop {
@@ -217,6 +221,7 @@ impl RawClient {
                     let kind = u16::from_be_bytes(h[2..4].try_into().unwrap());
                     cookie = u64::from_be_bytes(h[4..12].try_into().unwrap());
                     let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+                    chunks.push(kind);
                     let mut p = vec![0u8; len as usize];
                     self.sock.read_exact(&mut p)?;
                     match kind {
@@ -239,6 +244,7 @@ impl RawClient {
                     error,
                     cookie,
                     data,
+                    chunks,
                 })
             }
             m => Err(io::Error::new(

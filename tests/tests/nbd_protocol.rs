@@ -199,3 +199,145 @@ fn structured_reads_holes_and_block_status() {
     let r = c.read(c.size, 512).unwrap();
     assert_eq!(r.error, EINVAL);
 }
+
+/// Fills `d1` (16 MiB) with a known pattern in 1 MiB writes and returns it.
+fn fill_d1(c: &mut RawClient) -> Vec<u8> {
+    let data: Vec<u8> = (0..16 * MIB).map(|i| (i * 7 % 253) as u8).collect();
+    for chunk in 0..16u64 {
+        let at = (chunk * MIB) as usize;
+        assert_eq!(
+            c.write(chunk * MIB, &data[at..at + MIB as usize]).unwrap(),
+            0
+        );
+    }
+    data
+}
+
+/// Large reads (which the gateway sends straight from the page cache) are exact on simple and
+/// structured connections, at odd offsets and pipelined beside writes; a range with a hole
+/// still goes out with an `OFFSET_HOLE` chunk.
+#[test]
+fn large_reads_are_exact_and_holes_still_go_out_as_holes() {
+    let (_t, g) = setup("large-reads");
+    let mut c = client(&g, "d1");
+    let mut data = fill_d1(&mut c);
+    for (off, len) in [
+        (0, MIB),
+        (4096, 2 * MIB),
+        (12_345, 300_000),
+        (15 * MIB, MIB),
+        (0, 16 * MIB),
+    ] {
+        let r = c.read(off, len as u32).unwrap();
+        assert_eq!(r.error, 0);
+        assert!(
+            r.data == data[off as usize..(off + len) as usize],
+            "read {off}+{len}"
+        );
+    }
+
+    // Pipelined: 1 MiB reads of the first half beside 1 MiB writes of the second half.
+    let fresh: Vec<u8> = (0..8 * MIB).map(|i| (i * 11 % 241) as u8).collect();
+    for i in 0..8u64 {
+        c.send_request(0, CMD_READ, 100 + i, i * MIB, MIB as u32, &[])
+            .unwrap();
+        let at = (i * MIB) as usize;
+        let payload = &fresh[at..at + MIB as usize];
+        c.send_request(0, CMD_WRITE, 200 + i, (8 + i) * MIB, MIB as u32, payload)
+            .unwrap();
+    }
+    for _ in 0..16 {
+        let r = c
+            .read_reply(|cookie| if cookie < 200 { MIB as usize } else { 0 })
+            .unwrap();
+        assert_eq!(r.error, 0, "cookie {}", r.cookie);
+        if r.cookie < 200 {
+            let at = ((r.cookie - 100) * MIB) as usize;
+            assert!(r.data == data[at..at + MIB as usize], "cookie {}", r.cookie);
+        }
+    }
+    data[8 * MIB as usize..].copy_from_slice(&fresh);
+    let r = c.read(0, 16 * MIB as u32).unwrap();
+    assert!(r.data == data, "whole disk after the pipelined writes");
+
+    // Structured: one data chunk for a range of data; holes after a trim.
+    let mut s = RawClient::connect(g.addr).unwrap();
+    s.structured_reply().unwrap();
+    assert_eq!(s.go("d1").unwrap(), REP_ACK);
+    let r = s.read(MIB, 2 * MIB as u32).unwrap();
+    assert_eq!((r.error, r.chunks.as_slice()), (0, &[1u16][..]));
+    assert!(r.data == data[MIB as usize..3 * MIB as usize]);
+    let t = s.call(0, CMD_TRIM, MIB + 65_536, 131_072, &[]).unwrap();
+    assert_eq!(t.error, 0);
+    data[(MIB + 65_536) as usize..(MIB + 196_608) as usize].fill(0);
+    let r = s.read(MIB, 2 * MIB as u32).unwrap();
+    assert_eq!(r.error, 0);
+    assert!(r.chunks.contains(&2), "a hole chunk: {:?}", r.chunks);
+    assert!(r.data == data[MIB as usize..3 * MIB as usize]);
+}
+
+/// An image shrunk under the gateway (an admin's mistake) costs the connections reading it,
+/// never the gateway: replies that were queued as page-cache ranges fail in the kernel's copy
+/// (the connection closes) instead of killing the process, and other disks keep serving.
+#[test]
+fn an_image_shrunk_under_the_gateway_does_not_bring_it_down() {
+    let (t, g) = setup("shrunk");
+    let mut c = client(&g, "d1");
+    let data = fill_d1(&mut c);
+    // 48 reads of 1 MiB without reading a reply: the first fill the socket buffers, the rest
+    // wait in the gateway as page-cache ranges.
+    const READS: u64 = 48;
+    for i in 0..READS {
+        let at = (i % 16) * MIB;
+        c.send_request(0, CMD_READ, 1000 + i, at, MIB as u32, &[])
+            .unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let img = t.path().join("data").join("disks").join("d1.img");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let mut whole = 0;
+    for _ in 0..READS {
+        match c.read_reply(|_| MIB as usize) {
+            Ok(r) if r.error == 0 => {
+                let at = (((r.cookie - 1000) % 16) * MIB) as usize;
+                assert!(r.data == data[at..at + MIB as usize], "cookie {}", r.cookie);
+                whole += 1;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // Closed by the gateway, not a read timeout.
+                let timeout = matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                );
+                assert!(!timeout, "the connection hung instead of closing: {e}");
+                break;
+            }
+        }
+    }
+    assert!(whole < READS, "the shrink cut no reply short");
+
+    // The gateway is still up: the other disk serves, and d1 answers reads past its new end
+    // with an error.
+    let mut ro = client(&g, "ro");
+    let r = ro.read(0, MIB as u32).unwrap();
+    assert_eq!(r.error, 0);
+    assert!(r.data.iter().all(|&b| b == 0x5a));
+    let mut again = client(&g, "d1");
+    let r = again.read(MIB, MIB as u32).unwrap();
+    assert_ne!(r.error, 0, "a read past the image's end must fail");
+    let r = again.read(0, 4096).unwrap();
+    assert_eq!((r.error, &r.data[..]), (0, &data[..4096]));
+    let log = g.log();
+    assert!(
+        log.contains("did a disk image shrink while it was served?"),
+        "the gateway's log names the cause:\n{log}"
+    );
+    let status = g.stop();
+    assert!(status.success(), "the gateway exited with {status}");
+}

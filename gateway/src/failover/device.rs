@@ -70,6 +70,13 @@ impl BlockDevice for Device {
         }
     }
 
+    fn read_mapped(&self, offset: u64, len: usize) -> Option<nbd_server::MappedRead> {
+        match self {
+            Device::Live(d) => BlockDevice::read_mapped(d, offset, len),
+            Device::Replica(_) => None,
+        }
+    }
+
     fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
         match self {
             Device::Live(d) => BlockDevice::write_now(d, offset, data, fua),

@@ -1,0 +1,382 @@
+//! A disk image mapped into memory, for NBD reads the kernel copies straight from the page
+//! cache into the socket (one copy where `pread` + `writev` make two).
+//!
+//! Nothing in user space ever reads the mapping: ranges leave here as [`MappedRead`]s, which
+//! the NBD server only hands to `writev`. If the image shrinks under the mapping, the kernel's
+//! copy fails with `EFAULT` (the connection closes) instead of the process taking `SIGBUS`.
+//!
+//! A range is offered only when the socket write will not wait for the disk and the reply
+//! does not need to look inside it:
+//! - it is at least [`MAPPED_READ_MIN`] bytes (below that, copying is cheaper than the checks);
+//! - every page of it is in the page cache (`mincore`), so the copy does not block a worker
+//!   thread on disk reads (a page evicted after the check is read in by the copy);
+//! - it holds no hole (`SEEK_HOLE`), so a structured reply loses nothing by sending it as
+//!   one data chunk (holes still go out as `OFFSET_HOLE` through the ordinary path).
+//!
+//! The kernel fills the process's page tables as it copies, and mapped pages count in the
+//! process's resident size (and its OOM score). After every [`MAP_CHECK_BYTES`] of mapped
+//! reads a map looks at the process's resident file pages; past an eighth of RAM it drops its
+//! page tables (`MADV_DONTNEED`, which for a shared file mapping only unmaps: the page cache
+//! keeps the data). Dropping them on every pass instead would make each read fault its pages
+//! back in, which costs about a third of the throughput on a hot image.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use nbd_server::MappedRead;
+use tracing::debug;
+
+/// Smallest read served from the mapping.
+pub const MAPPED_READ_MIN: usize = 64 * 1024;
+/// Mapped-read bytes between two looks at the process's resident file pages.
+pub const MAP_CHECK_BYTES: u64 = 256 << 20;
+/// The process's resident file pages may take up to RAM / this before a map drops its page
+/// tables.
+const RESIDENT_SHARE_OF_RAM: u64 = 8;
+/// ... but never less than this.
+const RESIDENT_FLOOR: u64 = 256 << 20;
+/// Pages checked per `mincore` call (the answer buffer lives on the stack).
+const MINCORE_PAGES: usize = 512;
+
+/// A read-only, shared mapping of a whole image.
+pub struct ImageMap {
+    base: NonNull<u8>,
+    len: usize,
+    page: usize,
+    /// Mapped-read bytes since the last look at the resident size.
+    since_check: AtomicU64,
+}
+
+// SAFETY: the mapping is plain shared memory; it is never written through, and never read in
+// user space (see the module docs). The counter is atomic.
+unsafe impl Send for ImageMap {}
+// SAFETY: as above.
+unsafe impl Sync for ImageMap {}
+
+impl ImageMap {
+    /// Maps the first `size` bytes of `file` (an image opened for reading).
+    pub fn new(file: &File, size: u64) -> io::Result<Self> {
+        let len = usize::try_from(size)
+            .ok()
+            .filter(|&l| l > 0)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "image size not mappable")
+            })?;
+        // SAFETY: a fresh shared read-only mapping of an open descriptor; the kernel picks the
+        // address. The result is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096);
+        Ok(Self {
+            base,
+            len,
+            page,
+            since_check: AtomicU64::new(0),
+        })
+    }
+
+    /// `[offset, offset + len)` as a mapped read, if it is big enough, all in the page cache
+    /// and free of holes; `None` sends the caller down the ordinary read path. `file` is the
+    /// mapped image (for the hole check).
+    pub fn read(self: &Arc<Self>, file: &File, offset: u64, len: usize) -> Option<MappedRead> {
+        if len < MAPPED_READ_MIN {
+            return None;
+        }
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(len).filter(|&e| e <= self.len)?;
+        if !self.resident(start, end) || !has_no_hole(file, offset, len as u64) {
+            return None;
+        }
+        self.count(len as u64);
+        let owner: Arc<dyn Send + Sync> = Arc::clone(self) as Arc<dyn Send + Sync>;
+        // SAFETY: `start..end` lies inside the mapping (checked above), which stays mapped
+        // until the last `Arc<ImageMap>` (held by `owner`) is dropped.
+        let ptr = unsafe { NonNull::new_unchecked(self.base.as_ptr().add(start)) };
+        // SAFETY: as above.
+        Some(unsafe { MappedRead::new(ptr, len, owner) })
+    }
+
+    /// Is every page of `[start, end)` in the page cache?
+    fn resident(&self, start: usize, end: usize) -> bool {
+        let mut page = start & !(self.page - 1);
+        let mut vec = [0u8; MINCORE_PAGES];
+        while page < end {
+            let n = (end - page).div_ceil(self.page).min(MINCORE_PAGES);
+            // SAFETY: `page` is page-aligned and inside the mapping; `n` pages from it end at
+            // or before the mapping's last page; `vec` has room for `n` answers.
+            let r = unsafe {
+                libc::mincore(
+                    self.base.as_ptr().add(page).cast(),
+                    n * self.page,
+                    vec.as_mut_ptr(),
+                )
+            };
+            if r != 0 {
+                debug!(error = %io::Error::last_os_error(), "mincore failed");
+                return false;
+            }
+            if vec[..n].iter().any(|v| v & 1 == 0) {
+                return false;
+            }
+            page += n * self.page;
+        }
+        true
+    }
+
+    /// Counts mapped-read bytes; every [`MAP_CHECK_BYTES`], drops the page tables if the
+    /// process's resident file pages are over the limit.
+    fn count(&self, len: u64) {
+        let before = self.since_check.fetch_add(len, Ordering::Relaxed);
+        if before + len < MAP_CHECK_BYTES {
+            return;
+        }
+        self.since_check.store(0, Ordering::Relaxed);
+        match resident_file_bytes() {
+            Some(r) if r > resident_limit() => {
+                debug!(resident = r, "dropping an image mapping's page tables");
+                self.trim();
+            }
+            Some(_) => {}
+            None => self.trim(),
+        }
+    }
+
+    /// Drops the mapping's page tables.
+    fn trim(&self) {
+        // SAFETY: the whole mapping; for a shared file mapping MADV_DONTNEED only removes
+        // page-table entries (later copies fault them back in from the page cache).
+        let r = unsafe { libc::madvise(self.base.as_ptr().cast(), self.len, libc::MADV_DONTNEED) };
+        if r != 0 {
+            debug!(error = %io::Error::last_os_error(), "madvise(MADV_DONTNEED) failed");
+        }
+    }
+}
+
+impl Drop for ImageMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; no `MappedRead` outlives it (each holds an Arc).
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The process's resident file-backed and shared pages, in bytes (`/proc/self/statm`).
+fn resident_file_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(2)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+/// How many resident file bytes the process may keep before maps drop their page tables.
+fn resident_limit() -> u64 {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let (pages, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let ram = u64::try_from(pages).unwrap_or(0) * u64::try_from(page).unwrap_or(0);
+        (ram / RESIDENT_SHARE_OF_RAM).max(RESIDENT_FLOOR)
+    })
+}
+
+/// Does `[offset, offset + len)` of `file` hold data only? (`SEEK_HOLE` finds the first hole
+/// at or after `offset`; block devices and file systems without hole reporting say "none".)
+fn has_no_hole(file: &File, offset: u64, len: u64) -> bool {
+    let Ok(off) = i64::try_from(offset) else {
+        return false;
+    };
+    // SAFETY: lseek on an open descriptor. Every read and write of an image is positioned,
+    // so moving the file offset disturbs nothing.
+    let hole = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_HOLE) };
+    hole >= 0 && hole as u64 >= offset + len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn image(size: usize) -> (tempfile::TempDir, File) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("img"))
+            .unwrap();
+        let data: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
+        f.write_all_at(&data, 0).unwrap();
+        (dir, f)
+    }
+
+    /// Writes a mapped read into a pipe and reads the pipe back: the way the kernel sees it.
+    fn through_kernel(m: &MappedRead) -> io::Result<Vec<u8>> {
+        let mut fds = [0i32; 2];
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // Room for the whole read in the pipe.
+        unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 1 << 20) };
+        let s = m.io_slice(0);
+        let r = unsafe { libc::write(fds[1], s.as_ptr().cast(), s.len()) };
+        let res = if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            let mut out = vec![0u8; r as usize];
+            let got = unsafe { libc::read(fds[0], out.as_mut_ptr().cast(), out.len()) };
+            assert_eq!(got, r);
+            Ok(out)
+        };
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        res
+    }
+
+    #[test]
+    fn offers_cached_data_and_refuses_small_reads_holes_and_ranges_past_the_end() {
+        let size = 1 << 20;
+        let (_d, f) = image(size);
+        let map = Arc::new(ImageMap::new(&f, size as u64).unwrap());
+        let m = map
+            .read(&f, 4096, 256 * 1024)
+            .expect("cached data is offered");
+        assert_eq!(m.len(), 256 * 1024);
+        let mut want = vec![0u8; 256 * 1024];
+        f.read_exact_at(&mut want, 4096).unwrap();
+        assert_eq!(through_kernel(&m).unwrap(), want);
+
+        assert!(map.read(&f, 0, MAPPED_READ_MIN - 1).is_none(), "small read");
+        assert!(
+            map.read(&f, (size - 4096) as u64, MAPPED_READ_MIN)
+                .is_none(),
+            "past the end"
+        );
+        assert!(
+            map.read(&f, u64::MAX - 10, MAPPED_READ_MIN).is_none(),
+            "overflow"
+        );
+
+        // Punch a hole: ranges touching it go the ordinary way, others still qualify.
+        let r = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                512 * 1024,
+                128 * 1024,
+            )
+        };
+        if r == 0 {
+            assert!(
+                map.read(&f, 448 * 1024, 128 * 1024).is_none(),
+                "range with a hole"
+            );
+            assert!(map.read(&f, 0, 256 * 1024).is_some());
+        }
+    }
+
+    #[test]
+    fn pages_out_of_the_page_cache_are_not_offered() {
+        let size = 4 << 20;
+        let (_d, f) = image(size);
+        f.sync_all().unwrap();
+        let map = Arc::new(ImageMap::new(&f, size as u64).unwrap());
+        // Clean pages leave the cache on request.
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+        if map.resident(0, size) {
+            // Some file systems keep the pages; nothing to check then.
+            return;
+        }
+        assert!(map.read(&f, 0, 1 << 20).is_none());
+        let mut buf = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert!(
+            map.read(&f, 0, 1 << 20).is_some(),
+            "read back into the cache"
+        );
+    }
+
+    #[test]
+    fn a_shrunken_image_fails_the_kernel_copy_instead_of_killing_the_process() {
+        let size = 1 << 20;
+        let (_d, f) = image(size);
+        let map = Arc::new(ImageMap::new(&f, size as u64).unwrap());
+        let m = map.read(&f, 0, 512 * 1024).unwrap();
+        // Drop the page tables so the copy has to fault the pages in, then shrink the file.
+        map.trim();
+        f.set_len(4096).unwrap();
+        match through_kernel(&m) {
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EFAULT)),
+            // The kernel may copy what was still mapped and stop at the fault.
+            Ok(got) => assert!(got.len() < 512 * 1024, "copied {} bytes", got.len()),
+        }
+    }
+
+    #[test]
+    fn trimming_drops_resident_pages_and_keeps_the_data() {
+        let size = 16 << 20;
+        let (_d, f) = image(size);
+        let map = Arc::new(ImageMap::new(&f, size as u64).unwrap());
+        let before = resident_file_bytes().unwrap();
+        let mut want = vec![0u8; 1 << 20];
+        for i in 0..16u64 {
+            let m = map.read(&f, i << 20, 1 << 20).unwrap();
+            f.read_exact_at(&mut want, i << 20).unwrap();
+            assert_eq!(through_kernel(&m).unwrap(), want);
+        }
+        let mapped = resident_file_bytes().unwrap();
+        assert!(mapped >= before + (15 << 20), "{before} -> {mapped}");
+        map.trim();
+        let after = resident_file_bytes().unwrap();
+        assert!(after + (15 << 20) <= mapped, "{mapped} -> {after}");
+        // Still readable after the trim.
+        let m = map.read(&f, 0, size).unwrap();
+        let mut all = vec![0u8; size];
+        f.read_exact_at(&mut all, 0).unwrap();
+        let mut got = Vec::new();
+        for chunk in 0..16 {
+            let part = map.read(&f, chunk << 20, 1 << 20).unwrap();
+            got.extend(through_kernel(&part).unwrap());
+        }
+        assert_eq!(m.len(), size);
+        assert_eq!(got, all);
+    }
+
+    #[test]
+    fn the_resident_check_runs_every_check_interval() {
+        let (_d, f) = image(1 << 20);
+        let map = ImageMap::new(&f, 1 << 20).unwrap();
+        map.count(MAP_CHECK_BYTES - 1);
+        assert_eq!(map.since_check.load(Ordering::Relaxed), MAP_CHECK_BYTES - 1);
+        map.count(1);
+        assert_eq!(map.since_check.load(Ordering::Relaxed), 0);
+        assert!(resident_limit() >= RESIDENT_FLOOR);
+    }
+}
