@@ -122,7 +122,7 @@ fn write_blocking(inner: &Inner, offset: u64, data: &[u8], fua: bool) -> io::Res
         let flags = if fua { FLAG_FUA } else { 0 };
         let len = data.len() as u64;
         t.log.record(Kind::Write, flags, offset, len, data, || {
-            inner.file.write_all_at(data, offset)
+            write_image(inner, offset, data)
         })?;
         t.note(offset, len);
         if fua {
@@ -130,11 +130,20 @@ fn write_blocking(inner: &Inner, offset: u64, data: &[u8], fua: bool) -> io::Res
         }
         return Ok(());
     }
-    inner.file.write_all_at(data, offset)?;
+    write_image(inner, offset, data)?;
     if fua {
         inner.file.sync_data()?;
     }
     Ok(())
+}
+
+/// Writes into the image: large writes through the mapping when it takes them (see
+/// [`ImageMap::write`]), everything else with `pwrite`.
+fn write_image(inner: &Inner, offset: u64, data: &[u8]) -> io::Result<()> {
+    if inner.map.as_ref().is_some_and(|m| m.write(offset, data)) {
+        return Ok(());
+    }
+    inner.file.write_all_at(data, offset)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -160,7 +169,7 @@ impl Disk {
         read_only: bool,
         log: Option<ChangeLog>,
     ) -> Self {
-        let map = match ImageMap::new(&file, size) {
+        let map = match ImageMap::new(&file, size, !read_only) {
             Ok(m) => Some(Arc::new(m)),
             Err(e) => {
                 debug!(disk = name, "image not mapped, reads are copied: {e}");

@@ -1,9 +1,14 @@
 //! A disk image mapped into memory, for NBD reads the kernel copies straight from the page
-//! cache into the socket (one copy where `pread` + `writev` make two).
+//! cache into the socket (one copy where `pread` + `writev` make two), and for large writes
+//! the kernel copies into pages that are already dirty without going through the file
+//! system's write path again.
 //!
-//! Nothing in user space ever reads the mapping: ranges leave here as [`MappedRead`]s, which
-//! the NBD server only hands to `writev`. If the image shrinks under the mapping, the kernel's
-//! copy fails with `EFAULT` (the connection closes) instead of the process taking `SIGBUS`.
+//! Nothing in user space ever reads or writes the mapping: ranges leave here as
+//! [`MappedRead`]s, which the NBD server only hands to `writev`, and writes are copied in by
+//! `process_vm_readv`. If the image shrinks under the mapping, or a page cannot be allocated
+//! (a full file system), the kernel's copy fails with `EFAULT` instead of the process taking
+//! `SIGBUS`: a read's connection closes, a write falls back to `pwrite`, which reports the
+//! real error.
 //!
 //! A range is offered only when the socket write will not wait for the disk and the reply
 //! does not need to look inside it:
@@ -32,6 +37,8 @@ use tracing::debug;
 
 /// Smallest read served from the mapping.
 pub const MAPPED_READ_MIN: usize = 64 * 1024;
+/// Smallest write copied into the mapping (smaller ones cost the same either way).
+pub const MAPPED_WRITE_MIN: usize = 64 * 1024;
 /// Mapped-read bytes between two looks at the process's resident file pages.
 pub const MAP_CHECK_BYTES: u64 = 256 << 20;
 /// The process's resident file pages may take up to RAM / this before a map drops its page
@@ -42,10 +49,11 @@ const RESIDENT_FLOOR: u64 = 256 << 20;
 /// Pages checked per `mincore` call (the answer buffer lives on the stack).
 const MINCORE_PAGES: usize = 512;
 
-/// A read-only, shared mapping of a whole image.
+/// A shared mapping of a whole image (writable when the image is).
 pub struct ImageMap {
     base: NonNull<u8>,
     len: usize,
+    writable: bool,
     page: usize,
     /// Mapped-read bytes since the last look at the resident size.
     since_check: AtomicU64,
@@ -58,8 +66,8 @@ unsafe impl Send for ImageMap {}
 unsafe impl Sync for ImageMap {}
 
 impl ImageMap {
-    /// Maps the first `size` bytes of `file` (an image opened for reading).
-    pub fn new(file: &File, size: u64) -> io::Result<Self> {
+    /// Maps the first `size` bytes of `file`; `writable` needs a file opened for writing.
+    pub fn new(file: &File, size: u64, writable: bool) -> io::Result<Self> {
         let len = usize::try_from(size)
             .ok()
             .filter(|&l| l > 0)
@@ -72,7 +80,11 @@ impl ImageMap {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ,
+                if writable {
+                    libc::PROT_READ | libc::PROT_WRITE
+                } else {
+                    libc::PROT_READ
+                },
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
                 0,
@@ -91,6 +103,7 @@ impl ImageMap {
         Ok(Self {
             base,
             len,
+            writable,
             page,
             since_check: AtomicU64::new(0),
         })
@@ -115,6 +128,52 @@ impl ImageMap {
         let ptr = unsafe { NonNull::new_unchecked(self.base.as_ptr().add(start)) };
         // SAFETY: as above.
         Some(unsafe { MappedRead::new(ptr, len, owner) })
+    }
+
+    /// Copies `data` into the image at `offset` through the mapping, by the kernel. `false`
+    /// when the write is small, the map read-only, or the copy did not complete (a page could
+    /// not be had: a shrunk image, a full file system, or `process_vm_readv` not allowed
+    /// here); the caller then writes with `pwrite`, which also reports the real error.
+    ///
+    /// Into pages that are already dirty this is a plain copy; `pwrite` would walk the file
+    /// system's write path for every block again. Durability is the same: `fdatasync` writes
+    /// back pages dirtied through a mapping too.
+    pub fn write(&self, offset: u64, data: &[u8]) -> bool {
+        if !self.writable || data.len() < MAPPED_WRITE_MIN || !VM_COPY.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Some(start) = usize::try_from(offset)
+            .ok()
+            .filter(|&s| s.checked_add(data.len()).is_some_and(|e| e <= self.len))
+        else {
+            return false;
+        };
+        let local = libc::iovec {
+            // SAFETY: `start + len <= self.len`: the range lies inside the mapping.
+            iov_base: unsafe { self.base.as_ptr().add(start) }.cast(),
+            iov_len: data.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: data.as_ptr().cast_mut().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: both iovecs describe memory of this process: the kernel reads `data` (a
+        // live slice) and writes the mapped range, failing with EFAULT instead of faulting.
+        let r = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) {
+                // A sandbox that forbids it: stop trying, for every disk.
+                VM_COPY.store(false, Ordering::Relaxed);
+                debug!("process_vm_readv not allowed ({e}); writes use pwrite");
+            }
+            return false;
+        }
+        if r as usize != data.len() {
+            return false;
+        }
+        self.count(data.len() as u64);
+        true
     }
 
     /// Is every page of `[start, end)` in the page cache?
@@ -179,6 +238,9 @@ impl Drop for ImageMap {
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }
+
+/// Cleared when the kernel refuses `process_vm_readv` (seccomp, no `ptrace` rights).
+static VM_COPY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// The process's resident file-backed and shared pages, in bytes (`/proc/self/statm`).
 fn resident_file_bytes() -> Option<u64> {
@@ -263,7 +325,7 @@ mod tests {
     fn offers_cached_data_and_refuses_small_reads_holes_and_ranges_past_the_end() {
         let size = 1 << 20;
         let (_d, f) = image(size);
-        let map = Arc::new(ImageMap::new(&f, size as u64).unwrap());
+        let map = Arc::new(ImageMap::new(&f, size as u64, false).unwrap());
         let m = map
             .read(&f, 4096, 256 * 1024)
             .expect("cached data is offered");
@@ -306,7 +368,7 @@ mod tests {
         let size = 4 << 20;
         let (_d, f) = image(size);
         f.sync_all().unwrap();
-        let map = Arc::new(ImageMap::new(&f, size as u64).unwrap());
+        let map = Arc::new(ImageMap::new(&f, size as u64, false).unwrap());
         // Clean pages leave the cache on request.
         let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         assert_eq!(r, 0);
@@ -327,7 +389,7 @@ mod tests {
     fn a_shrunken_image_fails_the_kernel_copy_instead_of_killing_the_process() {
         let size = 1 << 20;
         let (_d, f) = image(size);
-        let map = Arc::new(ImageMap::new(&f, size as u64).unwrap());
+        let map = Arc::new(ImageMap::new(&f, size as u64, false).unwrap());
         let m = map.read(&f, 0, 512 * 1024).unwrap();
         // Drop the page tables so the copy has to fault the pages in, then shrink the file.
         map.trim();
@@ -343,7 +405,7 @@ mod tests {
     fn trimming_drops_resident_pages_and_keeps_the_data() {
         let size = 16 << 20;
         let (_d, f) = image(size);
-        let map = Arc::new(ImageMap::new(&f, size as u64).unwrap());
+        let map = Arc::new(ImageMap::new(&f, size as u64, false).unwrap());
         let before = resident_file_bytes().unwrap();
         let mut want = vec![0u8; 1 << 20];
         for i in 0..16u64 {
@@ -370,9 +432,67 @@ mod tests {
     }
 
     #[test]
+    fn large_writes_land_in_the_file_and_small_or_read_only_ones_are_refused() {
+        let size = 4 << 20;
+        let (_d, f) = image(size);
+        let map = ImageMap::new(&f, size as u64, true).unwrap();
+        let data: Vec<u8> = (0..(1 << 20)).map(|i| (i * 5 % 241) as u8).collect();
+        assert!(map.write(12_345, &data));
+        let mut back = vec![0u8; data.len()];
+        f.read_exact_at(&mut back, 12_345).unwrap();
+        assert!(back == data, "pread sees the mapped write");
+        assert!(!map.write(0, &data[..MAPPED_WRITE_MIN - 1]), "small write");
+        assert!(!map.write((size - 4096) as u64, &data), "past the end");
+        let ro = ImageMap::new(&f, size as u64, false).unwrap();
+        assert!(!ro.write(0, &data), "read-only map");
+    }
+
+    #[test]
+    fn writes_into_holes_allocate_and_survive_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sparse");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(8 << 20).unwrap();
+        let map = ImageMap::new(&f, 8 << 20, true).unwrap();
+        let data = vec![0xa5u8; 256 * 1024];
+        assert!(map.write(3 << 20, &data));
+        f.sync_data().unwrap();
+        drop(map);
+        // Only clean pages leave the cache on request: if fdatasync had not written the
+        // pages dirtied through the mapping, they would stay.
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+        let probe = ImageMap::new(&f, 8 << 20, false).unwrap();
+        let (start, end) = (3 << 20, (3 << 20) + data.len());
+        assert!(
+            !probe.resident(start, end),
+            "fdatasync left the pages dirty"
+        );
+        let again = File::open(&p).unwrap();
+        let mut back = vec![0u8; data.len()];
+        again.read_exact_at(&mut back, 3 << 20).unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn a_write_into_a_shrunken_image_is_refused_instead_of_killing_the_process() {
+        let size = 1 << 20;
+        let (_d, f) = image(size);
+        let map = ImageMap::new(&f, size as u64, true).unwrap();
+        f.set_len(4096).unwrap();
+        assert!(!map.write(0, &vec![1u8; 512 * 1024]));
+    }
+
+    #[test]
     fn the_resident_check_runs_every_check_interval() {
         let (_d, f) = image(1 << 20);
-        let map = ImageMap::new(&f, 1 << 20).unwrap();
+        let map = ImageMap::new(&f, 1 << 20, false).unwrap();
         map.count(MAP_CHECK_BYTES - 1);
         assert_eq!(map.since_check.load(Ordering::Relaxed), MAP_CHECK_BYTES - 1);
         map.count(1);
