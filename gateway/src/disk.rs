@@ -5,8 +5,9 @@
 //!
 //! I/O is positioned (`pread`/`pwrite`/`fallocate` on one shared file descriptor) and runs on
 //! tokio's blocking pool, or inline when it cannot wait for the disk; there is no lock on the
-//! data path. Large reads of cached data can also leave as ranges of the image mapped into
-//! memory, which the NBD server's socket write copies in one go (see [`crate::mapped`]).
+//! data path. The image is also mapped into memory (see [`crate::mapped`]): large reads of
+//! cached data can leave as ranges of it, which the NBD server's socket write copies in one
+//! go, and large writes are copied into it by the kernel.
 //!
 //! A *tracked* disk (opened with [`Disk::open_tracked`]) has a [`ChangeLog`]: every write,
 //! trim and zero is appended to the log before it reaches the image, and FLUSH/FUA make log
