@@ -59,7 +59,7 @@ struct Inner {
     /// taking it exclusively ([`Disk::attach_log`], [`Disk::cut`]) waits for the writes in
     /// flight and holds new ones back.
     tracking: RwLock<Option<Tracking>>,
-    /// The image mapped for zero-copy NBD reads (`None` where it cannot be mapped).
+    /// The image mapped for large reads and writes (`None` where it cannot be mapped).
     map: Option<Arc<ImageMap>>,
 }
 
@@ -173,7 +173,10 @@ impl Disk {
         let map = match ImageMap::new(&file, size, !read_only) {
             Ok(m) => Some(Arc::new(m)),
             Err(e) => {
-                debug!(disk = name, "image not mapped, reads are copied: {e}");
+                debug!(
+                    disk = name,
+                    "image not mapped, reads and writes use pread/pwrite: {e}"
+                );
                 None
             }
         };
@@ -365,7 +368,6 @@ impl Disk {
     /// A read the NBD server hands to the kernel as mapped memory (see [`crate::mapped`]), or
     /// `None` when the range is small, not all in the page cache, or holds a hole.
     pub fn read_mapped(&self, offset: u64, len: usize) -> Option<nbd_server::MappedRead> {
-        self.check(offset, len as u64).ok()?;
         self.inner.map.as_ref()?.read(&self.inner.file, offset, len)
     }
 

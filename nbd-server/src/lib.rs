@@ -52,8 +52,9 @@ pub enum SessionError {
 }
 
 fn reply_hint(e: &io::Error) -> &'static str {
-    // EFAULT: the kernel could not copy a mapped read, e.g. the file behind it shrank.
-    if e.raw_os_error() == Some(14) {
+    /// Linux's EFAULT: the kernel could not copy a mapped read, e.g. the file behind it shrank.
+    const EFAULT: i32 = 14;
+    if e.raw_os_error() == Some(EFAULT) {
         " (the memory of a mapped read went away: did a disk image shrink while it was served?)"
     } else {
         ""
