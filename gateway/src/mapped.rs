@@ -54,7 +54,6 @@ pub struct ImageMap {
     base: NonNull<u8>,
     len: usize,
     writable: bool,
-    page: usize,
     /// Mapped-read bytes since the last look at the resident size.
     since_check: AtomicU64,
 }
@@ -95,16 +94,10 @@ impl ImageMap {
         }
         let base =
             NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-            .ok()
-            .filter(|p| p.is_power_of_two())
-            .unwrap_or(4096);
         Ok(Self {
             base,
             len,
             writable,
-            page,
             since_check: AtomicU64::new(0),
         })
     }
@@ -178,16 +171,17 @@ impl ImageMap {
 
     /// Is every page of `[start, end)` in the page cache?
     fn resident(&self, start: usize, end: usize) -> bool {
-        let mut page = start & !(self.page - 1);
+        let page_size = page_size();
+        let mut page = start & !(page_size - 1);
         let mut vec = [0u8; MINCORE_PAGES];
         while page < end {
-            let n = (end - page).div_ceil(self.page).min(MINCORE_PAGES);
+            let n = (end - page).div_ceil(page_size).min(MINCORE_PAGES);
             // SAFETY: `page` is page-aligned and inside the mapping; `n` pages from it end at
             // or before the mapping's last page; `vec` has room for `n` answers.
             let r = unsafe {
                 libc::mincore(
                     self.base.as_ptr().add(page).cast(),
-                    n * self.page,
+                    n * page_size,
                     vec.as_mut_ptr(),
                 )
             };
@@ -198,7 +192,7 @@ impl ImageMap {
             if vec[..n].iter().any(|v| v & 1 == 0) {
                 return false;
             }
-            page += n * self.page;
+            page += n * page_size;
         }
         true
     }
@@ -246,9 +240,16 @@ static VM_COPY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::n
 fn resident_file_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(2)?.parse().ok()?;
+    Some(pages * page_size() as u64)
+}
+
+/// The system's page size.
+fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).ok()?)
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(4096)
 }
 
 /// How many resident file bytes the process may keep before maps drop their page tables.
@@ -256,13 +257,8 @@ fn resident_limit() -> u64 {
     static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *LIMIT.get_or_init(|| {
         // SAFETY: sysconf has no preconditions.
-        let (pages, page) = unsafe {
-            (
-                libc::sysconf(libc::_SC_PHYS_PAGES),
-                libc::sysconf(libc::_SC_PAGESIZE),
-            )
-        };
-        let ram = u64::try_from(pages).unwrap_or(0) * u64::try_from(page).unwrap_or(0);
+        let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+        let ram = u64::try_from(pages).unwrap_or(0) * page_size() as u64;
         (ram / RESIDENT_SHARE_OF_RAM).max(RESIDENT_FLOOR)
     })
 }
