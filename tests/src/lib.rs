@@ -229,6 +229,70 @@ impl Drop for Gateway {
     }
 }
 
+/// One TCP connection as the kernel lists it in `/proc/net/tcp` (IPv4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpEntry {
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// The kernel's state number (1 ESTABLISHED, 8 CLOSE_WAIT, 9 LAST_ACK, 6 TIME_WAIT, ...).
+    pub state: u8,
+    /// Bytes received and not yet read by the socket's owner.
+    pub rx_queue: u64,
+}
+
+/// The gateway's side of the connection from `client_port` to `server_port`, if it is open.
+pub fn server_side(server_port: u16, client_port: u16) -> Option<TcpEntry> {
+    let text = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port = |field: &str| u16::from_str_radix(field.rsplit(':').next()?, 16).ok();
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let e = TcpEntry {
+            local_port: port(f.get(1)?)?,
+            remote_port: port(f.get(2)?)?,
+            state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+            rx_queue: u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()?,
+        };
+        (e.local_port == server_port && e.remote_port == client_port).then_some(e)
+    })
+}
+
+/// Waits until the gateway has closed its side of a connection (its socket is no longer
+/// ESTABLISHED or CLOSE_WAIT). The NBD server closes a connection only after every request it
+/// accepted on it has completed, so afterwards nothing that connection sent can still change a
+/// disk.
+pub fn wait_server_closed(server_port: u16, client_port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while let Some(e) = server_side(server_port, client_port) {
+        if e.state != 1 && e.state != 8 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway kept the connection from port {client_port} open for {timeout:?}: {e:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until the gateway has read every byte a client sent on a connection (its socket's
+/// receive queue is empty).
+pub fn wait_server_read_all(server_port: u16, client_port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let e = server_side(server_port, client_port)
+            .unwrap_or_else(|| panic!("no connection from port {client_port} to {server_port}"));
+        if e.rx_queue == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway left {} bytes unread for {timeout:?}",
+            e.rx_queue
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A temporary directory for one test (kept on failure when STANDBY_KEEP_TEST_DIRS is set).
 pub fn test_dir(name: &str) -> tempfile::TempDir {
     let base = std::env::var_os("STANDBY_TEST_TMP")

@@ -1,7 +1,7 @@
 //! Protocol and bad-input tests against the real `standby serve`, over a raw socket.
 
 use standby_e2e::nbd_client::*;
-use standby_e2e::{run, standby, test_dir, Gateway};
+use standby_e2e::{run, standby, test_dir, wait_server_closed, wait_server_read_all, Gateway};
 
 const MIB: u64 = 1 << 20;
 
@@ -113,8 +113,10 @@ fn wrong_request_magic_disconnects_cleanly() {
 #[test]
 fn client_vanishing_mid_write_writes_nothing() {
     let (_t, g) = setup("vanish");
+    let client_port;
     {
         let mut c = client(&g, "d1");
+        client_port = c.sock.local_addr().unwrap().port();
         // Header announces 1 MiB, only half arrives, then the client is gone.
         c.send_request(
             0,
@@ -127,7 +129,8 @@ fn client_vanishing_mid_write_writes_nothing() {
         .unwrap();
         c.sock.shutdown(std::net::Shutdown::Both).unwrap();
     }
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    // Every request the gateway accepted on that connection has completed once it closed it.
+    wait_server_closed(g.port(), client_port, std::time::Duration::from_secs(20));
     let mut c = client(&g, "d1");
     let r = c.read(MIB, MIB as u32).unwrap();
     assert_eq!(r.error, 0);
@@ -292,7 +295,10 @@ fn an_image_shrunk_under_the_gateway_does_not_bring_it_down() {
         c.send_request(0, CMD_READ, 1000 + i, at, MIB as u32, &[])
             .unwrap();
     }
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The gateway has taken every request off the socket (each read was answered with a
+    // page-cache range as it was taken) before the image shrinks.
+    let client_port = c.sock.local_addr().unwrap().port();
+    wait_server_read_all(g.port(), client_port, std::time::Duration::from_secs(20));
     let img = t.path().join("data").join("disks").join("d1.img");
     std::fs::OpenOptions::new()
         .write(true)

@@ -313,9 +313,7 @@ fn log_overflow_resyncs_from_the_dirty_bitmap() {
 /// schedule (Warning, next retry shown); when the server returns, replication converges.
 #[test]
 fn s3_outage_retries_then_converges() {
-    let Some(mut garage) = Garage::start_or_skip() else {
-        return;
-    };
+    let mut garage = Garage::start();
     let t = test_dir("repl-s3");
     let dd = t.path().join("dd");
     run(standby(&dd).args(["disk", "create", "d", "--size", "32M"]));
@@ -418,10 +416,8 @@ fn export_env(
 /// Wrong credentials are not retried: the VM turns Critical with the reason until an admin
 /// resumes it.
 #[test]
-fn auth_failure_is_critical_without_retries() {
-    let Some(garage) = Garage::start_or_skip() else {
-        return;
-    };
+fn s3_auth_failure_is_critical_without_retries() {
+    let garage = Garage::start();
     let t = test_dir("repl-auth");
     let dd = t.path().join("dd");
     run(standby(&dd).args(["disk", "create", "d", "--size", "16M"]));

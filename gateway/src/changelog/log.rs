@@ -96,7 +96,8 @@ pub struct StateFile {
     pub first_lsn: u64,
     /// Every record with an LSN up to this one is known to be in the image.
     pub applied_lsn: u64,
-    /// The log was closed cleanly (then `image_mtime_ns` is the image's mtime at that moment).
+    /// The log was closed cleanly (then `image_mtime_ns` is the mtime the close gave the image:
+    /// one second before that moment, which no later write can produce).
     pub clean: bool,
     pub image_mtime_ns: i64,
     pub boot_id: String,
@@ -173,6 +174,36 @@ fn mtime_ns(f: &File) -> io::Result<i64> {
     Ok(m.mtime()
         .saturating_mul(1_000_000_000)
         .saturating_add(m.mtime_nsec()))
+}
+
+/// Gives the image of a log closed cleanly an mtime that no later write can give it: one
+/// second before now (the kernel stamps a write with its coarse clock, which never reads that
+/// far back), then syncs it with the inode. Opening compares the mtime with this stamp, so a
+/// write made without the log is seen even within the file system's timestamp granularity,
+/// where comparing with the mtime of the last logged write would miss it.
+fn stamp_mtime(f: &File) -> io::Result<i64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(io::Error::other)?;
+    let secs = now.as_secs().saturating_sub(1);
+    let nanos = now.subsec_nanos();
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: secs as libc::time_t,
+            tv_nsec: nanos as libc::c_long,
+        },
+    ];
+    // SAFETY: futimens on an open descriptor with a two-element array that outlives the call.
+    if unsafe { libc::futimens(f.as_raw_fd(), times.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Timestamps are inode metadata: fdatasync may leave them unwritten.
+    f.sync_all()?;
+    mtime_ns(f)
 }
 
 fn is_no_space(e: &io::Error) -> bool {
@@ -1269,12 +1300,9 @@ impl ChangeLog {
             self.seal_retired()?;
         }
         let dir = &self.sh.dir;
-        self.sh
-            .image
-            .sync_data()
-            .map_err(LogError::io("cannot sync image of", dir))?;
+        let mtime =
+            stamp_mtime(&self.sh.image).map_err(LogError::io("cannot sync image of", dir))?;
         sync_dir(dir).map_err(LogError::io("cannot sync", dir))?;
-        let mtime = mtime_ns(&self.sh.image).map_err(LogError::io("cannot stat image of", dir))?;
         let last = lock(&self.sh.ap).next_lsn.wrapping_sub(1);
         {
             let mut st = lock(&self.sh.st);
