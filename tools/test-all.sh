@@ -32,7 +32,7 @@ fi
 install_deps() {
     install_apt_packages "${APT_PACKAGES[@]}"
     install_qemu_system
-    install_cargo_tool "the Garage S3 server $GARAGE_VERSION" "garage --version | grep -q '$GARAGE_VERSION'" \
+    install_cargo_tool "the Garage S3 server $GARAGE_VERSION" "[[ \$(garage --version) == *'$GARAGE_VERSION'* ]]" \
         " (takes ~15 minutes on 2 cores)" garage --version "$GARAGE_VERSION" --locked
     install_cargo_tool cargo-nextest "cargo nextest --version" "" cargo-nextest --locked
 }

@@ -42,6 +42,10 @@ pub struct GcOptions {
     pub dry_run: bool,
     /// Delete fossils after this delay instead of the store's `max_session_secs` (tests).
     pub fossil_delay: Option<Duration>,
+    /// The time this run takes as "now" for the grace period and the fossil delay; `None` is
+    /// the wall clock. Tests move it forward instead of sleeping, so a run that compared the
+    /// wrong timestamps fails deterministically rather than by luck of the scheduler.
+    pub now: Option<SystemTime>,
 }
 
 impl Default for GcOptions {
@@ -50,6 +54,7 @@ impl Default for GcOptions {
             grace: Duration::from_secs(3600),
             dry_run: false,
             fossil_delay: None,
+            now: None,
         }
     }
 }
@@ -125,8 +130,13 @@ impl Store {
     /// Run garbage collection.
     pub async fn gc(&self, opts: GcOptions) -> Result<GcReport> {
         let mut report = GcReport::default();
-        let now = SystemTime::now();
-        let now_ms = now_unix_ms();
+        let now = opts.now.unwrap_or_else(SystemTime::now);
+        let now_ms = match opts.now {
+            Some(t) => t
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            None => now_unix_ms(),
+        };
         let fossil_delay = opts
             .fossil_delay
             .unwrap_or(Duration::from_secs(self.settings().max_session_secs));

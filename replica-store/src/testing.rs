@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -281,10 +281,16 @@ pub async fn gc_with_concurrent_uploader(f: &dyn BackendFactory) {
         ..test_options()
     };
     let store = Store::create(backend.clone(), opts, None).await.unwrap();
-    let gc_now = GcOptions {
+    // GC's clock is injected: "later" is a moved clock, never a sleep. The fossil delay is an
+    // hour, so a run that deleted fossils too early (or compared the wrong times) fails here
+    // whatever the scheduler does.
+    let fossil_delay = Duration::from_secs(3600);
+    let mut clock = SystemTime::now() + Duration::from_secs(1);
+    let gc_at = move |now: SystemTime| GcOptions {
         grace: Duration::ZERO,
         dry_run: false,
-        fossil_delay: Some(Duration::from_millis(300)),
+        fossil_delay: Some(fossil_delay),
+        now: Some(now),
     };
 
     // Old point A with shared and private chunks.
@@ -315,13 +321,13 @@ pub async fn gc_with_concurrent_uploader(f: &dyn BackendFactory) {
     let r = store
         .gc(GcOptions {
             grace: Duration::from_secs(3600),
-            ..gc_now
+            ..gc_at(clock)
         })
         .await
         .unwrap();
     assert_eq!(r.fossilized, 0, "{r:?}");
     // ...with no grace everything unreferenced (including what S relies on) becomes a fossil.
-    let r = store.gc(gc_now).await.unwrap();
+    let r = store.gc(gc_at(clock)).await.unwrap();
     assert!(r.fossilized >= 3, "{r:?}");
     // S publishes; its point is readable at once (fossil fallback)...
     let sp = s.publish().await.unwrap();
@@ -329,12 +335,17 @@ pub async fn gc_with_concurrent_uploader(f: &dyn BackendFactory) {
     expect[..cs].copy_from_slice(&shared_and_private[3 * cs..4 * cs]);
     expect[cs..2 * cs].copy_from_slice(&fresh);
     assert_eq!(read_all(&store, &sp, "d").await, expect);
-    // ...and after the fossil delay the next runs restore what it uses and delete the rest.
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let r = store.gc(gc_now).await.unwrap();
+    // Before the fossil delay nothing is deleted for good, though S's fossil is restored.
+    let r = store.gc(gc_at(clock)).await.unwrap();
+    assert_eq!(r.deleted, 0, "{r:?}");
     assert!(r.resurrected >= 1, "{r:?}");
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let r = store.gc(gc_now).await.unwrap();
+    assert!(count(&backend, "fossils/").await > 0);
+    // ...and after the fossil delay the next runs delete the rest.
+    clock += fossil_delay;
+    let r = store.gc(gc_at(clock)).await.unwrap();
+    assert!(r.deleted >= 1, "{r:?}");
+    clock += fossil_delay;
+    let r = store.gc(gc_at(clock)).await.unwrap();
     assert_eq!(r.fossilized, 0, "{r:?}");
     assert_eq!(read_all(&store, &sp, "d").await, expect);
     let v = store.verify_all().await.unwrap();
@@ -348,8 +359,16 @@ pub async fn gc_with_concurrent_uploader(f: &dyn BackendFactory) {
     let stop2 = stop.clone();
     let gc_task = tokio::spawn(async move {
         let mut runs = 0;
+        // The one place on the wall clock: a stress of GC runs, with fossils deleted after
+        // 300 ms, against an uploader whose sessions last a few milliseconds (the sleep only
+        // paces the loop).
+        let stress = GcOptions {
+            fossil_delay: Some(Duration::from_millis(300)),
+            now: None,
+            ..gc_at(clock)
+        };
         while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            gc_store.gc(gc_now).await.unwrap();
+            gc_store.gc(stress).await.unwrap();
             runs += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -376,9 +395,9 @@ pub async fn gc_with_concurrent_uploader(f: &dyn BackendFactory) {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(gc_task.await.unwrap() > 0);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    store.gc(gc_now).await.unwrap();
-    store.gc(gc_now).await.unwrap();
+    clock = SystemTime::now() + fossil_delay;
+    store.gc(gc_at(clock)).await.unwrap();
+    store.gc(gc_at(clock + fossil_delay)).await.unwrap();
     let live = store.list_points(Some("vm2")).await.unwrap();
     assert_eq!(live.len(), 1);
     let (lp, ldata) = published.iter().find(|(p, _)| p.id == live[0].id).unwrap();

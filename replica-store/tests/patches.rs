@@ -85,6 +85,7 @@ async fn delta_points_share_the_parent_index_and_survive_prune_and_gc() {
             grace: Duration::ZERO,
             dry_run: false,
             fossil_delay: Some(Duration::ZERO),
+            now: None,
         })
         .await
         .unwrap();
@@ -94,6 +95,7 @@ async fn delta_points_share_the_parent_index_and_survive_prune_and_gc() {
             grace: Duration::ZERO,
             dry_run: false,
             fossil_delay: Some(Duration::ZERO),
+            now: None,
         })
         .await
         .unwrap();

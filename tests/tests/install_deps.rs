@@ -80,7 +80,9 @@ elif [ -e "$F/installed.$pkg" ]; then echo "install ok installed"; else exit 1; 
         stub(
             "apt-cache",
             r#"echo "apt-cache $*" >> "$F/calls"
-[ "$1" = policy ] && cat "$F/policy.$2" 2>/dev/null; exit 0"#,
+# Like the real one, it writes more than a pipe holds after the Candidate line: a reader
+# that stops early kills it with SIGPIPE.
+[ "$1" = policy ] && { cat "$F/policy.$2" 2>/dev/null; printf '%01048576d\n' 0; }; exit 0"#,
         );
         stub(
             "apt-get",

@@ -238,11 +238,14 @@ undo_backports_source() {
 # The suite (archive) that offers PACKAGE at exactly VERSION, from `apt-cache policy`; fails
 # when no configured source has it.
 suite_offering() {
-    local pkg=$1 ver=$2
-    apt-cache policy "$pkg" 2>/dev/null | awk -v ver="$ver" '
+    local pkg=$1 ver=$2 policy
+    # Read whole before parsing: a reader that stops early (awk's exit, grep -q) kills the
+    # writer with SIGPIPE, which `set -o pipefail` turns into a failure.
+    policy=$(apt-cache policy "$pkg" 2>/dev/null) || true
+    awk -v ver="$ver" '
         /^     [^ ]/ || /^ \*\*\* / { v = ($1 == "***") ? $2 : $1; inv = (v == ver); next }
         inv && $2 ~ /:\/\// { split($3, a, "/"); print a[1]; found = 1; exit }
-        END { exit !found }'
+        END { exit !found }' <<<"$policy"
 }
 
 # apt-get install, simulated first; on failure names the dependency (NAME), says why and what to
@@ -276,18 +279,20 @@ apt_update() {
 missing_packages() {
     local p
     for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+        [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == *"install ok installed"* ]] || echo "$p"
     done
 }
 
 install_apt_packages() {
-    local missing p none=()
+    local missing p policy none=()
     mapfile -t missing < <(missing_packages "$@")
     [ ${#missing[@]} -gt 0 ] || return 0
     echo "== installing Debian packages: ${missing[*]}"
     apt_update
     for p in "${missing[@]}"; do
-        apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [^(]' || none+=("$p")
+        # Captured first: `apt-cache | grep -q` fails under pipefail when grep stops reading.
+        policy=$(apt-cache policy "$p" 2>/dev/null) || true
+        [[ $policy =~ Candidate:\ [^\(] ]] || none+=("$p")
     done
     if [ ${#none[@]} -gt 0 ]; then
         fail_dep "${none[*]}" "no configured APT source offers it (is Debian's bookworm main listed in /etc/apt/sources.list or /etc/apt/sources.list.d/?)" \

@@ -394,6 +394,7 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
                     grace: parse_duration(&grace)?,
                     dry_run,
                     fossil_delay: None,
+                    now: None,
                 })
                 .await?;
             let verb = if dry_run { "would move" } else { "moved" };
