@@ -90,14 +90,11 @@ pub struct DiskRecord {
     pub tracked: bool,
 }
 
-/// Validates a disk (or VM) name: it becomes an export name and a file name.
+/// Validates a disk (or VM) name: it becomes an export name and a file name. The rule is
+/// the store's ([`replica_store::point::validate_name`], the one rule for names from users
+/// and from the store), with names of this gateway's disks kept to 64 characters.
 pub fn validate_name(name: &str) -> Result<(), CatalogError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let ok = name.len() <= 64 && replica_store::point::validate_name("disk", name).is_ok();
     if ok {
         Ok(())
     } else {

@@ -26,7 +26,10 @@ impl Store {
     /// Read a blob; `None` if it does not exist.
     pub async fn get_blob(&self, namespace: &str, name: &str) -> Result<Option<Bytes>> {
         let key = blob_key(namespace, name)?;
-        match self.get_object(MAGIC_BLOB, &key).await {
+        match self
+            .get_object(MAGIC_BLOB, &key, Self::MAX_BLOB_BYTES)
+            .await
+        {
             Ok(v) => Ok(Some(Bytes::from(v))),
             Err(Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),

@@ -1,21 +1,56 @@
 //! Catalog: VMs, disks and recovery points, derived from the objects of the store so any
 //! gateway opening the same store sees the same catalog.
+//!
+//! Whoever can write the store can write anything under `points/`. Every point is checked
+//! before use ([`PointMeta::check`]: names, index keys, creation time), and one object that
+//! fails the check — or is not a point key at all — is *junk*: it is reported
+//! ([`PointListing::junk`], a warning in the log) and left out, so listing, failover,
+//! retention and GC of every other point go on. Errors that may be transient (network,
+//! backend) and points of a newer format still stop the listing: GC must never run on a
+//! partial view of the points that exist.
 
 use std::collections::BTreeSet;
 
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::stream::{self, StreamExt};
 
 use crate::chunk::MAGIC_POINT;
 use crate::error::{Error, Result};
 use crate::point::{point_key, validate_name, PointMeta};
 use crate::store::Store;
 
-/// Parse `points/<vm>/<id>.point` into (vm, id).
+/// Parse `points/<vm>/<id>.point` into (vm, id); both must be valid names.
 pub(crate) fn parse_point_key(key: &str) -> Option<(String, String)> {
     let rest = key.strip_prefix("points/")?;
     let (vm, file) = rest.split_once('/')?;
     let id = file.strip_suffix(".point")?;
+    if validate_name("VM", vm).is_err() || validate_name("point", id).is_err() {
+        return None;
+    }
     Some((vm.to_string(), id.to_string()))
+}
+
+/// An object under `points/` that is not a usable point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JunkPoint {
+    /// Its key.
+    pub key: String,
+    /// Why it is not used.
+    pub reason: String,
+}
+
+/// The points of a listing, and the junk met on the way.
+#[derive(Debug, Clone, Default)]
+pub struct PointListing {
+    /// Valid points, sorted by VM, creation time, id.
+    pub points: Vec<PointMeta>,
+    /// Objects under `points/` that are not valid points (reported, not used).
+    pub junk: Vec<JunkPoint>,
+}
+
+/// True for an error that makes a point object junk (its content is wrong for good), false
+/// for one that may pass (network, backend) or needs a newer program (format version).
+fn is_junk(e: &Error) -> bool {
+    matches!(e, Error::CorruptObject { .. } | Error::InvalidArgument(_))
 }
 
 impl Store {
@@ -50,32 +85,73 @@ impl Store {
         Ok(ids)
     }
 
-    /// Metadata of every published point (of one VM, or all), oldest first per VM.
+    /// Metadata of every valid published point (of one VM, or all), oldest first per VM.
+    /// Junk under `points/` is logged and left out (see the module documentation).
     pub async fn list_points(&self, vm: Option<&str>) -> Result<Vec<PointMeta>> {
-        let ids = self.list_point_ids(vm).await?;
-        let mut points: Vec<PointMeta> = stream::iter(ids)
+        let listing = self.list_points_checked(vm).await?;
+        for j in &listing.junk {
+            tracing::warn!(key = %j.key, "ignoring junk in the store: {}", j.reason);
+        }
+        Ok(listing.points)
+    }
+
+    /// [`Self::list_points`], with the junk returned for the caller to report.
+    pub async fn list_points_checked(&self, vm: Option<&str>) -> Result<PointListing> {
+        let prefix = match vm {
+            Some(v) => {
+                validate_name("VM", v)?;
+                format!("points/{v}/")
+            }
+            None => "points/".to_string(),
+        };
+        let mut junk = Vec::new();
+        let mut ids = Vec::new();
+        for o in self.backend().list(&prefix).await? {
+            match parse_point_key(&o.key) {
+                Some(id) => ids.push(id),
+                None => junk.push(JunkPoint {
+                    key: o.key.clone(),
+                    reason: "not a point key (points/VM/ID.point with valid names)".into(),
+                }),
+            }
+        }
+        ids.sort();
+        let loaded: Vec<(String, Result<PointMeta>)> = stream::iter(ids)
             .map(|(vm, id)| async move {
-                match self.load_point(&vm, &id).await {
-                    // Deleted between listing and reading (prune running elsewhere).
-                    Err(Error::PointNotFound { .. }) => Ok(None),
-                    other => other.map(Some),
-                }
+                let key = point_key(&vm, &id);
+                (key, self.load_point(&vm, &id).await)
             })
             .buffered(16)
-            .try_filter_map(|p| std::future::ready(Ok(p)))
-            .try_collect()
-            .await?;
+            .collect()
+            .await;
+        let mut points = Vec::new();
+        for (key, r) in loaded {
+            match r {
+                Ok(p) => points.push(p),
+                // Deleted between listing and reading (prune running elsewhere).
+                Err(Error::PointNotFound { .. }) => {}
+                Err(e) if is_junk(&e) => junk.push(JunkPoint {
+                    key,
+                    reason: e.to_string(),
+                }),
+                Err(e) => return Err(e),
+            }
+        }
         points.sort_by(|a, b| {
             (&a.vm, a.created_unix_ms, &a.id).cmp(&(&b.vm, b.created_unix_ms, &b.id))
         });
-        Ok(points)
+        Ok(PointListing { points, junk })
     }
 
     /// Load one point's metadata.
     pub async fn load_point(&self, vm: &str, id: &str) -> Result<PointMeta> {
         validate_name("VM", vm)?;
+        validate_name("point", id)?;
         let key = point_key(vm, id);
-        let raw = match self.get_object(MAGIC_POINT, &key).await {
+        let raw = match self
+            .get_object(MAGIC_POINT, &key, Self::MAX_POINT_BYTES)
+            .await
+        {
             Ok(r) => r,
             Err(e) if e.is_not_found() => {
                 return Err(Error::PointNotFound {
@@ -100,16 +176,13 @@ impl Store {
                 supported: crate::point::POINT_FORMAT_VERSION,
             });
         }
+        meta.check(&key)?;
         Ok(meta)
     }
 
-    /// Newest point of a VM, if any.
+    /// Newest valid point of a VM, if any (junk is skipped, as by [`Self::list_points`]).
     pub async fn latest_point(&self, vm: &str) -> Result<Option<PointMeta>> {
-        let ids = self.list_point_ids(Some(vm)).await?;
-        match ids.last() {
-            Some((vm, id)) => Ok(Some(self.load_point(vm, id).await?)),
-            None => Ok(None),
-        }
+        Ok(self.list_points(Some(vm)).await?.pop())
     }
 
     /// Find a point by `vm/id`, by bare id (searching all VMs), or `vm/latest`.

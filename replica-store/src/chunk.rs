@@ -244,13 +244,21 @@ impl Codec {
         Ok(out)
     }
 
-    /// Check and unwrap an envelope. Errors are plain reasons; callers wrap them with the
-    /// object's identity.
+    /// Check and unwrap an envelope whose plaintext may be at most `max_len` bytes (a chunk:
+    /// its length in the index; other objects: a bound per kind). Errors are plain reasons;
+    /// callers wrap them with the object's identity.
+    ///
+    /// The header's length is checked against `max_len` before anything is decompressed,
+    /// and decompression streams into a buffer that grows with the output actually produced
+    /// and stops one byte past the header's length: neither a lying header nor a
+    /// decompression bomb written by whoever can write the store makes the gateway allocate
+    /// more than `max_len` (+1) bytes.
     pub fn open(
         &self,
         magic: [u8; 4],
         name: &[u8],
         obj: &[u8],
+        max_len: u64,
     ) -> std::result::Result<Vec<u8>, String> {
         if obj.len() < HEADER_LEN {
             return Err(format!("object too short ({} bytes)", obj.len()));
@@ -293,12 +301,13 @@ impl Codec {
             (Some(_), false) => return Err("object is not encrypted in an encrypted store".into()),
             (None, false) => payload.to_vec(),
         };
+        if plain_len > max_len {
+            return Err(format!(
+                "header claims {plain_len} bytes, more than the {max_len} this object may hold"
+            ));
+        }
         let plain = if flags & FLAG_ZSTD != 0 {
-            if plain_len > (1 << 40) {
-                return Err(format!("implausible length {plain_len}"));
-            }
-            zstd::bulk::decompress(&body, plain_len as usize)
-                .map_err(|e| format!("zstd decompression failed: {e}"))?
+            bounded_decompress(&body, plain_len)?
         } else {
             body
         };
@@ -348,7 +357,8 @@ impl Codec {
         let plain = if self.crypto.is_none() && !looks_enveloped(obj) {
             obj.to_vec()
         } else {
-            self.open(MAGIC_CHUNK, &id.0, obj).map_err(corrupt)?
+            let max = expected_len.map_or(MAX_CHUNK_PLAIN, |l| l as u64);
+            self.open(MAGIC_CHUNK, &id.0, obj, max).map_err(corrupt)?
         };
         if let Some(l) = expected_len {
             if plain.len() != l {
@@ -364,6 +374,24 @@ impl Codec {
         }
         Ok(Bytes::from(plain))
     }
+}
+
+/// Largest plaintext of a chunk object read without a known length (a chunk of the largest
+/// chunk size, or a patch object: [`crate::patch::MAX_PATCH_DATA`] plus its extent table).
+pub const MAX_CHUNK_PLAIN: u64 = 64 << 20;
+
+/// zstd-decompress `body`, producing at most `plain_len + 1` bytes (one more than the header
+/// claims, so a longer stream is detected by the caller's length check) and allocating only
+/// as the output grows.
+fn bounded_decompress(body: &[u8], plain_len: u64) -> std::result::Result<Vec<u8>, String> {
+    use std::io::Read;
+    let dec = zstd::stream::read::Decoder::with_buffer(body)
+        .map_err(|e| format!("zstd decompression failed: {e}"))?;
+    let mut out = Vec::with_capacity(plain_len.min(1 << 20) as usize);
+    dec.take(plain_len + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("zstd decompression failed: {e}"))?;
+    Ok(out)
 }
 
 /// True if `obj` starts with a chunk envelope header whose CRC matches. Bare chunks never

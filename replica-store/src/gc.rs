@@ -153,7 +153,9 @@ impl Store {
         let collections = backend.list("gc/").await?;
         let mut in_collection: HashSet<String> = HashSet::new();
         for c in &collections {
-            let raw = self.get_object(MAGIC_BLOB, &c.key).await?;
+            let raw = self
+                .get_object(MAGIC_BLOB, &c.key, Self::MAX_BLOB_BYTES)
+                .await?;
             let col: Collection = serde_json::from_slice(&raw)
                 .map_err(|e| Error::corrupt_object(&c.key, e.to_string()))?;
             let old = now_ms.saturating_sub(col.created_unix_ms) >= fossil_delay.as_millis() as u64;

@@ -151,11 +151,17 @@ pub fn index_key(vm: &str, id: &str, disk: &str) -> String {
     format!("indexes/{vm}/{id}/{disk}.idx")
 }
 
-/// Validate a VM or disk name: 1..=128 chars of `[A-Za-z0-9._-]`, not starting with `.`.
+/// Validate a name that comes from the user or from the store (VM, disk, point id, blob
+/// namespace): 1..=128 characters of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+///
+/// This is the one rule for names: such a name becomes a path component (overlay
+/// directories, image files), an object key segment, an export name and an argument of the
+/// failover command, so it can hold no `/`, can never be `.` or `..`, and can never be
+/// taken for an option.
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && !name.starts_with('.')
+        && !name.starts_with(['.', '-'])
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
@@ -163,8 +169,60 @@ pub fn validate_name(kind: &str, name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "{kind} name {name:?} must be 1-128 characters of A-Z a-z 0-9 . _ - and not start with '.'"
+            "{kind} name {name:?} must be 1-128 characters of A-Z a-z 0-9 . _ - and not start with '.' or '-'"
         )))
+    }
+}
+
+impl PointMeta {
+    /// Checks metadata read from the store at `key` before anything uses it: every name it
+    /// carries (VM, id, parent, disks) passes [`validate_name`], disk names are unique, each
+    /// index key is the one [`index_key`] gives for this VM and disk (so a point can only
+    /// name objects of its own VM), and the id's time is the creation time (so an edited
+    /// creation time cannot reorder points).
+    pub fn check(&self, key: &str) -> Result<()> {
+        let bad = |why: String| Err(Error::corrupt_object(key, why));
+        for (kind, name) in [("VM", &self.vm), ("point", &self.id)] {
+            if let Err(e) = validate_name(kind, name) {
+                return bad(e.to_string());
+            }
+        }
+        if let Some(p) = &self.parent {
+            if let Err(e) = validate_name("parent point", p) {
+                return bad(e.to_string());
+            }
+        }
+        if !self.id.starts_with(&format_utc_ms(self.created_unix_ms)) {
+            return bad(format!(
+                "point id {} does not carry its creation time {}",
+                self.id,
+                format_utc_ms(self.created_unix_ms)
+            ));
+        }
+        let mut names = HashSet::new();
+        for d in &self.disks {
+            if let Err(e) = validate_name("disk", &d.name) {
+                return bad(e.to_string());
+            }
+            if !names.insert(d.name.as_str()) {
+                return bad(format!("disk {} is listed twice", d.name));
+            }
+            let own = d
+                .index_key
+                .strip_prefix(&format!("indexes/{}/", self.vm))
+                .and_then(|r| r.strip_suffix(&format!("/{}.idx", d.name)))
+                .is_some_and(|id| validate_name("point", id).is_ok());
+            if !own {
+                return bad(format!(
+                    "disk {} names index {:?}, not one of VM {}",
+                    d.name, d.index_key, self.vm
+                ));
+            }
+            if d.chunk_size == 0 {
+                return bad(format!("disk {} has chunk size 0", d.name));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -675,6 +733,12 @@ impl Store {
         let mut merged = Patch::new(disk_size);
         for r in refs {
             let id = r.chunk_id()?;
+            if r.bytes > crate::chunk::MAX_CHUNK_PLAIN {
+                return Err(Error::corrupt_object(
+                    self.chunk_key(&id),
+                    format!("patch claims {} bytes", r.bytes),
+                ));
+            }
             let raw = self.get_chunk(&id, Some(r.bytes as usize)).await?;
             let p = Patch::from_bytes(&raw, &self.chunk_key(&id))?;
             if p.disk_size() != disk_size {
@@ -694,8 +758,14 @@ impl Store {
     /// Load and check one disk index of a point.
     pub async fn load_index(&self, point: &PointMeta, disk: &str) -> Result<DiskIndex> {
         let d = point.disk(disk)?;
+        // Header (32 bytes), one 32-byte id per chunk, the checksum (32 bytes).
+        let max = d
+            .size
+            .div_ceil(u64::from(d.chunk_size.max(1)))
+            .saturating_mul(32)
+            .saturating_add(64);
         let raw = self
-            .get_object(MAGIC_INDEX, &d.index_key)
+            .get_object(MAGIC_INDEX, &d.index_key, max)
             .await
             .map_err(|e| match e {
                 Error::NotFound { key, .. } => {
@@ -730,5 +800,8 @@ mod tests {
         assert!(validate_name("VM", "vm-1.a_b").is_ok());
         assert!(validate_name("VM", "../x").is_err());
         assert!(validate_name("VM", ".x").is_err());
+        assert!(validate_name("VM", "-x").is_err());
+        assert!(validate_name("VM", "/etc").is_err());
+        assert!(validate_name("VM", "..").is_err());
     }
 }

@@ -487,14 +487,24 @@ impl Store {
         self.inner.backend.put(key, Bytes::from(obj)).await
     }
 
-    /// Read and open a non-chunk object.
-    pub(crate) async fn get_object(&self, magic: [u8; 4], key: &str) -> Result<Vec<u8>> {
+    /// Largest plaintext of a point object (metadata of one point: disks and labels).
+    pub(crate) const MAX_POINT_BYTES: u64 = 16 << 20;
+    /// Largest plaintext of a blob (catalog records, GC collections).
+    pub(crate) const MAX_BLOB_BYTES: u64 = 256 << 20;
+
+    /// Read and open a non-chunk object whose plaintext may be at most `max_len` bytes.
+    pub(crate) async fn get_object(
+        &self,
+        magic: [u8; 4],
+        key: &str,
+        max_len: u64,
+    ) -> Result<Vec<u8>> {
         let obj = self.inner.backend.get(key).await?;
         let codec = self.inner.codec.clone();
         let k = key.to_string();
         tokio::task::spawn_blocking(move || {
             codec
-                .open(magic, k.as_bytes(), &obj)
+                .open(magic, k.as_bytes(), &obj, max_len)
                 .map_err(|r| Error::corrupt_object(k, r))
         })
         .await

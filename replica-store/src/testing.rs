@@ -24,6 +24,8 @@ use crate::reader::ReaderOptions;
 use crate::retention::RetentionPolicy;
 use crate::store::{CreateOptions, PutKind, Store};
 
+pub mod hostile;
+
 /// Chunk size used by the scenarios (small, so tests are fast).
 pub const TEST_CHUNK: u32 = 64 * 1024;
 

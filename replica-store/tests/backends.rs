@@ -54,3 +54,21 @@ scenarios!(
     gc_with_concurrent_uploader,
     faults_never_wrong_data,
 );
+
+macro_rules! hostile {
+    ($($name:ident),* $(,)?) => {
+        mod hostile_local_dir { use super::*; $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { testing::hostile::$name(&local()).await }
+        )* }
+        mod hostile_memory { use super::*; $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { testing::hostile::$name(&Memory).await }
+        )* }
+    };
+}
+
+hostile!(
+    junk_points_are_reported_and_skipped,
+    zstd_output_bounded_by_chunk_size,
+);

@@ -8,13 +8,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use gateway::failover::overlay_dir;
+use gateway::failover::{is_overlay_dir, overlay_dir, OverlayKind};
 use gateway::replication::db::{Attachment, Db, Phase};
 use gateway::replication::now_ms;
 use gateway::DataDir;
 use replica_store::{Consistency, PointMeta};
 
 use crate::cmd_store::{human, open_store, time_of};
+use crate::launch::{self, LaunchValues, Stopped};
+use crate::store_seen::checked_points;
 
 #[derive(clap::Args)]
 pub struct AttachArgs {
@@ -24,6 +26,9 @@ pub struct AttachArgs {
     /// Writable through a local copy-on-write overlay (the point itself never changes).
     #[arg(long)]
     pub rw: bool,
+    /// Use the store even if its newest point is older than one this gateway has seen.
+    #[arg(long)]
+    pub accept_store_rollback: bool,
 }
 
 #[derive(clap::Args)]
@@ -50,6 +55,10 @@ pub struct FailoverArgs {
     /// Seconds to wait for the gateway to serve the disks.
     #[arg(long, default_value_t = 60)]
     pub wait: u64,
+    /// Use the store even if its newest point is older than one this gateway has seen
+    /// (points deleted elsewhere, or an old copy of the store restored).
+    #[arg(long)]
+    pub accept_store_rollback: bool,
 }
 
 fn db(dd: &DataDir) -> Result<Db> {
@@ -127,8 +136,10 @@ pub async fn attach(dd: &DataDir, a: AttachArgs) -> Result<()> {
         .split_once('/')
         .context("give VM/DISK or VM/DISK@POINT")?;
     let (disk, spec) = rest.split_once('@').unwrap_or((rest, "latest"));
+    replica_store::point::validate_name("VM", vm)?;
+    replica_store::point::validate_name("disk", disk)?;
     let store = open_store(dd.root()).await?;
-    let points = store.list_points(Some(vm)).await?;
+    let points = checked_points(dd, &store, vm, a.accept_store_rollback).await?;
     let p = pick_point(&points, vm, spec)?;
     p.disk(disk)
         .with_context(|| format!("point {} has no disk {disk}", p.full_id()))?;
@@ -137,7 +148,7 @@ pub async fn attach(dd: &DataDir, a: AttachArgs) -> Result<()> {
     if db.attachments()?.iter().any(|r| r.export == export) {
         bail!("{export} is already attached (detach it with `standby detach {export}`)");
     }
-    let dir = overlay_dir(dd.root(), vm, "attach", &format!("{disk}@{}", p.id));
+    let dir = overlay_dir(dd.root(), vm, OverlayKind::Attach, disk, Some(&p.id))?;
     db.add_attachment(&Attachment {
         export: export.clone(),
         vm: vm.into(),
@@ -196,27 +207,6 @@ pub fn detach(dd: &DataDir, export: &str) -> Result<()> {
     Ok(())
 }
 
-fn substitute(
-    template: &str,
-    addr: &str,
-    vm: &str,
-    point: &str,
-    dir: &Path,
-    exports: &[(String, String)],
-) -> String {
-    let mut s = template
-        .replace("{vm}", vm)
-        .replace("{point}", point)
-        .replace("{dir}", &dir.display().to_string());
-    for (i, (disk, export)) in exports.iter().enumerate() {
-        let uri = format!("nbd://{addr}/{export}");
-        s = s
-            .replace(&format!("{{disk{i}}}"), &uri)
-            .replace(&format!("{{disk:{disk}}}"), &uri);
-    }
-    s
-}
-
 pub async fn failover(dd: &DataDir, a: FailoverArgs) -> Result<()> {
     if a.test_cleanup {
         return test_cleanup(dd, &a.vm);
@@ -259,8 +249,9 @@ async fn failover_inner(
     job: i64,
 ) -> Result<String> {
     db.step(job, "choose recovery point", &a.point)?;
+    replica_store::point::validate_name("VM", &a.vm)?;
     let store = open_store(dd.root()).await?;
-    let points = store.list_points(Some(&a.vm)).await?;
+    let points = checked_points(dd, &store, &a.vm, a.accept_store_rollback).await?;
     let p = pick_point(&points, &a.vm, &a.point)?;
     if kind == "failover" {
         for d in &p.disks {
@@ -284,8 +275,13 @@ async fn failover_inner(
         } else {
             d.name.clone()
         };
-        let dir = overlay_dir(dd.root(), &a.vm, kind, &d.name);
-        if kind == "test" {
+        let okind = if kind == "test" {
+            OverlayKind::Test
+        } else {
+            OverlayKind::Failover
+        };
+        let dir = overlay_dir(dd.root(), &a.vm, okind, &d.name, None)?;
+        if kind == "test" && is_overlay_dir(dd.root(), &dir) {
             let _ = std::fs::remove_dir_all(&dir);
         }
         db.add_attachment(&Attachment {
@@ -339,18 +335,28 @@ async fn failover_inner(
         match (&policy.failover_command, a.no_launch) {
             (Some(cmd), false) => {
                 db.step(job, "launch VM", cmd)?;
+                // `a.vm` passed validate_name above: the directory is inside the data directory.
                 let dir = dd.root().join("failover").join(&a.vm).join("test");
                 std::fs::create_dir_all(&dir)?;
-                let cmdline = substitute(cmd, &addr, &a.vm, &p.id, &dir, &exports);
+                let vals = LaunchValues {
+                    addr: &addr,
+                    vm: &a.vm,
+                    point: &p.id,
+                    dir: &dir,
+                    exports: &exports,
+                };
+                let argv = launch::expand(cmd, &vals)?;
                 let log = std::fs::File::create(dir.join("vm.log"))?;
-                let child = std::process::Command::new("sh")
-                    .arg("-c")
-                    .arg(&cmdline)
+                let child = std::process::Command::new(&argv[0])
+                    .args(&argv[1..])
+                    .envs(vals.env())
                     .stdin(std::process::Stdio::null())
                     .stdout(log.try_clone()?)
                     .stderr(log)
                     .spawn()
-                    .with_context(|| format!("launching {cmdline}"))?;
+                    .with_context(|| format!("launching {argv:?}"))?;
+                let started = launch::start_time(child.id()).unwrap_or(0);
+                db.set_value(&pid_start_key(&exports[0].1), &started.to_string())?;
                 db.set_attachment_pid(&exports[0].1, Some(child.id()))?;
                 lines.push(format!(
                     "  VM launched (pid {}), output in {}",
@@ -394,8 +400,21 @@ fn test_cleanup(dd: &DataDir, vm: &str) -> Result<()> {
     let job = db.start_job(vm, "test-failover-cleanup")?;
     for r in &rows {
         if let Some(pid) = r.pid {
-            db.step(job, "stop VM", &format!("pid {pid}"))?;
-            stop_pid(pid);
+            let started = db
+                .get_value(&pid_start_key(&r.export))?
+                .and_then(|v| v.parse::<u64>().ok());
+            let what = match started {
+                Some(t) => match launch::stop_pid(pid, t, Duration::from_secs(5)) {
+                    Stopped::Gone => "already exited",
+                    Stopped::Reused => {
+                        "already exited (its pid is now another process's: not signalled)"
+                    }
+                    Stopped::Terminated => "stopped",
+                    Stopped::Killed => "killed after 5 s",
+                },
+                None => "not signalled (no start time recorded for its pid)",
+            };
+            db.step(job, "stop VM", &format!("pid {pid}: {what}"))?;
         }
     }
     db.step(job, "remove exports and overlays", "")?;
@@ -408,7 +427,12 @@ fn test_cleanup(dd: &DataDir, vm: &str) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     for r in &rows {
-        let _ = std::fs::remove_dir_all(&r.dir);
+        let dir = Path::new(&r.dir);
+        if is_overlay_dir(dd.root(), dir) {
+            let _ = std::fs::remove_dir_all(dir);
+        } else {
+            tracing::warn!(dir = %r.dir, "not removing a directory outside this data directory's overlays");
+        }
     }
     db.finish_job(
         job,
@@ -420,20 +444,9 @@ fn test_cleanup(dd: &DataDir, vm: &str) -> Result<()> {
     Ok(())
 }
 
-fn stop_pid(pid: u32) {
-    let pid = pid as libc::pid_t;
-    // SAFETY: kill(2) with a pid we launched; errors (already gone) are ignored.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        // SAFETY: signal 0 only checks for existence.
-        if unsafe { libc::kill(pid, 0) } != 0 {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+/// State-database key of the start time of a launched VM's process (see [`launch`]).
+fn pid_start_key(export: &str) -> String {
+    format!("vm_pid_start:{export}")
 }
 
 async fn prepare(dd: &DataDir, a: &FailoverArgs) -> Result<()> {

@@ -528,7 +528,26 @@ pub async fn run_points(cmd: PointsCommand, data_dir: &Path) -> anyhow::Result<(
     match cmd {
         PointsCommand::List { vm } => {
             let store = open_store(data_dir).await?;
-            let points = store.list_points(vm.as_deref()).await?;
+            let listing = store.list_points_checked(vm.as_deref()).await?;
+            crate::store_seen::report_junk(&listing.junk);
+            let points = listing.points;
+            if let Ok(db) = gateway::replication::db::Db::open(data_dir) {
+                let vms: std::collections::BTreeSet<&str> = points
+                    .iter()
+                    .map(|p| p.vm.as_str())
+                    .chain(vm.as_deref())
+                    .collect();
+                let mut rolled = false;
+                for v in vms {
+                    if let Some((mark, newest)) = crate::store_seen::rollback(&db, v, &points)? {
+                        rolled = true;
+                        eprintln!("warning: the store went back in time for VM {v}: this gateway has seen point {mark}, the store's newest is {newest}");
+                    }
+                }
+                if !rolled {
+                    crate::store_seen::record(&db, &points)?;
+                }
+            }
             if points.is_empty() {
                 println!("no recovery points");
                 return Ok(());

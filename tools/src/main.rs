@@ -5,6 +5,8 @@ mod cmd_log;
 mod cmd_mount;
 mod cmd_repl;
 mod cmd_store;
+mod launch;
+mod store_seen;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -494,7 +494,70 @@ impl BlockDevice for ReplicaDisk {
     }
 }
 
-/// Where a gateway keeps overlays: `<data-dir>/failover/<vm>/<kind>/<disk>/`.
-pub fn overlay_dir(data_dir: &Path, vm: &str, kind: &str, disk: &str) -> PathBuf {
-    data_dir.join("failover").join(vm).join(kind).join(disk)
+/// What an overlay serves; a directory level of its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlayKind {
+    /// `standby attach --rw`.
+    Attach,
+    /// A test failover.
+    Test,
+    /// A failover (hydrated, then committed).
+    Failover,
+}
+
+impl OverlayKind {
+    /// The directory name (and the `kind` of its attachment rows).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverlayKind::Attach => "attach",
+            OverlayKind::Test => "test",
+            OverlayKind::Failover => "failover",
+        }
+    }
+}
+
+/// Where a gateway keeps overlays: `<data-dir>/failover/<vm>/<kind>/<leaf>/`, where `leaf` is
+/// a disk name or `DISK@POINT`. The VM, disk and point names may come from a store others
+/// can write: each is checked with [`replica_store::point::validate_name`] (no `/`, never
+/// `.` or `..`), so the directory is always inside `<data-dir>/failover/`.
+pub fn overlay_dir(
+    data_dir: &Path,
+    vm: &str,
+    kind: OverlayKind,
+    disk: &str,
+    point: Option<&str>,
+) -> Result<PathBuf, replica_store::Error> {
+    use replica_store::point::validate_name;
+    validate_name("VM", vm)?;
+    validate_name("disk", disk)?;
+    let leaf = match point {
+        Some(p) => {
+            validate_name("point", p)?;
+            format!("{disk}@{p}")
+        }
+        None => disk.to_string(),
+    };
+    Ok(data_dir
+        .join("failover")
+        .join(vm)
+        .join(kind.as_str())
+        .join(leaf))
+}
+
+/// True if `dir` is an overlay directory of `data_dir` (as [`overlay_dir`] makes them:
+/// exactly three normal components below `<data-dir>/failover/`). Checked before removing a
+/// directory named by the state database.
+pub fn is_overlay_dir(data_dir: &Path, dir: &Path) -> bool {
+    use std::path::Component;
+    let Ok(rest) = dir.strip_prefix(data_dir.join("failover")) else {
+        return false;
+    };
+    let comps: Vec<Component<'_>> = rest.components().collect();
+    comps.len() == 3
+        && comps.iter().all(|c| match c {
+            Component::Normal(s) => s
+                .to_str()
+                .is_some_and(|s| !s.starts_with('.') && !s.contains('/')),
+            _ => false,
+        })
 }

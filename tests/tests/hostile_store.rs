@@ -1,0 +1,235 @@
+//! A hostile or corrupted replica store: what whoever can write the store (or its bucket)
+//! can put there must not escape the data directory, run a command, stop failover, listing
+//! or GC of the valid points, exhaust memory, or roll the gateway back unnoticed.
+//!
+//! The crafted-store scenarios of the replica store's suite run here against Garage (their
+//! local-directory and in-memory runs are in `replica-store/tests/backends.rs`); the
+//! end-to-end checks drive the `standby` CLI and a gateway on a local store.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use replica_store::backend::local::LocalBackend;
+use replica_store::backend::s3::{S3Backend, S3Config};
+use replica_store::testing::{self, BackendFactory};
+use replica_store::{Backend, PointMeta, Store};
+use standby_e2e::garage::{Garage, REGION};
+use standby_e2e::repl::wait_for;
+use standby_e2e::{run, run_stdout, standby, test_dir, Gateway};
+
+const T: Duration = Duration::from_secs(60);
+
+struct S3Factory {
+    garage: Garage,
+    n: AtomicU32,
+}
+
+fn config(g: &Garage, prefix: &str) -> S3Config {
+    S3Config {
+        endpoint: Some(g.s3_endpoint.clone()),
+        region: Some(REGION.into()),
+        bucket: g.bucket.clone(),
+        prefix: prefix.into(),
+        path_style: true,
+        access_key_id: Some(g.access_key.clone()),
+        secret_access_key: Some(g.secret_key.clone()),
+        ..Default::default()
+    }
+}
+
+impl S3Factory {
+    async fn start() -> S3Factory {
+        let garage = Garage::start();
+        let probe = S3Backend::connect(&config(&garage, "probe"))
+            .await
+            .expect("S3 client");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match probe.list("").await {
+                Ok(_) => break,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("waiting for the bucket: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("garage bucket not usable: {e}\n{}", garage.log_tail()),
+            }
+        }
+        S3Factory {
+            garage,
+            n: AtomicU32::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl BackendFactory for S3Factory {
+    async fn fresh(&self, name: &str) -> Arc<dyn Backend> {
+        let n = self.n.fetch_add(1, Ordering::Relaxed);
+        Arc::new(
+            S3Backend::connect(&config(&self.garage, &format!("{name}-{n}")))
+                .await
+                .expect("S3 client"),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_points_are_reported_and_skipped_s3() {
+    let f = S3Factory::start().await;
+    testing::hostile::junk_points_are_reported_and_skipped(&f).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_output_bounded_by_chunk_size_s3() {
+    let f = S3Factory::start().await;
+    testing::hostile::zstd_output_bounded_by_chunk_size(&f).await
+}
+
+/// A data directory with a local store and one imported point of VM `vm` (disk `os`).
+fn site_with_point(root: &Path) -> PathBuf {
+    let dd = root.join("dd");
+    run(standby(&dd).args(["store", "init"]));
+    let img = root.join("os.img");
+    standby_e2e::random_file(&img, 1 << 20, 7);
+    run(standby(&dd).args(["store", "import", "vm/os"]).arg(&img));
+    dd
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+async fn local_store(dd: &Path) -> Store {
+    let b: Arc<dyn Backend> = Arc::new(LocalBackend::open(dd.join("store")).unwrap());
+    Store::open(b, None).await.unwrap()
+}
+
+/// Writes a crafted point newer than every other: `good` with `edit` applied.
+fn craft_newer(dd: &Path, edit: impl FnOnce(&mut PointMeta)) -> PointMeta {
+    rt().block_on(async {
+        let store = local_store(dd).await;
+        let good = store.list_points(Some("vm")).await.unwrap().pop().unwrap();
+        let p = testing::hostile::crafted(&good, "vm", good.created_unix_ms + 60_000, edit);
+        testing::hostile::put_point(&store, &p).await;
+        p
+    })
+}
+
+fn stderr_of(cmd: &mut std::process::Command) -> String {
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The newest point names its disk `../../../sentinel`: before, a test failover removed
+/// `<data-dir>/sentinel` (its overlay "directory") and served an overlay outside the data
+/// directory. Now the point is junk: reported, skipped, and failover uses the valid one.
+#[test]
+fn crafted_point_cannot_escape_the_data_directory_or_stop_failover() {
+    let t = test_dir("hostile-escape");
+    let dd = site_with_point(t.path());
+    let sentinel = dd.join("sentinel");
+    std::fs::create_dir_all(&sentinel).unwrap();
+    std::fs::write(sentinel.join("keep"), b"admin data").unwrap();
+    let evil = craft_newer(&dd, |p| p.disks[0].name = "../../../sentinel".into());
+    // Also one plain garbage object.
+    std::fs::write(dd.join("store/points/vm/garbage.point"), b"junk").unwrap();
+
+    let err = stderr_of(standby(&dd).args(["points", "list", "vm"]));
+    assert!(
+        err.contains(&evil.id) && err.contains("garbage.point"),
+        "{err}"
+    );
+    let out = run_stdout(standby(&dd).args(["points", "list", "vm"]));
+    assert!(!out.contains(&evil.id), "{out}");
+    run(standby(&dd).args(["store", "gc", "--grace", "0s"]));
+
+    let g = Gateway::start(&dd, &[]);
+    let out = run_stdout(standby(&dd).args(["failover", "vm", "--test", "--no-launch"]));
+    assert!(!out.contains(&evil.id), "{out}");
+    assert!(out.contains("nbd://"), "{out}");
+    assert!(dd.join("failover/vm/test/os").is_dir());
+    run(standby(&dd).args(["failover", "vm", "--test-cleanup"]));
+    assert_eq!(std::fs::read(sentinel.join("keep")).unwrap(), b"admin data");
+    drop(g);
+}
+
+/// The failover command's values are arguments, never shell text: a data directory whose
+/// path holds a space and `$(…)` reaches the command as one argument, and nothing runs.
+#[test]
+fn failover_command_values_are_arguments_not_shell() {
+    let t = test_dir("hostile-launch");
+    let root = t.path().join("a b $(touch INJECTED)");
+    std::fs::create_dir_all(&root).unwrap();
+    let dd = site_with_point(&root);
+    run(standby(&dd)
+        .args(["policy", "set", "--failover-command"])
+        .arg(r#"sh -c 'touch "$STANDBY_DIR/env-$STANDBY_VM" "$0"' {dir}/ran-{vm}"#));
+    let g = Gateway::start(&dd, &[]);
+    let out = run_stdout(
+        standby(&dd)
+            .current_dir(t.path())
+            .args(["failover", "vm", "--test"]),
+    );
+    assert!(out.contains("VM launched"), "{out}");
+    let ran = dd.join("failover/vm/test/ran-vm");
+    wait_for(&dd, "the failover command to run", T, || {
+        (ran.exists() || t.path().join("INJECTED").exists()).then_some(())
+    });
+    assert!(ran.exists());
+    assert!(!t.path().join("INJECTED").exists(), "the shell ran $(…)");
+    // The values are in the environment too.
+    assert!(dd.join("failover/vm/test/env-vm").exists());
+    run(standby(&dd).args(["failover", "vm", "--test-cleanup"]));
+    drop(g);
+}
+
+/// The newest point of a VM vanishes from the store (deleted elsewhere, or an old copy of
+/// the store put back): failover refuses until the admin accepts it.
+#[test]
+fn store_rollback_is_detected() {
+    let t = test_dir("hostile-rollback");
+    let dd = site_with_point(t.path());
+    let img = t.path().join("os2.img");
+    standby_e2e::random_file(&img, 1 << 20, 8);
+    run(standby(&dd).args(["store", "import", "vm/os"]).arg(&img));
+    let listed = run_stdout(standby(&dd).args(["points", "list", "vm"]));
+    let newest = rt().block_on(async {
+        let s = local_store(&dd).await;
+        s.list_points(Some("vm")).await.unwrap().pop().unwrap()
+    });
+    assert!(listed.contains(&newest.id));
+    std::fs::remove_file(dd.join(format!("store/points/vm/{}.point", newest.id))).unwrap();
+
+    let err = stderr_of(standby(&dd).args(["points", "list", "vm"]));
+    assert!(err.contains("went back in time"), "{err}");
+    let o = standby(&dd)
+        .args(["failover", "vm", "--test", "--no-launch"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("went back in time") && e.contains(&newest.id),
+        "{e}"
+    );
+    // Accepted explicitly, failover goes on with the older point.
+    let g = Gateway::start(&dd, &[]);
+    let out = run_stdout(standby(&dd).args([
+        "failover",
+        "vm",
+        "--test",
+        "--no-launch",
+        "--accept-store-rollback",
+    ]));
+    assert!(out.contains("test failover"), "{out}");
+    run(standby(&dd).args(["failover", "vm", "--test-cleanup"]));
+    drop(g);
+}
