@@ -38,6 +38,13 @@ pub enum CatalogError {
     NoImage(PathBuf),
     #[error("disk record {path} is damaged: {reason}")]
     BadRecord { path: PathBuf, reason: String },
+    #[error("another `standby serve` (pid {pid}) is running on data directory {dir}: stop it first (one server per data directory)")]
+    Locked { dir: PathBuf, pid: String },
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -316,20 +323,40 @@ impl DataDir {
     }
 }
 
-/// Writes a small file atomically: temp file, fsync, rename, directory fsync.
+/// Writes a small file atomically: temp file, fsync, rename, directory fsync. The temp file's
+/// name is unique per call (pid, a process-wide counter, the time in ns) and it is created
+/// exclusively with mode 0600, so concurrent writers of one path — threads of one process
+/// or several processes — never write into or rename each other's temp file: the last
+/// rename wins with a whole file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
-        ".{}.tmp{}",
+        ".{}.tmp{}-{}-{:08x}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
     ));
-    {
-        let mut f = File::create(&tmp)?;
+    let r = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    fs::rename(&tmp, path)?;
+    r?;
     File::open(dir)?.sync_all()
 }
 
@@ -366,6 +393,36 @@ mod tests {
         assert_eq!(all.keys().collect::<Vec<_>>(), vec!["ext", "vm1-os"]);
         assert!(all["ext"].read_only);
         assert!(matches!(dd.disk("zzz"), Err(CatalogError::NotFound(_))));
+    }
+
+    /// Threads of one process writing one file: each write succeeds and the file is always
+    /// one whole version (a fixed temp name per process made them rename each other's
+    /// half-written temp file, or fail with ENOENT).
+    #[test]
+    fn write_atomic_from_many_threads() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("state");
+        std::thread::scope(|s| {
+            for i in 0..8u8 {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        let data = vec![i; 1000 + usize::from(i) * 4096];
+                        write_atomic(path, &data).unwrap();
+                    }
+                });
+            }
+        });
+        let got = fs::read(&path).unwrap();
+        assert_eq!(got.len(), 1000 + usize::from(got[0]) * 4096);
+        assert!(got.iter().all(|&b| b == got[0]));
+        let left: Vec<_> = fs::read_dir(t.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "temp files left behind");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod changelog;
 pub mod config;
+pub mod datadir_lock;
 pub mod disk;
 pub mod failover;
 pub mod fastio;

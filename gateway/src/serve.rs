@@ -73,6 +73,8 @@ pub fn exports(dd: &DataDir) -> Result<Arc<Exports<Device>>, ServeError> {
 pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
     // Handlers first: a SIGTERM arriving any time after start-up is a clean shutdown.
     let mut signals = Signals::install()?;
+    // One server per data directory, taken before any disk or log is opened.
+    let _lock = crate::datadir_lock::DataDirLock::acquire(dd.root())?;
     let opts = opts.merged_with(dd);
     let tls = match (&opts.tls_cert, &opts.tls_key) {
         (Some(c), Some(k)) => Some(TlsConfig::from_pem_files(c, k, opts.tls_required)?),

@@ -343,10 +343,10 @@ fn bad_input_is_refused_with_clear_errors() {
         .next()
         .is_none());
 
-    // A read-only disk: mode 0444, writes refused (even for root), reads fine.
+    // A read-only disk: mode 0400 (owner only, as the images), writes refused (even for root), reads fine.
     let ro = fm.disk("ro");
     let m = std::fs::metadata(&ro).unwrap();
-    assert_eq!(m.permissions().mode() & 0o777, 0o444);
+    assert_eq!(m.permissions().mode() & 0o777, 0o400);
     assert_eq!(m.len(), 65536);
     let e = OpenOptions::new().write(true).open(&ro).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");

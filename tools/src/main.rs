@@ -183,6 +183,11 @@ fn open_data_dir(cli: &Cli) -> Result<DataDir> {
 }
 
 fn main() -> ExitCode {
+    // Everything this program creates — disk images, change-log segments, store chunks and
+    // indexes, the state database, the Unix socket, overlays — is the gateway's alone: files
+    // 0600, directories 0700, whatever the caller's umask.
+    // SAFETY: umask(2) only sets this process's file-creation mask; no memory is involved.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve(_) | Command::Mount(_)) {
         // A CLI writing into a closed pipe (`standby status | head`) ends quietly, as

@@ -9,4 +9,4 @@ pub mod device;
 pub mod replica;
 
 pub use device::Device;
-pub use replica::{is_overlay_dir, overlay_dir, Overlay, OverlayKind, ReplicaDisk};
+pub use replica::{is_overlay_dir, overlay_dir, Handover, Overlay, OverlayKind, ReplicaDisk};

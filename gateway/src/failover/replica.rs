@@ -8,8 +8,9 @@
 //! in the store is never modified.
 //!
 //! The overlay is a sparse file of the disk's size plus a bitmap of the grains it holds
-//! (`overlay.img`, `overlay.map`). A flush makes the overlay's data durable, then saves the
-//! bitmap (atomically), so after a crash the bitmap never names a grain whose data was lost.
+//! (`overlay.img`, `overlay.map`). A flush snapshots the bitmap, makes the overlay's data
+//! durable, then saves the snapshot (atomically), so after a crash the bitmap never names a
+//! grain whose data was lost — not even one copied in while the flush ran.
 //! [`ReplicaDisk::hydrate`] copies every remaining grain in, after which the overlay file is a
 //! complete local image of the disk.
 
@@ -24,6 +25,7 @@ use nbd_server::{BlockDevice, DeviceFlags, Extent, ZeroFlags};
 use replica_store::DiskReader;
 
 use crate::catalog::write_atomic;
+use crate::disk::Disk;
 
 /// File names inside an overlay directory.
 pub const OVERLAY_IMAGE: &str = "overlay.img";
@@ -138,7 +140,8 @@ impl Overlay {
         self.size.div_ceil(self.grain)
     }
 
-    fn save_map(&self) -> io::Result<()> {
+    /// The map as saved: header and the present bits as they are now.
+    fn map_bytes(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(MAP_HEADER + self.present.len() * 8);
         b.extend_from_slice(&MAP_MAGIC);
         b.extend_from_slice(&[1, 0, 0, 0]);
@@ -147,14 +150,34 @@ impl Overlay {
         for w in &self.present {
             b.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
         }
-        write_atomic(&self.dir.join(OVERLAY_MAP), &b)
+        b
     }
 
-    /// Data first, then the map.
+    /// Snapshot the map, then make the data durable, then save the snapshot.
+    ///
+    /// A grain's data is written before its bit is set ([`Overlay::set`] follows every
+    /// write), so every bit in the snapshot names data written before the snapshot, which
+    /// the following `sync_data` makes durable. A grain copied in after the snapshot is not
+    /// in the saved map (the dirty flag makes the next flush save it); taking the snapshot
+    /// after the data sync instead would save such a grain as present without its data
+    /// being durable, and a crash would then serve (or `failover commit` adopt) garbage.
     fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()?;
-        if self.dirty.swap(false, Ordering::AcqRel) {
-            if let Err(e) = self.save_map() {
+        self.sync_with(|| {})
+    }
+
+    /// [`Self::sync`], calling `after_data_sync` between the data sync and the map save.
+    fn sync_with(&self, after_data_sync: impl FnOnce()) -> io::Result<()> {
+        let dirty = self.dirty.swap(false, Ordering::AcqRel);
+        let snapshot = dirty.then(|| self.map_bytes());
+        if let Err(e) = self.file.sync_data() {
+            if dirty {
+                self.dirty.store(true, Ordering::Release);
+            }
+            return Err(e);
+        }
+        after_data_sync();
+        if let Some(b) = snapshot {
+            if let Err(e) = write_atomic(&self.dir.join(OVERLAY_MAP), &b) {
                 self.dirty.store(true, Ordering::Release);
                 return Err(e);
             }
@@ -169,6 +192,25 @@ struct Inner {
     size: u64,
     grain: u64,
     overlay: Option<Arc<Overlay>>,
+    /// Set by `failover commit`: the live disk that took this replica's place. Every I/O
+    /// through [`crate::failover::Device`] holds this lock for reading while it runs and goes
+    /// to the successor once there is one; the commit holds it for writing while it flushes
+    /// and adopts the overlay (see [`ReplicaDisk::begin_handover`]).
+    successor: tokio::sync::RwLock<Option<Disk>>,
+}
+
+/// A commit in progress: no I/O runs on the replica while it lives. Dropped without
+/// [`Handover::complete`], I/O resumes on the replica.
+pub struct Handover<'a> {
+    guard: tokio::sync::RwLockWriteGuard<'a, Option<Disk>>,
+}
+
+impl Handover<'_> {
+    /// From now on, every I/O of the replica's export — connections opened before the
+    /// commit included — goes to `live` (its change log records the writes).
+    pub fn complete(mut self, live: Disk) {
+        *self.guard = Some(live);
+    }
 }
 
 /// See the module documentation. Cheap to clone.
@@ -199,8 +241,23 @@ impl ReplicaDisk {
                 size,
                 grain,
                 overlay: overlay.map(Arc::new),
+                successor: tokio::sync::RwLock::new(None),
             }),
         }
+    }
+
+    /// Waits for the I/O in flight to finish and holds off new I/O until the returned
+    /// [`Handover`] is completed (I/O then goes to the live disk) or dropped.
+    pub async fn begin_handover(&self) -> Handover<'_> {
+        Handover {
+            guard: self.inner.successor.write().await,
+        }
+    }
+
+    /// The live disk that replaced this replica, if committed; held for reading while an
+    /// I/O runs (see [`Inner::successor`]).
+    pub(crate) async fn successor(&self) -> tokio::sync::RwLockReadGuard<'_, Option<Disk>> {
+        self.inner.successor.read().await
     }
 
     pub fn name(&self) -> &str {
@@ -560,4 +617,43 @@ pub fn is_overlay_dir(data_dir: &Path, dir: &Path) -> bool {
                 .is_some_and(|s| !s.starts_with('.') && !s.contains('/')),
             _ => false,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved_bits(dir: &Path) -> Vec<u64> {
+        let b = std::fs::read(dir.join(OVERLAY_MAP)).unwrap();
+        b[MAP_HEADER..]
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    /// A grain copied in after the data sync must not be saved as present by that flush
+    /// (its data is not durable yet); the next flush saves it.
+    #[test]
+    fn flush_never_saves_a_grain_copied_after_the_data_sync() {
+        let t = tempfile::tempdir().unwrap();
+        let o = Overlay::open(t.path(), 8 * 4096, 4096).unwrap();
+        o.file.write_all_at(&[1u8; 4096], 0).unwrap();
+        o.set(0);
+        o.sync_with(|| {
+            // A copy-up racing with the flush: data written, bit set.
+            o.file.write_all_at(&[2u8; 4096], 4096).unwrap();
+            o.set(1);
+        })
+        .unwrap();
+        assert_eq!(
+            saved_bits(t.path()),
+            vec![0b01],
+            "grain 1 saved before its data sync"
+        );
+        o.sync().unwrap();
+        assert_eq!(saved_bits(t.path()), vec![0b11]);
+        // Reopened, the map is what was saved.
+        let o2 = Overlay::open(t.path(), 8 * 4096, 4096).unwrap();
+        assert_eq!(o2.grains_present(), 2);
+    }
 }

@@ -69,7 +69,10 @@ impl StandbyFs {
             ctime: self.mounted_at,
             crtime: self.mounted_at,
             kind: FileType::Directory,
-            perm: 0o755,
+            // Owner only, as the data directory itself (the CLI runs with umask 077): with
+            // `--allow-other` the kernel's permission check (default_permissions) still
+            // keeps other users out; root and the gateway's own user get in.
+            perm: 0o700,
             nlink: 2,
             uid: self.uid,
             gid: self.gid,
@@ -84,7 +87,7 @@ impl StandbyFs {
             NodeKind::LiveDisk(l) => {
                 let size = l.disk.size();
                 a.kind = FileType::RegularFile;
-                a.perm = if l.disk.read_only() { 0o444 } else { 0o644 };
+                a.perm = if l.disk.read_only() { 0o400 } else { 0o600 };
                 a.nlink = 1;
                 a.size = size;
                 // Allocated blocks and times of the image when it is a regular file; a block
@@ -101,7 +104,7 @@ impl StandbyFs {
             }
             NodeKind::Replica(r) => {
                 a.kind = FileType::RegularFile;
-                a.perm = 0o444;
+                a.perm = 0o400;
                 a.nlink = 1;
                 a.size = r.size;
                 a.blocks = r.size.div_ceil(512);

@@ -469,7 +469,11 @@ impl Engine {
         if ov.grains_present() != ov.grains() {
             return Ok(()); // still hydrating
         }
-        a.disk.flush().await.map_err(|e| ReplError::Io {
+        // No I/O on the replica from here: connections opened before the commit wait, then
+        // go to the live disk (its change log records their writes) once it is open.
+        let replica = a.disk.clone();
+        let handover = replica.begin_handover().await;
+        replica.flush().await.map_err(|e| ReplError::Io {
             disk: row.export.clone(),
             source: e,
         })?;
@@ -483,6 +487,7 @@ impl Engine {
         let disk = self.dd.open_disk(&rec).map_err(|e| {
             ReplError::InvalidReplica(format!("cannot open {}: {e}", image.display()))
         })?;
+        handover.complete(disk.clone());
         self.exports.insert(Export {
             name: row.export.clone(),
             description: format!("standby disk {}", row.export),
