@@ -91,8 +91,9 @@ pub fn free_bytes(path: &std::path::Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
-    // SAFETY: statvfs with a valid NUL-terminated path and a zeroed out-struct.
+    // SAFETY: `libc::statvfs` is plain integers, for which all-zero bytes are valid.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs with a valid NUL-terminated path and a zeroed out-struct.
     let r = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
     if r != 0 {
         return Err(io::Error::last_os_error());

@@ -58,10 +58,16 @@ pub struct ImageMap {
     since_check: AtomicU64,
 }
 
-// SAFETY: the mapping is plain shared memory; it is never written through, and never read in
-// user space (see the module docs). The counter is atomic.
+// SAFETY: `ImageMap` owns an address range of a `MAP_SHARED` mapping that lives until its
+// `Drop`. Rust code never reads or writes the bytes and never makes a reference to them:
+// reads leave as `MappedRead`s (address + length, copied by the kernel in `writev`), writes
+// are copied in by the kernel (`process_vm_readv` in `write`), and the other calls (`mincore`,
+// `madvise`, `munmap`) pass the address only. Other writers of the file change the bytes at
+// any time, which is fine for memory only the kernel touches. Moving it to another thread
+// moves an address; the counter is atomic.
 unsafe impl Send for ImageMap {}
-// SAFETY: as above.
+// SAFETY: as above: every method takes `&self`, touches the mapping only through system
+// calls and the counter only atomically, so concurrent calls from threads are fine.
 unsafe impl Sync for ImageMap {}
 
 impl ImageMap {
@@ -73,8 +79,9 @@ impl ImageMap {
             .ok_or_else(|| {
                 io::Error::new(io::ErrorKind::InvalidInput, "image size not mappable")
             })?;
-        // SAFETY: a fresh shared read-only mapping of an open descriptor; the kernel picks the
-        // address. The result is checked before use.
+        // SAFETY: a new shared mapping of an open descriptor (read-only, or read-write when
+        // `writable` and the file was opened for writing); the kernel picks the address, so
+        // no existing memory is replaced. The result is checked before use.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -314,6 +321,7 @@ mod tests {
             let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
                 continue;
             };
+            // SAFETY: `libc::statfs` is plain integers, for which all-zero bytes are valid.
             let mut st: libc::statfs = unsafe { std::mem::zeroed() };
             // SAFETY: statfs with a NUL-terminated path and a zeroed struct it fills in.
             if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
@@ -339,19 +347,25 @@ mod tests {
     /// Writes a mapped read into a pipe and reads the pipe back: the way the kernel sees it.
     fn through_kernel(m: &MappedRead) -> io::Result<Vec<u8>> {
         let mut fds = [0i32; 2];
+        // SAFETY: pipe(2) writes two descriptors into `fds`, which has room for two.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
         // Room for the whole read in the pipe.
+        // SAFETY: fcntl on the pipe's write end just created; no memory is passed.
         unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 1 << 20) };
-        let s = m.io_slice(0);
-        let r = unsafe { libc::write(fds[1], s.as_ptr().cast(), s.len()) };
+        let (base, len) = m.raw_parts(0);
+        // SAFETY: write(2) from the mapped range (address and length of a live `MappedRead`):
+        // the kernel copies it, nothing reads it in user space.
+        let r = unsafe { libc::write(fds[1], base.cast(), len) };
         let res = if r < 0 {
             Err(io::Error::last_os_error())
         } else {
             let mut out = vec![0u8; r as usize];
+            // SAFETY: read(2) into `out`, a live buffer of `out.len()` bytes.
             let got = unsafe { libc::read(fds[0], out.as_mut_ptr().cast(), out.len()) };
             assert_eq!(got, r);
             Ok(out)
         };
+        // SAFETY: closes the two descriptors pipe(2) made above, used by nothing else.
         unsafe {
             libc::close(fds[0]);
             libc::close(fds[1]);
@@ -384,6 +398,7 @@ mod tests {
         );
 
         // Punch a hole: ranges touching it go the ordinary way, others still qualify.
+        // SAFETY: fallocate on the test image's open descriptor; no memory is passed.
         let r = unsafe {
             libc::fallocate(
                 f.as_raw_fd(),
@@ -411,6 +426,7 @@ mod tests {
         f.sync_all().unwrap();
         let map = Arc::new(ImageMap::new(&f, size as u64, false).unwrap());
         // Clean pages leave the cache on request.
+        // SAFETY: posix_fadvise on an open descriptor; no memory is passed.
         let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         assert_eq!(r, 0);
         assert!(
@@ -509,6 +525,7 @@ mod tests {
         drop(map);
         // Only clean pages leave the cache on request: if fdatasync had not written the
         // pages dirtied through the mapping, they would stay.
+        // SAFETY: posix_fadvise on an open descriptor; no memory is passed.
         let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         assert_eq!(r, 0);
         let probe = ImageMap::new(&f, 8 << 20, false).unwrap();

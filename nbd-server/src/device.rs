@@ -164,20 +164,32 @@ pub trait BlockDevice: Send + Sync + 'static {
 /// A range of memory a device keeps mapped, sent to a socket by the kernel without the server
 /// reading it (see [`BlockDevice::read_mapped`]).
 ///
-/// The server builds an `IoSlice` over the range for `writev` and never dereferences it: if
-/// the mapping's file shrank under it, the kernel's copy fails with `EFAULT` and the
-/// connection is closed, where a read in user space would raise `SIGBUS`.
+/// The memory is shared: other writers of the mapped file change it at any time, and a
+/// truncation of the file can take its pages away. So it is never a Rust reference (`&[u8]`
+/// asserts that nothing changes the bytes while it lives, and reading a truncated page raises
+/// `SIGBUS`): the range stays a raw pointer and a length, handed to the kernel as an `iovec`
+/// ([`MappedRead::io_slice`], [`MappedRead::raw_parts`]). If the file shrank, the kernel's
+/// copy fails with `EFAULT` and the connection is closed.
 pub struct MappedRead {
     ptr: NonNull<u8>,
     len: usize,
     _owner: Arc<dyn Send + Sync>,
 }
 
-// SAFETY: the range is plain memory kept mapped by `_owner` (itself `Send + Sync`); it is
-// only ever read, by the kernel.
+// SAFETY: `MappedRead` holds a pointer into a mapping that `_owner` (itself `Send + Sync`)
+// keeps alive, and gives no access to the bytes from Rust (no method returns a reference to
+// them), so moving it to another thread moves only an address and a length.
 unsafe impl Send for MappedRead {}
-// SAFETY: as above; `&MappedRead` gives no access to the bytes from Rust.
+// SAFETY: as above: `&MappedRead` exposes the address and length only.
 unsafe impl Sync for MappedRead {}
+
+/// The layout of a Unix `struct iovec` (base pointer, then length), which [`io::IoSlice`]
+/// is documented to be ABI-compatible with on Unix platforms.
+#[repr(C)]
+struct RawIoVec {
+    base: *const u8,
+    len: usize,
+}
 
 impl MappedRead {
     /// A range of `len` bytes at `ptr`, kept mapped while `owner` lives.
@@ -201,14 +213,26 @@ impl MappedRead {
         self.len == 0
     }
 
-    /// The bytes from `from` on, for the kernel's eyes only: pass it to a system call that
-    /// copies it (a socket or pipe write) and never read it in user space.
-    pub fn io_slice(&self, from: usize) -> io::IoSlice<'_> {
+    /// Address and length of the bytes from `from` on, for a system call that copies them.
+    pub fn raw_parts(&self, from: usize) -> (*const u8, usize) {
         assert!(from <= self.len, "offset past the end of a mapped read");
-        // SAFETY: the range is mapped while `_owner` lives (the contract of `new`), and
-        // `from <= len`. Building the slice reads nothing.
-        let s = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(from), self.len - from) };
-        io::IoSlice::new(s)
+        (self.ptr.as_ptr().wrapping_add(from), self.len - from)
+    }
+
+    /// The bytes from `from` on as an `iovec` for `writev` on a socket the kernel writes.
+    ///
+    /// The `IoSlice` is built from the raw address and length, without a `&[u8]` over the
+    /// shared memory. Hand it only to a vectored write that passes it to the kernel
+    /// (`writev` on a plain socket or pipe): dereferencing it (`IoSlice` derefs to `[u8]`, as
+    /// a user-space TLS writer would) would read shared memory in user space.
+    pub fn io_slice(&self, from: usize) -> io::IoSlice<'_> {
+        let (base, len) = self.raw_parts(from);
+        let iov = RawIoVec { base, len };
+        // SAFETY: `io::IoSlice` is documented as ABI-compatible with `struct iovec` on Unix,
+        // which `RawIoVec` lays out (`#[repr(C)]`: base pointer, then length; `transmute`
+        // checks the sizes agree). The range is one mapping kept alive by `_owner` for as
+        // long as `self`, which the returned lifetime borrows (the contract of `new`).
+        unsafe { std::mem::transmute::<RawIoVec, io::IoSlice<'_>>(iov) }
     }
 }
 
@@ -258,4 +282,32 @@ mod libc_codes {
     pub const EOPNOTSUPP: i32 = 95;
     pub const ESHUTDOWN: i32 = 108;
     pub const EDQUOT: i32 = 122;
+}
+
+#[cfg(test)]
+mod mapped_read_tests {
+    use std::io::{Read, Write};
+    use std::ptr::NonNull;
+    use std::sync::Arc;
+
+    use super::MappedRead;
+
+    /// The `IoSlice` built from the raw address and length is the `iovec` the kernel
+    /// expects: `writev` on a socket sends exactly the range from `from` on.
+    #[test]
+    fn io_slice_is_the_range_for_writev() {
+        let owner: Arc<Vec<u8>> = Arc::new((0..=255u8).cycle().take(10_000).collect());
+        let ptr = NonNull::new(owner.as_ptr().cast_mut()).unwrap();
+        // SAFETY: `ptr..ptr + len` is the Vec's buffer, kept alive (never reallocated) by
+        // the `Arc` handed over as the owner.
+        let m = unsafe { MappedRead::new(ptr, owner.len(), owner.clone()) };
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let n = a.write_vectored(&[m.io_slice(1234)]).unwrap();
+        assert_eq!(n, 10_000 - 1234);
+        drop(a);
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).unwrap();
+        assert_eq!(got, owner[1234..]);
+        assert_eq!(m.raw_parts(10_000).1, 0);
+    }
 }

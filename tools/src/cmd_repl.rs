@@ -63,7 +63,8 @@ pub struct PolicySetArgs {
     #[arg(long)]
     pub fold_patch_bytes: Option<String>,
     /// Command a test failover launches, e.g. a qemu command line using {disk0} (NBD URI of
-    /// the first disk), {disk:NAME}, {vm}, {point}, {dir}. "none" clears it.
+    /// the first disk), {disk:NAME}, {vm}, {point}, {dir}. Run without a shell: each value
+    /// stays inside its argument; also in STANDBY_* variables. "none" clears it.
     #[arg(long)]
     pub failover_command: Option<String>,
     /// Divide retry delays by this factor (for tests and drills).

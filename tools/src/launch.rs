@@ -308,6 +308,21 @@ mod tests {
         assert!(expand("   ", &vals(dir, &ex)).is_err());
     }
 
+    /// The shell form documented in docs/failover.md reaches `sh -c` as one script.
+    #[test]
+    fn an_explicit_shell_gets_one_script() {
+        let t =
+            r#"sh -c 'exec qemu -drive "file=$STANDBY_DISK0,format=raw" 2>"$STANDBY_DIR/q.err"'"#;
+        assert_eq!(
+            split_words(t).unwrap(),
+            vec![
+                "sh",
+                "-c",
+                r#"exec qemu -drive "file=$STANDBY_DISK0,format=raw" 2>"$STANDBY_DIR/q.err""#
+            ]
+        );
+    }
+
     #[test]
     fn a_value_never_becomes_an_option() {
         let ex = vec![];

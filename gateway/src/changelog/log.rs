@@ -864,8 +864,9 @@ impl ChangeLog {
     /// `Some(reason)` when the log's file system is below its free-space floor.
     fn low_space(&self) -> Option<String> {
         let c = std::ffi::CString::new(self.sh.dir.as_os_str().as_encoded_bytes()).ok()?;
-        // SAFETY: statvfs with a valid NUL-terminated path and a zeroed out-struct.
+        // SAFETY: `libc::statvfs` is plain integers, for which all-zero bytes are valid.
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statvfs with a valid NUL-terminated path and a zeroed out-struct.
         let r = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
         if r != 0 {
             return None;

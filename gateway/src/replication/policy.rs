@@ -30,7 +30,7 @@ pub struct Policy {
     pub retry_time_scale: u32,
     /// A disk's patches are folded into chunks when they hold more than this many bytes.
     pub fold_patch_bytes: u64,
-    /// Command a test failover launches (`sh -c`), with `{disk0}`, `{disk1}`, … (NBD URIs of
+    /// Command a test failover launches (split into words and run without a shell), with `{disk0}`, `{disk1}`, … (NBD URIs of
     /// the VM's disks in name order), `{disk:NAME}`, `{vm}`, `{point}` and `{dir}` replaced.
     pub failover_command: Option<String>,
 }
@@ -119,8 +119,9 @@ pub fn parse_window(s: &str) -> Result<(u32, u32), String> {
 /// Minute of the day in local time.
 pub fn local_minute_of_day(unix_secs: i64) -> u32 {
     let t: libc::time_t = unix_secs as libc::time_t;
-    // SAFETY: localtime_r writes only into `tm`, which lives on this stack frame.
+    // SAFETY: `libc::tm` is integers and a nullable pointer, for which all-zero bytes are valid.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r reads `t` and writes only into `tm`, both on this stack frame.
     let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
     if !ok {
         return ((unix_secs.rem_euclid(86_400)) / 60) as u32;

@@ -502,7 +502,9 @@ thread_local! {
     static NO_DIRECT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// A heap buffer aligned for `O_DIRECT`.
+/// A heap buffer aligned for `O_DIRECT`, zeroed when allocated (so every byte of it is
+/// initialised and slices of it are ordinary `u8` slices). It is allocated once per thread
+/// and reused, so the zeroing costs once.
 struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     layout: std::alloc::Layout,
@@ -511,16 +513,24 @@ struct AlignedBuf {
 impl AlignedBuf {
     fn new(len: usize) -> Option<Self> {
         let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN).ok()?;
-        // SAFETY: the layout has a non-zero size (callers pass DIRECT_MAX).
-        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc(layout) })?;
+        if layout.size() == 0 {
+            return None;
+        }
+        // SAFETY: the layout's size is not zero (checked above), as `alloc_zeroed` requires.
+        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
         Some(AlignedBuf { ptr, layout })
     }
 
-    fn slice_mut(&mut self, len: usize) -> &mut [u8] {
-        assert!(len <= self.layout.size());
-        // SAFETY: `ptr` owns `layout.size() >= len` bytes; u8 has no invalid values once
-        // written, and callers overwrite the slice before reading it.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len) }
+    /// Copies `data` to the start of the buffer and returns that (aligned) copy.
+    fn fill(&mut self, data: &[u8]) -> &[u8] {
+        assert!(data.len() <= self.layout.size());
+        // SAFETY: `ptr` points to `layout.size() >= data.len()` bytes this buffer owns, all
+        // initialised (zeroed by `alloc_zeroed`, or written since); `&mut self` makes this the
+        // only access to them for the lifetime of the returned slice, and `data` cannot
+        // overlap them (the buffer is private to this type).
+        let buf = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), data.len()) };
+        buf.copy_from_slice(data);
+        buf
     }
 }
 
@@ -564,9 +574,7 @@ fn write_direct(path: &Path, data: &[u8]) -> Option<std::io::Result<()>> {
         let Some(buf) = slot.as_mut() else {
             return Err(std::io::Error::from(std::io::ErrorKind::OutOfMemory));
         };
-        let b = buf.slice_mut(data.len());
-        b.copy_from_slice(data);
-        (&f).write_all(b)
+        (&f).write_all(buf.fill(data))
     });
     match r {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
