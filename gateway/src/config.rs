@@ -6,7 +6,13 @@
 //! socket = "/run/standby.sock"      # also serve on a Unix socket
 //! tls_cert = "server-cert.pem"      # enable STARTTLS
 //! tls_key = "server-key.pem"
-//! tls_required = false              # refuse clients that do not start TLS
+//! tls_required = false              # refuse clients that do not start TLS (always on
+//!                                   #   beyond loopback)
+//! tls_client_ca = "clients-ca.pem"  # demand client certificates signed by this CA
+//! insecure_no_tls = false           # allow plaintext or unauthenticated clients beyond loopback
+//!
+//! [serve.allow]                     # exports only these client certificates may open
+//! "web01-os" = ["hv1.example.com"]  #   (certificate common name or subject-alternative name)
 //!
 //! [log]                             # change logs of tracked disks
 //! segment_size = "64M"              # seal a segment and start the next at this size
@@ -20,6 +26,7 @@
 //! tracked = true                    # keep a change log for this disk
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -51,6 +58,12 @@ pub struct ServeConfig {
     pub tls_key: Option<PathBuf>,
     #[serde(default)]
     pub tls_required: bool,
+    pub tls_client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub insecure_no_tls: bool,
+    /// Export name → client identities allowed to open it.
+    #[serde(default)]
+    pub allow: BTreeMap<String, Vec<String>>,
 }
 
 /// A disk declared in the configuration file.

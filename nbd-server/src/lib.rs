@@ -10,6 +10,7 @@
 //! The server knows nothing about what is behind an export: it is generic over
 //! [`BlockDevice`]. Limits are the named constants in [`proto`].
 
+pub mod access;
 pub mod device;
 pub mod export;
 pub mod handshake;
@@ -28,9 +29,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+pub use access::Access;
 pub use device::{BlockDevice, BlockSize, DeviceFlags, Extent, MappedRead, ZeroFlags};
 pub use export::{Export, Exports};
-pub use tls::{TlsConfig, TlsError};
+pub use tls::{ClientIdentity, TlsConfig, TlsError};
 
 /// Why a client session ended abnormally. None of these affect other sessions.
 #[derive(Debug, Error)]
@@ -66,6 +68,8 @@ fn reply_hint(e: &io::Error) -> &'static str {
 pub struct ServerConfig {
     /// STARTTLS support (and whether it is mandatory).
     pub tls: Option<TlsConfig>,
+    /// Which client may see and open which export.
+    pub access: Access,
 }
 
 /// An NBD server over a table of exports.
@@ -169,7 +173,13 @@ impl<D: BlockDevice> Server<D> {
         stream: handshake::BoxStream,
         transport: Transport,
     ) -> Result<(), SessionError> {
-        let outcome = handshake::negotiate(stream, &self.exports, self.config.tls.as_ref()).await?;
+        let outcome = handshake::negotiate(
+            stream,
+            &self.exports,
+            self.config.tls.as_ref(),
+            &self.config.access,
+        )
+        .await?;
         match outcome {
             handshake::Outcome::Closed => Ok(()),
             handshake::Outcome::Transmission {

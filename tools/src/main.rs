@@ -116,8 +116,10 @@ enum FailoverSub {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// TCP address to listen on [default: 127.0.0.1:10809].
-    #[arg(long)]
+    /// TCP address to listen on [default: 127.0.0.1:10809]. Beyond loopback (any other
+    /// address, 0.0.0.0 included) clients must use TLS with a client certificate, unless
+    /// --insecure-no-tls. Given twice, the last one counts.
+    #[arg(long, overrides_with = "listen")]
     listen: Option<String>,
     /// Also listen on this Unix socket.
     #[arg(long)]
@@ -128,9 +130,17 @@ struct ServeArgs {
     /// TLS private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Refuse clients that do not start TLS.
+    /// Refuse clients that do not start TLS (always on beyond loopback).
     #[arg(long)]
     tls_required: bool,
+    /// Demand a client certificate signed by a CA in this PEM file (mutual TLS); implies
+    /// --tls-required. [serve.allow] in the configuration restricts exports to named clients.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve beyond loopback without TLS, or with TLS but without client certificates:
+    /// anyone who can reach the port can then read and write every disk.
+    #[arg(long)]
+    insecure_no_tls: bool,
     /// If the data directory has no disk yet, create a 1 GiB disk named "demo".
     #[arg(long)]
     demo: bool,
@@ -257,6 +267,8 @@ fn serve(dd: &DataDir, args: ServeArgs) -> Result<()> {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         tls_required: args.tls_required,
+        tls_client_ca: args.tls_client_ca,
+        insecure_no_tls: args.insecure_no_tls,
     };
     runtime()?.block_on(gateway::serve::serve(dd, opts))?;
     Ok(())
