@@ -10,6 +10,12 @@
 //!                                   #   beyond loopback)
 //! tls_client_ca = "clients-ca.pem"  # demand client certificates signed by this CA
 //! insecure_no_tls = false           # allow plaintext or unauthenticated clients beyond loopback
+//! handshake_timeout = 30            # seconds to finish the NBD (and TLS) handshake
+//! idle_timeout = 0                  # seconds without requests before closing; 0 = never
+//! reply_timeout = 60                # seconds a client may leave its replies unread
+//! max_sessions = 1024               # open connections in total
+//! max_sessions_per_client = 256     # open connections per client IP address
+//! memory_budget = "1G"              # payload memory of all connections together
 //!
 //! [serve.allow]                     # exports only these client certificates may open
 //! "web01-os" = ["hv1.example.com"]  #   (certificate common name or subject-alternative name)
@@ -61,6 +67,12 @@ pub struct ServeConfig {
     pub tls_client_ca: Option<PathBuf>,
     #[serde(default)]
     pub insecure_no_tls: bool,
+    pub handshake_timeout: Option<u64>,
+    pub idle_timeout: Option<u64>,
+    pub reply_timeout: Option<u64>,
+    pub max_sessions: Option<usize>,
+    pub max_sessions_per_client: Option<usize>,
+    pub memory_budget: Option<String>,
     /// Export name → client identities allowed to open it.
     #[serde(default)]
     pub allow: BTreeMap<String, Vec<String>>,

@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use nbd_server::{Access, BlockDevice, Export, Exports, Server, ServerConfig, TlsConfig};
+use std::time::Duration;
+
+use nbd_server::{Access, BlockDevice, Export, Exports, Limits, Server, ServerConfig, TlsConfig};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
@@ -54,6 +56,8 @@ pub enum ServeError {
          give --tls-client-ca (or tls_client_ca in [serve])"
     )]
     AllowListWithoutClientCa,
+    #[error("{0}: {1}")]
+    BadLimit(&'static str, String),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -68,6 +72,12 @@ pub struct ServeOptions {
     pub tls_required: bool,
     pub tls_client_ca: Option<PathBuf>,
     pub insecure_no_tls: bool,
+    pub handshake_timeout: Option<u64>,
+    pub idle_timeout: Option<u64>,
+    pub reply_timeout: Option<u64>,
+    pub max_sessions: Option<usize>,
+    pub max_sessions_per_client: Option<usize>,
+    pub memory_budget: Option<String>,
 }
 
 impl ServeOptions {
@@ -81,7 +91,65 @@ impl ServeOptions {
         self.tls_required |= c.tls_required;
         self.tls_client_ca = self.tls_client_ca.or_else(|| c.tls_client_ca.clone());
         self.insecure_no_tls |= c.insecure_no_tls;
+        self.handshake_timeout = self.handshake_timeout.or(c.handshake_timeout);
+        self.idle_timeout = self.idle_timeout.or(c.idle_timeout);
+        self.reply_timeout = self.reply_timeout.or(c.reply_timeout);
+        self.max_sessions = self.max_sessions.or(c.max_sessions);
+        self.max_sessions_per_client = self.max_sessions_per_client.or(c.max_sessions_per_client);
+        self.memory_budget = self.memory_budget.or_else(|| c.memory_budget.clone());
         self
+    }
+
+    /// The server's resource limits: the defaults, overridden where set.
+    pub fn limits(&self) -> Result<Limits, ServeError> {
+        let d = Limits::default();
+        let secs = |v: Option<u64>, what: &'static str, def: Duration| match v {
+            None => Ok(def),
+            Some(0) => Err(ServeError::BadLimit(
+                what,
+                "must be at least 1 second".into(),
+            )),
+            Some(s) => Ok(Duration::from_secs(s)),
+        };
+        let count = |v: Option<usize>, what: &'static str, def: usize| match v {
+            None => Ok(def),
+            Some(0) => Err(ServeError::BadLimit(what, "must be at least 1".into())),
+            Some(n) => Ok(n),
+        };
+        let memory_budget = match &self.memory_budget {
+            None => d.memory_budget,
+            Some(s) => {
+                let n = crate::units::parse_size(s)
+                    .map_err(|e| ServeError::BadLimit("memory budget", e.to_string()))?;
+                // One largest request must fit, or it would wait forever.
+                if n < u64::from(nbd_server::proto::MAX_PAYLOAD) {
+                    return Err(ServeError::BadLimit(
+                        "memory budget",
+                        format!("{s} is less than one 32M request"),
+                    ));
+                }
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }
+        };
+        Ok(Limits {
+            handshake_timeout: secs(
+                self.handshake_timeout,
+                "handshake timeout",
+                d.handshake_timeout,
+            )?,
+            idle_timeout: match self.idle_timeout {
+                None | Some(0) => None,
+                Some(s) => Some(Duration::from_secs(s)),
+            },
+            reply_timeout: secs(self.reply_timeout, "reply timeout", d.reply_timeout)?,
+            max_sessions: count(self.max_sessions, "max sessions", d.max_sessions)?,
+            max_sessions_per_client: count(
+                self.max_sessions_per_client,
+                "max sessions per client",
+                d.max_sessions_per_client,
+            )?,
+            memory_budget,
+        })
     }
 }
 
@@ -122,6 +190,7 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
         )?),
         _ => None,
     };
+    let limits = opts.limits()?;
     let mut access = Access::open();
     for (export, names) in &dd.config().serve.allow {
         access.restrict(export.clone(), names.clone());
@@ -132,6 +201,7 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
         ServerConfig {
             tls: tls.clone(),
             access,
+            limits: limits.clone(),
         },
     );
 
@@ -146,6 +216,15 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
         source,
     })?;
     policy.log(&bound);
+    info!(
+        handshake_timeout = ?limits.handshake_timeout,
+        idle_timeout = ?limits.idle_timeout,
+        reply_timeout = ?limits.reply_timeout,
+        max_sessions = limits.max_sessions,
+        max_sessions_per_client = limits.max_sessions_per_client,
+        memory_budget = limits.memory_budget,
+        "client limits"
+    );
     let unix = match &opts.socket {
         Some(p) => Some(nbd_server::bind_unix(p).map_err(|source| ServeError::Bind {
             addr: p.display().to_string(),
@@ -450,5 +529,34 @@ mod tests {
             client_policy(Reach::Loopback, &o, true),
             Err(ServeError::AllowListWithoutClientCa)
         ));
+    }
+
+    #[test]
+    fn limits_from_flags() {
+        let d = ServeOptions::default().limits().unwrap();
+        assert_eq!(d, Limits::default());
+        let o = ServeOptions {
+            handshake_timeout: Some(5),
+            idle_timeout: Some(0),
+            max_sessions: Some(10),
+            memory_budget: Some("256M".into()),
+            ..ServeOptions::default()
+        };
+        let l = o.limits().unwrap();
+        assert_eq!(l.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(l.idle_timeout, None);
+        assert_eq!(l.max_sessions, 10);
+        assert_eq!(l.memory_budget, 256 << 20);
+        let bad = |o: ServeOptions| o.limits().unwrap_err().to_string();
+        let e = bad(ServeOptions {
+            memory_budget: Some("1M".into()),
+            ..ServeOptions::default()
+        });
+        assert!(e.contains("less than one 32M request"), "{e}");
+        let e = bad(ServeOptions {
+            max_sessions_per_client: Some(0),
+            ..ServeOptions::default()
+        });
+        assert!(e.contains("at least 1"), "{e}");
     }
 }

@@ -141,6 +141,26 @@ struct ServeArgs {
     /// anyone who can reach the port can then read and write every disk.
     #[arg(long)]
     insecure_no_tls: bool,
+    /// Seconds a client has to finish the NBD and TLS handshake [default: 30].
+    #[arg(long, value_name = "SECS")]
+    handshake_timeout: Option<u64>,
+    /// Close a connection with no request in flight after this many idle seconds
+    /// [default: 0, never: qemu does not reconnect a dropped disk by default].
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<u64>,
+    /// Disconnect a client that takes no byte of its replies for this many seconds [default: 60].
+    #[arg(long, value_name = "SECS")]
+    reply_timeout: Option<u64>,
+    /// Most open connections in total [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_sessions: Option<usize>,
+    /// Most open connections per client IP address [default: 256].
+    #[arg(long, value_name = "N")]
+    max_sessions_per_client: Option<usize>,
+    /// Payload memory (write data, read replies) of all connections together, e.g. 512M
+    /// [default: 1G].
+    #[arg(long, value_name = "SIZE")]
+    memory_budget: Option<String>,
     /// If the data directory has no disk yet, create a 1 GiB disk named "demo".
     #[arg(long)]
     demo: bool,
@@ -269,6 +289,12 @@ fn serve(dd: &DataDir, args: ServeArgs) -> Result<()> {
         tls_required: args.tls_required,
         tls_client_ca: args.tls_client_ca,
         insecure_no_tls: args.insecure_no_tls,
+        handshake_timeout: args.handshake_timeout,
+        idle_timeout: args.idle_timeout,
+        reply_timeout: args.reply_timeout,
+        max_sessions: args.max_sessions,
+        max_sessions_per_client: args.max_sessions_per_client,
+        memory_budget: args.memory_budget,
     };
     runtime()?.block_on(gateway::serve::serve(dd, opts))?;
     Ok(())
