@@ -418,3 +418,42 @@ fn huge_block_status_and_cache_ranges() {
     );
     assert!(grown < 64 * MIB, "gateway RSS grew {}", mib(grown));
 }
+
+/// Four connections pipeline 32 MiB reads of a sparse disk (read into buffers) and never read
+/// the replies. Each connection alone could hold 128 MiB; the server's memory budget
+/// (`--memory-budget 64M`) bounds them together. Once the reply timeout disconnects them,
+/// another client is served.
+#[test]
+fn memory_budget_bounds_all_connections_together() {
+    let (_t, dd) = setup("hostile-budget", "256M");
+    let g = Gateway::start(&dd, &["--memory-budget", "64M", "--reply-timeout", "5"]);
+    good_client(&g, "d1", 1);
+    let before = rss(&g);
+    let mut attackers = Vec::new();
+    for a in 0..4u64 {
+        let mut c = RawClient::connect(g.addr).unwrap();
+        assert_eq!(c.go("d1").unwrap(), REP_ACK);
+        for i in 0..8u64 {
+            let offset = ((a + i) % 8) * 32 * MIB;
+            c.send_request(0, CMD_READ, i, offset, 32 << 20, &[])
+                .unwrap();
+        }
+        attackers.push(c);
+    }
+    // The highest resident size while the replies sit unread (before the reply timeout).
+    let mut peak = 0;
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        peak = peak.max(rss(&g));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "4 connections x 8 unread 32 MiB reads: gateway RSS peak +{}",
+        mib(grown)
+    );
+    // 64 MiB of budget, plus slack for the reply writers' bookkeeping.
+    assert!(grown < 96 * MIB, "gateway RSS grew {}", mib(grown));
+    good_client(&g, "d1", 2);
+    drop(attackers);
+}
