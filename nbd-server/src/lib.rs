@@ -17,6 +17,7 @@ pub mod handshake;
 pub mod limits;
 pub mod mem;
 pub mod proto;
+mod reply;
 pub mod tls;
 mod transmission;
 
