@@ -6,7 +6,19 @@
 //! socket = "/run/standby.sock"      # also serve on a Unix socket
 //! tls_cert = "server-cert.pem"      # enable STARTTLS
 //! tls_key = "server-key.pem"
-//! tls_required = false              # refuse clients that do not start TLS
+//! tls_required = false              # refuse clients that do not start TLS (always on
+//!                                   #   beyond loopback)
+//! tls_client_ca = "clients-ca.pem"  # demand client certificates signed by this CA
+//! insecure_no_tls = false           # allow plaintext or unauthenticated clients beyond loopback
+//! handshake_timeout = 30            # seconds to finish the NBD (and TLS) handshake
+//! idle_timeout = 0                  # seconds without requests before closing; 0 = never
+//! reply_timeout = 60                # seconds a client may leave its replies unread
+//! max_sessions = 1024               # open connections in total
+//! max_sessions_per_client = 256     # open connections per client IP address
+//! memory_budget = "1G"              # payload memory of all connections together
+//!
+//! [serve.allow]                     # exports only these client certificates may open
+//! "web01-os" = ["hv1.example.com"]  #   (certificate common name or subject-alternative name)
 //!
 //! [log]                             # change logs of tracked disks
 //! segment_size = "64M"              # seal a segment and start the next at this size
@@ -20,6 +32,7 @@
 //! tracked = true                    # keep a change log for this disk
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -51,6 +64,18 @@ pub struct ServeConfig {
     pub tls_key: Option<PathBuf>,
     #[serde(default)]
     pub tls_required: bool,
+    pub tls_client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub insecure_no_tls: bool,
+    pub handshake_timeout: Option<u64>,
+    pub idle_timeout: Option<u64>,
+    pub reply_timeout: Option<u64>,
+    pub max_sessions: Option<usize>,
+    pub max_sessions_per_client: Option<usize>,
+    pub memory_budget: Option<String>,
+    /// Export name → client identities allowed to open it.
+    #[serde(default)]
+    pub allow: BTreeMap<String, Vec<String>>,
 }
 
 /// A disk declared in the configuration file.

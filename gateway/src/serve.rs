@@ -1,10 +1,20 @@
 //! `standby serve`: every disk of the data directory as an NBD export.
+//!
+//! Who may connect is decided once, at start-up, from the listen address and the TLS settings
+//! ([`client_policy`]): on loopback, TLS is as configured; beyond loopback (any other address,
+//! including `0.0.0.0` and `::`), STARTTLS is always required and clients must present a
+//! certificate from `--tls-client-ca`, unless the admin gives `--insecure-no-tls`, which is
+//! logged as a warning naming what it exposes. Anything else is a start-up error that says
+//! which flag is missing. The Unix socket is local (file permissions guard it) and shares the
+//! TCP listener's TLS settings.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use nbd_server::{BlockDevice, Export, Exports, Server, ServerConfig, TlsConfig};
+use std::time::Duration;
+
+use nbd_server::{Access, BlockDevice, Export, Exports, Limits, Server, ServerConfig, TlsConfig};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
@@ -27,6 +37,27 @@ pub enum ServeError {
     Tls(#[from] nbd_server::TlsError),
     #[error("TLS needs both a certificate and a key (--tls-cert and --tls-key)")]
     TlsIncomplete,
+    #[error(
+        "refusing to serve plaintext NBD on {0}, which is reachable beyond this host: anyone who \
+         can reach the port could read and write every disk. Give --tls-cert, --tls-key and \
+         --tls-client-ca (clients then need a certificate from that CA), listen on 127.0.0.1, or \
+         accept the exposure with --insecure-no-tls"
+    )]
+    NetworkWithoutTls(SocketAddr),
+    #[error(
+        "refusing to serve on {0}, which is reachable beyond this host, without client \
+         authentication: with TLS alone anyone who can reach the port could read and write every \
+         disk. Give --tls-client-ca FILE (clients then need a certificate signed by that CA), \
+         listen on 127.0.0.1, or accept the exposure with --insecure-no-tls"
+    )]
+    NetworkWithoutClientAuth(SocketAddr),
+    #[error(
+        "[serve.allow] restricts exports to client certificates, but no client CA is configured: \
+         give --tls-client-ca (or tls_client_ca in [serve])"
+    )]
+    AllowListWithoutClientCa,
+    #[error("{0}: {1}")]
+    BadLimit(&'static str, String),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -39,6 +70,14 @@ pub struct ServeOptions {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_required: bool,
+    pub tls_client_ca: Option<PathBuf>,
+    pub insecure_no_tls: bool,
+    pub handshake_timeout: Option<u64>,
+    pub idle_timeout: Option<u64>,
+    pub reply_timeout: Option<u64>,
+    pub max_sessions: Option<usize>,
+    pub max_sessions_per_client: Option<usize>,
+    pub memory_budget: Option<String>,
 }
 
 impl ServeOptions {
@@ -50,7 +89,67 @@ impl ServeOptions {
         self.tls_cert = self.tls_cert.or_else(|| c.tls_cert.clone());
         self.tls_key = self.tls_key.or_else(|| c.tls_key.clone());
         self.tls_required |= c.tls_required;
+        self.tls_client_ca = self.tls_client_ca.or_else(|| c.tls_client_ca.clone());
+        self.insecure_no_tls |= c.insecure_no_tls;
+        self.handshake_timeout = self.handshake_timeout.or(c.handshake_timeout);
+        self.idle_timeout = self.idle_timeout.or(c.idle_timeout);
+        self.reply_timeout = self.reply_timeout.or(c.reply_timeout);
+        self.max_sessions = self.max_sessions.or(c.max_sessions);
+        self.max_sessions_per_client = self.max_sessions_per_client.or(c.max_sessions_per_client);
+        self.memory_budget = self.memory_budget.or_else(|| c.memory_budget.clone());
         self
+    }
+
+    /// The server's resource limits: the defaults, overridden where set.
+    pub fn limits(&self) -> Result<Limits, ServeError> {
+        let d = Limits::default();
+        let secs = |v: Option<u64>, what: &'static str, def: Duration| match v {
+            None => Ok(def),
+            Some(0) => Err(ServeError::BadLimit(
+                what,
+                "must be at least 1 second".into(),
+            )),
+            Some(s) => Ok(Duration::from_secs(s)),
+        };
+        let count = |v: Option<usize>, what: &'static str, def: usize| match v {
+            None => Ok(def),
+            Some(0) => Err(ServeError::BadLimit(what, "must be at least 1".into())),
+            Some(n) => Ok(n),
+        };
+        let memory_budget = match &self.memory_budget {
+            None => d.memory_budget,
+            Some(s) => {
+                let n = crate::units::parse_size(s)
+                    .map_err(|e| ServeError::BadLimit("memory budget", e.to_string()))?;
+                // One largest request must fit, or it would wait forever.
+                if n < u64::from(nbd_server::proto::MAX_PAYLOAD) {
+                    return Err(ServeError::BadLimit(
+                        "memory budget",
+                        format!("{s} is less than one 32M request"),
+                    ));
+                }
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }
+        };
+        Ok(Limits {
+            handshake_timeout: secs(
+                self.handshake_timeout,
+                "handshake timeout",
+                d.handshake_timeout,
+            )?,
+            idle_timeout: match self.idle_timeout {
+                None | Some(0) => None,
+                Some(s) => Some(Duration::from_secs(s)),
+            },
+            reply_timeout: secs(self.reply_timeout, "reply timeout", d.reply_timeout)?,
+            max_sessions: count(self.max_sessions, "max sessions", d.max_sessions)?,
+            max_sessions_per_client: count(
+                self.max_sessions_per_client,
+                "max sessions per client",
+                d.max_sessions_per_client,
+            )?,
+            memory_budget,
+        })
     }
 }
 
@@ -76,14 +175,6 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
     // One server per data directory, taken before any disk or log is opened.
     let _lock = crate::datadir_lock::DataDirLock::acquire(dd.root())?;
     let opts = opts.merged_with(dd);
-    let tls = match (&opts.tls_cert, &opts.tls_key) {
-        (Some(c), Some(k)) => Some(TlsConfig::from_pem_files(c, k, opts.tls_required)?),
-        (None, None) if !opts.tls_required => None,
-        _ => return Err(ServeError::TlsIncomplete),
-    };
-    let exports = exports(dd)?;
-    let server = Server::new(Arc::clone(&exports), ServerConfig { tls: tls.clone() });
-
     let listen = opts
         .listen
         .clone()
@@ -91,6 +182,31 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
     let addr: SocketAddr = listen
         .parse()
         .map_err(|_| ServeError::BadAddress(listen.clone()))?;
+    let policy = client_policy(Reach::of(&addr), &opts, !dd.config().serve.allow.is_empty())?;
+    let tls = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(c), Some(k)) => Some(TlsConfig::from_pem_files(
+            c,
+            k,
+            opts.tls_client_ca.as_deref(),
+            policy.tls_required(),
+        )?),
+        _ => None,
+    };
+    let limits = opts.limits()?;
+    let mut access = Access::open();
+    for (export, names) in &dd.config().serve.allow {
+        access.restrict(export.clone(), names.clone());
+    }
+    let exports = exports(dd)?;
+    let server = Server::new(
+        Arc::clone(&exports),
+        ServerConfig {
+            tls: tls.clone(),
+            access,
+            limits: limits.clone(),
+        },
+    );
+
     let tcp = TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind {
@@ -101,6 +217,16 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
         addr: listen.clone(),
         source,
     })?;
+    policy.log(&bound);
+    info!(
+        handshake_timeout = ?limits.handshake_timeout,
+        idle_timeout = ?limits.idle_timeout,
+        reply_timeout = ?limits.reply_timeout,
+        max_sessions = limits.max_sessions,
+        max_sessions_per_client = limits.max_sessions_per_client,
+        memory_budget = limits.memory_budget,
+        "client limits"
+    );
     let unix = match &opts.socket {
         Some(p) => Some(nbd_server::bind_unix(p).map_err(|source| ServeError::Bind {
             addr: p.display().to_string(),
@@ -191,6 +317,124 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// How far a listen address reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// 127.0.0.0/8 or ::1: only users of this host.
+    Loopback,
+    /// Any other address, the wildcards `0.0.0.0` and `::` included.
+    Network,
+}
+
+impl Reach {
+    pub fn of(addr: &SocketAddr) -> Self {
+        if addr.ip().to_canonical().is_loopback() {
+            Reach::Loopback
+        } else {
+            Reach::Network
+        }
+    }
+}
+
+/// What the listener demands of a client, decided at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientPolicy {
+    /// Loopback, no TLS configured.
+    LocalPlaintext,
+    /// Loopback, STARTTLS offered, plaintext still accepted.
+    TlsOptional,
+    /// STARTTLS required; any client that completes it is served (on loopback by choice,
+    /// beyond it only with `--insecure-no-tls`).
+    TlsRequired(Reach),
+    /// STARTTLS required and the client's certificate verified against the client CA.
+    MutualTls(Reach),
+    /// Plaintext beyond loopback, by `--insecure-no-tls`.
+    InsecurePlaintext,
+}
+
+impl ClientPolicy {
+    pub fn tls_required(self) -> bool {
+        matches!(self, Self::TlsRequired(_) | Self::MutualTls(_))
+    }
+
+    /// Says at start-up whom the server admits, and why.
+    fn log(self, bound: &SocketAddr) {
+        match self {
+            Self::LocalPlaintext => info!(
+                %bound,
+                "loopback only: plaintext NBD for users of this host (a non-loopback address \
+                 needs TLS with client certificates)"
+            ),
+            Self::TlsOptional => info!(
+                %bound,
+                "loopback: STARTTLS offered, plaintext accepted (--tls-required refuses it)"
+            ),
+            Self::TlsRequired(Reach::Loopback) => info!(
+                %bound,
+                "loopback: STARTTLS required; clients are not authenticated (no --tls-client-ca)"
+            ),
+            Self::TlsRequired(Reach::Network) => warn!(
+                %bound,
+                "--insecure-no-tls: STARTTLS required but clients are NOT authenticated: anyone \
+                 who can reach this address can read and write every disk"
+            ),
+            Self::MutualTls(reach) => info!(
+                %bound,
+                ?reach,
+                "STARTTLS required; clients must present a certificate from the client CA"
+            ),
+            Self::InsecurePlaintext => warn!(
+                %bound,
+                "--insecure-no-tls: plaintext NBD beyond loopback: anyone who can reach this \
+                 address can read and write every disk"
+            ),
+        }
+    }
+}
+
+/// Decides whom to admit from the listen address's reach and the TLS settings, or refuses to
+/// start with an error that names the missing flag. `allow_lists`: some export is restricted
+/// to client identities.
+pub fn client_policy(
+    reach: Reach,
+    opts: &ServeOptions,
+    allow_lists: bool,
+) -> Result<ClientPolicy, ServeError> {
+    let tls = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(_), Some(_)) => true,
+        (None, None) if !opts.tls_required && opts.tls_client_ca.is_none() => false,
+        _ => return Err(ServeError::TlsIncomplete),
+    };
+    let client_ca = opts.tls_client_ca.is_some();
+    if allow_lists && !client_ca {
+        return Err(ServeError::AllowListWithoutClientCa);
+    }
+    Ok(match (reach, tls, client_ca) {
+        // A client CA always means TLS is required: plaintext would bypass it.
+        (_, true, true) => ClientPolicy::MutualTls(reach),
+        (Reach::Loopback, false, _) => ClientPolicy::LocalPlaintext,
+        (Reach::Loopback, true, false) if opts.tls_required => {
+            ClientPolicy::TlsRequired(Reach::Loopback)
+        }
+        (Reach::Loopback, true, false) => ClientPolicy::TlsOptional,
+        (Reach::Network, false, _) if opts.insecure_no_tls => ClientPolicy::InsecurePlaintext,
+        (Reach::Network, true, false) if opts.insecure_no_tls => {
+            ClientPolicy::TlsRequired(Reach::Network)
+        }
+        (Reach::Network, false, _) => return Err(ServeError::NetworkWithoutTls(addr_hint(opts))),
+        (Reach::Network, true, false) => {
+            return Err(ServeError::NetworkWithoutClientAuth(addr_hint(opts)))
+        }
+    })
+}
+
+fn addr_hint(opts: &ServeOptions) -> SocketAddr {
+    opts.listen
+        .as_deref()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
@@ -210,5 +454,111 @@ impl Signals {
             _ = self.term.recv() => info!("SIGTERM received"),
             _ = self.int.recv() => info!("SIGINT received"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(listen: &str, cert: bool, ca: bool, required: bool, insecure: bool) -> ServeOptions {
+        ServeOptions {
+            listen: Some(listen.into()),
+            tls_cert: cert.then(|| "c.pem".into()),
+            tls_key: cert.then(|| "k.pem".into()),
+            tls_client_ca: ca.then(|| "ca.pem".into()),
+            tls_required: required,
+            insecure_no_tls: insecure,
+            ..ServeOptions::default()
+        }
+    }
+
+    fn policy(listen: &str, cert: bool, ca: bool, req: bool, insecure: bool) -> String {
+        let o = opts(listen, cert, ca, req, insecure);
+        let reach = Reach::of(&listen.parse().unwrap());
+        match client_policy(reach, &o, false) {
+            Ok(p) => format!("{p:?}"),
+            Err(e) => format!("error: {e}"),
+        }
+    }
+
+    #[test]
+    fn reach_of_addresses() {
+        for a in [
+            "127.0.0.1:1",
+            "127.8.9.1:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert_eq!(Reach::of(&a.parse().unwrap()), Reach::Loopback, "{a}");
+        }
+        for a in ["0.0.0.0:1", "[::]:1", "192.0.2.2:1", "[fd00::2]:1"] {
+            assert_eq!(Reach::of(&a.parse().unwrap()), Reach::Network, "{a}");
+        }
+    }
+
+    #[test]
+    fn policy_table() {
+        let lo = "127.0.0.1:10809";
+        let net = "0.0.0.0:10809";
+        assert_eq!(policy(lo, false, false, false, false), "LocalPlaintext");
+        assert_eq!(policy(lo, true, false, false, false), "TlsOptional");
+        assert_eq!(
+            policy(lo, true, false, true, false),
+            "TlsRequired(Loopback)"
+        );
+        assert_eq!(policy(lo, true, true, false, false), "MutualTls(Loopback)");
+        assert_eq!(policy(net, true, true, false, false), "MutualTls(Network)");
+        assert_eq!(policy(net, false, false, false, true), "InsecurePlaintext");
+        assert_eq!(
+            policy(net, true, false, false, true),
+            "TlsRequired(Network)"
+        );
+        let e = policy(net, false, false, false, false);
+        assert!(
+            e.contains("refusing to serve plaintext NBD on 0.0.0.0:10809"),
+            "{e}"
+        );
+        assert!(e.contains("--insecure-no-tls"), "{e}");
+        let e = policy(net, true, false, true, false);
+        assert!(e.contains("--tls-client-ca"), "{e}");
+        // Half a TLS configuration is an error wherever the server listens.
+        assert!(policy(lo, false, true, false, false).contains("both a certificate"));
+        assert!(policy(lo, false, false, true, false).contains("both a certificate"));
+        // An allow-list needs client certificates to check.
+        let o = opts(lo, true, false, false, false);
+        assert!(matches!(
+            client_policy(Reach::Loopback, &o, true),
+            Err(ServeError::AllowListWithoutClientCa)
+        ));
+    }
+
+    #[test]
+    fn limits_from_flags() {
+        let d = ServeOptions::default().limits().unwrap();
+        assert_eq!(d, Limits::default());
+        let o = ServeOptions {
+            handshake_timeout: Some(5),
+            idle_timeout: Some(0),
+            max_sessions: Some(10),
+            memory_budget: Some("256M".into()),
+            ..ServeOptions::default()
+        };
+        let l = o.limits().unwrap();
+        assert_eq!(l.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(l.idle_timeout, None);
+        assert_eq!(l.max_sessions, 10);
+        assert_eq!(l.memory_budget, 256 << 20);
+        let bad = |o: ServeOptions| o.limits().unwrap_err().to_string();
+        let e = bad(ServeOptions {
+            memory_budget: Some("1M".into()),
+            ..ServeOptions::default()
+        });
+        assert!(e.contains("less than one 32M request"), "{e}");
+        let e = bad(ServeOptions {
+            max_sessions_per_client: Some(0),
+            ..ServeOptions::default()
+        });
+        assert!(e.contains("at least 1"), "{e}");
     }
 }

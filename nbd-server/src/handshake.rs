@@ -1,14 +1,18 @@
 //! Fixed-newstyle handshake and option haggling.
+//!
+//! Every option that names an export looks it up through [`Ctx::lookup`], which hides the
+//! exports the client may not open ([`Access`]): they are answered exactly like unknown names.
 
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info};
 
+use crate::access::Access;
 use crate::device::BlockDevice;
 use crate::export::{Export, Exports};
 use crate::proto::*;
-use crate::tls::TlsConfig;
+use crate::tls::{ClientIdentity, TlsConfig};
 use crate::SessionError;
 
 /// Any byte stream the server can talk NBD over (TCP, Unix socket, TLS on either).
@@ -23,6 +27,8 @@ pub struct Negotiated {
     /// Export name for which `base:allocation` was selected by the last SET_META_CONTEXT.
     pub meta_export: Option<String>,
     pub tls: bool,
+    /// Who the client proved to be with its TLS certificate.
+    pub client: Option<ClientIdentity>,
 }
 
 /// Result of a handshake: either an export to serve, or a clean end.
@@ -38,7 +44,25 @@ pub enum Outcome<D> {
 struct Ctx<'a, D> {
     exports: &'a Exports<D>,
     tls: Option<&'a TlsConfig>,
+    access: &'a Access,
     neg: Negotiated,
+}
+
+impl<D: BlockDevice> Ctx<'_, D> {
+    /// The export `name`, if it exists and this client may open it.
+    fn lookup(&self, name: &str) -> Option<Arc<Export<D>>> {
+        let export = self.exports.get(name)?;
+        if self.access.permits(&export.name, self.neg.client.as_ref()) {
+            Some(export)
+        } else {
+            info!(
+                export = %export.name,
+                client = %self.neg.client.as_ref().map_or("(no certificate)".into(), |c| c.display_name()),
+                "export refused: the client is not in its allow-list"
+            );
+            None
+        }
+    }
 }
 
 /// Transmission flags for an export under a negotiation.
@@ -108,6 +132,7 @@ pub async fn negotiate<D: BlockDevice>(
     mut s: BoxStream,
     exports: &Exports<D>,
     tls: Option<&TlsConfig>,
+    access: &Access,
 ) -> Result<Outcome<D>, SessionError> {
     let mut hello = [0u8; 18];
     hello[0..8].copy_from_slice(&NBD_MAGIC.to_be_bytes());
@@ -130,6 +155,7 @@ pub async fn negotiate<D: BlockDevice>(
     let mut ctx = Ctx {
         exports,
         tls,
+        access,
         neg: Negotiated::default(),
     };
 
@@ -174,7 +200,7 @@ pub async fn negotiate<D: BlockDevice>(
                     Ok(n) => n,
                     Err(_) => return Err(SessionError::Protocol("bad export name")),
                 };
-                let Some(export) = ctx.exports.get(&name) else {
+                let Some(export) = ctx.lookup(&name) else {
                     info!(export = %name, "client asked for unknown export");
                     return Err(SessionError::UnknownExport(name));
                 };
@@ -202,7 +228,12 @@ pub async fn negotiate<D: BlockDevice>(
                     send_error(&mut s, option, REP_ERR_INVALID, "LIST takes no data").await?;
                     continue;
                 }
-                for e in ctx.exports.list() {
+                let visible = ctx
+                    .exports
+                    .list()
+                    .into_iter()
+                    .filter(|e| ctx.access.permits(&e.name, ctx.neg.client.as_ref()));
+                for e in visible {
                     let mut d = Vec::with_capacity(4 + e.name.len());
                     d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
                     d.extend_from_slice(e.name.as_bytes());
@@ -226,10 +257,20 @@ pub async fn negotiate<D: BlockDevice>(
                 }
                 send_reply(&mut s, option, REP_ACK, &[]).await?;
                 let tls_stream = tls.acceptor.accept(s).await.map_err(SessionError::Tls)?;
+                let client = tls_stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(ClientIdentity::from_certificate);
+                if let Some(c) = &client {
+                    debug!(client = %c.display_name(), "client certificate verified");
+                }
                 s = Box::new(tls_stream);
                 // Everything negotiated before STARTTLS is forgotten.
                 ctx.neg = Negotiated {
                     tls: true,
+                    client,
                     ..Negotiated::default()
                 };
             }
@@ -241,7 +282,7 @@ pub async fn negotiate<D: BlockDevice>(
                         continue;
                     }
                 };
-                let Some(export) = ctx.exports.get(&req.name) else {
+                let Some(export) = ctx.lookup(&req.name) else {
                     let msg = format!("no export named '{}'", req.name);
                     send_error(&mut s, option, REP_ERR_UNKNOWN, &msg).await?;
                     continue;
@@ -285,7 +326,7 @@ pub async fn negotiate<D: BlockDevice>(
                         continue;
                     }
                 };
-                let Some(export) = ctx.exports.get(&req.export) else {
+                let Some(export) = ctx.lookup(&req.export) else {
                     let msg = format!("no export named '{}'", req.export);
                     send_error(&mut s, option, REP_ERR_UNKNOWN, &msg).await?;
                     continue;

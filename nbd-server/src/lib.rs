@@ -10,11 +10,14 @@
 //! The server knows nothing about what is behind an export: it is generic over
 //! [`BlockDevice`]. Limits are the named constants in [`proto`].
 
+pub mod access;
 pub mod device;
 pub mod export;
 pub mod handshake;
+pub mod limits;
 pub mod mem;
 pub mod proto;
+mod reply;
 pub mod tls;
 mod transmission;
 
@@ -28,9 +31,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+pub use access::Access;
 pub use device::{BlockDevice, BlockSize, DeviceFlags, Extent, MappedRead, ZeroFlags};
 pub use export::{Export, Exports};
-pub use tls::{TlsConfig, TlsError};
+pub use limits::Limits;
+pub use tls::{ClientIdentity, TlsConfig, TlsError};
 
 /// Why a client session ended abnormally. None of these affect other sessions.
 #[derive(Debug, Error)]
@@ -43,6 +48,10 @@ pub enum SessionError {
     Decode(proto::DecodeError),
     #[error("client asked for unknown export '{0}'")]
     UnknownExport(String),
+    #[error("handshake not finished within {0:?}: closed")]
+    HandshakeTimeout(std::time::Duration),
+    #[error("no request for {0:?} with nothing in flight: closed (idle timeout)")]
+    IdleTimeout(std::time::Duration),
     #[error("TLS handshake failed: {0}")]
     Tls(io::Error),
     #[error("I/O error: {0}")]
@@ -66,6 +75,9 @@ fn reply_hint(e: &io::Error) -> &'static str {
 pub struct ServerConfig {
     /// STARTTLS support (and whether it is mandatory).
     pub tls: Option<TlsConfig>,
+    /// Which client may see and open which export.
+    pub access: Access,
+    pub limits: Limits,
 }
 
 /// An NBD server over a table of exports.
@@ -73,14 +85,29 @@ pub struct Server<D> {
     exports: Arc<Exports<D>>,
     config: ServerConfig,
     shutdown: watch::Sender<bool>,
+    admission: Arc<limits::Admission>,
+    /// Payload bytes all connections together may hold ([`Limits::memory_budget`]).
+    memory: Arc<tokio::sync::Semaphore>,
+    /// When a refused connection was last logged (seconds since start), to log bursts once.
+    last_refusal_log: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
 }
 
 impl<D: BlockDevice> Server<D> {
     pub fn new(exports: Arc<Exports<D>>, config: ServerConfig) -> Arc<Self> {
+        let l = &config.limits;
+        let admission = limits::Admission::new(l.max_sessions, l.max_sessions_per_client);
+        let memory = Arc::new(tokio::sync::Semaphore::new(
+            l.memory_budget.min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         Arc::new(Self {
             exports,
             config,
             shutdown: watch::channel(false).0,
+            admission,
+            memory,
+            last_refusal_log: std::sync::atomic::AtomicU64::new(u64::MAX),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -101,7 +128,7 @@ impl<D: BlockDevice> Server<D> {
             let _ = sock.set_nodelay(true);
             Ok((
                 Box::new(sock) as handshake::BoxStream,
-                peer.to_string(),
+                Peer::Ip(peer),
                 Transport::Socket,
             ))
         })
@@ -114,7 +141,7 @@ impl<D: BlockDevice> Server<D> {
             let (sock, _) = listener.accept().await?;
             Ok((
                 Box::new(sock) as handshake::BoxStream,
-                "unix".to_string(),
+                Peer::Unix,
                 Transport::Socket,
             ))
         })
@@ -124,7 +151,7 @@ impl<D: BlockDevice> Server<D> {
     async fn accept_loop<F, Fut>(self: &Arc<Self>, mut accept: F) -> io::Result<()>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = io::Result<(handshake::BoxStream, String, Transport)>>,
+        Fut: std::future::Future<Output = io::Result<(handshake::BoxStream, Peer, Transport)>>,
     {
         let mut stop = self.shutdown.subscribe();
         let mut sessions = JoinSet::new();
@@ -136,8 +163,22 @@ impl<D: BlockDevice> Server<D> {
                 _ = stop.changed() => {}
                 r = accept() => match r {
                     Ok((stream, peer, transport)) => {
-                        let me = Arc::clone(self);
-                        sessions.spawn(async move { me.session_on(stream, peer, transport).await });
+                        let ip = match peer {
+                            Peer::Ip(a) => Some(a.ip().to_canonical()),
+                            Peer::Unix => None,
+                        };
+                        match self.admission.admit(ip) {
+                            Ok(ticket) => {
+                                let me = Arc::clone(self);
+                                let peer = peer.to_string();
+                                sessions.spawn(async move {
+                                    me.session_on(stream, peer, transport).await;
+                                    drop(ticket);
+                                });
+                            }
+                            // Closed at once: nothing is sent, nothing is held.
+                            Err(why) => self.log_refusal(&peer, why),
+                        }
                     }
                     Err(e) => {
                         // Typically EMFILE: back off instead of spinning.
@@ -152,6 +193,34 @@ impl<D: BlockDevice> Server<D> {
         Ok(())
     }
 
+    /// Logs a refused connection; a burst of them is logged once every 10 s.
+    fn log_refusal(&self, peer: &Peer, why: limits::Refusal) {
+        use std::sync::atomic::Ordering;
+        let now = self.started.elapsed().as_secs();
+        let last = self.last_refusal_log.load(Ordering::Relaxed);
+        let l = &self.config.limits;
+        if last == u64::MAX || now >= last + 10 {
+            self.last_refusal_log.store(now, Ordering::Relaxed);
+            match why {
+                limits::Refusal::TooManySessions => warn!(
+                    %peer, max = l.max_sessions,
+                    "connection refused: the server has its maximum of sessions open (more refusals are logged at most every 10 s)"
+                ),
+                limits::Refusal::TooManyFromClient => warn!(
+                    %peer, max = l.max_sessions_per_client,
+                    "connection refused: this client address has its maximum of sessions open (more refusals are logged at most every 10 s)"
+                ),
+            }
+        } else {
+            debug!(%peer, ?why, "connection refused");
+        }
+    }
+
+    /// Open sessions (admitted connections) across all listeners.
+    pub fn open_sessions(&self) -> usize {
+        self.admission.open_sessions()
+    }
+
     /// Runs one client session to its end over any byte stream, logging how it ended.
     pub async fn session(self: Arc<Self>, stream: handshake::BoxStream, peer: String) {
         self.session_on(stream, peer, Transport::Stream).await
@@ -160,6 +229,8 @@ impl<D: BlockDevice> Server<D> {
     async fn session_on(self: Arc<Self>, stream: handshake::BoxStream, peer: String, t: Transport) {
         match self.run_session(stream, t).await {
             Ok(()) | Err(SessionError::Disconnected) => debug!(%peer, "session closed"),
+            // Many at once under a connection flood: not worth a line each.
+            Err(e @ SessionError::HandshakeTimeout(_)) => debug!(%peer, "session ended: {e}"),
             Err(e) => info!(%peer, "session ended: {e}"),
         }
     }
@@ -169,7 +240,18 @@ impl<D: BlockDevice> Server<D> {
         stream: handshake::BoxStream,
         transport: Transport,
     ) -> Result<(), SessionError> {
-        let outcome = handshake::negotiate(stream, &self.exports, self.config.tls.as_ref()).await?;
+        let limit = self.config.limits.handshake_timeout;
+        let outcome = tokio::time::timeout(
+            limit,
+            handshake::negotiate(
+                stream,
+                &self.exports,
+                self.config.tls.as_ref(),
+                &self.config.access,
+            ),
+        )
+        .await
+        .map_err(|_| SessionError::HandshakeTimeout(limit))??;
         match outcome {
             handshake::Outcome::Closed => Ok(()),
             handshake::Outcome::Transmission {
@@ -181,8 +263,29 @@ impl<D: BlockDevice> Server<D> {
                 // Under TLS the payload is encrypted in user space: no mapped reads.
                 let kernel_writes = transport == Transport::Socket && !negotiated.tls;
                 let stop = self.shutdown.subscribe();
-                transmission::serve(stream, export, negotiated, kernel_writes, stop).await
+                let ctx = transmission::Context {
+                    kernel_writes,
+                    memory: Arc::clone(&self.memory),
+                    idle_timeout: self.config.limits.idle_timeout,
+                    reply_timeout: self.config.limits.reply_timeout,
+                };
+                transmission::serve(stream, export, negotiated, ctx, stop).await
             }
+        }
+    }
+}
+
+/// Where a connection comes from.
+enum Peer {
+    Ip(std::net::SocketAddr),
+    Unix,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Ip(a) => a.fmt(f),
+            Peer::Unix => f.write_str("unix"),
         }
     }
 }

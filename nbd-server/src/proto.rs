@@ -125,7 +125,9 @@ pub const MAX_STRING_LEN: usize = 4096;
 /// Largest read/write payload per request. The spec says payloads up to 2^25 must not be treated
 /// as denial of service, so this is what we accept and advertise as the maximum block size.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
-/// Requests in flight per connection before the server stops reading new ones.
+/// Requests in flight per connection before the server stops reading new ones. Every request
+/// holds its slot until its reply is on the socket, so this also bounds the replies queued for
+/// a client that does not read them.
 pub const MAX_IN_FLIGHT: usize = 64;
 /// Bytes of write payloads and read replies held per connection (a read holds its share until
 /// its reply is on the socket); bounds memory with big requests in flight.
@@ -134,6 +136,14 @@ pub const MAX_IN_FLIGHT_BYTES: usize = 128 * 1024 * 1024;
 pub const MAX_OPTIONS: usize = 1024;
 /// Most block status descriptors in one reply (the spec says a server SHOULD NOT exceed 2^20).
 pub const MAX_EXTENTS: usize = 1 << 16;
+/// Longest range one BLOCK_STATUS request is answered for (the reply may cover less than asked,
+/// as the spec allows): at 4 KiB granularity at most [`MAX_EXTENTS`] extents are computed.
+pub const MAX_BLOCK_STATUS_LEN: u64 = 256 * 1024 * 1024;
+/// Longest range one CACHE request prefetches (the rest is ignored: CACHE is a hint): as much
+/// disk reading as one READ can cause.
+pub const MAX_CACHE_LEN: u64 = MAX_PAYLOAD as u64;
+/// BLOCK_STATUS and CACHE requests running at once per connection.
+pub const MAX_SCANS_IN_FLIGHT: usize = 4;
 /// Most metadata queries in one LIST/SET_META_CONTEXT option.
 pub const MAX_META_QUERIES: u32 = 128;
 

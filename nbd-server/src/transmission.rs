@@ -3,8 +3,14 @@
 //! One task reads requests (and write payloads) off the socket in order, validates them and
 //! spawns one task per request; a single writer task sends replies as they complete, so a
 //! reply is never interleaved with another. At most [`MAX_IN_FLIGHT`] requests and
-//! [`MAX_IN_FLIGHT_BYTES`] payload bytes are outstanding per connection; past that the reader
-//! stops reading, which pushes back on the client through TCP.
+//! [`MAX_IN_FLIGHT_BYTES`] payload bytes are outstanding per connection, and payload bytes of
+//! all connections together come out of the server's memory budget; past that the reader
+//! stops reading, which pushes back on the client through TCP. Every request, whatever its
+//! command or outcome (errors included), holds its slot until its reply is on the socket: a
+//! client that never reads its replies has at most [`MAX_IN_FLIGHT`] of them queued, and is
+//! disconnected when it takes no byte of them for the reply timeout. BLOCK_STATUS and CACHE
+//! work on at most [`MAX_BLOCK_STATUS_LEN`] / [`MAX_CACHE_LEN`] per request and
+//! [`MAX_SCANS_IN_FLIGHT`] at once per connection.
 //!
 //! A write is handed to the device only once its whole payload has arrived, so a client that
 //! vanishes mid-request never causes a partial write.
@@ -16,63 +22,30 @@
 use std::io;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, trace};
 
-use crate::device::{nbd_errno, BlockDevice, Extent, MappedRead, ZeroFlags};
+use crate::device::{nbd_errno, BlockDevice, Extent, ZeroFlags};
 use crate::export::Export;
 use crate::handshake::{BoxStream, Negotiated};
 use crate::proto::*;
+use crate::reply::{
+    split_holes, structured_data, structured_data_head, writer_loop, Held, Part, Reply,
+    HOLE_SCAN_MIN,
+};
 use crate::SessionError;
 
-/// Reads shorter than this never get holes split out of them.
-const HOLE_SCAN_MIN: usize = 64 * 1024;
-/// Granularity (and minimum run) of zero detection in structured reads.
-const HOLE_BLOCK: usize = 4096;
-static ZERO_BLOCK: [u8; HOLE_BLOCK] = [0u8; HOLE_BLOCK];
-
-/// A reply, written to the socket as one unit.
-struct Reply {
-    parts: Vec<Part>,
-    /// Released once the reply is written.
-    _held: Held,
-}
-
-/// A request's in-flight slot and payload bytes, held until its reply is on the socket.
-#[derive(Default)]
-struct Held {
-    _slot: Option<OwnedSemaphorePermit>,
-    _bytes: Option<OwnedSemaphorePermit>,
-}
-
-/// A piece of a reply.
-enum Part {
-    Bytes(Vec<u8>),
-    /// Read data the kernel copies straight from a mapping (only on kernel-written sockets).
-    Mapped(MappedRead),
-}
-
-impl Part {
-    fn len(&self) -> usize {
-        match self {
-            Part::Bytes(b) => b.len(),
-            Part::Mapped(m) => m.len(),
-        }
-    }
-
-    fn io_slice(&self, from: usize) -> io::IoSlice<'_> {
-        match self {
-            Part::Bytes(b) => io::IoSlice::new(&b[from..]),
-            Part::Mapped(m) => m.io_slice(from),
-        }
-    }
-}
-
-impl From<Vec<u8>> for Part {
-    fn from(b: Vec<u8>) -> Self {
-        Part::Bytes(b)
-    }
+/// What a session's transmission phase gets from the server.
+pub struct Context {
+    /// The reply writer's `writev` goes straight to the kernel: mapped reads are allowed.
+    pub kernel_writes: bool,
+    /// The server's payload memory budget, shared by all connections.
+    pub memory: Arc<Semaphore>,
+    pub idle_timeout: Option<Duration>,
+    pub reply_timeout: Duration,
 }
 
 struct Conn<D> {
@@ -85,17 +58,13 @@ struct Conn<D> {
 }
 
 impl<D: BlockDevice> Conn<D> {
-    fn send(&self, parts: Vec<Part>) {
-        self.send_held(parts, Held::default());
-    }
-
     fn send_held(&self, parts: Vec<Part>, held: Held) {
         // The writer only goes away when the client has; the reader will notice too.
         let _ = self.tx.send(Reply { parts, _held: held });
     }
 
     /// Replies with an error, structured (with a message) when negotiated.
-    fn error(&self, cookie: u64, errno: u32, msg: &str) {
+    fn error(&self, cookie: u64, errno: u32, msg: &str, held: Held) {
         debug!(export = %self.export.name, cookie, errno, msg, "request failed");
         if self.neg.structured {
             let msg = &msg.as_bytes()[..msg.len().min(4096)];
@@ -109,20 +78,20 @@ impl<D: BlockDevice> Conn<D> {
                 cookie,
                 payload.len() as u32,
             );
-            self.send(vec![hdr.to_vec().into(), payload.into()]);
+            self.send_held(vec![hdr.to_vec().into(), payload.into()], held);
         } else {
-            self.send(vec![simple_reply(errno, cookie).to_vec().into()]);
+            self.send_held(vec![simple_reply(errno, cookie).to_vec().into()], held);
         }
     }
 
-    fn ok(&self, cookie: u64) {
-        self.send(vec![simple_reply(0, cookie).to_vec().into()]);
+    fn ok(&self, cookie: u64, held: Held) {
+        self.send_held(vec![simple_reply(0, cookie).to_vec().into()], held);
     }
 
-    fn done(&self, cookie: u64, r: io::Result<()>, what: &str) {
+    fn done(&self, cookie: u64, r: io::Result<()>, what: &str, held: Held) {
         match r {
-            Ok(()) => self.ok(cookie),
-            Err(e) => self.error(cookie, nbd_errno(&e), &format!("{what} failed: {e}")),
+            Ok(()) => self.ok(cookie, held),
+            Err(e) => self.error(cookie, nbd_errno(&e), &format!("{what} failed: {e}"), held),
         }
     }
 
@@ -175,8 +144,8 @@ impl<D: BlockDevice> Conn<D> {
     ) {
         match r {
             Ok(data) if data.len() == want => self.read_reply(cookie, offset, data, df, held),
-            Ok(_) => self.error(cookie, EIO, "device returned a short read"),
-            Err(e) => self.error(cookie, nbd_errno(&e), &format!("read: {e}")),
+            Ok(_) => self.error(cookie, EIO, "device returned a short read", held),
+            Err(e) => self.error(cookie, nbd_errno(&e), &format!("read: {e}"), held),
         }
     }
 
@@ -199,10 +168,17 @@ impl<D: BlockDevice> Conn<D> {
         Some(vec![head.into(), Part::Mapped(m)])
     }
 
-    fn block_status_reply(&self, cookie: u64, extents: &[Extent], len: u32, req_one: bool) {
+    fn block_status_reply(
+        &self,
+        cookie: u64,
+        extents: &[Extent],
+        len: u64,
+        req_one: bool,
+        held: Held,
+    ) {
         let mut payload = Vec::with_capacity(4 + 8 * extents.len().min(MAX_EXTENTS));
         payload.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
-        let mut left = u64::from(len);
+        let mut left = len;
         let mut count = 0usize;
         let mut last: Option<(u64, u32)> = None;
         let push = |payload: &mut Vec<u8>, (l, f): (u64, u32)| {
@@ -236,7 +212,7 @@ impl<D: BlockDevice> Conn<D> {
         match last {
             Some(prev) => push(&mut payload, prev),
             None => {
-                self.error(cookie, EIO, "device returned no extents");
+                self.error(cookie, EIO, "device returned no extents", held);
                 return;
             }
         }
@@ -246,137 +222,8 @@ impl<D: BlockDevice> Conn<D> {
             cookie,
             payload.len() as u32,
         );
-        self.send(vec![hdr.to_vec().into(), payload.into()]);
+        self.send_held(vec![hdr.to_vec().into(), payload.into()], held);
     }
-}
-
-fn structured_data(cookie: u64, offset: u64, data: Vec<u8>, done: bool) -> Vec<Part> {
-    let head = structured_data_head(cookie, offset, data.len() as u32, done);
-    vec![head.into(), data.into()]
-}
-
-/// The header of an `OFFSET_DATA` chunk carrying `len` bytes read at `offset`.
-fn structured_data_head(cookie: u64, offset: u64, len: u32, done: bool) -> Vec<u8> {
-    let flags = if done { REPLY_FLAG_DONE } else { 0 };
-    let mut head = Vec::with_capacity(STRUCTURED_HEADER_LEN + 8);
-    head.extend_from_slice(&structured_header(
-        flags,
-        REPLY_TYPE_OFFSET_DATA,
-        cookie,
-        8 + len,
-    ));
-    head.extend_from_slice(&offset.to_be_bytes());
-    head
-}
-
-fn structured_hole(cookie: u64, offset: u64, len: u32, done: bool) -> Vec<u8> {
-    let flags = if done { REPLY_FLAG_DONE } else { 0 };
-    let mut b = Vec::with_capacity(STRUCTURED_HEADER_LEN + 12);
-    b.extend_from_slice(&structured_header(
-        flags,
-        REPLY_TYPE_OFFSET_HOLE,
-        cookie,
-        12,
-    ));
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b
-}
-
-/// Sends runs of all-zero blocks as `OFFSET_HOLE` chunks and the rest as `OFFSET_DATA`.
-fn split_holes(cookie: u64, offset: u64, data: Vec<u8>) -> Vec<Part> {
-    // Find runs: (start, end, is_zero), block-granular, the tail block possibly short.
-    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
-    let mut pos = 0;
-    while pos < data.len() {
-        let end = (pos + HOLE_BLOCK).min(data.len());
-        let zero = data[pos..end] == ZERO_BLOCK[..end - pos];
-        match runs.last_mut() {
-            Some(r) if r.2 == zero => r.1 = end,
-            _ => runs.push((pos, end, zero)),
-        }
-        pos = end;
-    }
-    if runs.len() == 1 && !runs[0].2 {
-        return structured_data(cookie, offset, data, true);
-    }
-    let n = runs.len();
-    let mut parts = Vec::with_capacity(n * 2);
-    for (i, (s, e, zero)) in runs.into_iter().enumerate() {
-        let done = i + 1 == n;
-        let off = offset + s as u64;
-        if zero {
-            parts.push(structured_hole(cookie, off, (e - s) as u32, done).into());
-        } else {
-            parts.extend(structured_data(cookie, off, data[s..e].to_vec(), done));
-        }
-    }
-    parts
-}
-
-/// Most replies gathered into one `writev`.
-const WRITE_BATCH_REPLIES: usize = 64;
-/// Most iovecs handed to one `writev` (Linux's IOV_MAX is 1024).
-const MAX_IOVECS: usize = 1024;
-
-async fn writer_loop<W: AsyncWrite + Unpin>(
-    mut wr: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-) -> io::Result<()> {
-    let mut batch: Vec<Reply> = Vec::with_capacity(WRITE_BATCH_REPLIES);
-    let mut parts: Vec<Part> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        // Gather whatever else is ready: one system call for many replies.
-        while batch.len() < WRITE_BATCH_REPLIES {
-            match rx.try_recv() {
-                Ok(more) => batch.push(more),
-                Err(_) => break,
-            }
-        }
-        parts.extend(batch.iter_mut().flat_map(|r| r.parts.drain(..)));
-        write_all_vectored(&mut wr, &parts).await?;
-        parts.clear();
-        // Written: release the replies' slots and bytes.
-        batch.clear();
-    }
-    wr.shutdown().await
-}
-
-/// Writes every byte of `parts` with as few `writev` calls as the kernel allows.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(wr: &mut W, parts: &[Part]) -> io::Result<()> {
-    let mut idx = 0; // first part not fully written
-    let mut off = 0; // bytes of parts[idx] already written
-    while idx < parts.len() {
-        if parts[idx].len() == off {
-            idx += 1;
-            off = 0;
-            continue;
-        }
-        let mut slices = Vec::with_capacity((parts.len() - idx).min(MAX_IOVECS));
-        slices.push(parts[idx].io_slice(off));
-        for p in parts[idx + 1..].iter().take(MAX_IOVECS - 1) {
-            if p.len() > 0 {
-                slices.push(p.io_slice(0));
-            }
-        }
-        let mut written = wr.write_vectored(&slices).await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while written > 0 && idx < parts.len() {
-            let left = parts[idx].len() - off;
-            if written >= left {
-                written -= left;
-                idx += 1;
-                off = 0;
-            } else {
-                off += written;
-                written = 0;
-            }
-        }
-    }
-    wr.flush().await
 }
 
 /// Reads a request payload of `len` bytes into a fresh buffer (without zero-filling it first).
@@ -411,25 +258,32 @@ pub async fn serve<D: BlockDevice>(
     stream: BoxStream,
     export: Arc<Export<D>>,
     neg: Negotiated,
-    kernel_writes: bool,
+    ctx: Context,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
+    // Unbounded only in type: every reply holds a slot, so at most MAX_IN_FLIGHT are queued.
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut writer = tokio::spawn(writer_loop(wr, rx));
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
+    let mut writer = tokio::spawn(writer_loop(wr, rx, ctx.reply_timeout));
+    let limits = ConnLimits {
+        slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        bytes: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES)),
+        memory: ctx.memory,
+        scans: Arc::new(Semaphore::new(MAX_SCANS_IN_FLIGHT)),
+        idle_timeout: ctx.idle_timeout,
+    };
+    let slots = Arc::clone(&limits.slots);
     let conn = Arc::new(Conn {
         size: export.device.size(),
         export,
         neg,
-        kernel_writes,
+        kernel_writes: ctx.kernel_writes,
         tx,
     });
 
     let result = tokio::select! {
-        r = request_loop(&mut rd, &conn, &slots, &budget, &mut shutdown) => r,
+        r = request_loop(&mut rd, &conn, &limits, &mut shutdown) => r,
         // The writer only stops early when the socket failed (the client is gone, or a mapped
         // read's image shrank under it): stop reading requests and close the connection.
         w = &mut writer => {
@@ -438,6 +292,7 @@ pub async fn serve<D: BlockDevice>(
                     e.kind(),
                     io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
                 ) => SessionError::Disconnected,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => SessionError::Io(e),
                 Ok(Err(e)) => SessionError::Reply(e),
                 Ok(Ok(())) => SessionError::Protocol("reply writer stopped"),
                 Err(e) => SessionError::Io(io::Error::other(format!("reply writer task failed: {e}"))),
@@ -456,15 +311,77 @@ pub async fn serve<D: BlockDevice>(
     result
 }
 
-async fn request_loop<D: BlockDevice, R: AsyncRead + Unpin>(
+/// A connection's bounds on what its requests hold.
+struct ConnLimits {
+    slots: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    memory: Arc<Semaphore>,
+    scans: Arc<Semaphore>,
+    idle_timeout: Option<Duration>,
+}
+
+impl ConnLimits {
+    /// `n` payload bytes: the connection's share, then the server's.
+    async fn payload(
+        &self,
+        n: u32,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), SessionError> {
+        let closed = |_| SessionError::Protocol("semaphore closed");
+        let mine = Arc::clone(&self.bytes)
+            .acquire_many_owned(n)
+            .await
+            .map_err(closed)?;
+        let server = Arc::clone(&self.memory)
+            .acquire_many_owned(n)
+            .await
+            .map_err(closed)?;
+        Ok((mine, server))
+    }
+
+    fn nothing_in_flight(&self) -> bool {
+        self.slots.available_permits() == MAX_IN_FLIGHT
+    }
+}
+
+/// Waits until the next request starts arriving (without consuming it): fails after the idle
+/// timeout when nothing is in flight. `Ok(false)`: shutdown.
+async fn await_request<R: AsyncBufRead + Unpin>(
+    rd: &mut R,
+    limits: &ConnLimits,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, SessionError> {
+    let Some(idle) = limits.idle_timeout else {
+        return Ok(true);
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Ok(false),
+            // fill_buf consumes nothing, so giving up on it loses no byte.
+            r = rd.fill_buf() => {
+                r?;
+                return Ok(true);
+            }
+            _ = tokio::time::sleep(idle) => {
+                if limits.nothing_in_flight() {
+                    return Err(SessionError::IdleTimeout(idle));
+                }
+            }
+        }
+    }
+}
+
+async fn request_loop<D: BlockDevice, R: AsyncBufRead + Unpin>(
     rd: &mut R,
     conn: &Arc<Conn<D>>,
-    slots: &Arc<Semaphore>,
-    budget: &Arc<Semaphore>,
+    limits: &ConnLimits,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     loop {
         if *shutdown.borrow() {
+            return Ok(());
+        }
+        if !await_request(rd, limits, shutdown).await? {
             return Ok(());
         }
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
@@ -484,10 +401,12 @@ async fn request_loop<D: BlockDevice, R: AsyncRead + Unpin>(
         if req.command == CMD_DISC {
             return Ok(());
         }
-        let slot = Arc::clone(slots)
+        // Every request, answered or refused, holds a slot until its reply is written.
+        let slot = Arc::clone(&limits.slots)
             .acquire_owned()
             .await
             .map_err(|_| SessionError::Protocol("semaphore closed"))?;
+        let held = Held::slot(slot);
         let c = Arc::clone(conn);
         let cookie = req.cookie;
         let len = u64::from(req.length);
@@ -498,35 +417,42 @@ async fn request_loop<D: BlockDevice, R: AsyncRead + Unpin>(
             CMD_WRITE => {
                 if req.length > MAX_PAYLOAD {
                     drain(rd, len).await?;
-                    c.error(cookie, EINVAL, "write larger than the maximum payload");
+                    c.error(
+                        cookie,
+                        EINVAL,
+                        "write larger than the maximum payload",
+                        held,
+                    );
                     continue;
                 }
-                let bytes = Arc::clone(budget)
-                    .acquire_many_owned(req.length.max(1))
-                    .await
-                    .map_err(|_| SessionError::Protocol("semaphore closed"))?;
+                let (bytes, memory) = limits.payload(req.length.max(1)).await?;
                 // Client vanished mid-payload: nothing is written.
                 let data = read_payload(rd, req.length as usize).await?;
+                // The payload is in memory until the device has it; the reply is small.
+                let held = Held {
+                    _bytes: Some(bytes),
+                    _memory: Some(memory),
+                    ..held
+                };
                 if bad_flags(CMD_FLAG_FUA) {
-                    c.error(cookie, EINVAL, "unsupported flags for WRITE");
+                    c.error(cookie, EINVAL, "unsupported flags for WRITE", held);
                 } else if ro {
-                    c.error(cookie, EPERM, "export is read-only");
+                    c.error(cookie, EPERM, "export is read-only", held);
                 } else if !c.in_bounds(req.offset, len) {
-                    c.error(cookie, ENOSPC, "write beyond the end of the export");
+                    c.error(cookie, ENOSPC, "write beyond the end of the export", held);
                 } else if len == 0 {
-                    c.ok(cookie);
+                    c.ok(cookie, held);
                 } else {
                     let fua = req.flags & CMD_FLAG_FUA != 0;
                     if let Some(r) = c.export.device.write_now(req.offset, &data, fua) {
                         // Done on this task: no thread hop, and writes to one export from one
                         // connection do not contend for the file's lock.
-                        c.done(cookie, r, "write");
-                        drop((slot, bytes));
+                        drop(data);
+                        c.done(cookie, r, "write", held);
                     } else {
                         tokio::spawn(async move {
                             let r = c.export.device.write(req.offset, data, fua).await;
-                            c.done(cookie, r, "write");
-                            drop((slot, bytes));
+                            c.done(cookie, r, "write", held);
                         });
                     }
                 }
@@ -534,23 +460,21 @@ async fn request_loop<D: BlockDevice, R: AsyncRead + Unpin>(
             CMD_READ => {
                 let allowed = if c.neg.structured { CMD_FLAG_DF } else { 0 };
                 if bad_flags(allowed) {
-                    c.error(cookie, EINVAL, "unsupported flags for READ");
+                    c.error(cookie, EINVAL, "unsupported flags for READ", held);
                 } else if req.length > MAX_PAYLOAD {
-                    c.error(cookie, EINVAL, "read larger than the maximum payload");
+                    c.error(cookie, EINVAL, "read larger than the maximum payload", held);
                 } else if !c.in_bounds(req.offset, len) {
-                    c.error(cookie, EINVAL, "read beyond the end of the export");
+                    c.error(cookie, EINVAL, "read beyond the end of the export", held);
                 } else if len == 0 {
-                    c.read_reply(cookie, req.offset, Vec::new(), true, Held::default());
+                    c.read_reply(cookie, req.offset, Vec::new(), true, held);
                 } else {
                     // The slot and the bytes stay held until the reply has been written, so
                     // a client that does not read its replies cannot make them pile up.
-                    let bytes = Arc::clone(budget)
-                        .acquire_many_owned(req.length)
-                        .await
-                        .map_err(|_| SessionError::Protocol("semaphore closed"))?;
+                    let (bytes, memory) = limits.payload(req.length).await?;
                     let held = Held {
-                        _slot: Some(slot),
                         _bytes: Some(bytes),
+                        _memory: Some(memory),
+                        ..held
                     };
                     let df = req.flags & CMD_FLAG_DF != 0;
                     c.read(cookie, req.offset, req.length, df, held);
@@ -558,45 +482,44 @@ async fn request_loop<D: BlockDevice, R: AsyncRead + Unpin>(
             }
             CMD_FLUSH => {
                 if bad_flags(0) {
-                    c.error(cookie, EINVAL, "unsupported flags for FLUSH");
+                    c.error(cookie, EINVAL, "unsupported flags for FLUSH", held);
                 } else {
                     tokio::spawn(async move {
                         let r = c.export.device.flush().await;
-                        c.done(cookie, r, "flush");
-                        drop(slot);
+                        c.done(cookie, r, "flush", held);
                     });
                 }
             }
             CMD_TRIM => {
                 if bad_flags(CMD_FLAG_FUA) {
-                    c.error(cookie, EINVAL, "unsupported flags for TRIM");
+                    c.error(cookie, EINVAL, "unsupported flags for TRIM", held);
                 } else if ro {
-                    c.error(cookie, EPERM, "export is read-only");
+                    c.error(cookie, EPERM, "export is read-only", held);
                 } else if !c.export.device.flags().trim {
-                    c.error(cookie, EINVAL, "trim is not supported by this export");
+                    c.error(cookie, EINVAL, "trim is not supported by this export", held);
                 } else if !c.in_bounds(req.offset, len) {
-                    c.error(cookie, EINVAL, "trim beyond the end of the export");
+                    c.error(cookie, EINVAL, "trim beyond the end of the export", held);
                 } else if len == 0 {
-                    c.ok(cookie);
+                    c.ok(cookie, held);
                 } else {
                     tokio::spawn(async move {
                         let fua = req.flags & CMD_FLAG_FUA != 0;
                         let r = c.export.device.trim(req.offset, len, fua).await;
-                        c.done(cookie, r, "trim");
-                        drop(slot);
+                        c.done(cookie, r, "trim", held);
                     });
                 }
             }
             CMD_WRITE_ZEROES => {
                 let allowed = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO;
                 if bad_flags(allowed) {
-                    c.error(cookie, EINVAL, "unsupported flags for WRITE_ZEROES");
+                    c.error(cookie, EINVAL, "unsupported flags for WRITE_ZEROES", held);
                 } else if ro {
-                    c.error(cookie, EPERM, "export is read-only");
+                    c.error(cookie, EPERM, "export is read-only", held);
                 } else if !c.in_bounds(req.offset, len) {
-                    c.error(cookie, ENOSPC, "write zeroes beyond the end of the export");
+                    let msg = "write zeroes beyond the end of the export";
+                    c.error(cookie, ENOSPC, msg, held);
                 } else if len == 0 {
-                    c.ok(cookie);
+                    c.ok(cookie, held);
                 } else {
                     tokio::spawn(async move {
                         let flags = ZeroFlags {
@@ -605,8 +528,7 @@ async fn request_loop<D: BlockDevice, R: AsyncRead + Unpin>(
                             fua: req.flags & CMD_FLAG_FUA != 0,
                         };
                         let r = c.export.device.write_zeroes(req.offset, len, flags).await;
-                        c.done(cookie, r, "write zeroes");
-                        drop(slot);
+                        c.done(cookie, r, "write zeroes", held);
                     });
                 }
             }
@@ -614,16 +536,19 @@ async fn request_loop<D: BlockDevice, R: AsyncRead + Unpin>(
                 let negotiated = c.neg.structured
                     && c.neg.meta_export.as_deref() == Some(c.export.name.as_str());
                 if bad_flags(CMD_FLAG_REQ_ONE) {
-                    c.error(cookie, EINVAL, "unsupported flags for BLOCK_STATUS");
+                    c.error(cookie, EINVAL, "unsupported flags for BLOCK_STATUS", held);
                 } else if !negotiated {
-                    c.error(cookie, EINVAL, "no metadata context was negotiated");
+                    c.error(cookie, EINVAL, "no metadata context was negotiated", held);
                 } else if len == 0 || !c.in_bounds(req.offset, len) {
-                    c.error(
-                        cookie,
-                        EINVAL,
-                        "block status range is empty or out of bounds",
-                    );
+                    let msg = "block status range is empty or out of bounds";
+                    c.error(cookie, EINVAL, msg, held);
                 } else {
+                    let held = Held {
+                        _scan: Some(scan_permit(limits).await?),
+                        ..held
+                    };
+                    // The reply may cover less than asked; the client asks again for the rest.
+                    let len = len.min(MAX_BLOCK_STATUS_LEN);
                     tokio::spawn(async move {
                         let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
                         let r = if c.export.device.flags().block_status {
@@ -636,27 +561,42 @@ async fn request_loop<D: BlockDevice, R: AsyncRead + Unpin>(
                             }])
                         };
                         match r {
-                            Ok(ext) => c.block_status_reply(cookie, &ext, req.length, req_one),
-                            Err(e) => c.error(cookie, nbd_errno(&e), &format!("block status: {e}")),
+                            Ok(ext) => c.block_status_reply(cookie, &ext, len, req_one, held),
+                            Err(e) => {
+                                let msg = format!("block status: {e}");
+                                c.error(cookie, nbd_errno(&e), &msg, held)
+                            }
                         }
-                        drop(slot);
                     });
                 }
             }
             CMD_CACHE => {
                 if bad_flags(0) {
-                    c.error(cookie, EINVAL, "unsupported flags for CACHE");
+                    c.error(cookie, EINVAL, "unsupported flags for CACHE", held);
                 } else if !c.in_bounds(req.offset, len) {
-                    c.error(cookie, EINVAL, "cache beyond the end of the export");
+                    c.error(cookie, EINVAL, "cache beyond the end of the export", held);
                 } else {
+                    let held = Held {
+                        _scan: Some(scan_permit(limits).await?),
+                        ..held
+                    };
+                    // A hint: past MAX_CACHE_LEN it is ignored, and the reply is still success.
+                    let len = len.min(MAX_CACHE_LEN);
                     tokio::spawn(async move {
                         let r = c.export.device.cache(req.offset, len).await;
-                        c.done(cookie, r, "cache");
-                        drop(slot);
+                        c.done(cookie, r, "cache", held);
                     });
                 }
             }
-            _ => c.error(cookie, EINVAL, "unknown command"),
+            _ => c.error(cookie, EINVAL, "unknown command", held),
         }
     }
+}
+
+/// One of the connection's BLOCK_STATUS/CACHE places, held until the reply is written.
+async fn scan_permit(limits: &ConnLimits) -> Result<OwnedSemaphorePermit, SessionError> {
+    Arc::clone(&limits.scans)
+        .acquire_owned()
+        .await
+        .map_err(|_| SessionError::Protocol("semaphore closed"))
 }

@@ -118,8 +118,10 @@ enum FailoverSub {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// TCP address to listen on [default: 127.0.0.1:10809].
-    #[arg(long)]
+    /// TCP address to listen on [default: 127.0.0.1:10809]. Beyond loopback (any other
+    /// address, 0.0.0.0 included) clients must use TLS with a client certificate, unless
+    /// --insecure-no-tls. Given twice, the last one counts.
+    #[arg(long, overrides_with = "listen")]
     listen: Option<String>,
     /// Also listen on this Unix socket.
     #[arg(long)]
@@ -130,9 +132,37 @@ struct ServeArgs {
     /// TLS private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Refuse clients that do not start TLS.
+    /// Refuse clients that do not start TLS (always on beyond loopback).
     #[arg(long)]
     tls_required: bool,
+    /// Demand a client certificate signed by a CA in this PEM file (mutual TLS); implies
+    /// --tls-required. [serve.allow] in the configuration restricts exports to named clients.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve beyond loopback without TLS, or with TLS but without client certificates:
+    /// anyone who can reach the port can then read and write every disk.
+    #[arg(long)]
+    insecure_no_tls: bool,
+    /// Seconds a client has to finish the NBD and TLS handshake [default: 30].
+    #[arg(long, value_name = "SECS")]
+    handshake_timeout: Option<u64>,
+    /// Close a connection with no request in flight after this many idle seconds
+    /// [default: 0, never: qemu does not reconnect a dropped disk by default].
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<u64>,
+    /// Disconnect a client that takes no byte of its replies for this many seconds [default: 60].
+    #[arg(long, value_name = "SECS")]
+    reply_timeout: Option<u64>,
+    /// Most open connections in total [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_sessions: Option<usize>,
+    /// Most open connections per client IP address [default: 256].
+    #[arg(long, value_name = "N")]
+    max_sessions_per_client: Option<usize>,
+    /// Payload memory (write data, read replies) of all connections together, e.g. 512M
+    /// [default: 1G].
+    #[arg(long, value_name = "SIZE")]
+    memory_budget: Option<String>,
     /// If the data directory has no disk yet, create a 1 GiB disk named "demo".
     #[arg(long)]
     demo: bool,
@@ -264,6 +294,14 @@ fn serve(dd: &DataDir, args: ServeArgs) -> Result<()> {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         tls_required: args.tls_required,
+        tls_client_ca: args.tls_client_ca,
+        insecure_no_tls: args.insecure_no_tls,
+        handshake_timeout: args.handshake_timeout,
+        idle_timeout: args.idle_timeout,
+        reply_timeout: args.reply_timeout,
+        max_sessions: args.max_sessions,
+        max_sessions_per_client: args.max_sessions_per_client,
+        memory_budget: args.memory_budget,
     };
     runtime()?.block_on(gateway::serve::serve(dd, opts))?;
     Ok(())
