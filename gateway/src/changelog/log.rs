@@ -371,14 +371,14 @@ struct Recovered {
     next_lsn: u64,
 }
 
-struct Ctx<'a> {
-    dir: &'a Path,
-    disk_id: [u8; 16],
-    chain_id: u64,
-    disk_size: u64,
+pub(crate) struct Ctx<'a> {
+    pub(crate) dir: &'a Path,
+    pub(crate) disk_id: [u8; 16],
+    pub(crate) chain_id: u64,
+    pub(crate) disk_size: u64,
 }
 
-fn check_header(h: &SegmentHeader, seq: u64, cx: &Ctx<'_>) -> Result<(), String> {
+pub(crate) fn check_header(h: &SegmentHeader, seq: u64, cx: &Ctx<'_>) -> Result<(), String> {
     if h.seq != seq {
         return Err(format!("segment file {seq} says it is segment {}", h.seq));
     }
@@ -1423,6 +1423,46 @@ impl ChangeLog {
             path: a.seg.path.clone(),
             sealed: false,
         })
+    }
+
+    /// Every segment of the chain at one instant, oldest first: the sealed ones (`sealed`
+    /// true), then those retired and waiting for their seal, then the active one (both
+    /// `sealed` false; `last_lsn` and `bytes` are what was reserved in them so far).
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let ap = lock(&self.sh.ap);
+        let st = lock(&self.sh.st);
+        let mut out = st.sealed.clone();
+        out.extend(
+            ap.retired
+                .iter()
+                .chain(ap.active.as_ref())
+                .map(|a| SegmentInfo {
+                    seq: a.seg.seq,
+                    first_lsn: a.seg.first_lsn,
+                    last_lsn: (a.seg.first_lsn + a.count).wrapping_sub(1),
+                    records: a.count,
+                    bytes: a.pos,
+                    path: a.seg.path.clone(),
+                    sealed: false,
+                }),
+        );
+        out
+    }
+
+    /// What every segment header of this chain must say: disk id, chain id, disk size.
+    pub(crate) fn identity(&self) -> ([u8; 16], u64, u64) {
+        (self.sh.disk_id, self.chain_id(), self.sh.disk_size)
+    }
+
+    /// Marks the chain broken (persistently) because a reader found it cannot be trusted, and
+    /// returns the error that sends the disk to a full resync.
+    pub fn break_chain(&self, reason: String) -> LogError {
+        self.mark_broken(reason);
+        self.persist_if_dirty();
+        LogError::NotHealthy {
+            disk: self.sh.name.clone(),
+            state: self.state(),
+        }
     }
 
     /// LSN of the last record reserved.

@@ -6,6 +6,7 @@
 //! * [`log`]: [`ChangeLog`], the live log: appends, group commit, rotation, `take`/`release`,
 //!   recovery and accounting.
 //! * [`replay`]: applying segments to an image.
+//! * [`ship`]: reading segments for shipping, each proven whole (seal, checksums, LSNs).
 //!
 //! Rules (see `docs/changelog.md`):
 //! * A record is appended to the active segment before its change reaches the image; records
@@ -23,6 +24,7 @@ pub mod format;
 pub mod log;
 pub mod replay;
 pub mod segment;
+pub mod ship;
 
 #[cfg(test)]
 mod tests;
