@@ -13,6 +13,10 @@
 //! trim and zero is appended to the log before it reaches the image, and FLUSH/FUA make log
 //! and image durable together (see [`crate::changelog`]). An untracked disk writes straight
 //! to its image.
+//!
+//! Every sync goes through the disk's [`Durability`] (shared with its change log): once an
+//! `fdatasync` of the image or the log has failed, every later FLUSH and FUA write fails with
+//! EIO until the disk is reopened (see [`crate::changelog::durable`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -25,6 +29,7 @@ use nbd_server::{BlockDevice, DeviceFlags, Extent, ZeroFlags};
 use thiserror::Error;
 use tracing::debug;
 
+use crate::changelog::durable::{Durability, FileSync, Target};
 use crate::changelog::format::{Kind, FLAG_FUA, FLAG_MAY_TRIM};
 use crate::changelog::{ChangeLog, DirtyMap, LogError, LogOptions, RecoveryReport};
 use crate::mapped::ImageMap;
@@ -55,6 +60,8 @@ struct Inner {
     file: File,
     size: u64,
     read_only: bool,
+    /// Syncs of the image (and of the change log): the first failure latches.
+    dur: Arc<Durability>,
     /// Change tracking. Every write, trim and zero holds this lock shared while it runs, so
     /// taking it exclusively ([`Disk::attach_log`], [`Disk::cut`]) waits for the writes in
     /// flight and holds new ones back.
@@ -133,7 +140,7 @@ fn write_blocking(inner: &Inner, offset: u64, data: &[u8], fua: bool) -> io::Res
     }
     write_image(inner, offset, data)?;
     if fua {
-        inner.file.sync_data()?;
+        inner.dur.sync_data(Target::Image, &inner.file)?;
     }
     Ok(())
 }
@@ -158,8 +165,21 @@ async fn blocking<T: Send + 'static>(
 impl Disk {
     /// Opens a raw image (a regular file or a block device).
     pub fn open(name: &str, path: &Path, read_only: bool) -> Result<Self, DiskError> {
+        Self::open_with_sync(name, path, read_only, Arc::new(crate::changelog::OsSync))
+    }
+
+    /// [`Disk::open`] whose syncs go through `sync` (tests inject faults with it).
+    pub fn open_with_sync(
+        name: &str,
+        path: &Path,
+        read_only: bool,
+        sync: Arc<dyn FileSync>,
+    ) -> Result<Self, DiskError> {
         let (file, size) = open_image(path, read_only)?;
-        Ok(Self::from_parts(name, path, file, size, read_only, None))
+        let dur = Durability::new(name, sync);
+        Ok(Self::from_parts(
+            name, path, file, size, read_only, None, dur,
+        ))
     }
 
     fn from_parts(
@@ -169,6 +189,7 @@ impl Disk {
         size: u64,
         read_only: bool,
         log: Option<ChangeLog>,
+        dur: Arc<Durability>,
     ) -> Self {
         let map = match ImageMap::new(&file, size, !read_only) {
             Ok(m) => Some(Arc::new(m)),
@@ -188,6 +209,7 @@ impl Disk {
                 map,
                 size,
                 read_only,
+                dur,
                 tracking: RwLock::new(log.map(|l| Tracking::new(l, size))),
             }),
         }
@@ -202,10 +224,25 @@ impl Disk {
         disk_id: &str,
         opts: LogOptions,
     ) -> Result<(Self, RecoveryReport), DiskError> {
+        let sync = Arc::new(crate::changelog::OsSync);
+        Self::open_tracked_with_sync(name, path, log_dir, disk_id, opts, sync)
+    }
+
+    /// [`Disk::open_tracked`] whose syncs (image and log) go through `sync`.
+    pub fn open_tracked_with_sync(
+        name: &str,
+        path: &Path,
+        log_dir: &Path,
+        disk_id: &str,
+        opts: LogOptions,
+        sync: Arc<dyn FileSync>,
+    ) -> Result<(Self, RecoveryReport), DiskError> {
         let (file, size) = open_image(path, false)?;
-        let (log, report) = ChangeLog::open(name, log_dir, disk_id, &file, size, opts)?;
+        let dur = Durability::new(name, sync);
+        let (log, report) =
+            ChangeLog::open_with(name, log_dir, disk_id, &file, size, opts, Arc::clone(&dur))?;
         Ok((
-            Self::from_parts(name, path, file, size, false, Some(log)),
+            Self::from_parts(name, path, file, size, false, Some(log), dur),
             report,
         ))
     }
@@ -240,13 +277,14 @@ impl Disk {
         if t.is_some() {
             return Ok(None);
         }
-        let (log, report) = ChangeLog::open(
+        let (log, report) = ChangeLog::open_with(
             &self.inner.name,
             log_dir,
             disk_id,
             &self.inner.file,
             self.inner.size,
             opts,
+            Arc::clone(&self.inner.dur),
         )?;
         *t = Some(Tracking::new(log, self.inner.size));
         Ok(Some(report))
@@ -392,7 +430,13 @@ impl Disk {
         Some(write_blocking(&self.inner, offset, data, false))
     }
 
-    /// Makes every completed write durable (`fdatasync`).
+    /// Why FLUSH fails on this disk (an earlier `fdatasync` failed), if it does.
+    pub fn sync_failure(&self) -> Option<String> {
+        self.inner.dur.latched()
+    }
+
+    /// Makes every completed write durable (`fdatasync`). Fails with EIO for good once a sync
+    /// of this disk has failed.
     pub async fn flush(&self) -> io::Result<()> {
         if self.inner.read_only {
             return Ok(());
@@ -406,7 +450,7 @@ impl Disk {
                 }
                 Ok(())
             }
-            None => inner.file.sync_data(),
+            None => inner.dur.sync_data(Target::Image, &inner.file),
         })
         .await
     }
@@ -434,7 +478,7 @@ impl Disk {
             }
             punch_hole(&inner.file, offset, len)?;
             if fua {
-                inner.file.sync_data()?;
+                inner.dur.sync_data(Target::Image, &inner.file)?;
             }
             Ok(())
         })
@@ -485,7 +529,7 @@ impl Disk {
                 write_zero_buffers(f, offset, len)?;
             }
             if flags.fua {
-                f.sync_data()?;
+                inner.dur.sync_data(Target::Image, f)?;
             }
             Ok(())
         })
