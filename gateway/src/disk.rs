@@ -4,8 +4,10 @@
 //! here and nowhere else.
 //!
 //! I/O is positioned (`pread`/`pwrite`/`fallocate` on one shared file descriptor) and runs on
-//! tokio's blocking pool, or inline when it cannot wait for the disk; there is no lock on the
-//! data path. The image is also mapped into memory (see [`crate::mapped`]): large reads of
+//! tokio's blocking pool, or inline when it cannot wait for the disk (page-cache reads, small
+//! writes to an untracked disk); there is no lock on the data path. Nothing that may block —
+//! the change log's locks, its condition variables, its state-file and segment syncs — runs on
+//! a runtime worker: every request to a tracked disk goes to the blocking pool. The image is also mapped into memory (see [`crate::mapped`]): large reads of
 //! cached data can leave as ranges of it, which the NBD server's socket write copies in one
 //! go, and large writes are copied into it by the kernel.
 //!
@@ -123,7 +125,8 @@ pub const READ_NOW_MAX: usize = 64 * 1024;
 /// Largest write done inline by [`Disk::write_now`].
 pub const WRITE_NOW_MAX: usize = 1 << 20;
 
-/// The write path of every front end: log the change (when tracked), then apply it.
+/// The write path of every front end: log the change (when tracked), then apply it. Blocking:
+/// runs on the blocking pool.
 fn write_blocking(inner: &Inner, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
     let tracking = read_lock(&inner.tracking);
     if let Some(t) = tracking.as_ref() {
@@ -416,10 +419,14 @@ impl Disk {
         blocking(move || write_blocking(&inner, offset, &data, fua)).await
     }
 
-    /// A write without FUA of up to [`WRITE_NOW_MAX`] bytes, done on the caller's thread:
-    /// logged (when tracked) and copied into the image's page cache, which takes a few
-    /// microseconds — less than handing it to another thread. `None` for FUA writes and
-    /// larger ones (then use [`Disk::write`]).
+    /// A write without FUA of up to [`WRITE_NOW_MAX`] bytes to an untracked disk, done on the
+    /// caller's thread (a runtime worker): copied into the image's page cache, which takes a
+    /// few microseconds — less than handing it to another thread. `None` (then use
+    /// [`Disk::write`], which runs on the blocking pool) for FUA writes, larger ones, and
+    /// every write to a tracked disk: logging takes the log's locks, may wait for an
+    /// overlapping request and may write the log's state file, none of which may block a
+    /// runtime worker. Never waits for a lock: while tracking is being switched or a cut is
+    /// being taken (the tracking lock is held exclusively), it returns `None` too.
     pub fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
         if fua || data.len() > WRITE_NOW_MAX {
             return None;
@@ -427,7 +434,17 @@ impl Disk {
         if let Err(e) = self.check_writable(offset, data.len() as u64) {
             return Some(Err(e));
         }
-        Some(write_blocking(&self.inner, offset, data, false))
+        let tracking = match self.inner.tracking.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        if tracking.is_some() {
+            return None;
+        }
+        // Held shared while the image is written, as on the blocking path: attaching a log
+        // waits for this write.
+        Some(write_image(&self.inner, offset, data))
     }
 
     /// Why FLUSH fails on this disk (an earlier `fdatasync` failed), if it does.
@@ -806,6 +823,34 @@ mod tests {
         let e = ro.write_now(0, &[1u8; 1], false).unwrap().unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
         assert_eq!(d.read(0, 1).await.unwrap(), vec![5]);
+    }
+
+    #[tokio::test]
+    async fn tracked_writes_never_run_on_the_callers_thread() {
+        let (t, d) = disk(1 << 20);
+        // Untracked: done inline, unless the tracking lock is taken (never waited for).
+        assert!(d.write_now(0, &[1u8; 4096], false).unwrap().is_ok());
+        d.with_writes_paused(|| assert!(d.write_now(0, &[2u8; 4096], false).is_none()));
+        assert_eq!(d.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
+        // Tracked: always handed to the blocking pool, which logs and applies it.
+        let tracked = {
+            let img = t.path().join("t.img");
+            File::create(&img).unwrap().set_len(1 << 20).unwrap();
+            let opts = LogOptions {
+                min_free_bytes: 0,
+                min_free_percent: 0,
+                ..LogOptions::default()
+            };
+            Disk::open_tracked("t", &img, &t.path().join("t.hrl"), "t", opts)
+                .unwrap()
+                .0
+        };
+        assert!(tracked.write_now(0, &[3u8; 4096], false).is_none());
+        let log = tracked.change_log().unwrap();
+        assert_eq!(log.last_lsn(), 0, "nothing was logged inline");
+        tracked.write(0, vec![3u8; 4096], false).await.unwrap();
+        assert_eq!(log.last_lsn(), 1);
+        assert_eq!(tracked.read(0, 4096).await.unwrap(), vec![3u8; 4096]);
     }
 
     #[test]
