@@ -4,8 +4,10 @@
 //! here and nowhere else.
 //!
 //! I/O is positioned (`pread`/`pwrite`/`fallocate` on one shared file descriptor) and runs on
-//! tokio's blocking pool, or inline when it cannot wait for the disk; there is no lock on the
-//! data path. The image is also mapped into memory (see [`crate::mapped`]): large reads of
+//! tokio's blocking pool, or inline when it cannot wait for the disk (page-cache reads, small
+//! writes to an untracked disk); there is no lock on the data path. Nothing that may block —
+//! the change log's locks, its condition variables, its state-file and segment syncs — runs on
+//! a runtime worker: every request to a tracked disk goes to the blocking pool. The image is also mapped into memory (see [`crate::mapped`]): large reads of
 //! cached data can leave as ranges of it, which the NBD server's socket write copies in one
 //! go, and large writes are copied into it by the kernel.
 //!
@@ -13,6 +15,10 @@
 //! trim and zero is appended to the log before it reaches the image, and FLUSH/FUA make log
 //! and image durable together (see [`crate::changelog`]). An untracked disk writes straight
 //! to its image.
+//!
+//! Every sync goes through the disk's [`Durability`] (shared with its change log): once an
+//! `fdatasync` of the image or the log has failed, every later FLUSH and FUA write fails with
+//! EIO until the disk is reopened (see [`crate::changelog::durable`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -25,6 +31,7 @@ use nbd_server::{BlockDevice, DeviceFlags, Extent, ZeroFlags};
 use thiserror::Error;
 use tracing::debug;
 
+use crate::changelog::durable::{Durability, FileSync, Target};
 use crate::changelog::format::{Kind, FLAG_FUA, FLAG_MAY_TRIM};
 use crate::changelog::{ChangeLog, DirtyMap, LogError, LogOptions, RecoveryReport};
 use crate::mapped::ImageMap;
@@ -55,6 +62,8 @@ struct Inner {
     file: File,
     size: u64,
     read_only: bool,
+    /// Syncs of the image (and of the change log): the first failure latches.
+    dur: Arc<Durability>,
     /// Change tracking. Every write, trim and zero holds this lock shared while it runs, so
     /// taking it exclusively ([`Disk::attach_log`], [`Disk::cut`]) waits for the writes in
     /// flight and holds new ones back.
@@ -116,7 +125,8 @@ pub const READ_NOW_MAX: usize = 64 * 1024;
 /// Largest write done inline by [`Disk::write_now`].
 pub const WRITE_NOW_MAX: usize = 1 << 20;
 
-/// The write path of every front end: log the change (when tracked), then apply it.
+/// The write path of every front end: log the change (when tracked), then apply it. Blocking:
+/// runs on the blocking pool.
 fn write_blocking(inner: &Inner, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
     let tracking = read_lock(&inner.tracking);
     if let Some(t) = tracking.as_ref() {
@@ -133,7 +143,7 @@ fn write_blocking(inner: &Inner, offset: u64, data: &[u8], fua: bool) -> io::Res
     }
     write_image(inner, offset, data)?;
     if fua {
-        inner.file.sync_data()?;
+        inner.dur.sync_data(Target::Image, &inner.file)?;
     }
     Ok(())
 }
@@ -158,8 +168,21 @@ async fn blocking<T: Send + 'static>(
 impl Disk {
     /// Opens a raw image (a regular file or a block device).
     pub fn open(name: &str, path: &Path, read_only: bool) -> Result<Self, DiskError> {
+        Self::open_with_sync(name, path, read_only, Arc::new(crate::changelog::OsSync))
+    }
+
+    /// [`Disk::open`] whose syncs go through `sync` (tests inject faults with it).
+    pub fn open_with_sync(
+        name: &str,
+        path: &Path,
+        read_only: bool,
+        sync: Arc<dyn FileSync>,
+    ) -> Result<Self, DiskError> {
         let (file, size) = open_image(path, read_only)?;
-        Ok(Self::from_parts(name, path, file, size, read_only, None))
+        let dur = Durability::new(name, sync);
+        Ok(Self::from_parts(
+            name, path, file, size, read_only, None, dur,
+        ))
     }
 
     fn from_parts(
@@ -169,6 +192,7 @@ impl Disk {
         size: u64,
         read_only: bool,
         log: Option<ChangeLog>,
+        dur: Arc<Durability>,
     ) -> Self {
         let map = match ImageMap::new(&file, size, !read_only) {
             Ok(m) => Some(Arc::new(m)),
@@ -188,6 +212,7 @@ impl Disk {
                 map,
                 size,
                 read_only,
+                dur,
                 tracking: RwLock::new(log.map(|l| Tracking::new(l, size))),
             }),
         }
@@ -202,10 +227,25 @@ impl Disk {
         disk_id: &str,
         opts: LogOptions,
     ) -> Result<(Self, RecoveryReport), DiskError> {
+        let sync = Arc::new(crate::changelog::OsSync);
+        Self::open_tracked_with_sync(name, path, log_dir, disk_id, opts, sync)
+    }
+
+    /// [`Disk::open_tracked`] whose syncs (image and log) go through `sync`.
+    pub fn open_tracked_with_sync(
+        name: &str,
+        path: &Path,
+        log_dir: &Path,
+        disk_id: &str,
+        opts: LogOptions,
+        sync: Arc<dyn FileSync>,
+    ) -> Result<(Self, RecoveryReport), DiskError> {
         let (file, size) = open_image(path, false)?;
-        let (log, report) = ChangeLog::open(name, log_dir, disk_id, &file, size, opts)?;
+        let dur = Durability::new(name, sync);
+        let (log, report) =
+            ChangeLog::open_with(name, log_dir, disk_id, &file, size, opts, Arc::clone(&dur))?;
         Ok((
-            Self::from_parts(name, path, file, size, false, Some(log)),
+            Self::from_parts(name, path, file, size, false, Some(log), dur),
             report,
         ))
     }
@@ -240,13 +280,14 @@ impl Disk {
         if t.is_some() {
             return Ok(None);
         }
-        let (log, report) = ChangeLog::open(
+        let (log, report) = ChangeLog::open_with(
             &self.inner.name,
             log_dir,
             disk_id,
             &self.inner.file,
             self.inner.size,
             opts,
+            Arc::clone(&self.inner.dur),
         )?;
         *t = Some(Tracking::new(log, self.inner.size));
         Ok(Some(report))
@@ -378,10 +419,14 @@ impl Disk {
         blocking(move || write_blocking(&inner, offset, &data, fua)).await
     }
 
-    /// A write without FUA of up to [`WRITE_NOW_MAX`] bytes, done on the caller's thread:
-    /// logged (when tracked) and copied into the image's page cache, which takes a few
-    /// microseconds — less than handing it to another thread. `None` for FUA writes and
-    /// larger ones (then use [`Disk::write`]).
+    /// A write without FUA of up to [`WRITE_NOW_MAX`] bytes to an untracked disk, done on the
+    /// caller's thread (a runtime worker): copied into the image's page cache, which takes a
+    /// few microseconds — less than handing it to another thread. `None` (then use
+    /// [`Disk::write`], which runs on the blocking pool) for FUA writes, larger ones, and
+    /// every write to a tracked disk: logging takes the log's locks, may wait for an
+    /// overlapping request and may write the log's state file, none of which may block a
+    /// runtime worker. Never waits for a lock: while tracking is being switched or a cut is
+    /// being taken (the tracking lock is held exclusively), it returns `None` too.
     pub fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
         if fua || data.len() > WRITE_NOW_MAX {
             return None;
@@ -389,10 +434,26 @@ impl Disk {
         if let Err(e) = self.check_writable(offset, data.len() as u64) {
             return Some(Err(e));
         }
-        Some(write_blocking(&self.inner, offset, data, false))
+        let tracking = match self.inner.tracking.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        if tracking.is_some() {
+            return None;
+        }
+        // Held shared while the image is written, as on the blocking path: attaching a log
+        // waits for this write.
+        Some(write_image(&self.inner, offset, data))
     }
 
-    /// Makes every completed write durable (`fdatasync`).
+    /// Why FLUSH fails on this disk (an earlier `fdatasync` failed), if it does.
+    pub fn sync_failure(&self) -> Option<String> {
+        self.inner.dur.latched()
+    }
+
+    /// Makes every completed write durable (`fdatasync`). Fails with EIO for good once a sync
+    /// of this disk has failed.
     pub async fn flush(&self) -> io::Result<()> {
         if self.inner.read_only {
             return Ok(());
@@ -406,7 +467,7 @@ impl Disk {
                 }
                 Ok(())
             }
-            None => inner.file.sync_data(),
+            None => inner.dur.sync_data(Target::Image, &inner.file),
         })
         .await
     }
@@ -434,7 +495,7 @@ impl Disk {
             }
             punch_hole(&inner.file, offset, len)?;
             if fua {
-                inner.file.sync_data()?;
+                inner.dur.sync_data(Target::Image, &inner.file)?;
             }
             Ok(())
         })
@@ -485,7 +546,7 @@ impl Disk {
                 write_zero_buffers(f, offset, len)?;
             }
             if flags.fua {
-                f.sync_data()?;
+                inner.dur.sync_data(Target::Image, f)?;
             }
             Ok(())
         })
@@ -762,6 +823,34 @@ mod tests {
         let e = ro.write_now(0, &[1u8; 1], false).unwrap().unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
         assert_eq!(d.read(0, 1).await.unwrap(), vec![5]);
+    }
+
+    #[tokio::test]
+    async fn tracked_writes_never_run_on_the_callers_thread() {
+        let (t, d) = disk(1 << 20);
+        // Untracked: done inline, unless the tracking lock is taken (never waited for).
+        assert!(d.write_now(0, &[1u8; 4096], false).unwrap().is_ok());
+        d.with_writes_paused(|| assert!(d.write_now(0, &[2u8; 4096], false).is_none()));
+        assert_eq!(d.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
+        // Tracked: always handed to the blocking pool, which logs and applies it.
+        let tracked = {
+            let img = t.path().join("t.img");
+            File::create(&img).unwrap().set_len(1 << 20).unwrap();
+            let opts = LogOptions {
+                min_free_bytes: 0,
+                min_free_percent: 0,
+                ..LogOptions::default()
+            };
+            Disk::open_tracked("t", &img, &t.path().join("t.hrl"), "t", opts)
+                .unwrap()
+                .0
+        };
+        assert!(tracked.write_now(0, &[3u8; 4096], false).is_none());
+        let log = tracked.change_log().unwrap();
+        assert_eq!(log.last_lsn(), 0, "nothing was logged inline");
+        tracked.write(0, vec![3u8; 4096], false).await.unwrap();
+        assert_eq!(log.last_lsn(), 1);
+        assert_eq!(tracked.read(0, 4096).await.unwrap(), vec![3u8; 4096]);
     }
 
     #[test]

@@ -37,8 +37,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
+use super::durable::{Durability, Target};
 use super::format::{self, End, Kind, RecordHeader, SegmentHeader, HEADER_LEN, RECORD_HEADER_LEN};
-use super::segment::{self, create_segment, list_segments, pwritev_all, seal_file, sync_dir};
+use super::segment::{self, create_segment, list_segments, pwritev_all, seal_file};
 use super::{replay, LogError, LogOptions, LogState};
 use crate::catalog::write_atomic;
 
@@ -181,7 +182,7 @@ fn mtime_ns(f: &File) -> io::Result<i64> {
 /// far back), then syncs it with the inode. Opening compares the mtime with this stamp, so a
 /// write made without the log is seen even within the file system's timestamp granularity,
 /// where comparing with the mtime of the last logged write would miss it.
-fn stamp_mtime(f: &File) -> io::Result<i64> {
+fn stamp_mtime(f: &File, dur: &Durability) -> io::Result<i64> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_err(io::Error::other)?;
@@ -202,7 +203,7 @@ fn stamp_mtime(f: &File) -> io::Result<i64> {
         return Err(io::Error::last_os_error());
     }
     // Timestamps are inode metadata: fdatasync may leave them unwritten.
-    f.sync_all()?;
+    dur.sync_all(Target::Image, f)?;
     mtime_ns(f)
 }
 
@@ -274,6 +275,8 @@ struct Shared {
     disk_size: u64,
     opts: LogOptions,
     image: File,
+    /// The disk's syncs (log and image); a failure latches (see [`super::durable`]).
+    dur: Arc<Durability>,
     st: Mutex<St>,
     ap: Mutex<Ap>,
     /// Mirrors `st.state.is_healthy()` for the append path.
@@ -371,14 +374,14 @@ struct Recovered {
     next_lsn: u64,
 }
 
-struct Ctx<'a> {
-    dir: &'a Path,
-    disk_id: [u8; 16],
-    chain_id: u64,
-    disk_size: u64,
+pub(crate) struct Ctx<'a> {
+    pub(crate) dir: &'a Path,
+    pub(crate) disk_id: [u8; 16],
+    pub(crate) chain_id: u64,
+    pub(crate) disk_size: u64,
 }
 
-fn check_header(h: &SegmentHeader, seq: u64, cx: &Ctx<'_>) -> Result<(), String> {
+pub(crate) fn check_header(h: &SegmentHeader, seq: u64, cx: &Ctx<'_>) -> Result<(), String> {
     if h.seq != seq {
         return Err(format!("segment file {seq} says it is segment {}", h.seq));
     }
@@ -415,6 +418,7 @@ fn info_of(seq: u64, path: &Path, d: &format::Decoded, bytes: u64) -> SegmentInf
 /// Verifies the sealed segments, cuts and seals the unsealed tail. `Err` is a broken chain.
 fn recover_segments(
     cx: &Ctx<'_>,
+    dur: &Durability,
     p: &StateFile,
     report: &mut RecoveryReport,
 ) -> Result<Recovered, String> {
@@ -544,8 +548,14 @@ fn recover_segments(
                     expect_seq = seq;
                     continue;
                 }
-                let len = seal_file(&file, d.valid_len, d.records.len() as u64, d.last_lsn())
-                    .map_err(|e| format!("cannot seal segment {seq}: {e}"))?;
+                let len = seal_file(
+                    &file,
+                    d.valid_len,
+                    d.records.len() as u64,
+                    d.last_lsn(),
+                    |f| dur.sync_data(Target::Log, f),
+                )
+                .map_err(|e| format!("cannot seal segment {seq}: {e}"))?;
                 let mut info = info_of(seq, &path, &d, len);
                 info.sealed = true;
                 sealed.push(info);
@@ -561,7 +571,8 @@ fn recover_segments(
         ));
     }
     report.cut = cut;
-    sync_dir(cx.dir).map_err(|e| format!("cannot sync log directory: {e}"))?;
+    dur.sync_dir(cx.dir)
+        .map_err(|e| format!("cannot sync log directory: {e}"))?;
     Ok(Recovered {
         sealed,
         next_seq: expect_seq,
@@ -581,6 +592,28 @@ impl ChangeLog {
         image: &File,
         disk_size: u64,
         opts: LogOptions,
+    ) -> Result<(ChangeLog, RecoveryReport), LogError> {
+        Self::open_with(
+            name,
+            dir,
+            disk_id,
+            image,
+            disk_size,
+            opts,
+            Durability::os(name),
+        )
+    }
+
+    /// [`Self::open`] with the disk's syncs (shared with the disk, so a failed sync of the
+    /// image or the log latches for both; see [`super::durable`]).
+    pub fn open_with(
+        name: &str,
+        dir: &Path,
+        disk_id: &str,
+        image: &File,
+        disk_size: u64,
+        opts: LogOptions,
+        dur: Arc<Durability>,
     ) -> Result<(ChangeLog, RecoveryReport), LogError> {
         fs::create_dir_all(dir).map_err(LogError::io("cannot create", dir))?;
         let lock_file = lock_dir_retry(dir)?;
@@ -627,7 +660,7 @@ impl ChangeLog {
             next_lsn: p.first_lsn,
         };
         if state.is_healthy() {
-            match recover_segments(&cx, &p, &mut report) {
+            match recover_segments(&cx, &dur, &p, &mut report) {
                 Ok(r) => rec = r,
                 Err(reason) => state = LogState::Broken { reason },
             }
@@ -664,8 +697,7 @@ impl ChangeLog {
             match replay::replay_after(&paths, &image, p.applied_lsn) {
                 Ok(stats) => {
                     report.redone = stats.records;
-                    image
-                        .sync_data()
+                    dur.sync_data(Target::Image, &image)
                         .map_err(LogError::io("cannot sync image of", dir))?;
                 }
                 Err(e) => {
@@ -674,6 +706,9 @@ impl ChangeLog {
                     }
                 }
             }
+        }
+        if let (true, Some(reason)) = (state.is_healthy(), dur.latched()) {
+            state = LogState::Broken { reason };
         }
         if state.is_healthy() {
             p.applied_lsn = last_lsn;
@@ -718,6 +753,7 @@ impl ChangeLog {
                 disk_size,
                 opts,
                 image,
+                dur,
                 st: Mutex::new(st),
                 ap: Mutex::new(ap),
                 logging: AtomicBool::new(state.is_healthy()),
@@ -1065,7 +1101,11 @@ impl ChangeLog {
     }
 
     /// Makes every change completed before this call durable: group commit.
+    ///
+    /// Once a sync of the log or the image has failed, this fails for good (EIO): no later
+    /// success may vouch for data the kernel may have dropped (see [`super::durable`]).
     pub fn sync(&self) -> io::Result<()> {
+        self.sh.dur.check()?;
         let mut s = lock(&self.sh.sync);
         let target = s.started + 1;
         loop {
@@ -1076,7 +1116,8 @@ impl ChangeLog {
                         s.last_error
                     )));
                 }
-                return Ok(());
+                drop(s);
+                return self.sh.dur.check();
             }
             if !s.running {
                 s.running = true;
@@ -1117,20 +1158,32 @@ impl ChangeLog {
             }
             (files, std::mem::take(&mut ap.dir_dirty))
         };
-        for seg in &files {
-            if let Err(e) = seg.file.sync_data() {
-                self.degrade(&e, "cannot sync the change log");
-                self.persist_if_dirty();
-                return Err(e);
-            }
+        let dur = &self.sh.dur;
+        let r = files
+            .iter()
+            .try_for_each(|seg| dur.sync_data(Target::Log, &seg.file))
+            .and_then(|()| match dir_dirty {
+                true => dur.sync_dir(&self.sh.dir),
+                false => Ok(()),
+            })
+            .and_then(|()| dur.sync_data(Target::Image, &self.sh.image));
+        if let Err(e) = &r {
+            self.sync_failed(e);
         }
-        if dir_dirty {
-            if let Err(e) = sync_dir(&self.sh.dir) {
+        r
+    }
+
+    /// After a failed sync: a latched failure (fdatasync) breaks the chain for good; anything
+    /// else (the directory could not even be opened) is retried by the next round.
+    fn sync_failed(&self, e: &io::Error) {
+        match self.sh.dur.latched() {
+            Some(reason) => self.mark_broken(reason),
+            None => {
                 lock(&self.sh.ap).dir_dirty = true;
-                return Err(e);
+                warn!(disk = %self.sh.name, "change log sync failed: {e}");
             }
         }
-        self.sh.image.sync_data()
+        self.persist_if_dirty();
     }
 
     /// Seals the retired segments, oldest first (after their requests have completed).
@@ -1160,10 +1213,16 @@ impl ChangeLog {
             // The redo point may move past this segment without an image fdatasync: the
             // image's page cache survives a process crash, and a host crash without a clean
             // shutdown marks the chain broken (boot id) instead of trusting the redo point.
-            let bytes = match seal_file(&seg.file, len, count, last_lsn) {
+            let sealed = seal_file(&seg.file, len, count, last_lsn, |f| {
+                self.sh.dur.sync_data(Target::Log, f)
+            });
+            let bytes = match sealed {
                 Ok(n) => n,
                 Err(e) => {
-                    self.degrade(&e, "cannot seal a change-log segment");
+                    match self.sh.dur.latched() {
+                        Some(reason) => self.mark_broken(reason),
+                        None => self.degrade(&e, "cannot seal a change-log segment"),
+                    }
                     self.persist_if_dirty();
                     return Err(LogError::io("cannot seal", &seg.path)(e));
                 }
@@ -1266,7 +1325,10 @@ impl ChangeLog {
         for s in &removed {
             fs::remove_file(&s.path).map_err(LogError::io("cannot remove", &s.path))?;
         }
-        sync_dir(&self.sh.dir).map_err(LogError::io("cannot sync", &self.sh.dir))
+        self.sh
+            .dur
+            .sync_dir(&self.sh.dir)
+            .map_err(LogError::io("cannot sync", &self.sh.dir))
     }
 
     /// Clean shutdown: waits for in-flight requests, seals the active segment, syncs the image
@@ -1301,9 +1363,12 @@ impl ChangeLog {
             self.seal_retired()?;
         }
         let dir = &self.sh.dir;
-        let mtime =
-            stamp_mtime(&self.sh.image).map_err(LogError::io("cannot sync image of", dir))?;
-        sync_dir(dir).map_err(LogError::io("cannot sync", dir))?;
+        let mtime = stamp_mtime(&self.sh.image, &self.sh.dur)
+            .map_err(LogError::io("cannot sync image of", dir))?;
+        self.sh
+            .dur
+            .sync_dir(dir)
+            .map_err(LogError::io("cannot sync", dir))?;
         let last = lock(&self.sh.ap).next_lsn.wrapping_sub(1);
         {
             let mut st = lock(&self.sh.st);
@@ -1424,6 +1489,46 @@ impl ChangeLog {
             path: a.seg.path.clone(),
             sealed: false,
         })
+    }
+
+    /// Every segment of the chain at one instant, oldest first: the sealed ones (`sealed`
+    /// true), then those retired and waiting for their seal, then the active one (both
+    /// `sealed` false; `last_lsn` and `bytes` are what was reserved in them so far).
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let ap = lock(&self.sh.ap);
+        let st = lock(&self.sh.st);
+        let mut out = st.sealed.clone();
+        out.extend(
+            ap.retired
+                .iter()
+                .chain(ap.active.as_ref())
+                .map(|a| SegmentInfo {
+                    seq: a.seg.seq,
+                    first_lsn: a.seg.first_lsn,
+                    last_lsn: (a.seg.first_lsn + a.count).wrapping_sub(1),
+                    records: a.count,
+                    bytes: a.pos,
+                    path: a.seg.path.clone(),
+                    sealed: false,
+                }),
+        );
+        out
+    }
+
+    /// What every segment header of this chain must say: disk id, chain id, disk size.
+    pub(crate) fn identity(&self) -> ([u8; 16], u64, u64) {
+        (self.sh.disk_id, self.chain_id(), self.sh.disk_size)
+    }
+
+    /// Marks the chain broken (persistently) because a reader found it cannot be trusted, and
+    /// returns the error that sends the disk to a full resync.
+    pub fn break_chain(&self, reason: String) -> LogError {
+        self.mark_broken(reason);
+        self.persist_if_dirty();
+        LogError::NotHealthy {
+            disk: self.sh.name.clone(),
+            state: self.state(),
+        }
     }
 
     /// LSN of the last record reserved.

@@ -6,6 +6,9 @@
 //! * [`log`]: [`ChangeLog`], the live log: appends, group commit, rotation, `take`/`release`,
 //!   recovery and accounting.
 //! * [`replay`]: applying segments to an image.
+//! * [`durable`]: the file-sync seam; the first failed `fdatasync` of a disk latches (EIO on
+//!   every later FLUSH, broken chain).
+//! * [`ship`]: reading segments for shipping, each proven whole (seal, checksums, LSNs).
 //!
 //! Rules (see `docs/changelog.md`):
 //! * A record is appended to the active segment before its change reaches the image; records
@@ -19,11 +22,15 @@
 //!   prove consistent.
 
 pub mod dirty;
+pub mod durable;
 pub mod format;
 pub mod log;
 pub mod replay;
 pub mod segment;
+pub mod ship;
 
+#[cfg(test)]
+mod latch_tests;
 #[cfg(test)]
 mod tests;
 
@@ -33,6 +40,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 pub use self::dirty::DirtyMap;
+pub use self::durable::{Durability, FileSync, OsSync, Target};
 pub use self::log::{ChangeLog, Cut, RecoveryReport, SegmentInfo};
 pub use self::replay::{replay, replay_after, replay_dir, ReplayStats};
 

@@ -110,8 +110,15 @@ pub fn hash_prefix(file: &File, len: u64) -> io::Result<[u8; 32]> {
 }
 
 /// Seals a segment whose header and records occupy `[0, valid_len)`: cuts anything after,
-/// appends the footer and makes the file durable. Returns the sealed file length.
-pub fn seal_file(file: &File, valid_len: u64, count: u64, last_lsn: u64) -> io::Result<u64> {
+/// appends the footer and makes the file durable with `sync` (the disk's
+/// [`super::durable::Durability`]). Returns the sealed file length.
+pub fn seal_file(
+    file: &File,
+    valid_len: u64,
+    count: u64,
+    last_lsn: u64,
+    sync: impl FnOnce(&File) -> io::Result<()>,
+) -> io::Result<u64> {
     file.set_len(valid_len)?;
     let sha256 = hash_prefix(file, valid_len)?;
     let footer = Footer {
@@ -121,7 +128,7 @@ pub fn seal_file(file: &File, valid_len: u64, count: u64, last_lsn: u64) -> io::
         sha256,
     };
     file.write_all_at(&format::encode_footer(&footer), valid_len)?;
-    file.sync_data()?;
+    sync(file)?;
     Ok(valid_len + FOOTER_LEN as u64)
 }
 

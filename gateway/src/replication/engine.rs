@@ -41,8 +41,8 @@ use super::db::{Checkpoint, Db, DbError, DiskStat, Phase, VmRow};
 use super::policy::{local_minute_of_day, Policy};
 use super::{now_ms, ErrorClass};
 use crate::catalog::DataDir;
-use crate::changelog::format::{decode_segment, Kind};
-use crate::changelog::segment::list_segments;
+use crate::changelog::format::Kind;
+use crate::changelog::ship::{read_records, Reach};
 use crate::changelog::{ChangeLog, LogError};
 use crate::disk::{Disk, DiskError};
 use crate::failover::{Device, Overlay, ReplicaDisk};
@@ -1459,11 +1459,11 @@ impl Engine {
             let mut todo = BTreeSet::new();
             if !full {
                 // Scan what is logged so far (writes continue meanwhile) ...
-                let (set, last) = chunks_in_log(l.dir(), after.unwrap_or(0), cs)?;
+                let (set, last) = chunks_in_log(&l, after.unwrap_or(0), cs, Reach::Live)?;
                 todo = set;
                 // ... then hold writes back, scan the rest and restart the chain.
                 dc.with_writes_paused(|| -> Result<(), LogError> {
-                    let (rest, _) = chunks_in_log(l.dir(), last, cs)?;
+                    let (rest, _) = chunks_in_log(&l, last, cs, Reach::Quiesced)?;
                     todo.extend(rest);
                     if let Some(m) = &dirty {
                         if !m.trusted() && !l.is_logging() {
@@ -1597,67 +1597,48 @@ fn release_through(log: &ChangeLog, lsn: u64) -> Result<(), LogError> {
     }
 }
 
-/// Records of the log's segments with `after < lsn <= upto`, as one patch.
+/// Records of the log's segments with `after < lsn <= upto`, as one patch. Every segment is
+/// proven whole first (see [`crate::changelog::ship`]): anything less breaks the chain and
+/// returns [`LogError::NotHealthy`] (→ full resync), never a partial patch.
 pub fn patch_from_log(
     log: &ChangeLog,
     after: u64,
     upto: u64,
     disk_size: u64,
 ) -> Result<Patch, LogError> {
-    log.wait_sealed()?;
     let mut patch = Patch::new(disk_size);
-    for seg in log.sealed_segments() {
-        if seg.last_lsn <= after || seg.first_lsn > upto {
-            continue;
-        }
-        let b = std::fs::read(&seg.path).map_err(LogError::io("cannot read", &seg.path))?;
-        let dec = decode_segment(&b).map_err(|e| LogError::Io {
-            what: "cannot decode",
-            path: seg.path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        for r in &dec.records {
-            let h = &r.header;
-            if h.lsn <= after || h.lsn > upto {
-                continue;
-            }
-            let res = match h.kind {
-                Kind::Write => patch.write(h.offset, &b[r.data.clone()]),
-                Kind::Trim | Kind::WriteZeroes => patch.zero(h.offset, h.length),
-                Kind::Flush => Ok(()),
-            };
-            res.map_err(|e| LogError::Io {
-                what: "cannot use a record of",
-                path: seg.path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        }
-    }
+    read_records(log, after, Reach::Through(upto), |h, data| {
+        let res = match h.kind {
+            Kind::Write => patch.write(h.offset, data),
+            Kind::Trim | Kind::WriteZeroes => patch.zero(h.offset, h.length),
+            Kind::Flush => Ok(()),
+        };
+        res.map_err(|e| LogError::Io {
+            what: "cannot use a record of",
+            path: log.dir().to_path_buf(),
+            source: std::io::Error::other(format!("LSN {}: {e}", h.lsn)),
+        })
+    })?;
     Ok(patch)
 }
 
-/// Chunks touched by the records in a log directory with LSN > `after`, and the last LSN seen.
-fn chunks_in_log(dir: &Path, after: u64, cs: u64) -> Result<(BTreeSet<u64>, u64), LogError> {
+/// Chunks touched by the log's records with LSN > `after`, and the last LSN read. With
+/// [`Reach::Live`] writes may continue (the scan stops at a record being written); with
+/// [`Reach::Quiesced`] (writes paused) it must reach the log's last LSN. A segment that cannot
+/// be proven whole breaks the chain (→ full resync).
+fn chunks_in_log(
+    log: &ChangeLog,
+    after: u64,
+    cs: u64,
+    reach: Reach,
+) -> Result<(BTreeSet<u64>, u64), LogError> {
     let mut out = BTreeSet::new();
-    let mut last = after;
-    for (_, path) in list_segments(dir).map_err(LogError::io("cannot list", dir))? {
-        let b = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(LogError::io("cannot read", &path)(e)),
-        };
-        let Ok(dec) = decode_segment(&b) else {
-            continue;
-        };
-        for r in &dec.records {
-            let h = &r.header;
-            if h.lsn <= after || h.kind == Kind::Flush || h.length == 0 {
-                continue;
-            }
-            last = last.max(h.lsn);
+    let last = read_records(log, after, reach, |h, _| {
+        if h.kind != Kind::Flush && h.length > 0 {
             out.extend(h.offset / cs..=(h.offset + h.length - 1) / cs);
         }
-    }
+        Ok(())
+    })?;
     Ok((out, last))
 }
 
