@@ -12,9 +12,15 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use rand::Rng;
+use replica_store::backend::s3::{S3Backend, S3Config};
+use replica_store::testing::BackendFactory;
+use replica_store::Backend;
 
 /// Region Garage is configured with.
 pub const REGION: &str = "garage";
@@ -229,5 +235,63 @@ api_bind_addr = "127.0.0.1:{admin}"
 impl Drop for Garage {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// An S3 client configuration for `g`'s bucket, objects under `prefix`.
+pub fn s3_config(g: &Garage, prefix: &str) -> S3Config {
+    S3Config {
+        endpoint: Some(g.s3_endpoint.clone()),
+        region: Some(REGION.into()),
+        bucket: g.bucket.clone(),
+        prefix: prefix.into(),
+        path_style: true,
+        access_key_id: Some(g.access_key.clone()),
+        secret_access_key: Some(g.secret_key.clone()),
+        ..Default::default()
+    }
+}
+
+/// The replica store's conformance suite's backend factory on a real Garage: each `fresh`
+/// backend is its own prefix of the one bucket.
+pub struct S3Factory {
+    pub garage: Garage,
+    n: AtomicU32,
+}
+
+impl S3Factory {
+    /// Start Garage and wait until the default bucket answers.
+    pub async fn start() -> S3Factory {
+        let garage = Garage::start();
+        let probe = S3Backend::connect(&s3_config(&garage, "probe"))
+            .await
+            .expect("S3 client");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match probe.list("").await {
+                Ok(_) => break,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("waiting for the bucket: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("garage bucket not usable: {e}\n{}", garage.log_tail()),
+            }
+        }
+        S3Factory {
+            garage,
+            n: AtomicU32::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl BackendFactory for S3Factory {
+    async fn fresh(&self, name: &str) -> Arc<dyn Backend> {
+        let n = self.n.fetch_add(1, Ordering::Relaxed);
+        Arc::new(
+            S3Backend::connect(&s3_config(&self.garage, &format!("{name}-{n}")))
+                .await
+                .expect("S3 client"),
+        )
     }
 }

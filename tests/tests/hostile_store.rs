@@ -7,74 +7,17 @@
 //! end-to-end checks drive the `standby` CLI and a gateway on a local store.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_trait::async_trait;
 use replica_store::backend::local::LocalBackend;
-use replica_store::backend::s3::{S3Backend, S3Config};
-use replica_store::testing::{self, BackendFactory};
+use replica_store::testing;
 use replica_store::{Backend, PointMeta, Store};
-use standby_e2e::garage::{Garage, REGION};
+use standby_e2e::garage::S3Factory;
 use standby_e2e::repl::wait_for;
 use standby_e2e::{run, run_stdout, standby, test_dir, Gateway};
 
 const T: Duration = Duration::from_secs(60);
-
-struct S3Factory {
-    garage: Garage,
-    n: AtomicU32,
-}
-
-fn config(g: &Garage, prefix: &str) -> S3Config {
-    S3Config {
-        endpoint: Some(g.s3_endpoint.clone()),
-        region: Some(REGION.into()),
-        bucket: g.bucket.clone(),
-        prefix: prefix.into(),
-        path_style: true,
-        access_key_id: Some(g.access_key.clone()),
-        secret_access_key: Some(g.secret_key.clone()),
-        ..Default::default()
-    }
-}
-
-impl S3Factory {
-    async fn start() -> S3Factory {
-        let garage = Garage::start();
-        let probe = S3Backend::connect(&config(&garage, "probe"))
-            .await
-            .expect("S3 client");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match probe.list("").await {
-                Ok(_) => break,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("waiting for the bucket: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("garage bucket not usable: {e}\n{}", garage.log_tail()),
-            }
-        }
-        S3Factory {
-            garage,
-            n: AtomicU32::new(0),
-        }
-    }
-}
-
-#[async_trait]
-impl BackendFactory for S3Factory {
-    async fn fresh(&self, name: &str) -> Arc<dyn Backend> {
-        let n = self.n.fetch_add(1, Ordering::Relaxed);
-        Arc::new(
-            S3Backend::connect(&config(&self.garage, &format!("{name}-{n}")))
-                .await
-                .expect("S3 client"),
-        )
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_points_are_reported_and_skipped_s3() {

@@ -4,71 +4,13 @@
 //! Fails (does not skip) when the `garage` binary is missing. `STANDBY_SKIP_S3=1 tools/test-all.sh`
 //! leaves this binary out of the run (nextest reports it as skipped).
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use replica_store::backend::s3::{S3Backend, S3Config};
+use replica_store::backend::s3::S3Backend;
 use replica_store::testing::{self, BackendFactory};
 use replica_store::{Backend, Error, Store};
-use standby_e2e::garage::{Garage, REGION};
-
-fn config(g: &Garage, prefix: &str) -> S3Config {
-    S3Config {
-        endpoint: Some(g.s3_endpoint.clone()),
-        region: Some(REGION.into()),
-        bucket: g.bucket.clone(),
-        prefix: prefix.into(),
-        path_style: true,
-        access_key_id: Some(g.access_key.clone()),
-        secret_access_key: Some(g.secret_key.clone()),
-        ..Default::default()
-    }
-}
-
-struct S3Factory {
-    garage: Garage,
-    n: AtomicU32,
-}
-
-impl S3Factory {
-    /// Start Garage and wait until the default bucket answers.
-    async fn start() -> S3Factory {
-        let garage = Garage::start();
-        let probe = S3Backend::connect(&config(&garage, "probe"))
-            .await
-            .expect("S3 client");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match probe.list("").await {
-                Ok(_) => break,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("waiting for the bucket: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("garage bucket not usable: {e}\n{}", garage.log_tail()),
-            }
-        }
-        S3Factory {
-            garage,
-            n: AtomicU32::new(0),
-        }
-    }
-}
-
-#[async_trait]
-impl BackendFactory for S3Factory {
-    async fn fresh(&self, name: &str) -> Arc<dyn Backend> {
-        let n = self.n.fetch_add(1, Ordering::Relaxed);
-        Arc::new(
-            S3Backend::connect(&config(&self.garage, &format!("{name}-{n}")))
-                .await
-                .expect("S3 client"),
-        )
-    }
-}
+use standby_e2e::garage::{s3_config, S3Factory};
 
 macro_rules! s3_scenarios {
     ($($name:ident),* $(,)?) => { $(
@@ -95,7 +37,7 @@ s3_scenarios!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_are_non_recoverable() {
     let f = S3Factory::start().await;
-    let mut cfg = config(&f.garage, "auth");
+    let mut cfg = s3_config(&f.garage, "auth");
     cfg.secret_access_key = Some("0".repeat(64));
     let b: Arc<dyn Backend> = Arc::new(S3Backend::connect(&cfg).await.unwrap());
     let e = b.put("x", Bytes::from_static(b"x")).await.unwrap_err();
@@ -105,7 +47,7 @@ async fn wrong_credentials_are_non_recoverable() {
     assert!(matches!(e, Error::Auth { .. }), "{e}");
     assert!(e.to_string().contains("AWS_ACCESS_KEY_ID"), "{e}");
 
-    let mut cfg = config(&f.garage, "auth");
+    let mut cfg = s3_config(&f.garage, "auth");
     cfg.access_key_id = Some("GK000000000000000000000000".into());
     let b = S3Backend::connect(&cfg).await.unwrap();
     let e = b.list("").await.unwrap_err();
@@ -115,14 +57,14 @@ async fn wrong_credentials_are_non_recoverable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_bucket_and_unreachable_server() {
     let f = S3Factory::start().await;
-    let mut cfg = config(&f.garage, "");
+    let mut cfg = s3_config(&f.garage, "");
     cfg.bucket = "no-such-bucket-standby".into();
     let b = S3Backend::connect(&cfg).await.unwrap();
     let e = b.get("store.toml").await.unwrap_err();
     assert!(!e.is_recoverable(), "{e}");
 
     // Nothing listens there: a network error, recoverable.
-    let mut cfg = config(&f.garage, "");
+    let mut cfg = s3_config(&f.garage, "");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
