@@ -29,6 +29,9 @@ pub const REGION: &str = "garage";
 pub struct Garage {
     child: Option<Child>,
     bin: PathBuf,
+    ports: [u16; 3],
+    /// Held while the server is stopped, so no other test's server takes its ports.
+    reserved: Vec<TcpListener>,
     config: PathBuf,
     dir: tempfile::TempDir,
     /// S3 endpoint URL, e.g. `http://127.0.0.1:39123`.
@@ -64,11 +67,62 @@ pub fn garage_binary() -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free TCP port on 127.0.0.1")
+/// A free port on 127.0.0.1 *outside* the kernel's ephemeral range, so that no socket another
+/// test connects or binds to port 0 can take it between this check and Garage's own bind (an
+/// ephemeral port picked by `bind(:0)` was taken that way in CI: Garage's S3 listener failed with
+/// "Address already in use" while its admin API came up healthy). Two Garages picking the same
+/// random port at once is still possible; [`Garage::start`] verifies and retries.
+pub fn free_port() -> u16 {
+    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|w| w.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // Below the ephemeral range when there is room there, else above it.
+    let range = if lo > 12_000 {
+        10_000..lo
+    } else {
+        hi.saturating_add(1).max(1025)..u16::MAX
+    };
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rng.gen_range(range.clone());
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port on 127.0.0.1 in {range:?}")
+}
+
+/// Ports on which process `pid` has a listening TCP socket (from /proc: the socket inodes of
+/// its file descriptors matched against /proc/net/tcp's LISTEN entries).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let mut inodes = std::collections::HashSet::new();
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inodes.insert(ino.to_string());
+                }
+            }
+        }
+    }
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            if cols.len() < 10 || cols[3] != "0A" || !inodes.contains(cols[9]) {
+                return None;
+            }
+            u16::from_str_radix(cols[1].rsplit(':').next()?, 16).ok()
+        })
+        .collect()
 }
 
 fn random_hex(n: usize) -> String {
@@ -96,6 +150,12 @@ fn http_status(addr: &str, path: &str) -> Option<u16> {
 impl Garage {
     /// Start a single-node Garage with a key and a bucket and wait until it is healthy.
     pub fn start() -> Garage {
+        Garage::start_with(None)
+    }
+
+    /// [`Garage::start`], with the first attempt on the given (rpc, s3, admin) ports: lets a
+    /// test prove that a port taken by another process leads to a retry, not a broken server.
+    pub fn start_with(first_ports: Option<[u16; 3]>) -> Garage {
         let bin = garage_binary().unwrap_or_else(|| {
             panic!(
                 "the `garage` binary (S3 server used by the replica-store tests) is not on PATH \
@@ -108,8 +168,43 @@ impl Garage {
             .prefix("standby-garage-")
             .tempdir()
             .expect("tempdir");
-        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+        let access_key = format!("GK{}", random_hex(24));
+        let secret_key = random_hex(64);
+        let bucket = format!("standby-test-{}", random_hex(8));
         let config = dir.path().join("garage.toml");
+        let mut g = Garage {
+            child: None,
+            bin,
+            ports: [0; 3],
+            reserved: Vec::new(),
+            config,
+            dir,
+            s3_endpoint: String::new(),
+            admin_addr: String::new(),
+            access_key,
+            secret_key,
+            bucket,
+        };
+        // Ports are checked free, then bound by Garage a moment later: another test's server
+        // may win that race. Each attempt gets new ports and fresh directories.
+        const ATTEMPTS: u32 = 5;
+        for attempt in 1..=ATTEMPTS {
+            g.configure(attempt, first_ports.filter(|_| attempt == 1));
+            match g.spawn() {
+                Ok(()) => return g,
+                Err(e) if attempt < ATTEMPTS => {
+                    eprintln!("garage start attempt {attempt} failed ({e}); new ports");
+                    g.stop();
+                }
+                Err(e) => panic!("{e}; log:\n{}", g.log_tail()),
+            }
+        }
+        unreachable!("the last attempt panics or returns")
+    }
+
+    /// Writes the configuration for start attempt `attempt`: new ports, its own directories.
+    fn configure(&mut self, attempt: u32, ports: Option<[u16; 3]>) {
+        let [rpc, s3, admin] = ports.unwrap_or_else(|| [free_port(), free_port(), free_port()]);
         let text = format!(
             r#"metadata_dir = "{meta}"
 data_dir = "{data}"
@@ -127,37 +222,33 @@ root_domain = ".s3.garage.localhost"
 [admin]
 api_bind_addr = "127.0.0.1:{admin}"
 "#,
-            meta = dir.path().join("meta").display(),
-            data = dir.path().join("data").display(),
+            meta = self.dir.path().join(format!("meta{attempt}")).display(),
+            data = self.dir.path().join(format!("data{attempt}")).display(),
             secret = random_hex(64),
         );
-        std::fs::write(&config, text).expect("writing garage config");
-        let access_key = format!("GK{}", random_hex(24));
-        let secret_key = random_hex(64);
-        let bucket = format!("standby-test-{}", random_hex(8));
-        let mut g = Garage {
-            child: None,
-            bin,
-            config,
-            dir,
-            s3_endpoint: format!("http://127.0.0.1:{s3}"),
-            admin_addr: format!("127.0.0.1:{admin}"),
-            access_key,
-            secret_key,
-            bucket,
-        };
-        g.spawn();
-        g
+        std::fs::write(&self.config, text).expect("writing garage config");
+        self.ports = [rpc, s3, admin];
+        self.s3_endpoint = format!("http://127.0.0.1:{s3}");
+        self.admin_addr = format!("127.0.0.1:{admin}");
     }
 
-    fn spawn(&mut self) {
+    /// Starts the server on the configured ports and waits until it is healthy *and* holds
+    /// all three of its listening sockets (its admin API answers even when the S3 listener
+    /// failed to bind).
+    fn spawn(&mut self) -> Result<(), String> {
         let log_path = self.dir.path().join("garage.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
-            .expect("garage log file");
-        let log2 = log.try_clone().expect("garage log file");
+            .map_err(|e| format!("garage log file {}: {e}", log_path.display()))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| format!("garage log file: {e}"))?;
+        // What this start writes to the log begins here (earlier attempts append too).
+        let log_start = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
+        // Let the server bind the ports we held during an outage.
+        self.reserved.clear();
         let child = Command::new(&self.bin)
             .arg("-c")
             .arg(&self.config)
@@ -170,29 +261,40 @@ api_bind_addr = "127.0.0.1:{admin}"
             .stdout(log)
             .stderr(log2)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
+            .map_err(|e| format!("starting {}: {e}", self.bin.display()))?;
+        let pid = child.id();
         self.child = Some(child);
-        let g = self;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if http_status(&g.admin_addr, "/health") == Some(200) {
-                break;
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return Err(format!("garage exited with {status} during start-up"));
             }
-            if let Some(Ok(Some(status))) = g.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "garage exited with {status} during start-up; log:\n{}",
-                    g.log_tail()
-                );
+            let listening = listening_ports(pid);
+            if self.ports.iter().all(|p| listening.contains(p))
+                && http_status(&self.admin_addr, "/health") == Some(200)
+            {
+                return Ok(());
+            }
+            let new_log = std::fs::read(&log_path).unwrap_or_default();
+            let new_log = new_log.get(log_start as usize..).unwrap_or_default();
+            if String::from_utf8_lossy(new_log).contains("Address already in use") {
+                return Err(format!(
+                    "a port of {:?} was taken by another process",
+                    self.ports
+                ));
             }
             if Instant::now() > deadline {
-                panic!("garage not healthy after 30 s; log:\n{}", g.log_tail());
+                return Err(format!(
+                    "garage not healthy on ports {:?} after 30 s (listening on {listening:?})",
+                    self.ports
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     /// Stops the server (an outage); [`Garage::restart`] brings it back with the same data,
-    /// ports and keys.
+    /// ports and keys. Its ports stay reserved meanwhile.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
@@ -202,20 +304,43 @@ api_bind_addr = "127.0.0.1:{admin}"
             libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut exited = false;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
-                return;
+                exited = true;
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        if !exited {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.reserved = self
+            .ports
+            .iter()
+            .filter_map(|p| TcpListener::bind(("127.0.0.1", *p)).ok())
+            .collect();
     }
 
-    /// Starts the server again after [`Garage::stop`].
+    /// Starts the server again after [`Garage::stop`], on the same ports.
     pub fn restart(&mut self) {
-        if self.child.is_none() {
-            self.spawn();
+        if self.child.is_some() {
+            return;
+        }
+        // The ports were held since the stop; a bind race with a socket in TIME_WAIT or a
+        // late listener is retried for a while.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("garage restart failed ({e}); retrying");
+                    self.stop();
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!("{e}; log:\n{}", self.log_tail()),
+            }
         }
     }
 

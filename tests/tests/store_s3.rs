@@ -115,3 +115,24 @@ async fn multipart_ranges_and_listing() {
     assert!(b.get("missing").await.unwrap_err().is_not_found());
     b.delete("missing").await.unwrap();
 }
+
+/// The CI failure this guards against: the S3 port chosen for Garage was taken by another
+/// process before Garage bound it; Garage's admin API came up healthy, its S3 listener did not,
+/// and the test failed on "connection reset". Now the start verifies that Garage holds all
+/// three ports and retries with new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garage_start_retries_when_its_port_is_taken() {
+    use standby_e2e::garage::{free_port, Garage};
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = squatter.local_addr().expect("addr").port();
+    let g = Garage::start_with(Some([free_port(), taken, free_port()]));
+    assert_ne!(g.s3_endpoint, format!("http://127.0.0.1:{taken}"));
+    let backend = S3Backend::connect(&s3_config(&g, "retry"))
+        .await
+        .expect("S3 client");
+    backend
+        .put("k", Bytes::from_static(b"v"))
+        .await
+        .expect("the retried server serves S3");
+    drop(squatter);
+}
