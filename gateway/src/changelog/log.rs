@@ -1260,7 +1260,13 @@ impl ChangeLog {
         // Redo durability: the log holds every byte a FLUSH vouches for; the image is synced
         // by checkpoints, and here only when an image-dependent record needs it.
         self.sync_log()?;
-        self.sync_image_if_dependent()
+        if self.sh.logging.load(Ordering::Acquire) {
+            self.sync_image_if_dependent()
+        } else {
+            // Broken or overflowed: changes go to the image without a record, so the image
+            // is what a FLUSH must make durable.
+            self.sync_image()
+        }
     }
 
     /// After a failed sync: a latched failure (fdatasync) breaks the chain for good; anything

@@ -32,6 +32,8 @@ pub mod log;
 pub mod replay;
 pub mod segment;
 pub mod ship;
+#[cfg(any(test, feature = "testing"))]
+pub mod sim;
 
 #[cfg(test)]
 mod latch_tests;

@@ -210,3 +210,33 @@ fn replay_lets_a_later_image_dependent_record_supersede_earlier_data() {
     let b = fs::read(&target).unwrap();
     assert!(b[..8192].iter().all(|&x| x == b'X'));
 }
+
+#[test]
+fn a_flush_syncs_the_image_once_the_log_no_longer_records() {
+    use super::durable::{FaultySync, Target};
+    use std::sync::Arc;
+    let t = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("d.img"), vec![0u8; SIZE as usize]).unwrap();
+    let faults = FaultySync::new();
+    let (disk, _) = Disk::open_tracked_with_sync(
+        "d",
+        &t.path().join("d.img"),
+        &t.path().join("d.hrl"),
+        "id-1",
+        opts(1 << 20),
+        Arc::clone(&faults) as _,
+    )
+    .unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        disk.write(0, vec![1u8; 4096], false).await.unwrap();
+        disk.flush().await.unwrap();
+    });
+    let before = faults.syncs(Target::Image);
+    let _ = disk.change_log().unwrap().break_chain("test".into());
+    rt.block_on(async {
+        disk.write(0, vec![2u8; 4096], false).await.unwrap();
+        disk.flush().await.unwrap();
+    });
+    assert_eq!(faults.syncs(Target::Image), before + 1);
+}

@@ -166,16 +166,17 @@ impl ChangeLog {
         if dep <= ck.image_synced.load(Ordering::SeqCst) {
             return Ok(());
         }
-        match self.sh.dur.sync_data(Target::Image, &self.sh.image) {
-            Ok(()) => {
-                ck.image_synced.fetch_max(dep, Ordering::SeqCst);
-                Ok(())
-            }
-            Err(e) => {
-                self.sync_failed(&e);
-                Err(e)
-            }
-        }
+        self.sync_image()?;
+        ck.image_synced.fetch_max(dep, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// fdatasync of the image (a failure latches and breaks the chain).
+    pub(super) fn sync_image(&self) -> io::Result<()> {
+        self.sh
+            .dur
+            .sync_data(Target::Image, &self.sh.image)
+            .inspect_err(|e| self.sync_failed(e))
     }
 
     /// Declares record `lsn` image-dependent: its data was written to the image only (the
