@@ -1,6 +1,7 @@
 //! The fsync latch seen by a real NBD client: a tracked disk served in-process by the NBD
 //! server, its syncs going through the fault-injecting layer (gateway's `testing` feature).
-//! After one failed `fdatasync` of the image, qemu-io's FLUSH gets EIO — and so does every
+//! After one failed `fdatasync` of the change log (what a FLUSH syncs: the image is synced by
+//! checkpoints, whose failure latches the same way), qemu-io's FLUSH gets EIO — and so does every
 //! later one, although the layer (like Linux after a write-back error) lets the next
 //! `fdatasync` succeed. Reopening the disk (what restarting `standby serve` does) clears it.
 
@@ -74,7 +75,7 @@ async fn a_flush_after_a_failed_fdatasync_gets_eio_until_the_disk_is_reopened() 
     let (ok, out) = qemu_io(&uri, &["write -P 1 0 64k", "flush"]).await;
     assert!(ok, "before the fault: {out}");
 
-    faults.fail_nth(Target::Image, 1);
+    faults.fail_nth(Target::Log, 1);
     let (ok, out) = qemu_io(&uri, &["write -P 2 64k 64k", "flush"]).await;
     assert!(!ok, "the flush whose fdatasync failed must fail: {out}");
     assert!(out.contains("Input/output error"), "{out}");

@@ -199,6 +199,16 @@ mod faulty {
             p.fail.push((target, base + n));
         }
 
+        /// Syncs of `target` seen so far (failed ones included).
+        pub fn syncs(&self, target: Target) -> u64 {
+            let p = self.st.lock().unwrap_or_else(|p| p.into_inner());
+            p.seen
+                .iter()
+                .find(|(t, _)| *t == target)
+                .map(|(_, c)| *c)
+                .unwrap_or(0)
+        }
+
         /// Syncs that failed so far.
         pub fn failed(&self) -> u64 {
             self.st.lock().unwrap_or_else(|p| p.into_inner()).failed

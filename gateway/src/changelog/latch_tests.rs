@@ -27,6 +27,7 @@ fn opts() -> LogOptions {
         segment_size: 16 << 10,
         min_free_bytes: 0,
         min_free_percent: 0,
+        checkpoint_interval: None,
         ..LogOptions::default()
     }
 }
@@ -50,6 +51,8 @@ fn assert_eio(r: std::io::Result<()>, what: &str) {
     assert!(e.to_string().contains("fdatasync"), "{what}: {e}");
 }
 
+/// `target`'s next sync fails: the log's in the next FLUSH, the image's in the next
+/// checkpoint (FLUSH syncs only the log).
 fn latches_on(target: Target) {
     let t = tempfile::tempdir().unwrap();
     let img = image(t.path());
@@ -61,7 +64,21 @@ fn latches_on(target: Target) {
         d.flush().await.unwrap();
         faults.fail_nth(target, 1);
         d.write(4096, vec![2u8; 4096], false).await.unwrap();
-        assert_eio(d.flush().await, "the flush whose sync fails");
+        if target == Target::Image {
+            let log = d.change_log().unwrap();
+            let e = log
+                .checkpoint()
+                .expect_err("the checkpoint whose image sync fails");
+            assert!(
+                e.to_string().contains("fdatasync")
+                    || e.to_string().contains("EIO")
+                    || e.to_string().contains("I/O"),
+                "{e}"
+            );
+            assert_eio(d.flush().await, "the first flush after it");
+        } else {
+            assert_eio(d.flush().await, "the flush whose sync fails");
+        }
         assert_eq!(faults.failed(), 1);
         // The layer would let the next sync succeed; the latch does not.
         assert_eio(d.flush().await, "a later flush");
@@ -136,6 +153,40 @@ fn a_failed_seal_sync_breaks_the_chain_and_latches() {
     assert_eq!(faults.failed(), 1);
     assert_eq!(log.state().label(), "broken");
     assert_eio(rt.block_on(d.flush()), "a flush after the failed seal");
+}
+
+#[test]
+fn flush_syncs_the_log_and_the_image_only_for_image_dependent_records() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let rt = rt();
+    let faults = FaultySync::new();
+    let d = tracked(t.path(), &img, Arc::clone(&faults));
+    let log = d.change_log().unwrap();
+    let image_syncs = || faults.syncs(Target::Image);
+    let log_syncs = || faults.syncs(Target::Log);
+    let (i0, l0) = (image_syncs(), log_syncs());
+    rt.block_on(async {
+        d.write(0, vec![1u8; 4096], false).await.unwrap();
+        d.flush().await.unwrap();
+        d.write(4096, vec![1u8; 4096], true).await.unwrap();
+    });
+    assert_eq!(image_syncs(), i0, "FLUSH and FUA sync the log only");
+    assert!(log_syncs() >= l0 + 2);
+    // An image-dependent record (its data is in the image only): the next round syncs the
+    // image too, once.
+    rt.block_on(d.write(8192, vec![2u8; 4096], false)).unwrap();
+    log.note_image_dependent(log.last_lsn());
+    rt.block_on(d.flush()).unwrap();
+    assert_eq!(image_syncs(), i0 + 1);
+    rt.block_on(d.flush()).unwrap();
+    assert_eq!(image_syncs(), i0 + 1, "nothing image-dependent since");
+    // A checkpoint syncs the image and records the redo point.
+    let c = log.checkpoint().unwrap();
+    assert_eq!(c, log.last_lsn());
+    assert_eq!(image_syncs(), i0 + 2);
+    assert_eq!(read_state(log.dir()).unwrap().unwrap().applied_lsn, c);
+    assert_eq!(log.checkpoint_lsn(), c);
 }
 
 #[test]

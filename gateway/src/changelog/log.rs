@@ -4,22 +4,34 @@
 //! request overlaps its range and registers its range. Under the append lock it reserves the
 //! next LSN and its place in the active segment (rotating first if the segment is full) and
 //! writes header and data with one `pwritev` — so records reach the log file in LSN order and
-//! the log is always a contiguous prefix. Then, without any lock, it applies the change to the
-//! image and releases its range. So the image never holds a change the log lacks, and
-//! overlapping requests reach log and image in the same order.
+//! the log is always a contiguous prefix. Then (after the hot-extent rule of [`super::hot`]:
+//! a change to a cold extent first syncs the log up to its record) it applies the change to
+//! the image and releases its range. So the image never holds a change the log lacks — in
+//! the page cache; on disk after a host crash only within hot extents, which recovery logs
+//! again — and overlapping requests reach log and image in the same order.
 //!
 //! **Sync** (`sync`, used by FLUSH and FUA): group commit. A caller needs one sync round that
 //! starts after it arrived; the first waiter becomes the leader of the next round, everyone
 //! who arrived before that round started shares it. A round waits for the requests reserved
-//! before it to complete, then fdatasyncs the unsealed segments, the directory when segments
-//! were created, and the image.
+//! before it to complete, then fdatasyncs the unsealed segments and the directory when
+//! segments were created — the *log*, not the image (redo durability; the image is synced
+//! only when an image-dependent record asks for it). See [`checkpoint`].
+//!
+//! **Checkpoints** ([`checkpoint`]): the image is made durable lazily — in the background
+//! every few seconds or every N MiB of log, at every seal and before a release — and the
+//! state file then records the checkpointed LSN (the redo point). Segments are released only
+//! when both shipped and checkpointed.
 //!
 //! **Rotation**: when the next record would pass the segment size, a new segment is started
 //! and the old one is sealed in the background (after its in-flight requests drain): footer
-//! with SHA-256, fdatasync, then the state file records that every LSN up to the segment's
-//! last is in the image (the redo point; valid across a process crash because the image's page
-//! cache survives it, while a host crash without clean shutdown marks the chain broken). `take` does the same at a flush barrier
-//! and waits for it; `close` seals the active segment at clean shutdown.
+//! with SHA-256, fdatasync, then a checkpoint. `take` does the same at a flush barrier and
+//! waits for it; `close` seals the active segment at clean shutdown.
+//!
+//! **Recovery** (`open`): verify sealed segments, cut the torn tail, replay every record after
+//! the checkpoint into the image and sync it; after a host crash (boot id changed, no clean
+//! shutdown) also log the hot extents again. This file is past 700 lines because recovery,
+//! the write path and the sync rounds share the log's private state; new logic goes to
+//! [`checkpoint`] and sibling modules.
 //!
 //! **State file** (`state.toml`): chain id, first live segment and LSN (after `release`), the
 //! redo point, clean-shutdown flag with the image's mtime and the boot id, and the persistent
@@ -40,8 +52,10 @@ use tracing::{error, info, warn};
 use super::durable::{Durability, Target};
 use super::format::{self, End, Kind, RecordHeader, SegmentHeader, HEADER_LEN, RECORD_HEADER_LEN};
 use super::segment::{self, create_segment, list_segments, pwritev_all, seal_file};
-use super::{replay, LogError, LogOptions, LogState};
+use super::{hot, replay, LogError, LogOptions, LogState};
 use crate::catalog::write_atomic;
+
+mod checkpoint;
 
 pub const STATE_FILE: &str = "state.toml";
 const LOCK_FILE: &str = "lock";
@@ -79,8 +93,12 @@ pub struct RecoveryReport {
     pub fresh: bool,
     pub segments: usize,
     pub cut: Option<Cut>,
-    /// Records re-applied to the image (those after the last known redo point).
+    /// Records re-applied to the image (those after the checkpoint).
     pub redone: u64,
+    /// The host restarted since the log was last open, without a clean shutdown.
+    pub host_crash: bool,
+    /// Image bytes logged again after a host crash (the hot extents).
+    pub relogged: u64,
     pub last_lsn: u64,
     pub state: LogState,
 }
@@ -102,10 +120,44 @@ pub struct StateFile {
     pub clean: bool,
     pub image_mtime_ns: i64,
     pub boot_id: String,
-    /// "healthy", "broken" or "overflow".
-    pub state: String,
+    /// The chain's health (with `reason` when it is not healthy).
+    pub state: ChainHealth,
     #[serde(default)]
     pub reason: String,
+}
+
+/// The chain's health as the state file stores it (`state = "healthy"` …); [`LogState`] with
+/// the reason is the in-memory form, and [`StateFile::log_state`] / [`StateFile::set_state`]
+/// are the one conversion between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChainHealth {
+    Healthy,
+    Broken,
+    Overflow,
+}
+
+impl ChainHealth {
+    pub fn label(self) -> &'static str {
+        match self {
+            ChainHealth::Healthy => "healthy",
+            ChainHealth::Broken => "broken",
+            ChainHealth::Overflow => "overflow",
+        }
+    }
+}
+
+impl std::fmt::Display for ChainHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Lets older callers that still compare with a label compile (`state != "healthy"`).
+impl PartialEq<&str> for ChainHealth {
+    fn eq(&self, other: &&str) -> bool {
+        self.label() == *other
+    }
 }
 
 impl StateFile {
@@ -120,25 +172,26 @@ impl StateFile {
             clean: false,
             image_mtime_ns: 0,
             boot_id: boot_id(),
-            state: "healthy".into(),
+            state: ChainHealth::Healthy,
             reason: String::new(),
         }
     }
 
-    fn log_state(&self) -> LogState {
-        match self.state.as_str() {
-            "healthy" => LogState::Healthy,
-            "overflow" => LogState::Overflow {
-                reason: self.reason.clone(),
-            },
-            _ => LogState::Broken {
-                reason: self.reason.clone(),
-            },
+    pub fn log_state(&self) -> LogState {
+        let reason = self.reason.clone();
+        match self.state {
+            ChainHealth::Healthy => LogState::Healthy,
+            ChainHealth::Overflow => LogState::Overflow { reason },
+            ChainHealth::Broken => LogState::Broken { reason },
         }
     }
 
     fn set_state(&mut self, s: &LogState) {
-        self.state = s.label().to_string();
+        self.state = match s {
+            LogState::Healthy => ChainHealth::Healthy,
+            LogState::Broken { .. } => ChainHealth::Broken,
+            LogState::Overflow { .. } => ChainHealth::Overflow,
+        };
         self.reason = s.reason().unwrap_or_default().to_string();
     }
 }
@@ -289,9 +342,17 @@ struct Shared {
     state_dirty: AtomicBool,
     appended: AtomicU64,
     sync_rounds: AtomicU64,
+    /// Checkpoints, log/image durability watermarks, hot extents (see [`checkpoint`]).
+    ck: checkpoint::Ckpt,
     /// Opened after a clean shutdown (or fresh).
     opened_clean: bool,
     _lock: File,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.ck.trigger.stop();
+    }
 }
 
 /// The change log of one disk. Cheap to clone (clones share the log).
@@ -458,8 +519,13 @@ fn recover_segments(
         }
         let d = match format::decode_segment(&bytes) {
             Ok(d) => d,
-            Err(e) if segment::is_stub(bytes.len() as u64) => {
-                // Torn while being created: it cannot hold any record.
+            Err(e)
+                if segment::is_stub(bytes.len() as u64)
+                    || (idx + 1 == n && bytes[..HEADER_LEN].iter().all(|&b| b == 0)) =>
+            {
+                // Torn while being created: it cannot hold any record. (The last segment's
+                // header still all zeroes: a host crash kept its size but not its data,
+                // which no sync had covered — no record in it was ever acknowledged.)
                 cut = Some(Cut {
                     seq,
                     at: 0,
@@ -645,6 +711,8 @@ impl ChangeLog {
             segments: 0,
             cut: None,
             redone: 0,
+            host_crash: false,
+            relogged: 0,
             last_lsn: p.first_lsn.wrapping_sub(1),
             state: LogState::Healthy,
         };
@@ -667,16 +735,13 @@ impl ChangeLog {
         }
         let last_lsn = rec.next_lsn.wrapping_sub(1);
         report.last_lsn = last_lsn;
+        let mut host_crash = false;
         if state.is_healthy() && !fresh {
             let mtime = mtime_ns(&image).map_err(LogError::io("cannot stat image of", dir))?;
             let boot = boot_id();
             if p.clean && mtime != p.image_mtime_ns {
                 state = LogState::Broken {
                     reason: "the image was modified after the last clean shutdown without the change log (newer than its log)".into(),
-                };
-            } else if !p.clean && !p.boot_id.is_empty() && !boot.is_empty() && p.boot_id != boot {
-                state = LogState::Broken {
-                    reason: "the host restarted without a clean shutdown: the image may hold unflushed writes the log lost".into(),
                 };
             } else if p.applied_lsn > last_lsn {
                 state = LogState::Broken {
@@ -685,8 +750,24 @@ impl ChangeLog {
                         p.applied_lsn
                     ),
                 };
+            } else if p.first_lsn > p.applied_lsn.wrapping_add(1) {
+                state = LogState::Broken {
+                    reason: format!(
+                        "the log starts at LSN {} but the image is checkpointed only up to LSN {}",
+                        p.first_lsn, p.applied_lsn
+                    ),
+                };
+            } else if !p.clean && !p.boot_id.is_empty() && !boot.is_empty() && p.boot_id != boot {
+                // The host restarted without a clean shutdown: the log is durable up to every
+                // acknowledged flush (sealed segments and synced records survive), the image
+                // only up to the checkpoint. Redo below brings the image forward, and the
+                // parts of the image that may hold writes whose records were lost are logged
+                // again (see `hot`).
+                host_crash = true;
+                warn!(disk = name, checkpoint = p.applied_lsn, last_lsn, "the host restarted without a clean shutdown: replaying the log after the checkpoint");
             }
         }
+        let mut relog = std::collections::BTreeSet::new();
         if state.is_healthy() && p.applied_lsn < last_lsn {
             let paths: Vec<PathBuf> = rec
                 .sealed
@@ -694,7 +775,14 @@ impl ChangeLog {
                 .filter(|s| s.last_lsn > p.applied_lsn)
                 .map(|s| s.path.clone())
                 .collect();
-            match replay::replay_after(&paths, &image, p.applied_lsn) {
+            let ext = hot::extent_size(disk_size);
+            let replayed = replay::replay_after(&paths, &image, p.applied_lsn).and_then(|stats| {
+                if host_crash {
+                    relog = hot::extents_after(&paths, p.applied_lsn, ext, disk_size)?;
+                }
+                Ok(stats)
+            });
+            match replayed {
                 Ok(stats) => {
                     report.redone = stats.records;
                     dur.sync_data(Target::Image, &image)
@@ -710,8 +798,12 @@ impl ChangeLog {
         if let (true, Some(reason)) = (state.is_healthy(), dur.latched()) {
             state = LogState::Broken { reason };
         }
-        if state.is_healthy() {
+        if state.is_healthy() && relog.is_empty() {
+            // Everything the log holds is now durable in the image. (After a host crash with
+            // extents to log again, the redo point moves only when that is done.)
             p.applied_lsn = last_lsn;
+        }
+        if state.is_healthy() {
             p.first_seq = rec.sealed.first().map(|s| s.seq).unwrap_or(rec.next_seq);
             p.first_lsn = rec
                 .sealed
@@ -726,6 +818,7 @@ impl ChangeLog {
         if let Some(reason) = state.reason() {
             error!(disk = name, "change log is {}: {reason}", state.label());
         }
+        let p_applied = p.applied_lsn;
         let st = St {
             state: state.clone(),
             sealed: rec.sealed,
@@ -765,6 +858,7 @@ impl ChangeLog {
                 state_dirty: AtomicBool::new(false),
                 appended: AtomicU64::new(0),
                 sync_rounds: AtomicU64::new(0),
+                ck: checkpoint::Ckpt::new(disk_size, p_applied),
                 opened_clean,
                 _lock: lock_file,
             }),
@@ -779,6 +873,13 @@ impl ChangeLog {
         if log.state().is_healthy() {
             log.check_space();
         }
+        if log.state().is_healthy() && !relog.is_empty() {
+            report.relogged = log.relog_extents(&relog)?;
+        }
+        if log.state().is_healthy() {
+            log.start_checkpointer();
+        }
+        report.host_crash = host_crash;
         report.state = log.state();
         info!(disk = name, segments = report.segments, last_lsn = report.last_lsn, redone = report.redone, cut = ?report.cut, state = %report.state, "change log opened");
         Ok((log, report))
@@ -1058,6 +1159,12 @@ impl ChangeLog {
             data_len: data.len() as u32,
         };
         let (lsn, rotated) = self.append(&mut h, data, barrier_rotate);
+        if let Some(lsn) = lsn {
+            self.note_appended(rec_len);
+            if kind != Kind::Flush {
+                self.guard_image_change(offset, length, lsn);
+            }
+        }
         let r = apply();
         if let Err(e) = &r {
             if lsn.is_some() {
@@ -1150,27 +1257,16 @@ impl ChangeLog {
                 st.range_waiters -= 1;
             }
         }
-        let (files, dir_dirty) = {
-            let mut ap = lock(&self.sh.ap);
-            let mut files: Vec<Arc<Seg>> = ap.retired.iter().map(|a| Arc::clone(&a.seg)).collect();
-            if let Some(a) = &ap.active {
-                files.push(Arc::clone(&a.seg));
-            }
-            (files, std::mem::take(&mut ap.dir_dirty))
-        };
-        let dur = &self.sh.dur;
-        let r = files
-            .iter()
-            .try_for_each(|seg| dur.sync_data(Target::Log, &seg.file))
-            .and_then(|()| match dir_dirty {
-                true => dur.sync_dir(&self.sh.dir),
-                false => Ok(()),
-            })
-            .and_then(|()| dur.sync_data(Target::Image, &self.sh.image));
-        if let Err(e) = &r {
-            self.sync_failed(e);
+        // Redo durability: the log holds every byte a FLUSH vouches for; the image is synced
+        // by checkpoints, and here only when an image-dependent record needs it.
+        self.sync_log()?;
+        if self.sh.logging.load(Ordering::Acquire) {
+            self.sync_image_if_dependent()
+        } else {
+            // Broken or overflowed: changes go to the image without a record, so the image
+            // is what a FLUSH must make durable.
+            self.sync_image()
         }
-        r
     }
 
     /// After a failed sync: a latched failure (fdatasync) breaks the chain for good; anything
@@ -1189,6 +1285,7 @@ impl ChangeLog {
     /// Seals the retired segments, oldest first (after their requests have completed).
     fn seal_retired(&self) -> Result<(), LogError> {
         let _g = lock(&self.sh.seal_lock);
+        let mut sealed_any = false;
         loop {
             let Some((seg, len, count)) = lock(&self.sh.ap)
                 .retired
@@ -1210,9 +1307,6 @@ impl ChangeLog {
                 lock(&self.sh.ap).retired.clear();
                 break;
             }
-            // The redo point may move past this segment without an image fdatasync: the
-            // image's page cache survives a process crash, and a host crash without a clean
-            // shutdown marks the chain broken (boot id) instead of trusting the redo point.
             let sealed = seal_file(&seg.file, len, count, last_lsn, |f| {
                 self.sh.dur.sync_data(Target::Log, f)
             });
@@ -1240,9 +1334,13 @@ impl ChangeLog {
                     path: seg.path.clone(),
                     sealed: true,
                 });
-                st.p.applied_lsn = st.p.applied_lsn.max(last_lsn);
             }
             self.persist()?;
+            sealed_any = true;
+        }
+        if sealed_any {
+            // Every seal is a checkpoint: a sealed segment can then be released once shipped.
+            self.checkpoint()?;
         }
         Ok(())
     }
@@ -1294,6 +1392,22 @@ impl ChangeLog {
 
     /// Deletes the sealed segments up to and including `upto_seq` (shipped by the replicator).
     pub fn release(&self, upto_seq: u64) -> Result<(), LogError> {
+        // A segment is deleted only when shipped *and* checkpointed (recovery replays from
+        // the checkpoint).
+        let needs = lock(&self.sh.st)
+            .sealed
+            .iter()
+            .filter(|s| s.seq <= upto_seq)
+            .map(|s| s.last_lsn)
+            .max();
+        if needs.is_some_and(|l| l > self.checkpoint_lsn())
+            && self.checkpoint()? < needs.unwrap_or(0)
+        {
+            return Err(LogError::NotHealthy {
+                disk: self.sh.name.clone(),
+                state: self.state(),
+            });
+        }
         let removed: Vec<SegmentInfo> = {
             let ap = lock(&self.sh.ap);
             let unsealed = ap
@@ -1340,6 +1454,7 @@ impl ChangeLog {
                 return Ok(());
             }
             st.closed = true;
+            self.sh.ck.trigger.stop();
             while !st.inflight.is_empty() {
                 st.range_waiters += 1;
                 st = wait(&self.sh.range_cv, st);
@@ -1389,6 +1504,7 @@ impl ChangeLog {
     /// Starts a new, empty chain (after a full resync): every segment is deleted.
     pub fn reset(&self) -> Result<(), LogError> {
         let _g = lock(&self.sh.seal_lock);
+        let _c = self.checkpoint_guard();
         {
             let mut st = lock(&self.sh.st);
             if st.closed {
@@ -1419,6 +1535,7 @@ impl ChangeLog {
             ap.next_lsn = 1;
             st.applied_upto = 0;
             st.applied_done.clear();
+            self.sh.ck.reset();
             self.start_segment(&mut ap, 0)
                 .map_err(LogError::io("cannot create a segment in", dir))?;
             self.sh.logging.store(true, Ordering::Release);

@@ -9,28 +9,36 @@
 //! * [`durable`]: the file-sync seam; the first failed `fdatasync` of a disk latches (EIO on
 //!   every later FLUSH, broken chain).
 //! * [`ship`]: reading segments for shipping, each proven whole (seal, checksums, LSNs).
+//! * [`hot`]: hot extents, the parts of the image a host crash may leave ahead of the log.
 //!
 //! Rules (see `docs/changelog.md`):
 //! * A record is appended to the active segment before its change reaches the image; records
 //!   are appended in LSN order (so the log file is always a contiguous prefix and the image
 //!   never holds a change the log lacks). Overlapping requests are serialized: for them log
 //!   order = image order = acknowledgement order.
-//! * FLUSH (and FUA) fdatasync the unsealed segments and the image before the reply; concurrent
-//!   flushers share one sync round (group commit).
+//! * FLUSH (and FUA) fdatasync the unsealed log segments before the reply (the image too only
+//!   when an image-dependent record is pending); concurrent flushers share one sync round
+//!   (group commit). The image is made durable lazily by checkpoints, which record the redo
+//!   point in the state file.
 //! * Recovery at open verifies sealed segments, cuts a torn tail at the last whole record,
-//!   redoes the records the image may lack, and marks the chain broken on anything it cannot
-//!   prove consistent.
+//!   replays the records after the checkpoint, after a host crash logs the hot extents of the
+//!   image again ([`hot`]), and marks the chain broken on anything it cannot prove consistent.
 
 pub mod dirty;
 pub mod durable;
 pub mod format;
+pub mod hot;
 pub mod log;
 pub mod replay;
 pub mod segment;
 pub mod ship;
+#[cfg(any(test, feature = "testing"))]
+pub mod sim;
 
 #[cfg(test)]
 mod latch_tests;
+#[cfg(test)]
+mod redo_tests;
 #[cfg(test)]
 mod tests;
 
@@ -51,6 +59,13 @@ pub const DEFAULT_MIN_FREE_BYTES: u64 = 1 << 30;
 /// Default free-space floor (percent of the file system).
 pub const DEFAULT_MIN_FREE_PERCENT: u8 = 5;
 
+/// Default time between background checkpoints.
+pub const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Default log bytes between checkpoints.
+pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
+/// Default number of hot extents that asks for a checkpoint.
+pub const DEFAULT_HOT_LIMIT: usize = 256;
+
 /// Tunables of a change log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogOptions {
@@ -62,6 +77,14 @@ pub struct LogOptions {
     pub min_free_percent: u8,
     /// Free space is checked every this many appended bytes (and at every rotation).
     pub space_check_interval: u64,
+    /// A background checkpoint (image synced, redo point recorded) runs this often (`None`:
+    /// no background thread; checkpoints then happen at seals, releases and on request).
+    pub checkpoint_interval: Option<std::time::Duration>,
+    /// ... and whenever this many log bytes were appended since the last checkpoint ...
+    pub checkpoint_bytes: u64,
+    /// ... and when more than this many extents turned hot (bounds what recovery after a host
+    /// crash logs again: this many extents of [`hot::extent_size`]).
+    pub hot_limit: usize,
 }
 
 impl Default for LogOptions {
@@ -71,6 +94,9 @@ impl Default for LogOptions {
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
             min_free_percent: DEFAULT_MIN_FREE_PERCENT,
             space_check_interval: 16 << 20,
+            checkpoint_interval: Some(DEFAULT_CHECKPOINT_INTERVAL),
+            checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
+            hot_limit: DEFAULT_HOT_LIMIT,
         }
     }
 }

@@ -1,6 +1,10 @@
-//! Applying change-log records to an image: recovery's redo, tests, and (later) the replica
-//! store.
+//! Applying change-log records to an image: recovery's redo, tests, `standby log replay`.
+//!
+//! Replay gives the image every record's change in LSN order (last writer wins per byte);
+//! records whose data is in the image (image-dependent, see [`image_dependent`]) apply nothing
+//! and win over earlier records in their range.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -44,41 +48,50 @@ pub fn apply_record(image: &File, h: &RecordHeader, data: &[u8]) -> io::Result<(
     }
 }
 
+/// Whether a record's data lives in the image rather than in the log (*image-dependent*).
+///
+/// Such a record (a future "extent" kind: "these bytes were written to the image only") applies
+/// nothing at replay, and supersedes the data of every earlier record in its range: the image
+/// holds the newer bytes there. No kind of format version 1 is image-dependent; a kind that is
+/// adds its arm here (and the write path calls [`super::ChangeLog::note_image_dependent`]).
+pub fn image_dependent(h: &RecordHeader) -> bool {
+    match h.kind {
+        Kind::Write | Kind::Trim | Kind::WriteZeroes | Kind::Flush => false,
+    }
+}
+
 /// Replays `segments` (in order) onto `image`, skipping records with an LSN `<= after_lsn`.
 ///
 /// Every segment must decode; a sealed one must match its footer hash; the last one may be
 /// the active segment (no footer), in which case it is replayed up to its last whole record.
 /// LSNs must be contiguous across segments. The image is not synced.
+///
+/// The result is the same as applying every record in LSN order; it is computed backwards
+/// (newest record first), writing only the parts of each record that no later record
+/// covers. That is how an image-dependent record ([`image_dependent`]) supersedes earlier
+/// data in its range while applying nothing itself, and no byte is written twice.
 pub fn replay_after(
     segments: &[PathBuf],
     image: &File,
     after_lsn: u64,
 ) -> Result<ReplayStats, LogError> {
-    let mut stats = ReplayStats::default();
+    replay_after_with(segments, image, after_lsn, &image_dependent)
+}
+
+/// [`replay_after`] with the test of image-dependence given (tests mark records with it).
+pub fn replay_after_with(
+    segments: &[PathBuf],
+    image: &File,
+    after_lsn: u64,
+    is_image_dependent: &dyn Fn(&RecordHeader) -> bool,
+) -> Result<ReplayStats, LogError> {
+    // First pass: every segment decodes and the chain is contiguous (nothing is applied
+    // from a chain with a gap). Only the headers' LSNs are kept.
+    let mut spans: Vec<(u64, u64)> = Vec::with_capacity(segments.len());
     let mut expected: Option<u64> = None;
     for (i, path) in segments.iter().enumerate() {
         let bytes = std::fs::read(path).map_err(LogError::io("cannot read segment", path))?;
-        let d = format::decode_segment(&bytes).map_err(|e| corrupt(path, e.to_string()))?;
-        let last = i + 1 == segments.len();
-        match &d.end {
-            End::Sealed(_) => {}
-            End::Open if last => {}
-            End::Torn { reason } if last => {
-                tracing::debug!(segment = %path.display(), at = d.valid_len, "replay stops at torn tail: {reason}");
-            }
-            End::Open => {
-                return Err(corrupt(
-                    path,
-                    "segment is not sealed but is not the last one".into(),
-                ))
-            }
-            End::Torn { reason } => {
-                return Err(corrupt(
-                    path,
-                    format!("cut at byte {}: {reason}", d.valid_len),
-                ))
-            }
-        }
+        let d = check_segment(path, &bytes, i + 1 == segments.len())?;
         if let Some(e) = expected {
             if d.header.first_lsn != e {
                 return Err(corrupt(
@@ -91,20 +104,130 @@ pub fn replay_after(
             }
         }
         expected = Some(d.last_lsn().wrapping_add(1));
-        for r in &d.records {
-            if r.header.lsn <= after_lsn {
+        spans.push((d.header.first_lsn, d.last_lsn()));
+    }
+    // Second pass, newest segment first: apply what no later record covers.
+    let mut stats = ReplayStats::default();
+    let mut covered = Covered::default();
+    for (i, path) in segments.iter().enumerate().rev() {
+        if spans[i].1 <= after_lsn {
+            break;
+        }
+        let bytes = std::fs::read(path).map_err(LogError::io("cannot read segment", path))?;
+        let d = check_segment(path, &bytes, i + 1 == segments.len())?;
+        if (d.header.first_lsn, d.last_lsn()) != spans[i] {
+            return Err(corrupt(path, "changed while it was replayed".into()));
+        }
+        for r in d.records.iter().rev() {
+            let h = &r.header;
+            if h.lsn <= after_lsn {
+                break;
+            }
+            stats.records += 1;
+            stats.first_lsn = Some(h.lsn);
+            stats.last_lsn.get_or_insert(h.lsn);
+            if h.kind == Kind::Flush || h.length == 0 {
                 continue;
             }
-            apply_record(image, &r.header, &bytes[r.data.clone()])
-                .map_err(LogError::io("cannot apply record to image", path))?;
-            stats.records += 1;
-            stats.bytes_written += u64::from(r.header.data_len);
-            stats.first_lsn.get_or_insert(r.header.lsn);
-            stats.last_lsn = Some(r.header.lsn);
+            let end = h.offset.saturating_add(h.length);
+            if !is_image_dependent(h) {
+                let data = &bytes[r.data.clone()];
+                for (s, e) in covered.gaps(h.offset, end) {
+                    let part = RecordHeader {
+                        offset: s,
+                        length: e - s,
+                        ..*h
+                    };
+                    let piece = match h.kind {
+                        Kind::Write => &data[(s - h.offset) as usize..(e - h.offset) as usize],
+                        _ => &[][..],
+                    };
+                    apply_record(image, &part, piece)
+                        .map_err(LogError::io("cannot apply record to image", path))?;
+                    stats.bytes_written += piece.len() as u64;
+                }
+            }
+            covered.add(h.offset, end);
         }
         stats.segments += 1;
     }
     Ok(stats)
+}
+
+/// Decodes a segment for replay: sealed, or (the last one only) open or torn at its end.
+fn check_segment(path: &Path, bytes: &[u8], last: bool) -> Result<format::Decoded, LogError> {
+    let d = format::decode_segment(bytes).map_err(|e| corrupt(path, e.to_string()))?;
+    match &d.end {
+        End::Sealed(_) => {}
+        End::Open if last => {}
+        End::Torn { reason } if last => {
+            tracing::debug!(segment = %path.display(), at = d.valid_len, "replay stops at torn tail: {reason}");
+        }
+        End::Open => {
+            return Err(corrupt(
+                path,
+                "segment is not sealed but is not the last one".into(),
+            ))
+        }
+        End::Torn { reason } => {
+            return Err(corrupt(
+                path,
+                format!("cut at byte {}: {reason}", d.valid_len),
+            ))
+        }
+    }
+    Ok(d)
+}
+
+/// Disjoint byte ranges already decided by later records (start → end).
+#[derive(Debug, Default)]
+struct Covered(BTreeMap<u64, u64>);
+
+impl Covered {
+    /// The parts of `[start, end)` not covered, in order.
+    fn gaps(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut pos = start;
+        // The range starting at or before `start` may cover its beginning.
+        let first = self.0.range(..=start).next_back().map(|(&s, &e)| (s, e));
+        let later = self
+            .0
+            .range(start.saturating_add(1)..end)
+            .map(|(&s, &e)| (s, e));
+        for (s, e) in first.into_iter().chain(later) {
+            if e <= pos {
+                continue;
+            }
+            if s > pos {
+                out.push((pos, s.min(end)));
+            }
+            pos = pos.max(e);
+            if pos >= end {
+                break;
+            }
+        }
+        if pos < end {
+            out.push((pos, end));
+        }
+        out
+    }
+
+    /// Marks `[start, end)` covered (merging neighbours).
+    fn add(&mut self, mut start: u64, mut end: u64) {
+        if let Some((&s, &e)) = self.0.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+            }
+        }
+        let inside: Vec<u64> = self.0.range(start..=end).map(|(&s, _)| s).collect();
+        for s in inside {
+            if let Some(e) = self.0.remove(&s) {
+                end = end.max(e);
+            }
+        }
+        self.0.insert(start, end);
+    }
 }
 
 /// Replays every record of `segments` onto `image`.
@@ -124,5 +247,35 @@ fn corrupt(path: &Path, reason: String) -> LogError {
     LogError::Corrupt {
         path: path.to_path_buf(),
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// `Covered` against a byte map: gaps are exactly the uncovered bytes, in order.
+        #[test]
+        fn covered_matches_a_byte_map(ops in proptest::collection::vec((0u64..200, 1u64..40), 1..40)) {
+            let mut c = Covered::default();
+            let mut map = vec![false; 256];
+            for (s, l) in ops {
+                let e = s + l;
+                let want: Vec<u64> = (s..e).filter(|&i| !map[i as usize]).collect();
+                let got: Vec<u64> = c.gaps(s, e).into_iter().flat_map(|(a, b)| a..b).collect();
+                prop_assert_eq!(got, want);
+                c.add(s, e);
+                for i in s..e {
+                    map[i as usize] = true;
+                }
+                // Disjoint and not touching.
+                let v: Vec<(u64, u64)> = c.0.iter().map(|(&a, &b)| (a, b)).collect();
+                for w in v.windows(2) {
+                    prop_assert!(w[0].1 < w[1].0);
+                }
+            }
+        }
     }
 }

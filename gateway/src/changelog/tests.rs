@@ -45,6 +45,7 @@ fn opts(segment_size: u64) -> LogOptions {
         segment_size,
         min_free_bytes: 0,
         min_free_percent: 0,
+        checkpoint_interval: None,
         ..LogOptions::default()
     }
 }

@@ -1,0 +1,330 @@
+//! Redo durability: FLUSH makes the *log* durable; the image is made durable lazily, by
+//! checkpoints.
+//!
+//! * **Log sync** ([`ChangeLog::sync_log`]): fdatasync of the unsealed segments (and of the
+//!   directory when segments were created). After it, every record up to the LSN it noted is
+//!   durable (`log_durable`). A sync round (FLUSH, FUA) runs it and, only when an
+//!   image-dependent record ([`ChangeLog::note_image_dependent`]) is newer than the last image
+//!   sync, syncs the image too.
+//! * **Checkpoint** ([`ChangeLog::checkpoint`]): with C = the LSN up to which every change has
+//!   reached the image, publish C as *pending*, sync the log, sync the image, then record C in
+//!   `state.toml` (written atomically and fsynced) as the redo point. Recovery replays every
+//!   record after the recorded C. Run by a background thread every `checkpoint_interval`,
+//!   when `checkpoint_bytes` of log were appended since the last one, when more than
+//!   `hot_limit` extents are hot, and at every seal (so `take` and clean shutdown), and by
+//!   `release` before deleting a segment not yet checkpointed: a segment is deleted only when
+//!   it is both shipped and checkpointed.
+//! * **Hot extents** (see [`super::super::hot`]): a change to an extent with no durable record
+//!   above the pending checkpoint first syncs the log up to its own record.
+//! * **After a host crash** ([`ChangeLog::relog_extents`]): the image's bytes of every extent
+//!   touched by a record after the checkpoint are logged again, so the log describes what the
+//!   image holds, including writes whose records the crash took.
+//!
+//! A failed sync latches (see [`super::super::durable`]) and breaks the chain, as everywhere.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::{lock, ChangeLog, Seg};
+use crate::changelog::durable::Target;
+use crate::changelog::format::Kind;
+use crate::changelog::hot::HotExtents;
+use crate::changelog::LogError;
+
+/// Largest record written when an extent is logged again after a host crash.
+const RELOG_PIECE: u64 = 1 << 20;
+
+/// Wakes the background checkpointer: on a timer, when asked, or to stop.
+#[derive(Debug, Default)]
+pub(crate) struct Trigger {
+    st: Mutex<(bool, bool)>,
+    cv: Condvar,
+}
+
+impl Trigger {
+    /// Asks for a checkpoint now.
+    fn kick(&self) {
+        lock(&self.st).0 = true;
+        self.cv.notify_all();
+    }
+
+    /// Stops the checkpointer.
+    pub(crate) fn stop(&self) {
+        lock(&self.st).1 = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits for a kick, a stop or `every`; returns true to stop.
+    fn wait(&self, every: Duration) -> bool {
+        let mut g = lock(&self.st);
+        if !g.0 && !g.1 {
+            g = self
+                .cv
+                .wait_timeout(g, every)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        g.0 = false;
+        g.1
+    }
+}
+
+/// Checkpoint and durability bookkeeping of one log.
+#[derive(Debug)]
+pub(crate) struct Ckpt {
+    /// Serializes checkpoints (lock order: `seal_lock` → this → `ap` → `st`).
+    lock: Mutex<()>,
+    /// The redo point recorded in the state file.
+    done: AtomicU64,
+    /// The checkpoint being taken (≥ `done`): published before its log sync.
+    pending: AtomicU64,
+    /// Every record up to this LSN is durable in the log.
+    log_durable: AtomicU64,
+    log_sync_lock: Mutex<()>,
+    /// Newest image-dependent record, and the newest one an image sync covered.
+    image_dep: AtomicU64,
+    image_synced: AtomicU64,
+    /// Log bytes appended since the last checkpoint.
+    since: AtomicU64,
+    pub(crate) hot: HotExtents,
+    pub(crate) trigger: Arc<Trigger>,
+}
+
+impl Ckpt {
+    pub(crate) fn new(disk_size: u64, checkpoint: u64) -> Self {
+        Self {
+            lock: Mutex::new(()),
+            done: AtomicU64::new(checkpoint),
+            pending: AtomicU64::new(checkpoint),
+            log_durable: AtomicU64::new(checkpoint),
+            log_sync_lock: Mutex::new(()),
+            image_dep: AtomicU64::new(0),
+            image_synced: AtomicU64::new(0),
+            since: AtomicU64::new(0),
+            hot: HotExtents::new(disk_size),
+            trigger: Arc::new(Trigger::default()),
+        }
+    }
+
+    /// A new chain starts (LSNs restart at 1). Call holding [`ChangeLog::checkpoint_guard`].
+    pub(super) fn reset(&self) {
+        for a in [
+            &self.done,
+            &self.pending,
+            &self.log_durable,
+            &self.image_dep,
+            &self.image_synced,
+            &self.since,
+        ] {
+            a.store(0, Ordering::SeqCst);
+        }
+        self.hot.clear();
+    }
+}
+
+impl ChangeLog {
+    /// Makes every record appended so far durable: fdatasync of the unsealed segments and,
+    /// when segments were created, of the directory.
+    pub(super) fn sync_log(&self) -> io::Result<()> {
+        let (files, dir_dirty, upto) = {
+            let mut ap = lock(&self.sh.ap);
+            let mut files: Vec<Arc<Seg>> = ap.retired.iter().map(|a| Arc::clone(&a.seg)).collect();
+            if let Some(a) = &ap.active {
+                files.push(Arc::clone(&a.seg));
+            }
+            let upto = ap.next_lsn.wrapping_sub(1);
+            (files, std::mem::take(&mut ap.dir_dirty), upto)
+        };
+        let dur = &self.sh.dur;
+        let r = files
+            .iter()
+            .try_for_each(|seg| dur.sync_data(Target::Log, &seg.file))
+            .and_then(|()| match dir_dirty {
+                true => dur.sync_dir(&self.sh.dir),
+                false => Ok(()),
+            });
+        match &r {
+            Ok(()) => {
+                self.sh.ck.log_durable.fetch_max(upto, Ordering::SeqCst);
+            }
+            Err(e) => self.sync_failed(e),
+        }
+        r
+    }
+
+    /// The image part of a sync round: the image is synced only when an image-dependent
+    /// record newer than the last image sync exists (the log holds every other byte).
+    pub(super) fn sync_image_if_dependent(&self) -> io::Result<()> {
+        let ck = &self.sh.ck;
+        let dep = ck.image_dep.load(Ordering::SeqCst);
+        if dep <= ck.image_synced.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.sync_image()?;
+        ck.image_synced.fetch_max(dep, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// fdatasync of the image (a failure latches and breaks the chain).
+    pub(super) fn sync_image(&self) -> io::Result<()> {
+        self.sh
+            .dur
+            .sync_data(Target::Image, &self.sh.image)
+            .inspect_err(|e| self.sync_failed(e))
+    }
+
+    /// Declares record `lsn` image-dependent: its data was written to the image only (the
+    /// log holds no copy). Call it after the record was appended and before its request
+    /// completes; the next sync round (FLUSH, FUA) then syncs the image as well as the log.
+    pub fn note_image_dependent(&self, lsn: u64) {
+        self.sh.ck.image_dep.fetch_max(lsn, Ordering::SeqCst);
+    }
+
+    /// The hot-extent rule, between appending record `lsn` (a change to
+    /// `[offset, offset+len)`) and applying it to the image: if an extent it touches has no
+    /// durable record above the pending checkpoint, sync the log up to this record first.
+    pub(super) fn guard_image_change(&self, offset: u64, len: u64, lsn: u64) {
+        let ck = &self.sh.ck;
+        let pending = ck.pending.load(Ordering::SeqCst);
+        if !ck.hot.needs_sync(offset, len, pending) {
+            return;
+        }
+        if ck.log_durable.load(Ordering::SeqCst) < lsn {
+            let _g = lock(&ck.log_sync_lock);
+            if ck.log_durable.load(Ordering::SeqCst) < lsn {
+                if let Err(e) = self.sync_log() {
+                    self.mark_broken(format!(
+                        "the change log could not be synced before a change reached a cold part of the image: {e}"
+                    ));
+                    self.persist_if_dirty();
+                    return;
+                }
+            }
+        }
+        ck.hot.heat(offset, len, lsn, pending);
+        if ck.hot.heated() > self.sh.opts.hot_limit {
+            ck.trigger.kick();
+        }
+    }
+
+    /// Counts appended log bytes; asks for a checkpoint every `checkpoint_bytes`.
+    pub(super) fn note_appended(&self, bytes: u64) {
+        let ck = &self.sh.ck;
+        let before = ck.since.fetch_add(bytes, Ordering::Relaxed);
+        if before < self.sh.opts.checkpoint_bytes && before + bytes >= self.sh.opts.checkpoint_bytes
+        {
+            ck.trigger.kick();
+        }
+    }
+
+    /// The redo point recorded in the state file: every change up to this LSN is durable in
+    /// the image.
+    pub fn checkpoint_lsn(&self) -> u64 {
+        self.sh.ck.done.load(Ordering::SeqCst)
+    }
+
+    /// Takes a checkpoint: every change that has reached the image is made durable there
+    /// (log first, then image) and the state file records the LSN up to which that holds.
+    /// Returns the checkpointed LSN. Blocking. Nothing to do on a log that is not recording.
+    pub fn checkpoint(&self) -> Result<u64, LogError> {
+        let ck = &self.sh.ck;
+        let _g = lock(&ck.lock);
+        let done = ck.done.load(Ordering::SeqCst);
+        if !self.sh.logging.load(Ordering::Acquire) {
+            return Ok(done);
+        }
+        let c = lock(&self.sh.st).applied_upto;
+        if c <= done {
+            return Ok(done);
+        }
+        ck.pending.fetch_max(c, Ordering::SeqCst);
+        let dir = &self.sh.dir;
+        self.sync_log()
+            .map_err(LogError::io("cannot sync the change log in", dir))?;
+        if let Err(e) = self.sh.dur.sync_data(Target::Image, &self.sh.image) {
+            self.sync_failed(&e);
+            return Err(LogError::io("cannot sync the image of", dir)(e));
+        }
+        ck.image_synced.fetch_max(c, Ordering::SeqCst);
+        {
+            let mut st = lock(&self.sh.st);
+            if !st.state.is_healthy() {
+                return Ok(done);
+            }
+            st.p.applied_lsn = st.p.applied_lsn.max(c);
+        }
+        self.persist()?;
+        ck.done.fetch_max(c, Ordering::SeqCst);
+        ck.hot.cooled();
+        ck.since.store(0, Ordering::Relaxed);
+        Ok(c)
+    }
+
+    /// Holds checkpoints back (`reset` takes it after `seal_lock`, before `ap` and `st`).
+    pub(super) fn checkpoint_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.sh.ck.lock)
+    }
+
+    /// Starts the background checkpointer (when the options ask for one).
+    pub(super) fn start_checkpointer(&self) {
+        let Some(every) = self.sh.opts.checkpoint_interval else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.sh);
+        let trigger = Arc::clone(&self.sh.ck.trigger);
+        let spawned = std::thread::Builder::new()
+            .name("hrl-ckpt".into())
+            .spawn(move || loop {
+                if trigger.wait(every) {
+                    return;
+                }
+                let Some(sh) = weak.upgrade() else { return };
+                let me = ChangeLog { sh };
+                if lock(&me.sh.st).closed {
+                    return;
+                }
+                if let Err(e) = me.checkpoint() {
+                    warn!(disk = %me.sh.name, "change-log checkpoint failed: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(disk = %self.sh.name, "cannot start the checkpoint thread ({e}): the image is checkpointed only at seals");
+        }
+    }
+
+    /// After a host crash: logs the image's current bytes of every extent in `extents`
+    /// (write records), then checkpoints. Until that checkpoint is recorded the redo point
+    /// stays where it was, so a crash meanwhile repeats the repair. Returns the bytes logged.
+    pub(super) fn relog_extents(&self, extents: &BTreeSet<u64>) -> Result<u64, LogError> {
+        let ext = self.sh.ck.hot.extent();
+        let size = self.sh.disk_size;
+        let dir = &self.sh.dir;
+        let mut logged = 0u64;
+        for &e in extents {
+            let start = e.saturating_mul(ext);
+            let end = start.saturating_add(ext).min(size);
+            let mut pos = start;
+            while pos < end {
+                let n = (end - pos).min(RELOG_PIECE);
+                let mut buf = vec![0u8; n as usize];
+                self.sh
+                    .image
+                    .read_exact_at(&mut buf, pos)
+                    .map_err(LogError::io("cannot read the image of", dir))?;
+                self.record(Kind::Write, 0, pos, n, &buf, || Ok(()))
+                    .map_err(LogError::io("cannot log the image of", dir))?;
+                logged += n;
+                pos += n;
+            }
+        }
+        self.checkpoint()?;
+        info!(disk = %self.sh.name, extents = extents.len(), bytes = logged, "host crash: parts of the image that may hold writes the log lost were logged again");
+        Ok(logged)
+    }
+}

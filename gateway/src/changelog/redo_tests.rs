@@ -1,0 +1,242 @@
+//! Redo durability: checkpoints, release after checkpoint, recovery after a host crash (hot
+//! extents logged again), and replay's rule for image-dependent records.
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::format::RecordHeader;
+use super::log::{read_state, StateFile, STATE_FILE};
+use super::replay::replay_after_with;
+use super::segment::list_segments;
+use super::*;
+use crate::disk::Disk;
+
+const SIZE: u64 = 256 << 10;
+
+fn opts(segment_size: u64) -> LogOptions {
+    LogOptions {
+        segment_size,
+        min_free_bytes: 0,
+        min_free_percent: 0,
+        checkpoint_interval: None,
+        ..LogOptions::default()
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn open(dir: &Path, o: LogOptions) -> (Disk, RecoveryReport) {
+    Disk::open_tracked("d", &dir.join("d.img"), &dir.join("d.hrl"), "id-1", o).unwrap()
+}
+
+/// As if the host had restarted: the state file names another boot.
+fn other_boot(log_dir: &Path) {
+    let path = log_dir.join(STATE_FILE);
+    let mut p: StateFile = toml::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    p.boot_id = "an-earlier-boot".into();
+    fs::write(&path, toml::to_string(&p).unwrap()).unwrap();
+}
+
+fn replay_onto(initial: &[u8], log_dir: &Path, dir: &Path) -> Vec<u8> {
+    let copy = dir.join("replayed.img");
+    fs::write(&copy, initial).unwrap();
+    let img = OpenOptions::new().write(true).open(&copy).unwrap();
+    replay_dir(log_dir, &img).unwrap();
+    fs::read(&copy).unwrap()
+}
+
+#[test]
+fn a_host_crash_keeps_the_chain_and_logs_the_hot_extents_again() {
+    let t = tempfile::tempdir().unwrap();
+    let initial = vec![7u8; SIZE as usize];
+    fs::write(t.path().join("d.img"), &initial).unwrap();
+    let rt = rt();
+    let (disk, _) = open(t.path(), opts(1 << 20));
+    let log = disk.change_log().unwrap();
+    rt.block_on(async {
+        disk.write(0, vec![1u8; 8192], false).await.unwrap();
+        disk.flush().await.unwrap();
+    });
+    let c = log.checkpoint().unwrap();
+    rt.block_on(async {
+        disk.write(16384, vec![2u8; 4096], false).await.unwrap();
+        disk.flush().await.unwrap();
+    });
+    drop(log);
+    drop(disk); // crash
+    other_boot(&t.path().join("d.hrl"));
+    // The host crash left a write in the image whose record the log lost (written back
+    // before the log's page): within the hot extent, as the hot-extent rule guarantees.
+    let img = OpenOptions::new()
+        .write(true)
+        .open(t.path().join("d.img"))
+        .unwrap();
+    img.write_all_at(&[9u8; 512], 32768).unwrap();
+    drop(img);
+    let (disk, report) = open(t.path(), opts(1 << 20));
+    assert_eq!(report.state, LogState::Healthy, "{report:?}");
+    assert!(report.host_crash);
+    assert!(report.relogged >= SIZE.min(hot::MIN_EXTENT), "{report:?}");
+    let log = disk.change_log().unwrap();
+    assert!(log.checkpoint_lsn() > c);
+    let now = rt.block_on(disk.read(0, SIZE as usize)).unwrap();
+    assert_eq!(&now[..8192], &[1u8; 8192][..]);
+    assert_eq!(&now[16384..20480], &[2u8; 4096][..]);
+    assert_eq!(&now[32768..33280], &[9u8; 512][..]);
+    // The log describes the image exactly again, the stray write included.
+    assert!(replay_onto(&initial, &t.path().join("d.hrl"), t.path()) == now);
+    // A second open (same boot) has nothing to repair.
+    rt.block_on(disk.close()).unwrap();
+    drop(log);
+    drop(disk);
+    let (_disk, report) = open(t.path(), opts(1 << 20));
+    assert_eq!(report.state, LogState::Healthy);
+    assert!(!report.host_crash);
+    assert_eq!(report.relogged, 0);
+}
+
+#[test]
+fn a_host_crash_right_after_a_checkpoint_has_nothing_to_repair() {
+    let t = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("d.img"), vec![0u8; SIZE as usize]).unwrap();
+    let rt = rt();
+    let (disk, _) = open(t.path(), opts(1 << 20));
+    rt.block_on(disk.write(0, vec![1u8; 4096], false)).unwrap();
+    disk.change_log().unwrap().checkpoint().unwrap();
+    drop(disk);
+    other_boot(&t.path().join("d.hrl"));
+    let (_disk, report) = open(t.path(), opts(1 << 20));
+    assert_eq!(report.state, LogState::Healthy);
+    assert!(report.host_crash);
+    assert_eq!((report.redone, report.relogged), (0, 0));
+}
+
+#[test]
+fn segments_are_released_only_when_checkpointed() {
+    let t = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("d.img"), vec![0u8; SIZE as usize]).unwrap();
+    let rt = rt();
+    let (disk, _) = open(t.path(), opts(8192));
+    let log = disk.change_log().unwrap();
+    for i in 0..6u64 {
+        rt.block_on(disk.write(i * 4096, vec![i as u8; 4096], false))
+            .unwrap();
+    }
+    let segs = log.take().unwrap();
+    assert!(segs.len() >= 2);
+    // Every seal checkpoints: the redo point covers what was taken.
+    let last = segs.last().unwrap().last_lsn;
+    assert!(log.checkpoint_lsn() >= last);
+    assert!(read_state(log.dir()).unwrap().unwrap().applied_lsn >= last);
+    log.release(segs.last().unwrap().seq).unwrap();
+    assert!(list_segments(log.dir()).unwrap().len() <= 1);
+}
+
+#[test]
+fn a_checkpoint_recorded_past_the_log_start_is_required() {
+    // The state file says the image holds less than what was released: broken.
+    let t = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("d.img"), vec![0u8; SIZE as usize]).unwrap();
+    let rt = rt();
+    let (disk, _) = open(t.path(), opts(8192));
+    for i in 0..6u64 {
+        rt.block_on(disk.write(i * 4096, vec![1; 4096], false))
+            .unwrap();
+    }
+    let log = disk.change_log().unwrap();
+    let segs = log.take().unwrap();
+    log.release(segs.last().unwrap().seq).unwrap();
+    drop(log);
+    drop(disk);
+    let path = t.path().join("d.hrl").join(STATE_FILE);
+    let mut p: StateFile = toml::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    p.applied_lsn = 1;
+    fs::write(&path, toml::to_string(&p).unwrap()).unwrap();
+    let (_d, report) = open(t.path(), opts(8192));
+    assert!(
+        matches!(&report.state, LogState::Broken { reason } if reason.contains("checkpointed only up to")),
+        "{report:?}"
+    );
+}
+
+#[test]
+fn replay_lets_a_later_image_dependent_record_supersede_earlier_data() {
+    let t = tempfile::tempdir().unwrap();
+    let img_path = t.path().join("d.img");
+    fs::write(&img_path, vec![0u8; SIZE as usize]).unwrap();
+    let rt = rt();
+    let (disk, _) = open(t.path(), opts(1 << 20));
+    rt.block_on(async {
+        disk.write(0, vec![b'A'; 8192], false).await.unwrap(); // LSN 1
+        disk.write(4096, vec![b'B'; 8192], false).await.unwrap(); // LSN 2 (image-dependent)
+        disk.write(8192, vec![b'C'; 8192], false).await.unwrap(); // LSN 3
+    });
+    drop(disk);
+    let segs: Vec<_> = list_segments(&t.path().join("d.hrl"))
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    // The image holds the image-dependent record's bytes ('X' here): replay must keep them
+    // where no later record wrote, and write none of LSN 1's bytes there.
+    let target = t.path().join("target.img");
+    fs::write(&target, vec![b'X'; SIZE as usize]).unwrap();
+    let img = OpenOptions::new().write(true).open(&target).unwrap();
+    let dep = |h: &RecordHeader| h.lsn == 2;
+    let stats = replay_after_with(&segs, &img, 0, &dep).unwrap();
+    assert_eq!(stats.records, 3);
+    let b = fs::read(&target).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == b'A'));
+    assert!(b[4096..8192].iter().all(|&x| x == b'X'), "LSN 1 superseded");
+    assert!(b[8192..16384].iter().all(|&x| x == b'C'), "LSN 3 is later");
+    assert!(b[16384..].iter().all(|&x| x == b'X'));
+    // Without the mark, replay is plain last-writer-wins.
+    let img = OpenOptions::new().write(true).open(&target).unwrap();
+    replay_after_with(&segs, &img, 0, &|_| false).unwrap();
+    let b = fs::read(&target).unwrap();
+    assert!(b[4096..8192].iter().all(|&x| x == b'B'));
+    // And after LSN 2 only LSN 3 applies.
+    fs::write(&target, vec![b'X'; SIZE as usize]).unwrap();
+    let img = OpenOptions::new().write(true).open(&target).unwrap();
+    let stats = replay_after_with(&segs, &img, 2, &dep).unwrap();
+    assert_eq!(stats.records, 1);
+    let b = fs::read(&target).unwrap();
+    assert!(b[..8192].iter().all(|&x| x == b'X'));
+}
+
+#[test]
+fn a_flush_syncs_the_image_once_the_log_no_longer_records() {
+    use super::durable::{FaultySync, Target};
+    use std::sync::Arc;
+    let t = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("d.img"), vec![0u8; SIZE as usize]).unwrap();
+    let faults = FaultySync::new();
+    let (disk, _) = Disk::open_tracked_with_sync(
+        "d",
+        &t.path().join("d.img"),
+        &t.path().join("d.hrl"),
+        "id-1",
+        opts(1 << 20),
+        Arc::clone(&faults) as _,
+    )
+    .unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        disk.write(0, vec![1u8; 4096], false).await.unwrap();
+        disk.flush().await.unwrap();
+    });
+    let before = faults.syncs(Target::Image);
+    let _ = disk.change_log().unwrap().break_chain("test".into());
+    rt.block_on(async {
+        disk.write(0, vec![2u8; 4096], false).await.unwrap();
+        disk.flush().await.unwrap();
+    });
+    assert_eq!(faults.syncs(Target::Image), before + 1);
+}

@@ -1,0 +1,259 @@
+//! One seeded run: a tracked [`Disk`] (the real write path, log, checkpoints and recovery) on
+//! [`SimStorage`], random operations, a crash at a random point, recovery, checks.
+
+use std::fs::{self, OpenOptions};
+
+use nbd_server::ZeroFlags;
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+
+use super::model::Model;
+use super::storage::{materialize, CrashKind, SimStorage, SECTOR};
+use crate::changelog::{replay_dir, LogOptions, LogState};
+use crate::disk::Disk;
+
+/// What one seed did (for the campaign's summary).
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub ops: usize,
+    pub host_crash: bool,
+    /// The crash hit a sync (before it took effect) rather than falling between operations.
+    pub crashed_in_sync: bool,
+    /// Acknowledged writes that had to survive (FUA, or before a completed FLUSH).
+    pub durable_writes: u64,
+    pub redone: u64,
+    pub relogged: u64,
+    pub cut: bool,
+}
+
+fn opts(rng: &mut StdRng) -> LogOptions {
+    LogOptions {
+        segment_size: [4096, 8192, 16384, 65536][rng.gen_range(0..4)],
+        min_free_bytes: 0,
+        min_free_percent: 0,
+        checkpoint_interval: None,
+        checkpoint_bytes: u64::MAX,
+        hot_limit: usize::MAX,
+        ..LogOptions::default()
+    }
+}
+
+/// Where seeds keep their files: `STANDBY_SIM_DIR`, else the memory file system `/dev/shm`
+/// when there is one (the state file's real fsyncs would otherwise dominate the run time;
+/// durability is the simulation's business, not the file system's), else the temporary
+/// directory.
+fn sim_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("STANDBY_SIM_DIR") {
+        return d.into();
+    }
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() && tempfile::tempdir_in(shm).is_ok() {
+        return shm.to_path_buf();
+    }
+    std::env::temp_dir()
+}
+
+/// Runs seed `seed`. `Err` is a violation (with what was violated).
+pub fn run_seed(seed: u64, rt: &tokio::runtime::Runtime) -> Result<Outcome, String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let t = tempfile::tempdir_in(sim_dir()).map_err(|e| e.to_string())?;
+    let life1 = t.path().join("life1");
+    let life2 = t.path().join("life2");
+    fs::create_dir_all(&life1).map_err(|e| e.to_string())?;
+    let size = rng.gen_range(8..=64u64) * 4096;
+    let mut initial = vec![0u8; size as usize];
+    rng.fill_bytes(&mut initial);
+    let img = life1.join("d.img");
+    fs::write(&img, &initial).map_err(|e| e.to_string())?;
+    let sim = SimStorage::new(&life1);
+    sim.mark_durable(&img).map_err(|e| e.to_string())?;
+    let o = opts(&mut rng);
+    let (disk, _) =
+        Disk::open_tracked_with_sync("d", &img, &life1.join("d.hrl"), "sim-disk", o, sim.clone())
+            .map_err(|e| format!("first open: {e}"))?;
+    let log = disk.change_log().ok_or("not tracked")?;
+    let mut model = Model::new(&initial);
+    let mut out = Outcome {
+        ops: rng.gen_range(4..80),
+        host_crash: rng.gen_bool(0.75),
+        ..Outcome::default()
+    };
+    let crash_op = rng.gen_range(0..out.ops);
+    let in_sync = rng.gen_bool(0.6);
+    let sectors = size / SECTOR as u64;
+    for i in 0..out.ops {
+        if i == crash_op && in_sync {
+            sim.crash_at_sync(rng.gen_range(1..=3));
+        }
+        let pick = rng.gen_range(0..100);
+        match pick {
+            0..=59 => {
+                let first = rng.gen_range(0..sectors);
+                let n = rng.gen_range(1..=(sectors - first).min(32));
+                let mut data = vec![0u8; n as usize * SECTOR];
+                rng.fill_bytes(&mut data);
+                let off = first * SECTOR as u64;
+                let fua = rng.gen_bool(0.1);
+                let r = rt.block_on(disk.write(off, data.clone(), fua));
+                let acked = r.is_ok() && !sim.crashed();
+                if r.is_err() && !sim.crashed() {
+                    return Err(format!("write at {off} failed: {r:?}"));
+                }
+                model.change(off, &data, acked, fua);
+                if acked && fua {
+                    out.durable_writes += 1;
+                }
+            }
+            60..=69 => {
+                let first = rng.gen_range(0..sectors);
+                let n = rng.gen_range(1..=(sectors - first).min(16));
+                let (off, len) = (first * SECTOR as u64, n * SECTOR as u64);
+                let r = if rng.gen_bool(0.5) {
+                    rt.block_on(disk.trim(off, len, false))
+                } else {
+                    let flags = ZeroFlags {
+                        may_trim: rng.gen_bool(0.5),
+                        ..ZeroFlags::default()
+                    };
+                    rt.block_on(disk.write_zeroes(off, len, flags))
+                };
+                let acked = r.is_ok() && !sim.crashed();
+                if r.is_err() && !sim.crashed() {
+                    return Err(format!("trim/zero at {off} failed: {r:?}"));
+                }
+                model.change(off, &vec![0u8; len as usize], acked, false);
+            }
+            70..=84 => {
+                let r = rt.block_on(disk.flush());
+                if !sim.crashed() {
+                    r.map_err(|e| format!("flush failed: {e}"))?;
+                    model.flushed();
+                }
+            }
+            85..=92 => {
+                let r = log.checkpoint();
+                if !sim.crashed() {
+                    r.map_err(|e| format!("checkpoint failed: {e}"))?;
+                }
+            }
+            _ => {
+                let r = log.take();
+                if !sim.crashed() {
+                    r.map_err(|e| format!("take failed: {e}"))?;
+                }
+            }
+        }
+        // Background seals finish before the next operation (determinism).
+        let _ = log.wait_sealed();
+        if sim.crashed() {
+            out.crashed_in_sync = true;
+            out.ops = i + 1;
+            break;
+        }
+        if i == crash_op {
+            sim.crash_now();
+            out.ops = i + 1;
+            break;
+        }
+    }
+    sim.crash_now();
+    let snap = sim.snapshot().ok_or("no snapshot")?;
+    drop(log);
+    drop(disk);
+    let kind = if out.host_crash {
+        CrashKind::Host
+    } else {
+        CrashKind::Process
+    };
+    materialize(&snap, kind, &life2, &mut rng).map_err(|e| format!("materialize: {e}"))?;
+
+    // Recovery: the real open path, on what the crash left.
+    let img2 = life2.join("d.img");
+    let sim2 = SimStorage::new(&life2);
+    let (disk, report) =
+        Disk::open_tracked_with_sync("d", &img2, &life2.join("d.hrl"), "sim-disk", o, sim2)
+            .map_err(|e| format!("recovery open: {e}"))?;
+    out.redone = report.redone;
+    out.relogged = report.relogged;
+    out.cut = report.cut.is_some();
+    if report.state != LogState::Healthy {
+        return Err(format!("a crash broke the chain: {}", report.state));
+    }
+    if report.host_crash != out.host_crash {
+        return Err(format!(
+            "recovery saw host crash = {}, the simulation did {:?}",
+            report.host_crash, kind
+        ));
+    }
+    let image = rt
+        .block_on(disk.read(0, size as usize))
+        .map_err(|e| format!("read after recovery: {e}"))?;
+    model
+        .check(&image)
+        .map_err(|e| format!("after recovery: {e}"))?;
+    // The log replays to the image: from the chain's start (nothing was released) onto the
+    // initial image.
+    let base = life2.join("replayed.img");
+    fs::write(&base, &initial).map_err(|e| e.to_string())?;
+    {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&base)
+            .map_err(|e| e.to_string())?;
+        replay_dir(&life2.join("d.hrl"), &f).map_err(|e| format!("replay: {e}"))?;
+    }
+    let replayed = fs::read(&base).map_err(|e| e.to_string())?;
+    if let Some(i) = (0..image.len()).find(|&i| image[i] != replayed[i]) {
+        return Err(format!(
+            "replaying the recovered log does not give the recovered image (first difference at byte {i})"
+        ));
+    }
+    // The disk works on: a write, a flush and a clean close, then a clean reopen.
+    rt.block_on(async {
+        disk.write(0, vec![0xA5; SECTOR], false).await?;
+        disk.flush().await?;
+        disk.close().await
+    })
+    .map_err(|e| format!("after recovery: {e}"))?;
+    drop(disk);
+    let (_d, r2) = Disk::open_tracked_with_sync(
+        "d",
+        &img2,
+        &life2.join("d.hrl"),
+        "sim-disk",
+        o,
+        SimStorage::new(&life2),
+    )
+    .map_err(|e| format!("reopen: {e}"))?;
+    if r2.state != LogState::Healthy || r2.redone != 0 {
+        return Err(format!("reopen after a clean close: {r2:?}"));
+    }
+    Ok(out)
+}
+
+/// The command that runs one seed again.
+pub fn repro(seed: u64) -> String {
+    format!("STANDBY_SIM_SEED={seed} cargo nextest run -p gateway --features testing sim_seeds")
+}
+
+/// Runs seeds `first..first+count`; returns the outcomes and the failures (seed, message).
+pub fn campaign(first: u64, count: u64) -> (Vec<Outcome>, Vec<(u64, String)>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    for seed in first..first + count {
+        match run_seed(seed, &rt) {
+            Ok(o) => ok.push(o),
+            Err(e) => {
+                eprintln!("sim seed {seed} FAILED: {e}\n  repro: {}", repro(seed));
+                bad.push((seed, e));
+            }
+        }
+    }
+    (ok, bad)
+}
