@@ -15,6 +15,7 @@ use standby_e2e::{require_tool, run, Gateway};
 /// One sample: name, labels, value.
 #[derive(Debug, Clone)]
 struct Sample {
+    family: String,
     name: String,
     labels: BTreeMap<String, String>,
     value: f64,
@@ -35,6 +36,8 @@ import json, sys
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 out = []
 for fam in text_string_to_metric_families(sys.stdin.read()):
+    # A family with no series yet still counts as served.
+    out.append({"family": fam.name, "name": fam.name, "labels": {}, "value": None})
     for s in fam.samples:
         out.append({"family": fam.name, "type": fam.type, "unit": fam.unit,
                     "name": s.name, "labels": s.labels, "value": s.value})
@@ -72,6 +75,7 @@ fn parse(text: &str) -> Vec<Sample> {
         .expect("samples")
         .iter()
         .map(|s| Sample {
+            family: s["family"].as_str().unwrap_or_default().to_string(),
             name: s["name"].as_str().unwrap_or_default().to_string(),
             labels: s["labels"]
                 .as_object()
@@ -264,6 +268,32 @@ fn metrics_count_real_activity() {
         errors >= 1.0,
         "the write beyond the end counted as an error"
     );
+
+    // Every metric the Grafana dashboard and docs/metrics.md name is one the gateway serves.
+    let names: std::collections::BTreeSet<&str> = s
+        .iter()
+        .flat_map(|x| [x.name.as_str(), x.family.as_str()])
+        .collect();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in ["contrib/grafana/standby.json", "docs/metrics.md"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let mut named = 0;
+        for (i, _) in text.match_indices("standby_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            if name.len() <= "standby_".len() {
+                continue;
+            }
+            named += 1;
+            let served = ["", "_bucket", "_count"]
+                .iter()
+                .any(|suffix| names.contains(format!("{name}{suffix}").as_str()));
+            assert!(served, "{file} names {name}, which /metrics does not serve");
+        }
+        assert!(named >= 10, "{file}: {named} metric names");
+    }
 
     // Counted once: a second scrape does not count the same jobs again.
     let (_, s2) = scrape(&base, &ro);
