@@ -20,6 +20,13 @@
 //! [serve.allow]                     # exports only these client certificates may open
 //! "web01-os" = ["hv1.example.com"]  #   (certificate common name or subject-alternative name)
 //!
+//! [api]                             # HTTP API and /metrics (docs/api.md)
+//! listen = "127.0.0.1:8080"         # beyond loopback it needs tls_cert and tls_key
+//! tls_cert = "api-cert.pem"         # serve HTTPS (PEM, as for NBD)
+//! tls_key = "api-key.pem"
+//! insecure_no_tls = false           # allow plain HTTP beyond loopback
+//! enabled = true                    # false: no API listener
+//!
 //! [log]                             # change logs of tracked disks
 //! segment_size = "64M"              # seal a segment and start the next at this size
 //! min_free = "1G"                   # overflow (resync needed) when the log's file system
@@ -76,6 +83,19 @@ pub struct ServeConfig {
     /// Export name → client identities allowed to open it.
     #[serde(default)]
     pub allow: BTreeMap<String, Vec<String>>,
+}
+
+/// HTTP API settings (`[api]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub insecure_no_tls: bool,
+    /// Default true.
+    pub enabled: Option<bool>,
 }
 
 /// A disk declared in the configuration file.
@@ -138,6 +158,8 @@ pub struct Config {
     pub disks: Vec<DeclaredDisk>,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
 }
 
 impl Config {
@@ -187,6 +209,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.serve.listen.as_deref(), Some("127.0.0.1:1"));
         assert_eq!(c.disks.len(), 1);
+        let c = Config::parse("[api]\nlisten = \"127.0.0.1:9\"\nenabled = false\n").unwrap();
+        assert_eq!(c.api.listen.as_deref(), Some("127.0.0.1:9"));
+        assert_eq!(c.api.enabled, Some(false));
+        assert!(Config::parse("[api]\nport = 1\n").is_err());
         let e = Config::parse("[serve]\nlisten_addr = \"x\"\n").unwrap_err();
         assert!(e.contains("listen_addr"), "{e}");
     }

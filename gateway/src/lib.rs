@@ -1,6 +1,7 @@
 //! The Standby gateway: tracked disks, serving them, and (in later modules) the change log,
 //! replication engine, jobs and failover.
 
+pub mod api;
 pub mod catalog;
 pub mod changelog;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod failover;
 pub mod fastio;
 pub mod fuse;
 pub mod mapped;
+pub mod metrics;
 pub mod replication;
 pub mod serve;
 pub mod site;

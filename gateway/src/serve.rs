@@ -7,6 +7,10 @@
 //! logged as a warning naming what it exposes. Anything else is a start-up error that says
 //! which flag is missing. The Unix socket is local (file permissions guard it) and shares the
 //! TCP listener's TLS settings.
+//!
+//! The HTTP API and `/metrics` ([`crate::api`]) are served alongside, with their own listener
+//! and the same rule (TLS beyond loopback); the NBD server reports every request to the
+//! metrics through its observer hook.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,6 +64,8 @@ pub enum ServeError {
     BadLimit(&'static str, String),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiStartError),
 }
 
 /// Where and how to serve.
@@ -78,6 +84,8 @@ pub struct ServeOptions {
     pub max_sessions: Option<usize>,
     pub max_sessions_per_client: Option<usize>,
     pub memory_budget: Option<String>,
+    /// The HTTP API's listener.
+    pub api: crate::api::ApiOptions,
 }
 
 impl ServeOptions {
@@ -97,6 +105,7 @@ impl ServeOptions {
         self.max_sessions = self.max_sessions.or(c.max_sessions);
         self.max_sessions_per_client = self.max_sessions_per_client.or(c.max_sessions_per_client);
         self.memory_budget = self.memory_budget.or_else(|| c.memory_budget.clone());
+        self.api = self.api.merged_with(dd);
         self
     }
 
@@ -198,12 +207,14 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
         access.restrict(export.clone(), names.clone());
     }
     let exports = exports(dd)?;
+    let metrics = crate::metrics::Metrics::new();
     let server = Server::new(
         Arc::clone(&exports),
         ServerConfig {
             tls: tls.clone(),
             access,
             limits: limits.clone(),
+            observer: Some(Arc::new(metrics.nbd.clone())),
         },
     );
 
@@ -234,6 +245,18 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
         })?),
         None => None,
     };
+
+    let api = match crate::api::bind(&opts.api).await? {
+        Some(l) => Some((
+            l,
+            crate::api::ApiState::new(dd.clone(), Arc::clone(&exports), Arc::clone(&metrics))?,
+        )),
+        None => None,
+    };
+    if let Some((l, _)) = &api {
+        // Before the "serving" line: whoever waits for that one can read this one first.
+        println!("standby: API on {}", l.url());
+    }
 
     let names: Vec<String> = exports.list().iter().map(|e| e.name.clone()).collect();
     info!(%bound, disks = names.len(), tls = tls.is_some(), "serving");
@@ -270,6 +293,9 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
         }
     };
 
+    let (stop_api, api_stop_rx) = tokio::sync::watch::channel(false);
+    let api_task = api.map(|(l, state)| tokio::spawn(crate::api::serve(l, state, api_stop_rx)));
+
     let mut tasks = tokio::task::JoinSet::new();
     {
         let s = Arc::clone(&server);
@@ -283,6 +309,12 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
     signals.wait().await;
     info!("shutting down: stopping replication, finishing in-flight requests");
     let _ = stop_engine.send(true);
+    let _ = stop_api.send(true);
+    if let Some(h) = api_task {
+        if let Err(e) = h.await {
+            error!("API task failed: {e}");
+        }
+    }
     if let Some(h) = engine {
         if let Err(e) = h.await {
             error!("replication engine task failed: {e}");

@@ -1,4 +1,4 @@
-//! Human-readable sizes ("20G", "512MiB", "4096").
+//! Human-readable sizes ("20G", "512MiB", "4096") and durations ("30s", "15m", "7d").
 
 use thiserror::Error;
 
@@ -40,6 +40,29 @@ pub fn format_size(n: u64) -> String {
     }
 }
 
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("'{0}' is not a duration: use a number with an optional s, m, h, d or w suffix, e.g. 15m")]
+pub struct DurationError(pub String);
+
+/// Parses `30s`, `15m`, `6h`, `7d`, `2w` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, DurationError> {
+    let err = || DurationError(s.to_string());
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let mult: u64 = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        "w" => 7 * 86400,
+        _ => return Err(err()),
+    };
+    n.checked_mul(mult)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +79,16 @@ mod tests {
         assert!(parse_size("99999999999T").is_err());
         assert_eq!(format_size(2 << 30), "2.0 GiB");
         assert_eq!(format_size(12), "12 B");
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("99999999999999999w").is_err());
     }
 }

@@ -16,6 +16,7 @@ pub mod export;
 pub mod handshake;
 pub mod limits;
 pub mod mem;
+pub mod observe;
 pub mod proto;
 mod reply;
 pub mod tls;
@@ -35,6 +36,7 @@ pub use access::Access;
 pub use device::{BlockDevice, BlockSize, DeviceFlags, Extent, MappedRead, ZeroFlags};
 pub use export::{Export, Exports};
 pub use limits::Limits;
+pub use observe::{ExportObserver, Observer};
 pub use tls::{ClientIdentity, TlsConfig, TlsError};
 
 /// Why a client session ended abnormally. None of these affect other sessions.
@@ -78,6 +80,8 @@ pub struct ServerConfig {
     /// Which client may see and open which export.
     pub access: Access,
     pub limits: Limits,
+    /// Told about every answered request (statistics); none by default.
+    pub observer: Option<Arc<dyn Observer>>,
 }
 
 /// An NBD server over a table of exports.
@@ -268,6 +272,11 @@ impl<D: BlockDevice> Server<D> {
                     memory: Arc::clone(&self.memory),
                     idle_timeout: self.config.limits.idle_timeout,
                     reply_timeout: self.config.limits.reply_timeout,
+                    observer: self
+                        .config
+                        .observer
+                        .as_ref()
+                        .map(|o| o.export(&export.name)),
                 };
                 transmission::serve(stream, export, negotiated, ctx, stop).await
             }

@@ -37,6 +37,8 @@ pub(crate) struct Held {
     pub(crate) _bytes: Option<OwnedSemaphorePermit>,
     pub(crate) _memory: Option<OwnedSemaphorePermit>,
     pub(crate) _scan: Option<OwnedSemaphorePermit>,
+    /// Reports the request to the server's observer when the reply is written.
+    pub(crate) observed: Option<crate::observe::Observed>,
 }
 
 impl Held {

@@ -46,6 +46,8 @@ pub struct Context {
     pub memory: Arc<Semaphore>,
     pub idle_timeout: Option<Duration>,
     pub reply_timeout: Duration,
+    /// Statistics of this session's export.
+    pub observer: Option<Arc<dyn crate::observe::ExportObserver>>,
 }
 
 struct Conn<D> {
@@ -55,6 +57,7 @@ struct Conn<D> {
     /// The reply writer's `writev` goes straight to the kernel: mapped reads are allowed.
     kernel_writes: bool,
     tx: mpsc::UnboundedSender<Reply>,
+    observer: Option<Arc<dyn crate::observe::ExportObserver>>,
 }
 
 impl<D: BlockDevice> Conn<D> {
@@ -64,7 +67,10 @@ impl<D: BlockDevice> Conn<D> {
     }
 
     /// Replies with an error, structured (with a message) when negotiated.
-    fn error(&self, cookie: u64, errno: u32, msg: &str, held: Held) {
+    fn error(&self, cookie: u64, errno: u32, msg: &str, mut held: Held) {
+        if let Some(o) = held.observed.as_mut() {
+            o.ok = false;
+        }
         debug!(export = %self.export.name, cookie, errno, msg, "request failed");
         if self.neg.structured {
             let msg = &msg.as_bytes()[..msg.len().min(4096)];
@@ -280,6 +286,7 @@ pub async fn serve<D: BlockDevice>(
         neg,
         kernel_writes: ctx.kernel_writes,
         tx,
+        observer: ctx.observer,
     });
 
     let result = tokio::select! {
@@ -396,6 +403,7 @@ async fn request_loop<D: BlockDevice, R: AsyncBufRead + Unpin>(
                 Err(e) => return Err(e.into()),
             },
         }
+        let started = std::time::Instant::now();
         let req = decode_request(&hdr).map_err(SessionError::Decode)?;
         trace!(?req, "request");
         if req.command == CMD_DISC {
@@ -406,7 +414,15 @@ async fn request_loop<D: BlockDevice, R: AsyncBufRead + Unpin>(
             .acquire_owned()
             .await
             .map_err(|_| SessionError::Protocol("semaphore closed"))?;
-        let held = Held::slot(slot);
+        let mut held = Held::slot(slot);
+        if let Some(o) = &conn.observer {
+            held.observed = Some(crate::observe::Observed::new(
+                Arc::clone(o),
+                req.command,
+                req.length,
+                started,
+            ));
+        }
         let c = Arc::clone(conn);
         let cookie = req.cookie;
         let len = u64::from(req.length);

@@ -3,6 +3,7 @@
 //! Tests fail loudly (never skip) when a client tool they need is missing: install them with
 //! the test command in the README.
 
+pub mod api;
 pub mod fuse;
 pub mod garage;
 pub mod nbd_client;
@@ -102,6 +103,8 @@ pub fn standby(data_dir: &Path) -> Command {
 pub struct Gateway {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// Base URL of the HTTP API (`http://IP:PORT/api/v1`), when it serves one.
+    pub api: Option<String>,
     pub data_dir: PathBuf,
     stderr_log: PathBuf,
 }
@@ -140,16 +143,21 @@ impl Gateway {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut api = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    if let Some(url) = line.strip_prefix("standby: API on ") {
+                        api = Some(url.trim().to_string());
+                    }
                     if let Some(rest) = line.split("nbd://").nth(1) {
                         let addr = rest.split_whitespace().next().unwrap_or_default();
                         let addr: SocketAddr = addr.parse().expect("bound address");
                         return Gateway {
                             child: Some(child),
                             addr,
+                            api,
                             data_dir: data_dir.to_path_buf(),
                             stderr_log,
                         };

@@ -10,10 +10,10 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use gateway::replication::db::{Db, Phase};
 use gateway::replication::health::{evaluate, Health, HealthInput};
-use gateway::replication::{now_ms, Policy};
+use gateway::replication::{actions, now_ms, Policy};
 use gateway::DataDir;
 
-use crate::cmd_store::{human, open_store, parse_duration, time_of, time_of_ms};
+use crate::cmd_store::{human, open_store, time_of, time_of_ms};
 
 #[derive(clap::Args)]
 pub struct ProtectArgs {
@@ -95,55 +95,36 @@ fn open_db(dd: &DataDir) -> Result<Db> {
     Db::open(dd.root()).context("opening the replication state")
 }
 
+fn action(e: actions::ActionError) -> anyhow::Error {
+    anyhow::anyhow!(e)
+}
+
 pub async fn protect(dd: &DataDir, a: ProtectArgs) -> Result<()> {
-    gateway::catalog::validate_name(&a.vm).context("invalid VM name")?;
-    let mut seen = std::collections::BTreeSet::new();
-    for d in &a.disks {
-        let rec = dd
-            .disk(d)
-            .with_context(|| format!("VM {} cannot be protected", a.vm))?;
-        if rec.read_only {
-            bail!("disk {d} is read-only: only writable disks can be protected");
-        }
-        if !seen.insert(d.clone()) {
-            bail!("disk {d} is listed twice");
-        }
-    }
+    let req = actions::ProtectRequest {
+        vm: a.vm,
+        disks: a.disks,
+    };
     let db = open_db(dd)?;
-    for v in db.vms()? {
-        if let Some(d) = v.disks.iter().find(|d| a.disks.contains(d)) {
-            if v.name != a.vm {
-                bail!("disk {d} already belongs to protected VM {}", v.name);
-            }
-        }
-    }
+    actions::check_protect(dd, &db, &req).map_err(action)?;
     // The store must be reachable with the right key before anything is recorded.
     open_store(dd.root())
         .await
         .context("the replica store is not usable")?;
-    db.insert_vm(&a.vm, &a.disks)?;
-    for d in &a.disks {
-        if let Err(e) = dd.set_tracked(d, true) {
-            eprintln!("note: {e} (switch tracking on in the configuration file)");
-        }
+    let out = actions::protect(dd, &db, &req).map_err(action)?;
+    for n in out.notes {
+        eprintln!("note: {n}");
     }
     println!(
         "VM {} registered for protection (disks {}); the gateway enables protection and starts initial replication",
-        a.vm,
-        a.disks.join(", ")
+        req.vm,
+        req.disks.join(", ")
     );
     Ok(())
 }
 
 pub fn unprotect(dd: &DataDir, vm: &str) -> Result<()> {
     let db = open_db(dd)?;
-    let Some(v) = db.vm(vm)? else {
-        bail!("VM {vm} is not protected");
-    };
-    db.delete_vm(vm)?;
-    for d in &v.disks {
-        let _ = dd.set_tracked(d, false);
-    }
+    actions::unprotect(dd, &db, vm).map_err(action)?;
     println!(
         "VM {vm} unprotected: replication stopped; its recovery points stay in the store (remove them with `standby store prune`)"
     );
@@ -152,62 +133,26 @@ pub fn unprotect(dd: &DataDir, vm: &str) -> Result<()> {
 
 pub fn policy(dd: &DataDir, cmd: PolicyCommand) -> Result<()> {
     let db = open_db(dd)?;
-    let mut p = db.policy()?;
-    if let PolicyCommand::Set(a) = cmd {
-        let a = *a;
-        if let Some(i) = a.interval {
-            p.interval_secs = if i == "continuous" {
-                0
-            } else {
-                parse_duration(&i)?.as_secs().max(1)
+    let p = match cmd {
+        PolicyCommand::Show => db.policy()?,
+        PolicyCommand::Set(a) => {
+            let a = *a;
+            let change = actions::PolicyChange {
+                interval: a.interval,
+                retention: a.retention,
+                app_consistent: a.app_consistent,
+                freeze_cmd: a.freeze_cmd,
+                thaw_cmd: a.thaw_cmd,
+                initial_start: a.initial_start,
+                resync_window: a.resync_window,
+                bandwidth: a.bandwidth,
+                fold_patch_bytes: a.fold_patch_bytes,
+                failover_command: a.failover_command,
+                retry_time_scale: a.retry_time_scale,
             };
+            actions::set_policy(&db, &change).map_err(action)?
         }
-        if let Some(r) = a.retention {
-            p.retention_hours = parse_duration(&r)?.as_secs_f64() / 3600.0;
-        }
-        if let Some(x) = a.app_consistent {
-            p.app_consistent_hours = if x == "off" {
-                0.0
-            } else {
-                parse_duration(&x)?.as_secs_f64() / 3600.0
-            };
-        }
-        if let Some(c) = a.freeze_cmd {
-            p.freeze_cmd = (c != "none").then_some(c);
-        }
-        if let Some(c) = a.thaw_cmd {
-            p.thaw_cmd = (c != "none").then_some(c);
-        }
-        if let Some(s) = a.initial_start {
-            p.initial_start_unix = if s == "now" {
-                None
-            } else {
-                Some(s.parse().with_context(|| {
-                    format!("--initial-start must be \"now\" or Unix seconds, not {s:?}")
-                })?)
-            };
-        }
-        if let Some(w) = a.resync_window {
-            p.resync_window = w;
-        }
-        if let Some(b) = a.bandwidth {
-            p.bandwidth_bytes_per_sec =
-                gateway::units::parse_size(&b).map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-        if let Some(c) = a.failover_command {
-            p.failover_command = (c != "none").then_some(c);
-        }
-        if let Some(b) = a.fold_patch_bytes {
-            p.fold_patch_bytes =
-                gateway::units::parse_size(&b).map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-        if let Some(s) = a.retry_time_scale {
-            p.retry_time_scale = s;
-        }
-        p.validate()
-            .map_err(|e| anyhow::anyhow!("invalid policy: {e}"))?;
-        db.set_policy(&p)?;
-    }
+    };
     print_policy(&p);
     Ok(())
 }
@@ -257,47 +202,19 @@ fn print_policy(p: &Policy) {
 
 pub fn resync(dd: &DataDir, vm: &str, full: bool) -> Result<()> {
     let db = open_db(dd)?;
-    let v = db.modify_vm(vm, |v| {
-        if matches!(v.phase, Phase::Protected | Phase::ResyncRequired) {
-            v.phase = Phase::ResyncRequired;
-            if v.reason.is_empty() {
-                v.reason = "requested by an admin".into();
-            }
-        }
-        v.resync_now = true;
-        v.resync_full |= full;
-        v.next_retry_ms = None;
-    })?;
-    match v.phase {
-        Phase::ResyncRequired | Phase::Resyncing => {
-            println!("VM {vm}: resynchronization starts now")
-        }
-        p => {
-            bail!("VM {vm} is {p}: a resync applies to a protected VM (after initial replication)")
-        }
-    }
+    actions::resync(&db, vm, full).map_err(action)?;
+    println!("VM {vm}: resynchronization starts now");
     Ok(())
 }
 
 pub fn resume(dd: &DataDir, vm: &str) -> Result<()> {
     let db = open_db(dd)?;
-    let before = db
-        .vm(vm)?
-        .with_context(|| format!("VM {vm} is not protected"))?;
-    if before.phase != Phase::Critical && before.next_retry_ms.is_none() {
-        println!("VM {vm} is {}: nothing to resume", before.phase);
-        return Ok(());
-    }
-    let v = db.modify_vm(vm, |v| {
-        if v.phase == Phase::Critical {
-            v.phase = v.resume_phase.unwrap_or(Phase::EnablingProtection);
-            v.resume_phase = None;
-            v.reason.clear();
+    match actions::resume(&db, vm).map_err(action)? {
+        actions::ResumeOutcome::NothingToResume(p) => {
+            println!("VM {vm} is {p}: nothing to resume")
         }
-        v.failures = 0;
-        v.next_retry_ms = None;
-    })?;
-    println!("VM {vm} resumed: {}", v.phase);
+        actions::ResumeOutcome::Resumed(p) => println!("VM {vm} resumed: {p}"),
+    }
     Ok(())
 }
 

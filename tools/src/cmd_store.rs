@@ -139,20 +139,7 @@ pub async fn open_store(data_dir: &Path) -> anyhow::Result<Store> {
 
 /// Parse `30s`, `15m`, `6h`, `7d`, `2w` (a bare number is seconds).
 pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("invalid duration {s:?}"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
-        _ => bail!("invalid duration unit in {s:?} (use s, m, h, d or w)"),
-    };
-    Ok(Duration::from_secs(n * mult))
+    Ok(gateway::units::parse_duration(s)?)
 }
 
 pub fn human(bytes: u64) -> String {

@@ -5,6 +5,7 @@ mod cmd_log;
 mod cmd_mount;
 mod cmd_repl;
 mod cmd_store;
+mod cmd_token;
 mod launch;
 mod store_seen;
 
@@ -94,6 +95,9 @@ enum Command {
     Detach { export: String },
     /// Test failover, failover, or `failover commit VM`.
     Failover(FailoverCommand),
+    /// API tokens for the HTTP API and /metrics: create, list, revoke.
+    #[command(subcommand)]
+    Token(cmd_token::TokenCommand),
 }
 
 #[derive(clap::Args)]
@@ -166,6 +170,19 @@ struct ServeArgs {
     /// If the data directory has no disk yet, create a 1 GiB disk named "demo".
     #[arg(long)]
     demo: bool,
+    /// Address of the HTTP API and /metrics [default: 127.0.0.1:8080]; beyond loopback it needs
+    /// --api-tls-cert and --api-tls-key.
+    #[arg(long, value_name = "IP:PORT")]
+    api_listen: Option<String>,
+    /// TLS certificate (PEM) for the API (HTTPS).
+    #[arg(long, requires = "api_tls_key")]
+    api_tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the API.
+    #[arg(long, requires = "api_tls_cert")]
+    api_tls_key: Option<PathBuf>,
+    /// Serve no HTTP API (and no /metrics).
+    #[arg(long, conflicts_with_all = ["api_listen", "api_tls_cert"])]
+    no_api: bool,
 }
 
 #[derive(Subcommand)]
@@ -254,6 +271,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Job(cmd) => cmd_repl::job(&dd, cmd),
         Command::Attach(a) => runtime()?.block_on(cmd_failover::attach(&dd, a)),
         Command::Detach { export } => cmd_failover::detach(&dd, &export),
+        Command::Token(cmd) => cmd_token::run(&dd, cmd),
         Command::Failover(FailoverCommand { sub, args }) => match (sub, args) {
             (Some(FailoverSub::Commit { vm, wait }), _) => cmd_failover::commit(&dd, &vm, wait),
             (None, Some(a)) => runtime()?.block_on(cmd_failover::failover(&dd, a)),
@@ -302,6 +320,13 @@ fn serve(dd: &DataDir, args: ServeArgs) -> Result<()> {
         max_sessions: args.max_sessions,
         max_sessions_per_client: args.max_sessions_per_client,
         memory_budget: args.memory_budget,
+        api: gateway::api::ApiOptions {
+            disabled: args.no_api,
+            listen: args.api_listen,
+            tls_cert: args.api_tls_cert,
+            tls_key: args.api_tls_key,
+            insecure_no_tls: false,
+        },
     };
     runtime()?.block_on(gateway::serve::serve(dd, opts))?;
     Ok(())

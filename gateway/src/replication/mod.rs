@@ -3,11 +3,13 @@
 //! This module holds the engine's pure decision logic (no I/O, clock injected) so it can be tested
 //! exhaustively; the jobs that drive initial replication, delta replication and resync build on it.
 
+pub mod actions;
 pub mod db;
 pub mod engine;
 pub mod health;
 pub mod policy;
 pub mod retry;
+pub mod status;
 
 pub use db::{Db, DbError, Phase, VmRow};
 pub use engine::{Engine, ReplError};

@@ -1,0 +1,61 @@
+//! Prometheus metrics of the gateway, served at `/metrics` in the OpenMetrics text format.
+//!
+//! Two kinds of figures (every name is documented in docs/metrics.md):
+//! - Live counters of the NBD data path ([`nbd`]): fed by the NBD server's observer hook as
+//!   each reply is written; cheap (atomics, one histogram lock per request).
+//! - The replication state ([`state`]): read from the state database when `/metrics` is
+//!   scraped (VM state, health, RPO, last point, failures, log backlog, jobs). Gauges of VMs
+//!   and disks that are no longer there disappear; job counters count each finished job once
+//!   (from the job history, which keeps the newest 500 finished jobs).
+//!
+//! Names carry their unit (`_seconds`, `_bytes`, `_ratio`); counters end in `_total`.
+
+pub mod nbd;
+pub mod state;
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::registry::Registry;
+
+use crate::replication::Db;
+
+/// The gateway's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub nbd: nbd::NbdMetrics,
+    state: Mutex<state::StateMetrics>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let nbd = nbd::NbdMetrics::new(&mut registry);
+        let state = state::StateMetrics::new(&mut registry);
+        Arc::new(Self {
+            registry,
+            nbd,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// Refreshes the replication figures from the database and encodes everything.
+    /// Synchronous (SQLite): call on a blocking thread.
+    pub fn scrape(&self, db: &Db) -> Result<String, String> {
+        // One scrape at a time: a refresh clears and refills the state gauges.
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.refresh(db).map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .map_err(|e| format!("encoding metrics: {e}"))?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,388 @@
+//! The HTTP API against a running `standby serve`, with curl: every documented endpoint,
+//! tokens (none, wrong, read-only, revoked), bad input refused with a message and nothing
+//! changed, an action that drives a real protection to Protected, HTTPS, and the start-up
+//! refusal of plain HTTP beyond loopback.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use standby_e2e::api::{origin, request, token, Answer};
+use standby_e2e::repl::{site, wait_for};
+use standby_e2e::{require_tool, run, run_stdout, standby, test_dir, Gateway};
+
+fn get(base: &str, path: &str, t: Option<&str>) -> Answer {
+    request("GET", &format!("{base}{path}"), t, None, &[])
+}
+
+fn post(base: &str, path: &str, t: Option<&str>, body: Option<&str>) -> Answer {
+    request("POST", &format!("{base}{path}"), t, body, &[])
+}
+
+/// The documented (method, path) pairs, with parameters filled in.
+fn documented(base: &str, admin: &str, vm: &str, disk: &str, job: i64) -> Vec<(String, String)> {
+    let doc = get(base, "/api/v1/openapi.json", Some(admin));
+    assert_eq!(doc.status, 200, "{}", doc.body);
+    let doc = doc.json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let mut out = Vec::new();
+    for (path, ops) in doc["paths"].as_object().expect("paths") {
+        let p = path
+            .replace("{vm}", vm)
+            .replace("{name}", disk)
+            .replace("{id}", &job.to_string());
+        for m in ops.as_object().expect("operations").keys() {
+            out.push((m.to_uppercase(), p.clone()));
+        }
+    }
+    assert!(out.len() >= 17, "{out:?}");
+    out
+}
+
+fn state_of(base: &str, t: &str, vm: &str) -> Option<String> {
+    let a = get(base, &format!("/api/v1/vms/{vm}"), Some(t));
+    (a.status == 200).then(|| a.json()["state"].as_str().unwrap_or_default().to_string())
+}
+
+fn policy(base: &str, t: &str) -> Value {
+    let a = get(base, "/api/v1/policy", Some(t));
+    assert_eq!(a.status, 200, "{}", a.body);
+    a.json()
+}
+
+#[test]
+fn api_end_to_end() {
+    let t = test_dir("api_e2e");
+    let dd = site(t.path(), &[("d1", "8M"), ("d2", "8M")]);
+    let admin = token(&dd, "ops", false);
+    let ro = token(&dd, "grafana", true);
+    let g = Gateway::start(&dd, &["--api-listen", "127.0.0.1:0"]);
+    let api = g.api.clone().expect("the gateway prints its API address");
+    let base = origin(&api);
+
+    // Before anything is protected: refusals, and nothing changes.
+    let before = policy(&base, &ro);
+    for (body, code, status) in [
+        (r#"{"vm":"v1","disks":["nope"]}"#, "invalid_request", 400),
+        (
+            r#"{"vm":"bad name","disks":["d1"]}"#,
+            "invalid_request",
+            400,
+        ),
+        (r#"{"vm":"v1","disks":["d1","d1"]}"#, "invalid_request", 400),
+        (r#"{"vm":"v1","disks":[]}"#, "invalid_request", 400),
+        (r#"{"vm":"v1"}"#, "invalid_request", 422),
+        (
+            r#"{"vm":"v1","disks":["d1"],"extra":1}"#,
+            "invalid_request",
+            422,
+        ),
+        ("{not json", "invalid_request", 400),
+    ] {
+        post(&base, "/api/v1/vms", Some(&admin), Some(body)).assert_error(status, code);
+    }
+    let vms = get(&base, "/api/v1/vms", Some(&ro));
+    assert_eq!(vms.json(), serde_json::json!([]), "no VM was recorded");
+    for body in [
+        r#"{"interval":"5x"}"#,
+        r#"{"retention":"0"}"#,
+        r#"{"resync_window":"25:00-01:00"}"#,
+        r#"{"app_consistent":"4h"}"#,
+        r#"{"bandwidth":"fast"}"#,
+        r#"{"intervall":"5m"}"#,
+    ] {
+        let a = post(&base, "/api/v1/policy", Some(&admin), Some(body));
+        assert!(
+            a.status == 400 || a.status == 422,
+            "{body}: {} {}",
+            a.status,
+            a.body
+        );
+        a.assert_error(a.status, "invalid_request");
+    }
+    assert_eq!(policy(&base, &ro), before, "the policy did not change");
+    post(&base, "/api/v1/vms/ghost/resync", Some(&admin), None).assert_error(404, "not_found");
+    post(&base, "/api/v1/vms/ghost/resume", Some(&admin), None).assert_error(404, "not_found");
+    post(&base, "/api/v1/vms/ghost/unprotect", Some(&admin), None).assert_error(404, "not_found");
+    get(&base, "/api/v1/vms/ghost", Some(&ro)).assert_error(404, "not_found");
+    get(&base, "/api/v1/disks/ghost", Some(&ro)).assert_error(404, "not_found");
+    get(&base, "/api/v1/jobs/999999", Some(&ro)).assert_error(404, "not_found");
+    get(&base, "/api/v1/jobs/abc", Some(&ro)).assert_error(400, "invalid_request");
+    get(&base, "/api/v1/jobs?limit=0", Some(&ro)).assert_error(400, "invalid_request");
+    get(&base, "/api/v1/points?vm=..", Some(&ro)).assert_error(400, "invalid_request");
+    get(&base, "/api/v1/nothing", Some(&ro)).assert_error(404, "no_such_route");
+    request(
+        "DELETE",
+        &format!("{base}/api/v1/vms"),
+        Some(&admin),
+        None,
+        &[],
+    )
+    .assert_error(405, "method_not_allowed");
+
+    // An action drives a real protection: initial replication, then Protected.
+    let a = post(
+        &base,
+        "/api/v1/vms",
+        Some(&admin),
+        Some(r#"{"vm":"v1","disks":["d1"]}"#),
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    assert_eq!(a.json()["disks"], serde_json::json!(["d1"]));
+    wait_for(&dd, "v1 Protected (API)", Duration::from_secs(60), || {
+        (state_of(&base, &ro, "v1").as_deref() == Some("Protected")).then_some(())
+    });
+    // The same VM again, or its disk in another VM: 409, nothing changed.
+    post(
+        &base,
+        "/api/v1/vms",
+        Some(&admin),
+        Some(r#"{"vm":"v1","disks":["d2"]}"#),
+    )
+    .assert_error(409, "conflict");
+    post(
+        &base,
+        "/api/v1/vms",
+        Some(&admin),
+        Some(r#"{"vm":"v2","disks":["d1"]}"#),
+    )
+    .assert_error(409, "conflict");
+    let vms = get(&base, "/api/v1/vms", Some(&ro)).json();
+    assert_eq!(vms.as_array().map(Vec::len), Some(1), "{vms}");
+    let v = &vms[0];
+    assert_eq!(v["name"], "v1");
+    assert_eq!(v["health"], "normal");
+    assert!(v["rpo_seconds"].as_f64().is_some(), "{v}");
+    assert!(v["last_point"].as_str().is_some(), "{v}");
+    assert_eq!(v["disks"][0]["name"], "d1");
+    // The CLI sees what the API did.
+    assert!(run_stdout(standby(&dd).arg("status")).contains("VM v1"));
+
+    // Resources now have content.
+    let jobs = get(&base, "/api/v1/jobs?vm=v1&limit=50", Some(&ro)).json();
+    let jobs = jobs.as_array().expect("jobs").clone();
+    let initial = jobs
+        .iter()
+        .find(|j| j["kind"] == "initial-replication")
+        .unwrap_or_else(|| panic!("{jobs:?}"));
+    assert_eq!(initial["state"], "succeeded");
+    let id = initial["id"].as_i64().expect("id");
+    let job = get(&base, &format!("/api/v1/jobs/{id}"), Some(&ro)).json();
+    assert!(!job["steps"].as_array().expect("steps").is_empty(), "{job}");
+    let points = get(&base, "/api/v1/points?vm=v1", Some(&ro)).json();
+    assert!(!points.as_array().expect("points").is_empty());
+    assert_eq!(points[0]["vm"], "v1");
+    let store = get(&base, "/api/v1/store", Some(&ro)).json();
+    assert!(store["points"].as_u64() >= Some(1), "{store}");
+    assert!(store["vms"]["v1"].as_u64() >= Some(1), "{store}");
+    let disks = get(&base, "/api/v1/disks", Some(&ro)).json();
+    let d1 = disks
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == "d1"))
+        .expect("d1")
+        .clone();
+    assert_eq!(d1["vm"], "v1");
+    assert_eq!(d1["tracked"], true);
+    assert_eq!(d1["served"], true);
+    assert_eq!(d1["size_bytes"], 8 << 20);
+    assert_eq!(
+        get(&base, "/api/v1/attachments", Some(&ro)).json(),
+        serde_json::json!([])
+    );
+
+    // Every documented endpoint: refused without a token and with a wrong one; GETs answer a
+    // read-only token; actions refuse it (403) and change nothing.
+    let wrong = format!("sbt_{}", "0".repeat(64));
+    let before_vm = get(&base, "/api/v1/vms/v1", Some(&ro)).json();
+    for (method, path) in documented(&base, &admin, "v1", "d1", id) {
+        let url = format!("{base}{path}");
+        let body = (method == "POST").then_some("{}");
+        request(&method, &url, None, body, &[]).assert_error(401, "unauthorized");
+        request(&method, &url, Some(&wrong), body, &[]).assert_error(401, "unauthorized");
+        request(&method, &url, Some("garbage"), body, &[]).assert_error(401, "unauthorized");
+        if method == "GET" {
+            let a = request(&method, &url, Some(&ro), None, &[]);
+            assert_eq!(a.status, 200, "GET {path}: {}", a.body);
+        } else {
+            request(&method, &url, Some(&ro), body, &[]).assert_error(403, "forbidden");
+        }
+    }
+    let after_vm = get(&base, "/api/v1/vms/v1", Some(&ro)).json();
+    assert_eq!(after_vm["state"], before_vm["state"]);
+    assert_eq!(
+        get(&base, "/api/v1/vms", Some(&ro))
+            .json()
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+
+    // The other actions, with the admin token.
+    let a = post(
+        &base,
+        "/api/v1/policy",
+        Some(&admin),
+        Some(r#"{"retention":"7d"}"#),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["retention_hours"], 168.0);
+    assert!(run_stdout(standby(&dd).args(["policy", "show"])).contains("168 h"));
+    let a = post(&base, "/api/v1/vms/v1/resume", Some(&admin), None);
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["outcome"], "nothing_to_resume");
+    post(
+        &base,
+        "/api/v1/vms/v1/resync",
+        Some(&admin),
+        Some(r#"{"fast":true}"#),
+    )
+    .assert_error(400, "invalid_request");
+    let a = post(
+        &base,
+        "/api/v1/vms/v1/resync",
+        Some(&admin),
+        Some(r#"{"full":true}"#),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    wait_for(
+        &dd,
+        "v1 Protected after resync",
+        Duration::from_secs(60),
+        || {
+            let jobs = get(&base, "/api/v1/jobs?vm=v1", Some(&ro)).json();
+            let resynced = jobs.as_array().is_some_and(|j| {
+                j.iter()
+                    .any(|j| j["kind"] == "resync" && j["state"] == "succeeded")
+            });
+            (resynced && state_of(&base, &ro, "v1").as_deref() == Some("Protected")).then_some(())
+        },
+    );
+    let a = post(&base, "/api/v1/vms/v1/unprotect", Some(&admin), None);
+    assert_eq!(a.status, 200, "{}", a.body);
+    get(&base, "/api/v1/vms/v1", Some(&ro)).assert_error(404, "not_found");
+
+    // A revoked token stops working at once; `token list` shows no secret.
+    run(standby(&dd).args(["token", "revoke", "grafana"]));
+    get(&base, "/api/v1/vms", Some(&ro)).assert_error(401, "unauthorized");
+    let list = run_stdout(standby(&dd).args(["token", "list"]));
+    assert!(list.contains("ops") && !list.contains("grafana"), "{list}");
+    assert!(!list.contains(&admin[4..]), "{list}");
+    let o = standby(&dd)
+        .args(["token", "create", "ops"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
+    g.stop();
+}
+
+/// A self-signed certificate for 127.0.0.1.
+fn self_signed(dir: &Path) -> (String, String) {
+    require_tool("openssl");
+    std::fs::create_dir_all(dir).unwrap();
+    run(Command::new("openssl").current_dir(dir).args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "cert.pem",
+    ]));
+    (
+        dir.join("cert.pem").display().to_string(),
+        dir.join("key.pem").display().to_string(),
+    )
+}
+
+#[test]
+fn api_over_https_and_network_rules() {
+    let t = test_dir("api_tls");
+    let dd = t.path().join("dd");
+    run(standby(&dd).args(["disk", "create", "d1", "--size", "1M"]));
+    let admin = token(&dd, "ops", false);
+    let (cert, key) = self_signed(&t.path().join("pki"));
+
+    // Plain HTTP beyond loopback: refused at start-up, naming the settings to give.
+    let o = standby(&dd)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--api-tls-cert") && err.contains("127.0.0.1"),
+        "{err}"
+    );
+    // A configured address that cannot be used is an error too.
+    let o = standby(&dd)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "nonsense",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not an API listen address"));
+
+    let g = Gateway::start(
+        &dd,
+        &[
+            "--api-listen",
+            "127.0.0.1:0",
+            "--api-tls-cert",
+            &cert,
+            "--api-tls-key",
+            &key,
+        ],
+    );
+    let api = g.api.clone().expect("API address");
+    assert!(api.starts_with("https://"), "{api}");
+    let url = format!("{}/api/v1/disks", origin(&api));
+    let a = request("GET", &url, Some(&admin), None, &["--cacert", &cert]);
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()[0]["name"], "d1");
+    // Plain HTTP to the HTTPS port gets no API answer.
+    let plain = url.replace("https://", "http://");
+    let o = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-H"])
+        .arg(format!("Authorization: Bearer {admin}"))
+        .arg(&plain)
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("\"d1\""),
+        "plain HTTP must not be served"
+    );
+    // An untrusted certificate is refused by the client.
+    let o = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    g.stop();
+
+    // `--no-api`: no API line, NBD still served.
+    let g = Gateway::start(&dd, &["--no-api"]);
+    assert!(g.api.is_none());
+    g.stop();
+}

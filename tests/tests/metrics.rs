@@ -1,0 +1,317 @@
+//! `/metrics` of a running gateway, parsed by the Python `prometheus_client` OpenMetrics parser
+//! (a real, strict parser: a malformed exposition fails the test), with values checked against
+//! known activity: writes and reads by qemu-io, a protected VM reaching Protected, its jobs.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use standby_e2e::api::{origin, request, token};
+use standby_e2e::nbd_client::RawClient;
+use standby_e2e::repl::{site, wait_for};
+use standby_e2e::{require_tool, run, Gateway};
+
+/// One sample: name, labels, value.
+#[derive(Debug, Clone)]
+struct Sample {
+    family: String,
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// The parser's Python. Debian's python3-prometheus-client installs for the system Python.
+fn python() -> PathBuf {
+    let p = PathBuf::from("/usr/bin/python3");
+    if p.exists() {
+        p
+    } else {
+        require_tool("python3")
+    }
+}
+
+const PARSER: &str = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = []
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    # A family with no series yet still counts as served.
+    out.append({"family": fam.name, "name": fam.name, "labels": {}, "value": None})
+    for s in fam.samples:
+        out.append({"family": fam.name, "type": fam.type, "unit": fam.unit,
+                    "name": s.name, "labels": s.labels, "value": s.value})
+print(json.dumps(out))
+"#;
+
+/// Parses an OpenMetrics exposition with prometheus_client; panics with the parser's error.
+fn parse(text: &str) -> Vec<Sample> {
+    let mut child = Command::new(python())
+        .args(["-c", PARSER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(text.as_bytes()).expect("write exposition");
+    }
+    let out = child.wait_with_output().expect("python3");
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("No module named") {
+        panic!(
+            "the Python prometheus_client package is missing (Debian: python3-prometheus-client, \
+             installed by tools/lib/deps.sh): {err}"
+        );
+    }
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused /metrics: {err}\n{text}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("parser output");
+    v.as_array()
+        .expect("samples")
+        .iter()
+        .map(|s| Sample {
+            family: s["family"].as_str().unwrap_or_default().to_string(),
+            name: s["name"].as_str().unwrap_or_default().to_string(),
+            labels: s["labels"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            value: s["value"].as_f64().unwrap_or(f64::NAN),
+        })
+        .collect()
+}
+
+/// The value of the sample with this name and these labels (a subset of its labels).
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+fn scrape(base: &str, t: &str) -> (String, Vec<Sample>) {
+    let a = request("GET", &format!("{base}/metrics"), Some(t), None, &["-i"]);
+    assert_eq!(a.status, 200, "{}", a.body);
+    let (head, body) = a.body.split_once("\r\n\r\n").expect("headers");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    (body.to_string(), parse(body))
+}
+
+#[test]
+fn metrics_count_real_activity() {
+    let qemu_io = require_tool("qemu-io");
+    let t = standby_e2e::test_dir("metrics");
+    let dd = site(t.path(), &[("d1", "16M")]);
+    let ro = token(&dd, "prometheus", true);
+    let g = Gateway::start(&dd, &["--api-listen", "127.0.0.1:0"]);
+    let base = origin(g.api.as_deref().expect("API address"));
+
+    // Without a token: refused like every request.
+    let a = request("GET", &format!("{base}/metrics"), None, None, &[]);
+    assert_eq!(a.status, 401, "{}", a.body);
+
+    // 25 writes of 64 KiB and 10 reads of 4 KiB, then a flush.
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+    for i in 0..25u64 {
+        args.push("-c".into());
+        args.push(format!("write -P {} {} 64k", i + 1, i * 65536));
+    }
+    for i in 0..10u64 {
+        args.push("-c".into());
+        args.push(format!("read {} 4k", i * 4096));
+    }
+    args.push("-c".into());
+    args.push("flush".into());
+    args.push(g.uri("d1"));
+    run(Command::new(&qemu_io).args(&args));
+
+    let (text, s) = scrape(&base, &ro);
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics ends with # EOF"
+    );
+    let w = [("disk", "d1"), ("command", "write")];
+    let r = [("disk", "d1"), ("command", "read")];
+    let writes = value(&s, "standby_nbd_requests_total", &w).expect("write counter");
+    assert!(writes >= 25.0, "writes {writes}");
+    let wbytes = value(&s, "standby_nbd_payload_bytes_total", &w).expect("write bytes");
+    assert!(wbytes >= 25.0 * 65536.0, "write bytes {wbytes}");
+    let reads = value(&s, "standby_nbd_requests_total", &r).expect("read counter");
+    assert!(reads >= 10.0, "reads {reads}");
+    let rbytes = value(&s, "standby_nbd_payload_bytes_total", &r).expect("read bytes");
+    assert!(rbytes >= 10.0 * 4096.0, "read bytes {rbytes}");
+    let flushes = value(
+        &s,
+        "standby_nbd_requests_total",
+        &[("disk", "d1"), ("command", "flush")],
+    )
+    .expect("flush counter");
+    assert!(flushes >= 1.0);
+    let lat = value(&s, "standby_nbd_request_duration_seconds_count", &w).expect("histogram");
+    assert_eq!(lat, writes, "one latency observation per write");
+    let inf = value(
+        &s,
+        "standby_nbd_request_duration_seconds_bucket",
+        &[("disk", "d1"), ("command", "write"), ("le", "+Inf")],
+    )
+    .expect("+Inf bucket");
+    assert_eq!(inf, writes);
+    assert_eq!(
+        value(&s, "standby_nbd_request_errors_total", &w),
+        Some(0.0),
+        "no write failed"
+    );
+
+    // A write beyond the end (a raw client: qemu-io would not send it): refused by the
+    // server, and counted as an error.
+    let mut c = RawClient::connect(g.addr).unwrap();
+    c.go("d1").unwrap();
+    assert_ne!(c.write(16 << 20, &[0u8; 4096]).unwrap(), 0, "refused");
+    drop(c);
+
+    // Protect the VM: its state, health, RPO, last point and jobs appear.
+    let admin = token(&dd, "ops", false);
+    let a = request(
+        "POST",
+        &format!("{base}/api/v1/vms"),
+        Some(&admin),
+        Some(r#"{"vm":"v1","disks":["d1"]}"#),
+        &[],
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    let s = wait_for(
+        &dd,
+        "v1 Protected in /metrics",
+        Duration::from_secs(60),
+        || {
+            let (_, s) = scrape(&base, &ro);
+            (value(
+                &s,
+                "standby_vm_state",
+                &[("vm", "v1"), ("state", "Protected")],
+            ) == Some(1.0)
+                && value(
+                    &s,
+                    "standby_vm_last_point_timestamp_seconds",
+                    &[("vm", "v1")],
+                )
+                .is_some())
+            .then_some(s)
+        },
+    );
+    assert_eq!(value(&s, "standby_vm_health", &[("vm", "v1")]), Some(0.0));
+    let rpo = value(&s, "standby_vm_rpo_seconds", &[("vm", "v1")]).expect("rpo");
+    assert!((0.0..120.0).contains(&rpo), "rpo {rpo}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let last = value(
+        &s,
+        "standby_vm_last_point_timestamp_seconds",
+        &[("vm", "v1")],
+    )
+    .unwrap();
+    assert!(
+        (now - 300.0..=now + 5.0).contains(&last),
+        "last point {last}"
+    );
+    assert_eq!(
+        value(&s, "standby_vm_progress_ratio", &[("vm", "v1")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "standby_disk_size_bytes",
+            &[("vm", "v1"), ("disk", "d1")]
+        ),
+        Some(16.0 * 1048576.0)
+    );
+    assert!(value(
+        &s,
+        "standby_disk_log_unshipped_bytes",
+        &[("vm", "v1"), ("disk", "d1")]
+    )
+    .is_some());
+    let initial = [("kind", "initial-replication"), ("state", "succeeded")];
+    assert_eq!(
+        value(&s, "standby_jobs_finished_total", &initial),
+        Some(1.0)
+    );
+    let n = value(
+        &s,
+        "standby_job_duration_seconds_count",
+        &[("kind", "initial-replication")],
+    );
+    assert_eq!(n, Some(1.0));
+    let errors = value(&s, "standby_nbd_request_errors_total", &w).unwrap();
+    assert!(
+        errors >= 1.0,
+        "the write beyond the end counted as an error"
+    );
+
+    // Every metric the Grafana dashboard and docs/metrics.md name is one the gateway serves.
+    let names: std::collections::BTreeSet<&str> = s
+        .iter()
+        .flat_map(|x| [x.name.as_str(), x.family.as_str()])
+        .collect();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in ["contrib/grafana/standby.json", "docs/metrics.md"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let mut named = 0;
+        for (i, _) in text.match_indices("standby_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            if name.len() <= "standby_".len() {
+                continue;
+            }
+            named += 1;
+            let served = ["", "_bucket", "_count"]
+                .iter()
+                .any(|suffix| names.contains(format!("{name}{suffix}").as_str()));
+            assert!(served, "{file} names {name}, which /metrics does not serve");
+        }
+        assert!(named >= 10, "{file}: {named} metric names");
+    }
+
+    // Counted once: a second scrape does not count the same jobs again.
+    let (_, s2) = scrape(&base, &ro);
+    assert_eq!(
+        value(&s2, "standby_jobs_finished_total", &initial),
+        Some(1.0)
+    );
+
+    // Unprotected: the VM's series disappear.
+    let a = request(
+        "POST",
+        &format!("{base}/api/v1/vms/v1/unprotect"),
+        Some(&admin),
+        None,
+        &[],
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    let (_, s3) = scrape(&base, &ro);
+    assert!(value(&s3, "standby_vm_health", &[("vm", "v1")]).is_none());
+    g.stop();
+}
