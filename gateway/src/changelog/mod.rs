@@ -9,6 +9,8 @@
 //! * [`durable`]: the file-sync seam; the first failed `fdatasync` of a disk latches (EIO on
 //!   every later FLUSH, broken chain).
 //! * [`ship`]: reading segments for shipping, each proven whole (seal, checksums, LSNs).
+//! * [`extent`]: large writes logged as extents (bytes stay in the image), the preimages a
+//!   cut still needs (copy-before-write), and the replay rule for them.
 //!
 //! Rules (see `docs/changelog.md`):
 //! * A record is appended to the active segment before its change reaches the image; records
@@ -23,6 +25,7 @@
 
 pub mod dirty;
 pub mod durable;
+pub mod extent;
 pub mod format;
 pub mod log;
 pub mod replay;
@@ -62,6 +65,9 @@ pub struct LogOptions {
     pub min_free_percent: u8,
     /// Free space is checked every this many appended bytes (and at every rotation).
     pub space_check_interval: u64,
+    /// Writes of at least this many bytes are logged as extents: the record carries no data,
+    /// the bytes stay in the image (see [`extent`]). `u64::MAX`: never.
+    pub extent_min: u64,
 }
 
 impl Default for LogOptions {
@@ -71,6 +77,7 @@ impl Default for LogOptions {
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
             min_free_percent: DEFAULT_MIN_FREE_PERCENT,
             space_check_interval: 16 << 20,
+            extent_min: extent::DEFAULT_EXTENT_MIN,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::extent::LaterExtents;
 use super::format::{self, End, Kind, RecordHeader, FLAG_MAY_TRIM};
 use super::LogError;
 use crate::disk::{punch_hole, write_zero_buffers, zero_range};
@@ -40,7 +41,8 @@ pub fn apply_record(image: &File, h: &RecordHeader, data: &[u8]) -> io::Result<(
             }
             Ok(())
         }
-        Kind::Flush => Ok(()),
+        // Its bytes are in the image already (see `super::extent`).
+        Kind::Flush | Kind::Extent => Ok(()),
     }
 }
 
@@ -56,6 +58,7 @@ pub fn replay_after(
 ) -> Result<ReplayStats, LogError> {
     let mut stats = ReplayStats::default();
     let mut expected: Option<u64> = None;
+    let later = later_extents(segments, after_lsn)?;
     for (i, path) in segments.iter().enumerate() {
         let bytes = std::fs::read(path).map_err(LogError::io("cannot read segment", path))?;
         let d = format::decode_segment(&bytes).map_err(|e| corrupt(path, e.to_string()))?;
@@ -95,7 +98,8 @@ pub fn replay_after(
             if r.header.lsn <= after_lsn {
                 continue;
             }
-            apply_record(image, &r.header, &bytes[r.data.clone()])
+            later
+                .apply(image, &r.header, &bytes[r.data.clone()])
                 .map_err(LogError::io("cannot apply record to image", path))?;
             stats.records += 1;
             stats.bytes_written += u64::from(r.header.data_len);
@@ -105,6 +109,26 @@ pub fn replay_after(
         stats.segments += 1;
     }
     Ok(stats)
+}
+
+/// Which parts of the records after `after_lsn` a later extent covers (they apply nothing
+/// there: the image holds the extent's newer bytes; see `super::extent`). A first pass over
+/// the segments; what does not decode is left to the replay itself to report.
+fn later_extents(segments: &[PathBuf], after_lsn: u64) -> Result<LaterExtents, LogError> {
+    let mut recs = Vec::new();
+    for path in segments {
+        let bytes = std::fs::read(path).map_err(LogError::io("cannot read segment", path))?;
+        if let Ok(d) = format::decode_segment(&bytes) {
+            recs.extend(
+                d.records
+                    .iter()
+                    .map(|r| r.header)
+                    .filter(|h| h.lsn > after_lsn)
+                    .map(|h| (h.lsn, h.kind, h.offset, h.length)),
+            );
+        }
+    }
+    Ok(LaterExtents::new(&recs))
 }
 
 /// Replays every record of `segments` onto `image`.
