@@ -31,6 +31,8 @@
 //! segment_size = "64M"              # seal a segment and start the next at this size
 //! min_free = "1G"                   # overflow (resync needed) when the log's file system
 //! min_free_percent = 5              #   has less free than min(min_free, this % of it)
+//! extent_min = "64K"                # writes this large are logged as extents (bytes stay
+//!                                   #   in the image); "off" logs every write's data
 //!
 //! [[disk]]
 //! name = "web01-os"
@@ -124,6 +126,8 @@ pub struct LogConfig {
     pub min_free: Option<String>,
     /// Free-space floor in percent of the file system (default 5).
     pub min_free_percent: Option<u8>,
+    /// Smallest write logged as an extent, e.g. "64K" (default), or "off".
+    pub extent_min: Option<String>,
 }
 
 impl LogConfig {
@@ -144,6 +148,18 @@ impl LogConfig {
                 return Err(format!("log.min_free_percent must be 0-100, got {p}"));
             }
             o.min_free_percent = p;
+        }
+        match self.extent_min.as_deref() {
+            None => {}
+            Some("off") => o.extent_min = u64::MAX,
+            Some(s) => {
+                o.extent_min = parse_size(s).map_err(|e| format!("log.extent_min: {e}"))?;
+                if o.extent_min < 4096 {
+                    return Err(format!(
+                        "log.extent_min must be at least 4K (or \"off\"), got {s}"
+                    ));
+                }
+            }
         }
         Ok(o)
     }
@@ -233,5 +249,12 @@ mod tests {
         );
         assert!(Config::parse("[log]\nsegment_size = \"12X\"\n").is_err());
         assert!(Config::parse("[log]\nmin_free_percent = 101\n").is_err());
+        let ext = |v: &str| {
+            Config::parse(&format!("[log]\nextent_min = \"{v}\"\n")).and_then(|c| c.log.options())
+        };
+        assert_eq!(ext("1M").unwrap().extent_min, 1 << 20);
+        assert_eq!(ext("off").unwrap().extent_min, u64::MAX);
+        assert!(ext("1K").unwrap_err().contains("at least 4K"));
+        assert_eq!(o.extent_min, crate::changelog::extent::DEFAULT_EXTENT_MIN);
     }
 }

@@ -13,8 +13,11 @@
 //!
 //! A *tracked* disk (opened with [`Disk::open_tracked`]) has a [`ChangeLog`]: every write,
 //! trim and zero is appended to the log before it reaches the image, and FLUSH/FUA make log
-//! and image durable together (see [`crate::changelog`]). An untracked disk writes straight
-//! to its image.
+//! and image durable together (see [`crate::changelog`]). Writes of at least
+//! [`LogOptions::extent_min`] bytes are logged as *extents* — the record names the range, the
+//! bytes go to the image only — and every change first saves the bytes of the extents a cut
+//! still needs where it overwrites them (see [`crate::changelog::extent`]); [`Disk::cut`]
+//! tells the extent map where each cut is. An untracked disk writes straight to its image.
 //!
 //! Every sync goes through the disk's [`Durability`] (shared with its change log): once an
 //! `fdatasync` of the image or the log has failed, every later FLUSH and FUA write fails with
@@ -32,6 +35,7 @@ use thiserror::Error;
 use tracing::debug;
 
 use crate::changelog::durable::{Durability, FileSync, Target};
+use crate::changelog::extent::ExtentMap;
 use crate::changelog::format::{Kind, FLAG_FUA, FLAG_MAY_TRIM};
 use crate::changelog::{ChangeLog, DirtyMap, LogError, LogOptions, RecoveryReport};
 use crate::mapped::ImageMap;
@@ -75,12 +79,34 @@ struct Inner {
 struct Tracking {
     log: ChangeLog,
     dirty: Arc<DirtyMap>,
+    /// Extents a cut may still need (see [`crate::changelog::extent`]).
+    extents: Arc<ExtentMap>,
+    /// Writes of at least this many bytes are logged as extents.
+    extent_min: u64,
 }
 
 impl Tracking {
-    fn new(log: ChangeLog, size: u64) -> Self {
+    fn new(
+        log: ChangeLog,
+        size: u64,
+        image: &File,
+        dur: &Arc<Durability>,
+        extent_min: u64,
+    ) -> Result<Self, DiskError> {
         let dirty = Arc::new(DirtyMap::open(log.dir(), size, log.opened_clean()));
-        Tracking { log, dirty }
+        let extents = ExtentMap::open(&log, image, Arc::clone(dur))?;
+        Ok(Tracking {
+            log,
+            dirty,
+            extents,
+            extent_min,
+        })
+    }
+
+    /// Before any change of `[offset, offset + len)` reaches the image: preimages of the
+    /// extents a cut still needs there (see [`ExtentMap::before_write`]).
+    fn before_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.extents.before_write(&self.log, offset, len)
     }
 
     /// Called after a change reached the image: a change the log did not record (overflow,
@@ -132,9 +158,25 @@ fn write_blocking(inner: &Inner, offset: u64, data: &[u8], fua: bool) -> io::Res
     if let Some(t) = tracking.as_ref() {
         let flags = if fua { FLAG_FUA } else { 0 };
         let len = data.len() as u64;
-        t.log.record(Kind::Write, flags, offset, len, data, || {
-            write_image(inner, offset, data)
-        })?;
+        if len >= t.extent_min {
+            // An extent: the bytes go to the image only (one buffered copy, not two).
+            t.log
+                .record_lsn(Kind::Extent, flags, offset, len, &[], |lsn| {
+                    t.before_write(offset, len)?;
+                    write_image(inner, offset, data)?;
+                    if let Some(lsn) = lsn {
+                        // (The log has noted it image-dependent: the next sync round
+                        // syncs the image too.)
+                        t.extents.insert(lsn, offset, len);
+                    }
+                    Ok(())
+                })?;
+        } else {
+            t.log.record(Kind::Write, flags, offset, len, data, || {
+                t.before_write(offset, len)?;
+                write_image(inner, offset, data)
+            })?;
+        }
         t.note(offset, len);
         if fua {
             t.log.sync()?;
@@ -180,9 +222,7 @@ impl Disk {
     ) -> Result<Self, DiskError> {
         let (file, size) = open_image(path, read_only)?;
         let dur = Durability::new(name, sync);
-        Ok(Self::from_parts(
-            name, path, file, size, read_only, None, dur,
-        ))
+        Self::from_parts(name, path, file, size, read_only, None, dur)
     }
 
     fn from_parts(
@@ -191,9 +231,9 @@ impl Disk {
         file: File,
         size: u64,
         read_only: bool,
-        log: Option<ChangeLog>,
+        log: Option<(ChangeLog, u64)>,
         dur: Arc<Durability>,
-    ) -> Self {
+    ) -> Result<Self, DiskError> {
         let map = match ImageMap::new(&file, size, !read_only) {
             Ok(m) => Some(Arc::new(m)),
             Err(e) => {
@@ -204,7 +244,11 @@ impl Disk {
                 None
             }
         };
-        Self {
+        let tracking = match log {
+            Some((l, extent_min)) => Some(Tracking::new(l, size, &file, &dur, extent_min)?),
+            None => None,
+        };
+        Ok(Self {
             inner: Arc::new(Inner {
                 name: name.to_string(),
                 path: path.to_path_buf(),
@@ -213,9 +257,9 @@ impl Disk {
                 size,
                 read_only,
                 dur,
-                tracking: RwLock::new(log.map(|l| Tracking::new(l, size))),
+                tracking: RwLock::new(tracking),
             }),
-        }
+        })
     }
 
     /// Opens a raw image for writing with its change log in `log_dir` (created if needed,
@@ -244,10 +288,9 @@ impl Disk {
         let dur = Durability::new(name, sync);
         let (log, report) =
             ChangeLog::open_with(name, log_dir, disk_id, &file, size, opts, Arc::clone(&dur))?;
-        Ok((
-            Self::from_parts(name, path, file, size, false, Some(log), dur),
-            report,
-        ))
+        let extent_min = opts.extent_min;
+        let disk = Self::from_parts(name, path, file, size, false, Some((log, extent_min)), dur)?;
+        Ok((disk, report))
     }
 
     /// The change log, when the disk is tracked.
@@ -289,7 +332,13 @@ impl Disk {
             opts,
             Arc::clone(&self.inner.dur),
         )?;
-        *t = Some(Tracking::new(log, self.inner.size));
+        *t = Some(Tracking::new(
+            log,
+            self.inner.size,
+            &self.inner.file,
+            &self.inner.dur,
+            opts.extent_min,
+        )?);
         Ok(Some(report))
     }
 
@@ -311,7 +360,12 @@ impl Disk {
                 .position(|o| Arc::ptr_eq(&o.inner, &d.inner))
                 .unwrap_or(0);
             match guards[i].as_ref() {
-                Some(t) => out.push(t.log.barrier()?),
+                Some(t) => {
+                    let lsn = t.log.barrier()?;
+                    // Writes from here on save the bytes of this cut's extents first.
+                    t.extents.cut_at(&t.log, lsn);
+                    out.push(lsn);
+                }
                 None => return Err(DiskError::NotTracked(d.inner.name.clone())),
             }
         }
@@ -481,6 +535,7 @@ impl Disk {
             if let Some(t) = tracking.as_ref() {
                 let flags = if fua { FLAG_FUA } else { 0 };
                 t.log.record(Kind::Trim, flags, offset, len, &[], || {
+                    t.before_write(offset, len)?;
                     // Replay zeroes a trimmed range, so the image must read as zeroes too.
                     if punch_hole(&inner.file, offset, len).is_err() {
                         write_zero_buffers(&inner.file, offset, len)?;
@@ -518,6 +573,7 @@ impl Disk {
                 }
                 let mut slow = false;
                 log.record(Kind::WriteZeroes, rflags, offset, len, &[], || {
+                    t.before_write(offset, len)?;
                     let done = (flags.may_trim && punch_hole(f, offset, len).is_ok())
                         || zero_range(f, offset, len).is_ok();
                     if !done {

@@ -1,38 +1,62 @@
 #!/usr/bin/env bash
-# Change-log benchmark: the same image served by standby with the change log OFF, standby
-# with the change log ON, and nbdkit file, in one run (servers alternated A B C A B C ...,
-# medians of --reps runs). Prints a Markdown table with throughput, p99 latency and the ratios
-# log-on/log-off and standby/nbdkit.
+# Change-log benchmark: one `standby serve` process serving two disks — one with the change
+# log OFF, one with it ON (as a real gateway serves mixed work) — and one `nbdkit file`
+# process, all rows in those same processes, servers alternated A B C / C B A (ABBA) within
+# each row, medians of --reps repetitions. Prints a Markdown table with throughput, p99
+# latency, server CPU seconds per GB written, the ratios log-on/log-off, log-on/nbdkit and
+# log-off/nbdkit, the servers' peak resident set, and the physical limit of the machine's
+# disk measured in the same run (dd oflag=direct, fio --direct=1).
 #
-# Usage: tools/bench/changelog.sh [--runtime 20] [--reps 3] [--size-mib 2048] [--workdir DIR]
+# Usage: tools/bench/changelog.sh [--quick] [--runtime 20] [--reps 3] [--size-mib 2048]
+#                                 [--sustained-mib N] [--no-drop-caches] [--workdir DIR]
 #
-# Rows:
-#   seq write 1 MiB QD8, rand write 4 KiB QD32   (fio nbd engine, time based)
-#   flush: 4 KiB random write + FLUSH, QD1       (fio --iodepth=1 --fsync=1: every write is
-#                                                 followed by a flush; IOPS = write+flush pairs
-#                                                 per second; p99 = flush (sync) latency)
-# Before every log-ON run the log is reset (tracking disabled and re-enabled), so each run
-# starts with an empty log; after it the log must still be healthy, or the run is refused.
+# Rows (fio's nbd engine):
+#   seq write 1 MiB QD8, rand write 4 KiB QD32          time based (--runtime, +2 s ramp)
+#   flush: 4 KiB random write + FLUSH QD1               --iodepth=1 --fsync=1 (fio 3.33 sends
+#                                                        exactly one FLUSH per write at QD1);
+#                                                        IOPS count writes, p99 = FLUSH latency
+#   sustained seq write 1 MiB QD8                       3x the kernel's dirty limit (vm.dirty_bytes,
+#                                                        else vm.dirty_ratio of MemAvailable) of
+#                                                        sequential writes over the disk, then one
+#                                                        FLUSH (--end_fsync=1), all in the figure
+# Physical limit (same run, once per repetition): `dd oflag=direct bs=1M` of the sustained
+# row's bytes into a new file, `fio --direct=1` (libaio, 1 MiB QD8) of the same bytes over a
+# file of the disk's size, and 4 KiB write+fdatasync QD1 on a file (fio psync --fdatasync=1).
+#
+# Before every run: `sync`, drop the page cache (unless --no-drop-caches or not allowed),
+# then read the served image once (page cache warm, as in the other benchmarks). The server
+# processes are started once per repetition; before each repetition the change log is reset
+# (tracking disabled and enabled), after it the log must be healthy, or the run is refused.
+# Resident set: VmHWM and RssAnon+RssFile of each server process sampled every 0.2 s.
+#
+# STANDBY_BIN=PATH runs that binary instead of building this tree (e.g. a before/after pair).
+# --quick: --runtime 4 --reps 1 --size-mib 512 --sustained-mib 1536 (for development).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --release --quiet -p standby-tools --bin standby
-STANDBY_BIN="${CARGO_TARGET_DIR:-target}/release/standby"
+if [ -z "${STANDBY_BIN:-}" ]; then
+  cargo build --release --quiet -p standby-tools --bin standby
+  STANDBY_BIN="${CARGO_TARGET_DIR:-target}/release/standby"
+fi
 exec python3 - "$STANDBY_BIN" "$@" <<'PY'
-import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile
+import threading, time
 
+# name, rw, bs, iodepth, extra fio args, metric, kind ("time" or "bytes")
 TESTS = [
-    # name, rw, bs, iodepth, extra fio args, metric
-    ("seq write 1 MiB QD8", "write", "1M", 8, [], "MB/s"),
-    ("rand write 4 KiB QD32", "randwrite", "4k", 32, [], "IOPS"),
-    ("flush: 4 KiB write+FLUSH QD1", "randwrite", "4k", 1, ["--fsync=1"], "IOPS"),
+    ("seq write 1 MiB QD8", "write", "1M", 8, [], "MB/s", "time"),
+    ("rand write 4 KiB QD32", "randwrite", "4k", 32, [], "IOPS", "time"),
+    ("flush: 4 KiB write+FLUSH QD1", "randwrite", "4k", 1, ["--fsync=1"], "IOPS", "time"),
+    ("sustained seq write 1 MiB QD8", "write", "1M", 8, ["--end_fsync=1"], "MB/s", "bytes"),
 ]
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
 
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-def wait_port(port, proc, timeout=60):
+def wait_port(port, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -44,119 +68,232 @@ def wait_port(port, proc, timeout=60):
             time.sleep(0.05)
     raise RuntimeError("server did not start")
 
-class Server:
-    def __init__(self, name, argv, port, before=None, after=None):
-        self.name, self.argv, self.port, self.before, self.after = name, argv, port, before, after
-        self.proc = None
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+def status_kib(pid):
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[k] = int(v.split()[0])
+    return out
+
+class Proc:
+    """One server process, its resident set sampled while it runs."""
+    def __init__(self, name, argv, port):
+        self.name, self.argv, self.port = name, argv, port
+        self.proc, self.peak, self.hwm = None, 0, 0
+        self.stop_ev = threading.Event()
     def start(self):
-        if self.before:
-            self.before()
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, self.proc)
-        time.sleep(0.2)
+        self.stop_ev.clear()
+        self.sampler = threading.Thread(target=self.sample, daemon=True)
+        self.sampler.start()
+    def sample(self):
+        while not self.stop_ev.wait(0.2):
+            try:
+                s = status_kib(self.proc.pid)
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            self.peak = max(self.peak, (s.get("RssAnon", 0) + s.get("RssFile", 0)) * 1024)
+            self.hwm = max(self.hwm, s.get("VmHWM", 0) * 1024)
+    def cpu(self):
+        return cpu_seconds(self.proc.pid)
     def stop(self):
-        if self.proc and self.proc.poll() is None:
+        if not self.proc:
+            return
+        self.stop_ev.set()
+        self.sampler.join()
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=120)
+                self.proc.wait(timeout=300)
             except subprocess.TimeoutExpired:
                 self.proc.kill(); self.proc.wait()
         self.proc = None
-        if self.after:
-            self.after()
-    def uri(self):
-        return f"nbd://127.0.0.1:{self.port}/bench"
 
-def run_fio(uri, rw, bs, qd, extra, runtime, size, out):
-    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
-           f"--iodepth={qd}", "--time_based", f"--runtime={runtime}", f"--size={size}",
-           "--ramp_time=2", "--randrepeat=0", "--norandommap", "--output-format=json",
-           f"--output={out}"] + extra
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+class Target:
+    def __init__(self, name, proc, export, image):
+        self.name, self.proc, self.export, self.image = name, proc, export, image
+    def uri(self):
+        return f"nbd://127.0.0.1:{self.proc.port}/{self.export}"
+
+def quiet_cache(drop, image=None):
+    subprocess.run(["sync"], check=True)
+    if drop[0]:
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+        except OSError as e:
+            print(f"cannot drop the page cache ({e}); going on without", file=sys.stderr)
+            drop[0] = False
+    if image:
+        subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
+
+def run_fio(args, out):
+    subprocess.run(["fio", "--name=bench", "--output-format=json", f"--output={out}"] + args,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(out) as f:
         job = json.load(f)["jobs"][0]
-    w = job["write"]
+    w, s = job["write"], job.get("sync", {})
     p99 = w["clat_ns"]["percentile"].get("99.000000", 0) / 1000.0
-    if "--fsync=1" in extra:
-        sync = job.get("sync", {}).get("lat_ns", {}).get("percentile", {})
-        p99 = sync.get("99.000000", 0) / 1000.0
-    return {"MB/s": w["bw_bytes"] / 1e6, "IOPS": w["iops"], "p99_us": p99}
+    if s.get("total_ios", 0) > 0 and "percentile" in s.get("lat_ns", {}):
+        p99 = s["lat_ns"]["percentile"].get("99.000000", 0) / 1000.0
+    secs = job["job_runtime"] / 1000.0
+    return {"MB/s": w["io_bytes"] / 1e6 / max(secs, 1e-9), "IOPS": w["total_ios"] / max(secs, 1e-9),
+            "p99_us": p99, "bytes": w["io_bytes"], "flushes": s.get("total_ios", 0)}
+
+def dirty_limit():
+    with open("/proc/sys/vm/dirty_bytes") as f:
+        b = int(f.read())
+    if b:
+        return b
+    with open("/proc/sys/vm/dirty_ratio") as f:
+        ratio = int(f.read())
+    with open("/proc/meminfo") as f:
+        mem = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f}
+    return mem["MemAvailable"] * ratio // 100
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("standby_bin")
-    ap.add_argument("--runtime", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--size-mib", type=int, default=2048)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runtime", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--size-mib", type=int, default=None)
+    ap.add_argument("--sustained-mib", type=int, default=None)
+    ap.add_argument("--no-drop-caches", action="store_true")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
-    for tool in ["fio", "nbdkit"]:
+    q = args.quick
+    runtime = args.runtime or (4 if q else 20)
+    reps = args.reps or (1 if q else 3)
+    size_mib = args.size_mib or (512 if q else 2048)
+    sustained = (args.sustained_mib << 20) if args.sustained_mib else \
+        ((1536 << 20) if q else 3 * dirty_limit() // (1 << 20) * (1 << 20))
+    for tool in ["fio", "nbdkit", "dd"]:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is not installed")
+    drop = [not args.no_drop_caches]
     sb = os.path.abspath(args.standby_bin)
-    work = args.workdir or tempfile.mkdtemp(prefix="standby-bench-log-")
-    img = os.path.join(work, "disk.img")
-    size = args.size_mib << 20
-    if not os.path.exists(img) or os.path.getsize(img) != size:
-        with open(img, "wb") as f:
-            for _ in range(args.size_mib):
-                f.write(os.urandom(1 << 20))
-    off_dd, on_dd = os.path.join(work, "data-off"), os.path.join(work, "data-on")
-    for dd in (off_dd, on_dd):
-        if not os.path.exists(os.path.join(dd, "disks", "bench.toml")):
-            subprocess.run([sb, "--data-dir", dd, "disk", "import", "bench", img], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cli = lambda dd, *a: subprocess.run([sb, "--data-dir", dd, "--log", "warn", *a], check=True,
-                                        capture_output=True, text=True).stdout
-    log_bytes = []
+    work = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="standby-bench-log-"))
+    os.makedirs(work, exist_ok=True)
+    size = size_mib << 20
+    imgs = {n: os.path.join(work, f"{n}.img") for n in ("off", "on", "kit")}
+    for path in imgs.values():
+        if not os.path.exists(path) or os.path.getsize(path) != size:
+            with open(path, "wb") as f:
+                for _ in range(size_mib):
+                    f.write(os.urandom(1 << 20))
+    dd = os.path.join(work, "data")
+    cli = lambda *a: subprocess.run([sb, "--data-dir", dd, "--log", "warn", *a], check=True,
+                                    capture_output=True, text=True).stdout
+    for name, img in (("bench-off", imgs["off"]), ("bench-on", imgs["on"])):
+        if not os.path.exists(os.path.join(dd, "disks", f"{name}.toml")):
+            cli("disk", "import", name, img)
     def reset_log():
-        cli(on_dd, "log", "disable", "bench")
-        cli(on_dd, "log", "enable", "bench")
+        cli("log", "disable", "bench-on")
+        cli("log", "enable", "bench-on")
+    log_lines = []
     def check_log():
-        out = cli(on_dd, "log", "list", "bench")
+        out = cli("log", "list", "bench-on")
         if "log healthy" not in out:
-            raise SystemExit("the change log is not healthy after a run:\n" + out)
-        log_bytes.append(out.strip().splitlines()[-1])
-    serve = lambda dd, port: [sb, "--data-dir", dd, "--log", "warn", "serve", "--listen", f"127.0.0.1:{port}"]
-    p1, p2, p3 = free_port(), free_port(), free_port()
-    servers = [
-        Server("log-off", serve(off_dd, p1), p1),
-        Server("log-on", serve(on_dd, p2), p2, before=reset_log, after=check_log),
-        Server("nbdkit", ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(p3), "file", img], p3),
-    ]
-    results = {(t[0], s.name): [] for t in TESTS for s in servers}
+            raise SystemExit("the change log is not healthy after a repetition:\n" + out)
+        log_lines.append(out.strip().splitlines()[0])
+    p1, p2 = free_port(), free_port()
+    standby = Proc("standby", [sb, "--data-dir", dd, "--log", "warn", "serve", "--listen",
+                               f"127.0.0.1:{p1}"], p1)
+    nbdkit = Proc("nbdkit", ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(p2), "file",
+                             imgs["kit"]], p2)
+    targets = [Target("log-off", standby, "bench-off", imgs["off"]),
+               Target("log-on", standby, "bench-on", imgs["on"]),
+               Target("nbdkit", nbdkit, "", imgs["kit"])]
+    results = {(t[0], s.name): [] for t in TESTS for s in targets}
+    phys = {"dd oflag=direct 1 MiB": [], "fio --direct=1 1 MiB QD8": [],
+            "fio 4 KiB write+fdatasync QD1": []}
+    fio_out = os.path.join(work, "fio.json")
+    print(f"sustained row: {sustained / 2**30:.1f} GiB (3x the dirty limit unless --sustained-mib)",
+          file=sys.stderr)
     try:
-        for rep in range(args.reps):
-            for (tname, rw, bs, qd, extra, metric) in TESTS:
-                for s in servers:
-                    subprocess.run(["cat", img], stdout=subprocess.DEVNULL, check=True)
-                    s.start()
-                    try:
-                        r = run_fio(s.uri(), rw, bs, qd, extra, args.runtime, size,
-                                    os.path.join(work, "fio.json"))
-                    finally:
-                        s.stop()
-                    results[(tname, s.name)].append(r)
-                    print(f"rep {rep + 1} {tname:30} {s.name:8} {r[metric]:>10,.0f} {metric}  p99 {r['p99_us']:,.0f} us",
+        for rep in range(reps):
+            reset_log()
+            standby.start(); nbdkit.start()
+            order = targets if rep % 2 == 0 else list(reversed(targets))
+            for (tname, rw, bs, qd, extra, metric, kind) in TESTS:
+                for t in order:
+                    quiet_cache(drop, t.image)
+                    fargs = ["--ioengine=nbd", f"--uri={t.uri()}", f"--rw={rw}", f"--bs={bs}",
+                             f"--iodepth={qd}", f"--size={size}", "--randrepeat=0",
+                             "--norandommap"] + extra
+                    if kind == "time":
+                        fargs += ["--time_based", f"--runtime={runtime}", "--ramp_time=2"]
+                    else:
+                        fargs += [f"--io_size={sustained}"]
+                    c0 = t.proc.cpu()
+                    r = run_fio(fargs, fio_out)
+                    r["cpu_s_per_GB"] = (t.proc.cpu() - c0) / max(r["bytes"] / 1e9, 1e-9)
+                    results[(tname, t.name)].append(r)
+                    print(f"rep {rep + 1} {tname:30} {t.name:8} {r[metric]:>10,.0f} {metric}  "
+                          f"p99 {r['p99_us']:,.0f} us  cpu {r['cpu_s_per_GB']:.2f} s/GB",
                           file=sys.stderr, flush=True)
+            standby.stop(); nbdkit.stop()
+            check_log()
+            # The physical limit of the disk under the same bytes.
+            scratch = os.path.join(work, "scratch.img")
+            quiet_cache(drop)
+            t0 = time.time()
+            subprocess.run(["dd", "if=/dev/zero", f"of={scratch}", "bs=1M",
+                            f"count={sustained >> 20}", "oflag=direct"], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            phys["dd oflag=direct 1 MiB"].append({"MB/s": sustained / 1e6 / (time.time() - t0)})
+            os.remove(scratch)
+            quiet_cache(drop)
+            r = run_fio(["--ioengine=libaio", "--direct=1", f"--filename={imgs['kit']}", "--rw=write",
+                         "--bs=1M", "--iodepth=8", f"--size={size}", f"--io_size={sustained}"], fio_out)
+            phys["fio --direct=1 1 MiB QD8"].append(r)
+            quiet_cache(drop)
+            r = run_fio(["--ioengine=psync", f"--filename={imgs['kit']}", "--rw=randwrite", "--bs=4k",
+                         f"--size={size}", "--fdatasync=1", "--time_based", f"--runtime={runtime}",
+                         "--randrepeat=0", "--norandommap"], fio_out)
+            phys["fio 4 KiB write+fdatasync QD1"].append(r)
+            print(f"rep {rep + 1} physical: " + "; ".join(
+                f"{k} {v[-1]['IOPS' if '4 KiB' in k else 'MB/s']:,.0f}" for k, v in phys.items()),
+                file=sys.stderr, flush=True)
     finally:
-        for s in servers:
-            s.stop() if s.proc else None
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("MB/s", "IOPS", "p99_us")}
+        standby.stop(); nbdkit.stop()
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("MB/s", "IOPS", "p99_us", "cpu_s_per_GB")}
            for k, v in results.items()}
-    print("| test | metric | log-off | log-on | nbdkit | log-on/log-off | log-off/nbdkit | log-on/nbdkit |")
+    ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
+    print("| test | metric | log-off | log-on | nbdkit | log-on/log-off | log-on/nbdkit | log-off/nbdkit |")
     print("|---|---|---|---|---|---|---|---|")
-    for (tname, rw, bs, qd, extra, metric) in TESTS:
-        off, on, kit = (med[(tname, n)][metric] for n in ("log-off", "log-on", "nbdkit"))
-        print(f"| {tname} | {metric} | {off:,.0f} | {on:,.0f} | {kit:,.0f} | {on/off:.2f}x | {off/kit:.2f}x | {on/kit:.2f}x |")
-        off, on, kit = (med[(tname, n)]["p99_us"] for n in ("log-off", "log-on", "nbdkit"))
-        print(f"| {tname} | p99 µs | {off:,.0f} | {on:,.0f} | {kit:,.0f} | {on/max(off,1e-9):.2f}x | {off/max(kit,1e-9):.2f}x | {on/max(kit,1e-9):.2f}x |")
-    print(f"\nMedians of {args.reps} runs, {args.runtime} s each (+2 s ramp), {args.size_mib} MiB random image, "
-          "page cache warm, servers alternated within each repetition. Throughput ratios > 1 favour the "
-          "numerator; p99 ratios are numerator/denominator latency (< 1 means the numerator's tail is lower). "
-          "Flush row: fio --iodepth=1 --fsync=1 (each 4 KiB write followed by a FLUSH); its IOPS count "
-          "writes, its p99 is the FLUSH latency.")
-    print("Log size at the end of each log-on run: " + "; ".join(log_bytes))
+    for (tname, rw, bs, qd, extra, metric, kind) in TESTS:
+        for m, fmt in ((metric, "{:,.0f}"), ("p99_us", "{:,.0f}"), ("cpu_s_per_GB", "{:.2f}")):
+            off, on, kit = (med[(tname, n)][m] for n in ("log-off", "log-on", "nbdkit"))
+            label = {"p99_us": "p99 µs", "cpu_s_per_GB": "server CPU s/GB"}.get(m, m)
+            print(f"| {tname} | {label} | {fmt.format(off)} | {fmt.format(on)} | {fmt.format(kit)} | "
+                  f"{ratio(on, off)} | {ratio(on, kit)} | {ratio(off, kit)} |")
+    print("\n| physical limit (same bytes, same run) | metric | median |")
+    print("|---|---|---|")
+    for k, v in phys.items():
+        m = "IOPS" if "4 KiB" in k else "MB/s"
+        print(f"| {k} | {m} | {statistics.median(r[m] for r in v):,.0f} |")
+    print(f"\n| server | peak RSS (RssAnon+RssFile) | VmHWM |")
+    print("|---|---|---|")
+    for p in (standby, nbdkit):
+        print(f"| {p.name} | {p.peak / 2**20:,.0f} MiB | {p.hwm / 2**20:,.0f} MiB |")
+    print(f"\nMedians of {reps} repetitions; time-based rows {runtime} s (+2 s ramp); sustained row "
+          f"{sustained / 2**30:.1f} GiB then one FLUSH; {size_mib} MiB random images; log-off and log-on "
+          "disks served by one `standby serve` process, nbdkit by one process, both for every row of a "
+          "repetition; servers alternated ABBA; `sync`"
+          + (", page cache dropped" if drop[0] else "") + " and the image read once before every run. "
+          "p99 of the flush row is the FLUSH latency. CPU: the server process's user+system time "
+          "during the run divided by the GB fio wrote.")
+    print("Change log after each repetition: " + "; ".join(log_lines))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

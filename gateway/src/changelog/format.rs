@@ -1,4 +1,5 @@
-//! Change-log segment format (version 1): pure encode/decode functions.
+//! Change-log segment format (version 2; version 1 segments still decode): pure encode/decode
+//! functions.
 //!
 //! A segment file (`NNNNNNNNNNNNNNNNNNNN.log`, the segment sequence number in 20 decimal digits)
 //! is a header, zero or more records, and — once sealed — a footer. All integers are
@@ -9,7 +10,7 @@
 //! | offset | size | field                                                       |
 //! |-------:|-----:|-------------------------------------------------------------|
 //! | 0      | 8    | magic `STBYHRL1`                                            |
-//! | 8      | 2    | format version (1)                                          |
+//! | 8      | 2    | format version (2; 1 is read too)                           |
 //! | 10     | 2    | header length (72)                                          |
 //! | 12     | 4    | flags (0)                                                   |
 //! | 16     | 16   | disk id: first 16 bytes of SHA-256 of the disk's id string  |
@@ -27,7 +28,7 @@
 //! | 0      | 4    | magic `REC1`                                                   |
 //! | 4      | 4    | CRC32C of record-header bytes 8..40 followed by the data        |
 //! | 8      | 8    | LSN (log sequence number; +1 per record, no gaps in a chain)   |
-//! | 16     | 1    | kind: 1 write, 2 trim, 3 write-zeroes, 4 flush barrier         |
+//! | 16     | 1    | kind: 1 write, 2 trim, 3 write-zeroes, 4 flush barrier, 5 extent |
 //! | 17     | 1    | flags: bit 0 FUA, bit 1 may-trim (write-zeroes)                |
 //! | 18     | 2    | reserved (0)                                                   |
 //! | 20     | 4    | data length (= length for writes, 0 otherwise)                 |
@@ -46,6 +47,11 @@
 //! | 24     | 8    | footer offset (= length of header + records)                   |
 //! | 32     | 32   | SHA-256 of segment bytes 0..footer offset                      |
 //!
+//! An *extent* record (kind 5, version 2) is a write whose bytes stay in the image: length > 0,
+//! data length 0, so its CRC32C covers the header alone (see [`super::extent`]). Version 1
+//! segments never hold one; a version 1 reader refuses version 2 segments at the header
+//! ("unsupported segment format version 2") instead of cutting them at the first extent.
+//!
 //! A segment without a footer is the *active* one (or was active when the process stopped).
 //! Decoding it stops at the first byte range that is not a whole, valid record: that is the
 //! cut. Everything before the cut is trusted, everything after is discarded.
@@ -53,7 +59,10 @@
 use sha2::{Digest, Sha256};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"STBYHRL1";
-pub const FORMAT_VERSION: u16 = 1;
+/// The version written; [`MIN_FORMAT_VERSION`]..=this one are read.
+pub const FORMAT_VERSION: u16 = 2;
+/// Oldest version read (version 1: no extent records).
+pub const MIN_FORMAT_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 72;
 pub const RECORD_MAGIC: [u8; 4] = *b"REC1";
 pub const RECORD_HEADER_LEN: usize = 40;
@@ -73,6 +82,8 @@ pub enum Kind {
     Trim = 2,
     WriteZeroes = 3,
     Flush = 4,
+    /// A write whose bytes stay in the image (no data in the log).
+    Extent = 5,
 }
 
 impl Kind {
@@ -82,6 +93,7 @@ impl Kind {
             2 => Kind::Trim,
             3 => Kind::WriteZeroes,
             4 => Kind::Flush,
+            5 => Kind::Extent,
             _ => return None,
         })
     }
@@ -92,6 +104,7 @@ impl Kind {
             Kind::Trim => "trim",
             Kind::WriteZeroes => "zero",
             Kind::Flush => "flush",
+            Kind::Extent => "extent",
         }
     }
 }
@@ -195,7 +208,9 @@ pub fn decode_header(b: &[u8]) -> Result<SegmentHeader, HeaderError> {
         return Err(HeaderError::Magic);
     }
     let version = u16_at(b, 8);
-    if version != FORMAT_VERSION || usize::from(u16_at(b, 10)) != HEADER_LEN {
+    if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version)
+        || usize::from(u16_at(b, 10)) != HEADER_LEN
+    {
         return Err(HeaderError::Version(version));
     }
     if crc32c::crc32c(&b[..68]) != u32_at(b, 68) {
@@ -340,6 +355,7 @@ pub fn decode_record(b: &[u8], at: usize, expected_lsn: u64) -> Result<Record, S
         Kind::Write => u64::from(data_len) == header.length,
         Kind::Trim | Kind::WriteZeroes => data_len == 0,
         Kind::Flush => data_len == 0 && header.length == 0,
+        Kind::Extent => data_len == 0 && header.length > 0,
     };
     if !consistent || header.offset.checked_add(header.length).is_none() {
         return Err("record fields are inconsistent".to_string());
@@ -589,9 +605,58 @@ mod tests {
         assert!(matches!(d.end, End::Torn { ref reason } if reason.contains("LSN 102")));
     }
 
+    /// Extent records (version 2) decode; version 1 segments (no extents) still decode; an
+    /// extent carrying data, or of length 0, is a cut; unknown versions are refused.
+    #[test]
+    fn extent_records_and_versions() {
+        let mut b = encode_header(&hdr()).to_vec();
+        b.extend(rec(100, Kind::Write, 0, &[7u8; 10], 0));
+        let ext = RecordHeader {
+            lsn: 101,
+            kind: Kind::Extent,
+            flags: FLAG_FUA,
+            offset: 1 << 20,
+            length: 1 << 20,
+            data_len: 0,
+        };
+        b.extend(encode_record(&ext, &[]));
+        let d = decode_segment(&b).unwrap();
+        assert_eq!(d.end, End::Open);
+        assert_eq!(d.records[1].header, ext);
+        assert!(d.records[1].data.is_empty());
+        assert_eq!(Kind::Extent.name(), "extent");
+        // Version 1 header, same records: still read.
+        let mut v1 = b.clone();
+        v1[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let crc = crc32c::crc32c(&v1[..68]);
+        v1[68..72].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode_segment(&v1).unwrap().records.len(), 2);
+        let mut v3 = v1.clone();
+        v3[8..10].copy_from_slice(&3u16.to_le_bytes());
+        let crc = crc32c::crc32c(&v3[..68]);
+        v3[68..72].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode_segment(&v3), Err(HeaderError::Version(3)));
+        // Inconsistent extents.
+        for (length, data) in [(0u64, vec![]), (4, vec![1u8, 2, 3, 4])] {
+            let mut c = encode_header(&hdr()).to_vec();
+            let h = RecordHeader {
+                lsn: 100,
+                kind: Kind::Extent,
+                flags: 0,
+                offset: 0,
+                length,
+                data_len: data.len() as u32,
+            };
+            c.extend(encode_record(&h, &data));
+            let d = decode_segment(&c).unwrap();
+            assert!(d.records.is_empty());
+            assert!(matches!(d.end, End::Torn { ref reason } if reason.contains("inconsistent")));
+        }
+    }
+
     fn arb_record() -> impl Strategy<Value = (u8, u64, Vec<u8>, u64, u8)> {
         (
-            1u8..=4,
+            1u8..=5,
             0u64..(1 << 40),
             proptest::collection::vec(any::<u8>(), 0..600),
             0u64..(1 << 30),
@@ -611,6 +676,7 @@ mod tests {
                 let (data, length) = match kind {
                     Kind::Write => (data.clone(), data.len() as u64),
                     Kind::Flush => (vec![], 0),
+                    Kind::Extent => (vec![], len.max(&1).to_owned()),
                     _ => (vec![], *len),
                 };
                 let rh = RecordHeader { lsn: first + i as u64, kind, flags: *flags, offset: *off, length, data_len: data.len() as u32 };

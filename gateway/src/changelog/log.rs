@@ -1125,6 +1125,20 @@ impl ChangeLog {
         data: &[u8],
         apply: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<()> {
+        self.record_inner(kind, flags, offset, length, data, false, |_| apply())
+    }
+
+    /// [`Self::record`] whose `apply` is told the record's LSN (`None` when the log is not
+    /// recording): extents (see [`super::extent`]) remember which record they are.
+    pub fn record_lsn(
+        &self,
+        kind: Kind,
+        flags: u8,
+        offset: u64,
+        length: u64,
+        data: &[u8],
+        apply: impl FnOnce(Option<u64>) -> io::Result<()>,
+    ) -> io::Result<()> {
         self.record_inner(kind, flags, offset, length, data, false, apply)
     }
 
@@ -1137,7 +1151,7 @@ impl ChangeLog {
         length: u64,
         data: &[u8],
         barrier_rotate: bool,
-        apply: impl FnOnce() -> io::Result<()>,
+        apply: impl FnOnce(Option<u64>) -> io::Result<()>,
     ) -> io::Result<()> {
         let rec_len = (RECORD_HEADER_LEN + data.len()) as u64;
         let interval = self.sh.opts.space_check_interval.max(1);
@@ -1164,8 +1178,12 @@ impl ChangeLog {
             if kind != Kind::Flush {
                 self.guard_image_change(offset, length, lsn);
             }
+            if kind == Kind::Extent {
+                // Its bytes are in the image only: the next sync round syncs the image too.
+                self.note_image_dependent(lsn);
+            }
         }
-        let r = apply();
+        let r = apply(lsn);
         if let Err(e) = &r {
             if lsn.is_some() {
                 self.mark_broken(format!(
@@ -1366,7 +1384,7 @@ impl ChangeLog {
             .as_ref()
             .is_some_and(|a| a.count > 0);
         if has_records {
-            self.record_inner(Kind::Flush, 0, 0, 0, &[], true, || Ok(()))
+            self.record_inner(Kind::Flush, 0, 0, 0, &[], true, |_| Ok(()))
                 .map_err(|e| match e.raw_os_error() {
                     Some(libc::ESHUTDOWN) => LogError::Closed(self.sh.name.clone()),
                     _ => LogError::Io {

@@ -10,6 +10,8 @@
 //!   every later FLUSH, broken chain).
 //! * [`ship`]: reading segments for shipping, each proven whole (seal, checksums, LSNs).
 //! * [`hot`]: hot extents, the parts of the image a host crash may leave ahead of the log.
+//! * [`extent`]: large writes logged as extents (bytes stay in the image), the preimages a
+//!   cut still needs (copy-before-write), and the replay rule for them.
 //!
 //! Rules (see `docs/changelog.md`):
 //! * A record is appended to the active segment before its change reaches the image; records
@@ -26,6 +28,7 @@
 
 pub mod dirty;
 pub mod durable;
+pub mod extent;
 pub mod format;
 pub mod hot;
 pub mod log;
@@ -85,6 +88,9 @@ pub struct LogOptions {
     /// ... and when more than this many extents turned hot (bounds what recovery after a host
     /// crash logs again: this many extents of [`hot::extent_size`]).
     pub hot_limit: usize,
+    /// Writes of at least this many bytes are logged as extents: the record carries no data,
+    /// the bytes stay in the image (see [`extent`]). `u64::MAX`: never.
+    pub extent_min: u64,
 }
 
 impl Default for LogOptions {
@@ -97,6 +103,7 @@ impl Default for LogOptions {
             checkpoint_interval: Some(DEFAULT_CHECKPOINT_INTERVAL),
             checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
             hot_limit: DEFAULT_HOT_LIMIT,
+            extent_min: extent::DEFAULT_EXTENT_MIN,
         }
     }
 }

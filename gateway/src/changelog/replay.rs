@@ -44,18 +44,20 @@ pub fn apply_record(image: &File, h: &RecordHeader, data: &[u8]) -> io::Result<(
             }
             Ok(())
         }
-        Kind::Flush => Ok(()),
+        // An extent's bytes are in the image already (see `super::extent`).
+        Kind::Flush | Kind::Extent => Ok(()),
     }
 }
 
 /// Whether a record's data lives in the image rather than in the log (*image-dependent*).
 ///
-/// Such a record (a future "extent" kind: "these bytes were written to the image only") applies
-/// nothing at replay, and supersedes the data of every earlier record in its range: the image
-/// holds the newer bytes there. No kind of format version 1 is image-dependent; a kind that is
-/// adds its arm here (and the write path calls [`super::ChangeLog::note_image_dependent`]).
+/// Such a record (the extent kind, [`super::extent`]: "these bytes were written to the image
+/// only") applies nothing at replay, and supersedes the data of every earlier record in its
+/// range: the image holds the newer bytes there. The log's append path calls
+/// [`super::ChangeLog::note_image_dependent`] for it, so the next sync round syncs the image.
 pub fn image_dependent(h: &RecordHeader) -> bool {
     match h.kind {
+        Kind::Extent => true,
         Kind::Write | Kind::Trim | Kind::WriteZeroes | Kind::Flush => false,
     }
 }

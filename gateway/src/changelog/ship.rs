@@ -22,11 +22,16 @@
 //!   LSN.
 //! * An I/O error other than a missing file is returned as it is (the engine retries): it
 //!   says nothing about the log's content.
+//! * An extent record (a large write whose bytes stay in the image) is handed over as the
+//!   write it stands for, its bytes read from the image and the preimages saved for its cut
+//!   ([`super::extent::ExtentMap::data_of`]); a damaged preimage breaks the chain like a
+//!   damaged segment.
 
 use std::fs;
 use std::io;
 
-use super::format::{self, End, RecordHeader};
+use super::extent;
+use super::format::{self, End, Kind, RecordHeader};
 use super::log::{check_header, Ctx};
 use super::{ChangeLog, LogError, SegmentInfo};
 
@@ -109,7 +114,12 @@ pub fn read_records(
                     seg.seq, h.lsn
                 )));
             }
-            f(h, &bytes[r.data.clone()])?;
+            if h.kind == Kind::Extent {
+                let (wh, data) = extent_as_write(log, &seg, h)?;
+                f(&wh, &data)?;
+            } else {
+                f(h, &bytes[r.data.clone()])?;
+            }
             next += 1;
         }
         if !whole.complete {
@@ -122,6 +132,35 @@ pub fn read_records(
         )));
     }
     Ok(next - 1)
+}
+
+/// An extent record as the write it stands for: its bytes as of its cut, read from the image
+/// and the preimages (see [`super::extent`]). A damaged preimage breaks the chain; other read
+/// errors are returned as they are (the engine retries).
+fn extent_as_write(
+    log: &ChangeLog,
+    seg: &SegmentInfo,
+    h: &RecordHeader,
+) -> Result<(RecordHeader, Vec<u8>), LogError> {
+    let Some(map) = extent::registered(log.dir()) else {
+        return Err(log.break_chain(format!(
+            "segment {} holds an extent record (LSN {}) but no image is attached to read it from",
+            seg.seq, h.lsn
+        )));
+    };
+    let data = match map.data_of(h) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            return Err(log.break_chain(e.to_string()))
+        }
+        Err(e) => return Err(LogError::io("cannot read an extent of", log.dir())(e)),
+    };
+    let wh = RecordHeader {
+        kind: Kind::Write,
+        data_len: data.len() as u32,
+        ..*h
+    };
+    Ok((wh, data))
 }
 
 struct Verified {

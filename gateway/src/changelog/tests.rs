@@ -46,6 +46,9 @@ fn opts(segment_size: u64) -> LogOptions {
         min_free_bytes: 0,
         min_free_percent: 0,
         checkpoint_interval: None,
+        // These tests replay the log onto a copy of the initial image, which needs every
+        // write's data in the log: no extents (extent_tests.rs covers those).
+        extent_min: u64::MAX,
         ..LogOptions::default()
     }
 }

@@ -1609,7 +1609,7 @@ pub fn patch_from_log(
     let mut patch = Patch::new(disk_size);
     read_records(log, after, Reach::Through(upto), |h, data| {
         let res = match h.kind {
-            Kind::Write => patch.write(h.offset, data),
+            Kind::Write | Kind::Extent => patch.write(h.offset, data),
             Kind::Trim | Kind::WriteZeroes => patch.zero(h.offset, h.length),
             Kind::Flush => Ok(()),
         };

@@ -1,0 +1,532 @@
+//! Large writes recorded as *extents*: the record says "these bytes were written to the image"
+//! and carries no data; the bytes stay in the image, and the shipper reads them from there.
+//!
+//! **Why.** Copying every large write into the log means a second buffered copy of the data in
+//! new page-cache pages, and write-back of twice the bytes (BENCHMARKS.md, "Change log"). An
+//! extent record costs 40 bytes.
+//!
+//! **What a cut needs.** A recovery point is a cut of the log at a barrier
+//! ([`crate::Disk::cut`]); its patch applies the records of the cut in LSN order, so for every
+//! byte only the last record of the cut that covers it matters. An extent's bytes are read
+//! from the image when the cut is shipped, which may be long after the cut: writes made after
+//! the cut may have changed them. So, for every extent in a cut:
+//!
+//! * a *piece* of it is still needed where no later record covers it. Pieces never overlap:
+//!   a later record of the same cut simply removes the part it covers (the patch takes that
+//!   record's bytes there), and a later record after a cut first copies the bytes of the part
+//!   it covers aside (*copy-before-write*), then removes that part;
+//! * the copies are *preimages*, kept in a side file per segment of the extent
+//!   (`NNNN….CHAIN.cbw` beside `NNNN….log`), fdatasynced before the write that overwrites the
+//!   image goes ahead (so a host crash cannot leave the image overwritten and the preimage
+//!   lost), and deleted when their segment has been shipped and released;
+//! * [`ExtentMap::data_of`] (the shipper) rebuilds an extent's bytes: the image where a piece
+//!   is still in place, the preimage where one was saved, and the image elsewhere — where a
+//!   later record of the same cut covers the range and replaces those bytes anyway.
+//!
+//! Only the first write over a piece after a cut pays the copy; writes between two cuts never
+//! do. The cut LSN is set by [`crate::Disk::cut`] while the disk's writes are paused, so it is
+//! exact. After a restart every extent of the unreleased segments counts as cut (the barriers
+//! cannot be told from FLUSH records): at worst one extra copy per piece.
+//!
+//! **Replay** (recovery's redo, `standby log replay`): an extent applies nothing (its bytes are
+//! in the image), and a record applies nothing inside a range that a later extent covers — the
+//! image holds that extent's bytes there, which are newer. [`super::replay::image_dependent`]
+//! says which records those are; `replay_after` applies the rule.
+//! Replaying onto a base copy of the image (not the image itself) therefore cannot reproduce
+//! an extent's bytes: that needs the records' data, i.e. writes below the extent threshold.
+//!
+//! **Invariants.** Pieces never overlap; every piece is in an unreleased segment of the current
+//! chain; a piece's range holds the extent's bytes in the image (nothing writes a tracked
+//! image except through [`ExtentMap::before_write`]); a preimage is durable before the image
+//! range it saves is overwritten. Overlapping requests are serialized by the log (its range
+//! lock), so `before_write`, the image write and `insert` of one request never race another
+//! request over the same bytes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use super::durable::{Durability, Target};
+use super::format::{self, Kind, RecordHeader};
+use super::{ChangeLog, LogError};
+
+/// Default smallest write recorded as an extent.
+pub const DEFAULT_EXTENT_MIN: u64 = 64 * 1024;
+
+const CBW_MAGIC: [u8; 4] = *b"CBW1";
+const CBW_HEADER_LEN: usize = 32;
+
+/// File name of the preimage side file of segment `seq` of chain `chain_id`.
+pub fn side_file_name(seq: u64, chain_id: u64) -> String {
+    format!("{seq:020}.{chain_id:016x}.cbw")
+}
+
+fn parse_side_file_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".cbw")?;
+    let (seq, chain) = stem.split_once('.')?;
+    if seq.len() != 20 || chain.len() != 16 {
+        return None;
+    }
+    Some((seq.parse().ok()?, u64::from_str_radix(chain, 16).ok()?))
+}
+
+/// Encodes a preimage entry header: magic, CRC32C (of bytes 8..32 and the data), extent LSN,
+/// offset, length.
+fn encode_entry(lsn: u64, offset: u64, data: &[u8]) -> [u8; CBW_HEADER_LEN] {
+    let mut b = [0u8; CBW_HEADER_LEN];
+    b[0..4].copy_from_slice(&CBW_MAGIC);
+    b[8..16].copy_from_slice(&lsn.to_le_bytes());
+    b[16..24].copy_from_slice(&offset.to_le_bytes());
+    b[24..32].copy_from_slice(&(data.len() as u64).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&b[8..]), data);
+    b[4..8].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// One whole entry at `at` of a side file's bytes: (lsn, offset, len, data position).
+fn decode_entry(b: &[u8], at: usize) -> Option<(u64, u64, u64, usize)> {
+    let h = b.get(at..at + CBW_HEADER_LEN)?;
+    if h[0..4] != CBW_MAGIC {
+        return None;
+    }
+    let len = u64_at(h, 24);
+    let end = (at + CBW_HEADER_LEN).checked_add(usize::try_from(len).ok()?)?;
+    let data = b.get(at + CBW_HEADER_LEN..end)?;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[8..]), data);
+    if crc.to_le_bytes() != h[4..8] {
+        return None;
+    }
+    Some((u64_at(h, 8), u64_at(h, 16), len, at + CBW_HEADER_LEN))
+}
+
+/// Where a preimage of part of an extent is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Saved {
+    offset: u64,
+    len: u64,
+    seq: u64,
+    /// Position of the entry (its header) in the side file.
+    pos: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    end: u64,
+    lsn: u64,
+}
+
+struct SideFile {
+    file: File,
+    len: u64,
+}
+
+struct Inner {
+    chain_id: u64,
+    /// Parts of extents whose bytes are still the image's, by start offset; never overlapping.
+    pieces: BTreeMap<u64, Piece>,
+    /// Extents with an LSN up to this one are in a cut: a later write saves their bytes first.
+    cut_lsn: u64,
+    /// Preimages by extent LSN.
+    saved: BTreeMap<u64, Vec<Saved>>,
+    files: HashMap<u64, SideFile>,
+}
+
+/// The extents of one disk's log that a cut may still need (see the module documentation).
+pub struct ExtentMap {
+    dir: PathBuf,
+    image: File,
+    dur: Arc<Durability>,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for ExtentMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExtentMap").field("dir", &self.dir).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Extent maps by log directory, so the shipper ([`super::ship`]) finds the one of a log.
+static REGISTRY: Mutex<Vec<(PathBuf, Weak<ExtentMap>)>> = Mutex::new(Vec::new());
+
+/// The extent map registered for a log directory (by [`ExtentMap::open`]).
+pub fn registered(dir: &Path) -> Option<Arc<ExtentMap>> {
+    let mut r = lock(&REGISTRY);
+    r.retain(|(_, w)| w.strong_count() > 0);
+    r.iter()
+        .rev()
+        .find(|(d, _)| d == dir)
+        .and_then(|(_, w)| w.upgrade())
+}
+
+/// Removes the parts of pieces inside `[start, end)`; returns the removed parts as
+/// (start, end, lsn).
+fn cut_out(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
+    let mut hit = Vec::new();
+    let first = pieces
+        .range(..start)
+        .next_back()
+        .filter(|(_, p)| p.end > start)
+        .map(|(&s, _)| s)
+        .unwrap_or(start);
+    let keys: Vec<u64> = pieces.range(first..end).map(|(&s, _)| s).collect();
+    for s in keys {
+        let Some(p) = pieces.remove(&s) else { continue };
+        let (a, b) = (s.max(start), p.end.min(end));
+        if a >= b {
+            pieces.insert(s, p);
+            continue;
+        }
+        hit.push((a, b, p.lsn));
+        if s < a {
+            pieces.insert(s, Piece { end: a, lsn: p.lsn });
+        }
+        if b < p.end {
+            pieces.insert(
+                b,
+                Piece {
+                    end: p.end,
+                    lsn: p.lsn,
+                },
+            );
+        }
+    }
+    hit
+}
+
+impl ExtentMap {
+    /// Builds the map of a log just opened: every extent of its unreleased segments, minus
+    /// what later records cover, all counted as cut; the preimages saved before; stale side
+    /// files (released segments, other chains) deleted. Registers it for the shipper.
+    pub fn open(
+        log: &ChangeLog,
+        image: &File,
+        dur: Arc<Durability>,
+    ) -> Result<Arc<Self>, LogError> {
+        let dir = log.dir().to_path_buf();
+        let image = image
+            .try_clone()
+            .map_err(LogError::io("cannot duplicate image descriptor for", &dir))?;
+        let map = Arc::new(ExtentMap {
+            dir: dir.clone(),
+            image,
+            dur,
+            inner: Mutex::new(Inner {
+                chain_id: log.chain_id(),
+                pieces: BTreeMap::new(),
+                cut_lsn: 0,
+                saved: BTreeMap::new(),
+                files: HashMap::new(),
+            }),
+        });
+        if log.state().is_healthy() {
+            if let Err(e) = map.load(log) {
+                // Without its extents the log cannot be shipped exactly: full resync.
+                let _ = log.break_chain(format!("cannot load the extents of the change log: {e}"));
+            }
+        }
+        lock(&REGISTRY).push((dir, Arc::downgrade(&map)));
+        Ok(map)
+    }
+
+    fn load(&self, log: &ChangeLog) -> Result<(), LogError> {
+        let segs = log.segments();
+        let mut inner = lock(&self.inner);
+        for seg in &segs {
+            let bytes = match fs::read(&seg.path) {
+                Ok(b) => b,
+                Err(e) => return Err(LogError::io("cannot read", &seg.path)(e)),
+            };
+            // Recovery has proven these whole; a partial record at the end of the active
+            // segment (none after open) would simply end the scan.
+            let Ok(d) = format::decode_segment(&bytes) else {
+                continue;
+            };
+            for r in &d.records {
+                let h = &r.header;
+                if h.kind == Kind::Flush || h.length == 0 {
+                    continue;
+                }
+                let end = h.offset.saturating_add(h.length);
+                cut_out(&mut inner.pieces, h.offset, end);
+                if h.kind == Kind::Extent {
+                    inner.pieces.insert(h.offset, Piece { end, lsn: h.lsn });
+                }
+            }
+        }
+        inner.cut_lsn = log.last_lsn();
+        let first_seq = segs.first().map(|s| s.seq).unwrap_or(u64::MAX);
+        let chain = inner.chain_id;
+        let entries = fs::read_dir(&self.dir).map_err(LogError::io("cannot list", &self.dir))?;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some((seq, c)) = name.to_str().and_then(parse_side_file_name) else {
+                continue;
+            };
+            let path = e.path();
+            if c != chain || seq < first_seq {
+                fs::remove_file(&path).map_err(LogError::io("cannot remove", &path))?;
+                continue;
+            }
+            let bytes = fs::read(&path).map_err(LogError::io("cannot read", &path))?;
+            let mut at = 0usize;
+            while let Some((lsn, offset, len, data_at)) = decode_entry(&bytes, at) {
+                inner.saved.entry(lsn).or_default().push(Saved {
+                    offset,
+                    len,
+                    seq,
+                    pos: at as u64,
+                });
+                at = data_at + len as usize;
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(LogError::io("cannot open", &path))?;
+            // A torn last entry: its write never reached the image (the preimage is synced
+            // before the image write starts), so it is dropped.
+            file.set_len(at as u64)
+                .map_err(LogError::io("cannot truncate", &path))?;
+            inner.files.insert(
+                seq,
+                SideFile {
+                    file,
+                    len: at as u64,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// A new chain (after a full resync): nothing of the old one is needed any more.
+    fn follow_chain(&self, inner: &mut Inner, log: &ChangeLog) {
+        let chain = log.chain_id();
+        if chain == inner.chain_id {
+            return;
+        }
+        inner.chain_id = chain;
+        inner.pieces.clear();
+        inner.saved.clear();
+        inner.cut_lsn = 0;
+        inner.files.clear();
+        self.remove_side_files(|_, c| c != chain);
+    }
+
+    fn remove_side_files(&self, doomed: impl Fn(u64, u64) -> bool) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if let Some((seq, c)) = name.to_str().and_then(parse_side_file_name) {
+                if doomed(seq, c) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
+    /// Called by [`crate::Disk::cut`] with the barrier LSN while the disk's writes are
+    /// paused: every extent up to it belongs to a cut. Also deletes the side files of
+    /// released segments.
+    pub fn cut_at(&self, log: &ChangeLog, lsn: u64) {
+        let mut inner = lock(&self.inner);
+        self.follow_chain(&mut inner, log);
+        inner.cut_lsn = inner.cut_lsn.max(lsn);
+        let segs = log.segments();
+        let first = segs.first().map(|s| s.seq).unwrap_or(u64::MAX);
+        // Pieces of released (shipped) extents are needed by no cut any more.
+        if let Some(first_lsn) = segs.first().map(|s| s.first_lsn) {
+            inner.pieces.retain(|_, p| p.lsn >= first_lsn);
+        }
+        let gone: Vec<u64> = inner.files.keys().copied().filter(|&s| s < first).collect();
+        if gone.is_empty() {
+            return;
+        }
+        for s in &gone {
+            inner.files.remove(s);
+        }
+        inner.saved.retain(|_, v| {
+            v.retain(|s| s.seq >= first);
+            !v.is_empty()
+        });
+        let chain = inner.chain_id;
+        self.remove_side_files(|seq, c| c == chain && seq < first);
+    }
+
+    /// Before a change to `[offset, offset + len)` of the image (any kind, any size): saves
+    /// the bytes of the pieces it overwrites that belong to a cut, then forgets those parts.
+    /// The preimages are durable when this returns. Blocking.
+    pub fn before_write(&self, log: &ChangeLog, offset: u64, len: u64) -> io::Result<()> {
+        let mut inner = lock(&self.inner);
+        self.follow_chain(&mut inner, log);
+        if inner.pieces.is_empty() || len == 0 {
+            return Ok(());
+        }
+        let end = offset.saturating_add(len);
+        let hit = cut_out(&mut inner.pieces, offset, end);
+        let cut = inner.cut_lsn;
+        let mut synced = Vec::new();
+        let mut segs: Option<Vec<super::SegmentInfo>> = None;
+        for (a, b, lsn) in hit {
+            if lsn > cut {
+                continue;
+            }
+            let segs = segs.get_or_insert_with(|| log.segments());
+            let Some(seq) = segs
+                .iter()
+                .find(|s| s.first_lsn <= lsn && lsn <= s.last_lsn)
+                .map(|s| s.seq)
+            else {
+                // Released already: shipped, nothing needs these bytes.
+                continue;
+            };
+            let data = crate::fastio::pread_exact(&self.image, a, (b - a) as usize)?;
+            let head = encode_entry(lsn, a, &data);
+            if !inner.files.contains_key(&seq) {
+                let path = self.dir.join(side_file_name(seq, inner.chain_id));
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)?;
+                let len = file.metadata()?.len();
+                inner.files.insert(seq, SideFile { file, len });
+                self.dur.sync_dir(&self.dir)?;
+            }
+            let Some(side) = inner.files.get_mut(&seq) else {
+                continue;
+            };
+            let pos = side.len;
+            super::segment::pwritev_all(&side.file, &[&head, &data], pos)?;
+            side.len += (CBW_HEADER_LEN + data.len()) as u64;
+            inner.saved.entry(lsn).or_default().push(Saved {
+                offset: a,
+                len: b - a,
+                seq,
+                pos,
+            });
+            if !synced.contains(&seq) {
+                synced.push(seq);
+            }
+        }
+        for seq in synced {
+            if let Some(side) = inner.files.get(&seq) {
+                self.dur.sync_data(Target::Log, &side.file)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After the image write of extent `lsn`: its range is a piece now.
+    pub fn insert(&self, lsn: u64, offset: u64, len: u64) {
+        let mut inner = lock(&self.inner);
+        let end = offset.saturating_add(len);
+        cut_out(&mut inner.pieces, offset, end);
+        inner.pieces.insert(offset, Piece { end, lsn });
+    }
+
+    /// The bytes of extent record `h` as of its cut (see the module documentation). An error
+    /// with `InvalidData` means a preimage does not match its checksum.
+    pub fn data_of(&self, h: &RecordHeader) -> io::Result<Vec<u8>> {
+        let inner = lock(&self.inner);
+        let len =
+            usize::try_from(h.length).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut buf = crate::fastio::pread_exact(&self.image, h.offset, len)?;
+        for s in inner.saved.get(&h.lsn).map(|v| &v[..]).unwrap_or(&[]) {
+            let Some(side) = inner.files.get(&s.seq) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the preimage file of segment {} is gone", s.seq),
+                ));
+            };
+            let mut e = vec![0u8; CBW_HEADER_LEN + s.len as usize];
+            side.file.read_exact_at(&mut e, s.pos)?;
+            match decode_entry(&e, 0) {
+                Some((lsn, off, l, _)) if lsn == h.lsn && off == s.offset && l == s.len => {}
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "the preimage of LSN {} at {}+{} in segment {}'s side file is damaged",
+                            h.lsn, s.offset, s.len, s.seq
+                        ),
+                    ))
+                }
+            }
+            let (Some(from), Some(to)) = (
+                s.offset.checked_sub(h.offset),
+                (s.offset + s.len).checked_sub(h.offset),
+            ) else {
+                continue;
+            };
+            if to as usize <= buf.len() {
+                buf[from as usize..to as usize].copy_from_slice(&e[CBW_HEADER_LEN..]);
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Pieces and preimages held (for tests and accounting): (pieces, preimage bytes).
+    pub fn usage(&self) -> (usize, u64) {
+        let inner = lock(&self.inner);
+        let bytes = inner.saved.values().flatten().map(|s| s.len).sum();
+        (inner.pieces.len(), bytes)
+    }
+}
+
+#[cfg(test)]
+#[path = "extent_tests.rs"]
+mod model_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_out_splits_pieces() {
+        let mut p = BTreeMap::new();
+        p.insert(0, Piece { end: 100, lsn: 1 });
+        p.insert(200, Piece { end: 300, lsn: 2 });
+        let hit = cut_out(&mut p, 50, 250);
+        assert_eq!(hit, vec![(50, 100, 1), (200, 250, 2)]);
+        assert_eq!(p.get(&0), Some(&Piece { end: 50, lsn: 1 }));
+        assert_eq!(p.get(&250), Some(&Piece { end: 300, lsn: 2 }));
+        assert_eq!(p.len(), 2);
+        let hit = cut_out(&mut p, 10, 20);
+        assert_eq!(hit, vec![(10, 20, 1)]);
+        assert_eq!(p.len(), 3);
+        assert!(cut_out(&mut p, 100, 200).is_empty());
+    }
+
+    #[test]
+    fn side_file_names_and_entries() {
+        let n = side_file_name(7, 0xabc);
+        assert_eq!(parse_side_file_name(&n), Some((7, 0xabc)));
+        assert_eq!(parse_side_file_name("00000000000000000007.log"), None);
+        let data = vec![5u8; 300];
+        let mut b = encode_entry(9, 4096, &data).to_vec();
+        b.extend_from_slice(&data);
+        assert_eq!(decode_entry(&b, 0), Some((9, 4096, 300, 32)));
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 1;
+            assert_eq!(decode_entry(&c, 0), None, "byte {i}");
+            assert_eq!(decode_entry(&b[..i], 0), None, "cut at {i}");
+        }
+    }
+}
