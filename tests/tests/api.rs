@@ -36,7 +36,7 @@ fn documented(base: &str, admin: &str, vm: &str, disk: &str, job: i64) -> Vec<(S
             out.push((m.to_uppercase(), p.clone()));
         }
     }
-    assert!(out.len() >= 17, "{out:?}");
+    assert!(out.len() >= 18, "{out:?}");
     out
 }
 
@@ -254,6 +254,35 @@ fn api_end_to_end() {
             .map(Vec::len),
         Some(1)
     );
+
+    // Store verification: the whole store, one point, a point that does not exist.
+    let a = post(&base, "/api/v1/store/verify", Some(&admin), None);
+    assert_eq!(a.status, 200, "{}", a.body);
+    let r = a.json();
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["points_checked"].as_u64() >= Some(1), "{r}");
+    let a = post(
+        &base,
+        "/api/v1/store/verify",
+        Some(&admin),
+        Some(r#"{"point":"v1/latest"}"#),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["points_checked"], 1);
+    post(
+        &base,
+        "/api/v1/store/verify",
+        Some(&admin),
+        Some(r#"{"point":"v1/20000101T000000.000Z-0000000000000000"}"#),
+    )
+    .assert_error(404, "not_found");
+    post(
+        &base,
+        "/api/v1/store/verify",
+        Some(&admin),
+        Some(r#"{"pointt":"v1/latest"}"#),
+    )
+    .assert_error(400, "invalid_request");
 
     // The other actions, with the admin token.
     let a = post(

@@ -336,14 +336,7 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
             Ok(())
         }
         StoreCommand::Verify { point } => {
-            let store = open_store(data_dir).await?;
-            let report = match point {
-                Some(p) => {
-                    let meta = store.find_point(&p).await?;
-                    store.verify_point(&meta).await?
-                }
-                None => store.verify_all().await?,
-            };
+            let report = gateway::site::verify_store(data_dir, point.as_deref()).await?;
             println!(
                 "checked {} points, {} chunks ({})",
                 report.points_checked,
