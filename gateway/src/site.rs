@@ -58,3 +58,19 @@ pub async fn open_store(data_dir: &Path) -> Result<Store, SiteError> {
     };
     Ok(loc.location.open(key.as_ref()).await?)
 }
+
+/// Verifies one point (`VM/ID`, `ID` or `VM/latest`) or, without one, the whole store: what
+/// `standby store verify` and `POST /api/v1/store/verify` run.
+pub async fn verify_store(
+    data_dir: &Path,
+    point: Option<&str>,
+) -> Result<replica_store::VerifyReport, SiteError> {
+    let store = open_store(data_dir).await?;
+    Ok(match point {
+        Some(p) => {
+            let meta = store.find_point(p).await?;
+            store.verify_point(&meta).await?
+        }
+        None => store.verify_all().await?,
+    })
+}

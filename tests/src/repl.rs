@@ -15,20 +15,34 @@ pub fn status(dd: &Path) -> String {
     run_stdout(standby(dd).arg("status"))
 }
 
-/// The `state` line of a VM in `standby status`.
+/// `standby status --json`: the VM named `vm`, if protected.
+pub fn vm_json(dd: &Path, vm: &str) -> Option<serde_json::Value> {
+    let s: serde_json::Value =
+        serde_json::from_str(&run_stdout(standby(dd).args(["status", "--json"])))
+            .expect("status --json");
+    s["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .find(|v| v["name"] == vm)
+        .cloned()
+}
+
+/// The state of a VM as `standby status` shows it ("Protected", "InitialReplication 40%",
+/// "Critical (reason)"), read from `status --json`; empty when the VM is not protected.
 pub fn state(dd: &Path, vm: &str) -> String {
-    let s = status(dd);
-    let mut in_vm = false;
-    for l in s.lines() {
-        if let Some(n) = l.strip_prefix("VM ") {
-            in_vm = n.trim() == vm;
-        } else if in_vm {
-            if let Some(st) = l.trim().strip_prefix("state") {
-                return st.trim().to_string();
-            }
+    let Some(v) = vm_json(dd, vm) else {
+        return String::new();
+    };
+    let st = v["state"].as_str().expect("state");
+    let reason = v["reason"].as_str().unwrap_or_default();
+    match st {
+        "InitialReplication" | "Resyncing" => {
+            format!("{st} {:.0}%", v["progress_percent"].as_f64().unwrap_or(0.0))
         }
+        "Critical" | "ResyncRequired" => format!("{st} ({reason})"),
+        _ => st.to_string(),
     }
-    String::new()
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or fails after `timeout` with `what` and
@@ -67,14 +81,21 @@ pub fn jobs(dd: &Path) -> String {
     run_stdout(standby(dd).args(["jobs", "--limit", "50"]))
 }
 
-/// Point ids (`VM/ID`) of a VM, oldest first.
+/// Point ids (`VM/ID`) of a VM, oldest first (`standby points list VM --json`).
 pub fn points(dd: &Path, vm: &str) -> Vec<String> {
-    run_stdout(standby(dd).args(["points", "list", vm]))
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            Some(format!("{}/{}", w.next()?, w.next()?))
+    let p: serde_json::Value = serde_json::from_str(&run_stdout(
+        standby(dd).args(["points", "list", vm, "--json"]),
+    ))
+    .expect("points list --json");
+    p.as_array()
+        .expect("points")
+        .iter()
+        .map(|p| {
+            format!(
+                "{}/{}",
+                p["vm"].as_str().expect("vm"),
+                p["id"].as_str().expect("id")
+            )
         })
         .collect()
 }
@@ -88,21 +109,11 @@ pub fn id_now() -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
-/// When the VM's replica was last current (from `standby status`), as an [`id_now`] value.
+/// When the VM's replica was last current (`last_cycle_ms` of `standby status --json`), as
+/// an [`id_now`] value.
 pub fn current_as_of(dd: &Path, vm: &str) -> Option<String> {
-    let s = status(dd);
-    let mut in_vm = false;
-    for l in s.lines() {
-        if let Some(n) = l.strip_prefix("VM ") {
-            in_vm = n.trim() == vm;
-        } else if in_vm {
-            if let Some(i) = l.find("current as of ") {
-                let t = l[i + 14..].trim_end_matches(')');
-                return Some(t.replace(['-', ':'], "").replace(' ', "T"));
-            }
-        }
-    }
-    None
+    let ms = vm_json(dd, vm)?["last_cycle_ms"].as_u64()?;
+    Some(replica_store::point::format_utc_ms(ms))
 }
 
 /// Waits until the replica of `vm` is current as of a moment after `since` (an [`id_now`]

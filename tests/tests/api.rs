@@ -36,7 +36,7 @@ fn documented(base: &str, admin: &str, vm: &str, disk: &str, job: i64) -> Vec<(S
             out.push((m.to_uppercase(), p.clone()));
         }
     }
-    assert!(out.len() >= 17, "{out:?}");
+    assert!(out.len() >= 18, "{out:?}");
     out
 }
 
@@ -156,8 +156,21 @@ fn api_end_to_end() {
     assert!(v["rpo_seconds"].as_f64().is_some(), "{v}");
     assert!(v["last_point"].as_str().is_some(), "{v}");
     assert_eq!(v["disks"][0]["name"], "d1");
-    // The CLI sees what the API did.
+    // The CLI sees what the API did, and its --json has the API's fields.
     assert!(run_stdout(standby(&dd).arg("status")).contains("VM v1"));
+    let keys = |v: &Value| {
+        v.as_object()
+            .expect("object")
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let cli: Value =
+        serde_json::from_str(&run_stdout(standby(&dd).args(["status", "--json"]))).unwrap();
+    assert_eq!(cli["vms"][0]["name"], "v1");
+    assert_eq!(cli["vms"][0]["state"], "Protected");
+    assert_eq!(keys(&cli["vms"][0]), keys(v));
+    assert_eq!(cli["attachments"], serde_json::json!([]));
 
     // Resources now have content.
     let jobs = get(&base, "/api/v1/jobs?vm=v1&limit=50", Some(&ro)).json();
@@ -170,9 +183,33 @@ fn api_end_to_end() {
     let id = initial["id"].as_i64().expect("id");
     let job = get(&base, &format!("/api/v1/jobs/{id}"), Some(&ro)).json();
     assert!(!job["steps"].as_array().expect("steps").is_empty(), "{job}");
+    let cli: Value = serde_json::from_str(&run_stdout(standby(&dd).args([
+        "job",
+        "show",
+        &id.to_string(),
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(keys(&cli), keys(&job));
+    assert_eq!(cli["id"], id);
+    let cli: Value = serde_json::from_str(&run_stdout(
+        standby(&dd).args(["jobs", "--vm", "v1", "--limit", "50", "--json"]),
+    ))
+    .unwrap();
+    assert!(cli
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .any(|j| j["id"] == id && j["kind"] == "initial-replication"));
     let points = get(&base, "/api/v1/points?vm=v1", Some(&ro)).json();
     assert!(!points.as_array().expect("points").is_empty());
     assert_eq!(points[0]["vm"], "v1");
+    let cli: Value = serde_json::from_str(&run_stdout(
+        standby(&dd).args(["points", "list", "v1", "--json"]),
+    ))
+    .unwrap();
+    assert_eq!(cli[0]["id"], points[0]["id"]);
+    assert_eq!(keys(&cli[0]), keys(&points[0]));
     let store = get(&base, "/api/v1/store", Some(&ro)).json();
     assert!(store["points"].as_u64() >= Some(1), "{store}");
     assert!(store["vms"]["v1"].as_u64() >= Some(1), "{store}");
@@ -217,6 +254,35 @@ fn api_end_to_end() {
             .map(Vec::len),
         Some(1)
     );
+
+    // Store verification: the whole store, one point, a point that does not exist.
+    let a = post(&base, "/api/v1/store/verify", Some(&admin), None);
+    assert_eq!(a.status, 200, "{}", a.body);
+    let r = a.json();
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["points_checked"].as_u64() >= Some(1), "{r}");
+    let a = post(
+        &base,
+        "/api/v1/store/verify",
+        Some(&admin),
+        Some(r#"{"point":"v1/latest"}"#),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["points_checked"], 1);
+    post(
+        &base,
+        "/api/v1/store/verify",
+        Some(&admin),
+        Some(r#"{"point":"v1/20000101T000000.000Z-0000000000000000"}"#),
+    )
+    .assert_error(404, "not_found");
+    post(
+        &base,
+        "/api/v1/store/verify",
+        Some(&admin),
+        Some(r#"{"pointt":"v1/latest"}"#),
+    )
+    .assert_error(400, "invalid_request");
 
     // The other actions, with the admin token.
     let a = post(

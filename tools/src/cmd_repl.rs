@@ -4,12 +4,12 @@
 //! (`standby serve`) picks the changes up within a second.
 
 use std::io::IsTerminal;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use gateway::replication::db::{Db, Phase};
-use gateway::replication::health::{evaluate, Health, HealthInput};
+use gateway::replication::status::{vm_statuses, AttachmentView, HealthState, JobView, StepView};
 use gateway::replication::{actions, now_ms, Policy};
 use gateway::DataDir;
 
@@ -81,14 +81,22 @@ pub struct JobsArgs {
     #[arg(long, default_value_t = 20)]
     pub limit: usize,
     /// Keep showing running jobs (progress bars on a terminal) until none runs.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "json")]
     pub watch: bool,
+    /// JSON (the fields of GET /api/v1/jobs, see docs/api.md).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand)]
 pub enum JobCommand {
     /// One job with its steps and timings.
-    Show { id: i64 },
+    Show {
+        id: i64,
+        /// JSON (the fields of GET /api/v1/jobs/ID, see docs/api.md).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn open_db(dd: &DataDir) -> Result<Db> {
@@ -227,72 +235,42 @@ fn ago(ms: u64) -> String {
     }
 }
 
-fn to_time(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
-}
-
-pub fn status(dd: &DataDir) -> Result<()> {
+pub fn status(dd: &DataDir, json: bool) -> Result<()> {
     let db = open_db(dd)?;
-    let policy = db.policy()?;
-    let vms = db.vms()?;
+    let vms = vm_statuses(&db)?;
     let attachments = db.attachments()?;
+    if json {
+        let attachments: Vec<AttachmentView> =
+            attachments.into_iter().map(AttachmentView::from).collect();
+        let out = serde_json::json!({"vms": vms, "attachments": attachments});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
     if vms.is_empty() {
         println!("no protected VM (protect one with `standby protect VM --disks a,b`)");
     }
     for v in vms {
-        let (health, reasons) = match v.phase {
-            Phase::Critical => evaluate(&HealthInput {
-                now: SystemTime::now(),
-                interval: policy.interval(),
-                newest_point: None,
-                cycles_due: 0,
-                cycles_missed: 0,
-                halted: true,
-            }),
-            Phase::Protected | Phase::ResyncRequired | Phase::Resyncing => {
-                let (mut h, mut r) = evaluate(&HealthInput {
-                    now: SystemTime::now(),
-                    interval: policy.interval(),
-                    newest_point: v.last_cycle_ms.map(to_time),
-                    cycles_due: v.cycles_due,
-                    cycles_missed: v.cycles_missed,
-                    halted: false,
-                });
-                if v.phase != Phase::Protected {
-                    h = h.max(Health::Warning);
-                    r.push(format!("resynchronization needed: {}", v.reason));
-                }
-                if !v.last_error.is_empty() {
-                    h = h.max(Health::Warning);
-                }
-                (h, r)
-            }
-            _ => {
-                let mut r = Vec::new();
-                let mut h = Health::Normal;
-                if !v.last_error.is_empty() {
-                    h = Health::Warning;
-                    r.push("initial replication is retrying".into());
-                }
-                (h, r)
-            }
-        };
-        let phase = match v.phase {
+        let phase = match v.state {
             Phase::InitialReplication | Phase::Resyncing => {
-                format!("{} {:.0}%", v.phase, v.progress)
+                format!("{} {:.0}%", v.state, v.progress_percent)
             }
             Phase::Critical => format!("Critical ({})", v.reason),
             Phase::ResyncRequired => format!("ResyncRequired ({})", v.reason),
             p => p.to_string(),
         };
+        let health = match v.health {
+            HealthState::Normal => "Normal",
+            HealthState::Warning => "Warning",
+            HealthState::Critical => "Critical",
+        };
         println!("VM {}", v.name);
         println!("  state        {phase}");
         println!(
-            "  health       {health:?}{}",
-            if reasons.is_empty() {
+            "  health       {health}{}",
+            if v.health_reasons.is_empty() {
                 String::new()
             } else {
-                format!(" ({})", reasons.join("; "))
+                format!(" ({})", v.health_reasons.join("; "))
             }
         );
         match v.last_cycle_ms {
@@ -303,20 +281,23 @@ pub fn status(dd: &DataDir) -> Result<()> {
             ),
             None => println!("  RPO          - (no recovery point yet)"),
         }
-        if !v.last_point.is_empty() {
-            println!("  last point   {}/{}", v.name, v.last_point);
+        if let Some(p) = &v.last_point {
+            println!("  last point   {}/{}", v.name, p);
         }
-        let stats = db.disk_stats(&v.name)?;
-        for name in &v.disks {
-            match stats.iter().find(|s| &s.disk == name) {
-                Some(s) => println!(
-                    "  disk {name:<12} size {}  log backlog {} ({:.1}%)  log {}",
-                    human(s.size),
-                    human(s.backlog),
-                    100.0 * s.backlog as f64 / s.size.max(1) as f64,
-                    s.log_state
+        for d in &v.disks {
+            match (d.size_bytes, d.backlog_bytes, &d.log_state) {
+                (Some(size), Some(backlog), Some(state)) => println!(
+                    "  disk {:<12} size {}  log backlog {} ({:.1}%)  log {}",
+                    d.name,
+                    human(size),
+                    human(backlog),
+                    100.0 * backlog as f64 / size.max(1) as f64,
+                    state
                 ),
-                None => println!("  disk {name:<12} (not reported: is `standby serve` running?)"),
+                _ => println!(
+                    "  disk {:<12} (not reported: is `standby serve` running?)",
+                    d.name
+                ),
             }
         }
         if !v.last_error.is_empty() {
@@ -374,6 +355,15 @@ fn print_attachments(attachments: &[gateway::replication::db::Attachment]) {
 
 pub async fn jobs(dd: &DataDir, a: JobsArgs) -> Result<()> {
     let db = open_db(dd)?;
+    if a.json {
+        let jobs: Vec<JobView> = db
+            .jobs(a.limit, a.vm.as_deref())?
+            .into_iter()
+            .map(JobView::from)
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&jobs)?);
+        return Ok(());
+    }
     if !a.watch {
         print_jobs(&db, &a)?;
         return Ok(());
@@ -487,10 +477,16 @@ fn print_jobs(db: &Db, a: &JobsArgs) -> Result<()> {
 
 pub fn job(dd: &DataDir, cmd: JobCommand) -> Result<()> {
     let db = open_db(dd)?;
-    let JobCommand::Show { id } = cmd;
+    let JobCommand::Show { id, json } = cmd;
     let Some((j, steps)) = db.job(id)? else {
         bail!("no job {id} (see `standby jobs`)");
     };
+    if json {
+        let mut v = JobView::from(j);
+        v.steps = Some(steps.into_iter().map(StepView::from).collect());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     println!("job {} : {} of VM {}", j.id, j.kind, j.vm);
     println!("  state     {} ({:.0}%)", j.state, j.progress);
     println!("  started   {}", time_of(j.created_ms));

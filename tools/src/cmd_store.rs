@@ -130,6 +130,9 @@ pub enum PointsCommand {
     List {
         /// VM name.
         vm: Option<String>,
+        /// JSON (the fields of GET /api/v1/points, see docs/api.md).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -333,14 +336,7 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
             Ok(())
         }
         StoreCommand::Verify { point } => {
-            let store = open_store(data_dir).await?;
-            let report = match point {
-                Some(p) => {
-                    let meta = store.find_point(&p).await?;
-                    store.verify_point(&meta).await?
-                }
-                None => store.verify_all().await?,
-            };
+            let report = gateway::site::verify_store(data_dir, point.as_deref()).await?;
             println!(
                 "checked {} points, {} chunks ({})",
                 report.points_checked,
@@ -513,7 +509,7 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
 /// Run a `standby points` subcommand.
 pub async fn run_points(cmd: PointsCommand, data_dir: &Path) -> anyhow::Result<()> {
     match cmd {
-        PointsCommand::List { vm } => {
+        PointsCommand::List { vm, json } => {
             let store = open_store(data_dir).await?;
             let listing = store.list_points_checked(vm.as_deref()).await?;
             crate::store_seen::report_junk(&listing.junk);
@@ -534,6 +530,12 @@ pub async fn run_points(cmd: PointsCommand, data_dir: &Path) -> anyhow::Result<(
                 if !rolled {
                     crate::store_seen::record(&db, &points)?;
                 }
+            }
+            if json {
+                let v: Vec<gateway::replication::status::PointView> =
+                    points.into_iter().map(Into::into).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
             }
             if points.is_empty() {
                 println!("no recovery points");

@@ -83,7 +83,11 @@ enum Command {
     /// Resume a Critical VM (after fixing the cause) or retry a waiting one now.
     Resume { vm: String },
     /// Protection state, health, RPO and log backlog of every protected VM.
-    Status,
+    Status {
+        /// JSON (the fields of GET /api/v1/vms and /api/v1/attachments, see docs/api.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Replication jobs, newest first.
     Jobs(cmd_repl::JobsArgs),
     /// One job in detail.
@@ -266,7 +270,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Policy(cmd) => cmd_repl::policy(&dd, cmd),
         Command::Resync { vm, full } => cmd_repl::resync(&dd, &vm, full),
         Command::Resume { vm } => cmd_repl::resume(&dd, &vm),
-        Command::Status => cmd_repl::status(&dd),
+        Command::Status { json } => cmd_repl::status(&dd, json),
         Command::Jobs(a) => runtime()?.block_on(cmd_repl::jobs(&dd, a)),
         Command::Job(cmd) => cmd_repl::job(&dd, cmd),
         Command::Attach(a) => runtime()?.block_on(cmd_failover::attach(&dd, a)),

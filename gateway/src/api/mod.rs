@@ -11,6 +11,8 @@
 //! - Handlers never block a tokio worker: database work runs on the blocking pool
 //!   ([`ApiState::blocking`]); actions call the same functions as the CLI
 //!   ([`crate::replication::actions`]).
+//! - At most [`MAX_API_CONNECTIONS`] connections; a client has [`HEADER_TIMEOUT`] for the TLS
+//!   handshake and for each request's headers, so idle or slow clients cannot pile up.
 //! - When the listen address is the default (nothing configured) and it is taken, the gateway
 //!   serves its disks without the API and logs why; a configured address that cannot be bound is
 //!   a start-up error.
@@ -41,6 +43,10 @@ use tokens::TokenStore;
 
 /// Default API listen address.
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8080";
+/// Open API connections at most; more are closed at once (and logged).
+pub const MAX_API_CONNECTIONS: usize = 256;
+/// A client has this long to send a request's headers (and, on HTTPS, finish the handshake).
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum ApiStartError {
@@ -207,6 +213,7 @@ pub async fn serve(
     let app = router::router(state);
     info!(url = %l.url(), "HTTP API serving");
     let mut conns = tokio::task::JoinSet::new();
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             r = l.tcp.accept() => match r {
@@ -220,11 +227,19 @@ pub async fn serve(
             },
             _ = stop.changed() => break,
         };
+        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+            warn!(%peer, "API connection refused: {MAX_API_CONNECTIONS} connections are open");
+            continue;
+        };
         let app = app.clone();
         let tls = l.tls.clone();
         conns.spawn(async move {
+            let _permit = permit;
             let service = hyper_util::service::TowerToHyperService::new(app);
-            let builder = hyper::server::conn::http1::Builder::new();
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
             let r = match tls {
                 None => {
                     builder
@@ -232,11 +247,8 @@ pub async fn serve(
                         .await
                 }
                 Some(t) => {
-                    let accept = tokio::time::timeout(
-                        std::time::Duration::from_secs(30),
-                        t.acceptor.accept(stream),
-                    )
-                    .await;
+                    let accept =
+                        tokio::time::timeout(HEADER_TIMEOUT, t.acceptor.accept(stream)).await;
                     match accept {
                         Ok(Ok(s)) => {
                             builder

@@ -141,6 +141,7 @@ pub fn spec() -> Value {
             },
             "/api/v1/attachments": {"get": op("Recovery points served as exports: attach, test failover, failover (with hydration)", "list of attachments", &[])},
             "/api/v1/store": {"get": op("The replica store: location, settings, chunks and bytes, points per VM", "store information", &[("503", "store not reachable")])},
+            "/api/v1/store/verify": {"post": action("Verify a point or the whole store (re-read and re-hash chunks); answers when done, with `ok` and the problems found", "200", "verification report", Some(json!({"type": "object", "additionalProperties": false, "properties": {"point": {"type": "string", "description": "VM/ID, ID or VM/latest; none: the whole store"}}})))},
             "/metrics": {"get": op("Prometheus metrics (OpenMetrics text, see docs/metrics.md)", "metrics", &[])}
         }
     })

@@ -34,6 +34,7 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::POST, "/api/v1/policy"),
     (Method::GET, "/api/v1/attachments"),
     (Method::GET, "/api/v1/store"),
+    (Method::POST, "/api/v1/store/verify"),
     (Method::GET, "/metrics"),
 ];
 
@@ -74,6 +75,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/vms/{vm}/resync", post(vms::resync))
         .route("/api/v1/vms/{vm}/resume", post(vms::resume))
         .route("/api/v1/policy", post(policy::set))
+        .route("/api/v1/store/verify", post(store::verify))
         .route_layer(from_fn(require_admin));
     reads
         .merge(actions)

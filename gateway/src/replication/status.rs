@@ -266,3 +266,45 @@ impl From<Attachment> for AttachmentView {
         }
     }
 }
+
+/// A disk of a recovery point.
+#[derive(Debug, Clone, Serialize)]
+pub struct PointDiskView {
+    pub name: String,
+    pub size_bytes: u64,
+    /// Change-log position the point was cut at.
+    pub source_lsn: u64,
+}
+
+/// A recovery point in the store.
+#[derive(Debug, Clone, Serialize)]
+pub struct PointView {
+    pub vm: String,
+    pub id: String,
+    pub created_ms: u64,
+    /// crash or app.
+    pub consistency: replica_store::Consistency,
+    pub parent: Option<String>,
+    pub disks: Vec<PointDiskView>,
+}
+
+impl From<replica_store::PointMeta> for PointView {
+    fn from(p: replica_store::PointMeta) -> Self {
+        Self {
+            disks: p
+                .disks
+                .iter()
+                .map(|d| PointDiskView {
+                    name: d.name.clone(),
+                    size_bytes: d.size,
+                    source_lsn: d.source_lsn,
+                })
+                .collect(),
+            vm: p.vm,
+            id: p.id,
+            created_ms: p.created_unix_ms,
+            consistency: p.consistency,
+            parent: p.parent,
+        }
+    }
+}

@@ -5,33 +5,16 @@ use std::sync::Arc;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::api::error::ApiError;
 use crate::api::ApiState;
+use crate::replication::status::PointView;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PointsQuery {
     pub vm: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct PointDiskView {
-    pub name: String,
-    pub size_bytes: u64,
-    pub source_lsn: u64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct PointView {
-    pub vm: String,
-    pub id: String,
-    pub created_ms: u64,
-    /// crash or app.
-    pub consistency: replica_store::Consistency,
-    pub parent: Option<String>,
-    pub disks: Vec<PointDiskView>,
 }
 
 pub async fn list(
@@ -51,25 +34,6 @@ pub async fn list(
         .await
         .map_err(|e| ApiError::unavailable(format!("cannot list recovery points: {e}")))?;
     Ok(Json(
-        listing
-            .points
-            .into_iter()
-            .map(|p| PointView {
-                disks: p
-                    .disks
-                    .iter()
-                    .map(|d| PointDiskView {
-                        name: d.name.clone(),
-                        size_bytes: d.size,
-                        source_lsn: d.source_lsn,
-                    })
-                    .collect(),
-                vm: p.vm,
-                id: p.id,
-                created_ms: p.created_unix_ms,
-                consistency: p.consistency,
-                parent: p.parent,
-            })
-            .collect(),
+        listing.points.into_iter().map(PointView::from).collect(),
     ))
 }

@@ -1,12 +1,14 @@
 //! `GET /api/v1/store`: where the replica store is, its settings and usage (chunk count and
-//! bytes, points per VM) — what `standby store info` shows.
+//! bytes, points per VM) — what `standby store info` shows. `POST /api/v1/store/verify`: re-read
+//! and re-hash a point's chunks or the whole store (`standby store verify`); the answer comes
+//! when the verification is done.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::Json;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::api::error::ApiError;
 use crate::api::ApiState;
@@ -56,5 +58,87 @@ pub async fn info(State(s): State<Arc<ApiState>>) -> Result<Json<StoreInfo>, Api
         chunk_bytes: chunks.iter().map(|o| o.size).sum(),
         points: points.len() as u64,
         vms,
+    }))
+}
+
+/// Body of `POST /api/v1/store/verify` (optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// `VM/ID`, `ID` or `VM/latest`; none: the whole store.
+    pub point: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChunkProblemView {
+    pub chunk: String,
+    pub reason: String,
+    pub points: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BadObject {
+    pub key: String,
+    pub reason: String,
+}
+
+/// The verification's outcome (200 whether or not the store is intact: see `ok`).
+#[derive(Debug, Serialize)]
+pub struct VerifyView {
+    pub ok: bool,
+    pub points_checked: usize,
+    pub chunks_checked: usize,
+    pub bytes_checked: u64,
+    pub missing: Vec<ChunkProblemView>,
+    pub corrupt: Vec<ChunkProblemView>,
+    pub bad_objects: Vec<BadObject>,
+    pub broken_points: Vec<String>,
+}
+
+fn problems(v: Vec<replica_store::verify::ChunkProblem>) -> Vec<ChunkProblemView> {
+    v.into_iter()
+        .map(|p| ChunkProblemView {
+            chunk: p.id.to_string(),
+            reason: p.reason,
+            points: p.points,
+        })
+        .collect()
+}
+
+pub async fn verify(
+    State(s): State<Arc<ApiState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<VerifyView>, ApiError> {
+    // The body is optional: none means the whole store.
+    let req = if body.iter().all(u8::is_ascii_whitespace) {
+        VerifyRequest::default()
+    } else {
+        serde_json::from_slice::<VerifyRequest>(&body)
+            .map_err(|e| ApiError::bad_request(format!("request body: {e}")))?
+    };
+    let r = crate::site::verify_store(s.dd.root(), req.point.as_deref())
+        .await
+        .map_err(|e| {
+            use crate::site::SiteError::Store;
+            use replica_store::Error as E;
+            match &e {
+                Store(E::PointNotFound { .. }) => ApiError::not_found(e.to_string()),
+                Store(E::InvalidArgument(_)) => ApiError::bad_request(e.to_string()),
+                _ => ApiError::unavailable(format!("cannot verify the store: {e}")),
+            }
+        })?;
+    Ok(Json(VerifyView {
+        ok: r.is_ok(),
+        points_checked: r.points_checked,
+        chunks_checked: r.chunks_checked,
+        bytes_checked: r.bytes_checked,
+        missing: problems(r.missing),
+        corrupt: problems(r.corrupt),
+        bad_objects: r
+            .bad_objects
+            .into_iter()
+            .map(|(key, reason)| BadObject { key, reason })
+            .collect(),
+        broken_points: r.broken_points,
     }))
 }
