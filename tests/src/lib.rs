@@ -126,8 +126,17 @@ impl Gateway {
         ));
         std::fs::create_dir_all(data_dir).expect("create data dir");
         let log = std::fs::File::create(&stderr_log).expect("create serve log");
-        let mut child = standby(data_dir)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+        // Every test gateway serves its API on a port of its own (never the shared default
+        // 8080, which parallel tests would race for), unless the test chooses.
+        let api_chosen = extra
+            .iter()
+            .any(|a| a.starts_with("--api-listen") || *a == "--no-api");
+        let mut cmd = standby(data_dir);
+        cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+        if !api_chosen {
+            cmd.args(["--api-listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
             .args(extra)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
