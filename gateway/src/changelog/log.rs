@@ -521,11 +521,13 @@ fn recover_segments(
             Ok(d) => d,
             Err(e)
                 if segment::is_stub(bytes.len() as u64)
-                    || (idx + 1 == n && bytes[..HEADER_LEN].iter().all(|&b| b == 0)) =>
+                    || bytes[..HEADER_LEN].iter().all(|&b| b == 0) =>
             {
-                // Torn while being created: it cannot hold any record. (The last segment's
-                // header still all zeroes: a host crash kept its size but not its data,
-                // which no sync had covered — no record in it was ever acknowledged.)
+                // Torn while being created: it cannot hold any record. (A header still all
+                // zeroes: a host crash kept the file's size but not its data, which no sync
+                // had covered. Every sync covers the older segments first, so no later
+                // segment was synced either: nothing from here on was acknowledged. A sealed
+                // segment after it breaks the chain below.)
                 cut = Some(Cut {
                     seq,
                     at: 0,

@@ -240,3 +240,45 @@ fn a_flush_syncs_the_image_once_the_log_no_longer_records() {
     });
     assert_eq!(faults.syncs(Target::Image), before + 1);
 }
+
+#[test]
+fn the_background_checkpointer_runs_on_its_timer_and_on_log_volume() {
+    use std::time::Duration;
+    let t = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("d.img"), vec![0u8; SIZE as usize]).unwrap();
+    let rt = rt();
+    // Volume: a checkpoint every 16 KiB of log (the timer would wait an hour).
+    let o = LogOptions {
+        checkpoint_interval: Some(Duration::from_secs(3600)),
+        checkpoint_bytes: 16 << 10,
+        ..opts(1 << 20)
+    };
+    let (disk, _) = open(t.path(), o);
+    let log = disk.change_log().unwrap();
+    for i in 0..5u64 {
+        rt.block_on(disk.write(i * 4096, vec![1; 4096], false))
+            .unwrap();
+    }
+    // The fourth record passes 16 KiB: the checkpointer covers at least the three before.
+    assert!(
+        log.wait_checkpoint(3, Duration::from_secs(60)),
+        "no checkpoint after 16 KiB of log"
+    );
+    assert!(read_state(log.dir()).unwrap().unwrap().applied_lsn >= 3);
+    rt.block_on(disk.close()).unwrap();
+    drop(log);
+    drop(disk);
+    // Timer: a short interval checkpoints without any other trigger.
+    let o = LogOptions {
+        checkpoint_interval: Some(Duration::from_millis(20)),
+        ..opts(1 << 20)
+    };
+    let (disk, _) = open(t.path(), o);
+    let log = disk.change_log().unwrap();
+    rt.block_on(disk.write(0, vec![2; 4096], false)).unwrap();
+    let last = log.last_lsn();
+    assert!(
+        log.wait_checkpoint(last, Duration::from_secs(60)),
+        "the timer never checkpointed"
+    );
+}

@@ -94,6 +94,9 @@ pub(crate) struct Ckpt {
     since: AtomicU64,
     pub(crate) hot: HotExtents,
     pub(crate) trigger: Arc<Trigger>,
+    /// Notified after every checkpoint recorded.
+    recorded: Condvar,
+    recorded_m: Mutex<()>,
 }
 
 impl Ckpt {
@@ -109,6 +112,8 @@ impl Ckpt {
             since: AtomicU64::new(0),
             hot: HotExtents::new(disk_size),
             trigger: Arc::new(Trigger::default()),
+            recorded: Condvar::new(),
+            recorded_m: Mutex::new(()),
         }
     }
 
@@ -260,10 +265,36 @@ impl ChangeLog {
             st.p.applied_lsn = st.p.applied_lsn.max(c);
         }
         self.persist()?;
-        ck.done.fetch_max(c, Ordering::SeqCst);
+        {
+            let _g = lock(&ck.recorded_m);
+            ck.done.fetch_max(c, Ordering::SeqCst);
+            ck.recorded.notify_all();
+        }
         ck.hot.cooled();
         ck.since.store(0, Ordering::Relaxed);
         Ok(c)
+    }
+
+    /// Waits until a checkpoint at or past `lsn` is recorded (by anyone, e.g. the background
+    /// checkpointer), at most `timeout`. Returns whether it was.
+    pub fn wait_checkpoint(&self, lsn: u64, timeout: Duration) -> bool {
+        let ck = &self.sh.ck;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut g = lock(&ck.recorded_m);
+        loop {
+            if ck.done.load(Ordering::SeqCst) >= lsn {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = ck
+                .recorded
+                .wait_timeout(g, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
     }
 
     /// Holds checkpoints back (`reset` takes it after `seal_lock`, before `ap` and `st`).
