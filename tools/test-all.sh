@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 . tools/lib/deps.sh
 
 GARAGE_VERSION=2.5.0
-APT_PACKAGES=(qemu-utils libnbd-bin nbdkit fio fuse3 e2fsprogs util-linux openssl restic rsync python3 python3-prometheus-client ca-certificates
+APT_PACKAGES=(qemu-utils libnbd-bin nbdkit fio fuse3 e2fsprogs util-linux openssl restic rsync python3 python3-prometheus-client chromium chromium-driver ca-certificates
     # the boot test's disk image: kernel, busybox initramfs, syslinux on FAT, ext4 data partition
     linux-image-amd64 busybox-static syslinux syslinux-common mtools dosfstools fdisk cpio kmod)
 export PATH="$HOME/.cargo/bin:$PATH"

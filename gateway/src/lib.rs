@@ -5,6 +5,7 @@ pub mod api;
 pub mod catalog;
 pub mod changelog;
 pub mod config;
+pub mod console;
 pub mod datadir_lock;
 pub mod disk;
 pub mod failover;

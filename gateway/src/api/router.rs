@@ -80,6 +80,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
     reads
         .merge(actions)
         .route_layer(from_fn_with_state(Arc::clone(&state), authenticate))
+        // The web console's static files (`/`, `/console/...`): no token, they hold no data.
+        .merge(crate::console::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(bad_method)
         .with_state(state)
