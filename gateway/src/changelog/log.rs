@@ -1177,6 +1177,10 @@ impl ChangeLog {
         let (lsn, rotated) = self.append(&mut h, data, barrier_rotate);
         if let Some(lsn) = lsn {
             self.note_appended(rec_len);
+            if replay::image_dependent(&h) {
+                // Its data is in the image only: the next sync round syncs the image too.
+                self.note_image_dependent(lsn);
+            }
             if kind != Kind::Flush {
                 self.guard_image_change(offset, length, lsn);
             }

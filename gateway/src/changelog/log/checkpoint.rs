@@ -187,6 +187,9 @@ impl ChangeLog {
     /// Declares record `lsn` image-dependent: its data was written to the image only (the
     /// log holds no copy). Call it after the record was appended and before its request
     /// completes; the next sync round (FLUSH, FUA) then syncs the image as well as the log.
+    /// `record` calls it for every kind [`crate::changelog::replay::image_dependent`] names,
+    /// so a new kind only needs its arm there. (Passing a later LSN than the record's is
+    /// safe: it can only cause an extra image sync.)
     pub fn note_image_dependent(&self, lsn: u64) {
         self.sh.ck.image_dep.fetch_max(lsn, Ordering::SeqCst);
     }
