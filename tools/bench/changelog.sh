@@ -9,6 +9,7 @@
 #
 # Usage: tools/bench/changelog.sh [--quick] [--runtime 20] [--reps 3] [--size-mib 2048]
 #                                 [--sustained-mib N] [--no-drop-caches] [--workdir DIR]
+#                                 [--extent-min SIZE|off]
 #
 # Rows (fio's nbd engine):
 #   seq write 1 MiB QD8, rand write 4 KiB QD32          time based (--runtime, +2 s ramp)
@@ -19,9 +20,10 @@
 #                                                        else vm.dirty_ratio of MemAvailable) of
 #                                                        sequential writes over the disk, then one
 #                                                        FLUSH (--end_fsync=1), all in the figure
-# Physical limit (same run, once per repetition): `dd oflag=direct bs=1M` of the sustained
-# row's bytes into a new file, `fio --direct=1` (libaio, 1 MiB QD8) of the same bytes over a
-# file of the disk's size, and 4 KiB write+fdatasync QD1 on a file (fio psync --fdatasync=1).
+# Physical limit (same run, once per repetition): `dd oflag=direct bs=1M` of one disk's size
+# into a new file (so the run never needs more free space than a fourth image), `fio
+# --direct=1` (libaio, 1 MiB QD8) of the sustained row's bytes over a file of the disk's size,
+# and 4 KiB write+fdatasync QD1 on a file (fio psync --fdatasync=1).
 #
 # Before every run: `sync`, drop the page cache (unless --no-drop-caches or not allowed),
 # then read the served image once (page cache warm, as in the other benchmarks). The server
@@ -29,6 +31,8 @@
 # (tracking disabled and enabled), after it the log must be healthy, or the run is refused.
 # Resident set: VmHWM and RssAnon+RssFile of each server process sampled every 0.2 s.
 #
+# --extent-min writes `[log] extent_min` into the data directory's standby.toml (default: the
+# built-in 64K; "off" logs every write's data, as builds before extents did).
 # STANDBY_BIN=PATH runs that binary instead of building this tree (e.g. a before/after pair).
 # --quick: --runtime 4 --reps 1 --size-mib 512 --sustained-mib 1536 (for development).
 set -euo pipefail
@@ -169,6 +173,7 @@ def main():
     ap.add_argument("--sustained-mib", type=int, default=None)
     ap.add_argument("--no-drop-caches", action="store_true")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--extent-min", default=None)
     args = ap.parse_args()
     q = args.quick
     runtime = args.runtime or (4 if q else 20)
@@ -193,6 +198,13 @@ def main():
     dd = os.path.join(work, "data")
     cli = lambda *a: subprocess.run([sb, "--data-dir", dd, "--log", "warn", *a], check=True,
                                     capture_output=True, text=True).stdout
+    os.makedirs(dd, exist_ok=True)
+    conf = os.path.join(dd, "standby.toml")
+    if args.extent_min:
+        with open(conf, "w") as f:
+            f.write(f'[log]\nextent_min = "{args.extent_min}"\n')
+    elif os.path.exists(conf):
+        os.remove(conf)
     for name, img in (("bench-off", imgs["off"]), ("bench-on", imgs["on"])):
         if not os.path.exists(os.path.join(dd, "disks", f"{name}.toml")):
             cli("disk", "import", name, img)
@@ -248,9 +260,9 @@ def main():
             quiet_cache(drop)
             t0 = time.time()
             subprocess.run(["dd", "if=/dev/zero", f"of={scratch}", "bs=1M",
-                            f"count={sustained >> 20}", "oflag=direct"], check=True,
+                            f"count={size_mib}", "oflag=direct"], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            phys["dd oflag=direct 1 MiB"].append({"MB/s": sustained / 1e6 / (time.time() - t0)})
+            phys["dd oflag=direct 1 MiB"].append({"MB/s": size / 1e6 / (time.time() - t0)})
             os.remove(scratch)
             quiet_cache(drop)
             r = run_fio(["--ioengine=libaio", "--direct=1", f"--filename={imgs['kit']}", "--rw=write",
@@ -291,7 +303,8 @@ def main():
           "disks served by one `standby serve` process, nbdkit by one process, both for every row of a "
           "repetition; servers alternated ABBA; `sync`"
           + (", page cache dropped" if drop[0] else "") + " and the image read once before every run. "
-          "p99 of the flush row is the FLUSH latency. CPU: the server process's user+system time "
+          + (f"[log] extent_min = {args.extent_min}. " if args.extent_min else "")
+          + "p99 of the flush row is the FLUSH latency. CPU: the server process's user+system time "
           "during the run divided by the GB fio wrote.")
     print("Change log after each repetition: " + "; ".join(log_lines))
     if not args.workdir:
