@@ -1184,10 +1184,6 @@ impl ChangeLog {
             if kind != Kind::Flush {
                 self.guard_image_change(offset, length, lsn);
             }
-            if kind == Kind::Extent {
-                // Its bytes are in the image only: the next sync round syncs the image too.
-                self.note_image_dependent(lsn);
-            }
         }
         let r = apply(lsn);
         if let Err(e) = &r {
