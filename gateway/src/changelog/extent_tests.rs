@@ -242,3 +242,40 @@ fn an_overwritten_extent_ships_its_preimage_across_a_restart() {
     assert!(replica == at_cut, "the cut lost the extent's bytes");
     rt.block_on(disk.close()).unwrap();
 }
+
+/// The backlog (what the 50 % resync rule reads) counts the bytes an extent stands for, not
+/// just its 40-byte record: in the active segment, once sealed, and after a restart.
+#[test]
+fn backlog_counts_the_bytes_of_extents() {
+    let f = fixture(6);
+    let rt = rt();
+    let disk = open(&f, 1 << 20);
+    let log = disk.change_log().unwrap().clone();
+    let empty = log.unshipped_bytes();
+    rt.block_on(disk.write(0, pattern(BIG * 4, 3), false))
+        .unwrap();
+    rt.block_on(disk.write(BIG * 8, vec![1u8; 4096], false))
+        .unwrap();
+    let expect = empty + 40 + BIG * 4 + 40 + 4096;
+    assert_eq!(log.unshipped_bytes(), expect, "active segment");
+    let sealed = log.take().unwrap();
+    assert_eq!(sealed.len(), 1);
+    assert_eq!(sealed[0].extent_bytes, BIG * 4);
+    let after_take = log.unshipped_bytes();
+    assert!(
+        after_take >= expect,
+        "sealed segment: {after_take} < {expect}"
+    );
+    assert_eq!(
+        after_take,
+        sealed[0].bytes + sealed[0].extent_bytes + log.active_segment().map_or(0, |a| a.bytes)
+    );
+    rt.block_on(disk.close()).unwrap();
+    drop(disk);
+    let disk = open(&f, 1 << 20);
+    let log = disk.change_log().unwrap();
+    let again = log.sealed_segments();
+    assert_eq!(again[0].extent_bytes, BIG * 4, "recomputed at open");
+    assert!(log.unshipped_bytes() >= BIG * 4);
+    rt.block_on(disk.close()).unwrap();
+}

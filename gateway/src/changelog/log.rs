@@ -70,6 +70,9 @@ pub struct SegmentInfo {
     pub records: u64,
     /// File size (for the active segment: bytes reserved so far).
     pub bytes: u64,
+    /// Bytes its extent records stand for (their data is in the image, not in this file;
+    /// shipping sends them). The backlog of a segment is `bytes + extent_bytes`.
+    pub extent_bytes: u64,
     pub path: PathBuf,
     pub sealed: bool,
 }
@@ -276,6 +279,8 @@ struct Active {
     seg: Arc<Seg>,
     pos: u64,
     count: u64,
+    /// Sum of the lengths of its extent records (see [`SegmentInfo::extent_bytes`]).
+    extent_bytes: u64,
 }
 
 struct Inflight {
@@ -471,6 +476,12 @@ fn info_of(seq: u64, path: &Path, d: &format::Decoded, bytes: u64) -> SegmentInf
         last_lsn: d.last_lsn(),
         records: d.records.len() as u64,
         bytes,
+        extent_bytes: d
+            .records
+            .iter()
+            .filter(|r| r.header.kind == format::Kind::Extent)
+            .map(|r| r.header.length)
+            .sum(),
         path: path.to_path_buf(),
         sealed: true,
     }
@@ -905,6 +916,7 @@ impl ChangeLog {
             }),
             pos: HEADER_LEN as u64,
             count: 0,
+            extent_bytes: 0,
         });
         ap.dir_dirty = true;
         Ok(())
@@ -1099,6 +1111,9 @@ impl ChangeLog {
         let pos = a.pos;
         a.pos += rec_len;
         a.count += 1;
+        if h.kind == Kind::Extent {
+            a.extent_bytes += h.length;
+        }
         let file = Arc::clone(&a.seg);
         ap.next_lsn += 1;
         if let Err(e) = pwritev_all(&file.file, &[&hb, data], pos) {
@@ -1307,10 +1322,10 @@ impl ChangeLog {
         let _g = lock(&self.sh.seal_lock);
         let mut sealed_any = false;
         loop {
-            let Some((seg, len, count)) = lock(&self.sh.ap)
+            let Some((seg, len, count, extent_bytes)) = lock(&self.sh.ap)
                 .retired
                 .front()
-                .map(|a| (Arc::clone(&a.seg), a.pos, a.count))
+                .map(|a| (Arc::clone(&a.seg), a.pos, a.count, a.extent_bytes))
             else {
                 break;
             };
@@ -1351,6 +1366,7 @@ impl ChangeLog {
                     last_lsn,
                     records: count,
                     bytes,
+                    extent_bytes,
                     path: seg.path.clone(),
                     sealed: true,
                 });
@@ -1595,13 +1611,20 @@ impl ChangeLog {
         lock(&self.sh.st).state.clone()
     }
 
-    /// Log bytes not yet released (sealed, being sealed and active segments).
+    /// Bytes not yet released (sealed, being sealed and active segments): their files plus
+    /// the bytes their extent records stand for (what shipping them sends).
     pub fn unshipped_bytes(&self) -> u64 {
         let ap = lock(&self.sh.ap);
         let st = lock(&self.sh.st);
-        st.sealed.iter().map(|s| s.bytes).sum::<u64>()
-            + ap.retired.iter().map(|a| a.pos).sum::<u64>()
-            + ap.active.as_ref().map(|a| a.pos).unwrap_or(0)
+        st.sealed
+            .iter()
+            .map(|s| s.bytes + s.extent_bytes)
+            .sum::<u64>()
+            + ap.retired
+                .iter()
+                .chain(ap.active.as_ref())
+                .map(|a| a.pos + a.extent_bytes)
+                .sum::<u64>()
     }
 
     /// Unshipped log bytes divided by the disk size (the resync rule fires at 0.5).
@@ -1623,6 +1646,7 @@ impl ChangeLog {
             last_lsn: (a.seg.first_lsn + a.count).wrapping_sub(1),
             records: a.count,
             bytes: a.pos,
+            extent_bytes: a.extent_bytes,
             path: a.seg.path.clone(),
             sealed: false,
         })
@@ -1645,6 +1669,7 @@ impl ChangeLog {
                     last_lsn: (a.seg.first_lsn + a.count).wrapping_sub(1),
                     records: a.count,
                     bytes: a.pos,
+                    extent_bytes: a.extent_bytes,
                     path: a.seg.path.clone(),
                     sealed: false,
                 }),
