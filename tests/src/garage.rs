@@ -30,8 +30,6 @@ pub struct Garage {
     child: Option<Child>,
     bin: PathBuf,
     ports: [u16; 3],
-    /// Held while the server is stopped, so no other test's server takes its ports.
-    reserved: Vec<TcpListener>,
     config: PathBuf,
     dir: tempfile::TempDir,
     /// S3 endpoint URL, e.g. `http://127.0.0.1:39123`.
@@ -176,7 +174,6 @@ impl Garage {
             child: None,
             bin,
             ports: [0; 3],
-            reserved: Vec::new(),
             config,
             dir,
             s3_endpoint: String::new(),
@@ -247,8 +244,6 @@ api_bind_addr = "127.0.0.1:{admin}"
             .map_err(|e| format!("garage log file: {e}"))?;
         // What this start writes to the log begins here (earlier attempts append too).
         let log_start = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
-        // Let the server bind the ports we held during an outage.
-        self.reserved.clear();
         let child = Command::new(&self.bin)
             .arg("-c")
             .arg(&self.config)
@@ -294,7 +289,7 @@ api_bind_addr = "127.0.0.1:{admin}"
     }
 
     /// Stops the server (an outage); [`Garage::restart`] brings it back with the same data,
-    /// ports and keys. Its ports stay reserved meanwhile.
+    /// ports and keys.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
@@ -316,11 +311,10 @@ api_bind_addr = "127.0.0.1:{admin}"
             let _ = child.kill();
             let _ = child.wait();
         }
-        self.reserved = self
-            .ports
-            .iter()
-            .filter_map(|p| TcpListener::bind(("127.0.0.1", *p)).ok())
-            .collect();
+        // The ports are not held meanwhile: a listener that never accepts would turn the
+        // outage into a hung server (connections queue instead of being refused). They lie
+        // outside the ephemeral range, so only another Garage's random choice could take one,
+        // and `restart` retries.
     }
 
     /// Starts the server again after [`Garage::stop`], on the same ports.
@@ -328,8 +322,7 @@ api_bind_addr = "127.0.0.1:{admin}"
         if self.child.is_some() {
             return;
         }
-        // The ports were held since the stop; a bind race with a socket in TIME_WAIT or a
-        // late listener is retried for a while.
+        // A bind race (a socket in TIME_WAIT, another server's listener) is retried for a while.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match self.spawn() {
