@@ -7,6 +7,7 @@ pub mod api;
 pub mod fuse;
 pub mod garage;
 pub mod nbd_client;
+pub mod pki;
 pub mod repl;
 
 use std::io::{BufRead, BufReader};

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use standby_e2e::api::{origin, request, token, Answer};
+use standby_e2e::pki::Pki;
 use standby_e2e::repl::{site, wait_for};
 use standby_e2e::{require_tool, run, run_stdout, standby, test_dir, Gateway};
 
@@ -343,40 +344,13 @@ fn api_end_to_end() {
     g.stop();
 }
 
-/// A self-signed certificate for 127.0.0.1.
-fn self_signed(dir: &Path) -> (String, String) {
-    require_tool("openssl");
-    std::fs::create_dir_all(dir).unwrap();
-    run(Command::new("openssl").current_dir(dir).args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=localhost",
-        "-addext",
-        "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "cert.pem",
-    ]));
-    (
-        dir.join("cert.pem").display().to_string(),
-        dir.join("key.pem").display().to_string(),
-    )
-}
-
 #[test]
 fn api_over_https_and_network_rules() {
     let t = test_dir("api_tls");
     let dd = t.path().join("dd");
     run(standby(&dd).args(["disk", "create", "d1", "--size", "1M"]));
     let admin = token(&dd, "ops", false);
-    let (cert, key) = self_signed(&t.path().join("pki"));
+    let (cert, key) = Pki::new(&t.path().join("pki")).self_signed("server");
 
     // Plain HTTP beyond loopback: refused at start-up, naming the settings to give.
     let o = standby(&dd)

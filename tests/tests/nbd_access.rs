@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use standby_e2e::nbd_client::*;
+use standby_e2e::pki::{Pki, SERVER_EXT};
 use standby_e2e::{require_tool, run, run_stdout, standby, test_dir, Gateway};
 
 const OPT_LIST: u32 = 3;
@@ -18,89 +19,26 @@ const OPT_INFO: u32 = 6;
 /// client credential directories as qemu (`tls-creds-x509,dir=`) and libnbd
 /// (`tls-certificates=`) read them: ca-cert.pem (the server's CA), client-cert.pem,
 /// client-key.pem.
-struct Pki {
-    dir: PathBuf,
+struct AccessPki(Pki);
+
+impl std::ops::Deref for AccessPki {
+    type Target = Pki;
+    fn deref(&self) -> &Pki {
+        &self.0
+    }
 }
 
-impl Pki {
-    fn new(dir: &Path) -> Pki {
-        require_tool("openssl");
-        std::fs::create_dir_all(dir).unwrap();
-        let p = Pki {
-            dir: dir.to_path_buf(),
-        };
+impl AccessPki {
+    fn new(dir: &Path) -> AccessPki {
+        let p = Pki::new(dir);
         p.ca("server-ca");
         p.ca("client-ca");
         p.ca("rogue-ca");
         // The server key is 2432 bits: a size some admins' keys have (the NBD reference
         // project's test key is one), which ring-based rustls refused to load.
         p.openssl(&["genrsa", "-out", "server-key.pem", "2432"]);
-        p.sign(
-            "server",
-            "server-ca",
-            "/CN=localhost",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-        );
-        p
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        run(Command::new("openssl").current_dir(&self.dir).args(args));
-    }
-
-    fn ca(&self, name: &str) {
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=Standby test {name}"),
-            "-keyout",
-            &format!("{name}-key.pem"),
-            "-out",
-            &format!("{name}-cert.pem"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-    }
-
-    /// Signs `{name}-key.pem` (made here if missing) into `{name}-cert.pem`.
-    fn sign(&self, name: &str, ca: &str, subject: &str, ext: &str) {
-        let key = format!("{name}-key.pem");
-        if !self.dir.join(&key).exists() {
-            self.openssl(&["genrsa", "-out", &key, "2048"]);
-        }
-        let csr = format!("{name}.csr");
-        self.openssl(&["req", "-new", "-key", &key, "-subj", subject, "-out", &csr]);
-        let extfile = format!("{name}.ext");
-        std::fs::write(
-            self.dir.join(&extfile),
-            format!("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n{ext}"),
-        )
-        .unwrap();
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &format!("{ca}-cert.pem"),
-            "-CAkey",
-            &format!("{ca}-key.pem"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &extfile,
-            "-out",
-            &format!("{name}-cert.pem"),
-        ]);
+        p.sign("server", "server-ca", "/CN=localhost", SERVER_EXT);
+        AccessPki(p)
     }
 
     /// A client credentials directory for a certificate with common name `cn` (and the DNS
@@ -113,7 +51,7 @@ impl Pki {
             &format!("/CN={cn}"),
             &format!("extendedKeyUsage=clientAuth\nsubjectAltName=DNS:{cn}.example\n"),
         );
-        let d = self.dir.join(&name);
+        let d = self.dir().join(&name);
         std::fs::create_dir_all(&d).unwrap();
         // The server's CA, and the client's own (qemu checks its certificate against the file).
         let mut cas = std::fs::read(self.file("server-ca-cert.pem")).unwrap();
@@ -134,14 +72,10 @@ impl Pki {
 
     /// A directory with only the server's CA: a client without a certificate.
     fn anonymous(&self) -> PathBuf {
-        let d = self.dir.join("anonymous");
+        let d = self.dir().join("anonymous");
         std::fs::create_dir_all(&d).unwrap();
         std::fs::copy(self.file("server-ca-cert.pem"), d.join("ca-cert.pem")).unwrap();
         d
-    }
-
-    fn file(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
     }
 
     /// `--tls-cert … --tls-key …` (and `--tls-client-ca` with `client_ca`).
@@ -263,7 +197,7 @@ fn plaintext_beyond_loopback_is_refused_at_start() {
 fn tls_without_client_ca_beyond_loopback_is_refused_at_start() {
     let t = test_dir("access-noca-refused");
     let dd = data_dir(&t);
-    let pki = Pki::new(&t.path().join("pki"));
+    let pki = AccessPki::new(&t.path().join("pki"));
     let mut args = strings(&["--listen", "0.0.0.0:0"]);
     args.extend(pki.serve_args(false));
     let err = serve_must_fail(&dd, &args);
@@ -293,7 +227,7 @@ fn insecure_no_tls_serves_plaintext_and_says_so() {
 fn certificate_beyond_loopback_makes_starttls_mandatory() {
     let t = test_dir("access-tls-mandatory");
     let dd = data_dir(&t);
-    let pki = Pki::new(&t.path().join("pki"));
+    let pki = AccessPki::new(&t.path().join("pki"));
     // No --tls-required: beyond loopback it is implied.
     let mut args = strings(&["--listen", "0.0.0.0:0", "--insecure-no-tls"]);
     args.extend(pki.serve_args(false));
@@ -316,12 +250,12 @@ fn certificate_beyond_loopback_makes_starttls_mandatory() {
     );
 }
 
-/// The server's key is 2432 bits (see [`Pki::new`]): it loads, and clients complete TLS.
+/// The server's key is 2432 bits (see [`AccessPki::new`]): it loads, and clients complete TLS.
 #[test]
 fn mutual_tls_with_nbdinfo() {
     let t = test_dir("access-mtls-nbdinfo");
     let dd = data_dir(&t);
-    let pki = Pki::new(&t.path().join("pki"));
+    let pki = AccessPki::new(&t.path().join("pki"));
     let hv1 = pki.client("hv1", "client-ca");
     let rogue = pki.client("hv1", "rogue-ca");
     let mut args = strings(&["--listen", "0.0.0.0:0"]);
@@ -361,7 +295,7 @@ fn mutual_tls_with_qemu() {
     require_tool("qemu-io");
     let t = test_dir("access-mtls-qemu");
     let dd = data_dir(&t);
-    let pki = Pki::new(&t.path().join("pki"));
+    let pki = AccessPki::new(&t.path().join("pki"));
     let hv1 = pki.client("hv1", "client-ca");
     let rogue = pki.client("rogue", "rogue-ca");
     let mut args = strings(&["--listen", "0.0.0.0:0"]);
@@ -423,7 +357,7 @@ fn mutual_tls_with_qemu() {
 fn allow_lists_hide_and_refuse_exports() {
     let t = test_dir("access-allow");
     let dd = data_dir(&t);
-    let pki = Pki::new(&t.path().join("pki"));
+    let pki = AccessPki::new(&t.path().join("pki"));
     let hv1 = pki.client("hv1", "client-ca");
     let hv2 = pki.client("hv2", "client-ca");
     // vm1: hv1 by common name; vm2: hv2 by its DNS subject-alternative name.
@@ -464,7 +398,7 @@ fn allow_lists_hide_and_refuse_exports() {
 fn allow_list_needs_a_client_ca_and_client_ca_implies_tls_on_loopback() {
     let t = test_dir("access-allow-plain");
     let dd = data_dir(&t);
-    let pki = Pki::new(&t.path().join("pki"));
+    let pki = AccessPki::new(&t.path().join("pki"));
     std::fs::write(dd.join("standby.toml"), "[serve.allow]\nvm1 = [\"hv1\"]\n").unwrap();
     let err = serve_must_fail(&dd, &pki.serve_args(false));
     assert!(err.contains("no client CA is configured"), "{err}");

@@ -4,67 +4,15 @@ use std::path::Path;
 use std::process::Command;
 
 use standby_e2e::nbd_client::*;
+use standby_e2e::pki::{Pki, SERVER_EXT};
 use standby_e2e::{require_tool, run, run_stdout, standby, test_dir, Gateway};
 
 /// A CA and a server certificate for 127.0.0.1/localhost, laid out as both libnbd and qemu
 /// expect a credentials directory (ca-cert.pem; server-cert.pem / server-key.pem).
 fn make_pki(dir: &Path) {
-    require_tool("openssl");
-    std::fs::create_dir_all(dir).unwrap();
-    let o = |args: &[&str]| run(Command::new("openssl").current_dir(dir).args(args));
-    o(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Standby test CA",
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca-cert.pem",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    o(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server-key.pem",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    o(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca-cert.pem",
-        "-CAkey",
-        "ca-key.pem",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "server-cert.pem",
-    ]);
+    let pki = Pki::new(dir);
+    pki.ca("ca");
+    pki.sign("server", "ca", "/CN=localhost", SERVER_EXT);
 }
 
 fn tls_gateway(name: &str, required: bool) -> (tempfile::TempDir, Gateway) {
