@@ -365,6 +365,32 @@ fn failover_cli_syntax_and_errors() {
         serde_json::json!([]),
         "a refused request starts no job"
     );
+    // Long store commands report progress on stderr (plain lines off a terminal); stdout keeps
+    // the result alone.
+    run(standby(&dd).args(["store", "init"]));
+    let img = t.path().join("d.img");
+    standby_e2e::random_file(&img, 1 << 20, 3);
+    let o = standby(&dd)
+        .args(["store", "import", "vm/d"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("import vm/d: started")
+            && err.contains("import vm/d: finished (1.0 MiB of 1.0 MiB (100%))"),
+        "{err}"
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !out.contains("started") && out.contains("published"),
+        "{out}"
+    );
+    let o = standby(&dd).args(["store", "verify"]).output().unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("store verify: read: finished"));
+    std::fs::remove_file(dd.join("replica-store.toml")).unwrap();
     // A store location that cannot be read: the OS error appears once.
     std::fs::create_dir_all(dd.join("replica-store.toml")).unwrap();
     for args in [&["attach", "vm/d"][..], &["failover", "test", "vm"]] {

@@ -99,8 +99,9 @@ impl Progress {
         self.set(pct.clamp(0.0, 100.0) as u64);
     }
 
-    /// Sets the figure.
+    /// Sets the figure (at most the total, when known: sampled counters overshoot a little).
     pub fn set(&self, pos: u64) {
+        let pos = lock(&self.total).map_or(pos, |t| pos.min(t));
         *lock(&self.pos) = pos;
         if let Some(b) = &self.bar {
             b.set_position(pos);
@@ -166,6 +167,7 @@ pub fn sample(p: Arc<Progress>, field: &'static str) -> Sampler {
     let stop = Arc::new(AtomicBool::new(false));
     let base = proc_io(field);
     let flag = Arc::clone(&stop);
+    let last = base.map(|base| (Arc::clone(&p), base, field));
     let thread = base.map(|base| {
         std::thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
@@ -176,7 +178,7 @@ pub fn sample(p: Arc<Progress>, field: &'static str) -> Sampler {
             }
         })
     });
-    Sampler { stop, thread }
+    Sampler { stop, thread, last }
 }
 
 /// Runs `work` with a byte progress display (out of `total` when known) sampled from the
@@ -199,6 +201,8 @@ pub async fn around<T>(
 pub struct Sampler {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// For the last sample, taken when the work is over.
+    last: Option<(Arc<Progress>, u64, &'static str)>,
 }
 
 impl Drop for Sampler {
@@ -206,6 +210,11 @@ impl Drop for Sampler {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        if let Some((p, base, field)) = &self.last {
+            if let Some(v) = proc_io(field) {
+                p.set(v.saturating_sub(*base));
+            }
         }
     }
 }
