@@ -581,6 +581,22 @@ fn api_failover_actions() {
         !dd.join("failover/v1/test/d1").exists(),
         "overlay left behind"
     );
+
+    // Planned failover on the primary: 202 with the job; it succeeds after a final cycle and
+    // the VM is no longer protected here.
+    let a = post(&base, "/api/v1/vms/v1/failover/prepare", Some(&admin), None);
+    assert_eq!(a.status, 202, "{}", a.body);
+    let job = a.json()["job"].as_i64().expect("job");
+    let j = job_succeeds(&dd, &base, &ro, job);
+    assert_eq!(j["kind"], "failover-prepare");
+    assert!(
+        j["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("final point"),
+        "{j}"
+    );
+    get(&base, "/api/v1/vms/v1", Some(&ro)).assert_error(404, "not_found");
     g.stop();
 }
 
