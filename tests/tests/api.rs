@@ -32,7 +32,8 @@ fn documented(base: &str, admin: &str, vm: &str, disk: &str, job: i64) -> Vec<(S
         let p = path
             .replace("{vm}", vm)
             .replace("{name}", disk)
-            .replace("{id}", &job.to_string());
+            .replace("{id}", &job.to_string())
+            .replace("{export}", "nothing");
         for m in ops.as_object().expect("operations").keys() {
             out.push((m.to_uppercase(), p.clone()));
         }
@@ -341,6 +342,262 @@ fn api_end_to_end() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
+    g.stop();
+}
+
+fn job_state(base: &str, t: &str, id: i64) -> Value {
+    let a = get(base, &format!("/api/v1/jobs/{id}"), Some(t));
+    assert_eq!(a.status, 200, "{}", a.body);
+    a.json()
+}
+
+/// Waits for a job to end; returns it (asserting it succeeded).
+fn job_succeeds(dd: &Path, base: &str, t: &str, id: i64) -> Value {
+    let j = wait_for(dd, "the job to end", Duration::from_secs(60), || {
+        let j = job_state(base, t, id);
+        (j["state"] != "running").then_some(j)
+    });
+    assert_eq!(j["state"], "succeeded", "{j}");
+    j
+}
+
+/// The failover actions through the API against a real replica: attach read back with
+/// qemu-img and nbdinfo, detach, test failover and its cleanup; bad requests refused with
+/// nothing changed (no attachment, no job).
+#[test]
+fn api_failover_actions() {
+    let qemu_img = require_tool("qemu-img");
+    let nbdinfo = require_tool("nbdinfo");
+    let t = test_dir("api_failover");
+    let dd = site(t.path(), &[("d1", "8M"), ("d2", "4M")]);
+    let admin = token(&dd, "ops", false);
+    let ro = token(&dd, "grafana", true);
+    let g = Gateway::start(&dd, &["--api-listen", "127.0.0.1:0"]);
+    let base = origin(&g.api.clone().expect("API address"));
+    // Known bytes on d1, then a point that holds them.
+    let img = t.path().join("d1.img");
+    standby_e2e::random_file(&img, 8 << 20, 17);
+    run(Command::new(&qemu_img)
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&img)
+        .arg(g.uri("d1")));
+    let a = post(
+        &base,
+        "/api/v1/vms",
+        Some(&admin),
+        Some(r#"{"vm":"v1","disks":["d1","d2"]}"#),
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    wait_for(&dd, "v1 Protected", Duration::from_secs(60), || {
+        (state_of(&base, &ro, "v1").as_deref() == Some("Protected")).then_some(())
+    });
+    let jobs_before = get(&base, "/api/v1/jobs?limit=500", Some(&ro)).json();
+
+    // Refused, nothing written.
+    for (path, body, status, code) in [
+        (
+            "/api/v1/attachments",
+            r#"{"vm":"v1","disk":"nodisk"}"#,
+            404,
+            "not_found",
+        ),
+        (
+            "/api/v1/attachments",
+            r#"{"vm":"v1","disk":"d1","point":"nosuchpoint"}"#,
+            404,
+            "not_found",
+        ),
+        (
+            "/api/v1/attachments",
+            r#"{"vm":"ghost","disk":"d1"}"#,
+            404,
+            "not_found",
+        ),
+        (
+            "/api/v1/attachments",
+            r#"{"vm":"../x","disk":"d1"}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "/api/v1/attachments",
+            r#"{"vm":"v1","disk":"d1","writable":true}"#,
+            422,
+            "invalid_request",
+        ),
+        (
+            "/api/v1/attachments",
+            r#"{"vm":"v1"}"#,
+            422,
+            "invalid_request",
+        ),
+        ("/api/v1/attachments/nothing/detach", "", 404, "not_found"),
+        (
+            "/api/v1/vms/v1/failover/test",
+            r#"{"point":"nosuchpoint"}"#,
+            404,
+            "not_found",
+        ),
+        (
+            "/api/v1/vms/v1/failover/test",
+            r#"{"pointt":"latest"}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "/api/v1/vms/v1/failover/test",
+            "{bad",
+            400,
+            "invalid_request",
+        ),
+        ("/api/v1/vms/ghost/failover/test", "", 404, "not_found"),
+        ("/api/v1/vms/v1/failover/cleanup", "", 404, "not_found"),
+        ("/api/v1/vms/v1/failover/commit", "", 404, "not_found"),
+        ("/api/v1/vms/ghost/failover/prepare", "", 404, "not_found"),
+        // The disks exist here: a failover belongs on the recovery gateway.
+        ("/api/v1/vms/v1/failover/start", "", 409, "conflict"),
+    ] {
+        let body = (!body.is_empty()).then_some(body);
+        let a = post(&base, path, Some(&admin), body);
+        assert_eq!(a.status, status, "{path} {body:?}: {}", a.body);
+        a.assert_error(status, code);
+    }
+    assert_eq!(
+        get(&base, "/api/v1/attachments", Some(&ro)).json(),
+        serde_json::json!([]),
+        "no attachment was recorded"
+    );
+    let jobs_after = get(&base, "/api/v1/jobs?limit=500", Some(&ro)).json();
+    let ids = |j: &Value| -> Vec<i64> {
+        j.as_array()
+            .expect("jobs")
+            .iter()
+            .filter(|j| j["kind"].as_str().is_some_and(|k| k.contains("failover")))
+            .filter_map(|j| j["id"].as_i64())
+            .collect()
+    };
+    assert_eq!(
+        ids(&jobs_after),
+        ids(&jobs_before),
+        "no failover job was started"
+    );
+
+    // Attach: served when the answer comes; the point's bytes read back.
+    let a = post(
+        &base,
+        "/api/v1/attachments",
+        Some(&admin),
+        Some(r#"{"vm":"v1","disk":"d1"}"#),
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    let at = a.json();
+    let uri = at["uri"].as_str().expect("uri").to_string();
+    let export = at["export"].as_str().expect("export").to_string();
+    assert_eq!(at["size_bytes"], 8 << 20);
+    let info = run_stdout(Command::new(&nbdinfo).args(["--size", &uri]));
+    assert_eq!(info.trim(), (8u64 << 20).to_string(), "{info}");
+    let back = t.path().join("back.img");
+    run(Command::new(&qemu_img)
+        .args(["convert", "-f", "raw", "-O", "raw", &uri])
+        .arg(&back));
+    assert!(
+        std::fs::read(&back).unwrap() == std::fs::read(&img).unwrap(),
+        "the attached point holds the written bytes"
+    );
+    // Twice: 409. Read-only by default: a write is refused by the server.
+    post(
+        &base,
+        "/api/v1/attachments",
+        Some(&admin),
+        Some(r#"{"vm":"v1","disk":"d1"}"#),
+    )
+    .assert_error(409, "conflict");
+    let o = Command::new(&qemu_img)
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&img)
+        .arg(&uri)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "a read-only attachment took a write");
+    let cli: Value =
+        serde_json::from_str(&run_stdout(standby(&dd).args(["status", "--json"]))).unwrap();
+    assert_eq!(cli["attachments"][0]["export"], export.as_str());
+    let a = post(
+        &base,
+        &format!("/api/v1/attachments/{export}/detach"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(
+        get(&base, "/api/v1/attachments", Some(&ro)).json(),
+        serde_json::json!([])
+    );
+
+    // Test failover: 202 with the job, which succeeds once every disk is served.
+    let a = post(&base, "/api/v1/vms/v1/failover/test", Some(&admin), None);
+    assert_eq!(a.status, 202, "{}", a.body);
+    let started = a.json();
+    let job = started["job"].as_i64().expect("job");
+    assert_eq!(
+        started["exports"].as_array().map(Vec::len),
+        Some(2),
+        "{started}"
+    );
+    let j = job_succeeds(&dd, &base, &ro, job);
+    assert_eq!(j["kind"], "test-failover");
+    assert!(
+        j["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("v1.d1.test"),
+        "{j}"
+    );
+    let test_uri = g.uri("v1.d1.test");
+    let info = run_stdout(Command::new(&nbdinfo).args(["--size", &test_uri]));
+    assert_eq!(info.trim(), (8u64 << 20).to_string());
+    // Writable (an overlay), the replica untouched.
+    run(Command::new(&qemu_img)
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(t.path().join("back.img"))
+        .arg(&test_uri));
+    // A second one is refused; a detach of its export too.
+    post(&base, "/api/v1/vms/v1/failover/test", Some(&admin), None).assert_error(409, "conflict");
+    post(
+        &base,
+        "/api/v1/attachments/v1.d1.test/detach",
+        Some(&admin),
+        None,
+    )
+    .assert_error(409, "conflict");
+    let a = post(&base, "/api/v1/vms/v1/failover/cleanup", Some(&admin), None);
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["exports"].as_array().map(Vec::len), Some(2));
+    let o = Command::new(&nbdinfo).arg(&test_uri).output().unwrap();
+    assert!(
+        !o.status.success(),
+        "test export still served after cleanup"
+    );
+    assert!(
+        !dd.join("failover/v1/test/d1").exists(),
+        "overlay left behind"
+    );
+
+    // Planned failover on the primary: 202 with the job; it succeeds after a final cycle and
+    // the VM is no longer protected here.
+    let a = post(&base, "/api/v1/vms/v1/failover/prepare", Some(&admin), None);
+    assert_eq!(a.status, 202, "{}", a.body);
+    let job = a.json()["job"].as_i64().expect("job");
+    let j = job_succeeds(&dd, &base, &ro, job);
+    assert_eq!(j["kind"], "failover-prepare");
+    assert!(
+        j["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("final point"),
+        "{j}"
+    );
+    get(&base, "/api/v1/vms/v1", Some(&ro)).assert_error(404, "not_found");
     g.stop();
 }
 

@@ -7,7 +7,9 @@
 //! console and seeing it reach Protected; the API's error for a refused action shown on the
 //! page; the VM view (state, health, RPO, recovery points timeline); a resync started from the
 //! console and its job seen finishing in the Jobs tab, with its steps; unprotect behind a
-//! confirmation dialog (cancel changes nothing, confirm unprotects).
+//! confirmation dialog (cancel changes nothing, confirm unprotects); a test failover started
+//! from the VM view behind a confirmation, its job seen finishing and its export served
+//! (nbdinfo), then its cleanup.
 //!
 //! Screenshots (PNG) are saved under `target/console-screenshots/` as test artifacts.
 
@@ -490,6 +492,68 @@ fn console_in_a_headless_browser() {
     );
     assert!(steps.as_u64() >= Some(1), "the job's steps: {steps}");
 
+    // A test failover from the console, behind a confirmation; its job finishes and the test
+    // export is served; then its cleanup.
+    b.go(&format!("{base}/console/#/vms/v1"));
+    b.wait_text("#vm-state", "state", Duration::from_secs(10), |s| {
+        s.starts_with("Protected")
+    });
+    b.click("#test-failover");
+    b.find("#confirm[open]");
+    assert!(b.text("#confirm-text").contains("VM v1"));
+    b.screenshot("05-confirm-test-failover");
+    b.click("#confirm-ok");
+    let notice = b.wait_text(
+        "#notice",
+        "test failover notice",
+        Duration::from_secs(30),
+        |s| s.contains("test failover from point"),
+    );
+    assert_eq!(b.text("#action-error"), "");
+    let job = notice
+        .split("job #")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("job id in {notice:?}"))
+        .to_string();
+    b.go(&format!("{base}/console/#/jobs/{job}"));
+    b.wait_text(
+        "#job-state",
+        "test failover job",
+        Duration::from_secs(60),
+        |s| s == "succeeded",
+    );
+    assert!(b.text("#live").contains("test-failover"));
+    b.screenshot("06-test-failover-job");
+    let nbdinfo = standby_e2e::require_tool("nbdinfo");
+    let o = Command::new(&nbdinfo)
+        .args(["--size", &g.uri("v1.d1.test")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "the test export is served");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        (8u64 << 20).to_string()
+    );
+    b.go(&format!("{base}/console/#/vms/v1"));
+    b.wait_text(
+        "#live",
+        "the test export on the VM view",
+        Duration::from_secs(10),
+        |s| s.contains("v1.d1.test"),
+    );
+    b.click("#test-cleanup");
+    b.find("#confirm[open]");
+    b.click("#confirm-ok");
+    b.wait_text("#notice", "cleanup notice", Duration::from_secs(30), |s| {
+        s.contains("test failover removed")
+    });
+    let o = Command::new(&nbdinfo)
+        .arg(g.uri("v1.d1.test"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "the test export is gone after cleanup");
+
     // Unprotect needs a confirmation: cancel changes nothing; confirm unprotects.
     b.go(&format!("{base}/console/#/vms/v1"));
     b.wait_text("#vm-state", "state", Duration::from_secs(10), |s| {
@@ -498,7 +562,7 @@ fn console_in_a_headless_browser() {
     b.click("#unprotect");
     b.find("#confirm[open]");
     assert!(b.text("#confirm-text").contains("Stop protecting VM v1"));
-    b.screenshot("05-confirm-unprotect");
+    b.screenshot("07-confirm-unprotect");
     b.click("#confirm-cancel");
     b.wait_text("#notice", "cancel notice", Duration::from_secs(10), |s| {
         s.contains("cancelled")
@@ -533,7 +597,7 @@ fn console_in_a_headless_browser() {
     b.wait_text("#live", "store info", Duration::from_secs(10), |s| {
         s.contains("Recovery points per VM") && s.contains("Replication policy")
     });
-    b.screenshot("06-store");
+    b.screenshot("08-store");
 
     // Signing out forgets the token.
     b.click("#logout");

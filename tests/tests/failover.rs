@@ -160,7 +160,7 @@ fn test_failover_boots_the_replica_and_leaves_the_store_untouched() {
         .args(["policy", "set", "--failover-command"])
         .arg(qemu_cmd("{disk0}", &serial)));
     let store_before = store_listing(&dd);
-    let out = run_stdout(standby(&dd).args(["failover", "vm", "--test"]));
+    let out = run_stdout(standby(&dd).args(["failover", "test", "vm"]));
     assert!(out.contains("VM launched"), "{out}");
     let console = wait_for(
         &dd,
@@ -218,7 +218,7 @@ fn test_failover_boots_the_replica_and_leaves_the_store_untouched() {
     );
     m.stop_ok();
 
-    run(standby(&dd).args(["failover", "vm", "--test-cleanup"]));
+    run(standby(&dd).args(["failover", "cleanup", "vm"]));
     assert!(
         !dd.join("failover/vm/test/boot").exists(),
         "overlay left behind"
@@ -228,10 +228,11 @@ fn test_failover_boots_the_replica_and_leaves_the_store_untouched() {
         .output()
         .unwrap();
     assert!(!o.status.success(), "export still served after cleanup");
-    let j = jobs(&dd);
+    let kinds = succeeded_job_kinds(&dd);
     assert!(
-        j.contains("test-failover") && j.contains("test-failover-cleanup"),
-        "{j}"
+        kinds.iter().any(|k| k == "test-failover")
+            && kinds.iter().any(|k| k == "test-failover-cleanup"),
+        "{kinds:?}"
     );
     g.stop();
 }
@@ -304,7 +305,7 @@ fn attach_serves_points_read_only_or_through_an_overlay() {
     );
     fails(standby(&dd).args(["detach", "nothing"]), "not attached");
     fails(
-        standby(&dd).args(["failover", "vm", "--test-cleanup"]),
+        standby(&dd).args(["failover", "cleanup", "vm"]),
         "no test failover",
     );
     fails(
@@ -313,7 +314,7 @@ fn attach_serves_points_read_only_or_through_an_overlay() {
     );
     // Failing over onto the gateway that still has the disk is refused.
     fails(
-        standby(&dd).args(["failover", "vm"]),
+        standby(&dd).args(["failover", "start", "vm"]),
         "exists on this gateway",
     );
     g.stop();
@@ -324,6 +325,20 @@ fn export_point(dd: &Path, p: &str) -> Vec<u8> {
     export(dd, p, "d", &out)
 }
 
+/// Kinds of the succeeded jobs, from `standby jobs --json` (the API's field names).
+fn succeeded_job_kinds(dd: &Path) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(&run_stdout(
+        standby(dd).args(["jobs", "--limit", "500", "--json"]),
+    ))
+    .expect("jobs --json");
+    v.as_array()
+        .expect("a list of jobs")
+        .iter()
+        .filter(|j| j["state"] == "succeeded")
+        .filter_map(|j| j["kind"].as_str().map(str::to_string))
+        .collect()
+}
+
 fn fails(cmd: &mut Command, needle: &str) {
     let o = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -332,6 +347,75 @@ fn fails(cmd: &mut Command, needle: &str) {
         err.contains(needle),
         "{cmd:?}: expected {needle:?} in {err}"
     );
+}
+
+/// The CLI's syntax and errors: subcommands before the VM (a VM named `commit` or `test` is a
+/// VM), a refused request writes nothing (no job), and an OS error is printed once.
+#[test]
+fn failover_cli_syntax_and_errors() {
+    let t = test_dir("failover_cli");
+    let dd = t.path().join("dd");
+    run(standby(&dd).args(["disk", "create", "d", "--size", "1M"]));
+    fails(
+        standby(&dd).args(["failover", "cleanup", "commit"]),
+        "VM commit has no test failover",
+    );
+    fails(
+        standby(&dd).args(["failover", "commit", "test"]),
+        "VM test has no failover to commit",
+    );
+    fails(
+        standby(&dd).args(["failover", "prepare", "commit"]),
+        "not protected",
+    );
+    fails(standby(&dd).args(["failover", "start", "../x"]), "VM name");
+    fails(
+        standby(&dd).args(["failover", "vm"]),
+        "unrecognized subcommand",
+    );
+    let jobs: serde_json::Value =
+        serde_json::from_str(&run_stdout(standby(&dd).args(["jobs", "--json"]))).unwrap();
+    assert_eq!(
+        jobs,
+        serde_json::json!([]),
+        "a refused request starts no job"
+    );
+    // Long store commands report progress on stderr (plain lines off a terminal); stdout keeps
+    // the result alone.
+    run(standby(&dd).args(["store", "init"]));
+    let img = t.path().join("d.img");
+    standby_e2e::random_file(&img, 1 << 20, 3);
+    let o = standby(&dd)
+        .args(["store", "import", "vm/d"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("import vm/d: started")
+            && err.contains("import vm/d: finished (1.0 MiB of 1.0 MiB (100%))"),
+        "{err}"
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !out.contains("started") && out.contains("published"),
+        "{out}"
+    );
+    let o = standby(&dd).args(["store", "verify"]).output().unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("store verify: read: finished"));
+    std::fs::remove_file(dd.join("replica-store.toml")).unwrap();
+    // A store location that cannot be read: the OS error appears once.
+    std::fs::create_dir_all(dd.join("replica-store.toml")).unwrap();
+    for args in [&["attach", "vm/d"][..], &["failover", "test", "vm"]] {
+        let o = standby(&dd).args(args).output().unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        let os = std::io::Error::from_raw_os_error(libc::EISDIR).to_string();
+        assert_eq!(err.matches(&os).count(), 1, "{args:?}: {err}");
+        assert!(err.contains("replica-store.toml"), "{err}");
+    }
 }
 
 /// mkfs.ext4 on a live disk through its FUSE file, files written through a loop device,
@@ -388,7 +472,9 @@ fn fuse_live_disk_to_replica_file_through_loop_mounts() {
     let g = Gateway::start(&dd, &[]);
     let since = id_now();
     synced_point(&dd, "vm", &since, T);
-    assert!(jobs(&dd).contains("delta-replication"));
+    assert!(succeeded_job_kinds(&dd)
+        .iter()
+        .any(|k| k == "delta-replication"));
     let m = FuseMount::start_with(&dd, &t.path().join("replicas"), &["--replicas-only"]);
     let lo = LoopDev::attach(&m.dir.join("replicas/vm/fs@latest"), true);
     let km = KernelMount::mount(&lo.0, &t.path().join("ro"), true);
@@ -440,7 +526,7 @@ fn failover_to_another_gateway_on_s3_then_reverse_replication() {
     wait_state(&primary, "vm", "Protected", T);
     w.random_writes(20); // carried by the final delta only
     drop(w.client);
-    let out = run_stdout(standby(&primary).args(["failover", "vm", "--prepare"]));
+    let out = run_stdout(standby(&primary).args(["failover", "prepare", "vm"]));
     assert!(out.contains("final changes replicated"), "{out}");
     let written = w.oracle.clone();
     g1.stop();
@@ -455,7 +541,7 @@ fn failover_to_another_gateway_on_s3_then_reverse_replication() {
     .unwrap();
     fast_policy(&recovery, "1s");
     let g2 = Gateway::start(&recovery, &[]);
-    let out = run_stdout(standby(&recovery).args(["failover", "vm"]));
+    let out = run_stdout(standby(&recovery).args(["failover", "start", "vm"]));
     assert!(
         out.contains("failed over") && out.contains("hydrating"),
         "{out}"

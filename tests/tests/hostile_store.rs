@@ -96,11 +96,11 @@ fn crafted_point_cannot_escape_the_data_directory_or_stop_failover() {
     run(standby(&dd).args(["store", "gc", "--grace", "0s"]));
 
     let g = Gateway::start(&dd, &[]);
-    let out = run_stdout(standby(&dd).args(["failover", "vm", "--test", "--no-launch"]));
+    let out = run_stdout(standby(&dd).args(["failover", "test", "vm", "--no-launch"]));
     assert!(!out.contains(&evil.id), "{out}");
     assert!(out.contains("nbd://"), "{out}");
     assert!(dd.join("failover/vm/test/os").is_dir());
-    run(standby(&dd).args(["failover", "vm", "--test-cleanup"]));
+    run(standby(&dd).args(["failover", "cleanup", "vm"]));
     assert_eq!(std::fs::read(sentinel.join("keep")).unwrap(), b"admin data");
     drop(g);
 }
@@ -120,7 +120,7 @@ fn failover_command_values_are_arguments_not_shell() {
     let out = run_stdout(
         standby(&dd)
             .current_dir(t.path())
-            .args(["failover", "vm", "--test"]),
+            .args(["failover", "test", "vm"]),
     );
     assert!(out.contains("VM launched"), "{out}");
     let ran = dd.join("failover/vm/test/ran-vm");
@@ -131,7 +131,7 @@ fn failover_command_values_are_arguments_not_shell() {
     assert!(!t.path().join("INJECTED").exists(), "the shell ran $(…)");
     // The values are in the environment too.
     assert!(dd.join("failover/vm/test/env-vm").exists());
-    run(standby(&dd).args(["failover", "vm", "--test-cleanup"]));
+    run(standby(&dd).args(["failover", "cleanup", "vm"]));
     drop(g);
 }
 
@@ -155,7 +155,7 @@ fn store_rollback_is_detected() {
     let err = stderr_of(standby(&dd).args(["points", "list", "vm"]));
     assert!(err.contains("went back in time"), "{err}");
     let o = standby(&dd)
-        .args(["failover", "vm", "--test", "--no-launch"])
+        .args(["failover", "test", "vm", "--no-launch"])
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
@@ -167,12 +167,12 @@ fn store_rollback_is_detected() {
     let g = Gateway::start(&dd, &[]);
     let out = run_stdout(standby(&dd).args([
         "failover",
+        "test",
         "vm",
-        "--test",
         "--no-launch",
         "--accept-store-rollback",
     ]));
     assert!(out.contains("test failover"), "{out}");
-    run(standby(&dd).args(["failover", "vm", "--test-cleanup"]));
+    run(standby(&dd).args(["failover", "cleanup", "vm"]));
     drop(g);
 }

@@ -8,11 +8,11 @@ alternated within each round (A B A B ..., order reversed every other round):
   rto   For each size in SIZES_GIB: a sparse disk (`standby disk create boot --size NG`) holding
         only the 64 MiB boot image of tests/bootimg (written through NBD with `qemu-img convert
         -n`), protected in a local store. Measured:
-          (a) `standby failover vm --test --no-launch`, then `qemu-io -r -c 'read 0 4k'` on the
+          (a) `standby failover test vm --no-launch`, then `qemu-io -r -c 'read 0 4k'` on the
               test export: wall time from the command's start to the read's completion;
-          (b) `standby failover vm --test` launching qemu (TCG) on the export: wall time from the
+          (b) `standby failover test vm` launching qemu (TCG) on the export: wall time from the
               command's start to `STANDBY-MARKER` in the serial file;
-        each followed by `standby failover vm --test-cleanup`. Peer: `restic restore` of the same
+        each followed by `standby failover cleanup vm`. Peer: `restic restore` of the same
         disk image (repository on the same local disk) into a file, then qemu booted from that
         file: restore + boot to the marker. Floor: qemu booted from the 64 MiB boot image file.
   read  A READ_GIB disk whose first DATA_GIB hold random data (rest zeros), protected in a local
@@ -372,7 +372,7 @@ class StandbyRto:
         sb = self.sb
         drop_caches()
         t0 = time.monotonic()
-        out = sb.run("failover", "vm", "--test", "--no-launch")
+        out = sb.run("failover", "test", "vm", "--no-launch")
         t_cmd = time.monotonic() - t0
         try:
             run("qemu-io", "-r", "-f", "raw", "-c", "read 0 4k", sb.uri("vm.boot.test"))
@@ -390,7 +390,7 @@ class StandbyRto:
             os.remove(self.serial)
         drop_caches()
         t0 = time.monotonic()
-        out = sb.run("failover", "vm", "--test")
+        out = sb.run("failover", "test", "vm")
         try:
             if "VM launched" not in out:
                 raise RuntimeError(f"no 'VM launched' in: {out}")
@@ -406,7 +406,7 @@ class StandbyRto:
 
     def _cleanup(self):
         t0 = time.monotonic()
-        self.sb.run("failover", "vm", "--test-cleanup")
+        self.sb.run("failover", "cleanup", "vm")
         self.cleanup.append(time.monotonic() - t0)
 
     def stop(self):
@@ -521,8 +521,8 @@ def bench_rto(bin_, work):
         print(f"| restic restore, then qemu from the file | {gib} GiB | not run | not run | |")
     print(f"| qemu from the 64 MiB boot image file (no recovery; floor) | 64 MiB | | {fmt_s(fl)} | |")
     print()
-    print(f"Medians of {ROUNDS}. First read: `standby failover vm --test --no-launch` started → "
-          "`qemu-io -r -c 'read 0 4k'` on the test export done. Boot: `standby failover vm --test` started "
+    print(f"Medians of {ROUNDS}. First read: `standby failover test vm --no-launch` started → "
+          "`qemu-io -r -c 'read 0 4k'` on the test export done. Boot: `standby failover test vm` started "
           "(the failover command is the qemu command) → marker in the serial file. "
           "restic: `restic restore latest` started → file restored (column 3) → marker (column 4).\n")
     if len(SIZES_GIB) >= 2:
@@ -545,7 +545,7 @@ def bench_rto(bin_, work):
     for gib in SIZES_GIB:
         s = sbs[gib]
         print(f"- runs standby {gib} GiB (s): first read {runs(s.a)}; boot {runs(s.b)}; \"disks served in\" "
-              f"{runs(s.served)}; `--test-cleanup` {runs(s.cleanup)}; protect → Protected {s.protect_s:.1f}")
+              f"{runs(s.served)}; `failover cleanup` {runs(s.cleanup)}; protect → Protected {s.protect_s:.1f}")
     for gib in rcs:
         rc = rcs[gib]
         print(f"- runs restic {gib} GiB (s): restore {runs(rc.restore)}; restore + boot {runs(rc.total)}")

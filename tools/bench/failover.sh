@@ -4,9 +4,9 @@
 # Prints one Markdown table per benchmark:
 #   1. RTO of a sparse disk (SIZES_GIB, default 2 and 20 GiB) holding only the 64 MiB boot image
 #      of tests/bootimg at its start, protected in a local store:
-#      (a) `standby failover vm --test --no-launch` started -> first 4 KiB read from the export;
-#      (b) `standby failover vm --test` (failover command: qemu, TCG) -> `STANDBY-MARKER` on the
-#          guest's serial console; then `--test-cleanup`;
+#      (a) `standby failover test vm --no-launch` started -> first 4 KiB read from the export;
+#      (b) `standby failover test vm` (failover command: qemu, TCG) -> `STANDBY-MARKER` on the
+#          guest's serial console; then `failover cleanup`;
 #      vs `restic restore` of the same disk image into a file + qemu booted from it, and qemu booted
 #      from the boot image file itself (floor);
 #   2. sequential read (`nbdcopy URI null:`) of a READ_GIB disk holding DATA_GIB of random data:

@@ -336,7 +336,8 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
             Ok(())
         }
         StoreCommand::Verify { point } => {
-            let report = gateway::site::verify_store(data_dir, point.as_deref()).await?;
+            let work = gateway::site::verify_store(data_dir, point.as_deref());
+            let report = crate::progress::around("store verify: read", None, "rchar", work).await?;
             println!(
                 "checked {} points, {} chunks ({})",
                 report.points_checked,
@@ -372,14 +373,13 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
         }
         StoreCommand::Gc { dry_run, grace } => {
             let store = open_store(data_dir).await?;
-            let r = store
-                .gc(GcOptions {
-                    grace: parse_duration(&grace)?,
-                    dry_run,
-                    fossil_delay: None,
-                    now: None,
-                })
-                .await?;
+            let work = store.gc(GcOptions {
+                grace: parse_duration(&grace)?,
+                dry_run,
+                fossil_delay: None,
+                now: None,
+            });
+            let r = crate::progress::around("store gc: read", None, "rchar", work).await?;
             let verb = if dry_run { "would move" } else { "moved" };
             println!(
                 "{} points reference {} chunks; {} chunk objects listed, {} young unreferenced kept",
@@ -446,13 +446,15 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
                 other => bail!("unknown consistency {other:?} (crash or app)"),
             });
             for (disk, image) in &pairs {
-                let st = replica_store::import_disk(
+                let work = replica_store::import_disk(
                     &mut b,
                     disk,
                     image,
                     replica_store::image::DEFAULT_CONCURRENCY,
-                )
-                .await?;
+                );
+                let size = std::fs::metadata(image).ok().map(|m| m.len());
+                let label = format!("import {vm}/{disk}");
+                let st = crate::progress::around(&label, size, "rchar", work).await?;
                 let secs = st.elapsed.as_secs_f64().max(1e-9);
                 println!(
                     "{vm}/{disk}: {} in {:.2}s ({:.0} MB/s): {} chunks uploaded ({}), {} already stored, {} zero",
@@ -485,14 +487,16 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
                         .join(", ")
                 ),
             };
-            let n = replica_store::export_disk(
+            let work = replica_store::export_disk(
                 &store,
                 &meta,
                 &disk,
                 &file,
                 replica_store::image::DEFAULT_CONCURRENCY,
-            )
-            .await?;
+            );
+            let size = meta.disk(&disk).ok().map(|d| d.size);
+            let label = format!("export {}:{disk}", meta.full_id());
+            let n = crate::progress::around(&label, size, "wchar", work).await?;
             println!(
                 "exported {}:{} to {} ({} of data, {} disk size)",
                 meta.full_id(),

@@ -7,6 +7,7 @@ mod cmd_repl;
 mod cmd_store;
 mod cmd_token;
 mod launch;
+mod progress;
 mod store_seen;
 
 use std::path::{Path, PathBuf};
@@ -97,31 +98,12 @@ enum Command {
     Attach(cmd_failover::AttachArgs),
     /// Stop serving an attached recovery point.
     Detach { export: String },
-    /// Test failover, failover, or `failover commit VM`.
-    Failover(FailoverCommand),
+    /// Failover: `test`, `cleanup`, `prepare`, `start`, `commit` (then the VM).
+    #[command(subcommand)]
+    Failover(cmd_failover::FailoverCommand),
     /// API tokens for the HTTP API and /metrics: create, list, revoke.
     #[command(subcommand)]
     Token(cmd_token::TokenCommand),
-}
-
-#[derive(clap::Args)]
-#[command(args_conflicts_with_subcommands = true)]
-struct FailoverCommand {
-    #[command(subcommand)]
-    sub: Option<FailoverSub>,
-    #[command(flatten)]
-    args: Option<cmd_failover::FailoverArgs>,
-}
-
-#[derive(Subcommand)]
-enum FailoverSub {
-    /// Wait until the failed-over disks are hydrated, then make them local disks.
-    Commit {
-        vm: String,
-        /// Seconds to wait for hydration.
-        #[arg(long, default_value_t = 3600)]
-        wait: u64,
-    },
 }
 
 #[derive(clap::Args)]
@@ -250,10 +232,28 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("standby: error: {e:#}");
+            eprintln!("standby: error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once: many messages already end with their cause (`cannot
+/// read FILE: Permission denied (os error 13)`, from `{source}` in the message), and anyhow's
+/// `{:#}` would print that cause a second time. A cause whose text the line already holds is
+/// left out.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if text.is_empty() {
+            text = c;
+        } else if !c.is_empty() && !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -276,11 +276,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Attach(a) => runtime()?.block_on(cmd_failover::attach(&dd, a)),
         Command::Detach { export } => cmd_failover::detach(&dd, &export),
         Command::Token(cmd) => cmd_token::run(&dd, cmd),
-        Command::Failover(FailoverCommand { sub, args }) => match (sub, args) {
-            (Some(FailoverSub::Commit { vm, wait }), _) => cmd_failover::commit(&dd, &vm, wait),
-            (None, Some(a)) => runtime()?.block_on(cmd_failover::failover(&dd, a)),
-            (None, None) => anyhow::bail!("give a VM (see `standby failover --help`)"),
-        },
+        Command::Failover(cmd) => runtime()?.block_on(cmd_failover::failover(&dd, cmd)),
     }
 }
 
@@ -381,4 +377,45 @@ fn disk(dd: &DataDir, cmd: DiskCommand) -> Result<()> {
 
 fn image_size(p: &Path) -> Option<u64> {
     std::fs::metadata(p).ok().map(|m| m.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[derive(Debug)]
+    struct Read(std::io::Error);
+
+    impl std::fmt::Display for Read {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot read x.toml: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Read {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(libc::EACCES);
+        let os = io.to_string();
+        let e = anyhow::Error::new(Read(io)).context("opening the store");
+        let t = error_text(&e);
+        assert_eq!(t.matches(&os).count(), 1, "{t}");
+        assert!(
+            t.starts_with("opening the store: cannot read x.toml: "),
+            "{t}"
+        );
+        // A cause not in the message is still shown.
+        let e = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::ENOENT))
+            .context("opening a");
+        let t = error_text(&e);
+        assert!(
+            t.starts_with("opening a: ") && t.contains("os error 2"),
+            "{t}"
+        );
+    }
 }

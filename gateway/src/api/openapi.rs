@@ -92,6 +92,23 @@ pub fn spec() -> Value {
                     "type": "object", "required": ["vm", "disks"], "additionalProperties": false,
                     "properties": {"vm": {"type": "string"}, "disks": {"type": "array", "items": {"type": "string"}}}
                 },
+                "AttachRequest": {
+                    "type": "object", "required": ["vm", "disk"], "additionalProperties": false,
+                    "properties": {
+                        "vm": {"type": "string"},
+                        "disk": {"type": "string"},
+                        "point": {"type": "string", "default": "latest", "description": "latest, app (newest app-consistent), a point id or its prefix, or a UTC time YYYY-MM-DDTHH:MM[:SS] (newest at or before it)"},
+                        "rw": {"type": "boolean", "default": false, "description": "writable through a local copy-on-write overlay"},
+                        "accept_store_rollback": {"type": "boolean", "default": false}
+                    }
+                },
+                "FailoverRequest": {
+                    "type": "object", "additionalProperties": false,
+                    "properties": {
+                        "point": {"type": "string", "default": "latest"},
+                        "accept_store_rollback": {"type": "boolean", "default": false}
+                    }
+                },
                 "ResyncRequest": {
                     "type": "object", "additionalProperties": false,
                     "properties": {"full": {"type": "boolean", "default": false}}
@@ -139,7 +156,16 @@ pub fn spec() -> Value {
                 "get": op("The site's replication policy", "the policy", &[]),
                 "post": action("Change the policy (all or nothing)", "200", "the new policy", Some(json!({"$ref": "#/components/schemas/PolicyChange"})))
             },
-            "/api/v1/attachments": {"get": op("Recovery points served as exports: attach, test failover, failover (with hydration)", "list of attachments", &[])},
+            "/api/v1/attachments": {
+                "get": op("Recovery points served as exports: attach, test failover, failover (with hydration)", "list of attachments", &[]),
+                "post": action("Attach a recovery point as an NBD export; answers once it is served, with its `uri`", "201", "attached", Some(json!({"$ref": "#/components/schemas/AttachRequest"})))
+            },
+            "/api/v1/attachments/{export}/detach": {"post": with_params(action("Stop serving an attached point (not a test failover's or failover's exports)", "200", "detached", None), path_param("export", "export name", "string"))},
+            "/api/v1/vms/{vm}/failover/test": {"post": with_params(action("Test failover: overlays and exports for every disk at one point (replication untouched; no VM is launched). Answers 202 with the job; GET /api/v1/jobs/{id} tells when the disks are served", "202", "started", Some(json!({"$ref": "#/components/schemas/FailoverRequest"}))), vm())},
+            "/api/v1/vms/{vm}/failover/cleanup": {"post": with_params(action("Remove a test failover: its exports and overlays (refused while a VM launched by the CLI runs on them)", "200", "removed", None), vm())},
+            "/api/v1/vms/{vm}/failover/prepare": {"post": with_params(action("Planned failover, on the primary, after the VM is shut down: replicate the last changes, then stop protecting it here. Answers 202 with the job", "202", "started", None), vm())},
+            "/api/v1/vms/{vm}/failover/start": {"post": with_params(action("Failover, on the recovery gateway: serve the VM's disks from a point, hydrate them into local images. Answers 202 with the job", "202", "started", Some(json!({"$ref": "#/components/schemas/FailoverRequest"}))), vm())},
+            "/api/v1/vms/{vm}/failover/commit": {"post": with_params(action("Commit a failover: once hydrated, the disks become local disks. Answers 202 with the job (it finishes when hydration does)", "202", "started", None), vm())},
             "/api/v1/store": {"get": op("The replica store: location, settings, chunks and bytes, points per VM", "store information", &[("503", "store not reachable")])},
             "/api/v1/store/verify": {"post": action("Verify a point or the whole store (re-read and re-hash chunks); answers when done, with `ok` and the problems found", "200", "verification report", Some(json!({"type": "object", "additionalProperties": false, "properties": {"point": {"type": "string", "description": "VM/ID, ID or VM/latest; none: the whole store"}}})))},
             "/metrics": {"get": op("Prometheus metrics (OpenMetrics text, see docs/metrics.md)", "metrics", &[])}

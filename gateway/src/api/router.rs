@@ -13,7 +13,7 @@ use axum::Router;
 
 use super::auth::{authenticate, require_admin};
 use super::error::ApiError;
-use super::handlers::{attachments, disks, jobs, metrics, points, policy, store, vms};
+use super::handlers::{attachments, disks, failover, jobs, metrics, points, policy, store, vms};
 use super::{openapi, ApiState};
 
 /// Every route: method and path (axum syntax, `{name}` for a parameter).
@@ -33,6 +33,13 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::GET, "/api/v1/policy"),
     (Method::POST, "/api/v1/policy"),
     (Method::GET, "/api/v1/attachments"),
+    (Method::POST, "/api/v1/attachments"),
+    (Method::POST, "/api/v1/attachments/{export}/detach"),
+    (Method::POST, "/api/v1/vms/{vm}/failover/test"),
+    (Method::POST, "/api/v1/vms/{vm}/failover/cleanup"),
+    (Method::POST, "/api/v1/vms/{vm}/failover/prepare"),
+    (Method::POST, "/api/v1/vms/{vm}/failover/start"),
+    (Method::POST, "/api/v1/vms/{vm}/failover/commit"),
     (Method::GET, "/api/v1/store"),
     (Method::POST, "/api/v1/store/verify"),
     (Method::GET, "/metrics"),
@@ -76,6 +83,16 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/vms/{vm}/resume", post(vms::resume))
         .route("/api/v1/policy", post(policy::set))
         .route("/api/v1/store/verify", post(store::verify))
+        .route("/api/v1/attachments", post(failover::attach))
+        .route(
+            "/api/v1/attachments/{export}/detach",
+            post(failover::detach),
+        )
+        .route("/api/v1/vms/{vm}/failover/test", post(failover::test))
+        .route("/api/v1/vms/{vm}/failover/cleanup", post(failover::cleanup))
+        .route("/api/v1/vms/{vm}/failover/prepare", post(failover::prepare))
+        .route("/api/v1/vms/{vm}/failover/start", post(failover::failover))
+        .route("/api/v1/vms/{vm}/failover/commit", post(failover::commit))
         .route_layer(from_fn(require_admin));
     reads
         .merge(actions)

@@ -5,6 +5,7 @@
 //! removes them, the gateway's engine ([`crate::replication::Engine`]) turns them into exports
 //! within a second and reports back (state `served`, hydration progress).
 
+pub mod actions;
 pub mod device;
 pub mod replica;
 

@@ -4,6 +4,7 @@
 
 pub mod attachments;
 pub mod disks;
+pub mod failover;
 pub mod jobs;
 pub mod metrics;
 pub mod points;

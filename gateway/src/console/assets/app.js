@@ -330,9 +330,32 @@ const vmPage = {
             return `VM ${x.vm} is no longer protected.`;
           });
         })),
+      el("h3", { id: "failover-title" }, "Test failover"),
+      el("div", { class: "actions", role: "group", "aria-labelledby": "failover-title" },
+        mk("test-failover", "Test failover…", null, async (b) => {
+          if (!(await confirmAction("Test failover", `Serve every disk of VM ${vm} from its newest recovery point, through local overlays (exports VM.DISK.test)? Replication continues; the store is only read. No VM is started from the console: boot one from the exports, then clean up.`, "Start test failover"))) {
+            notice("Test failover cancelled.");
+            return;
+          }
+          act(b, "Test failover", async () => {
+            const x = await api("POST", `/vms/${enc(vm)}/failover/test`, {});
+            return `VM ${x.vm}: test failover from point ${x.point} started (job #${x.job}): ${x.exports.map((e) => e[1]).join(", ")}.`;
+          });
+        }),
+        mk("test-cleanup", "Clean up test failover…", "danger", async (b) => {
+          if (!(await confirmAction("Clean up test failover", `Remove the test failover of VM ${vm}? Its exports stop and the writes made to them are discarded.`, "Clean up"))) {
+            notice("Cleanup cancelled.");
+            return;
+          }
+          act(b, "Cleanup", async () => {
+            const x = await api("POST", `/vms/${enc(vm)}/failover/cleanup`);
+            return `VM ${x.vm}: test failover removed (${x.exports.length} exports, job #${x.job}).`;
+          });
+        })),
       el("p", { class: "muted" },
-        "Test failover, failover and attach are not offered by the HTTP API yet: on the gateway host use ",
-        el("code", {}, `standby failover ${vm} --test`), " and ", el("code", {}, `standby failover ${vm} --test-cleanup`), "."));
+        "Failover to the recovery site and its commit: ",
+        el("code", {}, `standby failover start ${vm}`), " and ", el("code", {}, `standby failover commit ${vm}`),
+        " on the recovery gateway (or POST /api/v1/vms/VM/failover/start, /commit)."));
   },
   render: (r, { vm, points, jobs, attachments }) => {
     const prev = lastStates.get(vm.name);
