@@ -1271,22 +1271,20 @@ impl ChangeLog {
 
     /// Seals the retired segments on a thread of their own (inline if none can be started).
     fn seal_in_background(&self) {
-        {
-            let weak = Arc::downgrade(&self.sh);
-            let spawned = std::thread::Builder::new()
-                .name("hrl-seal".into())
-                .spawn(move || {
-                    let Some(sh) = weak.upgrade() else { return };
-                    let me = ChangeLog { sh };
-                    if let Err(e) = me.seal_retired() {
-                        error!(disk = %me.sh.name, "sealing a change-log segment failed: {e}");
-                    }
-                });
-            if let Err(e) = spawned {
-                warn!("cannot start the segment sealer thread ({e}); sealing inline");
-                if let Err(e) = self.seal_retired() {
-                    error!(disk = %self.sh.name, "sealing a change-log segment failed: {e}");
+        let weak = Arc::downgrade(&self.sh);
+        let spawned = std::thread::Builder::new()
+            .name("hrl-seal".into())
+            .spawn(move || {
+                let Some(sh) = weak.upgrade() else { return };
+                let me = ChangeLog { sh };
+                if let Err(e) = me.seal_retired() {
+                    error!(disk = %me.sh.name, "sealing a change-log segment failed: {e}");
                 }
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start the segment sealer thread ({e}); sealing inline");
+            if let Err(e) = self.seal_retired() {
+                error!(disk = %self.sh.name, "sealing a change-log segment failed: {e}");
             }
         }
     }
