@@ -7,7 +7,9 @@
 //! tokio's blocking pool, or inline when it cannot wait for the disk (page-cache reads, small
 //! writes to an untracked disk); there is no lock on the data path. Nothing that may block —
 //! the change log's locks, its condition variables, its state-file and segment syncs — runs on
-//! a runtime worker: every request to a tracked disk goes to the blocking pool. The image is also mapped into memory (see [`crate::mapped`]): large reads of
+//! a runtime worker: small writes to a tracked disk go to the disk's writer thread, which logs
+//! them in batches (see [`writer`]), every other request to a tracked disk goes to the
+//! blocking pool. The image is also mapped into memory (see [`crate::mapped`]): large reads of
 //! cached data can leave as ranges of it, which the NBD server's socket write copies in one
 //! go, and large writes are copied into it by the kernel.
 //!
@@ -39,6 +41,10 @@ use crate::changelog::extent::ExtentMap;
 use crate::changelog::format::{Kind, FLAG_FUA, FLAG_MAY_TRIM};
 use crate::changelog::{ChangeLog, DirtyMap, LogError, LogOptions, RecoveryReport};
 use crate::mapped::ImageMap;
+
+mod writer;
+
+use writer::Writer;
 
 /// Why a disk cannot be opened.
 #[derive(Debug, Error)]
@@ -74,6 +80,9 @@ struct Inner {
     tracking: RwLock<Option<Tracking>>,
     /// The image mapped for large reads and writes (`None` where it cannot be mapped).
     map: Option<Arc<ImageMap>>,
+    /// The writer thread for small tracked writes, started by the first one (`None` inside:
+    /// no thread could be started, the blocking pool does them).
+    writer: std::sync::OnceLock<Option<Writer>>,
 }
 
 struct Tracking {
@@ -258,6 +267,7 @@ impl Disk {
                 read_only,
                 dur,
                 tracking: RwLock::new(tracking),
+                writer: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -469,8 +479,30 @@ impl Disk {
     /// Writes `data` at `offset`; with `fua` the data is durable when this returns.
     pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
         self.check_writable(offset, data.len() as u64)?;
+        if !fua {
+            if let Some(w) = self.small_writer(data.len()) {
+                return w.submit(offset, data).await;
+            }
+        }
         let inner = Arc::clone(&self.inner);
         blocking(move || write_blocking(&inner, offset, &data, fua)).await
+    }
+
+    /// The disk's writer thread, for a write of `len` bytes without FUA to a tracked disk
+    /// that is logged with its data (below `extent_min`); `None` for any other write, and
+    /// while tracking is being switched or a cut taken (never waits for the lock).
+    fn small_writer(&self, len: usize) -> Option<&Writer> {
+        let small = match self.inner.tracking.try_read() {
+            Ok(g) => g.as_ref().is_some_and(|t| (len as u64) < t.extent_min),
+            Err(_) => false,
+        };
+        if !small {
+            return None;
+        }
+        self.inner
+            .writer
+            .get_or_init(|| Writer::start(&self.inner))
+            .as_ref()
     }
 
     /// A write without FUA of up to [`WRITE_NOW_MAX`] bytes to an untracked disk, done on the

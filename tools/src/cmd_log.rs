@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use gateway::changelog::format::{End, FLAG_FUA, FLAG_MAY_TRIM};
-use gateway::changelog::log::{is_locked, read_state, remove_log_dir};
+use gateway::changelog::log::{is_locked, read_state, remove_log_dir, ChainHealth};
 use gateway::changelog::segment::{inspect_file, list_segments, segment_path};
 use gateway::units::format_size;
 use gateway::DataDir;
@@ -167,7 +167,7 @@ fn verify(dd: &DataDir, disk: &str) -> Result<()> {
     let st = read_state(&dir)?;
     let (mut expect_seq, mut expect_lsn) = match &st {
         Some(s) => {
-            if s.state != "healthy" {
+            if s.state != ChainHealth::Healthy {
                 problems.push(format!("log state is {}: {}", s.state, s.reason));
             }
             (Some(s.first_seq), Some(s.first_lsn))

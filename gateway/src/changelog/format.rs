@@ -285,7 +285,9 @@ impl Record {
 pub enum End {
     /// A valid footer whose hash matches: the segment is sealed and intact.
     Sealed(Footer),
-    /// The bytes end exactly after the last whole record (an active segment, no torn tail).
+    /// The bytes end exactly after the last whole record, or only zeroes follow it to the
+    /// end (the zeroes an active segment is written ahead with): an active segment, no torn
+    /// tail.
     Open,
     /// Bytes after the last whole record that are not a valid record or footer: the cut
     /// point is `valid_len` and `reason` says what was found there.
@@ -409,7 +411,10 @@ fn decode_footer(b: &[u8], at: usize, count: u64, last_lsn: u64) -> Result<Foote
 }
 
 /// Decodes a whole segment. Never panics; an unusable header is an error, anything wrong
-/// after the header is reported as a cut ([`End::Torn`]) at the end of the last whole record.
+/// after the header is reported as a cut ([`End::Torn`]) at the end of the last whole record,
+/// except zeroes that run from a record boundary to the end of the bytes: the unwritten,
+/// zero-filled rest of an active segment ([`End::Open`]; a record never starts with a zero
+/// byte, its magic does not).
 pub fn decode_segment(b: &[u8]) -> Result<Decoded, HeaderError> {
     let header = decode_header(b)?;
     let mut records = Vec::new();
@@ -417,6 +422,11 @@ pub fn decode_segment(b: &[u8]) -> Result<Decoded, HeaderError> {
     let mut next_lsn = header.first_lsn;
     let end = loop {
         if at == b.len() {
+            break End::Open;
+        }
+        if b[at..].iter().all(|&x| x == 0) {
+            // The zeroes written ahead of the records of an active segment (see the log's
+            // `fill_ahead`): nothing was written from here on.
             break End::Open;
         }
         if b.len() - at >= 4 && b[at..at + 4] == FOOTER_MAGIC {

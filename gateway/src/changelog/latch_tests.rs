@@ -99,7 +99,10 @@ fn latches_on(target: Target) {
         "{:?}",
         log.state()
     );
-    assert_eq!(read_state(log.dir()).unwrap().unwrap().state, "broken");
+    assert_eq!(
+        read_state(log.dir()).unwrap().unwrap().state,
+        super::log::ChainHealth::Broken
+    );
     // A clean close cannot vouch for the image either.
     assert!(rt.block_on(d.close()).is_err());
     drop(log);
@@ -120,7 +123,10 @@ fn latches_on(target: Target) {
         d.write(0, vec![6u8; 4096], true).await.unwrap();
         d.flush().await.unwrap();
     });
-    assert_eq!(read_state(log.dir()).unwrap().unwrap().state, "healthy");
+    assert_eq!(
+        read_state(log.dir()).unwrap().unwrap().state,
+        super::log::ChainHealth::Healthy
+    );
 }
 
 #[test]

@@ -17,7 +17,9 @@
 //! * A record is appended to the active segment before its change reaches the image; records
 //!   are appended in LSN order (so the log file is always a contiguous prefix and the image
 //!   never holds a change the log lacks). Overlapping requests are serialized: for them log
-//!   order = image order = acknowledgement order.
+//!   order = image order = acknowledgement order. Small writes are logged in batches (one
+//!   `pwritev` per batch) by the disk's writer thread (`ChangeLog::record_writes`); the
+//!   active segment is written ahead with zeroes, which decoding reads as its end.
 //! * FLUSH (and FUA) fdatasync the unsealed log segments before the reply (the image too only
 //!   when an image-dependent record is pending); concurrent flushers share one sync round
 //!   (group commit). The image is made durable lazily by checkpoints, which record the redo

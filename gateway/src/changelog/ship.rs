@@ -277,7 +277,7 @@ mod tests {
         assert_eq!(log.state().label(), "broken");
         // Persistent: the state file says so too.
         let p = read_state(log.dir()).unwrap().unwrap();
-        assert_eq!(p.state, "broken", "{p:?}");
+        assert_eq!(p.state, crate::changelog::log::ChainHealth::Broken, "{p:?}");
     }
 
     #[test]

@@ -297,10 +297,11 @@ fn crashed_with_writes(f: &Fixture, n: u64, len: u64) -> (PathBuf, Vec<u64>) {
     for _ in 0..n {
         ends.push(ends.last().unwrap() + 40 + len);
     }
-    assert_eq!(
-        fs::metadata(&active.path).unwrap().len(),
-        *ends.last().unwrap()
-    );
+    // The records, then the zeroes the active segment is written ahead with.
+    let bytes = fs::read(&active.path).unwrap();
+    let total = *ends.last().unwrap() as usize;
+    assert!(bytes.len() > total, "{} bytes", bytes.len());
+    assert!(bytes[total..].iter().all(|&b| b == 0));
     (active.path, ends)
 }
 
@@ -505,7 +506,7 @@ fn overflow_keeps_writes_working() {
         LogState::Overflow { .. }
     ));
     let st = read_state(&f.log).unwrap().unwrap();
-    assert_eq!(st.state, "overflow");
+    assert_eq!(st.state, super::log::ChainHealth::Overflow);
 }
 
 #[test]
@@ -611,4 +612,139 @@ fn crash_with_unsealed_retired_segments_recovers() {
     assert!(rt.block_on(disk.read(0, SIZE as usize)).unwrap() == expect);
     rt.block_on(disk.close()).unwrap();
     assert!(replayed(&f) == expect);
+}
+
+/// The active segment is written ahead with zeroes (so a FLUSH's fdatasync does not change
+/// the file's size): its length stays put across small appends and syncs, a crash recovers
+/// every record without reporting a cut, and sealing cuts the zeroes off.
+#[test]
+fn active_segment_is_written_ahead_with_zeroes() {
+    let f = fixture(19);
+    let rt = rt();
+    let (disk, _) = open(&f, opts(1 << 20));
+    rt.block_on(disk.write(0, pattern(4096, 1), false)).unwrap();
+    let active = disk.change_log().unwrap().active_segment().unwrap();
+    let len = fs::metadata(&active.path).unwrap().len();
+    assert_eq!(len, 1 << 20, "written ahead up to the segment size");
+    for i in 1..8u64 {
+        rt.block_on(disk.write(i * 4096, pattern(4096, i as u8), false))
+            .unwrap();
+        rt.block_on(disk.flush()).unwrap();
+        assert_eq!(fs::metadata(&active.path).unwrap().len(), len);
+    }
+    let expect = rt.block_on(disk.read(0, SIZE as usize)).unwrap();
+    drop(disk); // crash: the zeroes stay
+    let (disk, report) = open(&f, opts(1 << 20));
+    assert_eq!(report.state, LogState::Healthy);
+    assert!(report.cut.is_none(), "{:?}", report.cut);
+    assert_eq!(report.last_lsn, 15);
+    assert!(rt.block_on(disk.read(0, SIZE as usize)).unwrap() == expect);
+    // Recovery sealed the old tail without its zeroes.
+    let sealed = disk.change_log().unwrap().sealed_segments();
+    let d = format::decode_segment(&fs::read(&sealed[0].path).unwrap()).unwrap();
+    assert!(matches!(d.end, format::End::Sealed(_)));
+    assert_eq!(d.records.len(), 15);
+    rt.block_on(disk.close()).unwrap();
+    drop(disk);
+    assert!(replayed(&f) == expect);
+}
+
+/// Clean shutdown seals every segment: one that lost its footer afterwards (its bytes after
+/// the last record now zeroes, or gone) breaks the chain.
+#[test]
+fn clean_log_whose_segment_lost_its_seal_is_broken() {
+    let f = fixture(20);
+    let segs = closed_log_with_segments(&f);
+    let p = &segs.last().unwrap().1;
+    let len = fs::metadata(p).unwrap().len();
+    let file = File::options().write(true).open(p).unwrap();
+    file.write_all_at(&[0u8; format::FOOTER_LEN], len - format::FOOTER_LEN as u64)
+        .unwrap();
+    drop(file);
+    assert_broken(
+        &reopened_state(&f),
+        "not sealed although the log was closed cleanly",
+    );
+}
+
+/// A batch of small writes (the disk's writer thread) is split at size rotations, keeps LSN
+/// order, gives every write its result, and replays to the image.
+#[test]
+fn record_writes_splits_at_rotation_and_replays() {
+    let f = fixture(21);
+    let rt = rt();
+    let (disk, _) = open(&f, opts(4096));
+    let log = disk.change_log().unwrap();
+    let image = OpenOptions::new().write(true).open(&f.image).unwrap();
+    let datas: Vec<Vec<u8>> = (0..12u64).map(|i| pattern(900 + i * 7, i as u8)).collect();
+    let writes: Vec<log::BatchWrite<'_>> = datas
+        .iter()
+        .enumerate()
+        .map(|(i, d)| log::BatchWrite {
+            offset: i as u64 * 4096,
+            data: d,
+            flags: 0,
+        })
+        .collect();
+    assert!(!log::overlaps(&writes, 12 * 4096, 4096));
+    assert!(log::overlaps(&writes, 4096 + 100, 1));
+    let mut applied = Vec::new();
+    let results = log.record_writes(&writes, |i| {
+        applied.push(i);
+        image.write_all_at(writes[i].data, writes[i].offset)
+    });
+    assert_eq!(applied, (0..12).collect::<Vec<_>>());
+    assert!(results.iter().all(|r| r.is_ok()));
+    assert_eq!(log.last_lsn(), 12);
+    log.wait_sealed().unwrap();
+    let segs = log.segments();
+    assert!(segs.len() >= 3, "{segs:?}");
+    for w in segs.windows(2) {
+        assert_eq!(w[1].first_lsn, w[0].last_lsn + 1);
+    }
+    let expect = rt.block_on(disk.read(0, SIZE as usize)).unwrap();
+    rt.block_on(disk.close()).unwrap();
+    drop(disk);
+    assert!(replayed(&f) == expect);
+}
+
+/// Small writes from many tasks go through the disk's writer thread in batches: overlapping
+/// ones keep log order = image order (the log replays to the image), FLUSH sees them.
+#[test]
+fn writer_thread_batches_concurrent_small_writes() {
+    let f = fixture(22);
+    let rt = rt();
+    let (disk, _) = open(&f, opts(16 << 10));
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for t in 0..32u64 {
+            let d = disk.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(100 + t);
+                for i in 0..40u64 {
+                    // A small region so that requests overlap often.
+                    let off = rng.gen_range(0..64u64) * 512;
+                    let len = rng.gen_range(1..9) * 512;
+                    d.write(off, pattern(len, (t * 41 + i) as u8), false)
+                        .await
+                        .unwrap();
+                    if i % 13 == 0 {
+                        d.flush().await.unwrap();
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let log = disk.change_log().unwrap();
+    assert_eq!(log.state(), LogState::Healthy);
+    let expect = rt.block_on(disk.read(0, SIZE as usize)).unwrap();
+    rt.block_on(disk.close()).unwrap();
+    drop(disk);
+    assert!(
+        replayed(&f) == expect,
+        "replayed log differs from the image"
+    );
 }

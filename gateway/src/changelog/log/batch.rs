@@ -1,0 +1,239 @@
+//! Batched small writes: [`ChangeLog::record_writes`] logs several write requests with one
+//! `pwritev` and applies them, for the disk's writer thread (see `crate::disk`'s `writer`).
+//!
+//! It is [`ChangeLog::record`] for many requests at once, with the same invariants:
+//!
+//! * **Ranges**: the batch's ranges are registered together, once no in-flight request
+//!   overlaps any of them ([`ChangeLog::begin_ranges`]). The caller never puts two
+//!   overlapping requests in one batch, so overlapping requests still reach log and image in
+//!   the same order.
+//! * **LSN order = file order**: under the append lock the batch reserves consecutive LSNs
+//!   and consecutive places in the active segment and writes them with one `pwritev` per
+//!   segment (a batch that does not fit is split at the rotation), so the log stays a
+//!   contiguous prefix.
+//! * **The image never holds a change the log lacks**: every record is appended before any
+//!   change of the batch is applied; the hot-extent rule runs per record before its change
+//!   (the first sync it needs covers the whole batch).
+//! * A change that cannot be applied after its record was logged breaks the chain, as in
+//!   `record`; every request gets its own result.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{lock, wait, ChangeLog, Inflight};
+use crate::changelog::format::{self, Kind, RecordHeader, RECORD_HEADER_LEN};
+use crate::changelog::segment::pwritev_all;
+
+/// One write of a batch: its place in the disk and its bytes (logged with the record).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchWrite<'a> {
+    pub offset: u64,
+    pub data: &'a [u8],
+    /// Record flags ([`format::FLAG_FUA`]).
+    pub flags: u8,
+}
+
+impl BatchWrite<'_> {
+    fn end(&self) -> u64 {
+        self.offset.saturating_add(self.data.len() as u64)
+    }
+
+    fn rec_len(&self) -> u64 {
+        (RECORD_HEADER_LEN + self.data.len()) as u64
+    }
+}
+
+/// Whether `[offset, offset + len)` overlaps a write already in `batch` (the caller then
+/// ends the batch before it).
+pub fn overlaps(batch: &[BatchWrite<'_>], offset: u64, len: u64) -> bool {
+    let end = offset.saturating_add(len);
+    batch
+        .iter()
+        .any(|w| w.offset < end && offset < w.end() && offset < end)
+}
+
+impl ChangeLog {
+    /// Logs `writes` (small writes, none overlapping another) and applies each with
+    /// `apply(i)`, which changes the image. Blocking: for the disk's writer thread. Returns
+    /// one result per write, in order (see the module documentation).
+    pub fn record_writes(
+        &self,
+        writes: &[BatchWrite<'_>],
+        mut apply: impl FnMut(usize) -> io::Result<()>,
+    ) -> Vec<io::Result<()>> {
+        if writes.is_empty() {
+            return Vec::new();
+        }
+        let total: u64 = writes.iter().map(BatchWrite::rec_len).sum();
+        let interval = self.sh.opts.space_check_interval.max(1);
+        let before = self.sh.appended.fetch_add(total, Ordering::Relaxed);
+        if before / interval != (before + total) / interval {
+            self.check_space();
+        }
+        let ids = match self.begin_ranges(writes) {
+            Ok(ids) => ids,
+            Err(e) => {
+                let code = e.raw_os_error().unwrap_or(libc::EIO);
+                return writes
+                    .iter()
+                    .map(|_| Err(io::Error::from_raw_os_error(code)))
+                    .collect();
+            }
+        };
+        let (lsns, rotated) = self.append_batch(writes);
+        let mut appended = 0;
+        for (w, lsn) in writes.iter().zip(&lsns) {
+            if let Some(lsn) = *lsn {
+                appended += w.rec_len();
+                self.guard_image_change(w.offset, w.data.len() as u64, lsn);
+            }
+        }
+        if appended > 0 {
+            self.note_appended(appended);
+        }
+        let mut out = Vec::with_capacity(writes.len());
+        for (i, (w, lsn)) in writes.iter().zip(&lsns).enumerate() {
+            let r = apply(i);
+            if let (Err(e), Some(_)) = (&r, lsn) {
+                self.mark_broken(format!(
+                    "a write at {}+{} was logged but could not be applied to the image: {e}",
+                    w.offset,
+                    w.data.len()
+                ));
+            }
+            out.push(r);
+        }
+        self.complete_many(&ids, &lsns);
+        if rotated {
+            self.seal_in_background();
+        }
+        self.persist_if_dirty();
+        out
+    }
+
+    /// Waits until no in-flight request overlaps any of `writes` and registers them all.
+    fn begin_ranges(&self, writes: &[BatchWrite<'_>]) -> io::Result<Vec<u64>> {
+        let mut st = lock(&self.sh.st);
+        loop {
+            if st.closed {
+                return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+            }
+            let busy = st.paused
+                || writes.iter().any(|w| {
+                    let (start, end) = (w.offset, w.end());
+                    start < end && st.inflight.iter().any(|i| i.start < end && start < i.end)
+                });
+            if !busy {
+                break;
+            }
+            st.range_waiters += 1;
+            st = wait(&self.sh.range_cv, st);
+            st.range_waiters -= 1;
+        }
+        let mut ids = Vec::with_capacity(writes.len());
+        for w in writes {
+            let id = st.next_ticket;
+            st.next_ticket += 1;
+            st.inflight.push(Inflight {
+                id,
+                start: w.offset,
+                end: w.end(),
+            });
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// [`ChangeLog::complete`] for a batch, under one lock.
+    fn complete_many(&self, ids: &[u64], lsns: &[Option<u64>]) {
+        let mut st = lock(&self.sh.st);
+        st.inflight.retain(|i| !ids.contains(&i.id));
+        for lsn in lsns.iter().flatten().copied() {
+            if lsn == st.applied_upto.wrapping_add(1) {
+                let mut w = lsn;
+                while st.applied_done.remove(&(w + 1)) {
+                    w += 1;
+                }
+                st.applied_upto = w;
+            } else {
+                st.applied_done.insert(lsn);
+            }
+        }
+        if st.range_waiters > 0 {
+            self.sh.range_cv.notify_all();
+        }
+    }
+
+    /// Reserves consecutive LSNs and places for `writes` and writes them, one `pwritev` per
+    /// segment, under the append lock. Returns each write's LSN (None when the log is not
+    /// recording) and whether the active segment was rotated.
+    fn append_batch(&self, writes: &[BatchWrite<'_>]) -> (Vec<Option<u64>>, bool) {
+        let n = writes.len();
+        let mut lsns = vec![None; n];
+        if !self.sh.logging.load(Ordering::Acquire) {
+            return (lsns, false);
+        }
+        let seg_size = self.sh.opts.segment_size;
+        let mut ap = lock(&self.sh.ap);
+        let mut rotated = false;
+        let mut headers: Vec<[u8; RECORD_HEADER_LEN]> = Vec::with_capacity(n);
+        let mut i = 0;
+        while i < n && self.sh.logging.load(Ordering::Acquire) {
+            let full = ap
+                .active
+                .as_ref()
+                .is_some_and(|a| a.count > 0 && a.pos + writes[i].rec_len() > seg_size);
+            if full {
+                match self.rotate_locked(&mut ap) {
+                    Ok(()) => rotated = true,
+                    Err(e) => {
+                        self.degrade(&e, "cannot start a new log segment");
+                        break;
+                    }
+                }
+            }
+            let mut next_lsn = ap.next_lsn;
+            let Some(a) = ap.active.as_mut() else { break };
+            let start = a.pos;
+            let first = i;
+            headers.clear();
+            while i < n {
+                let w = &writes[i];
+                if a.count > 0 && a.pos + w.rec_len() > seg_size {
+                    break;
+                }
+                let h = RecordHeader {
+                    lsn: next_lsn,
+                    kind: Kind::Write,
+                    flags: w.flags,
+                    offset: w.offset,
+                    length: w.data.len() as u64,
+                    data_len: w.data.len() as u32,
+                };
+                headers.push(format::encode_record_header(&h, w.data));
+                lsns[i] = Some(next_lsn);
+                next_lsn += 1;
+                a.pos += w.rec_len();
+                a.count += 1;
+                i += 1;
+            }
+            let seg = Arc::clone(&a.seg);
+            ap.next_lsn = next_lsn;
+            let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * (i - first));
+            for (h, w) in headers.iter().zip(&writes[first..i]) {
+                bufs.push(h);
+                bufs.push(w.data);
+            }
+            match pwritev_all(&seg.file, &bufs, start) {
+                Ok(()) => {
+                    if let Some(a) = ap.active.as_mut().filter(|a| Arc::ptr_eq(&a.seg, &seg)) {
+                        a.fill_ahead(seg_size);
+                    }
+                }
+                Err(e) => self.degrade(&e, "cannot append to the change log"),
+            }
+        }
+        (lsns, rotated)
+    }
+}
