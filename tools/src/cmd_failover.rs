@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use gateway::failover::{is_overlay_dir, overlay_dir, OverlayKind};
-use gateway::replication::db::{Attachment, Db, Phase};
+use gateway::replication::db::{Attachment, AttachmentState, Db, JobKind, JobState, Phase};
 use gateway::replication::now_ms;
 use gateway::DataDir;
 use replica_store::{Consistency, PointMeta};
@@ -111,8 +111,10 @@ fn wait_served(db: &Db, exports: &[String], secs: u64) -> Result<()> {
         let mut all = true;
         for e in exports {
             match rows.iter().find(|r| &r.export == e) {
-                Some(r) if r.state == "error" => bail!("the gateway cannot serve {e}: {}", r.error),
-                Some(r) if r.state == "requested" => all = false,
+                Some(r) if r.state == AttachmentState::Error => {
+                    bail!("the gateway cannot serve {e}: {}", r.error)
+                }
+                Some(r) if r.state == AttachmentState::Requested => all = false,
                 Some(_) => {}
                 None => bail!("export {e} was removed meanwhile"),
             }
@@ -155,10 +157,10 @@ pub async fn attach(dd: &DataDir, a: AttachArgs) -> Result<()> {
         disk: disk.into(),
         point: p.id.clone(),
         rw: a.rw,
-        kind: "attach".into(),
+        kind: OverlayKind::Attach,
         dir: dir.display().to_string(),
         created_ms: now_ms(),
-        state: "requested".into(),
+        state: AttachmentState::Requested,
         error: String::new(),
         progress: 0.0,
         served_ms: None,
@@ -189,13 +191,13 @@ pub fn detach(dd: &DataDir, export: &str) -> Result<()> {
     let Some(row) = db.attachments()?.into_iter().find(|r| r.export == export) else {
         bail!("{export} is not attached (see `standby status`)");
     };
-    if row.kind != "attach" {
+    if row.kind != OverlayKind::Attach {
         bail!(
             "{export} belongs to a {} of VM {}: use `standby failover {} {}`",
             row.kind,
             row.vm,
             row.vm,
-            if row.kind == "test" {
+            if row.kind == OverlayKind::Test {
                 "--test-cleanup"
             } else {
                 "commit"
@@ -215,7 +217,11 @@ pub async fn failover(dd: &DataDir, a: FailoverArgs) -> Result<()> {
         return prepare(dd, &a).await;
     }
     let db = db(dd)?;
-    let kind = if a.test { "test" } else { "failover" };
+    let kind = if a.test {
+        OverlayKind::Test
+    } else {
+        OverlayKind::Failover
+    };
     if db
         .attachments()?
         .iter()
@@ -232,11 +238,18 @@ pub async fn failover(dd: &DataDir, a: FailoverArgs) -> Result<()> {
             }
         );
     }
-    let job = db.start_job(&a.vm, if a.test { "test-failover" } else { "failover" })?;
+    let job = db.start_job(
+        &a.vm,
+        if a.test {
+            JobKind::TestFailover
+        } else {
+            JobKind::Failover
+        },
+    )?;
     let r = failover_inner(dd, &db, &a, kind, job).await;
     match &r {
-        Ok(detail) => db.finish_job(job, "succeeded", detail, "")?,
-        Err(e) => db.finish_job(job, "failed", "", &format!("{e:#}"))?,
+        Ok(detail) => db.finish_job(job, JobState::Succeeded, detail, "")?,
+        Err(e) => db.finish_job(job, JobState::Failed, "", &format!("{e:#}"))?,
     }
     r.map(|d| println!("{d}"))
 }
@@ -245,7 +258,7 @@ async fn failover_inner(
     dd: &DataDir,
     db: &Db,
     a: &FailoverArgs,
-    kind: &str,
+    kind: OverlayKind,
     job: i64,
 ) -> Result<String> {
     db.step(job, "choose recovery point", &a.point)?;
@@ -253,7 +266,7 @@ async fn failover_inner(
     let store = open_store(dd.root()).await?;
     let points = checked_points(dd, &store, &a.vm, a.accept_store_rollback).await?;
     let p = pick_point(&points, &a.vm, &a.point)?;
-    if kind == "failover" {
+    if kind == OverlayKind::Failover {
         for d in &p.disks {
             if dd.disk(&d.name).is_ok() {
                 bail!(
@@ -270,18 +283,13 @@ async fn failover_inner(
     )?;
     let mut exports = Vec::new();
     for d in &p.disks {
-        let export = if kind == "test" {
+        let export = if kind == OverlayKind::Test {
             format!("{}.{}.test", a.vm, d.name)
         } else {
             d.name.clone()
         };
-        let okind = if kind == "test" {
-            OverlayKind::Test
-        } else {
-            OverlayKind::Failover
-        };
-        let dir = overlay_dir(dd.root(), &a.vm, okind, &d.name, None)?;
-        if kind == "test" && is_overlay_dir(dd.root(), &dir) {
+        let dir = overlay_dir(dd.root(), &a.vm, kind, &d.name, None)?;
+        if kind == OverlayKind::Test && is_overlay_dir(dd.root(), &dir) {
             let _ = std::fs::remove_dir_all(&dir);
         }
         db.add_attachment(&Attachment {
@@ -290,10 +298,10 @@ async fn failover_inner(
             disk: d.name.clone(),
             point: p.id.clone(),
             rw: true,
-            kind: kind.into(),
+            kind,
             dir: dir.display().to_string(),
             created_ms: now_ms(),
-            state: "requested".into(),
+            state: AttachmentState::Requested,
             error: String::new(),
             progress: 0.0,
             served_ms: None,
@@ -314,7 +322,7 @@ async fn failover_inner(
     let mut lines = vec![format!(
         "VM {} {} from point {} ({}, {}): disks served in {:.2} s",
         a.vm,
-        if kind == "test" {
+        if kind == OverlayKind::Test {
             "test failover"
         } else {
             "failed over"
@@ -330,7 +338,7 @@ async fn failover_inner(
     for (disk, export) in &exports {
         lines.push(format!("  {disk}: nbd://{addr}/{export}"));
     }
-    if kind == "test" {
+    if kind == OverlayKind::Test {
         let policy = db.policy()?;
         match (&policy.failover_command, a.no_launch) {
             (Some(cmd), false) => {
@@ -382,8 +390,8 @@ async fn failover_inner(
     Ok(lines.join("\n"))
 }
 
-/// The attachments of `kind` ("test", "failover") of one VM.
-fn vm_attachments(db: &Db, vm: &str, kind: &str) -> Result<Vec<Attachment>> {
+/// The attachments of `kind` of one VM.
+fn vm_attachments(db: &Db, vm: &str, kind: OverlayKind) -> Result<Vec<Attachment>> {
     Ok(db
         .attachments()?
         .into_iter()
@@ -393,11 +401,11 @@ fn vm_attachments(db: &Db, vm: &str, kind: &str) -> Result<Vec<Attachment>> {
 
 fn test_cleanup(dd: &DataDir, vm: &str) -> Result<()> {
     let db = db(dd)?;
-    let rows: Vec<Attachment> = vm_attachments(&db, vm, "test")?;
+    let rows: Vec<Attachment> = vm_attachments(&db, vm, OverlayKind::Test)?;
     if rows.is_empty() {
         bail!("VM {vm} has no test failover");
     }
-    let job = db.start_job(vm, "test-failover-cleanup")?;
+    let job = db.start_job(vm, JobKind::TestFailoverCleanup)?;
     for r in &rows {
         if let Some(pid) = r.pid {
             let started = db
@@ -436,7 +444,7 @@ fn test_cleanup(dd: &DataDir, vm: &str) -> Result<()> {
     }
     db.finish_job(
         job,
-        "succeeded",
+        JobState::Succeeded,
         &format!("{} exports removed", rows.len()),
         "",
     )?;
@@ -496,18 +504,18 @@ async fn prepare(dd: &DataDir, a: &FailoverArgs) -> Result<()> {
 
 pub fn commit(dd: &DataDir, vm: &str, wait: u64) -> Result<()> {
     let db = db(dd)?;
-    let rows: Vec<Attachment> = vm_attachments(&db, vm, "failover")?;
+    let rows: Vec<Attachment> = vm_attachments(&db, vm, OverlayKind::Failover)?;
     if rows.is_empty() {
         bail!("VM {vm} has no failover to commit");
     }
-    let job = db.start_job(vm, "failover-commit")?;
+    let job = db.start_job(vm, JobKind::FailoverCommit)?;
     db.step(job, "wait for hydration, adopt local images", "")?;
     for r in &rows {
-        db.set_attachment(&r.export, "commit", "", r.progress)?;
+        db.set_attachment(&r.export, AttachmentState::Commit, "", r.progress)?;
     }
     let deadline = Instant::now() + Duration::from_secs(wait);
     loop {
-        let left: Vec<Attachment> = vm_attachments(&db, vm, "failover")?;
+        let left: Vec<Attachment> = vm_attachments(&db, vm, OverlayKind::Failover)?;
         if left.is_empty() {
             break;
         }
@@ -519,7 +527,7 @@ pub fn commit(dd: &DataDir, vm: &str, wait: u64) -> Result<()> {
                 .join(", ");
             db.finish_job(
                 job,
-                "failed",
+                JobState::Failed,
                 "",
                 &format!("not committed within {wait} s: {msg}"),
             )?;
@@ -530,7 +538,7 @@ pub fn commit(dd: &DataDir, vm: &str, wait: u64) -> Result<()> {
     let names: Vec<String> = rows.iter().map(|r| r.export.clone()).collect();
     db.finish_job(
         job,
-        "succeeded",
+        JobState::Succeeded,
         &format!("disks {} are local", names.join(",")),
         "",
     )?;

@@ -5,15 +5,23 @@
 //! `status`, `jobs`, `resync`, `resume`, `policy`) reads and writes the same file, so the CLI
 //! works whether or not the gateway runs, and everything survives restarts. Each update is one
 //! transaction.
+//!
+//! Every state kept here is an enum ([`Phase`], [`JobKind`], [`JobState`], [`StepState`],
+//! [`CheckpointKind`], [`AttachmentState`], and the attachment kind
+//! [`crate::failover::replica::OverlayKind`]), declared with [`stored_enum!`]: its one string
+//! form is the column's value (unchanged since schema 1, so existing databases open as they
+//! are), the SQL binds it as a parameter, and JSON uses the same string. No code compares
+//! states as strings.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::policy::Policy;
+use super::retry::RetryState;
+use crate::failover::replica::OverlayKind;
 
 /// File name inside the data directory.
 pub const DB_FILE: &str = "replication.db";
@@ -38,48 +46,162 @@ pub enum DbError {
     Policy(String),
 }
 
-/// Protection state as stored (the percent lives in [`VmRow::progress`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Phase {
-    EnablingProtection,
-    InitialReplication,
-    FinalizeProtection,
-    Protected,
-    ResyncRequired,
-    Resyncing,
-    Critical,
+/// Declares an enum stored as a string: `as_str` / `parse` are its one conversion, used by
+/// SQLite (`ToSql` / `FromSql`), JSON (`Serialize` / `Deserialize`) and `Display`.
+macro_rules! stored_enum {
+    ($(#[$m:meta])* $vis:vis enum $name:ident ($what:literal) {
+        $($(#[$vm:meta])* $v:ident = $s:literal),+ $(,)?
+    }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        $vis enum $name { $($(#[$vm])* $v),+ }
+
+        impl $name {
+            /// Every value.
+            pub const ALL: &'static [$name] = &[$($name::$v),+];
+
+            /// The stored form.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$v => $s),+ }
+            }
+
+            /// The value of a stored form.
+            pub fn parse(s: &str) -> Option<$name> {
+                match s { $($s => Some($name::$v),)+ _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+
+        impl rusqlite::types::ToSql for $name {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(rusqlite::types::ToSqlOutput::from(self.as_str()))
+            }
+        }
+
+        impl rusqlite::types::FromSql for $name {
+            fn column_result(
+                v: rusqlite::types::ValueRef<'_>,
+            ) -> rusqlite::types::FromSqlResult<Self> {
+                let s = v.as_str()?;
+                $name::parse(s).ok_or_else(|| {
+                    rusqlite::types::FromSqlError::Other(
+                        format!(
+                            "unknown {} {s:?} (written by a newer standby?)",
+                            $what
+                        )
+                        .into(),
+                    )
+                })
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                $name::parse(&s).ok_or_else(|| {
+                    serde::de::Error::custom(format!("unknown {} {s:?}", $what))
+                })
+            }
+        }
+    };
+}
+pub(crate) use stored_enum;
+
+stored_enum! {
+    /// Protection state as stored (the percent lives in [`VmRow::progress`]).
+    pub enum Phase("protection state") {
+        EnablingProtection = "EnablingProtection",
+        InitialReplication = "InitialReplication",
+        FinalizeProtection = "FinalizeProtection",
+        Protected = "Protected",
+        ResyncRequired = "ResyncRequired",
+        Resyncing = "Resyncing",
+        Critical = "Critical",
+    }
 }
 
-impl Phase {
-    pub fn as_str(self) -> &'static str {
+stored_enum! {
+    /// What a job does.
+    pub enum JobKind("job kind") {
+        EnableProtection = "enable-protection",
+        InitialReplication = "initial-replication",
+        FinalizeProtection = "finalize-protection",
+        DeltaReplication = "delta-replication",
+        Resync = "resync",
+        TestFailover = "test-failover",
+        TestFailoverCleanup = "test-failover-cleanup",
+        Failover = "failover",
+        FailoverPrepare = "failover-prepare",
+        FailoverCommit = "failover-commit",
+    }
+}
+
+stored_enum! {
+    /// Where a job is.
+    pub enum JobState("job state") {
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        /// The gateway stopped while it ran (it resumes in a new job).
+        Interrupted = "interrupted",
+    }
+}
+
+impl JobState {
+    /// The state a job's unfinished step takes when the job ends this way.
+    pub fn step_end(self) -> StepState {
         match self {
-            Phase::EnablingProtection => "EnablingProtection",
-            Phase::InitialReplication => "InitialReplication",
-            Phase::FinalizeProtection => "FinalizeProtection",
-            Phase::Protected => "Protected",
-            Phase::ResyncRequired => "ResyncRequired",
-            Phase::Resyncing => "Resyncing",
-            Phase::Critical => "Critical",
+            JobState::Running => StepState::Running,
+            JobState::Succeeded => StepState::Done,
+            JobState::Failed => StepState::Failed,
+            JobState::Interrupted => StepState::Interrupted,
         }
     }
+}
 
-    pub fn parse(s: &str) -> Option<Phase> {
-        Some(match s {
-            "EnablingProtection" => Phase::EnablingProtection,
-            "InitialReplication" => Phase::InitialReplication,
-            "FinalizeProtection" => Phase::FinalizeProtection,
-            "Protected" => Phase::Protected,
-            "ResyncRequired" => Phase::ResyncRequired,
-            "Resyncing" => Phase::Resyncing,
-            "Critical" => Phase::Critical,
-            _ => return None,
-        })
+stored_enum! {
+    /// Where a step of a job is.
+    pub enum StepState("step state") {
+        Running = "running",
+        Done = "done",
+        Failed = "failed",
+        Interrupted = "interrupted",
     }
 }
 
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+stored_enum! {
+    /// The long pass a [`Checkpoint`] resumes.
+    pub enum CheckpointKind("checkpoint kind") {
+        Initial = "initial",
+        Resync = "resync",
+    }
+}
+
+stored_enum! {
+    /// Where a served recovery point ([`Attachment`]) is. The CLI and API write `Requested`
+    /// and `Commit`; the engine the others.
+    pub enum AttachmentState("attachment state") {
+        /// Asked for; the engine has not served it yet.
+        Requested = "requested",
+        /// Served as an export (a failover disk: hydrating).
+        Served = "served",
+        /// A failover disk whose every chunk is local.
+        Hydrated = "hydrated",
+        /// Asked to adopt a hydrated failover disk as a local disk.
+        Commit = "commit",
+        /// The engine cannot serve it (`error` says why).
+        Error = "error",
     }
 }
 
@@ -111,6 +233,33 @@ pub struct VmRow {
     pub created_ms: u64,
 }
 
+impl VmRow {
+    /// The row's retry bookkeeping as [`RetryState`], the one place retry decisions are made
+    /// (the engine, `standby resume` and the API all go through it).
+    pub fn retry(&self) -> RetryState {
+        RetryState {
+            failures: self.failures,
+            last_error: (!self.last_error.is_empty()).then(|| self.last_error.clone()),
+            next_attempt: self
+                .next_retry_ms
+                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+            halted: self.phase == Phase::Critical,
+        }
+    }
+
+    /// Stores `r` in the row (whether the VM is halted is its phase, set by the caller with
+    /// the reason and the phase to resume).
+    pub fn set_retry(&mut self, r: &RetryState) {
+        self.failures = r.failures;
+        self.last_error = r.last_error.clone().unwrap_or_default();
+        self.next_retry_ms = r.next_attempt.map(|t| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)
+        });
+    }
+}
+
 /// Per-disk figures the gateway publishes for `standby status`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiskStat {
@@ -127,9 +276,8 @@ pub struct DiskStat {
 pub struct JobRow {
     pub id: i64,
     pub vm: String,
-    pub kind: String,
-    /// running, succeeded, failed, interrupted
-    pub state: String,
+    pub kind: JobKind,
+    pub state: JobState,
     pub created_ms: u64,
     pub finished_ms: Option<u64>,
     pub progress: f64,
@@ -144,7 +292,7 @@ pub struct StepRow {
     pub name: String,
     pub started_ms: u64,
     pub finished_ms: Option<u64>,
-    pub state: String,
+    pub state: StepState,
     pub detail: String,
 }
 
@@ -153,8 +301,7 @@ pub struct StepRow {
 pub struct Checkpoint {
     pub vm: String,
     pub disk: String,
-    /// "initial" or "resync".
-    pub kind: String,
+    pub kind: CheckpointKind,
     /// Change-log chain id and the LSN the phase started after.
     pub chain: String,
     pub start_lsn: u64,
@@ -179,13 +326,11 @@ pub struct Attachment {
     /// Point id.
     pub point: String,
     pub rw: bool,
-    /// "attach", "test" or "failover".
-    pub kind: String,
+    pub kind: OverlayKind,
     /// Overlay directory (for a writable attachment).
     pub dir: String,
     pub created_ms: u64,
-    /// requested, served, hydrated, commit, error.
-    pub state: String,
+    pub state: AttachmentState,
     pub error: String,
     /// Hydration percent (failover).
     pub progress: f64,
@@ -322,7 +467,6 @@ impl Db {
 
     fn vm_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
         let disks: String = r.get("disks")?;
-        let phase: String = r.get("phase")?;
         let resume: String = r.get("resume_phase")?;
         Ok(VmRow {
             name: r.get("name")?,
@@ -331,7 +475,7 @@ impl Db {
                 .filter(|s| !s.is_empty())
                 .map(String::from)
                 .collect(),
-            phase: Phase::parse(&phase).unwrap_or(Phase::Critical),
+            phase: r.get("phase")?,
             progress: r.get("progress")?,
             reason: r.get("reason")?,
             resume_phase: Phase::parse(&resume),
@@ -385,7 +529,7 @@ impl Db {
                     params![
                         name,
                         disks.join(","),
-                        Phase::EnablingProtection.as_str(),
+                        Phase::EnablingProtection,
                         now_ms() as i64
                     ],
                 )
@@ -405,7 +549,7 @@ impl Db {
                  cycles_missed=?16 WHERE name=?1",
                 params![
                     v.name,
-                    v.phase.as_str(),
+                    v.phase,
                     v.progress,
                     v.reason,
                     v.resume_phase.map(|p| p.as_str()).unwrap_or(""),
@@ -520,20 +664,20 @@ impl Db {
 
     // ---- jobs ----
 
-    pub fn start_job(&self, vm: &str, kind: &str) -> Result<i64, DbError> {
+    pub fn start_job(&self, vm: &str, kind: JobKind) -> Result<i64, DbError> {
         self.conn
             .execute(
-                "INSERT INTO jobs(vm, kind, state, created_ms) VALUES(?1, ?2, 'running', ?3)",
-                params![vm, kind, now_ms() as i64],
+                "INSERT INTO jobs(vm, kind, state, created_ms) VALUES(?1, ?2, ?3, ?4)",
+                params![vm, kind, JobState::Running, now_ms() as i64],
             )
             .map_err(|e| self.err(e))?;
         let id = self.conn.last_insert_rowid();
         // Bound the history.
         self.conn
             .execute(
-                "DELETE FROM jobs WHERE state!='running' AND id <= (SELECT id FROM jobs
-                 WHERE state!='running' ORDER BY id DESC LIMIT 1 OFFSET ?1)",
-                [MAX_FINISHED_JOBS],
+                "DELETE FROM jobs WHERE state!=?2 AND id <= (SELECT id FROM jobs
+                 WHERE state!=?2 ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+                params![MAX_FINISHED_JOBS, JobState::Running],
             )
             .map_err(|e| self.err(e))?;
         self.conn
@@ -558,21 +702,22 @@ impl Db {
     pub fn finish_job(
         &self,
         id: i64,
-        state: &str,
+        state: JobState,
         detail: &str,
         error: &str,
     ) -> Result<(), DbError> {
+        let progress: Option<f64> = (state == JobState::Succeeded).then_some(100.0);
         self.conn
             .execute(
                 "UPDATE jobs SET state=?2, finished_ms=?3, detail=CASE WHEN ?4='' THEN detail ELSE ?4 END,
-                 error=?5, progress=CASE WHEN ?2='succeeded' THEN 100 ELSE progress END WHERE id=?1",
-                params![id, state, now_ms() as i64, detail, error],
+                 error=?5, progress=COALESCE(?6, progress) WHERE id=?1",
+                params![id, state, now_ms() as i64, detail, error, progress],
             )
             .map_err(|e| self.err(e))?;
         self.conn
             .execute(
                 "UPDATE job_steps SET state=?2, finished_ms=?3 WHERE job=?1 AND finished_ms IS NULL",
-                params![id, if state == "succeeded" { "done" } else { state }, now_ms() as i64],
+                params![id, state.step_end(), now_ms() as i64],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -583,16 +728,16 @@ impl Db {
         let n = self
             .conn
             .execute(
-                "UPDATE jobs SET state='interrupted', finished_ms=?1,
+                "UPDATE jobs SET state=?2, finished_ms=?1,
                  error='the gateway stopped while the job ran (it resumes in a new job)'
-                 WHERE state='running'",
-                [now_ms() as i64],
+                 WHERE state=?3",
+                params![now_ms() as i64, JobState::Interrupted, JobState::Running],
             )
             .map_err(|e| self.err(e))?;
         self.conn
             .execute(
-                "UPDATE job_steps SET state='interrupted', finished_ms=?1 WHERE finished_ms IS NULL",
-                [now_ms() as i64],
+                "UPDATE job_steps SET state=?2, finished_ms=?1 WHERE finished_ms IS NULL",
+                params![now_ms() as i64, StepState::Interrupted],
             )
             .map_err(|e| self.err(e))?;
         Ok(n)
@@ -603,15 +748,15 @@ impl Db {
         let now = now_ms() as i64;
         self.conn
             .execute(
-                "UPDATE job_steps SET state='done', finished_ms=?2 WHERE job=?1 AND finished_ms IS NULL",
-                params![job, now],
+                "UPDATE job_steps SET state=?3, finished_ms=?2 WHERE job=?1 AND finished_ms IS NULL",
+                params![job, now, StepState::Done],
             )
             .map_err(|e| self.err(e))?;
         self.conn
             .execute(
                 "INSERT INTO job_steps(job, seq, name, started_ms, state, detail)
-                 VALUES(?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_steps WHERE job=?1), ?2, ?3, 'running', ?4)",
-                params![job, name, now, detail],
+                 VALUES(?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_steps WHERE job=?1), ?2, ?3, ?5, ?4)",
+                params![job, name, now, detail, StepState::Running],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -691,8 +836,8 @@ impl Db {
     pub fn add_attachment(&self, a: &Attachment) -> Result<(), DbError> {
         self.conn
             .execute(
-                "INSERT INTO attachments(export, vm, disk, point, rw, kind, dir, created_ms)
-                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO attachments(export, vm, disk, point, rw, kind, dir, created_ms, state)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     a.export,
                     a.vm,
@@ -701,7 +846,8 @@ impl Db {
                     a.rw as i64,
                     a.kind,
                     a.dir,
-                    a.created_ms as i64
+                    a.created_ms as i64,
+                    AttachmentState::Requested,
                 ],
             )
             .map(|_| ())
@@ -740,16 +886,17 @@ impl Db {
     pub fn set_attachment(
         &self,
         export: &str,
-        state: &str,
+        state: AttachmentState,
         error: &str,
         progress: f64,
     ) -> Result<(), DbError> {
+        // The first time it is served, the row records when.
+        let served_now: Option<i64> = (state == AttachmentState::Served).then(|| now_ms() as i64);
         self.conn
             .execute(
                 "UPDATE attachments SET state=?2, error=?3, progress=?4,
-                 served_ms=CASE WHEN ?2='served' AND served_ms IS NULL THEN ?5 ELSE served_ms END
-                 WHERE export=?1",
-                params![export, state, error, progress, now_ms() as i64],
+                 served_ms=COALESCE(served_ms, ?5) WHERE export=?1",
+                params![export, state, error, progress, served_now],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -861,18 +1008,20 @@ mod tests {
         let db2 = Db::open(d.path()).unwrap();
         assert_eq!(db2.vm("web").unwrap().unwrap(), v);
         assert_eq!(v.disks, vec!["a", "b"]);
-        let j = db.start_job("web", "initial-replication").unwrap();
+        let j = db.start_job("web", JobKind::InitialReplication).unwrap();
         db.step(j, "copy a", "").unwrap();
         db.step(j, "copy b", "").unwrap();
-        db.finish_job(j, "succeeded", "", "").unwrap();
+        db.finish_job(j, JobState::Succeeded, "", "").unwrap();
         let (jr, steps) = db.job(j).unwrap().unwrap();
-        assert_eq!(jr.state, "succeeded");
+        assert_eq!(jr.state, JobState::Succeeded);
+        assert_eq!(jr.kind, JobKind::InitialReplication);
+        assert!(steps.iter().all(|s| s.state == StepState::Done));
         assert_eq!(steps.len(), 2);
         assert!(steps.iter().all(|s| s.finished_ms.is_some()));
         let c = Checkpoint {
             vm: "web".into(),
             disk: "a".into(),
-            kind: "initial".into(),
+            kind: CheckpointKind::Initial,
             chain: "x".into(),
             start_lsn: 3,
             position: 10,
@@ -887,5 +1036,112 @@ mod tests {
         assert_eq!(db.checkpoint("web", "a").unwrap().unwrap(), c);
         assert!(db.delete_vm("web").unwrap());
         assert!(db.checkpoint("web", "a").unwrap().is_none());
+    }
+
+    /// A database as schema 1 wrote it (states as their strings) opens with every state
+    /// typed, and the typed API writes the same strings back.
+    #[test]
+    fn a_database_written_with_string_states_opens() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(d.path()).unwrap();
+            db.conn
+                .execute_batch(
+                    "INSERT INTO vms(name, disks, phase, resume_phase, created_ms)
+                       VALUES('web', 'a', 'Critical', 'Resyncing', 1);
+                     INSERT INTO jobs(vm, kind, state, created_ms)
+                       VALUES('web', 'delta-replication', 'failed', 1),
+                             ('web', 'failover-commit', 'running', 2);
+                     INSERT INTO job_steps(job, seq, name, started_ms, state)
+                       VALUES(1, 1, 'cut and ship', 1, 'failed');
+                     INSERT INTO checkpoints(vm, disk, kind, chain, start_lsn, position, total,
+                       bytes_read, bytes_sent, idx, todo, done)
+                       VALUES('web', 'a', 'resync', 'c', 0, 0, 0, 0, 0, x'', x'', 0);
+                     INSERT INTO attachments(export, vm, disk, point, rw, kind, dir, created_ms)
+                       VALUES('web-a-test', 'web', 'a', 'p1', 1, 'test', '/x', 1);
+                     INSERT INTO attachments(export, vm, disk, point, rw, kind, dir, created_ms,
+                       state) VALUES('web-a', 'web', 'a', 'p1', 1, 'failover', '/y', 1, 'commit');",
+                )
+                .unwrap();
+        }
+        let db = Db::open(d.path()).unwrap();
+        let v = db.vm("web").unwrap().unwrap();
+        assert_eq!(
+            (v.phase, v.resume_phase),
+            (Phase::Critical, Some(Phase::Resyncing))
+        );
+        let jobs = db.jobs(10, None).unwrap();
+        assert_eq!(
+            jobs.iter().map(|j| (j.kind, j.state)).collect::<Vec<_>>(),
+            vec![
+                (JobKind::FailoverCommit, JobState::Running),
+                (JobKind::DeltaReplication, JobState::Failed)
+            ]
+        );
+        assert_eq!(db.job(1).unwrap().unwrap().1[0].state, StepState::Failed);
+        assert_eq!(
+            db.checkpoint("web", "a").unwrap().unwrap().kind,
+            CheckpointKind::Resync
+        );
+        let a = db.attachments().unwrap();
+        assert_eq!(
+            a.iter().map(|a| (a.kind, a.state)).collect::<Vec<_>>(),
+            vec![
+                (OverlayKind::Failover, AttachmentState::Commit),
+                (OverlayKind::Test, AttachmentState::Requested)
+            ]
+        );
+        // Written back as the same strings an older standby reads.
+        db.set_attachment("web-a-test", AttachmentState::Served, "", 0.0)
+            .unwrap();
+        assert_eq!(db.interrupt_running_jobs().unwrap(), 1);
+        let raw: Vec<String> = [
+            "SELECT state FROM attachments WHERE export='web-a-test'",
+            "SELECT state FROM jobs WHERE id=2",
+        ]
+        .iter()
+        .map(|q| db.conn.query_row(q, [], |r| r.get(0)).unwrap())
+        .collect();
+        assert_eq!(raw, vec!["served", "interrupted"]);
+        assert!(db.attachments().unwrap()[1].served_ms.is_some());
+        // A state this version does not know is an error naming it, not a guess.
+        db.conn
+            .execute("UPDATE jobs SET state='paused' WHERE id=1", [])
+            .unwrap();
+        let e = db.jobs(10, None).unwrap_err().to_string();
+        assert!(e.contains("unknown job state \"paused\""), "{e}");
+    }
+
+    #[test]
+    fn every_stored_form_parses_back() {
+        fn check<T: Copy + PartialEq + std::fmt::Debug>(
+            all: &[T],
+            s: fn(T) -> &'static str,
+            p: fn(&str) -> Option<T>,
+        ) {
+            for &v in all {
+                assert_eq!(p(s(v)), Some(v));
+            }
+        }
+        check(Phase::ALL, Phase::as_str, Phase::parse);
+        check(JobKind::ALL, JobKind::as_str, JobKind::parse);
+        check(JobState::ALL, JobState::as_str, JobState::parse);
+        check(StepState::ALL, StepState::as_str, StepState::parse);
+        check(
+            CheckpointKind::ALL,
+            CheckpointKind::as_str,
+            CheckpointKind::parse,
+        );
+        check(
+            AttachmentState::ALL,
+            AttachmentState::as_str,
+            AttachmentState::parse,
+        );
+        check(OverlayKind::ALL, OverlayKind::as_str, OverlayKind::parse);
+        assert_eq!(
+            serde_json::to_string(&JobKind::DeltaReplication).unwrap(),
+            "\"delta-replication\""
+        );
+        assert_eq!(format!("{:<10}|", JobState::Failed), "failed    |");
     }
 }

@@ -36,15 +36,19 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::db::Attachment;
-use super::db::{Checkpoint, Db, DbError, DiskStat, Phase, VmRow};
+use super::db::{
+    Attachment, AttachmentState, Checkpoint, CheckpointKind, Db, DbError, DiskStat, JobKind,
+    JobState, Phase, VmRow,
+};
 use super::policy::{local_minute_of_day, Policy};
+use super::retry::RetryState;
 use super::{now_ms, ErrorClass};
 use crate::catalog::DataDir;
 use crate::changelog::format::Kind;
 use crate::changelog::ship::{read_records, Reach};
-use crate::changelog::{ChangeLog, LogError};
+use crate::changelog::{ChangeLog, LogError, LogState};
 use crate::disk::{Disk, DiskError};
+use crate::failover::replica::OverlayKind;
 use crate::failover::{Device, Overlay, ReplicaDisk};
 use nbd_server::{Export, Exports};
 use replica_store::ReaderOptions;
@@ -120,7 +124,7 @@ impl ReplError {
         match e {
             LogError::NotHealthy { state, .. } => ReplError::NeedsResync {
                 disk: disk.to_string(),
-                full: state.label() == "broken",
+                full: matches!(state, LogState::Broken { .. }),
                 reason: format!("the change log is {state}"),
             },
             other => ReplError::Disk {
@@ -330,14 +334,20 @@ impl Engine {
             }
         }
         for row in rows {
-            if row.state == "error" {
+            if row.state == AttachmentState::Error {
                 continue;
             }
-            if row.state == "commit" {
+            if row.state == AttachmentState::Commit {
                 if let Err(e) = self.commit_failover(&mut attached, &row).await {
                     warn!(export = %row.export, "failover commit failed: {e}");
-                    let _ = self
-                        .db(|d| d.set_attachment(&row.export, "hydrated", &e.to_string(), 100.0));
+                    let _ = self.db(|d| {
+                        d.set_attachment(
+                            &row.export,
+                            AttachmentState::Hydrated,
+                            &e.to_string(),
+                            100.0,
+                        )
+                    });
                 }
                 continue;
             }
@@ -355,17 +365,18 @@ impl Engine {
                         read_only: !row.rw,
                         device: Arc::new(Device::Replica(disk.clone())),
                     });
-                    let state = if row.state == "hydrated" {
-                        "hydrated"
+                    let state = if row.state == AttachmentState::Hydrated {
+                        AttachmentState::Hydrated
                     } else {
-                        "served"
+                        AttachmentState::Served
                     };
                     let _ = self.db(|d| d.set_attachment(&row.export, state, "", row.progress));
                     info!(export = %row.export, point = %row.point, rw = row.rw, "replica export served");
-                    let hydration = (row.kind == "failover" && row.state != "hydrated")
+                    let hydration = (row.kind == OverlayKind::Failover
+                        && row.state != AttachmentState::Hydrated)
                         .then(|| self.spawn_hydration(&row.export, disk.clone()));
-                    let scratch =
-                        (row.rw && row.kind != "failover").then(|| PathBuf::from(&row.dir));
+                    let scratch = (row.rw && row.kind != OverlayKind::Failover)
+                        .then(|| PathBuf::from(&row.dir));
                     attached.insert(
                         row.export.clone(),
                         Attached {
@@ -378,8 +389,9 @@ impl Engine {
                 }
                 Err(e) => {
                     warn!(export = %row.export, "cannot serve replica: {e}");
-                    let _ =
-                        self.db(|d| d.set_attachment(&row.export, "error", &e.to_string(), 0.0));
+                    let _ = self.db(|d| {
+                        d.set_attachment(&row.export, AttachmentState::Error, &e.to_string(), 0.0)
+                    });
                 }
             }
         }
@@ -427,20 +439,27 @@ impl Engine {
                 .hydrate(|done, total| {
                     if last.elapsed() >= Duration::from_millis(500) {
                         let pct = 100.0 * done as f64 / total.max(1) as f64;
-                        let _ = me.db(|d| d.set_attachment(&export, "served", "", pct));
+                        let _ =
+                            me.db(|d| d.set_attachment(&export, AttachmentState::Served, "", pct));
                         last = Instant::now();
                     }
                 })
                 .await;
             match r {
                 Ok(()) => {
-                    let _ = me.db(|d| d.set_attachment(&export, "hydrated", "", 100.0));
+                    let _ =
+                        me.db(|d| d.set_attachment(&export, AttachmentState::Hydrated, "", 100.0));
                     info!(export = %export, "failed-over disk hydrated: a complete local image");
                 }
                 Err(e) => {
                     warn!(export = %export, "hydration failed (retried at the next start): {e}");
                     let _ = me.db(|d| {
-                        d.set_attachment(&export, "served", &format!("hydration: {e}"), 0.0)
+                        d.set_attachment(
+                            &export,
+                            AttachmentState::Served,
+                            &format!("hydration: {e}"),
+                            0.0,
+                        )
                     });
                 }
             }
@@ -605,10 +624,8 @@ impl Engine {
     async fn tick(&self, row: VmRow) -> R<()> {
         let policy = self.db(|d| d.policy())?;
         let now = now_ms();
-        if row.phase == Phase::Critical {
-            return Ok(());
-        }
-        if row.next_retry_ms.is_some_and(|t| now < t) {
+        // Halted (Critical) or waiting for its next attempt.
+        if !row.retry().due(std::time::SystemTime::now()) {
             return Ok(());
         }
         let r = match row.phase {
@@ -661,32 +678,28 @@ impl Engine {
                     // An admin changed the VM meanwhile (resync, resume): theirs wins.
                     return;
                 }
-                v.last_error = msg.clone();
                 if let ReplError::NeedsResync { full, reason, .. } = e {
+                    // Not a failure to retry: the VM changes phase (the message stays shown).
                     if v.phase != Phase::Resyncing {
                         v.phase = Phase::ResyncRequired;
                         v.reason = reason.clone();
                     }
                     v.resync_full |= *full;
-                    v.failures = 0;
-                    v.next_retry_ms = None;
+                    v.set_retry(&RetryState {
+                        last_error: Some(msg.clone()),
+                        ..RetryState::default()
+                    });
                     return;
                 }
-                match e.class() {
-                    ErrorClass::NonRecoverable => {
-                        v.resume_phase = Some(v.phase);
-                        v.phase = Phase::Critical;
-                        v.reason = msg.clone();
-                        v.next_retry_ms = None;
-                    }
-                    ErrorClass::Recoverable => {
-                        v.failures = v.failures.saturating_add(1);
-                        let delay = sched.delay(v.failures);
-                        v.next_retry_ms = Some(now_ms() + delay.as_millis() as u64);
-                        if v.phase == Phase::Protected {
-                            v.cycles_missed = v.cycles_missed.saturating_add(1);
-                        }
-                    }
+                let mut r = v.retry();
+                r.fail(&sched, e.class(), msg.clone(), std::time::SystemTime::now());
+                v.set_retry(&r);
+                if r.halted {
+                    v.resume_phase = Some(v.phase);
+                    v.phase = Phase::Critical;
+                    v.reason = msg.clone();
+                } else if v.phase == Phase::Protected {
+                    v.cycles_missed = v.cycles_missed.saturating_add(1);
                 }
             })
         })?;
@@ -696,9 +709,9 @@ impl Engine {
     fn succeeded(&self, vm: &str, f: impl FnOnce(&mut VmRow)) -> Result<VmRow, DbError> {
         self.db(|d| {
             d.modify_vm(vm, |v| {
-                v.failures = 0;
-                v.last_error.clear();
-                v.next_retry_ms = None;
+                let mut r = v.retry();
+                r.succeed();
+                v.set_retry(&r);
                 f(v);
             })
         })
@@ -708,15 +721,17 @@ impl Engine {
     async fn job<T, F: std::future::Future<Output = R<T>>>(
         &self,
         vm: &str,
-        kind: &str,
+        kind: JobKind,
         body: impl FnOnce(i64) -> F,
     ) -> R<T> {
         let id = self.db(|d| d.start_job(vm, kind))?;
         let r = body(id).await;
         let _ = self.db(|d| match &r {
-            Ok(_) => d.finish_job(id, "succeeded", "", ""),
-            Err(ReplError::Shutdown) => d.finish_job(id, "interrupted", "", "gateway stopping"),
-            Err(e) => d.finish_job(id, "failed", "", &e.to_string()),
+            Ok(_) => d.finish_job(id, JobState::Succeeded, "", ""),
+            Err(ReplError::Shutdown) => {
+                d.finish_job(id, JobState::Interrupted, "", "gateway stopping")
+            }
+            Err(e) => d.finish_job(id, JobState::Failed, "", &e.to_string()),
         });
         r
     }
@@ -729,7 +744,7 @@ impl Engine {
     // ---------------------------------------------------------------- enable protection
 
     async fn enable(&self, row: &VmRow, _policy: &Policy) -> R<()> {
-        self.job(&row.name, "enable-protection", |job| async move {
+        self.job(&row.name, JobKind::EnableProtection, |job| async move {
             self.step(job, "check disks", &row.disks.join(","))?;
             let disks = self.disks_of(row)?;
             for d in &disks {
@@ -813,7 +828,7 @@ impl Engine {
         let ds = &disks;
         let store = self.store().await?;
         let point = self
-            .job(&row.name, "initial-replication", |job| async move {
+            .job(&row.name, JobKind::InitialReplication, |job| async move {
                 let cs = store.chunk_size() as u64;
                 let mut cks = Vec::new();
                 for d in ds {
@@ -824,7 +839,9 @@ impl Engine {
                     let valid = self
                         .db(|db| db.checkpoint(&row.name, d.name()))?
                         .filter(|c| {
-                            c.kind == "initial" && c.chain == chain_hex(&log) && log.is_logging()
+                            c.kind == CheckpointKind::Initial
+                                && c.chain == chain_hex(&log)
+                                && log.is_logging()
                         });
                     let ck = match valid {
                         Some(c) => {
@@ -841,7 +858,7 @@ impl Engine {
                             let c = Checkpoint {
                                 vm: row.name.clone(),
                                 disk: d.name().to_string(),
-                                kind: "initial".into(),
+                                kind: CheckpointKind::Initial,
                                 chain: chain_hex(&log),
                                 start_lsn: start,
                                 position: 0,
@@ -1112,9 +1129,9 @@ impl Engine {
                     v.phase = next;
                     v.progress = 100.0;
                 }
-                v.failures = 0;
-                v.last_error.clear();
-                v.next_retry_ms = None;
+                let mut r = v.retry();
+                r.succeed();
+                v.set_retry(&r);
                 v.last_point = p.id.clone();
                 v.last_point_ms = Some(p.created_unix_ms);
                 v.last_cycle_ms = Some(now);
@@ -1141,7 +1158,7 @@ impl Engine {
 
     async fn finalize(&self, row: &VmRow) -> R<()> {
         let store = self.store().await?;
-        self.job(&row.name, "finalize-protection", |job| async move {
+        self.job(&row.name, JobKind::FinalizeProtection, |job| async move {
             self.step(job, "verify first recovery point", &row.last_point)?;
             let p = store.load_point(&row.name, &row.last_point).await?;
             let rep = store.verify_point(&p).await?;
@@ -1184,7 +1201,7 @@ impl Engine {
                 return Err(ReplError::NeedsResync {
                     disk: d.name().to_string(),
                     reason: format!("the change log is {st}"),
-                    full: st.label() == "broken",
+                    full: matches!(st, LogState::Broken { .. }),
                 });
             }
             if log.unshipped_ratio() >= 0.5 {
@@ -1226,7 +1243,7 @@ impl Engine {
         let store = self.store().await?;
         let row2 = row.clone();
         let p = self
-            .job(&row.name, "delta-replication", |job| async move {
+            .job(&row.name, JobKind::DeltaReplication, |job| async move {
                 self.step(job, "find parent point", &row2.last_point)?;
                 let parent = match store.load_point(&row2.name, &row2.last_point).await {
                     Ok(p) => p,
@@ -1317,7 +1334,7 @@ impl Engine {
         let store = self.store().await?;
         let row2 = row.clone();
         let p = self
-            .job(&row.name, "resync", |job| async move {
+            .job(&row.name, JobKind::Resync, |job| async move {
                 let row = &row2;
                 let cs = store.chunk_size() as u64;
                 let parent = match store.latest_point(&row.name).await? {
@@ -1341,7 +1358,7 @@ impl Engine {
                         _ => (DiskIndex::new(d.size(), cs as u32)?, BTreeSet::new()),
                     };
                     let valid = self.db(|db| db.checkpoint(&row.name, d.name()))?.filter(|c| {
-                        c.kind == "resync" && c.chain == chain_hex(&log) && log.is_logging()
+                        c.kind == CheckpointKind::Resync && c.chain == chain_hex(&log) && log.is_logging()
                     });
                     let ck = match valid {
                         Some(c) => {
@@ -1381,7 +1398,7 @@ impl Engine {
                             let c = Checkpoint {
                                 vm: row.name.clone(),
                                 disk: d.name().to_string(),
-                                kind: "resync".into(),
+                                kind: CheckpointKind::Resync,
                                 chain: chain_hex(&log),
                                 start_lsn: 0,
                                 position: 0,
@@ -1455,7 +1472,7 @@ impl Engine {
         let dirty = d.dirty_map();
         let (l, dc) = (log.clone(), d.clone());
         let r = blocking(move || -> Result<(BTreeSet<u64>, bool), LogError> {
-            let mut full = full_wanted || l.state().label() == "broken";
+            let mut full = full_wanted || matches!(l.state(), LogState::Broken { .. });
             let mut todo = BTreeSet::new();
             if !full {
                 // Scan what is logged so far (writes continue meanwhile) ...
