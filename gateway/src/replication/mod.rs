@@ -10,9 +10,14 @@ pub mod actions;
 pub mod db;
 pub mod engine;
 pub mod health;
+pub mod hooks;
+pub mod logscan;
+pub mod passes;
 pub mod policy;
 pub mod retry;
 pub mod status;
+pub mod supervisor;
+pub mod vm;
 
 pub use db::{Db, DbError, Phase, VmRow};
 pub use engine::{Engine, ReplError};
