@@ -742,7 +742,7 @@ fn recoverable_failures_retry_on_the_schedule_of_retry_state() {
         assert_eq!(libc::statvfs(p.as_ptr(), &mut st), 0);
         st.f_bavail as u64 * st.f_frsize as u64
     };
-    let size_mib = (free * 4 >> 20).max(1024);
+    let size_mib = ((free * 4) >> 20).max(1024);
     run(standby(&dd).args(["disk", "create", "big", "--size", &format!("{size_mib}M")]));
     run(standby(&dd).args(["store", "init"]));
     fast_policy(&dd, "1s"); // retries 60× faster: 1 s, 2 s, 4 s …

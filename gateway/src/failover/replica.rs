@@ -551,7 +551,7 @@ impl BlockDevice for ReplicaDisk {
     }
 }
 
-crate::replication::db::stored_enum! {
+crate::replication::states::stored_enum! {
     /// What an overlay serves; a directory level of its path, and the `kind` of its
     /// attachment rows ([`crate::replication::db::Attachment`]).
     pub enum OverlayKind("attachment kind") {

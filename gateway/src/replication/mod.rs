@@ -15,6 +15,7 @@ pub mod logscan;
 pub mod passes;
 pub mod policy;
 pub mod retry;
+pub mod states;
 pub mod status;
 pub mod supervisor;
 pub mod vm;
