@@ -17,6 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
+use replica_store::{ChunkId, DiskIndex};
 use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
@@ -26,7 +27,11 @@ use crate::failover::replica::OverlayKind;
 
 /// File name inside the data directory.
 pub const DB_FILE: &str = "replication.db";
-const SCHEMA_VERSION: i64 = 1;
+/// 2: checkpoints record the chunks stored since the pass began in `checkpoint_chunks` (the
+/// `idx` column is the index the pass started from). A schema-1 database is migrated on open;
+/// a standby that knows only schema 1 refuses a schema-2 database instead of resuming a pass
+/// without its chunks.
+const SCHEMA_VERSION: i64 = 2;
 /// Finished jobs kept (the oldest are deleted beyond this).
 pub const MAX_FINISHED_JOBS: i64 = 500;
 
@@ -45,6 +50,8 @@ pub enum DbError {
     AlreadyProtected(String, String),
     #[error("stored policy is invalid: {0}")]
     Policy(String),
+    #[error("resume checkpoint {0} is damaged")]
+    Checkpoint(String),
 }
 
 pub use super::states::{AttachmentState, CheckpointKind, JobKind, JobState, Phase, StepState};
@@ -161,6 +168,34 @@ pub struct Checkpoint {
     pub done: bool,
 }
 
+impl Checkpoint {
+    /// The progress to record after storing `stored` (chunk, id) since the last record.
+    pub fn progress(&self, stored: Vec<(u64, ChunkId)>) -> CheckpointProgress {
+        CheckpointProgress {
+            vm: self.vm.clone(),
+            disk: self.disk.clone(),
+            position: self.position,
+            bytes_read: self.bytes_read,
+            bytes_sent: self.bytes_sent,
+            done: self.done,
+            stored,
+        }
+    }
+}
+
+/// A pass's progress since its last record ([`Db::checkpoint_progress`]): counters and the
+/// chunks stored meanwhile, never the whole index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointProgress {
+    pub vm: String,
+    pub disk: String,
+    pub position: u64,
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+    pub done: bool,
+    pub stored: Vec<(u64, ChunkId)>,
+}
+
 /// A recovery point served as an export (attach, test failover, failover).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attachment {
@@ -254,13 +289,19 @@ impl Db {
                 point TEXT NOT NULL, rw INTEGER NOT NULL, kind TEXT NOT NULL, dir TEXT NOT NULL,
                 created_ms INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'requested',
                 error TEXT NOT NULL DEFAULT '', progress REAL NOT NULL DEFAULT 0,
-                served_ms INTEGER, pid INTEGER);",
+                served_ms INTEGER, pid INTEGER);
+             CREATE TABLE IF NOT EXISTS checkpoint_chunks(
+                vm TEXT NOT NULL, disk TEXT NOT NULL, chunk INTEGER NOT NULL, id BLOB NOT NULL,
+                PRIMARY KEY(vm, disk, chunk));",
         )
         .map_err(e)?;
         let db = Db { path, conn };
         match db.meta("schema")? {
             None => db.set_meta("schema", &SCHEMA_VERSION.to_string())?,
             Some(v) if v == SCHEMA_VERSION.to_string() => {}
+            // Schema 1 differs only by the table created above (its checkpoints hold whole
+            // indexes, which read the same with no chunk rows).
+            Some(v) if v == "1" => db.set_meta("schema", &SCHEMA_VERSION.to_string())?,
             Some(v) => {
                 return Err(DbError::Schema {
                     path: db.path.clone(),
@@ -454,7 +495,7 @@ impl Db {
                 .conn
                 .execute("DELETE FROM vms WHERE name=?1", [name])
                 .map_err(|e| self.err(e))?;
-            for t in ["disk_stats", "checkpoints"] {
+            for t in ["disk_stats", "checkpoints", "checkpoint_chunks"] {
                 self.conn
                     .execute(&format!("DELETE FROM {t} WHERE vm=?1"), [name])
                     .map_err(|e| self.err(e))?;
@@ -765,7 +806,39 @@ impl Db {
 
     // ---- checkpoints ----
 
+    /// The checkpoint of a disk's pass, its index complete: the index the pass started from
+    /// with every chunk recorded since applied.
     pub fn checkpoint(&self, vm: &str, disk: &str) -> Result<Option<Checkpoint>, DbError> {
+        let Some(mut c) = self.checkpoint_row(vm, disk)? else {
+            return Ok(None);
+        };
+        let mut st = self
+            .conn
+            .prepare("SELECT chunk, id FROM checkpoint_chunks WHERE vm=?1 AND disk=?2")
+            .map_err(|e| self.err(e))?;
+        let chunks = st
+            .query_map([vm, disk], |r| {
+                Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))?;
+        if !chunks.is_empty() {
+            let bad = |e: String| DbError::Checkpoint(format!("{vm}/{disk}: {e}"));
+            let mut index =
+                DiskIndex::from_bytes(&c.index, "checkpoint").map_err(|e| bad(e.to_string()))?;
+            for (ci, id) in chunks {
+                let id: [u8; 32] = id
+                    .try_into()
+                    .map_err(|_| bad(format!("chunk {ci} has an id that is not 32 bytes")))?;
+                index.set(ci, ChunkId(id)).map_err(|e| bad(e.to_string()))?;
+            }
+            c.index = index.to_bytes();
+        }
+        Ok(Some(c))
+    }
+
+    fn checkpoint_row(&self, vm: &str, disk: &str) -> Result<Option<Checkpoint>, DbError> {
         self.conn
             .query_row(
                 "SELECT * FROM checkpoints WHERE vm=?1 AND disk=?2",
@@ -791,7 +864,61 @@ impl Db {
             .map_err(|e| self.err(e))
     }
 
+    /// Starts a pass's checkpoint: `c.index` is the index the pass starts from (chunks recorded
+    /// for an earlier pass of the disk are dropped).
     pub fn put_checkpoint(&self, c: &Checkpoint) -> Result<(), DbError> {
+        self.write_tx(|| {
+            self.conn
+                .execute(
+                    "DELETE FROM checkpoint_chunks WHERE vm=?1 AND disk=?2",
+                    [&c.vm, &c.disk],
+                )
+                .map_err(|e| self.err(e))?;
+            self.put_checkpoint_row(c)
+        })
+    }
+
+    /// Records a pass's progress and the chunks it stored since the last record, in one
+    /// transaction whose size follows the change (never the whole index).
+    pub fn checkpoint_progress(&self, p: &CheckpointProgress) -> Result<(), DbError> {
+        self.write_tx(|| {
+            let n = self
+                .conn
+                .execute(
+                    "UPDATE checkpoints SET position=?3, bytes_read=?4, bytes_sent=?5, done=?6
+                     WHERE vm=?1 AND disk=?2",
+                    params![
+                        p.vm,
+                        p.disk,
+                        p.position as i64,
+                        p.bytes_read as i64,
+                        p.bytes_sent as i64,
+                        p.done as i64
+                    ],
+                )
+                .map_err(|e| self.err(e))?;
+            if n == 0 {
+                return Err(DbError::Checkpoint(format!(
+                    "{}/{}: no checkpoint to record progress in",
+                    p.vm, p.disk
+                )));
+            }
+            let mut st = self
+                .conn
+                .prepare_cached(
+                    "INSERT INTO checkpoint_chunks(vm, disk, chunk, id) VALUES(?1, ?2, ?3, ?4)
+                     ON CONFLICT(vm, disk, chunk) DO UPDATE SET id=excluded.id",
+                )
+                .map_err(|e| self.err(e))?;
+            for (ci, id) in &p.stored {
+                st.execute(params![p.vm, p.disk, *ci as i64, &id.0[..]])
+                    .map_err(|e| self.err(e))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn put_checkpoint_row(&self, c: &Checkpoint) -> Result<(), DbError> {
         self.conn
             .execute(
                 "INSERT INTO checkpoints(vm, disk, kind, chain, start_lsn, position, total,
@@ -822,10 +949,14 @@ impl Db {
     }
 
     pub fn clear_checkpoints(&self, vm: &str) -> Result<(), DbError> {
-        self.conn
-            .execute("DELETE FROM checkpoints WHERE vm=?1", [vm])
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        self.write_tx(|| {
+            for t in ["checkpoints", "checkpoint_chunks"] {
+                self.conn
+                    .execute(&format!("DELETE FROM {t} WHERE vm=?1"), [vm])
+                    .map_err(|e| self.err(e))?;
+            }
+            Ok(())
+        })
     }
 }
 

@@ -157,3 +157,89 @@ fn every_stored_form_parses_back() {
     );
     assert_eq!(format!("{:<10}|", JobState::Failed), "failed    |");
 }
+
+/// A checkpoint records the index once, then only the chunks stored since the last record;
+/// reading it back applies them. A new pass of the disk starts from its own index.
+#[test]
+fn checkpoints_record_only_the_chunks_stored_since_the_last_one() {
+    use replica_store::{ChunkId, DiskIndex};
+    let d = tempfile::tempdir().unwrap();
+    let db = Db::open(d.path()).unwrap();
+    let base = DiskIndex::new(10 * 65536, 65536).unwrap();
+    let mut c = Checkpoint {
+        vm: "web".into(),
+        disk: "a".into(),
+        kind: CheckpointKind::Initial,
+        chain: "x".into(),
+        start_lsn: 1,
+        position: 0,
+        total: 10,
+        bytes_read: 0,
+        bytes_sent: 0,
+        index: base.to_bytes(),
+        todo: vec![],
+        done: false,
+    };
+    db.put_checkpoint(&c).unwrap();
+    let id = |b: u8| ChunkId([b; 32]);
+    c.position = 4;
+    c.bytes_read = 4 * 65536;
+    db.checkpoint_progress(&c.progress(vec![(0, id(1)), (3, id(2))]))
+        .unwrap();
+    c.position = 10;
+    c.done = true;
+    db.checkpoint_progress(&c.progress(vec![(3, id(3)), (9, id(4))]))
+        .unwrap();
+    // The stored row still holds the starting index; the chunks are separate rows.
+    let raw: Vec<u8> = db
+        .conn
+        .query_row("SELECT idx FROM checkpoints", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(raw, base.to_bytes());
+    let back = db.checkpoint("web", "a").unwrap().unwrap();
+    assert_eq!((back.position, back.done), (10, true));
+    let idx = DiskIndex::from_bytes(&back.index, "t").unwrap();
+    assert_eq!(idx.get(0), Some(id(1)));
+    assert_eq!(idx.get(3), Some(id(3)), "the later record wins");
+    assert_eq!(idx.get(9), Some(id(4)));
+    assert_eq!(idx.get(5), base.get(5));
+    // A new pass drops the old pass's chunks.
+    c.position = 0;
+    c.done = false;
+    db.put_checkpoint(&c).unwrap();
+    let again = db.checkpoint("web", "a").unwrap().unwrap();
+    assert_eq!(again.index, base.to_bytes());
+    db.clear_checkpoints("web").unwrap();
+    assert!(db.checkpoint("web", "a").unwrap().is_none());
+    let n: i64 = db
+        .conn
+        .query_row("SELECT COUNT(*) FROM checkpoint_chunks", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
+/// A schema-1 database (checkpoints with whole indexes, no chunk table) opens and is
+/// migrated; a database of a newer schema is refused with its version.
+#[test]
+fn a_schema_1_database_is_migrated_and_a_newer_one_refused() {
+    let d = tempfile::tempdir().unwrap();
+    {
+        let db = Db::open(d.path()).unwrap();
+        db.conn
+            .execute_batch(
+                "DROP TABLE checkpoint_chunks; UPDATE meta SET value='1' WHERE key='schema';
+                 INSERT INTO checkpoints(vm, disk, kind, chain, start_lsn, position, total,
+                   bytes_read, bytes_sent, idx, todo, done)
+                   VALUES('web', 'a', 'initial', 'c', 0, 5, 10, 0, 0, x'0102', x'', 0);",
+            )
+            .unwrap();
+    }
+    let db = Db::open(d.path()).unwrap();
+    assert_eq!(db.meta("schema").unwrap().as_deref(), Some("2"));
+    let c = db.checkpoint("web", "a").unwrap().unwrap();
+    assert_eq!((c.position, c.index.as_slice()), (5, &[1u8, 2][..]));
+    db.set_meta("schema", "3").unwrap();
+    drop(db);
+    let e = Db::open(d.path()).unwrap_err().to_string();
+    assert!(e.contains("schema version 3"), "{e}");
+}

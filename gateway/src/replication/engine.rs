@@ -135,7 +135,7 @@ pub struct Engine {
     pub(crate) dd: DataDir,
     /// Live disks served by this process (failover commits add to it).
     pub(crate) disks: std::sync::RwLock<HashMap<String, Disk>>,
-    pub(crate) db: Mutex<Db>,
+    pub(crate) db: Arc<Mutex<Db>>,
     pub(crate) store: tokio::sync::Mutex<Option<Store>>,
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Last figures written per disk (written again only when they change).
@@ -185,7 +185,7 @@ impl Engine {
         Ok(Arc::new(Engine {
             dd,
             disks: std::sync::RwLock::new(disks),
-            db: Mutex::new(db),
+            db: Arc::new(Mutex::new(db)),
             store: tokio::sync::Mutex::new(None),
             shutdown,
             stats: Mutex::new(HashMap::new()),
@@ -198,6 +198,20 @@ impl Engine {
     pub(crate) fn db<T>(&self, f: impl FnOnce(&Db) -> Result<T, DbError>) -> Result<T, DbError> {
         let g = self.db.lock().unwrap_or_else(|p| p.into_inner());
         f(&g)
+    }
+
+    /// Runs `f` with the database on the blocking pool: for writes that wait on SQLite's
+    /// file I/O in a pass (checkpoints), which must not stall a runtime worker.
+    pub(crate) async fn db_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Db) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, DbError> {
+        let db = Arc::clone(&self.db);
+        blocking(move || {
+            let g = db.lock().unwrap_or_else(|p| p.into_inner());
+            f(&g)
+        })
+        .await
     }
 
     pub(crate) fn live_disks(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Disk>> {

@@ -5,7 +5,10 @@
 //!
 //! Invariant: a checkpoint names only chunks already committed to the store — it is written
 //! after `writer.commit()`, every 2 s and at the end — so a pass killed at any moment resumes
-//! from its last checkpoint without losing or re-sending what it recorded.
+//! from its last checkpoint without losing or re-sending what it recorded. Each checkpoint
+//! records only the chunks stored since the previous one (the index the pass started from is
+//! written once, when it starts), on the blocking pool: its cost follows the change, not the
+//! disk's size, and never stalls a runtime worker.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -48,11 +51,14 @@ impl Engine {
         let started = Instant::now();
         let sent_at_start = ck.bytes_sent;
         let mut last_ck = Instant::now();
+        // Chunks set in `index` since the last checkpoint: what the next one records.
+        let mut stored: Vec<(u64, ChunkId)> = Vec::new();
         while ck.position < count {
             if self.stopping() {
                 writer.commit().await?;
-                ck.index = index.to_bytes();
-                self.db(|db| db.put_checkpoint(ck))?;
+                let p = ck.progress(std::mem::take(&mut stored));
+                self.db_blocking(move |db| db.checkpoint_progress(&p))
+                    .await?;
                 return Err(ReplError::Shutdown);
             }
             let end = (ck.position + BATCH_CHUNKS as u64).min(count);
@@ -95,6 +101,7 @@ impl Engine {
                 .await?;
             for (ci, id, read, sent) in results {
                 index.set(ci, id)?;
+                stored.push((ci, id));
                 ck.bytes_read += read;
                 ck.bytes_sent += sent;
             }
@@ -108,10 +115,15 @@ impl Engine {
                 }
             }
             if last_ck.elapsed() >= CHECKPOINT_EVERY || ck.position == count {
+                // Only chunks in the store are recorded (committed first); the record holds
+                // what changed since the last one, off the runtime's workers.
                 writer.commit().await?;
-                ck.index = index.to_bytes();
                 ck.done = ck.position == count;
-                self.db(|db| db.put_checkpoint(ck))?;
+                if ck.done {
+                    // The cut builds the point from the complete index.
+                    ck.index = index.to_bytes();
+                }
+                let p = ck.progress(std::mem::take(&mut stored));
                 let disk_done = (d.size() * ck.position)
                     .checked_div(count)
                     .unwrap_or(d.size());
@@ -124,10 +136,13 @@ impl Engine {
                     ck.bytes_read,
                     ck.bytes_sent
                 );
-                self.db(|db| {
+                let vm = row.name.clone();
+                self.db_blocking(move |db| {
+                    db.checkpoint_progress(&p)?;
                     db.job_progress(job, pct, &detail)?;
-                    db.modify_vm(&row.name, |v| v.progress = pct).map(|_| ())
-                })?;
+                    db.modify_vm(&vm, |v| v.progress = pct).map(|_| ())
+                })
+                .await?;
                 last_ck = Instant::now();
             }
         }
