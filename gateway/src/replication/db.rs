@@ -11,7 +11,7 @@
 //! (unchanged since schema 1, so existing databases open as they are); the SQL binds states as
 //! parameters. No code compares states as strings.
 //!
-//! Longer than most files (~800 lines): each table's SQL sits next to its row type and
+//! Longer than most files (~950 lines): each table's SQL sits next to its row type and
 //! accessors, so the whole schema reads in one place; the tests are in `db_tests.rs`.
 
 use std::path::{Path, PathBuf};
