@@ -66,6 +66,17 @@ pub enum ServeError {
     Signal(std::io::Error),
     #[error(transparent)]
     Api(#[from] crate::api::ApiStartError),
+    #[error(
+        "the replication engine cannot start, so protected VMs would not be replicated: {0}. \
+         Fix or restore that file (it holds the protection state), then start again"
+    )]
+    Engine(crate::replication::DbError),
+    #[error(
+        "shutdown was not clean: {}. Data written before the failure may not be durable: \
+         check the file system of the data directory before starting again",
+        .0.join("; ")
+    )]
+    Shutdown(Vec<String>),
 }
 
 /// Where and how to serve.
@@ -178,12 +189,65 @@ pub fn exports(dd: &DataDir) -> Result<Arc<Exports<Device>>, ServeError> {
 }
 
 /// Serves until SIGINT or SIGTERM, then finishes in-flight requests and flushes every disk.
+///
+/// Fails (and `standby serve` exits non-zero) when the replication engine cannot start, or
+/// when any step of the shutdown fails — a final flush, closing a change log, the engine or
+/// the API task — naming each failure.
 pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
     // Handlers first: a SIGTERM arriving any time after start-up is a clean shutdown.
-    let mut signals = Signals::install()?;
+    let signals = Signals::install()?;
     // One server per data directory, taken before any disk or log is opened.
     let _lock = crate::datadir_lock::DataDirLock::acquire(dd.root())?;
     let opts = opts.merged_with(dd);
+    let exports = exports(dd)?;
+    // Whatever happens once the disks are open, they are flushed and their change logs sealed
+    // (a start-up error after this point must not leave a log looking like a crash).
+    let served = run(dd, &opts, signals, Arc::clone(&exports)).await;
+    let mut failures = match served {
+        Ok(f) => f,
+        Err(e) => {
+            for f in close_disks(&exports).await {
+                error!("{f}");
+            }
+            return Err(e);
+        }
+    };
+    failures.extend(close_disks(&exports).await);
+    if !failures.is_empty() {
+        return Err(ServeError::Shutdown(failures));
+    }
+    info!("stopped cleanly; all disks flushed");
+    Ok(())
+}
+
+/// Flushes every disk and seals the change log of each tracked one; returns what failed.
+async fn close_disks(exports: &Exports<Device>) -> Vec<String> {
+    let mut failures = Vec::new();
+    for e in exports.list() {
+        if let Err(err) = e.device.flush().await {
+            error!(disk = %e.name, "final flush failed: {err}");
+            failures.push(format!("disk {}: final flush failed: {err}", e.name));
+        }
+        // Seals the change log of a tracked disk (clean shutdown).
+        if let Err(err) = e.device.close().await {
+            error!(disk = %e.name, "closing the change log failed: {err}");
+            failures.push(format!(
+                "disk {}: closing its change log failed: {err}",
+                e.name
+            ));
+        }
+    }
+    failures
+}
+
+/// Starts the listeners, the replication engine and the API over the opened disks, serves
+/// until a signal, and stops them; returns the shutdown steps that failed.
+async fn run(
+    dd: &DataDir,
+    opts: &ServeOptions,
+    mut signals: Signals,
+    exports: Arc<Exports<Device>>,
+) -> Result<Vec<String>, ServeError> {
     let listen = opts
         .listen
         .clone()
@@ -191,7 +255,7 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
     let addr: SocketAddr = listen
         .parse()
         .map_err(|_| ServeError::BadAddress(listen.clone()))?;
-    let policy = client_policy(Reach::of(&addr), &opts, !dd.config().serve.allow.is_empty())?;
+    let policy = client_policy(Reach::of(&addr), opts, !dd.config().serve.allow.is_empty())?;
     let tls = match (&opts.tls_cert, &opts.tls_key) {
         (Some(c), Some(k)) => Some(TlsConfig::from_pem_files(
             c,
@@ -206,7 +270,6 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
     for (export, names) in &dd.config().serve.allow {
         access.restrict(export.clone(), names.clone());
     }
-    let exports = exports(dd)?;
     let metrics = crate::metrics::Metrics::new();
     let server = Server::new(
         Arc::clone(&exports),
@@ -246,6 +309,24 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
         None => None,
     };
 
+    // The replication engine drives protected VMs while the disks are served. It is created
+    // before anything is announced: a gateway that cannot replicate says why and exits
+    // instead of serving protected disks unreplicated.
+    let (stop_engine, engine_stop_rx) = tokio::sync::watch::channel(false);
+    let engine = crate::replication::Engine::new(
+        dd.clone(),
+        crate::replication::engine::disk_map(
+            exports
+                .list()
+                .iter()
+                .filter_map(|e| e.device.live().cloned()),
+        ),
+        Arc::clone(&exports),
+        bound.to_string(),
+        engine_stop_rx,
+    )
+    .map_err(ServeError::Engine)?;
+
     let api = match crate::api::bind(&opts.api).await? {
         Some(l) => Some((
             l,
@@ -271,28 +352,7 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
         if tls.is_some() { " (TLS)" } else { "" }
     );
 
-    // The replication engine drives protected VMs while the disks are served.
-    let (stop_engine, engine_stop_rx) = tokio::sync::watch::channel(false);
-    let served = crate::replication::engine::disk_map(
-        exports
-            .list()
-            .iter()
-            .filter_map(|e| e.device.live().cloned()),
-    );
-    let engine = match crate::replication::Engine::new(
-        dd.clone(),
-        served,
-        Arc::clone(&exports),
-        bound.to_string(),
-        engine_stop_rx,
-    ) {
-        Ok(engine) => Some(tokio::spawn(engine.run())),
-        Err(e) => {
-            error!("replication engine not started: {e}");
-            None
-        }
-    };
-
+    let engine = tokio::spawn(engine.run());
     let (stop_api, api_stop_rx) = tokio::sync::watch::channel(false);
     let api_task = api.map(|(l, state)| tokio::spawn(crate::api::serve(l, state, api_stop_rx)));
 
@@ -310,15 +370,16 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
     info!("shutting down: stopping replication, finishing in-flight requests");
     let _ = stop_engine.send(true);
     let _ = stop_api.send(true);
+    let mut failures = Vec::new();
     if let Some(h) = api_task {
         if let Err(e) = h.await {
             error!("API task failed: {e}");
+            failures.push(format!("the API task failed: {e}"));
         }
     }
-    if let Some(h) = engine {
-        if let Err(e) = h.await {
-            error!("replication engine task failed: {e}");
-        }
+    if let Err(e) = engine.await {
+        error!("replication engine task failed: {e}");
+        failures.push(format!("the replication engine failed: {e}"));
     }
     server.shutdown();
     while let Some(r) = tasks.join_next().await {
@@ -331,22 +392,7 @@ pub async fn serve(dd: &DataDir, opts: ServeOptions) -> Result<(), ServeError> {
     if let Some(p) = &opts.socket {
         let _ = std::fs::remove_file(p);
     }
-    let mut failed = false;
-    for e in exports.list() {
-        if let Err(err) = e.device.flush().await {
-            error!(disk = %e.name, "final flush failed: {err}");
-            failed = true;
-        }
-        // Seals the change log of a tracked disk (clean shutdown).
-        if let Err(err) = e.device.close().await {
-            error!(disk = %e.name, "closing the change log failed: {err}");
-            failed = true;
-        }
-    }
-    if !failed {
-        info!("stopped cleanly; all disks flushed");
-    }
-    Ok(())
+    Ok(failures)
 }
 
 /// How far a listen address reaches.

@@ -720,3 +720,126 @@ fn patch_chains_fold_into_chunks() {
     drop(w);
     g.stop();
 }
+
+/// The engine retries on `RetryState`'s schedule and `standby status` judges health with
+/// `health::evaluate`: a recoverable failure (no room for the change logs of a sparse disk
+/// larger than twice the free space) is attempted again after exactly the delays
+/// `RetryState::fail` computes, the VM shows the retry and Warning, and `standby resume`
+/// starts the back-off over with an attempt at once. A re-implemented schedule in the engine
+/// fails this test.
+#[test]
+fn recoverable_failures_retry_on_the_schedule_of_retry_state() {
+    use gateway::replication::health::{evaluate, HealthInput};
+    use gateway::replication::retry::{ErrorClass, RetrySchedule, RetryState};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let t = test_dir("repl-retry");
+    let dd = t.path().join("dd");
+    std::fs::create_dir_all(&dd).unwrap();
+    // SAFETY: statvfs writes only into `st`, on this stack frame; the path is NUL-terminated.
+    let free = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        let p = std::ffi::CString::new(dd.to_str().unwrap()).unwrap();
+        assert_eq!(libc::statvfs(p.as_ptr(), &mut st), 0);
+        st.f_bavail as u64 * st.f_frsize as u64
+    };
+    let size_mib = ((free * 4) >> 20).max(1024);
+    run(standby(&dd).args(["disk", "create", "big", "--size", &format!("{size_mib}M")]));
+    run(standby(&dd).args(["store", "init"]));
+    fast_policy(&dd, "1s"); // retries 60× faster: 1 s, 2 s, 4 s …
+    let g = Gateway::start(&dd, &[]);
+    run(standby(&dd).args(["protect", "vm", "--disks", "big"]));
+
+    let failed_jobs = || -> Vec<serde_json::Value> {
+        let j: serde_json::Value =
+            serde_json::from_str(&run_stdout(standby(&dd).args(["jobs", "--json"]))).unwrap();
+        let mut v: Vec<serde_json::Value> = j
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["kind"] == "enable-protection" && j["state"] == "failed")
+            .cloned()
+            .collect();
+        v.sort_by_key(|j| j["id"].as_i64());
+        v
+    };
+    let v = wait_for(&dd, "three failed attempts", T, || {
+        let v = vm_json(&dd, "vm")?;
+        (v["failures"].as_u64() >= Some(3)).then_some(v)
+    });
+    let jobs = failed_jobs();
+    assert!(jobs.len() >= 3, "{jobs:?}");
+    let error = v["last_error"].as_str().unwrap().to_string();
+    assert!(error.contains("not enough local space"), "{error}");
+
+    // Replay the attempts through RetryState: each retry starts when the state said it was
+    // due, never before, and the row holds the next attempt RetryState computed.
+    let schedule = RetrySchedule::default().scaled(60);
+    let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+    let ms = |j: &serde_json::Value, f: &str| j[f].as_u64().unwrap();
+    let mut r = RetryState::default();
+    let failures = v["failures"].as_u64().unwrap() as usize;
+    let tail = &jobs[jobs.len() - failures..];
+    for (i, j) in tail.iter().enumerate() {
+        if i > 0 {
+            let due = r.next_attempt.unwrap();
+            let started = at(ms(j, "created_ms"));
+            assert!(
+                started >= due - Duration::from_millis(5),
+                "attempt {} started {:?} before it was due",
+                i + 1,
+                due.duration_since(started).unwrap_or_default()
+            );
+            // Within a few engine ticks of being due.
+            assert!(
+                started.duration_since(due).unwrap_or_default() < Duration::from_millis(1500),
+                "attempt {} started late",
+                i + 1
+            );
+        }
+        r.fail(
+            &schedule,
+            ErrorClass::Recoverable,
+            error.clone(),
+            at(ms(j, "finished_ms")),
+        );
+    }
+    let next = at(v["next_retry_ms"].as_u64().expect("a retry is scheduled"));
+    let want = r.next_attempt.unwrap();
+    let diff = if next > want {
+        next.duration_since(want).unwrap()
+    } else {
+        want.duration_since(next).unwrap()
+    };
+    assert!(
+        diff < Duration::from_millis(250),
+        "next retry {next:?}, RetryState says {want:?} (after {failures} failures)"
+    );
+
+    // Health as health::evaluate judges a first point that is being retried.
+    let (h, reasons) = evaluate(&HealthInput {
+        now: SystemTime::now(),
+        interval: Duration::from_secs(1),
+        newest_point: None,
+        cycles_due: 0,
+        cycles_missed: 0,
+        halted: false,
+        first_point_pending: true,
+        resync: None,
+        last_step_failed: true,
+    });
+    assert_eq!(v["health"], format!("{h:?}").to_lowercase());
+    assert_eq!(v["health_reasons"], serde_json::json!(reasons));
+
+    // Resume: the back-off starts over, the next attempt runs at once.
+    let before = failed_jobs().len();
+    run(standby(&dd).args(["resume", "vm"]));
+    wait_for(
+        &dd,
+        "an attempt right after resume",
+        Duration::from_secs(3),
+        || (failed_jobs().len() > before).then_some(()),
+    );
+    let v = vm_json(&dd, "vm").unwrap();
+    assert!(v["failures"].as_u64() <= Some(2), "{v}");
+    g.stop();
+}

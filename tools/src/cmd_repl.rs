@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use gateway::replication::db::{Db, Phase};
+use gateway::failover::replica::OverlayKind;
+use gateway::replication::db::{Db, JobState};
 use gateway::replication::status::{vm_statuses, AttachmentView, HealthState, JobView, StepView};
-use gateway::replication::{actions, now_ms, Policy};
+use gateway::replication::{actions, now_ms, Policy, ProtectionState};
 use gateway::DataDir;
 
 use crate::cmd_store::{human, open_store, time_of, time_of_ms};
@@ -250,14 +251,7 @@ pub fn status(dd: &DataDir, json: bool) -> Result<()> {
         println!("no protected VM (protect one with `standby protect VM --disks a,b`)");
     }
     for v in vms {
-        let phase = match v.state {
-            Phase::InitialReplication | Phase::Resyncing => {
-                format!("{} {:.0}%", v.state, v.progress_percent)
-            }
-            Phase::Critical => format!("Critical ({})", v.reason),
-            Phase::ResyncRequired => format!("ResyncRequired ({})", v.reason),
-            p => p.to_string(),
-        };
+        let phase = ProtectionState::of(v.state, v.progress_percent, &v.reason);
         let health = match v.health {
             HealthState::Normal => "Normal",
             HealthState::Warning => "Warning",
@@ -321,10 +315,10 @@ fn print_attachments(attachments: &[gateway::replication::db::Attachment]) {
     }
     println!("Recovery points served");
     for a in attachments {
-        let what = match a.kind.as_str() {
-            "test" => "test failover",
-            "failover" => "failover",
-            _ => "attached",
+        let what = match a.kind {
+            OverlayKind::Test => "test failover",
+            OverlayKind::Failover => "failover",
+            OverlayKind::Attach => "attached",
         };
         let mut line = format!(
             "  {:<40} {what:<14} {}/{}@{} {} {}",
@@ -335,7 +329,7 @@ fn print_attachments(attachments: &[gateway::replication::db::Attachment]) {
             if a.rw { "rw" } else { "ro" },
             a.state
         );
-        if a.kind == "failover" {
+        if a.kind == OverlayKind::Failover {
             line.push_str(&format!(" (hydrated {:.0}%)", a.progress));
         }
         if let Some(pid) = a.pid {
@@ -377,7 +371,7 @@ pub async fn jobs(dd: &DataDir, a: JobsArgs) -> Result<()> {
         let running: Vec<_> = db
             .jobs(a.limit, a.vm.as_deref())?
             .into_iter()
-            .filter(|j| j.state == "running")
+            .filter(|j| j.state == JobState::Running)
             .collect();
         let line = running
             .iter()
@@ -418,7 +412,7 @@ async fn watch_bars(db: &Db, a: &JobsArgs) -> Result<()> {
         let jobs = db.jobs(a.limit, a.vm.as_deref())?;
         let mut any = false;
         for j in &jobs {
-            let running = j.state == "running";
+            let running = j.state == JobState::Running;
             if let Some(b) = bars.get(&j.id) {
                 b.set_position(j.progress as u64);
                 b.set_message(j.detail.clone());

@@ -32,15 +32,8 @@ use serde::{Deserialize, Serialize};
 use super::replica::{is_overlay_dir, overlay_dir, OverlayKind};
 use crate::catalog::DataDir;
 use crate::replication::actions::ActionError;
-use crate::replication::db::{Attachment, Db, Phase};
+use crate::replication::db::{Attachment, AttachmentState, Db, JobKind, JobState, Phase};
 use crate::replication::now_ms;
-
-/// Attachment state the engine has not served yet.
-const REQUESTED: &str = "requested";
-/// Attachment state of an export the engine cannot serve (its `error` says why).
-const ERROR: &str = "error";
-/// Attachment state asking the engine to adopt a hydrated failover disk as a local disk.
-const COMMIT: &str = "commit";
 
 fn invalid(e: impl std::fmt::Display) -> ActionError {
     ActionError::Invalid(e.to_string())
@@ -299,10 +292,10 @@ fn row(
         disk: disk.into(),
         point: point.into(),
         rw,
-        kind: kind.as_str().into(),
+        kind,
         dir: dir.display().to_string(),
         created_ms: now_ms(),
-        state: REQUESTED.into(),
+        state: AttachmentState::Requested,
         error: String::new(),
         progress: 0.0,
         served_ms: None,
@@ -317,13 +310,13 @@ pub fn detach(db: &Db, export: &str) -> Result<Attachment, ActionError> {
             "{export} is not attached (see `standby status`)"
         )));
     };
-    if row.kind == OverlayKind::Test.as_str() {
+    if row.kind == OverlayKind::Test {
         return Err(ActionError::Conflict(format!(
             "{export} belongs to a test failover of VM {}: remove it with `standby failover cleanup {}`",
             row.vm, row.vm
         )));
     }
-    if row.kind != OverlayKind::Attach.as_str() {
+    if row.kind != OverlayKind::Attach {
         return Err(ActionError::Conflict(format!(
             "{export} belongs to a failover of VM {}: commit it with `standby failover commit {}`",
             row.vm, row.vm
@@ -354,10 +347,10 @@ impl FailoverMode {
     }
 
     /// The job kind.
-    pub fn job_kind(self) -> &'static str {
+    pub fn job_kind(self) -> JobKind {
         match self {
-            FailoverMode::Test => "test-failover",
-            FailoverMode::Failover => "failover",
+            FailoverMode::Test => JobKind::TestFailover,
+            FailoverMode::Failover => JobKind::Failover,
         }
     }
 
@@ -421,7 +414,7 @@ pub fn start_failover(
     let existing = db.attachments()?;
     if existing
         .iter()
-        .any(|a| &a.vm == vm && a.kind == kind.as_str())
+        .any(|a| &a.vm == vm && a.kind == kind)
     {
         return Err(ActionError::Conflict(match mode {
             FailoverMode::Test => format!(
@@ -493,13 +486,13 @@ pub fn wait_served(db: &Db, exports: &[String], wait: Duration) -> Result<(), Ac
         let mut all = true;
         for e in exports {
             match rows.iter().find(|r| &r.export == e) {
-                Some(r) if r.state == ERROR => {
+                Some(r) if r.state == AttachmentState::Error => {
                     return Err(ActionError::Conflict(format!(
                         "the gateway cannot serve {e}: {}",
                         r.error
                     )))
                 }
-                Some(r) if r.state == REQUESTED => all = false,
+                Some(r) if r.state == AttachmentState::Requested => all = false,
                 Some(_) => {}
                 None => {
                     return Err(ActionError::Conflict(format!(
@@ -532,7 +525,7 @@ pub fn await_served(db: &Db, s: &FailoverStarted, wait: Duration) -> Result<Dura
         for n in &names {
             db.delete_attachment(n)?;
         }
-        db.finish_job(s.job, "failed", "", &e.to_string())?;
+        db.finish_job(s.job, JobState::Failed, "", &e.to_string())?;
         return Err(e);
     }
     Ok(t0.elapsed())
@@ -545,8 +538,8 @@ pub fn finish_failover(
     outcome: Result<&str, &str>,
 ) -> Result<(), ActionError> {
     match outcome {
-        Ok(detail) => db.finish_job(s.job, "succeeded", detail, "")?,
-        Err(error) => db.finish_job(s.job, "failed", "", error)?,
+        Ok(detail) => db.finish_job(s.job, JobState::Succeeded, detail, "")?,
+        Err(error) => db.finish_job(s.job, JobState::Failed, "", error)?,
     }
     Ok(())
 }
@@ -567,7 +560,7 @@ pub fn vm_attachments(
     Ok(db
         .attachments()?
         .into_iter()
-        .filter(|r| r.vm == vm && r.kind == kind.as_str())
+        .filter(|r| r.vm == vm && r.kind == kind)
         .collect())
 }
 
@@ -612,7 +605,7 @@ pub fn cleanup_test(
             )));
         }
     }
-    let job = db.start_job(vm, "test-failover-cleanup")?;
+    let job = db.start_job(vm, JobKind::TestFailoverCleanup)?;
     if let Some(stop) = stop {
         for r in &rows {
             if let Some(pid) = r.pid {
@@ -643,7 +636,7 @@ pub fn cleanup_test(
     }
     db.finish_job(
         job,
-        "succeeded",
+        JobState::Succeeded,
         &format!("{} exports removed", rows.len()),
         "",
     )?;
@@ -679,7 +672,7 @@ pub fn start_prepare(db: &Db, vm: &str) -> Result<PrepareStarted, ActionError> {
         )));
     }
     let since_ms = now_ms();
-    let job = db.start_job(vm, "failover-prepare")?;
+    let job = db.start_job(vm, JobKind::FailoverPrepare)?;
     db.step(job, "replicate the last changes", "")?;
     db.modify_vm(vm, |v| v.last_cycle_ms = Some(0))?;
     Ok(PrepareStarted {
@@ -707,11 +700,11 @@ pub fn await_prepared(
     match &r {
         Ok(p) => db.finish_job(
             s.job,
-            "succeeded",
+            JobState::Succeeded,
             &format!("final point {}; protection stopped here", p.point),
             "",
         )?,
-        Err(e) => db.finish_job(s.job, "failed", "", &e.to_string())?,
+        Err(e) => db.finish_job(s.job, JobState::Failed, "", &e.to_string())?,
     }
     r
 }
@@ -773,10 +766,10 @@ pub fn start_commit(db: &Db, vm: &str) -> Result<CommitStarted, ActionError> {
             "VM {vm} has no failover to commit"
         )));
     }
-    let job = db.start_job(vm, "failover-commit")?;
+    let job = db.start_job(vm, JobKind::FailoverCommit)?;
     db.step(job, "wait for hydration, adopt local images", "")?;
     for r in &rows {
-        db.set_attachment(&r.export, COMMIT, "", r.progress)?;
+        db.set_attachment(&r.export, AttachmentState::Commit, "", r.progress)?;
     }
     Ok(CommitStarted {
         vm: vm.into(),
@@ -822,7 +815,7 @@ pub fn await_committed(
                 wait.as_secs(),
                 s.vm
             );
-            db.finish_job(s.job, "failed", "", &e)?;
+            db.finish_job(s.job, JobState::Failed, "", &e)?;
             return Err(ActionError::Conflict(e));
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -830,7 +823,7 @@ pub fn await_committed(
     tick(100.0);
     db.finish_job(
         s.job,
-        "succeeded",
+        JobState::Succeeded,
         &format!("disks {} are local", s.exports.join(",")),
         "",
     )?;

@@ -3,10 +3,13 @@
 //!
 //! Requests are rows in the replication state database (`attachments`): the CLI adds and
 //! removes them, the gateway's engine ([`crate::replication::Engine`]) turns them into exports
-//! within a second and reports back (state `served`, hydration progress).
+//! within a second and reports back (state `served`, hydration progress): [`attachments`] serves
+//! and removes them, [`hydrate`] copies a failed-over disk into its overlay.
 
 pub mod actions;
+pub mod attachments;
 pub mod device;
+pub mod hydrate;
 pub mod replica;
 
 pub use device::Device;

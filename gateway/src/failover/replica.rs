@@ -551,25 +551,16 @@ impl BlockDevice for ReplicaDisk {
     }
 }
 
-/// What an overlay serves; a directory level of its path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OverlayKind {
-    /// `standby attach --rw`.
-    Attach,
-    /// A test failover.
-    Test,
-    /// A failover (hydrated, then committed).
-    Failover,
-}
-
-impl OverlayKind {
-    /// The directory name (and the `kind` of its attachment rows).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OverlayKind::Attach => "attach",
-            OverlayKind::Test => "test",
-            OverlayKind::Failover => "failover",
-        }
+crate::replication::states::stored_enum! {
+    /// What an overlay serves; a directory level of its path, and the `kind` of its
+    /// attachment rows ([`crate::replication::db::Attachment`]).
+    pub enum OverlayKind("attachment kind") {
+        /// `standby attach` (`--rw`: with an overlay).
+        Attach = "attach",
+        /// A test failover.
+        Test = "test",
+        /// A failover (hydrated, then committed).
+        Failover = "failover",
     }
 }
 

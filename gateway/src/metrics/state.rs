@@ -203,7 +203,7 @@ impl StateMetrics {
         for j in &jobs {
             present.insert(j.id);
             let kind = JobKind {
-                kind: j.kind.clone(),
+                kind: j.kind.as_str().to_string(),
             };
             match j.finished_ms {
                 None => {
@@ -213,8 +213,8 @@ impl StateMetrics {
                     if self.counted.insert(j.id) {
                         self.jobs_finished
                             .get_or_create(&JobOutcome {
-                                kind: j.kind.clone(),
-                                state: j.state.clone(),
+                                kind: j.kind.as_str().to_string(),
+                                state: j.state.as_str().to_string(),
                             })
                             .inc();
                         self.job_duration

@@ -181,18 +181,19 @@ pub fn resume(db: &Db, vm: &str) -> Result<ResumeOutcome, ActionError> {
     let Some(before) = db.vm(vm)? else {
         return Err(ActionError::NotFound(format!("VM {vm} is not protected")));
     };
-    if before.phase != Phase::Critical && before.next_retry_ms.is_none() {
+    if !before.retry().resumable() {
         return Ok(ResumeOutcome::NothingToResume(before.phase));
     }
     let v = db
         .modify_vm(vm, |v| {
-            if v.phase == Phase::Critical {
+            let mut r = v.retry();
+            if r.halted {
                 v.phase = v.resume_phase.unwrap_or(Phase::EnablingProtection);
                 v.resume_phase = None;
                 v.reason.clear();
             }
-            v.failures = 0;
-            v.next_retry_ms = None;
+            r.resume();
+            v.set_retry(&r);
         })
         .map_err(db_err)?;
     Ok(ResumeOutcome::Resumed(v.phase))

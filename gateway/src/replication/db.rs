@@ -5,19 +5,33 @@
 //! `status`, `jobs`, `resync`, `resume`, `policy`) reads and writes the same file, so the CLI
 //! works whether or not the gateway runs, and everything survives restarts. Each update is one
 //! transaction.
+//!
+//! Every state kept here is an enum ([`super::states`], and the attachment kind
+//! [`crate::failover::replica::OverlayKind`]) whose one string form is the column's value
+//! (unchanged since schema 1, so existing databases open as they are); the SQL binds states as
+//! parameters. No code compares states as strings.
+//!
+//! Longer than most files (~950 lines): each table's SQL sits next to its row type and
+//! accessors, so the whole schema reads in one place; the tests are in `db_tests.rs`.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
+use replica_store::{ChunkId, DiskIndex};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::policy::Policy;
+use super::retry::RetryState;
+use crate::failover::replica::OverlayKind;
 
 /// File name inside the data directory.
 pub const DB_FILE: &str = "replication.db";
-const SCHEMA_VERSION: i64 = 1;
+/// 2: checkpoints record the chunks stored since the pass began in `checkpoint_chunks` (the
+/// `idx` column is the index the pass started from). A schema-1 database is migrated on open;
+/// a standby that knows only schema 1 refuses a schema-2 database instead of resuming a pass
+/// without its chunks.
+const SCHEMA_VERSION: i64 = 2;
 /// Finished jobs kept (the oldest are deleted beyond this).
 pub const MAX_FINISHED_JOBS: i64 = 500;
 
@@ -36,52 +50,11 @@ pub enum DbError {
     AlreadyProtected(String, String),
     #[error("stored policy is invalid: {0}")]
     Policy(String),
+    #[error("resume checkpoint {0} is damaged")]
+    Checkpoint(String),
 }
 
-/// Protection state as stored (the percent lives in [`VmRow::progress`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Phase {
-    EnablingProtection,
-    InitialReplication,
-    FinalizeProtection,
-    Protected,
-    ResyncRequired,
-    Resyncing,
-    Critical,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::EnablingProtection => "EnablingProtection",
-            Phase::InitialReplication => "InitialReplication",
-            Phase::FinalizeProtection => "FinalizeProtection",
-            Phase::Protected => "Protected",
-            Phase::ResyncRequired => "ResyncRequired",
-            Phase::Resyncing => "Resyncing",
-            Phase::Critical => "Critical",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Phase> {
-        Some(match s {
-            "EnablingProtection" => Phase::EnablingProtection,
-            "InitialReplication" => Phase::InitialReplication,
-            "FinalizeProtection" => Phase::FinalizeProtection,
-            "Protected" => Phase::Protected,
-            "ResyncRequired" => Phase::ResyncRequired,
-            "Resyncing" => Phase::Resyncing,
-            "Critical" => Phase::Critical,
-            _ => return None,
-        })
-    }
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use super::states::{AttachmentState, CheckpointKind, JobKind, JobState, Phase, StepState};
 
 /// One protected VM.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +84,33 @@ pub struct VmRow {
     pub created_ms: u64,
 }
 
+impl VmRow {
+    /// The row's retry bookkeeping as [`RetryState`], the one place retry decisions are made
+    /// (the engine, `standby resume` and the API all go through it).
+    pub fn retry(&self) -> RetryState {
+        RetryState {
+            failures: self.failures,
+            last_error: (!self.last_error.is_empty()).then(|| self.last_error.clone()),
+            next_attempt: self
+                .next_retry_ms
+                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+            halted: self.phase == Phase::Critical,
+        }
+    }
+
+    /// Stores `r` in the row (whether the VM is halted is its phase, set by the caller with
+    /// the reason and the phase to resume).
+    pub fn set_retry(&mut self, r: &RetryState) {
+        self.failures = r.failures;
+        self.last_error = r.last_error.clone().unwrap_or_default();
+        self.next_retry_ms = r.next_attempt.map(|t| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)
+        });
+    }
+}
+
 /// Per-disk figures the gateway publishes for `standby status`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiskStat {
@@ -127,9 +127,8 @@ pub struct DiskStat {
 pub struct JobRow {
     pub id: i64,
     pub vm: String,
-    pub kind: String,
-    /// running, succeeded, failed, interrupted
-    pub state: String,
+    pub kind: JobKind,
+    pub state: JobState,
     pub created_ms: u64,
     pub finished_ms: Option<u64>,
     pub progress: f64,
@@ -144,7 +143,7 @@ pub struct StepRow {
     pub name: String,
     pub started_ms: u64,
     pub finished_ms: Option<u64>,
-    pub state: String,
+    pub state: StepState,
     pub detail: String,
 }
 
@@ -153,8 +152,7 @@ pub struct StepRow {
 pub struct Checkpoint {
     pub vm: String,
     pub disk: String,
-    /// "initial" or "resync".
-    pub kind: String,
+    pub kind: CheckpointKind,
     /// Change-log chain id and the LSN the phase started after.
     pub chain: String,
     pub start_lsn: u64,
@@ -170,6 +168,34 @@ pub struct Checkpoint {
     pub done: bool,
 }
 
+impl Checkpoint {
+    /// The progress to record after storing `stored` (chunk, id) since the last record.
+    pub fn progress(&self, stored: Vec<(u64, ChunkId)>) -> CheckpointProgress {
+        CheckpointProgress {
+            vm: self.vm.clone(),
+            disk: self.disk.clone(),
+            position: self.position,
+            bytes_read: self.bytes_read,
+            bytes_sent: self.bytes_sent,
+            done: self.done,
+            stored,
+        }
+    }
+}
+
+/// A pass's progress since its last record ([`Db::checkpoint_progress`]): counters and the
+/// chunks stored meanwhile, never the whole index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointProgress {
+    pub vm: String,
+    pub disk: String,
+    pub position: u64,
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+    pub done: bool,
+    pub stored: Vec<(u64, ChunkId)>,
+}
+
 /// A recovery point served as an export (attach, test failover, failover).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attachment {
@@ -179,13 +205,11 @@ pub struct Attachment {
     /// Point id.
     pub point: String,
     pub rw: bool,
-    /// "attach", "test" or "failover".
-    pub kind: String,
+    pub kind: OverlayKind,
     /// Overlay directory (for a writable attachment).
     pub dir: String,
     pub created_ms: u64,
-    /// requested, served, hydrated, commit, error.
-    pub state: String,
+    pub state: AttachmentState,
     pub error: String,
     /// Hydration percent (failover).
     pub progress: f64,
@@ -265,13 +289,19 @@ impl Db {
                 point TEXT NOT NULL, rw INTEGER NOT NULL, kind TEXT NOT NULL, dir TEXT NOT NULL,
                 created_ms INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'requested',
                 error TEXT NOT NULL DEFAULT '', progress REAL NOT NULL DEFAULT 0,
-                served_ms INTEGER, pid INTEGER);",
+                served_ms INTEGER, pid INTEGER);
+             CREATE TABLE IF NOT EXISTS checkpoint_chunks(
+                vm TEXT NOT NULL, disk TEXT NOT NULL, chunk INTEGER NOT NULL, id BLOB NOT NULL,
+                PRIMARY KEY(vm, disk, chunk));",
         )
         .map_err(e)?;
         let db = Db { path, conn };
         match db.meta("schema")? {
             None => db.set_meta("schema", &SCHEMA_VERSION.to_string())?,
             Some(v) if v == SCHEMA_VERSION.to_string() => {}
+            // Schema 1 differs only by the table created above (its checkpoints hold whole
+            // indexes, which read the same with no chunk rows).
+            Some(v) if v == "1" => db.set_meta("schema", &SCHEMA_VERSION.to_string())?,
             Some(v) => {
                 return Err(DbError::Schema {
                     path: db.path.clone(),
@@ -322,7 +352,6 @@ impl Db {
 
     fn vm_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
         let disks: String = r.get("disks")?;
-        let phase: String = r.get("phase")?;
         let resume: String = r.get("resume_phase")?;
         Ok(VmRow {
             name: r.get("name")?,
@@ -331,7 +360,7 @@ impl Db {
                 .filter(|s| !s.is_empty())
                 .map(String::from)
                 .collect(),
-            phase: Phase::parse(&phase).unwrap_or(Phase::Critical),
+            phase: r.get("phase")?,
             progress: r.get("progress")?,
             reason: r.get("reason")?,
             resume_phase: Phase::parse(&resume),
@@ -385,7 +414,7 @@ impl Db {
                     params![
                         name,
                         disks.join(","),
-                        Phase::EnablingProtection.as_str(),
+                        Phase::EnablingProtection,
                         now_ms() as i64
                     ],
                 )
@@ -405,7 +434,7 @@ impl Db {
                  cycles_missed=?16 WHERE name=?1",
                 params![
                     v.name,
-                    v.phase.as_str(),
+                    v.phase,
                     v.progress,
                     v.reason,
                     v.resume_phase.map(|p| p.as_str()).unwrap_or(""),
@@ -466,7 +495,7 @@ impl Db {
                 .conn
                 .execute("DELETE FROM vms WHERE name=?1", [name])
                 .map_err(|e| self.err(e))?;
-            for t in ["disk_stats", "checkpoints"] {
+            for t in ["disk_stats", "checkpoints", "checkpoint_chunks"] {
                 self.conn
                     .execute(&format!("DELETE FROM {t} WHERE vm=?1"), [name])
                     .map_err(|e| self.err(e))?;
@@ -520,20 +549,20 @@ impl Db {
 
     // ---- jobs ----
 
-    pub fn start_job(&self, vm: &str, kind: &str) -> Result<i64, DbError> {
+    pub fn start_job(&self, vm: &str, kind: JobKind) -> Result<i64, DbError> {
         self.conn
             .execute(
-                "INSERT INTO jobs(vm, kind, state, created_ms) VALUES(?1, ?2, 'running', ?3)",
-                params![vm, kind, now_ms() as i64],
+                "INSERT INTO jobs(vm, kind, state, created_ms) VALUES(?1, ?2, ?3, ?4)",
+                params![vm, kind, JobState::Running, now_ms() as i64],
             )
             .map_err(|e| self.err(e))?;
         let id = self.conn.last_insert_rowid();
         // Bound the history.
         self.conn
             .execute(
-                "DELETE FROM jobs WHERE state!='running' AND id <= (SELECT id FROM jobs
-                 WHERE state!='running' ORDER BY id DESC LIMIT 1 OFFSET ?1)",
-                [MAX_FINISHED_JOBS],
+                "DELETE FROM jobs WHERE state!=?2 AND id <= (SELECT id FROM jobs
+                 WHERE state!=?2 ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+                params![MAX_FINISHED_JOBS, JobState::Running],
             )
             .map_err(|e| self.err(e))?;
         self.conn
@@ -558,21 +587,22 @@ impl Db {
     pub fn finish_job(
         &self,
         id: i64,
-        state: &str,
+        state: JobState,
         detail: &str,
         error: &str,
     ) -> Result<(), DbError> {
+        let progress: Option<f64> = (state == JobState::Succeeded).then_some(100.0);
         self.conn
             .execute(
                 "UPDATE jobs SET state=?2, finished_ms=?3, detail=CASE WHEN ?4='' THEN detail ELSE ?4 END,
-                 error=?5, progress=CASE WHEN ?2='succeeded' THEN 100 ELSE progress END WHERE id=?1",
-                params![id, state, now_ms() as i64, detail, error],
+                 error=?5, progress=COALESCE(?6, progress) WHERE id=?1",
+                params![id, state, now_ms() as i64, detail, error, progress],
             )
             .map_err(|e| self.err(e))?;
         self.conn
             .execute(
                 "UPDATE job_steps SET state=?2, finished_ms=?3 WHERE job=?1 AND finished_ms IS NULL",
-                params![id, if state == "succeeded" { "done" } else { state }, now_ms() as i64],
+                params![id, state.step_end(), now_ms() as i64],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -583,16 +613,16 @@ impl Db {
         let n = self
             .conn
             .execute(
-                "UPDATE jobs SET state='interrupted', finished_ms=?1,
+                "UPDATE jobs SET state=?2, finished_ms=?1,
                  error='the gateway stopped while the job ran (it resumes in a new job)'
-                 WHERE state='running'",
-                [now_ms() as i64],
+                 WHERE state=?3",
+                params![now_ms() as i64, JobState::Interrupted, JobState::Running],
             )
             .map_err(|e| self.err(e))?;
         self.conn
             .execute(
-                "UPDATE job_steps SET state='interrupted', finished_ms=?1 WHERE finished_ms IS NULL",
-                [now_ms() as i64],
+                "UPDATE job_steps SET state=?2, finished_ms=?1 WHERE finished_ms IS NULL",
+                params![now_ms() as i64, StepState::Interrupted],
             )
             .map_err(|e| self.err(e))?;
         Ok(n)
@@ -603,15 +633,15 @@ impl Db {
         let now = now_ms() as i64;
         self.conn
             .execute(
-                "UPDATE job_steps SET state='done', finished_ms=?2 WHERE job=?1 AND finished_ms IS NULL",
-                params![job, now],
+                "UPDATE job_steps SET state=?3, finished_ms=?2 WHERE job=?1 AND finished_ms IS NULL",
+                params![job, now, StepState::Done],
             )
             .map_err(|e| self.err(e))?;
         self.conn
             .execute(
                 "INSERT INTO job_steps(job, seq, name, started_ms, state, detail)
-                 VALUES(?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_steps WHERE job=?1), ?2, ?3, 'running', ?4)",
-                params![job, name, now, detail],
+                 VALUES(?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_steps WHERE job=?1), ?2, ?3, ?5, ?4)",
+                params![job, name, now, detail, StepState::Running],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -691,8 +721,8 @@ impl Db {
     pub fn add_attachment(&self, a: &Attachment) -> Result<(), DbError> {
         self.conn
             .execute(
-                "INSERT INTO attachments(export, vm, disk, point, rw, kind, dir, created_ms)
-                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO attachments(export, vm, disk, point, rw, kind, dir, created_ms, state)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     a.export,
                     a.vm,
@@ -701,7 +731,8 @@ impl Db {
                     a.rw as i64,
                     a.kind,
                     a.dir,
-                    a.created_ms as i64
+                    a.created_ms as i64,
+                    AttachmentState::Requested,
                 ],
             )
             .map(|_| ())
@@ -740,16 +771,17 @@ impl Db {
     pub fn set_attachment(
         &self,
         export: &str,
-        state: &str,
+        state: AttachmentState,
         error: &str,
         progress: f64,
     ) -> Result<(), DbError> {
+        // The first time it is served, the row records when.
+        let served_now: Option<i64> = (state == AttachmentState::Served).then(|| now_ms() as i64);
         self.conn
             .execute(
                 "UPDATE attachments SET state=?2, error=?3, progress=?4,
-                 served_ms=CASE WHEN ?2='served' AND served_ms IS NULL THEN ?5 ELSE served_ms END
-                 WHERE export=?1",
-                params![export, state, error, progress, now_ms() as i64],
+                 served_ms=COALESCE(served_ms, ?5) WHERE export=?1",
+                params![export, state, error, progress, served_now],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -774,7 +806,39 @@ impl Db {
 
     // ---- checkpoints ----
 
+    /// The checkpoint of a disk's pass, its index complete: the index the pass started from
+    /// with every chunk recorded since applied.
     pub fn checkpoint(&self, vm: &str, disk: &str) -> Result<Option<Checkpoint>, DbError> {
+        let Some(mut c) = self.checkpoint_row(vm, disk)? else {
+            return Ok(None);
+        };
+        let mut st = self
+            .conn
+            .prepare("SELECT chunk, id FROM checkpoint_chunks WHERE vm=?1 AND disk=?2")
+            .map_err(|e| self.err(e))?;
+        let chunks = st
+            .query_map([vm, disk], |r| {
+                Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))?;
+        if !chunks.is_empty() {
+            let bad = |e: String| DbError::Checkpoint(format!("{vm}/{disk}: {e}"));
+            let mut index =
+                DiskIndex::from_bytes(&c.index, "checkpoint").map_err(|e| bad(e.to_string()))?;
+            for (ci, id) in chunks {
+                let id: [u8; 32] = id
+                    .try_into()
+                    .map_err(|_| bad(format!("chunk {ci} has an id that is not 32 bytes")))?;
+                index.set(ci, ChunkId(id)).map_err(|e| bad(e.to_string()))?;
+            }
+            c.index = index.to_bytes();
+        }
+        Ok(Some(c))
+    }
+
+    fn checkpoint_row(&self, vm: &str, disk: &str) -> Result<Option<Checkpoint>, DbError> {
         self.conn
             .query_row(
                 "SELECT * FROM checkpoints WHERE vm=?1 AND disk=?2",
@@ -800,7 +864,61 @@ impl Db {
             .map_err(|e| self.err(e))
     }
 
+    /// Starts a pass's checkpoint: `c.index` is the index the pass starts from (chunks recorded
+    /// for an earlier pass of the disk are dropped).
     pub fn put_checkpoint(&self, c: &Checkpoint) -> Result<(), DbError> {
+        self.write_tx(|| {
+            self.conn
+                .execute(
+                    "DELETE FROM checkpoint_chunks WHERE vm=?1 AND disk=?2",
+                    [&c.vm, &c.disk],
+                )
+                .map_err(|e| self.err(e))?;
+            self.put_checkpoint_row(c)
+        })
+    }
+
+    /// Records a pass's progress and the chunks it stored since the last record, in one
+    /// transaction whose size follows the change (never the whole index).
+    pub fn checkpoint_progress(&self, p: &CheckpointProgress) -> Result<(), DbError> {
+        self.write_tx(|| {
+            let n = self
+                .conn
+                .execute(
+                    "UPDATE checkpoints SET position=?3, bytes_read=?4, bytes_sent=?5, done=?6
+                     WHERE vm=?1 AND disk=?2",
+                    params![
+                        p.vm,
+                        p.disk,
+                        p.position as i64,
+                        p.bytes_read as i64,
+                        p.bytes_sent as i64,
+                        p.done as i64
+                    ],
+                )
+                .map_err(|e| self.err(e))?;
+            if n == 0 {
+                return Err(DbError::Checkpoint(format!(
+                    "{}/{}: no checkpoint to record progress in",
+                    p.vm, p.disk
+                )));
+            }
+            let mut st = self
+                .conn
+                .prepare_cached(
+                    "INSERT INTO checkpoint_chunks(vm, disk, chunk, id) VALUES(?1, ?2, ?3, ?4)
+                     ON CONFLICT(vm, disk, chunk) DO UPDATE SET id=excluded.id",
+                )
+                .map_err(|e| self.err(e))?;
+            for (ci, id) in &p.stored {
+                st.execute(params![p.vm, p.disk, *ci as i64, &id.0[..]])
+                    .map_err(|e| self.err(e))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn put_checkpoint_row(&self, c: &Checkpoint) -> Result<(), DbError> {
         self.conn
             .execute(
                 "INSERT INTO checkpoints(vm, disk, kind, chain, start_lsn, position, total,
@@ -831,61 +949,17 @@ impl Db {
     }
 
     pub fn clear_checkpoints(&self, vm: &str) -> Result<(), DbError> {
-        self.conn
-            .execute("DELETE FROM checkpoints WHERE vm=?1", [vm])
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        self.write_tx(|| {
+            for t in ["checkpoints", "checkpoint_chunks"] {
+                self.conn
+                    .execute(&format!("DELETE FROM {t} WHERE vm=?1"), [vm])
+                    .map_err(|e| self.err(e))?;
+            }
+            Ok(())
+        })
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vm_jobs_and_checkpoints_round_trip() {
-        let d = tempfile::tempdir().unwrap();
-        let db = Db::open(d.path()).unwrap();
-        db.insert_vm("web", &["a".into(), "b".into()]).unwrap();
-        assert!(matches!(
-            db.insert_vm("web", &[]),
-            Err(DbError::AlreadyProtected(..))
-        ));
-        let v = db
-            .modify_vm("web", |v| {
-                v.phase = Phase::Critical;
-                v.resume_phase = Some(Phase::Protected);
-                v.next_retry_ms = Some(5);
-            })
-            .unwrap();
-        let db2 = Db::open(d.path()).unwrap();
-        assert_eq!(db2.vm("web").unwrap().unwrap(), v);
-        assert_eq!(v.disks, vec!["a", "b"]);
-        let j = db.start_job("web", "initial-replication").unwrap();
-        db.step(j, "copy a", "").unwrap();
-        db.step(j, "copy b", "").unwrap();
-        db.finish_job(j, "succeeded", "", "").unwrap();
-        let (jr, steps) = db.job(j).unwrap().unwrap();
-        assert_eq!(jr.state, "succeeded");
-        assert_eq!(steps.len(), 2);
-        assert!(steps.iter().all(|s| s.finished_ms.is_some()));
-        let c = Checkpoint {
-            vm: "web".into(),
-            disk: "a".into(),
-            kind: "initial".into(),
-            chain: "x".into(),
-            start_lsn: 3,
-            position: 10,
-            total: 20,
-            bytes_read: 1,
-            bytes_sent: 2,
-            index: vec![1, 2, 3],
-            todo: vec![],
-            done: false,
-        };
-        db.put_checkpoint(&c).unwrap();
-        assert_eq!(db.checkpoint("web", "a").unwrap().unwrap(), c);
-        assert!(db.delete_vm("web").unwrap());
-        assert!(db.checkpoint("web", "a").unwrap().is_none());
-    }
-}
+#[path = "db_tests.rs"]
+mod tests;

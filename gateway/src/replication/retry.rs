@@ -5,6 +5,11 @@
 //! every 30 minutes. Non-recoverable errors (authentication, VM or disk not found, a broken chain
 //! that resync cannot fix, invalid replica state, wrong key) are not retried: the VM turns
 //! Critical until an admin acts.
+//!
+//! [`RetryState`] is the only implementation of these rules: the engine records every failed
+//! step with [`RetryState::fail`] and runs a step only when [`RetryState::due`]; success is
+//! [`RetryState::succeed`] and `standby resume` is [`RetryState::resume`]. The state database
+//! keeps it in the VM's row ([`super::db::VmRow::retry`] / [`super::db::VmRow::set_retry`]).
 
 use std::time::{Duration, SystemTime};
 
@@ -95,11 +100,17 @@ impl RetryState {
         *self = Self::default();
     }
 
-    /// An admin resumes a halted VM: try now.
-    pub fn resume(&mut self, now: SystemTime) {
+    /// An admin resumes a halted or waiting VM: the back-off starts over and the next
+    /// attempt is due at once (the last error stays on show until an attempt succeeds).
+    pub fn resume(&mut self) {
         self.halted = false;
         self.failures = 0;
-        self.next_attempt = Some(now);
+        self.next_attempt = None;
+    }
+
+    /// Is there anything for `resume` to do?
+    pub fn resumable(&self) -> bool {
+        self.halted || self.next_attempt.is_some()
     }
 
     /// May an attempt run at `now`?
@@ -150,7 +161,9 @@ mod tests {
             None
         );
         assert!(!r.due(t0 + Duration::from_secs(86_400)));
-        r.resume(t0 + Duration::from_secs(5));
+        assert!(r.resumable());
+        r.resume();
         assert!(r.due(t0 + Duration::from_secs(5)));
+        assert!(!r.resumable());
     }
 }

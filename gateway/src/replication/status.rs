@@ -8,9 +8,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::db::{Attachment, Db, DbError, JobRow, Phase, StepRow, VmRow};
+use super::db::{
+    Attachment, AttachmentState, Db, DbError, JobKind, JobRow, JobState, Phase, StepRow, StepState,
+    VmRow,
+};
 use super::health::{evaluate, Health, HealthInput};
 use super::policy::Policy;
+use crate::failover::replica::OverlayKind;
 
 /// Health as the API spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -77,45 +81,25 @@ fn to_time(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-/// Health and its reasons, as `standby status` shows them.
+/// Health and its reasons, as `standby status` shows them: the VM's row as a
+/// [`HealthInput`], judged by [`evaluate`].
 pub fn vm_health(v: &VmRow, policy: &Policy, now: SystemTime) -> (Health, Vec<String>) {
-    match v.phase {
-        Phase::Critical => evaluate(&HealthInput {
-            now,
-            interval: policy.interval(),
-            newest_point: None,
-            cycles_due: 0,
-            cycles_missed: 0,
-            halted: true,
-        }),
-        Phase::Protected | Phase::ResyncRequired | Phase::Resyncing => {
-            let (mut h, mut r) = evaluate(&HealthInput {
-                now,
-                interval: policy.interval(),
-                newest_point: v.last_cycle_ms.map(to_time),
-                cycles_due: v.cycles_due,
-                cycles_missed: v.cycles_missed,
-                halted: false,
-            });
-            if v.phase != Phase::Protected {
-                h = h.max(Health::Warning);
-                r.push(format!("resynchronization needed: {}", v.reason));
-            }
-            if !v.last_error.is_empty() {
-                h = h.max(Health::Warning);
-            }
-            (h, r)
-        }
-        _ => {
-            let mut r = Vec::new();
-            let mut h = Health::Normal;
-            if !v.last_error.is_empty() {
-                h = Health::Warning;
-                r.push("initial replication is retrying".into());
-            }
-            (h, r)
-        }
-    }
+    let retry = v.retry();
+    evaluate(&HealthInput {
+        now,
+        interval: policy.interval(),
+        newest_point: v.last_cycle_ms.map(to_time),
+        cycles_due: v.cycles_due,
+        cycles_missed: v.cycles_missed,
+        halted: retry.halted,
+        first_point_pending: matches!(
+            v.phase,
+            Phase::EnablingProtection | Phase::InitialReplication | Phase::FinalizeProtection
+        ),
+        resync: matches!(v.phase, Phase::ResyncRequired | Phase::Resyncing)
+            .then(|| v.reason.clone()),
+        last_step_failed: retry.last_error.is_some(),
+    })
 }
 
 /// The status of one VM.
@@ -172,7 +156,7 @@ pub fn vm_statuses(db: &Db) -> Result<Vec<VmStatus>, DbError> {
 pub struct StepView {
     pub seq: i64,
     pub name: String,
-    pub state: String,
+    pub state: StepState,
     pub started_ms: u64,
     pub finished_ms: Option<u64>,
     pub detail: String,
@@ -196,8 +180,8 @@ impl From<StepRow> for StepView {
 pub struct JobView {
     pub id: i64,
     pub vm: String,
-    pub kind: String,
-    pub state: String,
+    pub kind: JobKind,
+    pub state: JobState,
     pub progress_percent: f64,
     pub created_ms: u64,
     pub finished_ms: Option<u64>,
@@ -237,8 +221,8 @@ pub struct AttachmentView {
     pub point: String,
     pub writable: bool,
     /// attach, test or failover.
-    pub kind: String,
-    pub state: String,
+    pub kind: OverlayKind,
+    pub state: AttachmentState,
     pub error: String,
     /// Hydration of a failed-over disk, percent.
     pub hydrated_percent: f64,
