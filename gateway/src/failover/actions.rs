@@ -412,10 +412,7 @@ pub fn start_failover(
     let vm = &r.vm;
     let kind = mode.overlay();
     let existing = db.attachments()?;
-    if existing
-        .iter()
-        .any(|a| &a.vm == vm && a.kind == kind)
-    {
+    if existing.iter().any(|a| &a.vm == vm && a.kind == kind) {
         return Err(ActionError::Conflict(match mode {
             FailoverMode::Test => format!(
                 "VM {vm} already has a test failover: remove it with `standby failover cleanup {vm}`"
