@@ -120,7 +120,7 @@ if [ "$MODE" = garage-restic ]; then
     if [ $((r % 2)) = 1 ]; then order="packs restic chunks"; else order="chunks restic packs"; fi
     for peer in $order; do run "$peer" "$r"; done
   done
-  median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+  median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
   RT=$(echo "${T[restic]}" | median)
   echo
   echo "| peer | seconds (median of $ROUNDS) | MB/s | speed vs restic | PUTs | PUTs per MiB stored | bytes stored |"
