@@ -3,8 +3,13 @@
 //!
 //! ```text
 //! store_bench import STORE IMAGE [--chunk-size N] [--compression zstd|none] [--encrypt]
-//! store_bench delta STORE IMAGE --writes N [--chunk-size N] [--seed S]
+//!                    [--layout chunks|packs] [--pack-size BYTES] [--uploads N]
+//! store_bench du STORE
+//! store_bench delta STORE IMAGE --writes N [--chunk-size N] [--seed S] [layout options]
 //! ```
+//! `--layout` defaults to the backend's preference (packs on S3, chunks locally); `puts` is
+//! the number of PUT requests the session made (pack, pack index, disk index and point
+//! objects, or one per chunk), `puts_per_mib` that per MiB uploaded.
 //! STORE is a directory or `s3://BUCKET/PREFIX` (endpoint from STANDBY_BENCH_S3_ENDPOINT,
 //! credentials from the AWS environment). Prints one `key=value` line.
 
@@ -15,7 +20,7 @@ use std::time::Instant;
 use anyhow_free::*;
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
-use replica_store::{Compression, CreateOptions, S3Config, StoreKey, StoreLocation};
+use replica_store::{Compression, CreateOptions, Layout, S3Config, StoreKey, StoreLocation};
 
 mod anyhow_free {
     pub type R<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -55,6 +60,20 @@ async fn stored_bytes(store: &replica_store::Store) -> R<(u64, usize)> {
 async fn main() -> R<()> {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).cloned().unwrap_or_default();
+    if mode == "du" {
+        // Bytes and objects under a location (any prefix, a store or not).
+        let Some(store_arg) = args.get(2) else {
+            eprintln!("usage: store_bench du STORE");
+            std::process::exit(2);
+        };
+        let objs = location(store_arg).backend().await?.list("").await?;
+        println!(
+            "mode=du objects={} bytes={}",
+            objs.len(),
+            objs.iter().map(|o| o.size).sum::<u64>()
+        );
+        return Ok(());
+    }
     let (Some(store_arg), Some(image)) = (args.get(2), args.get(3)) else {
         eprintln!("usage: store_bench import|delta STORE IMAGE [options]");
         std::process::exit(2);
@@ -78,8 +97,19 @@ async fn main() -> R<()> {
     if chunk_size > 0 {
         opts.chunk_size = chunk_size;
     }
+    opts.layout = match arg(&args, "--layout").as_deref() {
+        Some("chunks") => Some(Layout::Chunks),
+        Some("packs") => Some(Layout::Packs),
+        _ => None,
+    };
+    if let Some(n) = arg(&args, "--pack-size") {
+        opts.pack_size = n.parse()?;
+    }
     let loc = location(store_arg);
     let store = loc.create(opts, key.as_ref()).await?;
+    if let Some(n) = arg(&args, "--uploads") {
+        store.set_pack_uploads(n.parse()?);
+    }
     let image = PathBuf::from(image);
 
     let t = Instant::now();
@@ -89,9 +119,11 @@ async fn main() -> R<()> {
     let p = b.publish().await?;
     let secs = t.elapsed().as_secs_f64();
     let (stored, objects) = stored_bytes(&store).await?;
+    let up = p.upload.unwrap_or_default();
     if mode == "import" {
         println!(
-            "mode=import chunk_size={} bytes={} secs={:.3} publish_secs={:.3} mbps={:.0} stored_bytes={} objects={} uploaded_chunks={} zero_chunks={}",
+            "mode=import layout={:?} chunk_size={} bytes={} secs={:.3} publish_secs={:.3} mbps={:.0} stored_bytes={} objects={} puts={} put_bytes={} puts_per_mib={:.3} uploaded_chunks={} zero_chunks={}",
+            store.layout(),
             store.chunk_size(),
             stats.bytes_read,
             secs,
@@ -99,6 +131,9 @@ async fn main() -> R<()> {
             stats.bytes_read as f64 / secs / 1e6,
             stored,
             objects,
+            up.puts,
+            up.bytes,
+            up.puts as f64 / (up.bytes as f64 / 1048576.0).max(1e-9),
             stats.uploaded_chunks,
             stats.zero_chunks
         );
@@ -141,10 +176,14 @@ async fn main() -> R<()> {
             .await?
             .uploaded_bytes;
     }
-    d.publish().await?;
+    let dp = d.publish().await?;
+    let up = dp.upload.unwrap_or_default();
     let (stored2, _) = stored_bytes(&store).await?;
     println!(
-        "mode=delta chunk_size={} writes={} written_bytes={} chunks_touched={} uploaded_bytes={} amplification={:.1} store_growth={} secs={:.3}",
+        "mode=delta layout={:?} puts={} puts_per_mib={:.3} chunk_size={} writes={} written_bytes={} chunks_touched={} uploaded_bytes={} amplification={:.1} store_growth={} secs={:.3}",
+        store.layout(),
+        up.puts,
+        up.puts as f64 / (up.bytes as f64 / 1048576.0).max(1e-9),
         cs,
         writes,
         writes * 4096,

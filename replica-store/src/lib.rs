@@ -20,6 +20,7 @@ pub mod error;
 pub mod gc;
 pub mod image;
 pub mod manifest;
+pub mod pack;
 pub mod patch;
 pub mod point;
 pub mod reader;
@@ -30,7 +31,7 @@ pub mod testing;
 pub mod verify;
 
 pub use backend::s3::S3Config;
-pub use backend::{Backend, ObjectMeta};
+pub use backend::{Backend, ObjectMeta, RequestCounts};
 pub use chunk::{ChunkId, Compression};
 pub use config::StoreLocation;
 pub use crypto::{Cipher, StoreKey};
@@ -38,8 +39,11 @@ pub use error::{Error, Recoverability, Result};
 pub use gc::{GcOptions, GcReport};
 pub use image::{export_disk, import_disk, ImportStats};
 pub use manifest::DiskIndex;
+pub use pack::{Layout, PackTotals};
 pub use patch::Patch;
-pub use point::{ChunkWriter, Consistency, DiskEntry, PatchRef, PointBuilder, PointMeta};
+pub use point::{
+    ChunkWriter, Consistency, DiskEntry, PatchRef, PointBuilder, PointMeta, UploadStats,
+};
 pub use reader::{DiskReader, Extent, ReaderOptions};
 pub use retention::{PruneReport, RetentionPolicy};
 pub use store::{CreateOptions, PutKind, PutOutcome, Store, StoreSettings};

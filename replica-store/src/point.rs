@@ -18,6 +18,7 @@ use crate::backend::Staged;
 use crate::chunk::{ChunkId, MAGIC_INDEX, MAGIC_POINT};
 use crate::error::{Error, Result};
 use crate::manifest::DiskIndex;
+use crate::pack::{Layout, Packer};
 use crate::patch::Patch;
 use crate::store::{now_unix_ms, PutKind, PutOutcome, Store};
 use futures::{StreamExt, TryStreamExt};
@@ -100,6 +101,22 @@ pub struct PointMeta {
     /// Free-form labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// What the session that published this point wrote to the store (absent in points of
+    /// older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadStats>,
+}
+
+/// Writes one publishing session made: objects and their bytes (chunk or pack objects, pack
+/// indexes, disk indexes and the point object; for a delta, only what the delta added).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadStats {
+    /// Objects written (one PUT each; an object above the multipart threshold takes more).
+    pub puts: u64,
+    /// Bytes of those objects.
+    pub bytes: u64,
+    /// Chunks (and patch objects) newly stored.
+    pub chunks: u64,
 }
 
 impl PointMeta {
@@ -274,6 +291,12 @@ pub struct ChunkWriter {
     store: Store,
     known: Arc<Mutex<HashSet<ChunkId>>>,
     staged: Arc<Mutex<Vec<Staged>>>,
+    /// Packs layout: the session's pack writer.
+    packer: Option<Arc<Packer>>,
+    /// Chunk objects written (chunks layout) and chunks stored (both layouts).
+    chunk_puts: Arc<std::sync::atomic::AtomicU64>,
+    chunk_bytes: Arc<std::sync::atomic::AtomicU64>,
+    chunks: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ChunkWriter {
@@ -285,6 +308,76 @@ impl ChunkWriter {
             .await
             .map_err(|e| Error::Config(format!("hash task failed: {e}")))?;
         self.put_with_id(id, data).await
+    }
+
+    fn new(store: &Store) -> Self {
+        ChunkWriter {
+            store: store.clone(),
+            known: Arc::default(),
+            staged: Arc::default(),
+            packer: (store.layout() == Layout::Packs).then(|| Arc::new(Packer::new(store))),
+            chunk_puts: Arc::default(),
+            chunk_bytes: Arc::default(),
+            chunks: Arc::default(),
+        }
+    }
+
+    fn count(&self, out: &PutOutcome, puts: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if out.kind == PutKind::Uploaded {
+            self.chunks.fetch_add(1, Relaxed);
+            self.chunk_puts.fetch_add(puts, Relaxed);
+            self.chunk_bytes
+                .fetch_add(if puts > 0 { out.uploaded_bytes } else { 0 }, Relaxed);
+        }
+    }
+
+    /// What this session has written so far (packs count once uploaded).
+    pub fn upload_stats(&self) -> UploadStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (pp, pb) = self.packer.as_ref().map_or((0, 0), |p| {
+            (p.puts.load(Relaxed), p.put_bytes.load(Relaxed))
+        });
+        UploadStats {
+            puts: self.chunk_puts.load(Relaxed) + pp,
+            bytes: self.chunk_bytes.load(Relaxed) + pb,
+            chunks: self.chunks.load(Relaxed),
+        }
+    }
+
+    /// Packs layout: store `items` (encoded chunk objects) in the session's packs, skipping
+    /// chunks a live pack already holds.
+    async fn pack_encoded(
+        &self,
+        packer: &Packer,
+        items: Vec<(ChunkId, Bytes)>,
+    ) -> Result<Vec<PutOutcome>> {
+        packer.start().await?;
+        let mut out = Vec::with_capacity(items.len());
+        for (id, obj) in items {
+            let fresh = self
+                .known
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id);
+            let o = if fresh && !self.store.pack_has(&id) {
+                packer.append(id, &obj).await?;
+                PutOutcome {
+                    id,
+                    uploaded_bytes: obj.len() as u64,
+                    kind: PutKind::Uploaded,
+                }
+            } else {
+                PutOutcome {
+                    id,
+                    uploaded_bytes: 0,
+                    kind: PutKind::Deduplicated,
+                }
+            };
+            self.count(&o, 0);
+            out.push(o);
+        }
+        Ok(out)
     }
 
     /// Store a chunk whose id the caller computed with [`Store::digest`].
@@ -308,7 +401,30 @@ impl ChunkWriter {
                 kind: PutKind::Deduplicated,
             });
         }
+        if let Some(packer) = &self.packer {
+            packer.start().await?;
+            if self.store.pack_has(&id) {
+                self.known
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id);
+                return Ok(PutOutcome {
+                    id,
+                    uploaded_bytes: 0,
+                    kind: PutKind::Deduplicated,
+                });
+            }
+            let codec = self.store.codec().clone();
+            let obj = tokio::task::spawn_blocking(move || codec.encode_chunk(&id, &data))
+                .await
+                .map_err(|e| Error::Config(format!("encode task failed: {e}")))??;
+            let mut out = self.pack_encoded(packer, vec![(id, obj)]).await?;
+            return out
+                .pop()
+                .ok_or_else(|| Error::Config("pack writer returned no outcome".into()));
+        }
         let (out, staged) = self.store.stage_chunk_with_id(id, data).await?;
+        self.count(&out, 1);
         if let Some(s) = staged {
             self.staged
                 .lock()
@@ -342,6 +458,9 @@ impl ChunkWriter {
         &self,
         items: Vec<(ChunkId, Bytes)>,
     ) -> Result<Vec<PutOutcome>> {
+        if let Some(packer) = &self.packer {
+            return self.pack_encoded(packer, items).await;
+        }
         let ids: Vec<(ChunkId, u64)> = items.iter().map(|(id, o)| (*id, o.len() as u64)).collect();
         let res = self
             .store
@@ -367,6 +486,9 @@ impl ChunkWriter {
             });
             staged.extend(r);
         }
+        for o in &out {
+            self.count(o, 1);
+        }
         self.staged
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -381,6 +503,12 @@ impl ChunkWriter {
     /// Make every chunk staged so far durable and visible (done by [`PointBuilder::publish`];
     /// call it earlier to bound the amount of staged data).
     pub async fn commit(&self) -> Result<()> {
+        if let Some(packer) = &self.packer {
+            let t = Instant::now();
+            packer.flush().await?;
+            tracing::debug!(elapsed = ?t.elapsed(), "pack uploads flushed");
+            return Ok(());
+        }
         let staged = std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()));
         if staged.is_empty() {
             return Ok(());
@@ -411,11 +539,7 @@ impl PointBuilder {
     /// A point for `vm` with no disks yet.
     pub fn new(store: &Store, vm: &str) -> Result<Self> {
         validate_name("VM", vm)?;
-        let writer = ChunkWriter {
-            store: store.clone(),
-            known: Arc::default(),
-            staged: Arc::default(),
-        };
+        let writer = ChunkWriter::new(store);
         Ok(PointBuilder {
             store: store.clone(),
             vm: vm.to_string(),
@@ -684,14 +808,17 @@ impl PointBuilder {
         let created = monotonic_ms(now_unix_ms());
         let id = new_point_id(created);
         let mut disks = Vec::new();
+        let mut upload = self.writer.upload_stats();
         for (name, st) in &self.disks {
             let (key, checksum) = match &st.inherited {
                 Some((key, sum)) => (key.clone(), sum.clone()),
                 None => {
                     let key = index_key(&self.vm, &id, name);
-                    self.store
-                        .put_object(MAGIC_INDEX, &key, &st.index.to_bytes())
+                    upload.bytes += self
+                        .store
+                        .put_object_len(MAGIC_INDEX, &key, &st.index.to_bytes())
                         .await?;
+                    upload.puts += 1;
                     (key, hex::encode(st.index.checksum()))
                 }
             };
@@ -716,13 +843,20 @@ impl PointBuilder {
             parent: self.parent.clone(),
             disks,
             labels: self.labels.clone(),
+            upload: None,
         };
+        // The point object itself is one more PUT (its own size is not known before it is
+        // serialized: counted as the JSON without these stats).
+        let mut meta = meta;
+        upload.puts += 1;
+        upload.bytes += serde_json::to_vec(&meta).map_or(0, |j| j.len() as u64);
+        meta.upload = Some(upload);
         let json = serde_json::to_vec(&meta)
             .map_err(|e| Error::Config(format!("serializing point: {e}")))?;
         self.store
             .put_object(MAGIC_POINT, &point_key(&self.vm, &id), &json)
             .await?;
-        tracing::info!(point = %meta.full_id(), disks = meta.disks.len(), "published recovery point");
+        tracing::info!(point = %meta.full_id(), disks = meta.disks.len(), ?upload, "published recovery point");
         Ok(meta)
     }
 }

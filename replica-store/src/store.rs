@@ -10,17 +10,22 @@ use crate::backend::{Backend, Staged};
 use crate::chunk::{ChunkId, Codec, Compression};
 use crate::crypto::{Cipher, Crypto, StoreKey};
 use crate::error::{Error, Result};
+use crate::pack::{Layout, PackCache, Packer, DEFAULT_PACK_SIZE, DEFAULT_PACK_UPLOADS, PACK_SIZES};
 
 /// Key of the store description at the root of the backend.
 pub const STORE_TOML: &str = "store.toml";
 /// Value of `format` in `store.toml`.
 pub const FORMAT_NAME: &str = "standby-replica-store";
-/// Format version this build writes. Version 4 names the number of hex digits of a chunk id
+/// Newest format version this build writes: 5, for stores whose chunks live in packs
+/// (`layout = "packs"`, see [`crate::pack`]); a store of the `chunks` layout is still written as
+/// version 4, so older builds keep reading local stores. Version 4 names the number of hex digits of a chunk id
 /// that form its fan-out directory in `store.toml` (`fan_out_digits`, 2 by default); versions
 /// 2 and 3 always used 3. Version 3 stores chunks that neither compress nor are encrypted bare
 /// (no envelope); version 2 stores, whose readers expect an envelope on every chunk, are still
 /// read and written the version 2 way.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
+/// Format version of stores with one object per chunk.
+pub const CHUNKS_FORMAT_VERSION: u32 = 4;
 /// Oldest format version this build opens.
 pub const OLDEST_FORMAT_VERSION: u32 = 2;
 /// Default chunk size (see docs/replica-store.md for the measurements behind it).
@@ -73,6 +78,20 @@ pub struct StoreSettings {
     /// Present when the store is encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionSettings>,
+    /// How chunks are stored: one object each, or in packs (format 5).
+    #[serde(default, skip_serializing_if = "is_chunks")]
+    pub layout: Layout,
+    /// Target size of a pack object in bytes (format 5 only; 0 otherwise).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pack_size: u32,
+}
+
+fn is_chunks(l: &Layout) -> bool {
+    *l == Layout::Chunks
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Options of [`Store::create`].
@@ -90,6 +109,11 @@ pub struct CreateOptions {
     pub fan_out_digits: u32,
     /// Cipher, used when a key is given.
     pub cipher: Cipher,
+    /// Chunk layout; `None` takes the backend's preference ([`Backend::prefers_packs`]:
+    /// packs on S3, a file per chunk on a local directory).
+    pub layout: Option<Layout>,
+    /// Target pack size (packs layout).
+    pub pack_size: u32,
 }
 
 impl Default for CreateOptions {
@@ -101,6 +125,8 @@ impl Default for CreateOptions {
             max_session_secs: DEFAULT_MAX_SESSION_SECS,
             fan_out_digits: DEFAULT_FAN_OUT_DIGITS,
             cipher: Cipher::Aes256Gcm,
+            layout: None,
+            pack_size: DEFAULT_PACK_SIZE,
         }
     }
 }
@@ -138,6 +164,10 @@ pub(crate) struct Inner {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) settings: StoreSettings,
     pub(crate) codec: Codec,
+    /// Pack indexes known to this handle (packs layout).
+    pub(crate) packs: std::sync::Mutex<PackCache>,
+    /// Pack uploads one session keeps in flight.
+    pack_uploads: std::sync::atomic::AtomicUsize,
 }
 
 pub(crate) fn now_unix_ms() -> u64 {
@@ -166,6 +196,17 @@ impl Store {
                 opts.fan_out_digits
             )));
         }
+        let layout = opts.layout.unwrap_or(if backend.prefers_packs() {
+            Layout::Packs
+        } else {
+            Layout::Chunks
+        });
+        if layout == Layout::Packs && !PACK_SIZES.contains(&opts.pack_size) {
+            return Err(Error::InvalidArgument(format!(
+                "pack size {} must be between 1 MiB and 256 MiB",
+                opts.pack_size
+            )));
+        }
         if backend.head(STORE_TOML).await?.is_some() {
             return Err(Error::AlreadyExists {
                 location: backend.describe(),
@@ -173,7 +214,10 @@ impl Store {
         }
         let settings = StoreSettings {
             format: FORMAT_NAME.into(),
-            format_version: FORMAT_VERSION,
+            format_version: match layout {
+                Layout::Chunks => CHUNKS_FORMAT_VERSION,
+                Layout::Packs => FORMAT_VERSION,
+            },
             store_id: hex::encode(rand::random::<[u8; 16]>()),
             created_unix: now_unix_ms() / 1000,
             chunk_size: opts.chunk_size,
@@ -185,6 +229,11 @@ impl Store {
                 cipher: opts.cipher,
                 key_fingerprint: k.fingerprint(),
             }),
+            layout,
+            pack_size: match layout {
+                Layout::Chunks => 0,
+                Layout::Packs => opts.pack_size,
+            },
         };
         let text = toml::to_string(&settings)
             .map_err(|e| Error::Config(format!("serializing store.toml: {e}")))?;
@@ -224,6 +273,21 @@ impl Store {
         }
         let settings: StoreSettings =
             toml::from_str(text).map_err(|e| Error::corrupt_object(STORE_TOML, e.to_string()))?;
+        let layout_ok = match settings.layout {
+            Layout::Chunks => settings.format_version < 5 && settings.pack_size == 0,
+            Layout::Packs => {
+                settings.format_version >= 5 && PACK_SIZES.contains(&settings.pack_size)
+            }
+        };
+        if !layout_ok {
+            return Err(Error::corrupt_object(
+                STORE_TOML,
+                format!(
+                    "layout {:?} with pack_size {} is not valid for format version {}",
+                    settings.layout, settings.pack_size, settings.format_version
+                ),
+            ));
+        }
         if !FAN_OUT_DIGITS.contains(&settings.fan_out_digits)
             || (settings.format_version < 4 && settings.fan_out_digits != LEGACY_FAN_OUT_DIGITS)
         {
@@ -278,6 +342,8 @@ impl Store {
                 backend,
                 settings,
                 codec,
+                packs: std::sync::Mutex::default(),
+                pack_uploads: DEFAULT_PACK_UPLOADS.into(),
             }),
         })
     }
@@ -285,6 +351,31 @@ impl Store {
     /// The store's settings (`store.toml`).
     pub fn settings(&self) -> &StoreSettings {
         &self.inner.settings
+    }
+
+    /// How this store keeps chunks.
+    pub fn layout(&self) -> Layout {
+        self.inner.settings.layout
+    }
+
+    /// Pack uploads one upload session keeps in flight (packs layout).
+    pub fn pack_uploads(&self) -> usize {
+        self.inner
+            .pack_uploads
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Set the pack uploads one session keeps in flight (at least 1; sessions started
+    /// afterwards use it). Memory per session is about `(n + 1) × pack_size`.
+    pub fn set_pack_uploads(&self, n: usize) {
+        self.inner
+            .pack_uploads
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Requests this handle's backend issued so far, if the backend counts them (S3).
+    pub fn requests(&self) -> Option<crate::backend::RequestCounts> {
+        self.inner.backend.requests()
     }
 
     /// The backend.
@@ -328,6 +419,9 @@ impl Store {
         if id.is_zero() {
             return Ok(true);
         }
+        if self.layout() == Layout::Packs {
+            return Ok(self.locate_chunk(id, false).await?.is_some());
+        }
         Ok(self
             .inner
             .backend
@@ -359,6 +453,29 @@ impl Store {
                 id,
                 uploaded_bytes: 0,
                 kind: PutKind::Zero,
+            });
+        }
+        if self.layout() == Layout::Packs {
+            // Outside a session: a pack of its own, uploaded at once.
+            let packer = Packer::new(self);
+            packer.start().await?;
+            if check_exists && self.pack_has(&id) {
+                return Ok(PutOutcome {
+                    id,
+                    uploaded_bytes: 0,
+                    kind: PutKind::Deduplicated,
+                });
+            }
+            let codec = self.inner.codec.clone();
+            let obj = tokio::task::spawn_blocking(move || codec.encode_chunk(&id, &data))
+                .await
+                .map_err(|e| Error::Config(format!("encode task failed: {e}")))??;
+            packer.append(id, &obj).await?;
+            packer.flush().await?;
+            return Ok(PutOutcome {
+                id,
+                uploaded_bytes: obj.len() as u64,
+                kind: PutKind::Uploaded,
             });
         }
         let key = self.chunk_key(&id);
@@ -444,20 +561,17 @@ impl Store {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let obj = match self.inner.backend.get(&self.chunk_key(id)).await {
-                Ok(o) => o,
-                Err(e) if e.is_not_found() => {
-                    match self.inner.backend.get(&self.fossil_key(id)).await {
-                        Ok(o) => o,
-                        Err(e) if e.is_not_found() => {
-                            return Err(Error::MissingChunk {
-                                digest: id.to_hex(),
-                            })
-                        }
-                        Err(e) => return Err(e),
+            let obj = if self.layout() == Layout::Packs {
+                match self.get_packed(id, attempt > 1).await? {
+                    Some(o) => o,
+                    None => {
+                        return Err(Error::MissingChunk {
+                            digest: id.to_hex(),
+                        })
                     }
                 }
-                Err(e) => return Err(e),
+            } else {
+                self.get_chunk_object(id).await?
             };
             let codec = self.inner.codec.clone();
             let id2 = *id;
@@ -476,15 +590,49 @@ impl Store {
         }
     }
 
+    /// The object of a chunk of the `chunks` layout (or its fossil).
+    async fn get_chunk_object(&self, id: &ChunkId) -> Result<Bytes> {
+        {
+            let obj = match self.inner.backend.get(&self.chunk_key(id)).await {
+                Ok(o) => o,
+                Err(e) if e.is_not_found() => {
+                    match self.inner.backend.get(&self.fossil_key(id)).await {
+                        Ok(o) => o,
+                        Err(e) if e.is_not_found() => {
+                            return Err(Error::MissingChunk {
+                                digest: id.to_hex(),
+                            })
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            Ok(obj)
+        }
+    }
+
     /// Seal and store a non-chunk object.
     pub(crate) async fn put_object(&self, magic: [u8; 4], key: &str, plain: &[u8]) -> Result<()> {
+        self.put_object_len(magic, key, plain).await.map(|_| ())
+    }
+
+    /// [`Self::put_object`], returning the stored object's length.
+    pub(crate) async fn put_object_len(
+        &self,
+        magic: [u8; 4],
+        key: &str,
+        plain: &[u8],
+    ) -> Result<u64> {
         let codec = self.inner.codec.clone();
         let k = key.to_string();
         let p = plain.to_vec();
         let obj = tokio::task::spawn_blocking(move || codec.seal(magic, k.as_bytes(), &p, true))
             .await
             .map_err(|e| Error::Config(format!("encode task failed: {e}")))??;
-        self.inner.backend.put(key, Bytes::from(obj)).await
+        let n = obj.len() as u64;
+        self.inner.backend.put(key, Bytes::from(obj)).await?;
+        Ok(n)
     }
 
     /// Largest plaintext of a point object (metadata of one point: disks and labels).

@@ -25,6 +25,7 @@ use crate::retention::RetentionPolicy;
 use crate::store::{CreateOptions, PutKind, Store};
 
 pub mod hostile;
+pub mod packs;
 
 /// Chunk size used by the scenarios (small, so tests are fast).
 pub const TEST_CHUNK: u32 = 64 * 1024;
@@ -40,6 +41,17 @@ pub trait BackendFactory: Send + Sync {
 pub fn test_options() -> CreateOptions {
     CreateOptions {
         chunk_size: TEST_CHUNK,
+        layout: Some(crate::pack::Layout::Chunks),
+        ..Default::default()
+    }
+}
+
+/// Options of a small test store whose chunks live in packs of 1 MiB (16 test chunks).
+pub fn pack_options() -> CreateOptions {
+    CreateOptions {
+        chunk_size: TEST_CHUNK,
+        layout: Some(crate::pack::Layout::Packs),
+        pack_size: 1 << 20,
         ..Default::default()
     }
 }
@@ -79,7 +91,7 @@ pub fn image(seed: u64, layout: &str) -> Vec<u8> {
     out
 }
 
-async fn write_point(store: &Store, vm: &str, disks: &[(&str, &[u8])]) -> PointMeta {
+pub(crate) async fn write_point(store: &Store, vm: &str, disks: &[(&str, &[u8])]) -> PointMeta {
     let mut b = store.point_builder(vm).unwrap();
     for (name, data) in disks {
         b.add_disk(name, data.len() as u64).unwrap();
@@ -94,7 +106,7 @@ async fn write_point(store: &Store, vm: &str, disks: &[(&str, &[u8])]) -> PointM
     b.publish().await.unwrap()
 }
 
-async fn read_all(store: &Store, p: &PointMeta, disk: &str) -> Vec<u8> {
+pub(crate) async fn read_all(store: &Store, p: &PointMeta, disk: &str) -> Vec<u8> {
     let r = store
         .open_disk(p, disk, ReaderOptions::default())
         .await
@@ -102,7 +114,7 @@ async fn read_all(store: &Store, p: &PointMeta, disk: &str) -> Vec<u8> {
     r.read_at(0, r.size() as usize).await.unwrap().to_vec()
 }
 
-async fn count(b: &Arc<dyn Backend>, prefix: &str) -> usize {
+pub(crate) async fn count(b: &Arc<dyn Backend>, prefix: &str) -> usize {
     b.list(prefix).await.unwrap().len()
 }
 
@@ -551,10 +563,18 @@ pub async fn encryption_right_and_wrong_key(f: &dyn BackendFactory) {
 /// Faults: errors, lost acks, latency and corrupted reads. Reads never return wrong data,
 /// and a point is never published with a missing chunk.
 pub async fn faults_never_wrong_data(f: &dyn BackendFactory) {
+    faults_never_wrong_data_with(f, test_options(), "chunks/").await
+}
+
+/// [`faults_never_wrong_data`] for a store of `opts`; reads of keys under `prefix` are
+/// corrupted.
+pub(crate) async fn faults_never_wrong_data_with(
+    f: &dyn BackendFactory,
+    opts: CreateOptions,
+    prefix: &str,
+) {
     let inner = f.fresh("faults").await;
-    let store = Store::create(inner.clone(), test_options(), None)
-        .await
-        .unwrap();
+    let store = Store::create(inner.clone(), opts, None).await.unwrap();
     let img = image(40, "rrzarrbrrz");
     let good = write_point(&store, "vm", &[("d", &img)]).await;
 
@@ -621,7 +641,7 @@ pub async fn faults_never_wrong_data(f: &dyn BackendFactory) {
         lost_ack_rate: 0.0,
         corrupt_read_rate: 0.3,
         max_latency: Duration::from_millis(2),
-        key_prefix: "chunks/".into(),
+        key_prefix: prefix.into(),
     });
     let r = fstore
         .open_disk(
@@ -801,7 +821,7 @@ pub async fn store_format(f: &dyn BackendFactory) {
     // fan-out).
     let with_version = |v: u32| {
         let t = text.replace(
-            &format!("format_version = {}", crate::store::FORMAT_VERSION),
+            &format!("format_version = {}", crate::store::CHUNKS_FORMAT_VERSION),
             &format!("format_version = {v}"),
         );
         Bytes::from(if v < 4 {
@@ -854,4 +874,5 @@ pub async fn run_all(f: &dyn BackendFactory) {
     encryption_right_and_wrong_key(f).await;
     gc_with_concurrent_uploader(f).await;
     faults_never_wrong_data(f).await;
+    packs::run_all(f).await;
 }

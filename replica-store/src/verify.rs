@@ -106,6 +106,15 @@ impl Store {
         }
         let mut todo: Vec<(ChunkId, Option<usize>)> =
             refs.iter().map(|(id, (l, _))| (*id, Some(*l))).collect();
+        if all_chunks && self.layout() == crate::pack::Layout::Packs {
+            let (live, _) = self.pack_contents().await?;
+            let mut seen = BTreeSet::new();
+            for e in live.values().flat_map(|es| es.iter()) {
+                if !refs.contains_key(&e.id) && seen.insert(e.id) {
+                    todo.push((e.id, None));
+                }
+            }
+        }
         if all_chunks {
             for o in self.backend().list("chunks/").await? {
                 if let Some(id) = o.key.rsplit('/').next().and_then(ChunkId::from_hex) {

@@ -68,6 +68,26 @@ macro_rules! hostile {
     };
 }
 
+macro_rules! packs {
+    ($($name:ident),* $(,)?) => {
+        mod packs_local_dir { use super::*; $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { testing::packs::$name(&local()).await }
+        )* }
+        mod packs_memory { use super::*; $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { testing::packs::$name(&Memory).await }
+        )* }
+    };
+}
+
+packs!(
+    packs_format,
+    packs_roundtrip_and_requests,
+    packs_gc_repack_with_sessions,
+    packs_faults_never_wrong_data,
+);
+
 hostile!(
     junk_points_are_reported_and_skipped,
     zstd_output_bounded_by_chunk_size,

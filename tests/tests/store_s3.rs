@@ -34,6 +34,64 @@ s3_scenarios!(
     faults_never_wrong_data,
 );
 
+macro_rules! s3_pack_scenarios {
+    ($($name:ident),* $(,)?) => { $(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let f = S3Factory::start().await;
+            testing::packs::$name(&f).await
+        }
+    )* };
+}
+
+s3_pack_scenarios!(
+    packs_format,
+    packs_roundtrip_and_requests,
+    packs_gc_repack_with_sessions,
+    packs_faults_never_wrong_data,
+);
+
+/// A store created on S3 with default options keeps its chunks in packs, and the S3
+/// backend's own request counters show at most one PUT per MiB for a multi-MiB import.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_default_layout_is_packs_and_puts_are_counted() {
+    let f = S3Factory::start().await;
+    let backend = f.fresh("default-layout").await;
+    let store = Store::create(
+        backend.clone(),
+        replica_store::CreateOptions::default(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.layout(), replica_store::Layout::Packs);
+    assert_eq!(store.settings().format_version, 5);
+    let before = store.requests().expect("the S3 backend counts requests");
+    // 24 MiB of random data: two packs of 16 MiB at most.
+    let data = testing::random_bytes(11, 24 << 20);
+    let mut b = store.point_builder("vm").unwrap();
+    b.add_disk("d", data.len() as u64).unwrap();
+    let w = b.writer();
+    for (i, c) in data.chunks(store.chunk_size() as usize).enumerate() {
+        let out = w.put(Bytes::copy_from_slice(c)).await.unwrap();
+        b.set_chunk("d", i as u64, out.id).unwrap();
+    }
+    let p = b.publish().await.unwrap();
+    let after = store.requests().unwrap();
+    let puts = after.puts - before.puts;
+    let mib = (after.put_bytes - before.put_bytes) as f64 / 1048576.0;
+    assert!(mib >= 24.0, "{mib} MiB uploaded");
+    assert!(puts as f64 <= mib, "{puts} PUTs for {mib:.1} MiB");
+    assert_eq!(p.upload.unwrap().puts, puts, "{:?}", p.upload);
+    assert_eq!(after.heads, before.heads, "no HEAD per chunk");
+    let other = Store::open(backend, None).await.unwrap();
+    let r = other
+        .open_disk(&p, "d", replica_store::ReaderOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(&r.read_at(0, data.len()).await.unwrap()[..], &data[..]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_are_non_recoverable() {
     let f = S3Factory::start().await;

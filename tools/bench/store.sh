@@ -9,10 +9,19 @@
 #
 # Usage: tools/bench/store.sh [WORKDIR]
 #   env: ROUNDS=3 SIZE_MIB=4096 CHUNK_SIZE=<bytes> STORE_BENCH_BIN=<prebuilt store_bench>
+#
+# MODE=garage-restic (SIZE_MIB defaults to 2048 there): Garage import vs `restic backup` to the
+# same Garage bucket, one run, order A B C C B A per pair of rounds (A = packs layout, the S3
+# default since format 5; B = restic; C = the chunks layout of format 4, one object per chunk).
+# PUTs are counted by Garage itself (its /metrics: PutObject + UploadPart + CopyObject +
+# CompleteMultipartUpload), so both peers are measured the same way; bytes stored = the
+# objects under each run's prefix. Extra env: UPLOADS=<pack uploads in flight>.
 # Needs: cargo, restic, garage (cargo install garage --version 2.5.0 --locked), python3.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
+MODE=${MODE:-all}
+if [ "$MODE" = garage-restic ]; then SIZE_MIB=${SIZE_MIB:-2048}; fi
 SIZE_MIB=${SIZE_MIB:-4096}
 REPO_ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${1:-$(mktemp -d -t standby-store-bench-XXXXXX)}
@@ -81,6 +90,55 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 sleep 1
+
+if [ "$MODE" = garage-restic ]; then
+  export AWS_DEFAULT_REGION=garage RESTIC_PASSWORD=bench
+  S3URL=http://127.0.0.1:$S3
+  puts() { curl -fs "http://127.0.0.1:$ADM/metrics" | awk '/^api_s3_request_counter\{api_endpoint="(PutObject|UploadPart|CopyObject|CompleteMultipartUpload)"\}/ {s+=$2} END {print s+0}'; }
+  prefix_bytes() { "$BENCH" du "s3://bench/$1" 2>/dev/null | sed -n 's/.*bytes=\([0-9]*\).*/\1/p'; }
+  declare -A T P B
+  run() { # run PEER ROUND
+    local peer=$1 r=$2 p0 t0 t1 p1 out
+    sync; p0=$(puts); t0=$(date +%s.%N)
+    case $peer in
+      packs)  out=$("$BENCH" import "s3://bench/packs-$r" "$IMG" --layout packs ${UPLOADS:+--uploads $UPLOADS}) ;;
+      chunks) out=$("$BENCH" import "s3://bench/chunks-$r" "$IMG" --layout chunks) ;;
+      restic) restic -q -r "s3:$S3URL/bench/restic-$r" init >/dev/null
+              p0=$(puts); t0=$(date +%s.%N)
+              restic -q -r "s3:$S3URL/bench/restic-$r" backup "$IMG" >/dev/null; out="" ;;
+    esac
+    t1=$(date +%s.%N); p1=$(puts)
+    local secs mbps bytes
+    secs=$(python3 -c "print(round($t1-$t0,2))")
+    mbps=$(python3 -c "print(round($SIZE_MIB*1048576/($t1-$t0)/1e6))")
+    bytes=$(prefix_bytes "$peer-$r")
+    echo "  $peer: ${secs}s ${mbps} MB/s, $((p1-p0)) PUTs, $bytes bytes stored ${out:+($out)}" >&2
+    T[$peer]+="$secs "; P[$peer]=$((p1-p0)); B[$peer]=$bytes
+  }
+  for r in $(seq "$ROUNDS"); do
+    echo "round $r/$ROUNDS" >&2
+    if [ $((r % 2)) = 1 ]; then order="packs restic chunks"; else order="chunks restic packs"; fi
+    for peer in $order; do run "$peer" "$r"; done
+  done
+  median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+  RT=$(echo "${T[restic]}" | median)
+  echo
+  echo "| peer | seconds (median of $ROUNDS) | MB/s | speed vs restic | PUTs | PUTs per MiB stored | bytes stored |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
+  for p in packs chunks restic; do
+    t=$(echo "${T[$p]}" | median)
+    python3 - "$p" "$t" "$RT" "${P[$p]}" "${B[$p]}" "$SIZE_MIB" <<'PY'
+import sys
+p, t, rt, puts, b, mib = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5] or 0), int(sys.argv[6])
+name = {"packs": "standby, packs (format 5)", "chunks": "standby, one object per chunk (format 4)", "restic": "restic backup"}[p]
+print(f"| {name} | {t:.2f} | {mib*1048576/t/1e6:.0f} | {rt/t:.2f}x | {puts:,} | {puts/(b/1048576) if b else 0:.3f} | {b:,} |")
+PY
+  done
+  echo
+  echo "runs (s): packs ${T[packs]}| chunks ${T[chunks]}| restic ${T[restic]}"
+  echo "image: $SIZE_MIB MiB, alternating 4 MiB random / 4 MiB zero extents; page cache warm; $(nproc) cores; Garage $("$GARAGE" --version 2>/dev/null | head -1) single node on 127.0.0.1"
+  exit 0
+fi
 
 declare -A MBPS STORED ALLOC
 add() { MBPS[$1]+="$2 "; STORED[$1]=$3; ALLOC[$1]=$4; }

@@ -311,9 +311,52 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
                 ),
                 None => println!("encryption:      none"),
             }
-            let chunks = store.backend().list("chunks/").await?;
-            let bytes: u64 = chunks.iter().map(|o| o.size).sum();
-            println!("chunks:          {} ({})", chunks.len(), human(bytes));
+            println!(
+                "layout:          {}",
+                match s.layout {
+                    replica_store::Layout::Chunks => "chunks (one object per chunk)".to_string(),
+                    replica_store::Layout::Packs =>
+                        format!("packs of {} (format 5)", human(s.pack_size as u64)),
+                }
+            );
+            let objects = store.backend().list("").await?;
+            let chunk_objects = objects.iter().filter(|o| o.key.starts_with("chunks/"));
+            let (n, bytes) = chunk_objects.fold((0u64, 0u64), |(n, b), o| (n + 1, b + o.size));
+            println!("chunks:          {n} objects ({})", human(bytes));
+            if s.layout == replica_store::Layout::Packs {
+                let t = store.pack_totals().await?;
+                let packs = objects.iter().filter(|o| o.key.starts_with("packs/"));
+                let bytes: u64 = packs.map(|o| o.size).sum();
+                println!(
+                    "packs:           {} packs ({}) holding {} chunks",
+                    t.packs,
+                    human(bytes),
+                    t.chunks
+                );
+            }
+            // Object size distribution (every object of the store, by power-of-two size).
+            let mut hist: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
+            for o in &objects {
+                let bucket = 64 - o.size.max(1).leading_zeros();
+                let e = hist.entry(bucket).or_default();
+                e.0 += 1;
+                e.1 += o.size;
+            }
+            let total: u64 = objects.iter().map(|o| o.size).sum();
+            println!(
+                "objects:         {} ({}), by size:",
+                objects.len(),
+                human(total)
+            );
+            for (b, (n, bytes)) in hist {
+                let lo = if b <= 1 { 0 } else { 1u64 << (b - 1) };
+                println!(
+                    "  {:>9} .. < {:>9}: {n:>9} objects {:>10}",
+                    human(lo),
+                    human(1u64 << b),
+                    human(bytes)
+                );
+            }
             let points = store.list_points(None).await?;
             println!("points:          {}", points.len());
             for vm in store.list_vms().await? {

@@ -7,13 +7,14 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{validate_key, Backend, ObjectMeta};
+use super::{validate_key, Backend, ObjectMeta, RequestCounters, RequestCounts};
 use crate::error::{Error, Result};
 
 /// A backend holding objects in a `BTreeMap`. Clones share the same objects.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryBackend {
     objects: Arc<Mutex<BTreeMap<String, (Bytes, SystemTime)>>>,
+    counters: Arc<RequestCounters>,
 }
 
 impl MemoryBackend {
@@ -40,8 +41,13 @@ impl Backend for MemoryBackend {
         "memory store".into()
     }
 
+    fn requests(&self) -> Option<RequestCounts> {
+        Some(self.counters.snapshot())
+    }
+
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         validate_key(key)?;
+        self.counters.put(data.len() as u64);
         self.map()
             .insert(key.to_string(), (data, SystemTime::now()));
         Ok(())
@@ -49,6 +55,7 @@ impl Backend for MemoryBackend {
 
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool> {
         validate_key(key)?;
+        self.counters.put(data.len() as u64);
         let mut m = self.map();
         if m.contains_key(key) {
             return Ok(false);
@@ -58,23 +65,23 @@ impl Backend for MemoryBackend {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes> {
-        self.map()
-            .get(key)
-            .map(|v| v.0.clone())
-            .ok_or_else(|| Error::NotFound {
-                backend: self.describe(),
-                key: key.into(),
-            })
+        let r = self.get_uncounted(key);
+        if let Ok(b) = &r {
+            self.counters.get(b.len() as u64);
+        }
+        r
     }
 
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes> {
-        let b = self.get(key).await?;
+        let b = self.get_uncounted(key)?;
         let start = (offset as usize).min(b.len());
         let end = start.saturating_add(len as usize).min(b.len());
+        self.counters.get((end - start) as u64);
         Ok(b.slice(start..end))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        self.counters.head();
         Ok(self.map().get(key).map(|(b, t)| ObjectMeta {
             key: key.to_string(),
             size: b.len() as u64,
@@ -83,6 +90,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        self.counters.list();
         Ok(self
             .map()
             .range(prefix.to_string()..)
@@ -96,7 +104,20 @@ impl Backend for MemoryBackend {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
+        self.counters.delete();
         self.map().remove(key);
         Ok(())
+    }
+}
+
+impl MemoryBackend {
+    fn get_uncounted(&self, key: &str) -> Result<Bytes> {
+        self.map()
+            .get(key)
+            .map(|v| v.0.clone())
+            .ok_or_else(|| Error::NotFound {
+                backend: self.describe(),
+                key: key.into(),
+            })
     }
 }

@@ -57,6 +57,78 @@ impl Drop for Staged {
     }
 }
 
+/// Requests a backend issued (backends that count them: S3, in-memory).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    /// PUT requests (a multipart upload counts each part and the completion).
+    pub puts: u64,
+    /// Bytes sent by them.
+    pub put_bytes: u64,
+    /// GET requests (whole or ranged).
+    pub gets: u64,
+    /// Bytes received by them.
+    pub get_bytes: u64,
+    /// HEAD requests.
+    pub heads: u64,
+    /// LIST requests (one per page).
+    pub lists: u64,
+    /// DELETE requests.
+    pub deletes: u64,
+}
+
+/// Atomic request counters a backend keeps.
+#[derive(Debug, Default)]
+pub struct RequestCounters {
+    puts: std::sync::atomic::AtomicU64,
+    put_bytes: std::sync::atomic::AtomicU64,
+    gets: std::sync::atomic::AtomicU64,
+    get_bytes: std::sync::atomic::AtomicU64,
+    heads: std::sync::atomic::AtomicU64,
+    lists: std::sync::atomic::AtomicU64,
+    deletes: std::sync::atomic::AtomicU64,
+}
+
+impl RequestCounters {
+    fn add(c: &std::sync::atomic::AtomicU64, n: u64) {
+        c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+    /// One PUT of `n` bytes.
+    pub fn put(&self, n: u64) {
+        Self::add(&self.puts, 1);
+        Self::add(&self.put_bytes, n);
+    }
+    /// One GET returning `n` bytes.
+    pub fn get(&self, n: u64) {
+        Self::add(&self.gets, 1);
+        Self::add(&self.get_bytes, n);
+    }
+    /// One HEAD.
+    pub fn head(&self) {
+        Self::add(&self.heads, 1);
+    }
+    /// One LIST page.
+    pub fn list(&self) {
+        Self::add(&self.lists, 1);
+    }
+    /// One DELETE.
+    pub fn delete(&self) {
+        Self::add(&self.deletes, 1);
+    }
+    /// A snapshot.
+    pub fn snapshot(&self) -> RequestCounts {
+        let l = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        RequestCounts {
+            puts: l(&self.puts),
+            put_bytes: l(&self.put_bytes),
+            gets: l(&self.gets),
+            get_bytes: l(&self.get_bytes),
+            heads: l(&self.heads),
+            lists: l(&self.lists),
+            deletes: l(&self.deletes),
+        }
+    }
+}
+
 /// A flat key/value object store. Keys are `/`-separated relative paths made of
 /// `[A-Za-z0-9._-]` segments. All operations are idempotent where it makes sense:
 /// deleting a missing key succeeds, putting the same key twice overwrites.
@@ -64,6 +136,18 @@ impl Drop for Staged {
 pub trait Backend: Send + Sync + Debug {
     /// Human-readable location (for error messages and `store info`).
     fn describe(&self) -> String;
+
+    /// True if new stores on this backend should keep chunks in packs (object stores, where
+    /// a request costs more than a byte); false for a local directory, where one file per
+    /// chunk is fastest.
+    fn prefers_packs(&self) -> bool {
+        false
+    }
+
+    /// Requests issued so far, if this backend counts them.
+    fn requests(&self) -> Option<RequestCounts> {
+        None
+    }
 
     /// Store `data` at `key`, replacing any existing object. Atomic: readers see the old or
     /// the new object, never a partial one. Durable once it returns.

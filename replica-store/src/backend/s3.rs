@@ -22,7 +22,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::{validate_key, Backend, ObjectMeta};
+use super::{validate_key, Backend, ObjectMeta, RequestCounters, RequestCounts};
 use crate::error::{Error, Result};
 
 /// Objects larger than this are uploaded with multipart upload.
@@ -69,6 +69,7 @@ pub struct S3Backend {
     prefix: String,
     endpoint: String,
     sem: Arc<Semaphore>,
+    counters: Arc<RequestCounters>,
 }
 
 impl S3Backend {
@@ -126,6 +127,7 @@ impl S3Backend {
             prefix,
             endpoint: cfg.endpoint.clone().unwrap_or_else(|| "AWS S3".into()),
             sem: Arc::new(Semaphore::new(cfg.max_concurrency.unwrap_or(32).max(1))),
+            counters: Arc::default(),
         })
     }
 
@@ -239,6 +241,7 @@ impl S3Backend {
             for (i, off) in (0..data.len()).step_by(PART_SIZE).enumerate() {
                 let end = (off + PART_SIZE).min(data.len());
                 let n = (i + 1) as i32;
+                self.counters.put((end - off) as u64);
                 let r = self
                     .client
                     .upload_part()
@@ -313,7 +316,9 @@ impl S3Backend {
             op: format!("reading body of {key}"),
             detail: e.to_string(),
         })?;
-        Ok(body.into_bytes())
+        let body = body.into_bytes();
+        self.counters.get(body.len() as u64);
+        Ok(body)
     }
 }
 
@@ -376,6 +381,14 @@ impl Backend for S3Backend {
         }
     }
 
+    fn prefers_packs(&self) -> bool {
+        true
+    }
+
+    fn requests(&self) -> Option<RequestCounts> {
+        Some(self.counters.snapshot())
+    }
+
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         validate_key(key)?;
         let full = self.full_key(key);
@@ -383,6 +396,7 @@ impl Backend for S3Backend {
         if data.len() > MULTIPART_THRESHOLD {
             return self.put_multipart(&full, key, data).await;
         }
+        self.counters.put(data.len() as u64);
         self.client
             .put_object()
             .bucket(&self.bucket)
@@ -405,6 +419,7 @@ impl Backend for S3Backend {
             self.put_multipart(&full, key, data).await?;
             return Ok(true);
         }
+        self.counters.put(data.len() as u64);
         match self
             .client
             .put_object()
@@ -432,6 +447,7 @@ impl Backend for S3Backend {
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
         validate_key(key)?;
         let _p = self.permit().await?;
+        self.counters.head();
         match self
             .client
             .head_object()
@@ -459,6 +475,7 @@ impl Backend for S3Backend {
         let mut token: Option<String> = None;
         loop {
             let _p = self.permit().await?;
+            self.counters.list();
             let resp = self
                 .client
                 .list_objects_v2()
@@ -491,6 +508,7 @@ impl Backend for S3Backend {
     async fn delete(&self, key: &str) -> Result<()> {
         validate_key(key)?;
         let _p = self.permit().await?;
+        self.counters.delete();
         match self
             .client
             .delete_object()
