@@ -28,6 +28,7 @@ pub mod retention;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod usage;
 pub mod verify;
 
 pub use backend::s3::S3Config;
@@ -47,4 +48,5 @@ pub use point::{
 pub use reader::{DiskReader, Extent, ReaderOptions};
 pub use retention::{PruneReport, RetentionPolicy};
 pub use store::{CreateOptions, PutKind, PutOutcome, Store, StoreSettings};
+pub use usage::{SizeClass, Usage};
 pub use verify::{ChunkProblem, VerifyReport};

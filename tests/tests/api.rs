@@ -215,6 +215,14 @@ fn api_end_to_end() {
     let store = get(&base, "/api/v1/store", Some(&ro)).json();
     assert!(store["points"].as_u64() >= Some(1), "{store}");
     assert!(store["vms"]["v1"].as_u64() >= Some(1), "{store}");
+    // Usage as the store's objects say (the disks are zeros: no chunk is stored), objects by
+    // size class adding up.
+    assert_eq!(store["layout"], "chunks", "{store}");
+    assert_eq!(store["chunks"], 0, "{store}");
+    assert_eq!(store["chunks"], store["usage"]["chunks"], "{store}");
+    let classes = store["usage"]["sizes"].as_array().expect("size classes");
+    let counted: u64 = classes.iter().filter_map(|c| c["objects"].as_u64()).sum();
+    assert_eq!(Some(counted), store["usage"]["objects"].as_u64(), "{store}");
     let disks = get(&base, "/api/v1/disks", Some(&ro)).json();
     let d1 = disks
         .as_array()

@@ -174,7 +174,7 @@ impl Tmpfs {
                 "-t",
                 "tmpfs",
                 "-o",
-                &format!("size={size},mode=0700"),
+                &format!("size={size},nr_inodes=64,mode=0700"),
                 "tmpfs",
             ])
             .arg(dir)
@@ -188,7 +188,7 @@ impl Tmpfs {
         Tmpfs(dir.to_path_buf())
     }
 
-    /// Writes a file until the file system is full.
+    /// Writes a file until the file system is full, then creates files until no inode is left.
     fn fill(&self) {
         use std::io::Write;
         let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
@@ -202,6 +202,15 @@ impl Tmpfs {
         }
         // Any last partial page too.
         while f.write_all(&[0u8]).is_ok() {}
+        // And every inode: space the log frees at shutdown (cutting a segment's written-ahead
+        // zeroes) must not let its state file be written either.
+        for i in 0.. {
+            match std::fs::File::create(self.0.join(format!("inode-{i}"))) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("using up the tmpfs's inodes: {e}"),
+            }
+        }
     }
 }
 

@@ -61,12 +61,14 @@ fn import_list_export_verify_gc_prune() {
         2,
         "{list}"
     );
-    let info = run_stdout(standby(&dd).args(["store", "info"]));
+    let info = store_info(&dd);
     // 6 MiB of a + its first MiB again inside b (deduplicated) = 96 chunks of 64 KiB, in
     // 256 fan-out directories at most.
-    assert!(info.contains("chunks:          96"), "{info}");
-    assert!(info.contains("format version:  4"), "{info}");
-    assert!(info.contains("2 hex digits (256 directories)"), "{info}");
+    assert_eq!(info["chunks"], 96, "{info}");
+    assert_eq!(info["format_version"], 4, "{info}");
+    assert_eq!(info["layout"], "chunks", "{info}");
+    let text = run_stdout(standby(&dd).args(["store", "info"]));
+    assert!(text.contains("2 hex digits (256 directories)"), "{text}");
     let fan_out = std::fs::read_dir(dd.join("store").join("chunks"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -184,17 +186,30 @@ fn s3_store_uses_packs() {
             "--path-style",
         ]));
     run(standby(&dd).args(["store", "import", "vm1/a"]).arg(&a));
-    let info = run_stdout(standby(&dd).args(["store", "info"]));
-    assert!(info.contains("format version:  5"), "{info}");
-    assert!(
-        info.contains("layout:          packs of 16.0 MiB"),
-        "{info}"
+    let info = store_info(&dd);
+    assert_eq!(info["format_version"], 5, "{info}");
+    assert_eq!(info["layout"], "packs", "{info}");
+    assert_eq!(info["pack_size_bytes"], 16 << 20, "{info}");
+    // 40 MiB of chunks = 640, in 3 packs.
+    assert_eq!(info["chunks"], 640, "{info}");
+    assert_eq!(info["usage"]["packs"], 3, "{info}");
+    // 3 packs and their 3 indexes, store.toml, one disk index, the point.
+    assert_eq!(info["usage"]["objects"], 9, "{info}");
+    let sizes = info["usage"]["sizes"].as_array().expect("size classes");
+    let big = sizes
+        .iter()
+        .filter(|c| c["min_bytes"].as_u64() >= Some(1 << 20))
+        .filter_map(|c| c["objects"].as_u64())
+        .sum::<u64>();
+    assert_eq!(
+        big, 3,
+        "the 3 packs are the only objects of 1 MiB or more: {info}"
     );
-    assert!(info.contains("chunks:          0 objects"), "{info}");
-    assert!(info.contains("holding 640 chunks"), "{info}");
-    // 40 MiB of chunks: 3 packs and their 3 indexes, store.toml, one disk index, the point.
-    assert!(info.contains("objects:         9 "), "{info}");
-    assert!(info.contains("by size:"), "{info}");
+    let text = run_stdout(standby(&dd).args(["store", "info"]));
+    assert!(
+        text.contains("layout:          packs of 16.0 MiB"),
+        "{text}"
+    );
     assert!(run_stdout(standby(&dd).args(["store", "verify"])).contains("OK"));
     let again = run_stdout(standby(&dd).args(["store", "import", "vm1/a"]).arg(&a));
     assert!(again.contains("0 chunks uploaded"), "{again}");
@@ -206,4 +221,10 @@ fn s3_store_uses_packs() {
     run(standby(&dd).args(["store", "prune", "--keep-last", "1"]));
     run(standby(&dd).args(["store", "gc", "--grace", "0s"]));
     assert!(run_stdout(standby(&dd).args(["store", "verify"])).contains("OK"));
+}
+
+/// `standby store info --json`.
+fn store_info(dd: &std::path::Path) -> serde_json::Value {
+    let out = run_stdout(standby(dd).args(["store", "info", "--json"]));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("store info --json: {e}: {out}"))
 }

@@ -70,7 +70,11 @@ pub enum StoreCommand {
         path_style: bool,
     },
     /// Show the store's location, settings, VMs and size.
-    Info,
+    Info {
+        /// JSON (the fields of GET /api/v1/store, see docs/api.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-read and re-hash every chunk (of one point, or of the whole store).
     Verify {
         /// Only this point (VM/ID, ID or VM/latest).
@@ -288,8 +292,13 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
             }
             Ok(())
         }
-        StoreCommand::Info => {
+        StoreCommand::Info { json } => {
             let store = open_store(data_dir).await?;
+            let info = gateway::api::handlers::store::store_info(&store).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+                return Ok(());
+            }
             let s = store.settings();
             println!("location:        {}", store.backend().describe());
             println!("store id:        {}", s.store_id);
@@ -319,42 +328,23 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
                         format!("packs of {} (format 5)", human(s.pack_size as u64)),
                 }
             );
-            let objects = store.backend().list("").await?;
-            let chunk_objects = objects.iter().filter(|o| o.key.starts_with("chunks/"));
-            let (n, bytes) = chunk_objects.fold((0u64, 0u64), |(n, b), o| (n + 1, b + o.size));
-            println!("chunks:          {n} objects ({})", human(bytes));
+            let u = &info.usage;
+            println!("chunks:          {} ({})", u.chunks, human(u.chunk_bytes));
             if s.layout == replica_store::Layout::Packs {
-                let t = store.pack_totals().await?;
-                let packs = objects.iter().filter(|o| o.key.starts_with("packs/"));
-                let bytes: u64 = packs.map(|o| o.size).sum();
-                println!(
-                    "packs:           {} packs ({}) holding {} chunks",
-                    t.packs,
-                    human(bytes),
-                    t.chunks
-                );
+                println!("packs:           {} live packs", u.packs);
             }
-            // Object size distribution (every object of the store, by power-of-two size).
-            let mut hist: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
-            for o in &objects {
-                let bucket = 64 - o.size.max(1).leading_zeros();
-                let e = hist.entry(bucket).or_default();
-                e.0 += 1;
-                e.1 += o.size;
-            }
-            let total: u64 = objects.iter().map(|o| o.size).sum();
             println!(
                 "objects:         {} ({}), by size:",
-                objects.len(),
-                human(total)
+                u.objects,
+                human(u.object_bytes)
             );
-            for (b, (n, bytes)) in hist {
-                let lo = if b <= 1 { 0 } else { 1u64 << (b - 1) };
+            for c in &u.sizes {
                 println!(
-                    "  {:>9} .. < {:>9}: {n:>9} objects {:>10}",
-                    human(lo),
-                    human(1u64 << b),
-                    human(bytes)
+                    "  {:>9} .. < {:>9}: {:>9} objects {:>10}",
+                    human(c.min_bytes),
+                    human(c.below_bytes),
+                    c.objects,
+                    human(c.bytes)
                 );
             }
             let points = store.list_points(None).await?;

@@ -1,5 +1,5 @@
 //! `GET /api/v1/store`: where the replica store is, its settings and usage (chunk count and
-//! bytes, points per VM) — what `standby store info` shows. `POST /api/v1/store/verify`: re-read
+//! bytes, objects by size, points per VM) — what `standby store info` shows. `POST /api/v1/store/verify`: re-read
 //! and re-hash a point's chunks or the whole store (`standby store verify`); the answer comes
 //! when the verification is done.
 
@@ -22,6 +22,12 @@ pub struct StoreInfo {
     pub chunk_size_bytes: u32,
     pub compression: String,
     pub encrypted: bool,
+    /// `chunks` (one object per chunk) or `packs`.
+    pub layout: replica_store::Layout,
+    /// Bytes per pack object (0 for the `chunks` layout).
+    pub pack_size_bytes: u32,
+    /// Objects, chunk and pack counts, objects by size: what `standby store info` prints.
+    pub usage: replica_store::Usage,
     pub chunks: u64,
     pub chunk_bytes: u64,
     pub points: u64,
@@ -36,29 +42,34 @@ pub async fn info(State(s): State<Arc<ApiState>>) -> Result<Json<StoreInfo>, Api
     let store = crate::site::open_store(s.dd.root())
         .await
         .map_err(|e| unavailable(&e))?;
-    let chunks = store
-        .backend()
-        .list("chunks/")
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let points = store.list_points(None).await.map_err(|e| unavailable(&e))?;
+    Ok(Json(store_info(&store).await.map_err(|e| unavailable(&e))?))
+}
+
+/// The store's settings and usage: the body of `GET /api/v1/store` and of
+/// `standby store info --json`. Lists the whole store (see [`replica_store::usage`]).
+pub async fn store_info(store: &replica_store::Store) -> replica_store::Result<StoreInfo> {
+    let usage = store.usage().await?;
+    let points = store.list_points(None).await?;
     let mut vms = BTreeMap::new();
     for p in &points {
         *vms.entry(p.vm.clone()).or_insert(0) += 1;
     }
     let st = store.settings();
-    Ok(Json(StoreInfo {
+    Ok(StoreInfo {
         location: store.backend().describe(),
         store_id: st.store_id.clone(),
         format_version: st.format_version,
         chunk_size_bytes: st.chunk_size,
         compression: format!("{:?}", st.compression).to_lowercase(),
         encrypted: st.encryption.is_some(),
-        chunks: chunks.len() as u64,
-        chunk_bytes: chunks.iter().map(|o| o.size).sum(),
+        layout: st.layout,
+        pack_size_bytes: st.pack_size,
+        chunks: usage.chunks,
+        chunk_bytes: usage.chunk_bytes,
+        usage,
         points: points.len() as u64,
         vms,
-    }))
+    })
 }
 
 /// Body of `POST /api/v1/store/verify` (optional).
