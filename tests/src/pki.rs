@@ -44,25 +44,28 @@ impl Pki {
 
     /// A self-signed certificate authority `{name}-cert.pem` with its key.
     pub fn ca(&self, name: &str) {
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
+        self.req_x509(
             &format!("/CN=Standby test {name}"),
-            "-keyout",
-            &format!("{name}-key.pem"),
-            "-out",
-            &format!("{name}-cert.pem"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
+            name,
+            &[
+                "basicConstraints=critical,CA:TRUE",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+    }
+
+    /// `openssl req -x509`: a new 2048-bit key `{name}-key.pem` and a self-signed
+    /// certificate `{name}-cert.pem` for `subject` with the extensions `ext`.
+    fn req_x509(&self, subject: &str, name: &str, ext: &[&str]) {
+        let (key, cert) = (format!("{name}-key.pem"), format!("{name}-cert.pem"));
+        let mut args = vec![
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", subject,
+            "-keyout", &key, "-out", &cert,
+        ];
+        for e in ext {
+            args.extend(["-addext", e]);
+        }
+        self.openssl(&args);
     }
 
     /// Signs `{name}-key.pem` (a 2048-bit key made here if missing) with the CA `ca` into
@@ -102,23 +105,11 @@ impl Pki {
     /// A self-signed server certificate `{name}-cert.pem` (and key) for 127.0.0.1/localhost;
     /// returns the certificate's and the key's paths.
     pub fn self_signed(&self, name: &str) -> (String, String) {
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
+        self.req_x509(
             "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            &format!("{name}-key.pem"),
-            "-out",
-            &format!("{name}-cert.pem"),
-        ]);
+            name,
+            &["subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        );
         (
             self.file(&format!("{name}-cert.pem")),
             self.file(&format!("{name}-key.pem")),

@@ -1102,24 +1102,7 @@ impl ChangeLog {
     }
 
     fn complete(&self, id: u64, lsn: Option<u64>) {
-        let mut st = lock(&self.sh.st);
-        if let Some(i) = st.inflight.iter().position(|i| i.id == id) {
-            st.inflight.swap_remove(i);
-        }
-        if let Some(lsn) = lsn {
-            if lsn == st.applied_upto.wrapping_add(1) {
-                let mut w = lsn;
-                while st.applied_done.remove(&(w + 1)) {
-                    w += 1;
-                }
-                st.applied_upto = w;
-            } else {
-                st.applied_done.insert(lsn);
-            }
-        }
-        if st.range_waiters > 0 {
-            self.sh.range_cv.notify_all();
-        }
+        self.complete_many(&[id], &[lsn]);
     }
 
     /// Reserves the next LSN and writes the record, under the append lock. Returns the LSN

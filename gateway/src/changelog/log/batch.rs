@@ -146,7 +146,7 @@ impl ChangeLog {
     }
 
     /// [`ChangeLog::complete`] for a batch, under one lock.
-    fn complete_many(&self, ids: &[u64], lsns: &[Option<u64>]) {
+    pub(super) fn complete_many(&self, ids: &[u64], lsns: &[Option<u64>]) {
         let mut st = lock(&self.sh.st);
         st.inflight.retain(|i| !ids.contains(&i.id));
         for lsn in lsns.iter().flatten().copied() {
