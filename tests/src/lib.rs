@@ -4,6 +4,7 @@
 //! the test command in the README.
 
 pub mod api;
+pub mod cli_json;
 pub mod fuse;
 pub mod garage;
 pub mod nbd_client;

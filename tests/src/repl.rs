@@ -224,12 +224,97 @@ pub fn fast_policy(dd: &Path, interval: &str) {
     ]));
 }
 
-/// The detail column of the newest job of `kind` (from `standby jobs`).
-pub fn last_job_detail(dd: &Path, kind: &str) -> Option<String> {
-    jobs(dd)
-        .lines()
-        .find(|l| l.split_whitespace().nth(2) == Some(kind) && l.contains("succeeded"))
-        .map(|l| l.to_string())
+/// `standby jobs --limit 50 --json`: the jobs, newest first (fields of GET /api/v1/jobs).
+pub fn jobs_json(dd: &Path) -> Vec<serde_json::Value> {
+    let out = run_stdout(standby(dd).args(["jobs", "--limit", "50", "--json"]));
+    match serde_json::from_str(&out).expect("jobs --json") {
+        serde_json::Value::Array(a) => a,
+        other => panic!("jobs --json is not an array: {other}"),
+    }
+}
+
+/// How many of the newest 50 jobs are in `state` ("failed", "interrupted", …).
+pub fn jobs_in_state(dd: &Path, state: &str) -> usize {
+    jobs_json(dd).iter().filter(|j| j["state"] == state).count()
+}
+
+/// How many of the newest 50 jobs are of `kind` ("delta-replication", …).
+pub fn jobs_of_kind(dd: &Path, kind: &str) -> usize {
+    jobs_json(dd).iter().filter(|j| j["kind"] == kind).count()
+}
+
+/// A job as `standby jobs --json` reports it: the fields the tests read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: i64,
+    pub detail: String,
+}
+
+/// The newest succeeded job of `kind`, from `standby jobs --json`.
+pub fn last_job(dd: &Path, kind: &str) -> Option<Job> {
+    jobs_json(dd)
+        .iter()
+        .find(|j| j["kind"] == kind && j["state"] == "succeeded")
+        .map(|j| Job {
+            id: j["id"].as_i64().expect("job id"),
+            detail: j["detail"].as_str().expect("job detail").to_string(),
+        })
+}
+
+/// `standby job show ID --json`: the job with its `steps`.
+pub fn job_show(dd: &Path, id: i64) -> serde_json::Value {
+    serde_json::from_str(&run_stdout(standby(dd).args([
+        "job",
+        "show",
+        &id.to_string(),
+        "--json",
+    ])))
+    .expect("job show --json")
+}
+
+/// The step names of job `id` (`job show --json`), in order ("resume d", …).
+pub fn job_step_names(dd: &Path, id: i64) -> Vec<String> {
+    job_show(dd, id)["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["name"].as_str().expect("step name").to_string())
+        .collect()
+}
+
+/// The step details of job `id` (`job show --json`), one per line, for checks on what a
+/// step did.
+pub fn job_step_details(dd: &Path, id: i64) -> String {
+    let j = job_show(dd, id);
+    j["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {}: {}",
+                s["name"].as_str().expect("step name"),
+                s["state"].as_str().expect("step state"),
+                s["detail"].as_str().expect("step detail")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Whether the VM launched by a test failover of `vm` has exited: the `pid` of its
+/// attachment in `status --json` names no process any more.
+pub fn test_vm_exited(dd: &Path, vm: &str) -> bool {
+    let s: serde_json::Value =
+        serde_json::from_str(&run_stdout(standby(dd).args(["status", "--json"])))
+            .expect("status --json");
+    s["attachments"]
+        .as_array()
+        .expect("attachments")
+        .iter()
+        .filter(|a| a["vm"] == vm && a["kind"] == "test")
+        .filter_map(|a| a["pid"].as_u64())
+        .any(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// Sets the resync window to one minute twelve hours away, so a resync starts only when a

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore, SeedableRng};
 use standby_e2e::nbd_client::{RawClient, CMD_FLUSH, CMD_WRITE, REP_ACK};
-use standby_e2e::{random_file, require_tool, run, run_stdout, standby, test_dir, Gateway};
+use standby_e2e::{random_file, require_tool, run, standby, test_dir, Gateway};
 
 const DISK: &str = "crash";
 const SIZE: u64 = 32 << 20;
@@ -278,8 +278,8 @@ fn kill9_loses_no_acknowledged_write_and_log_replays_to_the_image() {
         total_acked += oracle.acked.iter().filter(|&&a| a).count();
         total_flushes += oracle.flushes_completed;
 
-        let list = run_stdout(standby(&dd).args(["log", "list", DISK]));
-        assert!(list.contains("log healthy"), "iteration {iter}: {list}");
+        let health = standby_e2e::cli_json::log_health(&dd, DISK);
+        assert_eq!(health, "healthy", "iteration {iter}");
         run(standby(&dd).args(["log", "verify", DISK]));
 
         // (b): base image + whole log == current image.

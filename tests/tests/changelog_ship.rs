@@ -77,9 +77,8 @@ fn a_damaged_sealed_segment_sends_the_vm_to_resync_and_no_point_misses_a_write()
     // Let the engine ship: it must find the damage, break the chain and resync in full.
     let since = id_now();
     fast_policy(&dd, "1s");
-    let detail = wait_for(&dd, "a resync job", T, || last_job_detail(&dd, "resync"));
-    let show =
-        run_stdout(standby(&dd).args(["job", "show", detail.split_whitespace().next().unwrap()]));
+    let resync = wait_for(&dd, "a resync job", T, || last_job(&dd, "resync"));
+    let show = job_step_details(&dd, resync.id);
     assert!(show.contains("full comparison"), "{show}");
     let log = g.log();
     assert!(

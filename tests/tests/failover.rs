@@ -151,7 +151,7 @@ fn test_failover_boots_the_replica_and_leaves_the_store_untouched() {
     assert!(blocks > 0 && blocks < 64, "{blocks} blocks changed");
     let since = id_now();
     synced_point(&dd, "vm", &since, T);
-    let deltas = jobs(&dd).matches("delta-replication").count();
+    let deltas = jobs_of_kind(&dd, "delta-replication");
     assert!(deltas >= 1);
 
     // Test failover, launching the VM with the configured command.
@@ -166,11 +166,7 @@ fn test_failover_boots_the_replica_and_leaves_the_store_untouched() {
         &dd,
         "the test-failover VM to power off",
         BOOT_TIMEOUT,
-        || {
-            let s = status(&dd);
-            s.contains("exited")
-                .then(|| std::fs::read_to_string(&serial).unwrap_or_default())
-        },
+        || test_vm_exited(&dd, "vm").then(|| std::fs::read_to_string(&serial).unwrap_or_default()),
     );
     assert!(
         console.contains("STANDBY-MARKER: marker-from-delta-1"),
@@ -567,7 +563,7 @@ fn failover_to_another_gateway_on_s3_then_reverse_replication() {
     // Reverse replication from the recovery site: only chunks changed since sent.
     run(standby(&recovery).args(["protect", "vm", "--disks", "app"]));
     wait_state(&recovery, "vm", "Protected", T);
-    let ir = last_job_detail(&recovery, "initial-replication").unwrap();
+    let ir = last_job(&recovery, "initial-replication").unwrap().detail;
     let sent: u64 = ir
         .split("; ")
         .nth(1)

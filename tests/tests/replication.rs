@@ -81,8 +81,8 @@ fn initial_replication_under_fio_then_deltas_match_the_oracle() {
         &export(&dd, &p, "b", &t.path().join("pb")),
         &b0,
     );
-    let ir = last_job_detail(&dd, "initial-replication").expect("an initial-replication job");
-    assert!(ir.contains("bytes sent"), "{ir}");
+    let ir = last_job(&dd, "initial-replication").expect("an initial-replication job");
+    assert!(ir.detail.contains("bytes sent"), "{ir:?}");
 
     // Deltas: random writes on both disks, plus zeroing, each round checked against the oracle.
     let mut wa = OracleWriter::new(g.addr, "a", a0, 11);
@@ -113,21 +113,16 @@ fn initial_replication_under_fio_then_deltas_match_the_oracle() {
     let verify = run_stdout(standby(&dd).args(["store", "verify"]));
     assert!(verify.contains("OK"), "{verify}");
     // Every job step is visible.
-    let j = jobs(&dd);
+    let j = jobs_json(&dd);
     assert!(
-        j.contains("delta-replication") && j.contains("finalize-protection"),
-        "{j}"
+        jobs_of_kind(&dd, "delta-replication") > 0 && jobs_of_kind(&dd, "finalize-protection") > 0,
+        "{j:?}"
     );
-    let id = j
-        .lines()
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
-    let show = run_stdout(standby(&dd).args(["job", "show", &id]));
-    assert!(show.contains("steps:"), "{show}");
+    let show = job_show(&dd, j[0]["id"].as_i64().expect("job id"));
+    assert!(
+        !show["steps"].as_array().expect("steps").is_empty(),
+        "{show}"
+    );
     assert_eq!(g.stop().code(), Some(0));
 }
 
@@ -210,11 +205,13 @@ fn resync_after_the_fifty_percent_rule_sends_only_changed_chunks() {
         .arg(format!("write -s {} 20M 36M", img.display()))
         .arg(g.uri("d")));
     wait_state(&dd, "vm", "ResyncRequired", T);
-    assert!(status(&dd).contains("50%"), "{}", status(&dd));
+    let reason = vm_json(&dd, "vm").unwrap()["reason"].to_string();
+    assert!(reason.contains("50%"), "{reason}");
     run(standby(&dd).args(["resync", "vm"]));
-    wait_for(&dd, "a resync job", T, || last_job_detail(&dd, "resync"));
+    wait_for(&dd, "a resync job", T, || last_job(&dd, "resync"));
     wait_state(&dd, "vm", "Protected", T);
-    let detail = last_job_detail(&dd, "resync").unwrap();
+    let first = last_job(&dd, "resync").unwrap();
+    let detail = first.detail.clone();
     let num = |key: &str| -> u64 {
         let i = detail
             .find(key)
@@ -246,12 +243,12 @@ fn resync_after_the_fifty_percent_rule_sends_only_changed_chunks() {
     // A full resync hashes every chunk and sends nothing: the replica is already equal.
     run(standby(&dd).args(["resync", "vm", "--full"]));
     wait_for(&dd, "the full resync", T, || {
-        last_job_detail(&dd, "resync").filter(|d| d != &detail)
+        last_job(&dd, "resync").filter(|j| j.id != first.id)
     });
     wait_state(&dd, "vm", "Protected", T);
-    let full = last_job_detail(&dd, "resync").unwrap();
-    let show =
-        run_stdout(standby(&dd).args(["job", "show", full.split_whitespace().next().unwrap()]));
+    let full_job = last_job(&dd, "resync").unwrap();
+    let show = job_step_details(&dd, full_job.id);
+    let full = full_job.detail;
     // 64 MiB in chunks of the default 64 KiB.
     assert!(show.contains("all 1024 chunks"), "{show}");
     // Every data chunk read (holes are known from the image's allocation map), none sent.
@@ -288,14 +285,11 @@ fn log_overflow_resyncs_from_the_dirty_bitmap() {
     }
     assert_eq!(w.client.flush().unwrap(), 0);
     wait_state(&dd, "vm", "ResyncRequired", T);
-    assert!(status(&dd).contains("overflow"), "{}", status(&dd));
+    let reason = vm_json(&dd, "vm").unwrap()["reason"].to_string();
+    assert!(reason.contains("overflow"), "{reason}");
     run(standby(&dd).args(["resync", "vm"]));
-    wait_for(&dd, "the overflow resync", T, || {
-        last_job_detail(&dd, "resync")
-    });
-    let detail = last_job_detail(&dd, "resync").unwrap();
-    let show =
-        run_stdout(standby(&dd).args(["job", "show", detail.split_whitespace().next().unwrap()]));
+    wait_for(&dd, "the overflow resync", T, || last_job(&dd, "resync"));
+    let show = job_step_details(&dd, last_job(&dd, "resync").unwrap().id);
     assert!(show.contains("changed per log and bitmap"), "{show}");
     // 24 writes of 8 KiB: 24 chunks hashed, not all 1,024.
     assert!(show.contains("24 of 1024 chunks"), "{show}");
@@ -348,16 +342,16 @@ fn s3_outage_retries_then_converges() {
     garage.stop();
     w.random_writes(30);
     wait_for(&dd, "a failed delta with a retry scheduled", T, || {
-        let s = status(&dd);
-        (s.contains("next retry") && s.contains("Warning")).then_some(s)
+        let v = vm_json(&dd, "vm")?;
+        (v["next_retry_ms"].is_u64() && v["health"] == "warning").then_some(v)
     });
     wait_for(
         &dd,
         "a third failed attempt",
         Duration::from_secs(90),
-        || (jobs(&dd).matches("failed").count() >= 3).then_some(()),
+        || (jobs_in_state(&dd, "failed") >= 3).then_some(()),
     );
-    let failed_before_restart = jobs(&dd).matches("failed").count();
+    let failed_before_restart = jobs_in_state(&dd, "failed");
     garage.restart();
     let since = id_now();
     let p = synced_point(&dd, "vm", &since, Duration::from_secs(120));
@@ -366,20 +360,15 @@ fn s3_outage_retries_then_converges() {
         &export_env(&dd, &p, "d", &t.path().join("o.img"), &env),
         &w.oracle,
     );
-    let s = status(&dd);
-    assert!(
-        !s.contains("last error") && !s.contains("next retry"),
-        "{s}"
-    );
+    let v = vm_json(&dd, "vm").unwrap();
+    assert!(v["last_error"] == "" && v["next_retry_ms"].is_null(), "{v}");
     assert!(failed_before_restart >= 3);
     // A resync on the S3 store: full comparison against the replica's digests. Only the chunks
     // the last point carried as patches travel (the resync stores them as whole chunks).
     run(standby(&dd).args(["resync", "vm", "--full"]));
-    wait_for(&dd, "the resync on S3", T, || {
-        last_job_detail(&dd, "resync")
-    });
+    wait_for(&dd, "the resync on S3", T, || last_job(&dd, "resync"));
     wait_state(&dd, "vm", "Protected", T);
-    let detail = last_job_detail(&dd, "resync").unwrap();
+    let detail = last_job(&dd, "resync").unwrap().detail;
     let sent: u64 = detail
         .split("sent ")
         .nth(1)
@@ -457,12 +446,12 @@ fn s3_auth_failure_is_critical_without_retries() {
     c.go("d").unwrap();
     assert_eq!(c.write(0, &[7u8; 4096]).unwrap(), 0);
     wait_state(&dd, "vm", "Critical", T);
-    let s = status(&dd);
-    assert!(s.contains("health       Critical"), "{s}");
-    let failed = jobs(&dd).matches("failed").count();
+    let v = vm_json(&dd, "vm").unwrap();
+    assert_eq!(v["health"], "critical", "{v}");
+    let failed = jobs_in_state(&dd, "failed");
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(
-        jobs(&dd).matches("failed").count(),
+        jobs_in_state(&dd, "failed"),
         failed,
         "a Critical VM must not retry"
     );
@@ -510,14 +499,16 @@ fn kill9_in_initial_replication_and_resync_resumes() {
     w.random_writes(20);
     run(standby(&dd).args(["policy", "set", "--bandwidth", "0"]));
     wait_state(&dd, "vm", "Protected", T);
-    let j = jobs(&dd);
-    assert!(j.contains("interrupted"), "{j}");
-    let ir = last_job_detail(&dd, "initial-replication").unwrap();
-    let id = ir.split_whitespace().next().unwrap();
-    let show = run_stdout(standby(&dd).args(["job", "show", id]));
     assert!(
-        show.contains("resume d"),
-        "the second run must resume, not restart:\n{show}"
+        jobs_in_state(&dd, "interrupted") > 0,
+        "{:?}",
+        jobs_json(&dd)
+    );
+    let ir = last_job(&dd, "initial-replication").unwrap();
+    let show = job_step_names(&dd, ir.id);
+    assert!(
+        show.iter().any(|s| s == "resume d"),
+        "the second run must resume, not restart:\n{show:?}"
     );
     let since = id_now();
     let p = synced_point(&dd, "vm", &since, T);
@@ -556,10 +547,9 @@ fn kill9_in_initial_replication_and_resync_resumes() {
         &export(&dd, &p, "d", &t.path().join("b.img")),
         &w.oracle,
     );
-    let rs = last_job_detail(&dd, "resync").unwrap();
-    let show =
-        run_stdout(standby(&dd).args(["job", "show", rs.split_whitespace().next().unwrap()]));
-    assert!(show.contains("resume d"), "{show}");
+    let rs = last_job(&dd, "resync").unwrap();
+    let show = job_step_names(&dd, rs.id);
+    assert!(show.iter().any(|s| s == "resume d"), "{show:?}");
     drop(w);
     g.stop();
 }
@@ -592,7 +582,9 @@ fn protection_commands_refuse_bad_input() {
         "retention",
     );
     fails_with(standby(&dd).args(["job", "show", "999"]), "no job");
-    assert!(status(&dd).contains("no protected VM"));
+    let st: serde_json::Value =
+        serde_json::from_str(&run_stdout(standby(&dd).args(["status", "--json"]))).unwrap();
+    assert_eq!(st["vms"].as_array().map(Vec::len), Some(0), "{st}");
     run(standby(&dd).args(["protect", "vm", "--disks", "a"]));
     fails_with(
         standby(&dd).args(["protect", "vm", "--disks", "b"]),
@@ -608,10 +600,11 @@ fn protection_commands_refuse_bad_input() {
     run(standby(&dd).args(["disk", "create", "late", "--size", "8M"]));
     run(standby(&dd).args(["protect", "late-vm", "--disks", "late"]));
     wait_state(&dd, "late-vm", "Critical", T);
-    assert!(status(&dd).contains("not served by this gateway"));
+    let reason = vm_json(&dd, "late-vm").unwrap()["reason"].to_string();
+    assert!(reason.contains("not served by this gateway"), "{reason}");
     wait_state(&dd, "vm", "Protected", T);
     run(standby(&dd).args(["unprotect", "late-vm"]));
-    assert!(!status(&dd).contains("late-vm"));
+    assert!(vm_json(&dd, "late-vm").is_none());
     // Unprotecting stops change tracking at once: the log goes away, writes keep working.
     assert!(dd.join("disks/a.hrl").exists());
     run(standby(&dd).args(["unprotect", "vm"]));
@@ -685,7 +678,10 @@ fn app_consistent_points_run_freeze_and_thaw() {
     // A failing freeze hook is a recoverable error: retried, shown in status.
     run(standby(&dd).args(["policy", "set", "--freeze-cmd", "exit 3"]));
     wait_for(&dd, "the hook failure in status", T, || {
-        status(&dd).contains("freeze hook failed").then_some(())
+        vm_json(&dd, "vm")?["last_error"]
+            .as_str()?
+            .contains("freeze hook failed")
+            .then_some(())
     });
     g.stop();
 }
@@ -711,10 +707,14 @@ fn patch_chains_fold_into_chunks() {
             &w.oracle,
         );
     }
-    let j = jobs(&dd);
+    let j = jobs_json(&dd);
     assert!(
-        j.contains("patch chain 0 bytes"),
-        "no delta folded its patches:\n{j}"
+        j.iter().any(|j| j["kind"] == "delta-replication"
+            && j["detail"]
+                .as_str()
+                .unwrap()
+                .contains("patch chain 0 bytes")),
+        "no delta folded its patches:\n{j:?}"
     );
     assert!(state(&dd, "vm").starts_with("Protected"));
     drop(w);

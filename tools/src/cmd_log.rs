@@ -14,7 +14,13 @@ pub enum LogCommand {
     /// Stop keeping a change log for a disk and delete its log (refused while it is served).
     Disable { disk: String },
     /// List the segments of a disk's change log: LSN ranges, sizes, sealed or active.
-    List { disk: String },
+    List {
+        disk: String,
+        /// JSON: `disk`, `state` (the log's state file: `state`, `reason`, `chain_id`,
+        /// `applied_lsn`, `clean`, …), `segments` and `total_bytes` (see docs/changelog.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a disk's change log: headers, record checksums, footer hashes, LSN continuity.
     Verify { disk: String },
     /// Print the records of one segment, one per line.
@@ -70,7 +76,13 @@ pub fn run_log(dd: &DataDir, cmd: LogCommand) -> Result<()> {
                 }
             );
         }
-        LogCommand::List { disk } => list(dd, &disk)?,
+        LogCommand::List { disk, json } => {
+            if json {
+                list_json(dd, &disk)?
+            } else {
+                list(dd, &disk)?
+            }
+        }
         LogCommand::Verify { disk } => verify(dd, &disk)?,
         LogCommand::Dump { disk, segment } => dump(dd, &disk, segment)?,
         LogCommand::Replay { disk, onto } => {
@@ -105,6 +117,69 @@ fn log_dir_of(dd: &DataDir, disk: &str) -> Result<std::path::PathBuf> {
         bail!("disk '{disk}' is not tracked: enable it with `standby log enable {disk}`");
     }
     Ok(dir)
+}
+
+/// How a segment ends, as `log list --json` reports it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum SegmentEnd {
+    Sealed,
+    Active,
+    Torn,
+    Unreadable,
+}
+
+/// One segment in `log list --json`; the LSNs and record count are None when it is unreadable.
+#[derive(serde::Serialize)]
+struct SegmentView {
+    seq: u64,
+    first_lsn: Option<u64>,
+    last_lsn: Option<u64>,
+    records: Option<usize>,
+    bytes: u64,
+    end: SegmentEnd,
+    /// `standby log list`'s status column ("sealed", "torn at byte N: why", …).
+    status: String,
+}
+
+fn list_json(dd: &DataDir, disk: &str) -> Result<()> {
+    let dir = log_dir_of(dd, disk)?;
+    let state = read_state(&dir)?;
+    let mut segments = Vec::new();
+    for (seq, path) in list_segments(&dir)? {
+        let (s, _) = inspect_file(seq, &path)?;
+        let (first_lsn, last_lsn, records, end) = match &s.decoded {
+            Ok(d) => (
+                Some(d.header.first_lsn),
+                Some(d.last_lsn()),
+                Some(d.records.len()),
+                match d.end {
+                    End::Sealed(_) => SegmentEnd::Sealed,
+                    End::Open => SegmentEnd::Active,
+                    End::Torn { .. } => SegmentEnd::Torn,
+                },
+            ),
+            Err(_) => (None, None, None, SegmentEnd::Unreadable),
+        };
+        segments.push(SegmentView {
+            seq,
+            first_lsn,
+            last_lsn,
+            records,
+            bytes: s.bytes,
+            end,
+            status: s.status(),
+        });
+    }
+    let total_bytes: u64 = segments.iter().map(|s| s.bytes).sum();
+    let out = serde_json::json!({
+        "disk": disk,
+        "state": state,
+        "segments": segments,
+        "total_bytes": total_bytes,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
 }
 
 fn list(dd: &DataDir, disk: &str) -> Result<()> {
