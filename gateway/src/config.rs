@@ -35,7 +35,7 @@
 //!                                   #   in the image); "off" logs every write's data
 //! checkpoint_interval = "5s"        # background checkpoint (image synced) this often; "off"
 //! checkpoint_bytes = "256M"         #   ... and after this much log since the last one
-//! hot_limit = 256                   #   ... and when more extents than this are hot (what a
+//! hot_limit = 1024                  #   ... and when more extents than this are hot (what a
 //!                                   #   host crash makes recovery re-log; docs/changelog.md)
 //!
 //! [[disk]]
@@ -136,7 +136,7 @@ pub struct LogConfig {
     pub checkpoint_interval: Option<String>,
     /// Log bytes between checkpoints, e.g. "256M" (default).
     pub checkpoint_bytes: Option<String>,
-    /// Hot extents that ask for a checkpoint (default 256).
+    /// Hot extents that ask for a checkpoint (default 1024).
     pub hot_limit: Option<usize>,
 }
 
