@@ -33,6 +33,10 @@
 //! min_free_percent = 5              #   has less free than min(min_free, this % of it)
 //! extent_min = "64K"                # writes this large are logged as extents (bytes stay
 //!                                   #   in the image); "off" logs every write's data
+//! checkpoint_interval = "5s"        # background checkpoint (image synced) this often; "off"
+//! checkpoint_bytes = "256M"         #   ... and after this much log since the last one
+//! hot_limit = 1024                  #   ... and when more extents than this are hot (what a
+//!                                   #   host crash makes recovery re-log; docs/changelog.md)
 //!
 //! [[disk]]
 //! name = "web01-os"
@@ -48,7 +52,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::changelog::LogOptions;
-use crate::units::parse_size;
+use crate::units::{parse_duration, parse_size};
 
 /// Default NBD listen address (the IANA NBD port on loopback).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -128,6 +132,12 @@ pub struct LogConfig {
     pub min_free_percent: Option<u8>,
     /// Smallest write logged as an extent, e.g. "64K" (default), or "off".
     pub extent_min: Option<String>,
+    /// Time between background checkpoints, e.g. "5s" (default), or "off".
+    pub checkpoint_interval: Option<String>,
+    /// Log bytes between checkpoints, e.g. "256M" (default).
+    pub checkpoint_bytes: Option<String>,
+    /// Hot extents that ask for a checkpoint (default 1024).
+    pub hot_limit: Option<usize>,
 }
 
 impl LogConfig {
@@ -160,6 +170,31 @@ impl LogConfig {
                     ));
                 }
             }
+        }
+        match self.checkpoint_interval.as_deref() {
+            None => {}
+            Some("off") => o.checkpoint_interval = None,
+            Some(s) => {
+                let d = parse_duration(s).map_err(|e| format!("log.checkpoint_interval: {e}"))?;
+                if d.is_zero() {
+                    return Err(format!(
+                        "log.checkpoint_interval must be at least 1s (or \"off\"), got {s}"
+                    ));
+                }
+                o.checkpoint_interval = Some(d);
+            }
+        }
+        if let Some(s) = &self.checkpoint_bytes {
+            o.checkpoint_bytes = parse_size(s).map_err(|e| format!("log.checkpoint_bytes: {e}"))?;
+            if o.checkpoint_bytes < 1 << 20 {
+                return Err(format!("log.checkpoint_bytes must be at least 1M, got {s}"));
+            }
+        }
+        if let Some(n) = self.hot_limit {
+            if n == 0 {
+                return Err("log.hot_limit must be at least 1, got 0".to_string());
+            }
+            o.hot_limit = n;
         }
         Ok(o)
     }
@@ -256,5 +291,54 @@ mod tests {
         assert_eq!(ext("off").unwrap().extent_min, u64::MAX);
         assert!(ext("1K").unwrap_err().contains("at least 4K"));
         assert_eq!(o.extent_min, crate::changelog::extent::DEFAULT_EXTENT_MIN);
+    }
+
+    #[test]
+    fn checkpoint_settings() {
+        let opts = |t: &str| Config::parse(&format!("[log]\n{t}\n")).and_then(|c| c.log.options());
+        let o = opts("checkpoint_interval = \"30s\"\ncheckpoint_bytes = \"1G\"\nhot_limit = 4096")
+            .unwrap();
+        assert_eq!(
+            o.checkpoint_interval,
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(o.checkpoint_bytes, 1 << 30);
+        assert_eq!(o.hot_limit, 4096);
+        assert_eq!(
+            opts("checkpoint_interval = \"2m\"")
+                .unwrap()
+                .checkpoint_interval,
+            Some(std::time::Duration::from_secs(120))
+        );
+        assert_eq!(
+            opts("checkpoint_interval = \"off\"")
+                .unwrap()
+                .checkpoint_interval,
+            None
+        );
+        let d = LogOptions::default();
+        assert_eq!(
+            d.checkpoint_interval,
+            Some(crate::changelog::DEFAULT_CHECKPOINT_INTERVAL)
+        );
+        assert_eq!(
+            d.checkpoint_bytes,
+            crate::changelog::DEFAULT_CHECKPOINT_BYTES
+        );
+        assert_eq!(d.hot_limit, crate::changelog::DEFAULT_HOT_LIMIT);
+        let e = opts("checkpoint_interval = \"5x\"").unwrap_err();
+        assert!(e.contains("log.checkpoint_interval"), "{e}");
+        assert!(opts("checkpoint_interval = \"0s\"")
+            .unwrap_err()
+            .contains("at least 1s"));
+        assert!(opts("checkpoint_bytes = \"4K\"")
+            .unwrap_err()
+            .contains("at least 1M"));
+        assert!(opts("checkpoint_bytes = \"lots\"")
+            .unwrap_err()
+            .contains("log.checkpoint_bytes"));
+        assert!(opts("hot_limit = 0").unwrap_err().contains("at least 1"));
+        assert!(opts("hot_limit = -1").is_err());
+        assert!(opts("hot_limit = \"many\"").is_err());
     }
 }

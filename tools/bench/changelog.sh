@@ -9,7 +9,8 @@
 #
 # Usage: tools/bench/changelog.sh [--quick] [--runtime 20] [--reps 3] [--size-mib 2048]
 #                                 [--sustained-mib N] [--no-drop-caches] [--workdir DIR]
-#                                 [--extent-min SIZE|off]
+#                                 [--extent-min SIZE|off] [--log-config 'KEY = VALUE' ...]
+#                                 [--only ROW-TEXT]
 #
 # Rows (fio's nbd engine):
 #   seq write 1 MiB QD8, rand write 4 KiB QD32          time based (--runtime, +2 s ramp)
@@ -33,6 +34,9 @@
 #
 # --extent-min writes `[log] extent_min` into the data directory's standby.toml (default: the
 # built-in 64K; "off" logs every write's data, as builds before extents did).
+# --log-config 'hot_limit = 4096' (repeatable) adds that line (TOML) to the `[log]` section, e.g.
+# 'checkpoint_interval = "60s"'; the table's footnote names every line written.
+# --only TEXT runs only the rows whose name contains TEXT (e.g. --only rand).
 # STANDBY_BIN=PATH runs that binary instead of building this tree (e.g. a before/after pair).
 # --quick: --runtime 4 --reps 1 --size-mib 512 --sustained-mib 1536 (for development).
 set -euo pipefail
@@ -174,7 +178,12 @@ def main():
     ap.add_argument("--no-drop-caches", action="store_true")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--extent-min", default=None)
+    ap.add_argument("--log-config", action="append", default=[])
+    ap.add_argument("--only", default=None)
     args = ap.parse_args()
+    tests = [t for t in TESTS if not args.only or args.only in t[0]]
+    if not tests:
+        raise SystemExit(f"--only {args.only}: no row's name contains it")
     q = args.quick
     runtime = args.runtime or (4 if q else 20)
     reps = args.reps or (1 if q else 3)
@@ -200,9 +209,10 @@ def main():
                                     capture_output=True, text=True).stdout
     os.makedirs(dd, exist_ok=True)
     conf = os.path.join(dd, "standby.toml")
-    if args.extent_min:
+    log_conf = ([f'extent_min = "{args.extent_min}"'] if args.extent_min else []) + args.log_config
+    if log_conf:
         with open(conf, "w") as f:
-            f.write(f'[log]\nextent_min = "{args.extent_min}"\n')
+            f.write("[log]\n" + "".join(line + "\n" for line in log_conf))
     elif os.path.exists(conf):
         os.remove(conf)
     for name, img in (("bench-off", imgs["off"]), ("bench-on", imgs["on"])):
@@ -225,7 +235,7 @@ def main():
     targets = [Target("log-off", standby, "bench-off", imgs["off"]),
                Target("log-on", standby, "bench-on", imgs["on"]),
                Target("nbdkit", nbdkit, "", imgs["kit"])]
-    results = {(t[0], s.name): [] for t in TESTS for s in targets}
+    results = {(t[0], s.name): [] for t in tests for s in targets}
     phys = {"dd oflag=direct 1 MiB": [], "fio --direct=1 1 MiB QD8": [],
             "fio 4 KiB write+fdatasync QD1": []}
     fio_out = os.path.join(work, "fio.json")
@@ -236,7 +246,7 @@ def main():
             reset_log()
             standby.start(); nbdkit.start()
             order = targets if rep % 2 == 0 else list(reversed(targets))
-            for (tname, rw, bs, qd, extra, metric, kind) in TESTS:
+            for (tname, rw, bs, qd, extra, metric, kind) in tests:
                 for t in order:
                     quiet_cache(drop, t.image)
                     fargs = ["--ioengine=nbd", f"--uri={t.uri()}", f"--rw={rw}", f"--bs={bs}",
@@ -283,7 +293,7 @@ def main():
     ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
     print("| test | metric | log-off | log-on | nbdkit | log-on/log-off | log-on/nbdkit | log-off/nbdkit |")
     print("|---|---|---|---|---|---|---|---|")
-    for (tname, rw, bs, qd, extra, metric, kind) in TESTS:
+    for (tname, rw, bs, qd, extra, metric, kind) in tests:
         for m, fmt in ((metric, "{:,.0f}"), ("p99_us", "{:,.0f}"), ("cpu_s_per_GB", "{:.2f}")):
             off, on, kit = (med[(tname, n)][m] for n in ("log-off", "log-on", "nbdkit"))
             label = {"p99_us": "p99 µs", "cpu_s_per_GB": "server CPU s/GB"}.get(m, m)
@@ -303,7 +313,7 @@ def main():
           "disks served by one `standby serve` process, nbdkit by one process, both for every row of a "
           "repetition; servers alternated ABBA; `sync`"
           + (", page cache dropped" if drop[0] else "") + " and the image read once before every run. "
-          + (f"[log] extent_min = {args.extent_min}. " if args.extent_min else "")
+          + (f"[log] {'; '.join(log_conf)}. " if log_conf else "")
           + "p99 of the flush row is the FLUSH latency. CPU: the server process's user+system time "
           "during the run divided by the GB fio wrote.")
     print("Change log after each repetition: " + "; ".join(log_lines))
