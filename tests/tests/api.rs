@@ -303,7 +303,9 @@ fn api_end_to_end() {
     );
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.json()["retention_hours"], 168.0);
-    assert!(run_stdout(standby(&dd).args(["policy", "show"])).contains("168 h"));
+    // The CLI reads the same policy (the API's fields).
+    let cli = standby_e2e::cli_json::json(&dd, &["policy", "show"]);
+    assert_eq!(cli["retention_hours"], 168.0, "{cli}");
     let a = post(&base, "/api/v1/vms/v1/resume", Some(&admin), None);
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.json()["outcome"], "nothing_to_resume");
@@ -341,9 +343,21 @@ fn api_end_to_end() {
     // A revoked token stops working at once; `token list` shows no secret.
     run(standby(&dd).args(["token", "revoke", "grafana"]));
     get(&base, "/api/v1/vms", Some(&ro)).assert_error(401, "unauthorized");
-    let list = run_stdout(standby(&dd).args(["token", "list"]));
-    assert!(list.contains("ops") && !list.contains("grafana"), "{list}");
-    assert!(!list.contains(&admin[4..]), "{list}");
+    let list = standby_e2e::cli_json::json(&dd, &["token", "list"]);
+    let names: Vec<&str> = list
+        .as_array()
+        .expect("token list")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, ["ops"], "{list}");
+    assert_eq!(list[0]["scope"], "admin", "{list}");
+    // Secrets are stored hashed: no output shows one.
+    let text = run_stdout(standby(&dd).args(["token", "list"]));
+    assert!(
+        !text.contains(&admin[4..]) && !list.to_string().contains(&admin[4..]),
+        "{text}"
+    );
     let o = standby(&dd)
         .args(["token", "create", "ops"])
         .output()

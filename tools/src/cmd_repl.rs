@@ -28,7 +28,11 @@ pub struct ProtectArgs {
 #[derive(Subcommand)]
 pub enum PolicyCommand {
     /// Show the site's replication policy.
-    Show,
+    Show {
+        /// JSON (the fields of GET /api/v1/policy, see docs/api.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Change settings of the site's replication policy (others keep their value).
     Set(Box<PolicySetArgs>),
 }
@@ -143,7 +147,11 @@ pub fn unprotect(dd: &DataDir, vm: &str) -> Result<()> {
 pub fn policy(dd: &DataDir, cmd: PolicyCommand) -> Result<()> {
     let db = open_db(dd)?;
     let p = match cmd {
-        PolicyCommand::Show => db.policy()?,
+        PolicyCommand::Show { json: true } => {
+            println!("{}", serde_json::to_string_pretty(&db.policy()?)?);
+            return Ok(());
+        }
+        PolicyCommand::Show { json: false } => db.policy()?,
         PolicyCommand::Set(a) => {
             let a = *a;
             let change = actions::PolicyChange {

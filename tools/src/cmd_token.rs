@@ -22,7 +22,11 @@ pub enum TokenCommand {
         read_only: bool,
     },
     /// List tokens (names and scopes; secrets are not stored).
-    List,
+    List {
+        /// JSON: an array of `name`, `scope` (`read_only` or `admin`), `created_ms`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke a token: requests with it are refused from now on.
     Revoke { name: String },
 }
@@ -43,8 +47,12 @@ pub fn run(dd: &DataDir, cmd: TokenCommand) -> Result<()> {
             );
             println!("{token}");
         }
-        TokenCommand::List => {
+        TokenCommand::List { json } => {
             let tokens = store.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+                return Ok(());
+            }
             if tokens.is_empty() {
                 println!("no API tokens (create one with `standby token create NAME`)");
                 return Ok(());
