@@ -414,10 +414,7 @@ impl ChunkWriter {
                     kind: PutKind::Deduplicated,
                 });
             }
-            let codec = self.store.codec().clone();
-            let obj = tokio::task::spawn_blocking(move || codec.encode_chunk(&id, &data))
-                .await
-                .map_err(|e| Error::Config(format!("encode task failed: {e}")))??;
+            let obj = self.store.encode_chunk(id, data).await?;
             let mut out = self.pack_encoded(packer, vec![(id, obj)]).await?;
             return out
                 .pop()

@@ -440,6 +440,15 @@ impl Store {
         self.put_chunk_with_id(id, data, true).await
     }
 
+    /// Compresses / encrypts a chunk into its stored form on the blocking pool (CPU work kept
+    /// off the runtime's workers).
+    pub(crate) async fn encode_chunk(&self, id: ChunkId, data: Bytes) -> Result<Bytes> {
+        let codec = self.inner.codec.clone();
+        tokio::task::spawn_blocking(move || codec.encode_chunk(&id, &data))
+            .await
+            .map_err(|e| Error::Config(format!("encode task failed: {e}")))?
+    }
+
     /// Store a chunk whose id is already computed. With `check_exists`, a HEAD avoids
     /// re-uploading a chunk that is already present.
     pub async fn put_chunk_with_id(
@@ -466,10 +475,7 @@ impl Store {
                     kind: PutKind::Deduplicated,
                 });
             }
-            let codec = self.inner.codec.clone();
-            let obj = tokio::task::spawn_blocking(move || codec.encode_chunk(&id, &data))
-                .await
-                .map_err(|e| Error::Config(format!("encode task failed: {e}")))??;
+            let obj = self.encode_chunk(id, data).await?;
             packer.append(id, &obj).await?;
             packer.flush().await?;
             return Ok(PutOutcome {
@@ -486,10 +492,7 @@ impl Store {
                 kind: PutKind::Deduplicated,
             });
         }
-        let codec = self.inner.codec.clone();
-        let obj = tokio::task::spawn_blocking(move || codec.encode_chunk(&id, &data))
-            .await
-            .map_err(|e| Error::Config(format!("encode task failed: {e}")))??;
+        let obj = self.encode_chunk(id, data).await?;
         let n = obj.len() as u64;
         if self.inner.backend.put_if_absent(&key, obj).await? {
             Ok(PutOutcome {
@@ -530,10 +533,7 @@ impl Store {
         if self.inner.backend.head(&key).await?.is_some() {
             return Ok((dedup, None));
         }
-        let codec = self.inner.codec.clone();
-        let obj = tokio::task::spawn_blocking(move || codec.encode_chunk(&id, &data))
-            .await
-            .map_err(|e| Error::Config(format!("encode task failed: {e}")))??;
+        let obj = self.encode_chunk(id, data).await?;
         let n = obj.len() as u64;
         match self.inner.backend.put_staged(&key, obj).await? {
             Some(staged) => Ok((
