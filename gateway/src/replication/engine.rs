@@ -195,9 +195,17 @@ impl Engine {
         }))
     }
 
+    /// Runs `f` with the database. SQLite may wait on file I/O (a commit's sync), so the call
+    /// tells the runtime that this worker blocks (`block_in_place`): the worker's other tasks
+    /// move to another thread meanwhile, and the NBD and API tasks never wait behind it. The
+    /// engine only runs on the multi-threaded runtime that `standby serve` builds (on a
+    /// current-thread runtime `block_in_place` would panic); off the runtime (a blocking-pool
+    /// thread) the call simply runs `f`.
     pub(crate) fn db<T>(&self, f: impl FnOnce(&Db) -> Result<T, DbError>) -> Result<T, DbError> {
-        let g = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        f(&g)
+        tokio::task::block_in_place(|| {
+            let g = self.db.lock().unwrap_or_else(|p| p.into_inner());
+            f(&g)
+        })
     }
 
     /// Runs `f` with the database on the blocking pool: for writes that wait on SQLite's
