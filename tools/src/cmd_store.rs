@@ -369,6 +369,9 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
             Ok(())
         }
         StoreCommand::Verify { point } => {
+            if let crate::api_client::Target::Gateway(api) = crate::api_client::target(data_dir)? {
+                return verify_through(&api, point).await;
+            }
             let work = gateway::site::verify_store(data_dir, point.as_deref());
             let report = crate::progress::around("store verify: read", None, "rchar", work).await?;
             println!(
@@ -600,4 +603,64 @@ pub async fn run_points(cmd: PointsCommand, data_dir: &Path) -> anyhow::Result<(
             Ok(())
         }
     }
+}
+
+/// `store verify` while a gateway runs: the gateway verifies (`POST /api/v1/store/verify`),
+/// the CLI prints its report as the offline verification does.
+async fn verify_through(api: &crate::api_client::Api, point: Option<String>) -> anyhow::Result<()> {
+    eprintln!("store verify: the running gateway verifies the store");
+    let r = api
+        .post(
+            "/store/verify",
+            Some(serde_json::json!({ "point": point })),
+        )
+        .await?;
+    let list = |k: &str| r[k].as_array().cloned().unwrap_or_default();
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
+    let points = |v: &serde_json::Value| {
+        v["points"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    println!(
+        "checked {} points, {} chunks ({})",
+        r["points_checked"].as_u64().unwrap_or(0),
+        r["chunks_checked"].as_u64().unwrap_or(0),
+        human(r["bytes_checked"].as_u64().unwrap_or(0))
+    );
+    for b in list("bad_objects") {
+        println!("BAD OBJECT {}: {}", text(&b, "key"), text(&b, "reason"));
+    }
+    for m in list("missing") {
+        println!("MISSING chunk {} (used by {})", text(&m, "chunk"), points(&m));
+    }
+    for c in list("corrupt") {
+        println!(
+            "CORRUPT chunk {}: {} (used by {})",
+            text(&c, "chunk"),
+            text(&c, "reason"),
+            points(&c)
+        );
+    }
+    if r["ok"].as_bool() == Some(true) {
+        println!("OK");
+        return Ok(());
+    }
+    let broken: Vec<String> = list("broken_points")
+        .iter()
+        .filter_map(|p| p.as_str().map(str::to_string))
+        .collect();
+    println!("broken points: {}", broken.join(", "));
+    bail!(
+        "verification failed: {} missing, {} corrupt chunks, {} bad objects",
+        list("missing").len(),
+        list("corrupt").len(),
+        list("bad_objects").len()
+    )
 }

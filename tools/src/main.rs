@@ -1,5 +1,6 @@
 //! `standby`: the Standby command-line tool.
 
+mod api_client;
 mod cmd_failover;
 mod cmd_log;
 mod cmd_mount;
@@ -7,6 +8,7 @@ mod cmd_repl;
 mod cmd_store;
 mod cmd_token;
 mod launch;
+mod pinned_tls;
 mod progress;
 mod store_seen;
 
@@ -266,15 +268,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Store(cmd) => runtime()?.block_on(cmd_store::run_store(cmd, dd.root())),
         Command::Points(cmd) => runtime()?.block_on(cmd_store::run_points(cmd, dd.root())),
         Command::Protect(a) => runtime()?.block_on(cmd_repl::protect(&dd, a)),
-        Command::Unprotect { vm } => cmd_repl::unprotect(&dd, &vm),
-        Command::Policy(cmd) => cmd_repl::policy(&dd, cmd),
-        Command::Resync { vm, full } => cmd_repl::resync(&dd, &vm, full),
-        Command::Resume { vm } => cmd_repl::resume(&dd, &vm),
+        Command::Unprotect { vm } => runtime()?.block_on(cmd_repl::unprotect(&dd, &vm)),
+        Command::Policy(cmd) => runtime()?.block_on(cmd_repl::policy(&dd, cmd)),
+        Command::Resync { vm, full } => runtime()?.block_on(cmd_repl::resync(&dd, &vm, full)),
+        Command::Resume { vm } => runtime()?.block_on(cmd_repl::resume(&dd, &vm)),
         Command::Status { json } => cmd_repl::status(&dd, json),
         Command::Jobs(a) => runtime()?.block_on(cmd_repl::jobs(&dd, a)),
         Command::Job(cmd) => cmd_repl::job(&dd, cmd),
         Command::Attach(a) => runtime()?.block_on(cmd_failover::attach(&dd, a)),
-        Command::Detach { export } => cmd_failover::detach(&dd, &export),
+        Command::Detach { export } => runtime()?.block_on(cmd_failover::detach(&dd, &export)),
         Command::Token(cmd) => cmd_token::run(&dd, cmd),
         Command::Failover(cmd) => runtime()?.block_on(cmd_failover::failover(&dd, cmd)),
     }
