@@ -334,7 +334,11 @@ async fn run(
         Some(l) => {
             // The CLI's way in (written before the API line is printed, removed at exit).
             let url = crate::api::local::local_url(l.bound, l.https());
-            let cert = if l.https() { opts.api.tls_cert.clone() } else { None };
+            let cert = if l.https() {
+                opts.api.tls_cert.clone()
+            } else {
+                None
+            };
             let cred = crate::api::local::LocalCredential::create(dd.root(), url, cert)
                 .map_err(ServeError::LocalCredential)?;
             let cred = Arc::new(cred);

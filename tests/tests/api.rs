@@ -207,7 +207,7 @@ fn api_end_to_end() {
     assert!(!points.as_array().expect("points").is_empty());
     assert_eq!(points[0]["vm"], "v1");
     let cli: Value = serde_json::from_str(&run_stdout(
-        standby(&dd).args(["points", "list", "v1", "--json"]),
+        standby(&dd).args(["point", "list", "v1", "--json"]),
     ))
     .unwrap();
     assert_eq!(cli[0]["id"], points[0]["id"]);

@@ -188,8 +188,9 @@ impl Api {
             if bytes.is_empty() {
                 return Ok(Value::Null);
             }
-            return serde_json::from_slice(&bytes)
-                .with_context(|| format!("the API's answer to {method} {url} is not JSON: {text}"));
+            return serde_json::from_slice(&bytes).with_context(|| {
+                format!("the API's answer to {method} {url} is not JSON: {text}")
+            });
         }
         let message = serde_json::from_slice::<Value>(&bytes)
             .ok()

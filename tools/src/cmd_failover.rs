@@ -24,7 +24,7 @@ use gateway::replication::requests::LaunchedVm;
 use gateway::DataDir;
 
 use crate::api_client::{self, seg, Api, Target};
-use crate::cmd_store::{human, time_of};
+use crate::cmd_store::{human, open_store, time_of};
 use crate::launch::{self, LaunchValues, Stopped};
 use crate::progress::Progress;
 
@@ -107,6 +107,21 @@ fn action(e: ActionError) -> anyhow::Error {
     anyhow::anyhow!(e)
 }
 
+/// With no gateway running: what is wrong with a request to serve a point of `vm` (the
+/// store's points, a store that went back in time), said before that the gateway must run.
+async fn check_offline(dd: &DataDir, vm: &str, point: &str, accept_rollback: bool) -> Result<()> {
+    if let Target::Gateway(_) = api_client::target(dd.root())? {
+        return Ok(());
+    }
+    let store = open_store(dd.root()).await?;
+    let listing = store.list_points_checked(Some(vm)).await?;
+    crate::store_seen::report_junk(&listing.junk);
+    let db = db(dd)?;
+    actions::check_points(&db, vm, &listing.points, accept_rollback).map_err(action)?;
+    actions::pick_point(&listing.points, vm, point).map_err(action)?;
+    Ok(())
+}
+
 /// The API of the gateway serving `dd`, or an error saying one must run (these actions are
 /// carried out by the gateway: with none running there is nothing to serve the disks).
 fn running(dd: &DataDir, what: &str) -> Result<Api> {
@@ -122,6 +137,7 @@ fn running(dd: &DataDir, what: &str) -> Result<Api> {
 pub async fn attach(dd: &DataDir, a: AttachArgs) -> Result<()> {
     let req = AttachRequest::from_spec(&a.spec, a.rw, a.accept_store_rollback).map_err(action)?;
     actions::check_attach_names(&req).map_err(action)?;
+    check_offline(dd, &req.vm, &req.point, req.accept_store_rollback).await?;
     let api = running(dd, "attach")?;
     let at = api
         .post("/attachments", Some(serde_json::to_value(&req)?))
@@ -179,6 +195,7 @@ async fn start(dd: &DataDir, mode: FailoverMode, a: PointArgs, launch: bool) -> 
         accept_store_rollback: a.accept_store_rollback,
     };
     actions::check_failover_name(&req).map_err(action)?;
+    check_offline(dd, &req.vm, &req.point, req.accept_store_rollback).await?;
     let api = running(
         dd,
         match mode {
@@ -196,7 +213,10 @@ async fn start(dd: &DataDir, mode: FailoverMode, a: PointArgs, launch: bool) -> 
     });
     let r = tokio::time::timeout(
         Duration::from_secs(a.wait.max(1)),
-        api.post(&format!("/vms/{}/failover/{path}", seg(&req.vm)), Some(body)),
+        api.post(
+            &format!("/vms/{}/failover/{path}", seg(&req.vm)),
+            Some(body),
+        ),
     )
     .await
     .map_err(|_| {
@@ -374,7 +394,10 @@ async fn prepare(dd: &DataDir, vm: &str, wait: u64) -> Result<()> {
     let job = r["job"].as_i64().context("the API's answer has no job")?;
     let j = api_client::wait_job(&api, job, Duration::from_secs(wait), |_| {}).await?;
     if j["state"].as_str() != Some("succeeded") {
-        bail!("{}", j["error"].as_str().unwrap_or("the planned failover failed"));
+        bail!(
+            "{}",
+            j["error"].as_str().unwrap_or("the planned failover failed")
+        );
     }
     // The job's detail: "final point ID; protection stopped here".
     let point = j["detail"]

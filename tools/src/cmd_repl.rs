@@ -122,9 +122,7 @@ pub async fn protect(dd: &DataDir, a: ProtectArgs) -> Result<()> {
     };
     let notes = match api_client::target(dd.root())? {
         Target::Gateway(api) => {
-            let r = api
-                .post("/vms", Some(serde_json::to_value(&req)?))
-                .await?;
+            let r = api.post("/vms", Some(serde_json::to_value(&req)?)).await?;
             serde_json::from_value::<Vec<String>>(r["notes"].clone()).unwrap_or_default()
         }
         Target::Offline => {
@@ -160,7 +158,7 @@ pub async fn unprotect(dd: &DataDir, vm: &str) -> Result<()> {
         }
     }
     println!(
-        "VM {vm} unprotected: replication stopped; its recovery points stay in the store (remove them with `standby store prune`)"
+        "VM {vm} unprotected: replication stopped; its recovery points stay in the store (remove them with `standby point prune`)"
     );
     Ok(())
 }
@@ -188,9 +186,7 @@ pub async fn policy(dd: &DataDir, cmd: PolicyCommand) -> Result<()> {
                 retry_time_scale: a.retry_time_scale,
             };
             // Validated here first: a bad value is refused before anything is sent or written.
-            change
-                .apply(open_db(dd)?.policy()?)
-                .map_err(action)?;
+            change.apply(open_db(dd)?.policy()?).map_err(action)?;
             match api_client::target(dd.root())? {
                 Target::Gateway(api) => serde_json::from_value(
                     api.post("/policy", Some(serde_json::to_value(&change)?))
@@ -268,9 +264,7 @@ pub async fn resync(dd: &DataDir, vm: &str, full: bool) -> Result<()> {
 pub async fn resume(dd: &DataDir, vm: &str) -> Result<()> {
     let (resumed, state) = match api_client::target(dd.root())? {
         Target::Gateway(api) => {
-            let r = api
-                .post(&format!("/vms/{}/resume", seg(vm)), None)
-                .await?;
+            let r = api.post(&format!("/vms/{}/resume", seg(vm)), None).await?;
             (
                 r["outcome"].as_str() == Some("resumed"),
                 r["state"].as_str().unwrap_or("?").to_string(),

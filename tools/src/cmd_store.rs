@@ -90,7 +90,8 @@ pub enum StoreCommand {
         #[arg(long, default_value = "1h")]
         grace: String,
     },
-    /// Delete recovery points by retention policy (the newest point of a VM is always kept).
+    /// Old spelling of `standby point prune` (kept for scripts).
+    #[command(hide = true)]
     Prune {
         /// Only this VM.
         #[arg(long)]
@@ -127,7 +128,7 @@ pub enum StoreCommand {
     },
 }
 
-/// `standby points ...`
+/// `standby point ...` (also spelled `points`): the recovery points in the store.
 #[derive(Debug, clap::Subcommand)]
 pub enum PointsCommand {
     /// List recovery points (of one VM, or all).
@@ -137,6 +138,29 @@ pub enum PointsCommand {
         /// JSON (the fields of GET /api/v1/points, see docs/api.md).
         #[arg(long)]
         json: bool,
+    },
+    /// One recovery point: its time, consistency and disks.
+    Show {
+        /// Point: VM/ID, ID, or VM/latest.
+        point: String,
+        /// JSON (the fields of one element of GET /api/v1/points).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete recovery points by retention policy (the newest point of a VM is always kept).
+    Prune {
+        /// Only this VM.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Keep the newest N points of each VM.
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// Keep points younger than this (e.g. 7d, 12h).
+        #[arg(long)]
+        keep_within: Option<String>,
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -549,6 +573,47 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
 /// Run a `standby points` subcommand.
 pub async fn run_points(cmd: PointsCommand, data_dir: &Path) -> anyhow::Result<()> {
     match cmd {
+        PointsCommand::Prune {
+            vm,
+            keep_last,
+            keep_within,
+            dry_run,
+        } => {
+            run_store(
+                StoreCommand::Prune {
+                    vm,
+                    keep_last,
+                    keep_within,
+                    dry_run,
+                },
+                data_dir,
+            )
+            .await
+        }
+        PointsCommand::Show { point, json } => {
+            let store = open_store(data_dir).await?;
+            let p = store.find_point(&point).await?;
+            if json {
+                let v: gateway::replication::status::PointView = p.into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!("point {}", p.full_id());
+            println!("  created      {}", time_of(p.created_unix_ms));
+            println!(
+                "  consistency  {}",
+                format!("{:?}", p.consistency).to_lowercase()
+            );
+            for d in &p.disks {
+                println!(
+                    "  disk {:<12} {} (log position {})",
+                    d.name,
+                    human(d.size),
+                    d.source_lsn
+                );
+            }
+            Ok(())
+        }
         PointsCommand::List { vm, json } => {
             let store = open_store(data_dir).await?;
             let listing = store.list_points_checked(vm.as_deref()).await?;
@@ -610,10 +675,7 @@ pub async fn run_points(cmd: PointsCommand, data_dir: &Path) -> anyhow::Result<(
 async fn verify_through(api: &crate::api_client::Api, point: Option<String>) -> anyhow::Result<()> {
     eprintln!("store verify: the running gateway verifies the store");
     let r = api
-        .post(
-            "/store/verify",
-            Some(serde_json::json!({ "point": point })),
-        )
+        .post("/store/verify", Some(serde_json::json!({ "point": point })))
         .await?;
     let list = |k: &str| r[k].as_array().cloned().unwrap_or_default();
     let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
@@ -638,7 +700,11 @@ async fn verify_through(api: &crate::api_client::Api, point: Option<String>) -> 
         println!("BAD OBJECT {}: {}", text(&b, "key"), text(&b, "reason"));
     }
     for m in list("missing") {
-        println!("MISSING chunk {} (used by {})", text(&m, "chunk"), points(&m));
+        println!(
+            "MISSING chunk {} (used by {})",
+            text(&m, "chunk"),
+            points(&m)
+        );
     }
     for c in list("corrupt") {
         println!(

@@ -156,8 +156,8 @@ mod tests {
     #[test]
     fn file_is_private_matches_only_its_secret_and_goes_away() {
         let d = tempfile::tempdir().unwrap();
-        let c = LocalCredential::create(d.path(), "http://127.0.0.1:1/api/v1".into(), None)
-            .unwrap();
+        let c =
+            LocalCredential::create(d.path(), "http://127.0.0.1:1/api/v1".into(), None).unwrap();
         let meta = std::fs::metadata(c.path()).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let a = read(d.path()).unwrap().unwrap();

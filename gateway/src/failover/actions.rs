@@ -126,7 +126,7 @@ pub fn pick_point(points: &[PointMeta], vm: &str, spec: &str) -> Result<PointMet
     let mine: Vec<&PointMeta> = points.iter().filter(|p| p.vm == vm).collect();
     if mine.is_empty() {
         return Err(ActionError::NotFound(format!(
-            "VM {vm} has no recovery point in the store (see `standby points list`)"
+            "VM {vm} has no recovery point in the store (see `standby point list`)"
         )));
     }
     let found = match spec {
@@ -160,7 +160,7 @@ pub fn pick_point(points: &[PointMeta], vm: &str, spec: &str) -> Result<PointMet
     };
     found.cloned().ok_or_else(|| {
         ActionError::NotFound(format!(
-            "no point of VM {vm} matches {spec:?} (see `standby points list {vm}`)"
+            "no point of VM {vm} matches {spec:?} (see `standby point list {vm}`)"
         ))
     })
 }

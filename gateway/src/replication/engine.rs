@@ -151,8 +151,7 @@ pub struct Engine {
     /// Admin requests ([`super::requests`]): the sending side handed out by [`Engine::handle`].
     requests_tx: tokio::sync::mpsc::Sender<super::requests::Request>,
     /// Taken by [`Engine::run`].
-    pub(crate) requests_rx:
-        Mutex<Option<tokio::sync::mpsc::Receiver<super::requests::Request>>>,
+    pub(crate) requests_rx: Mutex<Option<tokio::sync::mpsc::Receiver<super::requests::Request>>>,
 }
 
 impl std::fmt::Debug for Engine {

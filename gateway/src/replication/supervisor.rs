@@ -18,12 +18,12 @@ use tokio::sync::Notify;
 
 use tracing::{info, warn};
 
-use super::db::{DiskStat, VmRow};
 use super::db::AttachmentState;
+use super::db::{DiskStat, VmRow};
 use super::engine::{blocking, Engine, SUPERVISOR_TICK, TICK};
-use crate::failover::replica::OverlayKind;
 use super::now_ms;
 use crate::disk::{Disk, DiskError};
+use crate::failover::replica::OverlayKind;
 
 /// The running workers, one per protected VM, each with the bell that wakes it.
 #[derive(Default)]

@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 use crate::api::error::ApiError;
 use crate::api::ApiState;
 use crate::failover::actions::{
-    self, AttachRequest, Attached, CleanedUp, CommitStarted, FailoverMode, FailoverRequest, FailoverStarted,
+    self, AttachRequest, Attached, CleanedUp, CommitStarted, FailoverMode, FailoverRequest,
+    FailoverStarted,
 };
 use crate::replication::requests::LaunchedVm;
 
