@@ -291,7 +291,7 @@ fn point_and_store_nouns() {
     let help = run_stdout(standby(&dd).arg("--help"));
     let listed = |help: &str, cmd: &str| {
         help.lines()
-            .any(|l| l.trim_start().split_whitespace().next() == Some(cmd))
+            .any(|l| l.split_whitespace().next() == Some(cmd))
     };
     assert!(listed(&help, "point") && !listed(&help, "points"), "{help}");
     let help = run_stdout(standby(&dd).args(["store", "--help"]));

@@ -7,11 +7,11 @@
 //! back in time), the attachments and VMs already there — and only then writes: an invalid
 //! request changes nothing and returns an [`ActionError`] whose message says what to do.
 //!
-//! Writing means adding or changing rows of the state database (`attachments`, `jobs`); the
-//! gateway's engine serves them within a second and reports back (state `served`, hydration
-//! progress, removal after a commit). The waits for that ([`await_served`], [`await_prepared`],
-//! [`await_committed`]) poll the database with a deadline; the CLI runs them in the foreground,
-//! the API on a blocking thread after answering (the job row tells the outcome).
+//! Writing means adding or changing rows of the state database (`attachments`, `jobs`). While
+//! a gateway runs, its engine runs these functions itself ([`crate::replication::requests`])
+//! and serves or drops the exports right after; the waits ([`await_prepared`],
+//! [`await_committed`]) run as the engine's tasks and finish the jobs. With no gateway running,
+//! the CLI runs only the ones that need no gateway (detach, cleanup) and the checks.
 //!
 //! Listing the store's points is async and networked: callers list them
 //! (`Store::list_points_checked`) and pass them in; the rollback check ([`check_points`]) is
@@ -209,7 +209,7 @@ impl AttachRequest {
     }
 }
 
-/// What was requested (the engine serves it within a second: see [`await_served`]).
+/// What was requested (the engine serves it before answering).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Attached {
     pub export: String,
