@@ -64,6 +64,8 @@ pub enum ServeError {
     BadLimit(&'static str, String),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("cannot write the API's local credential file in the data directory: {0}")]
+    LocalCredential(std::io::Error),
     #[error(transparent)]
     Api(#[from] crate::api::ApiStartError),
     #[error(
@@ -327,11 +329,31 @@ async fn run(
     )
     .map_err(ServeError::Engine)?;
 
+    let mut local = None;
     let api = match crate::api::bind(&opts.api).await? {
-        Some(l) => Some((
-            l,
-            crate::api::ApiState::new(dd.clone(), Arc::clone(&exports), Arc::clone(&metrics))?,
-        )),
+        Some(l) => {
+            // The CLI's way in (written before the API line is printed, removed at exit).
+            let url = crate::api::local::local_url(l.bound, l.https());
+            let cert = if l.https() {
+                opts.api.tls_cert.clone()
+            } else {
+                None
+            };
+            let cred = crate::api::local::LocalCredential::create(dd.root(), url, cert)
+                .map_err(ServeError::LocalCredential)?;
+            let cred = Arc::new(cred);
+            local = Some(Arc::clone(&cred));
+            Some((
+                l,
+                crate::api::ApiState::new(
+                    dd.clone(),
+                    Arc::clone(&exports),
+                    Arc::clone(&metrics),
+                    engine.handle(),
+                    Some(cred),
+                )?,
+            ))
+        }
         None => None,
     };
     if let Some((l, _)) = &api {
@@ -376,6 +398,11 @@ async fn run(
             error!("API task failed: {e}");
             failures.push(format!("the API task failed: {e}"));
         }
+    }
+    // The API is down: its local credential goes (the state holding the other reference
+    // ended with the API task).
+    if let Some(l) = local.take() {
+        l.remove();
     }
     if let Err(e) = engine.await {
         error!("replication engine task failed: {e}");

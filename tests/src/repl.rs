@@ -81,10 +81,10 @@ pub fn jobs(dd: &Path) -> String {
     run_stdout(standby(dd).args(["jobs", "--limit", "50"]))
 }
 
-/// Point ids (`VM/ID`) of a VM, oldest first (`standby points list VM --json`).
+/// Point ids (`VM/ID`) of a VM, oldest first (`standby point list VM --json`).
 pub fn points(dd: &Path, vm: &str) -> Vec<String> {
     let p: serde_json::Value = serde_json::from_str(&run_stdout(
-        standby(dd).args(["points", "list", vm, "--json"]),
+        standby(dd).args(["point", "list", vm, "--json"]),
     ))
     .expect("points list --json");
     p.as_array()

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use standby_e2e::api::{origin, request, token, Answer};
 use standby_e2e::pki::Pki;
-use standby_e2e::repl::{site, wait_for};
+use standby_e2e::repl::{read_export, site, wait_for};
 use standby_e2e::{require_tool, run, run_stdout, standby, test_dir, Gateway};
 
 fn get(base: &str, path: &str, t: Option<&str>) -> Answer {
@@ -207,7 +207,7 @@ fn api_end_to_end() {
     assert!(!points.as_array().expect("points").is_empty());
     assert_eq!(points[0]["vm"], "v1");
     let cli: Value = serde_json::from_str(&run_stdout(
-        standby(&dd).args(["points", "list", "v1", "--json"]),
+        standby(&dd).args(["point", "list", "v1", "--json"]),
     ))
     .unwrap();
     assert_eq!(cli[0]["id"], points[0]["id"]);
@@ -704,4 +704,151 @@ fn api_over_https_and_network_rules() {
     let g = Gateway::start(&dd, &["--no-api"]);
     assert!(g.api.is_none());
     g.stop();
+}
+
+/// Polls `GET /api/v1/jobs/{job}` until it is no longer running; the job.
+fn finished_job(base: &str, t: &str, job: i64, timeout: Duration) -> Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let j = get(base, &format!("/api/v1/jobs/{job}"), Some(t));
+        assert_eq!(j.status, 200, "{}", j.body);
+        let j = j.json();
+        if j["state"] != "running" {
+            return j;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {job} still running after {timeout:?}: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Planned failover through the API only, doing the real work: prepare on the primary
+/// replicates the last writes and stops protection there; on a recovery gateway opening the
+/// same store, failover start serves the disk at once with those bytes, and commit makes it a
+/// local disk of that gateway, with the same bytes.
+#[test]
+fn api_planned_failover_start_and_commit() {
+    let qemu_img = require_tool("qemu-img");
+    let t = test_dir("api_failover_commit");
+    let primary = site(t.path(), &[("app", "8M")]);
+    let admin = token(&primary, "ops", false);
+    let g1 = Gateway::start(&primary, &[]);
+    let base = origin(&g1.api.clone().expect("API address"));
+    let first = t.path().join("first.img");
+    standby_e2e::random_file(&first, 8 << 20, 21);
+    run(Command::new(&qemu_img)
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&first)
+        .arg(g1.uri("app")));
+    let a = post(
+        &base,
+        "/api/v1/vms",
+        Some(&admin),
+        Some(r#"{"vm":"vm","disks":["app"]}"#),
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    wait_for(&primary, "vm Protected", Duration::from_secs(60), || {
+        (state_of(&base, &admin, "vm").as_deref() == Some("Protected")).then_some(())
+    });
+    // The VM's last writes, carried by the final replication only.
+    let last = t.path().join("last.img");
+    standby_e2e::random_file(&last, 8 << 20, 22);
+    run(Command::new(&qemu_img)
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&last)
+        .arg(g1.uri("app")));
+    let want = std::fs::read(&last).unwrap();
+
+    let a = post(&base, "/api/v1/vms/vm/failover/prepare", Some(&admin), None);
+    assert_eq!(a.status, 202, "{}", a.body);
+    let j = finished_job(
+        &base,
+        &admin,
+        a.json()["job"].as_i64().expect("job"),
+        Duration::from_secs(120),
+    );
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["kind"], "failover-prepare", "{j}");
+    let detail = j["detail"].as_str().unwrap_or_default();
+    assert!(detail.starts_with("final point "), "{detail}");
+    get(&base, "/api/v1/vms/vm", Some(&admin)).assert_error(404, "not_found");
+    assert!(g1.stop().success());
+
+    // The recovery gateway: its own data directory on the same store.
+    let recovery = t.path().join("recovery");
+    std::fs::create_dir_all(&recovery).unwrap();
+    std::fs::copy(
+        primary.join("replica-store.toml"),
+        recovery.join("replica-store.toml"),
+    )
+    .unwrap();
+    let admin2 = token(&recovery, "ops", false);
+    let g2 = Gateway::start(&recovery, &[]);
+    let base2 = origin(&g2.api.clone().expect("API address"));
+    let a = post(&base2, "/api/v1/vms/vm/failover/start", Some(&admin2), None);
+    assert_eq!(a.status, 202, "{}", a.body);
+    let started = a.json();
+    assert_eq!(started["exports"], serde_json::json!([["app", "app"]]));
+    assert_eq!(
+        started["uris"],
+        serde_json::json!([g2.uri("app")]),
+        "{started}"
+    );
+    // Served when answered, with the final delta's bytes; its job already finished.
+    assert_eq!(
+        read_export(&g2.uri("app"), &t.path().join("served.img")),
+        want,
+        "the failed-over disk holds the VM's last writes"
+    );
+    let j = finished_job(
+        &base2,
+        &admin2,
+        started["job"].as_i64().expect("job"),
+        Duration::from_secs(1),
+    );
+    assert_eq!(j["state"], "succeeded", "{j}");
+    // A second failover of the same VM is refused.
+    post(&base2, "/api/v1/vms/vm/failover/start", Some(&admin2), None)
+        .assert_error(409, "conflict");
+
+    let a = post(
+        &base2,
+        "/api/v1/vms/vm/failover/commit",
+        Some(&admin2),
+        None,
+    );
+    assert_eq!(a.status, 202, "{}", a.body);
+    let c = a.json();
+    assert_eq!(c["exports"], serde_json::json!(["app"]), "{c}");
+    let j = finished_job(
+        &base2,
+        &admin2,
+        c["job"].as_i64().expect("job"),
+        Duration::from_secs(120),
+    );
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["kind"], "failover-commit", "{j}");
+    // Now a local disk of the recovery gateway, served, same bytes; no attachment left.
+    let d = get(&base2, "/api/v1/disks/app", Some(&admin2));
+    assert_eq!(d.status, 200, "{}", d.body);
+    assert_eq!(d.json()["served"], true, "{}", d.body);
+    assert_eq!(
+        get(&base2, "/api/v1/attachments", Some(&admin2)).json(),
+        serde_json::json!([])
+    );
+    assert_eq!(
+        read_export(&g2.uri("app"), &t.path().join("committed.img")),
+        want,
+        "the committed disk"
+    );
+    post(
+        &base2,
+        "/api/v1/vms/vm/failover/commit",
+        Some(&admin2),
+        None,
+    )
+    .assert_error(404, "not_found");
+    assert!(g2.stop().success());
 }

@@ -401,6 +401,11 @@ fn failover_cli_syntax_and_errors() {
     let o = standby(&dd).args(["store", "verify"]).output().unwrap();
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("store verify: read: finished"));
+    // Serving a point is the running gateway's work: with none, a valid request is refused
+    // at once, saying so.
+    for args in [&["attach", "vm/d"][..], &["failover", "test", "vm"]] {
+        fails(standby(&dd).args(args), "needs the running gateway");
+    }
     std::fs::remove_file(dd.join("replica-store.toml")).unwrap();
     // A store location that cannot be read: the OS error appears once.
     std::fs::create_dir_all(dd.join("replica-store.toml")).unwrap();

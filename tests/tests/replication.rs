@@ -668,7 +668,7 @@ fn app_consistent_points_run_freeze_and_thaw() {
     run(standby(&dd).args(["protect", "vm", "--disks", "d"]));
     wait_state(&dd, "vm", "Protected", T);
     wait_for(&dd, "an app-consistent point", T, || {
-        run_stdout(standby(&dd).args(["points", "list", "vm"]))
+        run_stdout(standby(&dd).args(["point", "list", "vm"]))
             .lines()
             .any(|l| l.split_whitespace().nth(4) == Some("app"))
             .then_some(())

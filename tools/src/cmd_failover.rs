@@ -2,23 +2,28 @@
 //! prepare | start | commit VM`.
 //!
 //! Every subcommand names its action first and the VM last, so any VM name works (a VM named
-//! `commit` included). Validation and the writes are [`gateway::failover::actions`], the code
-//! the HTTP API runs too; this file lists the store's points, waits in the foreground for the
-//! gateway (`standby serve`) to serve the requests, prints where the disks are, and — for a
-//! test failover — launches the policy's failover command as the admin's child process
-//! ([`crate::launch`]), which the API never does.
+//! `commit` included). These actions are the running gateway's: they go to its API
+//! ([`crate::api_client`]), whose engine validates and carries them out at once
+//! ([`gateway::failover::actions`]); this file prints where the disks are, follows the long
+//! jobs (planned failover, commit) through the API, and — for a test failover — launches the
+//! policy's failover command as the admin's child process ([`crate::launch`], recorded with
+//! the gateway so its cleanup stops it), which the API never does. With no gateway running,
+//! `detach` and `failover cleanup` change the state database themselves, and the others say
+//! what is wrong with the request, then that the gateway must run.
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use gateway::failover::actions::{
-    self, AttachRequest, FailoverMode, FailoverRequest, FailoverStarted,
+    self, AttachRequest, CommitStarted, FailoverMode, FailoverRequest, FailoverStarted,
 };
+use gateway::failover::replica::OverlayKind;
 use gateway::replication::actions::ActionError;
 use gateway::replication::db::Db;
+use gateway::replication::requests::LaunchedVm;
 use gateway::DataDir;
-use replica_store::PointMeta;
 
+use crate::api_client::{self, seg, Api, Target};
 use crate::cmd_store::{human, open_store, time_of};
 use crate::launch::{self, LaunchValues, Stopped};
 use crate::progress::Progress;
@@ -102,51 +107,71 @@ fn action(e: ActionError) -> anyhow::Error {
     anyhow::anyhow!(e)
 }
 
-/// The valid points of `vm` in the store (junk reported on stderr).
-async fn points(dd: &DataDir, vm: &str) -> Result<Vec<PointMeta>> {
+/// With no gateway running: what is wrong with a request to serve a point of `vm` (the
+/// store's points, a store that went back in time), said before that the gateway must run.
+async fn check_offline(dd: &DataDir, vm: &str, point: &str, accept_rollback: bool) -> Result<()> {
+    if let Target::Gateway(_) = api_client::target(dd.root())? {
+        return Ok(());
+    }
     let store = open_store(dd.root()).await?;
     let listing = store.list_points_checked(Some(vm)).await?;
     crate::store_seen::report_junk(&listing.junk);
-    Ok(listing.points)
+    let db = db(dd)?;
+    actions::check_points(&db, vm, &listing.points, accept_rollback).map_err(action)?;
+    actions::pick_point(&listing.points, vm, point).map_err(action)?;
+    Ok(())
+}
+
+/// The API of the gateway serving `dd`, or an error saying one must run (these actions are
+/// carried out by the gateway: with none running there is nothing to serve the disks).
+fn running(dd: &DataDir, what: &str) -> Result<Api> {
+    match api_client::target(dd.root())? {
+        Target::Gateway(api) => Ok(api),
+        Target::Offline => bail!(
+            "no gateway serves {}: {what} needs the running gateway (start `standby serve`)",
+            dd.root().display()
+        ),
+    }
 }
 
 pub async fn attach(dd: &DataDir, a: AttachArgs) -> Result<()> {
     let req = AttachRequest::from_spec(&a.spec, a.rw, a.accept_store_rollback).map_err(action)?;
     actions::check_attach_names(&req).map_err(action)?;
-    let points = points(dd, &req.vm).await?;
-    let db = db(dd)?;
-    let at = actions::attach(dd, &db, &req, &points).map_err(action)?;
-    if let Some(w) = &at.warning {
+    check_offline(dd, &req.vm, &req.point, req.accept_store_rollback).await?;
+    let api = running(dd, "attach")?;
+    let at = api
+        .post("/attachments", Some(serde_json::to_value(&req)?))
+        .await?;
+    let s = |k: &str| at[k].as_str().unwrap_or_default().to_string();
+    if let Some(w) = at["warning"].as_str() {
         eprintln!("warning: {w}");
     }
-    if let Err(e) = actions::wait_served(
-        &db,
-        std::slice::from_ref(&at.export),
-        Duration::from_secs(60),
-    ) {
-        db.delete_attachment(&at.export)?;
-        return Err(action(e));
-    }
-    let addr = actions::nbd_addr(&db).unwrap_or_else(|_| "?".into());
     println!(
-        "{}/{}@{} served as nbd://{addr}/{} ({}; {} disk)",
-        at.vm,
-        at.disk,
-        at.point,
-        at.export,
-        if at.rw {
+        "{}/{}@{} served as {} ({}; {} disk)",
+        s("vm"),
+        s("disk"),
+        s("point"),
+        s("uri"),
+        if at["rw"].as_bool() == Some(true) {
             "writable through a local overlay"
         } else {
             "read-only"
         },
-        human(at.size_bytes)
+        human(at["size_bytes"].as_u64().unwrap_or(0))
     );
     Ok(())
 }
 
-pub fn detach(dd: &DataDir, export: &str) -> Result<()> {
-    let db = db(dd)?;
-    actions::detach(&db, export).map_err(action)?;
+pub async fn detach(dd: &DataDir, export: &str) -> Result<()> {
+    match api_client::target(dd.root())? {
+        Target::Gateway(api) => {
+            api.post(&format!("/attachments/{}/detach", seg(export)), None)
+                .await?;
+        }
+        Target::Offline => {
+            actions::detach(&db(dd)?, export).map_err(action)?;
+        }
+    }
     println!("{export} detached (its overlay, if any, is removed)");
     Ok(())
 }
@@ -157,9 +182,9 @@ pub async fn failover(dd: &DataDir, cmd: FailoverCommand) -> Result<()> {
             start(dd, FailoverMode::Test, point, !no_launch).await
         }
         FailoverCommand::Start { point } => start(dd, FailoverMode::Failover, point, false).await,
-        FailoverCommand::Cleanup { vm } => cleanup(dd, &vm),
-        FailoverCommand::Prepare { vm, wait } => prepare(dd, &vm, wait),
-        FailoverCommand::Commit { vm, wait } => commit(dd, &vm, wait),
+        FailoverCommand::Cleanup { vm } => cleanup(dd, &vm).await,
+        FailoverCommand::Prepare { vm, wait } => prepare(dd, &vm, wait).await,
+        FailoverCommand::Commit { vm, wait } => commit(dd, &vm, wait).await,
     }
 }
 
@@ -170,32 +195,47 @@ async fn start(dd: &DataDir, mode: FailoverMode, a: PointArgs, launch: bool) -> 
         accept_store_rollback: a.accept_store_rollback,
     };
     actions::check_failover_name(&req).map_err(action)?;
-    let points = points(dd, &req.vm).await?;
-    let db = db(dd)?;
-    let s = actions::start_failover(dd, &db, mode, &req, &points).map_err(action)?;
+    check_offline(dd, &req.vm, &req.point, req.accept_store_rollback).await?;
+    let api = running(
+        dd,
+        match mode {
+            FailoverMode::Test => "a test failover",
+            FailoverMode::Failover => "a failover",
+        },
+    )?;
+    let path = match mode {
+        FailoverMode::Test => "test",
+        FailoverMode::Failover => "start",
+    };
+    let body = serde_json::json!({
+        "point": req.point,
+        "accept_store_rollback": req.accept_store_rollback,
+    });
+    let r = tokio::time::timeout(
+        Duration::from_secs(a.wait.max(1)),
+        api.post(
+            &format!("/vms/{}/failover/{path}", seg(&req.vm)),
+            Some(body),
+        ),
+    )
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "the gateway did not answer within {} s: see `standby jobs --vm {}`",
+            a.wait,
+            req.vm
+        )
+    })??;
+    let s: FailoverStarted = serde_json::from_value(r).context("the API's answer")?;
     if let Some(w) = &s.warning {
         eprintln!("warning: {w}");
     }
-    let served_in = actions::await_served(&db, &s, Duration::from_secs(a.wait)).map_err(action)?;
-    let r = report(dd, &db, &s, served_in, launch);
-    match &r {
-        Ok(text) => actions::finish_failover(&db, &s, Ok(text)),
-        Err(e) => actions::finish_failover(&db, &s, Err(&format!("{e:#}"))),
-    }
-    .map_err(action)?;
-    println!("{}", r?);
+    println!("{}", report(dd, &api, &s, launch).await?);
     Ok(())
 }
 
 /// What a served (test) failover prints; launches the VM of a test failover.
-fn report(
-    dd: &DataDir,
-    db: &Db,
-    s: &FailoverStarted,
-    served_in: Duration,
-    launch: bool,
-) -> Result<String> {
-    let addr = actions::nbd_addr(db).map_err(action)?;
+async fn report(dd: &DataDir, api: &Api, s: &FailoverStarted, launch: bool) -> Result<String> {
     let vm = &s.vm;
     let mut lines = vec![format!(
         "VM {vm} {} from point {} ({}, {}): disks served in {:.2} s",
@@ -210,10 +250,10 @@ fn report(
         } else {
             "crash-consistent"
         },
-        served_in.as_secs_f64()
+        s.served_secs
     )];
-    for (disk, export) in &s.exports {
-        lines.push(format!("  {disk}: nbd://{addr}/{export}"));
+    for ((disk, _), uri) in s.exports.iter().zip(&s.uris) {
+        lines.push(format!("  {disk}: {uri}"));
     }
     if s.mode == FailoverMode::Failover {
         lines.push(format!(
@@ -221,14 +261,21 @@ fn report(
         ));
         return Ok(lines.join("\n"));
     }
-    let policy = db.policy()?;
+    let policy: gateway::replication::Policy =
+        serde_json::from_value(api.get("/policy").await?).context("the API's policy")?;
     match (&policy.failover_command, launch) {
         (Some(cmd), true) => {
-            db.step(s.job, "launch VM", cmd)?;
             // `vm` passed validate_name: the directory is inside the data directory.
             let dir = dd.root().join("failover").join(vm).join("test");
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("creating {}", dir.display()))?;
+            let addr = s
+                .uris
+                .first()
+                .and_then(|u| u.strip_prefix("nbd://"))
+                .and_then(|u| u.split_once('/'))
+                .map(|(a, _)| a.to_string())
+                .unwrap_or_default();
             let vals = LaunchValues {
                 addr: &addr,
                 vm,
@@ -249,9 +296,22 @@ fn report(
                 .spawn()
                 .with_context(|| format!("launching {argv:?}"))?;
             let started = launch::start_time(child.id()).unwrap_or(0);
-            let first = &s.exports[0].1;
-            db.set_value(&actions::pid_start_key(first), &started.to_string())?;
-            db.set_attachment_pid(first, Some(child.id()))?;
+            let launched = LaunchedVm {
+                pid: child.id(),
+                start_time: started,
+                command: cmd.clone(),
+            };
+            api.post(
+                &format!("/vms/{}/failover/test/vm", seg(vm)),
+                Some(serde_json::to_value(&launched)?),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "the VM was launched (pid {}) but the gateway did not record it: stop it yourself before `standby failover cleanup {vm}`",
+                    child.id()
+                )
+            })?;
             lines.push(format!(
                 "  VM launched (pid {}), output in {}",
                 child.id(),
@@ -282,35 +342,93 @@ fn stop_vm(pid: u32, started: Option<u64>) -> String {
     .into()
 }
 
-fn cleanup(dd: &DataDir, vm: &str) -> Result<()> {
-    let db = db(dd)?;
-    let done = actions::cleanup_test(dd, &db, vm, Some(&stop_vm)).map_err(action)?;
+async fn cleanup(dd: &DataDir, vm: &str) -> Result<()> {
+    let n = match api_client::target(dd.root())? {
+        Target::Gateway(api) => {
+            // The VM this CLI launched is stopped here (the gateway never signals processes);
+            // the gateway then drops the exports and overlays.
+            actions::check_failover_name(&FailoverRequest {
+                vm: vm.into(),
+                point: String::new(),
+                accept_store_rollback: false,
+            })
+            .map_err(action)?;
+            let db = db(dd)?;
+            let mut stopped = Vec::new();
+            for r in actions::vm_attachments(&db, vm, OverlayKind::Test).map_err(action)? {
+                if let Some(pid) = r.pid {
+                    let started = db
+                        .get_value(&actions::pid_start_key(&r.export))?
+                        .and_then(|v| v.parse::<u64>().ok());
+                    stopped.push(stop_vm(pid, started));
+                }
+            }
+            let body = (!stopped.is_empty())
+                .then(|| serde_json::json!({ "vm_stopped": stopped.join("; ") }));
+            let r = api
+                .post(&format!("/vms/{}/failover/cleanup", seg(vm)), body)
+                .await?;
+            r["exports"].as_array().map(Vec::len).unwrap_or(0)
+        }
+        Target::Offline => {
+            let db = db(dd)?;
+            actions::cleanup_test(dd, &db, vm, Some(&stop_vm))
+                .map_err(action)?
+                .exports
+                .len()
+        }
+    };
+    println!("test failover of VM {vm} removed ({n} disks)");
+    Ok(())
+}
+
+async fn prepare(dd: &DataDir, vm: &str, wait: u64) -> Result<()> {
+    if let Target::Offline = api_client::target(dd.root())? {
+        // Say what is wrong with the request first, then that the gateway must run.
+        actions::check_prepare(&db(dd)?, vm).map_err(action)?;
+    }
+    let api = running(dd, "a planned failover")?;
+    let r = api
+        .post(&format!("/vms/{}/failover/prepare", seg(vm)), None)
+        .await?;
+    let job = r["job"].as_i64().context("the API's answer has no job")?;
+    let j = api_client::wait_job(&api, job, Duration::from_secs(wait), |_| {}).await?;
+    if j["state"].as_str() != Some("succeeded") {
+        bail!(
+            "{}",
+            j["error"].as_str().unwrap_or("the planned failover failed")
+        );
+    }
+    // The job's detail: "final point ID; protection stopped here".
+    let point = j["detail"]
+        .as_str()
+        .and_then(|d| d.strip_prefix("final point "))
+        .and_then(|d| d.split(';').next())
+        .unwrap_or_default()
+        .to_string();
     println!(
-        "test failover of VM {vm} removed ({} disks)",
-        done.exports.len()
+        "VM {vm}: final changes replicated (point {point}); protection stopped here. Fail over on the recovery gateway with `standby failover start {vm} --point {point}`"
     );
     Ok(())
 }
 
-fn prepare(dd: &DataDir, vm: &str, wait: u64) -> Result<()> {
-    let db = db(dd)?;
-    let s = actions::start_prepare(&db, vm).map_err(action)?;
-    let p = actions::await_prepared(dd, &db, &s, Duration::from_secs(wait)).map_err(action)?;
-    println!(
-        "VM {vm}: final changes replicated (point {}); protection stopped here. Fail over on the recovery gateway with `standby failover start {vm} --point {}`",
-        p.point, p.point
-    );
-    Ok(())
-}
-
-fn commit(dd: &DataDir, vm: &str, wait: u64) -> Result<()> {
-    let db = db(dd)?;
-    let s = actions::start_commit(&db, vm).map_err(action)?;
+async fn commit(dd: &DataDir, vm: &str, wait: u64) -> Result<()> {
+    if let Target::Offline = api_client::target(dd.root())? {
+        actions::check_commit(&db(dd)?, vm).map_err(action)?;
+    }
+    let api = running(dd, "a failover commit")?;
+    let r = api
+        .post(&format!("/vms/{}/failover/commit", seg(vm)), None)
+        .await?;
+    let s: CommitStarted = serde_json::from_value(r).context("the API's answer")?;
     let bar = Progress::percent(&format!("committing VM {vm}: hydration"));
-    actions::await_committed(&db, &s, Duration::from_secs(wait), |pct| {
+    let j = api_client::wait_job(&api, s.job, Duration::from_secs(wait), |pct| {
         bar.set_percent(pct)
     })
-    .map_err(action)?;
+    .await?;
+    if j["state"].as_str() != Some("succeeded") {
+        bail!("{}", j["error"].as_str().unwrap_or("the commit failed"));
+    }
     bar.finish();
     println!(
         "VM {vm} failover committed: disks {} are local disks of this gateway. Protect it again (reverse replication sends only changed chunks): standby protect {vm} --disks {}",

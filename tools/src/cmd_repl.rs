@@ -1,7 +1,9 @@
 //! Replication commands: protect, unprotect, policy, resync, resume, status, jobs, job.
 //!
-//! They read and write the replication state database in the data directory; the gateway
-//! (`standby serve`) picks the changes up within a second.
+//! The reads (status, jobs, policy show) read the replication state database in the data
+//! directory. The actions go to the running gateway's API when one serves the data directory
+//! (its engine carries them out at once, see [`crate::api_client`]); with no gateway running,
+//! they validate and write the database themselves, and the gateway reads it when it starts.
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -14,6 +16,7 @@ use gateway::replication::status::{vm_statuses, AttachmentView, HealthState, Job
 use gateway::replication::{actions, now_ms, Policy, ProtectionState};
 use gateway::DataDir;
 
+use crate::api_client::{self, seg, Target};
 use crate::cmd_store::{human, open_store, time_of, time_of_ms};
 
 #[derive(clap::Args)]
@@ -117,14 +120,22 @@ pub async fn protect(dd: &DataDir, a: ProtectArgs) -> Result<()> {
         vm: a.vm,
         disks: a.disks,
     };
-    let db = open_db(dd)?;
-    actions::check_protect(dd, &db, &req).map_err(action)?;
-    // The store must be reachable with the right key before anything is recorded.
-    open_store(dd.root())
-        .await
-        .context("the replica store is not usable")?;
-    let out = actions::protect(dd, &db, &req).map_err(action)?;
-    for n in out.notes {
+    let notes = match api_client::target(dd.root())? {
+        Target::Gateway(api) => {
+            let r = api.post("/vms", Some(serde_json::to_value(&req)?)).await?;
+            serde_json::from_value::<Vec<String>>(r["notes"].clone()).unwrap_or_default()
+        }
+        Target::Offline => {
+            let db = open_db(dd)?;
+            actions::check_protect(dd, &db, &req).map_err(action)?;
+            // The store must be reachable with the right key before anything is recorded.
+            open_store(dd.root())
+                .await
+                .context("the replica store is not usable")?;
+            actions::protect(dd, &db, &req).map_err(action)?.notes
+        }
+    };
+    for n in notes {
         eprintln!("note: {n}");
     }
     println!(
@@ -135,23 +146,30 @@ pub async fn protect(dd: &DataDir, a: ProtectArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn unprotect(dd: &DataDir, vm: &str) -> Result<()> {
-    let db = open_db(dd)?;
-    actions::unprotect(dd, &db, vm).map_err(action)?;
+pub async fn unprotect(dd: &DataDir, vm: &str) -> Result<()> {
+    match api_client::target(dd.root())? {
+        Target::Gateway(api) => {
+            api.post(&format!("/vms/{}/unprotect", seg(vm)), None)
+                .await?;
+        }
+        Target::Offline => {
+            let db = open_db(dd)?;
+            actions::unprotect(dd, &db, vm).map_err(action)?;
+        }
+    }
     println!(
-        "VM {vm} unprotected: replication stopped; its recovery points stay in the store (remove them with `standby store prune`)"
+        "VM {vm} unprotected: replication stopped; its recovery points stay in the store (remove them with `standby point prune`)"
     );
     Ok(())
 }
 
-pub fn policy(dd: &DataDir, cmd: PolicyCommand) -> Result<()> {
-    let db = open_db(dd)?;
+pub async fn policy(dd: &DataDir, cmd: PolicyCommand) -> Result<()> {
     let p = match cmd {
         PolicyCommand::Show { json: true } => {
-            println!("{}", serde_json::to_string_pretty(&db.policy()?)?);
+            println!("{}", serde_json::to_string_pretty(&open_db(dd)?.policy()?)?);
             return Ok(());
         }
-        PolicyCommand::Show { json: false } => db.policy()?,
+        PolicyCommand::Show { json: false } => open_db(dd)?.policy()?,
         PolicyCommand::Set(a) => {
             let a = *a;
             let change = actions::PolicyChange {
@@ -167,7 +185,16 @@ pub fn policy(dd: &DataDir, cmd: PolicyCommand) -> Result<()> {
                 failover_command: a.failover_command,
                 retry_time_scale: a.retry_time_scale,
             };
-            actions::set_policy(&db, &change).map_err(action)?
+            // Validated here first: a bad value is refused before anything is sent or written.
+            change.apply(open_db(dd)?.policy()?).map_err(action)?;
+            match api_client::target(dd.root())? {
+                Target::Gateway(api) => serde_json::from_value(
+                    api.post("/policy", Some(serde_json::to_value(&change)?))
+                        .await?,
+                )
+                .context("the API's policy")?,
+                Target::Offline => actions::set_policy(&open_db(dd)?, &change).map_err(action)?,
+            }
         }
     };
     print_policy(&p);
@@ -217,20 +244,41 @@ fn print_policy(p: &Policy) {
     }
 }
 
-pub fn resync(dd: &DataDir, vm: &str, full: bool) -> Result<()> {
-    let db = open_db(dd)?;
-    actions::resync(&db, vm, full).map_err(action)?;
+pub async fn resync(dd: &DataDir, vm: &str, full: bool) -> Result<()> {
+    match api_client::target(dd.root())? {
+        Target::Gateway(api) => {
+            api.post(
+                &format!("/vms/{}/resync", seg(vm)),
+                Some(serde_json::json!({ "full": full })),
+            )
+            .await?;
+        }
+        Target::Offline => {
+            actions::resync(&open_db(dd)?, vm, full).map_err(action)?;
+        }
+    }
     println!("VM {vm}: resynchronization starts now");
     Ok(())
 }
 
-pub fn resume(dd: &DataDir, vm: &str) -> Result<()> {
-    let db = open_db(dd)?;
-    match actions::resume(&db, vm).map_err(action)? {
-        actions::ResumeOutcome::NothingToResume(p) => {
-            println!("VM {vm} is {p}: nothing to resume")
+pub async fn resume(dd: &DataDir, vm: &str) -> Result<()> {
+    let (resumed, state) = match api_client::target(dd.root())? {
+        Target::Gateway(api) => {
+            let r = api.post(&format!("/vms/{}/resume", seg(vm)), None).await?;
+            (
+                r["outcome"].as_str() == Some("resumed"),
+                r["state"].as_str().unwrap_or("?").to_string(),
+            )
         }
-        actions::ResumeOutcome::Resumed(p) => println!("VM {vm} resumed: {p}"),
+        Target::Offline => match actions::resume(&open_db(dd)?, vm).map_err(action)? {
+            actions::ResumeOutcome::NothingToResume(p) => (false, p.to_string()),
+            actions::ResumeOutcome::Resumed(p) => (true, p.to_string()),
+        },
+    };
+    if resumed {
+        println!("VM {vm} resumed: {state}");
+    } else {
+        println!("VM {vm} is {state}: nothing to resume");
     }
     Ok(())
 }

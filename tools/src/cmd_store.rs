@@ -90,7 +90,8 @@ pub enum StoreCommand {
         #[arg(long, default_value = "1h")]
         grace: String,
     },
-    /// Delete recovery points by retention policy (the newest point of a VM is always kept).
+    /// Old spelling of `standby point prune` (kept for scripts).
+    #[command(hide = true)]
     Prune {
         /// Only this VM.
         #[arg(long)]
@@ -127,7 +128,7 @@ pub enum StoreCommand {
     },
 }
 
-/// `standby points ...`
+/// `standby point ...` (also spelled `points`): the recovery points in the store.
 #[derive(Debug, clap::Subcommand)]
 pub enum PointsCommand {
     /// List recovery points (of one VM, or all).
@@ -137,6 +138,29 @@ pub enum PointsCommand {
         /// JSON (the fields of GET /api/v1/points, see docs/api.md).
         #[arg(long)]
         json: bool,
+    },
+    /// One recovery point: its time, consistency and disks.
+    Show {
+        /// Point: VM/ID, ID, or VM/latest.
+        point: String,
+        /// JSON (the fields of one element of GET /api/v1/points).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete recovery points by retention policy (the newest point of a VM is always kept).
+    Prune {
+        /// Only this VM.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Keep the newest N points of each VM.
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// Keep points younger than this (e.g. 7d, 12h).
+        #[arg(long)]
+        keep_within: Option<String>,
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -369,6 +393,9 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
             Ok(())
         }
         StoreCommand::Verify { point } => {
+            if let crate::api_client::Target::Gateway(api) = crate::api_client::target(data_dir)? {
+                return verify_through(&api, point).await;
+            }
             let work = gateway::site::verify_store(data_dir, point.as_deref());
             let report = crate::progress::around("store verify: read", None, "rchar", work).await?;
             println!(
@@ -546,6 +573,47 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
 /// Run a `standby points` subcommand.
 pub async fn run_points(cmd: PointsCommand, data_dir: &Path) -> anyhow::Result<()> {
     match cmd {
+        PointsCommand::Prune {
+            vm,
+            keep_last,
+            keep_within,
+            dry_run,
+        } => {
+            run_store(
+                StoreCommand::Prune {
+                    vm,
+                    keep_last,
+                    keep_within,
+                    dry_run,
+                },
+                data_dir,
+            )
+            .await
+        }
+        PointsCommand::Show { point, json } => {
+            let store = open_store(data_dir).await?;
+            let p = store.find_point(&point).await?;
+            if json {
+                let v: gateway::replication::status::PointView = p.into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!("point {}", p.full_id());
+            println!("  created      {}", time_of(p.created_unix_ms));
+            println!(
+                "  consistency  {}",
+                format!("{:?}", p.consistency).to_lowercase()
+            );
+            for d in &p.disks {
+                println!(
+                    "  disk {:<12} {} (log position {})",
+                    d.name,
+                    human(d.size),
+                    d.source_lsn
+                );
+            }
+            Ok(())
+        }
         PointsCommand::List { vm, json } => {
             let store = open_store(data_dir).await?;
             let listing = store.list_points_checked(vm.as_deref()).await?;
@@ -600,4 +668,65 @@ pub async fn run_points(cmd: PointsCommand, data_dir: &Path) -> anyhow::Result<(
             Ok(())
         }
     }
+}
+
+/// `store verify` while a gateway runs: the gateway verifies (`POST /api/v1/store/verify`),
+/// the CLI prints its report as the offline verification does.
+async fn verify_through(api: &crate::api_client::Api, point: Option<String>) -> anyhow::Result<()> {
+    eprintln!("store verify: the running gateway verifies the store");
+    let r = api
+        .post("/store/verify", Some(serde_json::json!({ "point": point })))
+        .await?;
+    let list = |k: &str| r[k].as_array().cloned().unwrap_or_default();
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
+    let points = |v: &serde_json::Value| {
+        v["points"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    println!(
+        "checked {} points, {} chunks ({})",
+        r["points_checked"].as_u64().unwrap_or(0),
+        r["chunks_checked"].as_u64().unwrap_or(0),
+        human(r["bytes_checked"].as_u64().unwrap_or(0))
+    );
+    for b in list("bad_objects") {
+        println!("BAD OBJECT {}: {}", text(&b, "key"), text(&b, "reason"));
+    }
+    for m in list("missing") {
+        println!(
+            "MISSING chunk {} (used by {})",
+            text(&m, "chunk"),
+            points(&m)
+        );
+    }
+    for c in list("corrupt") {
+        println!(
+            "CORRUPT chunk {}: {} (used by {})",
+            text(&c, "chunk"),
+            text(&c, "reason"),
+            points(&c)
+        );
+    }
+    if r["ok"].as_bool() == Some(true) {
+        println!("OK");
+        return Ok(());
+    }
+    let broken: Vec<String> = list("broken_points")
+        .iter()
+        .filter_map(|p| p.as_str().map(str::to_string))
+        .collect();
+    println!("broken points: {}", broken.join(", "));
+    bail!(
+        "verification failed: {} missing, {} corrupt chunks, {} bad objects",
+        list("missing").len(),
+        list("corrupt").len(),
+        list("bad_objects").len()
+    )
 }

@@ -1,5 +1,6 @@
 //! `standby`: the Standby command-line tool.
 
+mod api_client;
 mod cmd_failover;
 mod cmd_log;
 mod cmd_mount;
@@ -7,6 +8,7 @@ mod cmd_repl;
 mod cmd_store;
 mod cmd_token;
 mod launch;
+mod pinned_tls;
 mod progress;
 mod store_seen;
 
@@ -61,12 +63,12 @@ enum Command {
     Log(cmd_log::LogCommand),
     /// Mount the FUSE view: DIR/disks/NAME for every disk (until SIGINT/SIGTERM).
     Mount(cmd_mount::MountArgs),
-    /// Replica store: init, info, verify, gc, prune, import, export.
+    /// Replica store: init, info, verify, gc, import, export.
     #[command(subcommand)]
     Store(cmd_store::StoreCommand),
-    /// Recovery points.
-    #[command(subcommand)]
-    Points(cmd_store::PointsCommand),
+    /// Recovery points: list, show, prune (also spelled `points`).
+    #[command(subcommand, alias = "points")]
+    Point(cmd_store::PointsCommand),
     /// Protect a VM: enable protection, initial replication, then delta replication.
     Protect(cmd_repl::ProtectArgs),
     /// Stop protecting a VM (its recovery points stay in the store).
@@ -189,7 +191,12 @@ enum DiskCommand {
         read_only: bool,
     },
     /// List disks.
-    List,
+    List {
+        /// JSON (the fields of GET /api/v1/disks, see docs/api.md); `served` comes from the
+        /// running gateway (false when none runs).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -264,17 +271,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Log(cmd) => cmd_log::run_log(&dd, cmd),
         Command::Mount(args) => cmd_mount::run_mount(&dd, args),
         Command::Store(cmd) => runtime()?.block_on(cmd_store::run_store(cmd, dd.root())),
-        Command::Points(cmd) => runtime()?.block_on(cmd_store::run_points(cmd, dd.root())),
+        Command::Point(cmd) => runtime()?.block_on(cmd_store::run_points(cmd, dd.root())),
         Command::Protect(a) => runtime()?.block_on(cmd_repl::protect(&dd, a)),
-        Command::Unprotect { vm } => cmd_repl::unprotect(&dd, &vm),
-        Command::Policy(cmd) => cmd_repl::policy(&dd, cmd),
-        Command::Resync { vm, full } => cmd_repl::resync(&dd, &vm, full),
-        Command::Resume { vm } => cmd_repl::resume(&dd, &vm),
+        Command::Unprotect { vm } => runtime()?.block_on(cmd_repl::unprotect(&dd, &vm)),
+        Command::Policy(cmd) => runtime()?.block_on(cmd_repl::policy(&dd, cmd)),
+        Command::Resync { vm, full } => runtime()?.block_on(cmd_repl::resync(&dd, &vm, full)),
+        Command::Resume { vm } => runtime()?.block_on(cmd_repl::resume(&dd, &vm)),
         Command::Status { json } => cmd_repl::status(&dd, json),
         Command::Jobs(a) => runtime()?.block_on(cmd_repl::jobs(&dd, a)),
         Command::Job(cmd) => cmd_repl::job(&dd, cmd),
         Command::Attach(a) => runtime()?.block_on(cmd_failover::attach(&dd, a)),
-        Command::Detach { export } => cmd_failover::detach(&dd, &export),
+        Command::Detach { export } => runtime()?.block_on(cmd_failover::detach(&dd, &export)),
         Command::Token(cmd) => cmd_token::run(&dd, cmd),
         Command::Failover(cmd) => runtime()?.block_on(cmd_failover::failover(&dd, cmd)),
     }
@@ -351,7 +358,22 @@ fn disk(dd: &DataDir, cmd: DiskCommand) -> Result<()> {
             let rec = dd.import_disk(&name, &image, read_only)?;
             println!("imported disk {} from {}", rec.name, rec.image.display());
         }
-        DiskCommand::List => {
+        DiskCommand::List { json: true } => {
+            let list = match api_client::target(dd.root())? {
+                api_client::Target::Gateway(api) => runtime()?.block_on(api.get("/disks"))?,
+                api_client::Target::Offline => {
+                    let db = gateway::replication::Db::open(dd.root())
+                        .context("opening the replication state")?;
+                    let mut v = Vec::new();
+                    for rec in dd.disks()?.into_values() {
+                        v.push(gateway::api::handlers::disks::disk_view(&db, rec, false)?);
+                    }
+                    serde_json::to_value(v)?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        }
+        DiskCommand::List { json: false } => {
             let disks = dd.disks()?;
             println!(
                 "{:<24} {:>12} {:<9} {:<4} IMAGE",

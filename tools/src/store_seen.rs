@@ -9,7 +9,7 @@
 //! store's newest point of that VM is older than that mark, points were deleted by someone
 //! else or an old copy of the store (or of a bucket) was put back: `failover`/`attach`
 //! refuse to pick a point (`--accept-store-rollback` overrides, after an admin has looked),
-//! `points list` warns. The checks are [`gateway::failover::actions`]'s (the API's too). In an encrypted store a point object cannot be swapped for another
+//! `point list` warns. The checks are [`gateway::failover::actions`]'s (the API's too). In an encrypted store a point object cannot be swapped for another
 //! one either: its authentication covers its key (name), so an old point copied over a
 //! newer key fails to open and is reported as junk.
 

@@ -1,7 +1,8 @@
 //! Bearer-token authentication and the read-only / admin split.
 //!
 //! Every route sits behind [`authenticate`] (401 without a current token); action routes are
-//! also behind [`require_admin`] (403 for a read-only token). The caller's [`TokenInfo`] is put
+//! also behind [`require_admin`] (403 for a read-only token). The gateway's local admin
+//! credential ([`super::local`]) is accepted as the admin token `local-cli`. The caller's [`TokenInfo`] is put
 //! in the request's extensions for handlers and logs.
 
 use std::sync::Arc;
@@ -38,6 +39,14 @@ pub async fn authenticate(
         .map(str::trim)
         .ok_or_else(|| unauthorized("the Authorization header must be `Bearer TOKEN`"))?
         .to_string();
+    if state.local.as_ref().is_some_and(|l| l.matches(&token)) {
+        req.extensions_mut().insert(TokenInfo {
+            name: super::local::LOCAL_TOKEN_NAME.to_string(),
+            scope: Scope::Admin,
+            created_ms: 0,
+        });
+        return Ok(next.run(req).await);
+    }
     let found = {
         let state = Arc::clone(&state);
         tokio::task::spawn_blocking(move || state.tokens.verify(&token))
@@ -47,8 +56,8 @@ pub async fn authenticate(
     };
     let Some(info) = found else {
         return Err(unauthorized(
-            "this API token is not valid (revoked, or never created here): see `standby token \
-             list`",
+            "this API token is not valid (revoked, never created here, or the local credential \
+             of a gateway that has since restarted): see `standby token list`",
         ));
     };
     req.extensions_mut().insert(info);

@@ -10,7 +10,10 @@
 //!   read (403 on actions). Errors are one JSON shape ([`error`]).
 //! - Handlers never block a tokio worker: database work runs on the blocking pool
 //!   ([`ApiState::blocking`]); actions call the same functions as the CLI
-//!   ([`crate::replication::actions`]).
+//!   ([`crate::replication::actions`]); actions are handed to the replication engine as typed
+//!   requests ([`crate::replication::requests`]), which it carries out at once.
+//! - The CLI on the same host finds the API and authenticates through the local admin
+//!   credential the gateway writes at start ([`local`]).
 //! - At most [`MAX_API_CONNECTIONS`] connections; a client has [`HEADER_TIMEOUT`] for the TLS
 //!   handshake and for each request's headers, so idle or slow clients cannot pile up.
 //! - When the listen address is the default (nothing configured) and it is taken, the gateway
@@ -20,6 +23,7 @@
 pub mod auth;
 pub mod error;
 pub mod handlers;
+pub mod local;
 pub mod openapi;
 pub mod router;
 pub mod tokens;
@@ -36,7 +40,7 @@ use tracing::{info, warn};
 use crate::catalog::DataDir;
 use crate::failover::Device;
 use crate::metrics::Metrics;
-use crate::replication::Db;
+use crate::replication::{Db, EngineHandle};
 use crate::serve::Reach;
 use error::ApiError;
 use tokens::TokenStore;
@@ -104,6 +108,10 @@ pub struct ApiState {
     db: Mutex<Db>,
     pub exports: Arc<Exports<Device>>,
     pub metrics: Arc<Metrics>,
+    /// Where actions go: the replication engine, as typed requests.
+    pub engine: EngineHandle,
+    /// The local admin credential of this process ([`local`]), if written.
+    pub local: Option<Arc<local::LocalCredential>>,
 }
 
 impl ApiState {
@@ -111,6 +119,8 @@ impl ApiState {
         dd: DataDir,
         exports: Arc<Exports<Device>>,
         metrics: Arc<Metrics>,
+        engine: EngineHandle,
+        local: Option<Arc<local::LocalCredential>>,
     ) -> Result<Arc<Self>, ApiStartError> {
         Ok(Arc::new(Self {
             tokens: TokenStore::open(dd.root())?,
@@ -118,6 +128,8 @@ impl ApiState {
             dd,
             exports,
             metrics,
+            engine,
+            local,
         }))
     }
 
@@ -144,6 +156,11 @@ pub struct ApiListener {
 }
 
 impl ApiListener {
+    /// Whether it serves HTTPS.
+    pub fn https(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// The URL clients use.
     pub fn url(&self) -> String {
         format!(

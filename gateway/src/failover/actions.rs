@@ -7,11 +7,11 @@
 //! back in time), the attachments and VMs already there — and only then writes: an invalid
 //! request changes nothing and returns an [`ActionError`] whose message says what to do.
 //!
-//! Writing means adding or changing rows of the state database (`attachments`, `jobs`); the
-//! gateway's engine serves them within a second and reports back (state `served`, hydration
-//! progress, removal after a commit). The waits for that ([`await_served`], [`await_prepared`],
-//! [`await_committed`]) poll the database with a deadline; the CLI runs them in the foreground,
-//! the API on a blocking thread after answering (the job row tells the outcome).
+//! Writing means adding or changing rows of the state database (`attachments`, `jobs`). While
+//! a gateway runs, its engine runs these functions itself ([`crate::replication::requests`])
+//! and serves or drops the exports right after; the waits ([`await_prepared`],
+//! [`await_committed`]) run as the engine's tasks and finish the jobs. With no gateway running,
+//! the CLI runs only the ones that need no gateway (detach, cleanup) and the checks.
 //!
 //! Listing the store's points is async and networked: callers list them
 //! (`Store::list_points_checked`) and pass them in; the rollback check ([`check_points`]) is
@@ -126,7 +126,7 @@ pub fn pick_point(points: &[PointMeta], vm: &str, spec: &str) -> Result<PointMet
     let mine: Vec<&PointMeta> = points.iter().filter(|p| p.vm == vm).collect();
     if mine.is_empty() {
         return Err(ActionError::NotFound(format!(
-            "VM {vm} has no recovery point in the store (see `standby points list`)"
+            "VM {vm} has no recovery point in the store (see `standby point list`)"
         )));
     }
     let found = match spec {
@@ -160,7 +160,7 @@ pub fn pick_point(points: &[PointMeta], vm: &str, spec: &str) -> Result<PointMet
     };
     found.cloned().ok_or_else(|| {
         ActionError::NotFound(format!(
-            "no point of VM {vm} matches {spec:?} (see `standby points list {vm}`)"
+            "no point of VM {vm} matches {spec:?} (see `standby point list {vm}`)"
         ))
     })
 }
@@ -209,7 +209,7 @@ impl AttachRequest {
     }
 }
 
-/// What was requested (the engine serves it within a second: see [`await_served`]).
+/// What was requested (the engine serves it before answering).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Attached {
     pub export: String,
@@ -378,7 +378,7 @@ pub struct FailoverRequest {
 }
 
 /// A test failover or failover under way: its job and exports.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FailoverStarted {
     pub vm: String,
     pub mode: FailoverMode,
@@ -391,6 +391,12 @@ pub struct FailoverStarted {
     pub exports: Vec<(String, String)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// Seconds from the request to every disk served (0 until they are).
+    #[serde(default)]
+    pub served_secs: f64,
+    /// `nbd://HOST:PORT/EXPORT` of every export, in `exports`' order (empty until served).
+    #[serde(default)]
+    pub uris: Vec<String>,
 }
 
 /// Checks the VM name before the store is listed.
@@ -472,6 +478,8 @@ pub fn start_failover(
         app_consistent: p.consistency == Consistency::App,
         exports,
         warning,
+        served_secs: 0.0,
+        uris: Vec::new(),
     })
 }
 
@@ -579,13 +587,27 @@ pub struct CleanedUp {
     pub exports: Vec<String>,
 }
 
-/// Removes a test failover: stops its VM (`stop`), drops its exports and overlays.
+/// Removes a test failover: stops its VM (`stop`), drops its exports and overlays. For a data
+/// directory no gateway serves (the CLI's offline path); the running engine runs
+/// [`begin_cleanup`], drops the exports, then [`finish_cleanup`].
 pub fn cleanup_test(
     dd: &DataDir,
     db: &Db,
     vm: &str,
     stop: StopVm<'_>,
 ) -> Result<CleanedUp, ActionError> {
+    let (done, rows) = begin_cleanup(db, vm, stop)?;
+    finish_cleanup(dd, db, &done, &rows)?;
+    Ok(done)
+}
+
+/// Validates a cleanup, starts its job, stops the VM (`stop`) and removes the attachment rows;
+/// returns them for [`finish_cleanup`].
+pub fn begin_cleanup(
+    db: &Db,
+    vm: &str,
+    stop: StopVm<'_>,
+) -> Result<(CleanedUp, Vec<Attachment>), ActionError> {
     name("VM", vm)?;
     let rows = vm_attachments(db, vm, OverlayKind::Test)?;
     if rows.is_empty() {
@@ -618,13 +640,29 @@ pub fn cleanup_test(
     for r in &rows {
         db.delete_attachment(&r.export)?;
     }
-    // The gateway drops the exports and overlays within a second; without one, remove them.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && rows.iter().any(|r| Path::new(&r.dir).exists()) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for r in &rows {
+    Ok((
+        CleanedUp {
+            vm: vm.into(),
+            job,
+            exports: rows.iter().map(|r| r.export.clone()).collect(),
+        },
+        rows,
+    ))
+}
+
+/// Removes the overlay directories the exports left (once no export uses them) and finishes
+/// the cleanup's job.
+pub fn finish_cleanup(
+    dd: &DataDir,
+    db: &Db,
+    done: &CleanedUp,
+    rows: &[Attachment],
+) -> Result<(), ActionError> {
+    for r in rows {
         let dir = Path::new(&r.dir);
+        if !dir.exists() {
+            continue;
+        }
         if is_overlay_dir(dd.root(), dir) {
             let _ = std::fs::remove_dir_all(dir);
         } else {
@@ -632,16 +670,43 @@ pub fn cleanup_test(
         }
     }
     db.finish_job(
-        job,
+        done.job,
         JobState::Succeeded,
         &format!("{} exports removed", rows.len()),
         "",
     )?;
-    Ok(CleanedUp {
-        vm: vm.into(),
-        job,
-        exports: rows.into_iter().map(|r| r.export).collect(),
-    })
+    Ok(())
+}
+
+/// Records the VM process a test failover launched (its cleanup stops it): on the first
+/// export's row, with the process's start time, and as a step of the test failover's job.
+pub fn record_test_vm(
+    db: &Db,
+    vm: &str,
+    pid: u32,
+    start_time: u64,
+    command: &str,
+) -> Result<(), ActionError> {
+    name("VM", vm)?;
+    let rows = vm_attachments(db, vm, OverlayKind::Test)?;
+    let Some(first) = rows.first() else {
+        return Err(ActionError::NotFound(format!(
+            "VM {vm} has no test failover"
+        )));
+    };
+    if pid == 0 {
+        return Err(ActionError::Invalid("pid 0 is not a process".into()));
+    }
+    if let Some(j) = db
+        .jobs(50, Some(vm))?
+        .into_iter()
+        .find(|j| j.kind == JobKind::TestFailover)
+    {
+        db.step(j.id, "launch VM", command)?;
+    }
+    db.set_value(&pid_start_key(&first.export), &start_time.to_string())?;
+    db.set_attachment_pid(&first.export, Some(pid))?;
+    Ok(())
 }
 
 // ---- planned failover (prepare), commit ----
@@ -658,6 +723,20 @@ pub struct PrepareStarted {
 /// Planned failover, on the primary, after the VM is shut down: validates that the VM is
 /// Protected, starts a job and makes its next replication cycle due at once.
 pub fn start_prepare(db: &Db, vm: &str) -> Result<PrepareStarted, ActionError> {
+    check_prepare(db, vm)?;
+    let since_ms = now_ms();
+    let job = db.start_job(vm, JobKind::FailoverPrepare)?;
+    db.step(job, "replicate the last changes", "")?;
+    db.modify_vm(vm, |v| v.last_cycle_ms = Some(0))?;
+    Ok(PrepareStarted {
+        vm: vm.into(),
+        job,
+        since_ms,
+    })
+}
+
+/// Validates a planned failover without writing: a valid VM name, protected here, Protected.
+pub fn check_prepare(db: &Db, vm: &str) -> Result<(), ActionError> {
     name("VM", vm)?;
     let v = db.vm(vm)?.ok_or_else(|| {
         ActionError::NotFound(format!("VM {vm} is not protected on this gateway"))
@@ -668,15 +747,7 @@ pub fn start_prepare(db: &Db, vm: &str) -> Result<PrepareStarted, ActionError> {
             v.phase
         )));
     }
-    let since_ms = now_ms();
-    let job = db.start_job(vm, JobKind::FailoverPrepare)?;
-    db.step(job, "replicate the last changes", "")?;
-    db.modify_vm(vm, |v| v.last_cycle_ms = Some(0))?;
-    Ok(PrepareStarted {
-        vm: vm.into(),
-        job,
-        since_ms,
-    })
+    Ok(())
 }
 
 /// What a finished prepare left: the point to fail over to.
@@ -747,7 +818,7 @@ fn wait_prepared(
 }
 
 /// A commit under way.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitStarted {
     pub vm: String,
     pub job: i64,
@@ -756,13 +827,7 @@ pub struct CommitStarted {
 
 /// Asks the engine to adopt a failed-over VM's disks as local disks once hydrated.
 pub fn start_commit(db: &Db, vm: &str) -> Result<CommitStarted, ActionError> {
-    name("VM", vm)?;
-    let rows = vm_attachments(db, vm, OverlayKind::Failover)?;
-    if rows.is_empty() {
-        return Err(ActionError::NotFound(format!(
-            "VM {vm} has no failover to commit"
-        )));
-    }
+    let rows = check_commit(db, vm)?;
     let job = db.start_job(vm, JobKind::FailoverCommit)?;
     db.step(job, "wait for hydration, adopt local images", "")?;
     for r in &rows {
@@ -773,6 +838,18 @@ pub fn start_commit(db: &Db, vm: &str) -> Result<CommitStarted, ActionError> {
         job,
         exports: rows.into_iter().map(|r| r.export).collect(),
     })
+}
+
+/// Validates a commit without writing; the failover's attachments.
+pub fn check_commit(db: &Db, vm: &str) -> Result<Vec<Attachment>, ActionError> {
+    name("VM", vm)?;
+    let rows = vm_attachments(db, vm, OverlayKind::Failover)?;
+    if rows.is_empty() {
+        return Err(ActionError::NotFound(format!(
+            "VM {vm} has no failover to commit"
+        )));
+    }
+    Ok(rows)
 }
 
 /// Hydration of a commit: percent done over all its disks.

@@ -1,6 +1,7 @@
-//! Recovery points served as exports for the attachment requests of the state database
-//! (`standby attach`, test failover, failover): the engine's supervisor calls
-//! [`Engine::sync_attachments`] every 100 ms.
+//! Recovery points served as exports for the attachment rows of the state database
+//! (`standby attach`, test failover, failover): the engine calls [`Engine::sync_attachments`]
+//! at start, right after each request that adds or removes rows, and once a second while a
+//! commit waits for hydration.
 //!
 //! Invariants: a row is served once per request (a detach and a new attach under the same
 //! name is a new request, told apart by `created_ms`); removing a row removes its export and,

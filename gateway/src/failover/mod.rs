@@ -1,9 +1,10 @@
 //! Failover: recovery points presented as disks (lazily, copy-on-write), attached as NBD
 //! exports, test failover, failover with hydration into local images, and commit.
 //!
-//! Requests are rows in the replication state database (`attachments`): the CLI adds and
-//! removes them, the gateway's engine ([`crate::replication::Engine`]) turns them into exports
-//! within a second and reports back (state `served`, hydration progress): [`attachments`] serves
+//! Requests reach the gateway's engine ([`crate::replication::Engine`]) as typed messages
+//! ([`crate::replication::requests`]); their durable record is rows of the replication state
+//! database (`attachments`), which the engine turns into exports at once (and again at each
+//! start), reporting back there (state `served`, hydration progress): [`attachments`] serves
 //! and removes them, [`hydrate`] copies a failed-over disk into its overlay.
 
 pub mod actions;

@@ -3,8 +3,9 @@
 //! The one implementation behind both the CLI (`standby protect` …) and the HTTP API
 //! (`POST /api/v1/vms` …): each action takes a typed request, validates all of it against the
 //! state database and the data directory, and only then writes (one transaction). An invalid
-//! request changes nothing and returns an [`ActionError`] whose message says what to do. The
-//! engine picks the new state up from the database within a second.
+//! request changes nothing and returns an [`ActionError`] whose message says what to do. While
+//! a gateway runs, its engine runs them ([`super::requests`]) and acts on the result at once;
+//! the CLI runs them itself only when no gateway runs (the gateway reads the state at start).
 //!
 //! Protect is in two steps because it also checks that the replica store opens (an async,
 //! networked check that the caller runs between them): [`check_protect`] validates without

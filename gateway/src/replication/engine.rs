@@ -2,7 +2,8 @@
 //! the phases kept in the state database ([`super::db`]). This file holds the engine's shared
 //! state and errors; the work is split by responsibility:
 //!
-//! - [`super::supervisor`]: one worker per protected VM, attachment requests, shutdown;
+//! - [`super::supervisor`]: one worker per protected VM, admin requests ([`super::requests`],
+//!   taken as typed messages and acted on at once), shutdown;
 //! - [`super::vm`]: the per-VM state machine (which step runs, retries, outcomes);
 //! - [`super::passes`]: enable protection, initial replication, the chunk pass, cutting a
 //!   point, delta replication, resynchronization;
@@ -36,11 +37,12 @@ use nbd_server::Exports;
 
 pub use super::logscan::patch_from_log;
 
-/// How often a worker looks at its VM's row.
+/// How often a worker looks at its VM's row when nothing wakes it (its own schedule: the
+/// copy interval, retries, progress of passes); an admin request wakes it at once.
 pub const TICK: Duration = Duration::from_millis(200);
-/// How often the engine looks for new VMs and attachment requests (an attach or a test
-/// failover is served within this).
-pub(crate) const SUPERVISOR_TICK: Duration = Duration::from_millis(100);
+/// How often the supervisor does its own housekeeping (restarting a worker that ended,
+/// adopting hydrated disks of a commit). Requests never wait for it.
+pub(crate) const SUPERVISOR_TICK: Duration = Duration::from_secs(1);
 /// Checkpoint a pass at least this often.
 pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// Chunks read and hashed per batch of a pass.
@@ -146,6 +148,10 @@ pub struct Engine {
     pub(crate) pruned: Mutex<HashMap<String, Instant>>,
     /// Replica disks served for attachments, by export name, with their hydration task.
     pub(crate) attached: tokio::sync::Mutex<HashMap<String, Attached>>,
+    /// Admin requests ([`super::requests`]): the sending side handed out by [`Engine::handle`].
+    requests_tx: tokio::sync::mpsc::Sender<super::requests::Request>,
+    /// Taken by [`Engine::run`].
+    pub(crate) requests_rx: Mutex<Option<tokio::sync::mpsc::Receiver<super::requests::Request>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -182,7 +188,10 @@ impl Engine {
         if n > 0 {
             info!(jobs = n, "marked jobs of the previous run interrupted");
         }
+        let (requests_tx, rx) = tokio::sync::mpsc::channel(super::requests::QUEUE);
         Ok(Arc::new(Engine {
+            requests_tx,
+            requests_rx: Mutex::new(Some(rx)),
             dd,
             disks: std::sync::RwLock::new(disks),
             db: Arc::new(Mutex::new(db)),
@@ -193,6 +202,11 @@ impl Engine {
             pruned: Mutex::new(HashMap::new()),
             attached: tokio::sync::Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Where admin requests go (the API's handlers hold one).
+    pub fn handle(&self) -> super::requests::EngineHandle {
+        super::requests::EngineHandle::new(self.requests_tx.clone())
     }
 
     /// Runs `f` with the database. SQLite may wait on file I/O (a commit's sync), so the call

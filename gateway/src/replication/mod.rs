@@ -9,11 +9,13 @@
 pub mod actions;
 pub mod db;
 pub mod engine;
+mod handler;
 pub mod health;
 pub mod hooks;
 pub mod logscan;
 pub mod passes;
 pub mod policy;
+pub mod requests;
 pub mod retry;
 pub mod states;
 pub mod status;
@@ -23,6 +25,7 @@ pub mod vm;
 pub use db::{Db, DbError, Phase, VmRow};
 pub use engine::{Engine, ReplError};
 pub use policy::Policy;
+pub use requests::EngineHandle;
 pub use retry::ErrorClass;
 
 /// Milliseconds since the Unix epoch.

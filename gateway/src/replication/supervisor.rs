@@ -1,56 +1,112 @@
-//! The engine's supervisor: one loop per gateway that starts a worker per protected VM (and
-//! restarts one that ended), serves the attachment requests of the state database
-//! ([`crate::failover::attachments`]), and on shutdown waits for every worker, then flushes the
-//! served overlays.
+//! The engine's supervisor: one loop per gateway. At start it reads the durable state (the
+//! protected VMs, the attachments to serve, commits under way) and starts a worker per VM;
+//! then it takes the admin requests ([`super::requests`], handled in [`super::handler`]) as
+//! they come, acting on each at once, and does its own housekeeping once a second
+//! (restarting a worker that ended, adopting hydrated disks of a commit). On shutdown it
+//! waits for every worker, then flushes the served overlays.
 //!
-//! Invariants: at most one worker per VM at a time; a VM removed from the database
-//! (`standby unprotect`) ends its worker, which stops change tracking of its disks; the
+//! Invariants: at most one worker per VM at a time; an unprotected VM's worker is woken, finds
+//! its row gone and stops change tracking of its disks; the state database is never scanned
+//! for requests (what the CLI writes while no gateway runs is read at the next start); the
 //! per-disk figures `standby status` shows are written only when they change (or every 10 s).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 use tracing::{info, warn};
 
+use super::db::AttachmentState;
 use super::db::{DiskStat, VmRow};
 use super::engine::{blocking, Engine, SUPERVISOR_TICK, TICK};
 use super::now_ms;
 use crate::disk::{Disk, DiskError};
+use crate::failover::replica::OverlayKind;
+
+/// The running workers, one per protected VM, each with the bell that wakes it.
+#[derive(Default)]
+pub(crate) struct Workers {
+    map: HashMap<String, (tokio::task::JoinHandle<()>, Arc<Notify>)>,
+}
+
+impl Workers {
+    /// Starts the worker of `vm` unless one runs.
+    pub(crate) fn ensure(&mut self, engine: &Arc<Engine>, vm: &str) {
+        if self.map.get(vm).is_some_and(|(h, _)| !h.is_finished()) {
+            return;
+        }
+        let wake = Arc::new(Notify::new());
+        let (me, name, w) = (Arc::clone(engine), vm.to_string(), Arc::clone(&wake));
+        let h = tokio::spawn(async move { me.worker(name, w).await });
+        self.map.insert(vm.to_string(), (h, wake));
+    }
+
+    /// Makes the worker of `vm` look at its row now.
+    pub(crate) fn wake(&self, vm: &str) {
+        if let Some((_, w)) = self.map.get(vm) {
+            w.notify_one();
+        }
+    }
+
+    pub(crate) fn wake_all(&self) {
+        for (_, w) in self.map.values() {
+            w.notify_one();
+        }
+    }
+}
 
 impl Engine {
-    /// Runs until shutdown: a worker per protected VM.
+    /// Runs until shutdown: a worker per protected VM, and the admin requests.
     pub async fn run(self: Arc<Self>) {
-        let mut workers: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut workers = Workers::default();
         let mut shutdown = self.shutdown.clone();
-        loop {
-            match self.db(|d| d.vms()) {
-                Ok(vms) => {
-                    for v in vms {
-                        let running = workers.get(&v.name).is_some_and(|h| !h.is_finished());
-                        if !running {
-                            let me = Arc::clone(&self);
-                            let name = v.name.clone();
-                            workers.insert(
-                                v.name.clone(),
-                                tokio::spawn(async move { me.worker(name).await }),
-                            );
-                        }
-                    }
+        let mut requests = self
+            .requests_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        // The durable state at start: VMs recorded while no gateway ran, points to serve again,
+        // commits under way.
+        let mut commits = std::collections::BTreeSet::new();
+        match self.db(|d| d.vms()) {
+            Ok(vms) => {
+                for v in vms {
+                    workers.ensure(&self, &v.name);
                 }
-                Err(e) => warn!("replication: cannot read the state database: {e}"),
             }
-            workers.retain(|_, h| !h.is_finished());
-            self.sync_attachments().await;
+            Err(e) => warn!("replication: cannot read the state database: {e}"),
+        }
+        if let Ok(rows) = self.db(|d| d.attachments()) {
+            commits.extend(
+                rows.into_iter()
+                    .filter(|r| r.state == AttachmentState::Commit)
+                    .map(|r| r.vm),
+            );
+        }
+        self.sync_attachments().await;
+        let mut housekeeping = tokio::time::interval(SUPERVISOR_TICK);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
             tokio::select! {
-                _ = tokio::time::sleep(SUPERVISOR_TICK) => {}
+                Some(req) = async {
+                    match requests.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.handle_request(req, &mut workers, &mut commits).await,
+                _ = housekeeping.tick() => self.housekeeping(&mut workers, &mut commits).await,
                 _ = shutdown.changed() => {}
             }
             if self.stopping() {
                 break;
             }
         }
-        for (_, h) in workers {
+        // Requests still queued are answered "not running" when the channel drops.
+        drop(requests);
+        for (_, (h, w)) in workers.map {
+            w.notify_one();
             let _ = h.await;
         }
         for (_, a) in self.attached.lock().await.drain() {
@@ -64,7 +120,38 @@ impl Engine {
         info!("replication engine stopped");
     }
 
-    pub(crate) async fn worker(self: Arc<Self>, vm: String) {
+    /// The supervisor's own work: restart a worker that ended while its VM is still
+    /// protected; adopt the disks of commits once hydrated.
+    async fn housekeeping(
+        self: &Arc<Self>,
+        workers: &mut Workers,
+        commits: &mut std::collections::BTreeSet<String>,
+    ) {
+        let ended: Vec<String> = workers
+            .map
+            .iter()
+            .filter(|(_, (h, _))| h.is_finished())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for vm in ended {
+            workers.map.remove(&vm);
+            if let Ok(Some(_)) = self.db(|d| d.vm(&vm)) {
+                warn!(vm = %vm, "replication worker ended: starting it again");
+                workers.ensure(self, &vm);
+            }
+        }
+        if !commits.is_empty() {
+            self.sync_attachments().await;
+            if let Ok(rows) = self.db(|d| d.attachments()) {
+                commits.retain(|vm| {
+                    rows.iter()
+                        .any(|r| &r.vm == vm && r.kind == OverlayKind::Failover)
+                });
+            }
+        }
+    }
+
+    pub(crate) async fn worker(self: Arc<Self>, vm: String, wake: Arc<Notify>) {
         info!(vm = %vm, "replication worker started");
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -89,6 +176,7 @@ impl Engine {
             }
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
+                _ = wake.notified() => {}
                 _ = shutdown.changed() => {}
             }
         }

@@ -1,4 +1,5 @@
-//! `GET /api/v1/disks`, `GET /api/v1/disks/{name}`: the data directory's disks.
+//! `GET /api/v1/disks`, `GET /api/v1/disks/{name}`: the data directory's disks (the fields
+//! of `standby disk list --json`).
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use serde::Serialize;
 use crate::api::error::ApiError;
 use crate::api::ApiState;
 use crate::catalog::DiskRecord;
-use crate::replication::Db;
+use crate::replication::{Db, DbError};
 
 /// A disk as the API shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -32,6 +33,13 @@ pub struct DiskView {
 }
 
 fn view(state: &ApiState, db: &Db, rec: DiskRecord) -> Result<DiskView, ApiError> {
+    let served = state.exports.get(&rec.name).is_some();
+    Ok(disk_view(db, rec, served)?)
+}
+
+/// A disk as the API shows it (`served`: whether the running gateway serves it). Also what
+/// `standby disk list --json` prints when no gateway runs (nothing served then).
+pub fn disk_view(db: &Db, rec: DiskRecord, served: bool) -> Result<DiskView, DbError> {
     let vm = db
         .vms()?
         .into_iter()
@@ -40,7 +48,7 @@ fn view(state: &ApiState, db: &Db, rec: DiskRecord) -> Result<DiskView, ApiError
     Ok(DiskView {
         size_bytes: std::fs::metadata(&rec.image).ok().map(|m| m.len()),
         image: rec.image.display().to_string(),
-        served: state.exports.get(&rec.name).is_some(),
+        served,
         origin: format!("{:?}", rec.origin).to_lowercase(),
         read_only: rec.read_only,
         tracked: rec.tracked,

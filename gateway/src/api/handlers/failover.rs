@@ -3,18 +3,19 @@
 //! planned failover (prepare), failover and commit (`POST /api/v1/vms/{vm}/failover/{test,
 //! cleanup,prepare,start,commit}`), through [`crate::failover::actions`] (the CLI's code).
 //!
-//! Attach answers once the export is served (the engine serves within a second), so the
-//! answer's `uri` can be opened at once. The failovers start a job and answer `202 Accepted`
-//! with its id at once; a blocking task (with its own database connection, so the API's
-//! shared one is never held while waiting) waits for the gateway and finishes the job —
-//! `GET /api/v1/jobs/{id}` tells the outcome. Every refusal (4xx) happens before any write.
+//! Each action is handed to the replication engine ([`crate::replication::requests`]), which
+//! carries it out at once. Attach answers once the export is served, so the answer's `uri`
+//! can be opened at once; a (test) failover answers `202 Accepted` once its disks are served
+//! (its job has finished then); prepare and commit answer `202 Accepted` with their job at
+//! once and the engine finishes the job — `GET /api/v1/jobs/{id}` tells the outcome. Every
+//! refusal (4xx) happens before any write.
 //!
 //! The API never launches the failover command (a test failover from the API serves the
-//! exports; the CLI's `standby failover test` also starts the VM), and its cleanup refuses
-//! while a VM the CLI launched still runs.
+//! exports; the CLI's `standby failover test` also starts the VM and records it with
+//! `POST .../failover/test/vm`), and its cleanup refuses while a VM the CLI launched is
+//! recorded, unless the caller says it stopped it (`vm_stopped`, what the CLI's cleanup does).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
@@ -26,19 +27,10 @@ use serde::{Deserialize, Serialize};
 use crate::api::error::ApiError;
 use crate::api::ApiState;
 use crate::failover::actions::{
-    self, AttachRequest, Attached, CleanedUp, FailoverMode, FailoverRequest, FailoverStarted,
+    self, AttachRequest, Attached, CleanedUp, CommitStarted, FailoverMode, FailoverRequest,
+    FailoverStarted,
 };
-use crate::replication::actions::ActionError;
-use crate::replication::Db;
-
-/// How long attach waits for the gateway to serve the export.
-const ATTACH_WAIT: Duration = Duration::from_secs(60);
-/// How long a (test) failover's task waits for its exports.
-const SERVE_WAIT: Duration = Duration::from_secs(60);
-/// How long a prepare's task waits for the final replication.
-const PREPARE_WAIT: Duration = Duration::from_secs(600);
-/// How long a commit's task waits for hydration.
-const COMMIT_WAIT: Duration = Duration::from_secs(3600);
+use crate::replication::requests::LaunchedVm;
 
 /// The store's valid points of `vm`.
 async fn points(s: &ApiState, vm: &str) -> Result<Vec<PointMeta>, ApiError> {
@@ -58,36 +50,9 @@ async fn points(s: &ApiState, vm: &str) -> Result<Vec<PointMeta>, ApiError> {
     Ok(listing.points)
 }
 
-/// Runs `f` on a blocking thread with a database connection of its own (for waits).
-async fn waiting<T: Send + 'static>(
-    s: &Arc<ApiState>,
-    f: impl FnOnce(&crate::catalog::DataDir, &Db) -> Result<T, ActionError> + Send + 'static,
-) -> Result<T, ApiError> {
-    let dd = s.dd.clone();
-    tokio::task::spawn_blocking(move || {
-        let db = Db::open(dd.root()).map_err(ActionError::from)?;
-        f(&dd, &db)
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("request task failed: {e}")))?
-    .map_err(ApiError::from)
-}
-
-/// Runs `f` in the background (blocking thread, own connection); its errors are in the job.
-fn background(
-    s: &Arc<ApiState>,
-    what: &'static str,
-    f: impl FnOnce(&crate::catalog::DataDir, &Db) -> Result<(), ActionError> + Send + 'static,
-) {
-    let dd = s.dd.clone();
-    tokio::task::spawn_blocking(move || {
-        let r = Db::open(dd.root())
-            .map_err(ActionError::from)
-            .and_then(|db| f(&dd, &db));
-        if let Err(e) = r {
-            tracing::warn!("{what}: {e}");
-        }
-    });
+/// The gateway's NBD address.
+async fn nbd_addr(s: &Arc<ApiState>) -> Result<String, ApiError> {
+    s.blocking(|_, db| Ok(actions::nbd_addr(db)?)).await
 }
 
 /// An optional JSON body: none (or blanks) is `T::default()`.
@@ -113,19 +78,8 @@ pub async fn attach(
     let req = super::body(req)?;
     actions::check_attach_names(&req)?;
     let points = points(&s, &req.vm).await?;
-    let r = req.clone();
-    let attached = s
-        .blocking(move |s, db| Ok(actions::attach(&s.dd, db, &r, &points)?))
-        .await?;
-    let export = attached.export.clone();
-    let addr = waiting(&s, move |_, db| {
-        if let Err(e) = actions::wait_served(db, std::slice::from_ref(&export), ATTACH_WAIT) {
-            db.delete_attachment(&export)?;
-            return Err(e);
-        }
-        actions::nbd_addr(db)
-    })
-    .await?;
+    let attached = s.engine.attach(req, points).await?;
+    let addr = nbd_addr(&s).await?;
     let uri = format!("nbd://{addr}/{}", attached.export);
     Ok((StatusCode::CREATED, Json(AttachedView { attached, uri })))
 }
@@ -143,17 +97,13 @@ pub async fn detach(
     export: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Detached>, ApiError> {
     let export = super::path(export)?;
-    s.blocking(move |_, db| {
-        let a = actions::detach(db, &export)?;
-        Ok(Detached {
-            export: a.export,
-            vm: a.vm,
-            disk: a.disk,
-            point: a.point,
-        })
-    })
-    .await
-    .map(Json)
+    let a = s.engine.detach(export).await?;
+    Ok(Json(Detached {
+        export: a.export,
+        vm: a.vm,
+        disk: a.disk,
+        point: a.point,
+    }))
 }
 
 /// Body of `POST /api/v1/vms/{vm}/failover/test|start` (optional).
@@ -181,28 +131,7 @@ async fn start(
     };
     actions::check_failover_name(&req)?;
     let points = points(&s, &req.vm).await?;
-    let started = s
-        .blocking(move |s, db| Ok(actions::start_failover(&s.dd, db, mode, &req, &points)?))
-        .await?;
-    let st = started.clone();
-    background(&s, "failover", move |_, db| {
-        let served_in = actions::await_served(db, &st, SERVE_WAIT)?;
-        let addr = actions::nbd_addr(db)?;
-        let exports: Vec<String> = st
-            .exports
-            .iter()
-            .map(|(_, e)| format!("nbd://{addr}/{e}"))
-            .collect();
-        actions::finish_failover(
-            db,
-            &st,
-            Ok(&format!(
-                "disks served in {:.2} s: {}",
-                served_in.as_secs_f64(),
-                exports.join(" ")
-            )),
-        )
-    });
+    let started = s.engine.failover(mode, req, points).await?;
     Ok((StatusCode::ACCEPTED, Json(started)))
 }
 
@@ -222,15 +151,37 @@ pub async fn failover(
     start(s, FailoverMode::Failover, vm, &body).await
 }
 
+/// Body of `POST /api/v1/vms/{vm}/failover/cleanup` (optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CleanupBody {
+    /// What the caller did to the VM process `standby failover test` launched (the CLI stops
+    /// it first: the gateway never signals processes). Without it, a cleanup is refused while
+    /// such a VM is recorded.
+    pub vm_stopped: Option<String>,
+}
+
 pub async fn cleanup(
     State(s): State<Arc<ApiState>>,
     vm: Result<Path<String>, PathRejection>,
+    body: axum::body::Bytes,
 ) -> Result<Json<CleanedUp>, ApiError> {
     let vm = super::path(vm)?;
-    // Waits up to seconds for the engine to drop the overlays: its own connection.
-    waiting(&s, move |dd, db| actions::cleanup_test(dd, db, &vm, None))
-        .await
-        .map(Json)
+    let b: CleanupBody = optional_body(&body)?;
+    Ok(Json(s.engine.cleanup(vm, b.vm_stopped).await?))
+}
+
+/// Records the VM process a test failover launched (`standby failover test` launches it and
+/// calls this), so that its cleanup stops it.
+pub async fn test_vm(
+    State(s): State<Arc<ApiState>>,
+    vm: Result<Path<String>, PathRejection>,
+    body: Result<Json<LaunchedVm>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let vm = super::path(vm)?;
+    let p = super::body(body)?;
+    s.engine.test_vm_launched(vm, p).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// A job started in the background.
@@ -245,13 +196,7 @@ pub async fn prepare(
     vm: Result<Path<String>, PathRejection>,
 ) -> Result<(StatusCode, Json<JobStarted>), ApiError> {
     let vm = super::path(vm)?;
-    let started = s
-        .blocking(move |_, db| Ok(actions::start_prepare(db, &vm)?))
-        .await?;
-    let st = started.clone();
-    background(&s, "planned failover", move |dd, db| {
-        actions::await_prepared(dd, db, &st, PREPARE_WAIT).map(|_| ())
-    });
+    let started = s.engine.prepare(vm).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(JobStarted {
@@ -261,23 +206,11 @@ pub async fn prepare(
     ))
 }
 
+/// Answers the job and the exports that become local disks.
 pub async fn commit(
     State(s): State<Arc<ApiState>>,
     vm: Result<Path<String>, PathRejection>,
-) -> Result<(StatusCode, Json<JobStarted>), ApiError> {
+) -> Result<(StatusCode, Json<CommitStarted>), ApiError> {
     let vm = super::path(vm)?;
-    let started = s
-        .blocking(move |_, db| Ok(actions::start_commit(db, &vm)?))
-        .await?;
-    let st = started.clone();
-    background(&s, "failover commit", move |_, db| {
-        actions::await_committed(db, &st, COMMIT_WAIT, |_| {})
-    });
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(JobStarted {
-            vm: started.vm,
-            job: started.job,
-        }),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(s.engine.commit(vm).await?)))
 }

@@ -1,5 +1,5 @@
 //! `GET /api/v1/policy` and `POST /api/v1/policy` (partial change in the CLI's syntax, see
-//! [`PolicyChange`]; all-or-nothing).
+//! [`PolicyChange`]; all-or-nothing, carried out by the engine, which wakes every worker).
 
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use axum::Json;
 
 use crate::api::error::ApiError;
 use crate::api::ApiState;
-use crate::replication::actions::{self, PolicyChange};
+use crate::replication::actions::PolicyChange;
 use crate::replication::Policy;
 
 pub async fn show(State(s): State<Arc<ApiState>>) -> Result<Json<Policy>, ApiError> {
@@ -21,7 +21,5 @@ pub async fn set(
     change: Result<Json<PolicyChange>, JsonRejection>,
 ) -> Result<Json<Policy>, ApiError> {
     let change = super::body(change)?;
-    s.blocking(move |_, db| Ok(actions::set_policy(db, &change)?))
-        .await
-        .map(Json)
+    Ok(Json(s.engine.set_policy(change).await?))
 }

@@ -1,6 +1,7 @@
 //! Protected VMs: `GET /api/v1/vms[/{vm}]` (state, health, RPO, backlog, errors, retries) and
 //! the actions protect (`POST /api/v1/vms`), unprotect, resync and resume, through
-//! [`crate::replication::actions`] (the CLI's code).
+//! [`crate::replication::actions`] (the CLI's code), carried out by the engine
+//! ([`crate::replication::requests`]).
 
 use std::sync::Arc;
 
@@ -41,8 +42,8 @@ pub struct Protected {
     pub outcome: ProtectOutcome,
 }
 
-/// Validates, checks that the replica store opens, then records the VM (the engine starts
-/// initial replication).
+/// Validates, checks that the replica store opens, then hands the VM to the engine, which
+/// records it and starts its worker (initial replication) before answering.
 pub async fn protect(
     State(s): State<Arc<ApiState>>,
     req: Result<Json<ProtectRequest>, JsonRejection>,
@@ -54,10 +55,7 @@ pub async fn protect(
     crate::site::open_store(s.dd.root())
         .await
         .map_err(|e| ApiError::unavailable(format!("the replica store is not usable: {e}")))?;
-    let r = Arc::clone(&req);
-    let outcome = s
-        .blocking(move |s, db| Ok(actions::protect(&s.dd, db, &r)?))
-        .await?;
+    let outcome = s.engine.protect((*req).clone()).await?;
     Ok((
         StatusCode::CREATED,
         Json(Protected {
@@ -79,12 +77,8 @@ pub async fn unprotect(
     vm: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Unprotected>, ApiError> {
     let vm = super::path(vm)?;
-    s.blocking(move |s, db| {
-        let disks = actions::unprotect(&s.dd, db, &vm)?;
-        Ok(Unprotected { vm, disks })
-    })
-    .await
-    .map(Json)
+    let disks = s.engine.unprotect(vm.clone()).await?;
+    Ok(Json(Unprotected { vm, disks }))
 }
 
 /// Body of `POST /api/v1/vms/{vm}/resync` (optional).
@@ -116,12 +110,8 @@ pub async fn resync(
             .map_err(|e| ApiError::bad_request(format!("request body: {e}")))?
             .full
     };
-    s.blocking(move |_, db| {
-        let state = actions::resync(db, &vm, full)?;
-        Ok(ResyncStarted { vm, state })
-    })
-    .await
-    .map(Json)
+    let state = s.engine.resync(vm.clone(), full).await?;
+    Ok(Json(ResyncStarted { vm, state }))
 }
 
 #[derive(Serialize)]
@@ -136,10 +126,6 @@ pub async fn resume(
     vm: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Resumed>, ApiError> {
     let vm = super::path(vm)?;
-    s.blocking(move |_, db| {
-        let outcome = actions::resume(db, &vm)?;
-        Ok(Resumed { vm, outcome })
-    })
-    .await
-    .map(Json)
+    let outcome = s.engine.resume(vm.clone()).await?;
+    Ok(Json(Resumed { vm, outcome }))
 }
