@@ -6,6 +6,7 @@
 //! - [`super::vm`]: the per-VM state machine (which step runs, retries, outcomes);
 //! - [`super::passes`]: enable protection, initial replication, the chunk pass, cutting a
 //!   point, delta replication, resynchronization;
+//! - [`super::consolidate`] folds long patch chains in the background, off the cut path;
 //! - [`super::logscan`] reads change logs, [`super::hooks`] runs the freeze and thaw commands;
 //! - [`crate::failover::attachments`] and [`crate::failover::hydrate`] serve recovery points.
 //!
@@ -146,6 +147,8 @@ pub struct Engine {
     pub(crate) pruned: Mutex<HashMap<String, Instant>>,
     /// Replica disks served for attachments, by export name, with their hydration task.
     pub(crate) attached: tokio::sync::Mutex<HashMap<String, Attached>>,
+    /// Background consolidations of patch chains ([`super::consolidate`]).
+    pub(crate) consolidations: Arc<super::consolidate::Consolidations>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -192,6 +195,7 @@ impl Engine {
             exports,
             pruned: Mutex::new(HashMap::new()),
             attached: tokio::sync::Mutex::new(HashMap::new()),
+            consolidations: Arc::default(),
         }))
     }
 
