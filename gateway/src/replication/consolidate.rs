@@ -149,6 +149,61 @@ impl Consolidations {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use replica_store::backend::local::LocalBackend;
+    use replica_store::{CreateOptions, Patch, PatchRef, PointBuilder};
+
+    async fn wait_idle(c: &Consolidations, vm: &str) {
+        for _ in 0..500 {
+            if !c.slots().get(vm).is_some_and(|s| s.running) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("consolidation of {vm} still running after 5 s");
+    }
+
+    /// A consolidation that fails (a patch object is missing) leaves no result, is retried
+    /// only after the back-off, and does not keep a later one from running; a good one yields
+    /// one result, offered once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failures_back_off_and_results_are_offered_once() {
+        let t = tempfile::tempdir().unwrap();
+        let backend = Arc::new(LocalBackend::open(t.path().join("store")).unwrap());
+        let store = Store::create(backend, CreateOptions::default(), None)
+            .await
+            .unwrap();
+        let mut b = PointBuilder::new(&store, "vm").unwrap();
+        b.add_disk("d", 1 << 20).unwrap();
+        let base = b.publish().await.unwrap();
+        let mut b = PointBuilder::from_parent(&store, &base).await.unwrap();
+        let mut patch = Patch::new(1 << 20);
+        patch.write(4096, &[7; 70_000]).unwrap();
+        b.add_patch("d", patch).await.unwrap();
+        let good = b.publish().await.unwrap();
+        let mut broken = good.clone();
+        broken.disks[0].patches.push(PatchRef {
+            id: "ab".repeat(32),
+            bytes: 100,
+            data_bytes: 10,
+        });
+
+        let c = Arc::new(Consolidations::default());
+        c.start(&store, &broken, vec!["d".into()]);
+        wait_idle(&c, "vm").await;
+        assert!(c.take_ready("vm").is_empty());
+        assert!(!c.busy("vm"));
+        // Backing off: a new request is ignored for now.
+        c.start(&store, &good, vec!["d".into()]);
+        assert!(!c.busy("vm"));
+        c.slots().get_mut("vm").unwrap().retry_at = None;
+        c.start(&store, &good, vec!["d".into()]);
+        wait_idle(&c, "vm").await;
+        let ready = c.take_ready("vm");
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].covered, good.disks[0].patches);
+        assert!(c.take_ready("vm").is_empty());
+        assert_eq!(c.slots()["vm"].failures, 0);
+    }
 
     #[test]
     fn chain_limits() {

@@ -13,7 +13,9 @@
 //! a point's content is the same whatever consolidations ran.
 
 use replica_store::{Consistency, DiskIndex, PointBuilder, PointMeta, Store};
-use tracing::{info, warn};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
 
 use super::super::consolidate::{chain_action, ChainAction};
 use super::super::db::{Checkpoint, Phase, VmRow};
@@ -34,10 +36,12 @@ impl Engine {
         cks: &[Checkpoint],
         parent: Option<(&PointMeta, Consistency)>,
     ) -> R<PointMeta> {
+        let t0 = Instant::now();
         let dv: Vec<Disk> = disks.to_vec();
         let lsns = blocking(move || Disk::cut(&dv))
             .await
             .map_err(|e| ReplError::disk(&row.name, e))?;
+        let t_barrier = t0.elapsed();
         let mut b = match parent {
             Some((p, consistency)) => {
                 let mut b = PointBuilder::from_parent(store, p).await?;
@@ -49,6 +53,7 @@ impl Engine {
         let policy = self.db(|d| d.policy())?;
         // Finished background consolidations (offered once; a resync's cut has no use for them).
         let ready = self.consolidations.take_ready(&row.name);
+        let (mut t_read, mut t_store) = (Duration::ZERO, Duration::ZERO);
         let mut consolidate = Vec::new();
         for (i, d) in disks.iter().enumerate() {
             let log = self.log_of(d)?;
@@ -92,12 +97,16 @@ impl Engine {
             let upto = lsns[i];
             let l = log.clone();
             let size = d.size();
+            let t = Instant::now();
             let patch = blocking(move || patch_from_log(&l, after, upto, size))
                 .await
                 .map_err(|e| ReplError::log(d.name(), e))?;
+            t_read += t.elapsed();
+            let t = Instant::now();
             if !patch.is_empty() {
                 b.add_patch(d.name(), patch).await?;
             }
+            t_store += t.elapsed();
             let patches = b.patches(d.name())?;
             let pb: u64 = patches.iter().map(|p| p.bytes).sum();
             match chain_action(pb, patches.len(), policy.fold_patch_bytes) {
@@ -112,7 +121,10 @@ impl Engine {
             b.set_source_lsn(d.name(), upto)?;
             b.set_label(&format!("chain.{}", d.name()), &chain);
         }
+        let t = Instant::now();
         let p = b.publish().await?;
+        debug!(vm = %row.name, barrier = ?t_barrier, read_log = ?t_read, store_patches = ?t_store,
+            publish = ?t.elapsed(), total = ?t0.elapsed(), "cut timings");
         self.consolidations.start(store, &p, consolidate);
         Ok(p)
     }
