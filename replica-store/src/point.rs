@@ -724,17 +724,29 @@ impl PointBuilder {
                 patch.disk_size()
             )));
         }
+        // Pieces are serialized, hashed and stored in parallel (a cut of a busy interval has
+        // several); their refs keep the split order.
+        let stored = futures::future::try_join_all(patch.split().into_iter().map(|piece| {
+            let writer = self.writer.clone();
+            async move {
+                let data_bytes = piece.data_bytes();
+                let bytes = tokio::task::spawn_blocking(move || piece.to_bytes())
+                    .await
+                    .map_err(|e| Error::Config(format!("patch encode task failed: {e}")))?;
+                let n = bytes.len() as u64;
+                let out = writer.put(Bytes::from(bytes)).await?;
+                Ok::<_, Error>((out, n, data_bytes))
+            }
+        }))
+        .await?;
         let mut uploaded = 0;
         let mut refs = Vec::new();
-        for piece in patch.split() {
-            let bytes = piece.to_bytes();
-            let n = bytes.len() as u64;
-            let out = self.writer.put(Bytes::from(bytes)).await?;
+        for (out, n, data_bytes) in stored {
             uploaded += out.uploaded_bytes;
             refs.push(PatchRef {
                 id: out.id.to_hex(),
                 bytes: n,
-                data_bytes: piece.data_bytes(),
+                data_bytes,
             });
         }
         self.disk_mut(disk)?.patches.extend(refs);
