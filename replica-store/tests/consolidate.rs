@@ -207,3 +207,47 @@ async fn stale_or_unrelated_consolidations_are_refused() {
     let mut b = PointBuilder::from_parent(&store, &p1).await.unwrap();
     assert_eq!(b.rebase(&c).unwrap(), Err(RebaseSkipped::TooOld));
 }
+
+/// Read cost at the hard limit's object count: opening a disk whose chain holds 1,024 patch
+/// objects (the most a cut lets through) on the local backend. Prints the time; run with
+/// `cargo test --release -p replica-store --test consolidate -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement"]
+async fn open_cost_of_a_chain_at_the_object_limit() {
+    const N: usize = 1024;
+    const PIECE: usize = 64 << 10;
+    let size: u64 = 256 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let be = Arc::new(LocalBackend::open(dir.path().join("s")).unwrap());
+    let store = store_on(be, Layout::Chunks, 21_600).await;
+    let mut b = PointBuilder::new(&store, "vm").unwrap();
+    b.add_disk("d", size).unwrap();
+    let mut p = b.publish().await.unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut b = PointBuilder::from_parent(&store, &p).await.unwrap();
+    for i in 0..N {
+        let mut patch = Patch::new(size);
+        let mut d = vec![0u8; PIECE];
+        rng.fill_bytes(&mut d);
+        patch
+            .write((i as u64 * 3 % 4096) * PIECE as u64, &d)
+            .unwrap();
+        b.add_patch("d", patch).await.unwrap();
+    }
+    p = b.publish().await.unwrap();
+    assert_eq!(p.disks[0].patches.len(), N);
+    let t = std::time::Instant::now();
+    let r = store
+        .open_disk(&p, "d", ReaderOptions::default())
+        .await
+        .unwrap();
+    let open = t.elapsed();
+    let t = std::time::Instant::now();
+    let c = store.consolidate(&p, "d").await.unwrap();
+    eprintln!(
+        "{N} patch objects of {PIECE} bytes: open_disk {open:?}; consolidate {:?} ({} chunks)",
+        t.elapsed(),
+        c.chunks
+    );
+    drop(r);
+}
