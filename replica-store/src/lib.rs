@@ -43,7 +43,8 @@ pub use manifest::DiskIndex;
 pub use pack::{Layout, PackTotals};
 pub use patch::Patch;
 pub use point::{
-    ChunkWriter, Consistency, DiskEntry, PatchRef, PointBuilder, PointMeta, UploadStats,
+    ChunkWriter, Consistency, Consolidated, DiskEntry, PatchRef, PointBuilder, PointMeta,
+    RebaseSkipped, UploadStats,
 };
 pub use reader::{DiskReader, Extent, ReaderOptions};
 pub use retention::{PruneReport, RetentionPolicy};

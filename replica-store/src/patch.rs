@@ -209,6 +209,27 @@ impl Patch {
             .any(|(&s, e)| s + e.len > start && (!data_only || e.data.is_some()))
     }
 
+    /// True if data or zero extents cover all of `[start, end)` (no byte of the base shows).
+    pub fn covers(&self, start: u64, end: u64) -> bool {
+        let mut at = start;
+        let mut first = start;
+        if let Some((&s, e)) = self.map.range(..start).next_back() {
+            if s + e.len > start {
+                first = s;
+            }
+        }
+        for (&s, e) in self.map.range(first..end) {
+            if s > at {
+                return false;
+            }
+            at = at.max(s + e.len);
+            if at >= end {
+                return true;
+            }
+        }
+        at >= end
+    }
+
     /// The extents in offset order: (offset, length, data or `None` for zeroes).
     pub fn extents(&self) -> impl Iterator<Item = (u64, u64, Option<&[u8]>)> + '_ {
         self.map.iter().map(|(&s, e)| (s, e.len, e.data.as_deref()))
@@ -363,6 +384,19 @@ mod tests {
             let mut got = base.clone();
             p.apply(0, &mut got);
             prop_assert_eq!(&got, &model);
+            // `covers` agrees with the bytes: a window is covered iff every byte in it was
+            // written or zeroed by some operation.
+            let mut hit = vec![false; size as usize];
+            for o in &ops {
+                let (off, l) = match o {
+                    Op::Write(off, d) => (*off, d.len() as u64),
+                    Op::Zero(off, l) => (*off, *l),
+                };
+                hit[off as usize..(off + l) as usize].fill(true);
+            }
+            for (a, b) in [(0u64, 4400u64), (0, 512), (512, 1024), (1000, 1100), (4000, 4400)] {
+                prop_assert_eq!(p.covers(a, b), hit[a as usize..b as usize].iter().all(|&h| h));
+            }
             // Applied piecewise (as chunks are).
             let mut got2 = base.clone();
             for (i, c) in got2.chunks_mut(512).enumerate() {

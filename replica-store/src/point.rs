@@ -23,6 +23,12 @@ use crate::patch::Patch;
 use crate::store::{now_unix_ms, PutKind, PutOutcome, Store};
 use futures::{StreamExt, TryStreamExt};
 
+mod consolidate;
+pub use consolidate::{Consolidated, RebaseSkipped};
+
+/// Patch objects [`Store::load_patches`] fetches at once.
+pub const PATCH_FETCHES: usize = 8;
+
 /// Version of the point metadata format.
 pub const POINT_FORMAT_VERSION: u32 = 1;
 
@@ -718,17 +724,29 @@ impl PointBuilder {
                 patch.disk_size()
             )));
         }
+        // Pieces are serialized, hashed and stored in parallel (a cut of a busy interval has
+        // several); their refs keep the split order.
+        let stored = futures::future::try_join_all(patch.split().into_iter().map(|piece| {
+            let writer = self.writer.clone();
+            async move {
+                let data_bytes = piece.data_bytes();
+                let bytes = tokio::task::spawn_blocking(move || piece.to_bytes())
+                    .await
+                    .map_err(|e| Error::Config(format!("patch encode task failed: {e}")))?;
+                let n = bytes.len() as u64;
+                let out = writer.put(Bytes::from(bytes)).await?;
+                Ok::<_, Error>((out, n, data_bytes))
+            }
+        }))
+        .await?;
         let mut uploaded = 0;
         let mut refs = Vec::new();
-        for piece in patch.split() {
-            let bytes = piece.to_bytes();
-            let n = bytes.len() as u64;
-            let out = self.writer.put(Bytes::from(bytes)).await?;
+        for (out, n, data_bytes) in stored {
             uploaded += out.uploaded_bytes;
             refs.push(PatchRef {
                 id: out.id.to_hex(),
                 bytes: n,
-                data_bytes: piece.data_bytes(),
+                data_bytes,
             });
         }
         self.disk_mut(disk)?.patches.extend(refs);
@@ -761,8 +779,12 @@ impl PointBuilder {
                 let id = index.get(ci).unwrap_or(ChunkId::ZERO);
                 let len = index.chunk_len(ci);
                 async move {
-                    let base = store.get_chunk(&id, Some(len)).await?;
-                    let mut buf = base.to_vec();
+                    // A chunk the patches overwrite whole needs no read of its old content.
+                    let mut buf = if patch.covers(ci * cs, ci * cs + len as u64) {
+                        vec![0u8; len]
+                    } else {
+                        store.get_chunk(&id, Some(len)).await?.to_vec()
+                    };
                     patch.apply(ci * cs, &mut buf);
                     let out = writer.put(Bytes::from(buf)).await?;
                     Ok::<_, Error>((ci, out))
@@ -860,9 +882,12 @@ impl PointBuilder {
 
 impl Store {
     /// Load patch objects and merge them, oldest first, into one patch.
+    ///
+    /// Objects are fetched [`PATCH_FETCHES`] at a time (a long chain on S3 costs one round
+    /// trip per [`PATCH_FETCHES`] objects, not per object) and merged in order as they arrive.
     pub async fn load_patches(&self, refs: &[PatchRef], disk_size: u64) -> Result<Patch> {
         let mut merged = Patch::new(disk_size);
-        for r in refs {
+        let fetch = |r: PatchRef, store: Store| async move {
             let id = r.chunk_id()?;
             if r.bytes > crate::chunk::MAX_CHUNK_PLAIN {
                 return Err(Error::corrupt_object(
@@ -870,18 +895,28 @@ impl Store {
                     format!("patch claims {} bytes", r.bytes),
                 ));
             }
-            let raw = self.get_chunk(&id, Some(r.bytes as usize)).await?;
-            let p = Patch::from_bytes(&raw, &self.chunk_key(&id))?;
+            let raw = store.get_chunk(&id, Some(r.bytes as usize)).await?;
+            let p = Patch::from_bytes(&raw, &store.chunk_key(&id))?;
             if p.disk_size() != disk_size {
                 return Err(Error::corrupt_object(
-                    self.chunk_key(&id),
+                    store.chunk_key(&id),
                     format!(
                         "patch is for a {}-byte disk, the point's disk has {disk_size}",
                         p.disk_size()
                     ),
                 ));
             }
-            merged.merge(&p)?;
+            Ok::<_, Error>(p)
+        };
+        let mut fetched = futures::stream::iter(
+            refs.iter()
+                .cloned()
+                .map(|r| fetch(r, self.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .buffered(PATCH_FETCHES);
+        while let Some(p) = fetched.next().await {
+            merged.merge(&p?)?;
         }
         Ok(merged)
     }

@@ -686,18 +686,21 @@ fn app_consistent_points_run_freeze_and_thaw() {
     g.stop();
 }
 
-/// Patches fold into chunks once a disk's chain passes the policy's limit; the folded points
-/// read back exactly.
+/// Past the hard limit (4 × `--fold-patch-bytes`) a cut folds its disk's patches inline
+/// (back-pressure when writes outpace background consolidation); the folded points read back
+/// exactly.
 #[test]
-fn patch_chains_fold_into_chunks() {
+fn patch_chains_past_the_hard_limit_fold_inline() {
     let t = test_dir("repl-fold");
     let dd = site(t.path(), &[("d", "16M")]);
-    run(standby(&dd).args(["policy", "set", "--fold-patch-bytes", "300K"]));
+    // Hard limit 400 KiB: every round's 512 KiB write passes it.
+    run(standby(&dd).args(["policy", "set", "--fold-patch-bytes", "100K"]));
     let g = Gateway::start(&dd, &[]);
     run(standby(&dd).args(["protect", "vm", "--disks", "d"]));
     wait_state(&dd, "vm", "Protected", T);
     let mut w = OracleWriter::new(g.addr, "d", vec![0u8; 16 << 20], 9);
-    for round in 0..5 {
+    for round in 0..5u64 {
+        w.write(round * 3 * MIB, &vec![round as u8 + 1; 512 << 10]);
         w.random_writes(8);
         let since = id_now();
         let p = synced_point(&dd, "vm", &since, T);
@@ -716,9 +719,108 @@ fn patch_chains_fold_into_chunks() {
                 .contains("patch chain 0 bytes")),
         "no delta folded its patches:\n{j:?}"
     );
+    assert!(g.log().contains("folded inline"), "{}", g.log());
     assert!(state(&dd, "vm").starts_with("Protected"));
     drop(w);
     g.stop();
+}
+
+/// Patch chains past `--fold-patch-bytes` are consolidated in the background (the cut never
+/// waits) and a later cut rebases onto the result. Every round's point exports exactly the
+/// bytes written before it, also after a GC with no grace period run while consolidations may
+/// be in flight, after a kill -9 of the gateway (consolidation state lost), and after a final
+/// GC; `store verify` passes.
+fn consolidation_rounds(label: &str, garage: Option<&Garage>) {
+    let t = test_dir(label);
+    let dd = t.path().join("dd");
+    run(standby(&dd).args(["disk", "create", "d", "--size", "16M"]));
+    let env: Vec<(&str, String)> = match garage {
+        Some(g) => vec![
+            ("AWS_ACCESS_KEY_ID", g.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", g.secret_key.clone()),
+        ],
+        None => vec![],
+    };
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // The helpers' CLI calls (one process per test under nextest) reach the store with these.
+    for (k, v) in &env {
+        std::env::set_var(k, v);
+    }
+    let cli = || {
+        let mut c = standby(&dd);
+        c.envs(env.iter().copied());
+        c
+    };
+    match garage {
+        Some(g) => run(cli()
+            .args(["store", "init", "--s3-endpoint", &g.s3_endpoint])
+            .args([
+                "--s3-bucket",
+                &g.bucket,
+                "--s3-region",
+                "garage",
+                "--path-style",
+            ])),
+        None => run(cli().args(["store", "init"])),
+    };
+    fast_policy(&dd, "continuous");
+    // Soft limit 256 KiB (consolidate in the background), hard limit 1 MiB.
+    run(cli().args(["policy", "set", "--fold-patch-bytes", "256K"]));
+    let mut g = Gateway::start_env(&dd, &[], &env);
+    run(cli().args(["protect", "vm", "--disks", "d"]));
+    wait_state(&dd, "vm", "Protected", T);
+    let mut w = OracleWriter::new(g.addr, "d", vec![0u8; 16 << 20], 21);
+    let mut logs = String::new();
+    let mut checked: Vec<(String, Vec<u8>)> = Vec::new();
+    for round in 0..12u64 {
+        // About 300 KiB per round: each round's chain passes the soft limit, rarely the hard one.
+        w.write((round % 16) * MIB, &vec![round as u8 + 7; 64 << 10]);
+        w.random_writes(2);
+        let since = id_now();
+        let p = synced_point(&dd, "vm", &since, T);
+        let got = export_env(&dd, &p, "d", &t.path().join("c.img"), &env);
+        assert_same(&format!("{label} round {round} point {p}"), &got, &w.oracle);
+        checked.push((p, w.oracle.clone()));
+        if round == 4 {
+            run(cli().args(["store", "gc", "--grace", "0s"]));
+        }
+        if round == 7 {
+            logs += &g.log();
+            let oracle = std::mem::take(&mut w.oracle);
+            drop(w);
+            g.kill9();
+            g = Gateway::start_env(&dd, &[], &env);
+            w = OracleWriter::new(g.addr, "d", oracle, 22);
+        }
+        // Give a background consolidation time to finish now and then.
+        std::thread::sleep(Duration::from_millis(300 * (round % 3)));
+    }
+    logs += &g.log();
+    assert!(
+        logs.contains("rebased onto a background consolidation"),
+        "{label}: no cut rebased onto a consolidation:\n{logs}"
+    );
+    run(cli().args(["store", "gc", "--grace", "0s"]));
+    for (p, want) in &checked {
+        let got = export_env(&dd, p, "d", &t.path().join("c.img"), &env);
+        assert_same(&format!("{label} point {p} after gc"), &got, want);
+    }
+    let verify = run_stdout(cli().args(["store", "verify"]));
+    assert!(verify.contains("OK"), "{verify}");
+    assert!(state(&dd, "vm").starts_with("Protected"));
+    drop(w);
+    g.stop();
+}
+
+#[test]
+fn background_consolidation_rebases_and_points_stay_exact() {
+    consolidation_rounds("repl-consolidate", None);
+}
+
+#[test]
+fn background_consolidation_on_s3_packs() {
+    let garage = Garage::start();
+    consolidation_rounds("repl-consolidate-s3", Some(&garage));
 }
 
 /// The engine retries on `RetryState`'s schedule and `standby status` judges health with

@@ -67,7 +67,8 @@ pub struct PolicySetArgs {
     /// Upload limit per second, e.g. 100M; 0 = none.
     #[arg(long)]
     pub bandwidth: Option<String>,
-    /// Fold a disk's patches into chunks beyond this size, e.g. 256M.
+    /// Consolidate a disk's patches into chunks in the background beyond this size, e.g. 256M
+    /// (a cut folds inline past 4x this).
     #[arg(long)]
     pub fold_patch_bytes: Option<String>,
     /// Command a test failover launches, e.g. a qemu command line using {disk0} (NBD URI of

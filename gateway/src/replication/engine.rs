@@ -7,6 +7,7 @@
 //! - [`super::vm`]: the per-VM state machine (which step runs, retries, outcomes);
 //! - [`super::passes`]: enable protection, initial replication, the chunk pass, cutting a
 //!   point, delta replication, resynchronization;
+//! - [`super::consolidate`] folds long patch chains in the background, off the cut path;
 //! - [`super::logscan`] reads change logs, [`super::hooks`] runs the freeze and thaw commands;
 //! - [`crate::failover::attachments`] and [`crate::failover::hydrate`] serve recovery points.
 //!
@@ -152,6 +153,8 @@ pub struct Engine {
     requests_tx: tokio::sync::mpsc::Sender<super::requests::Request>,
     /// Taken by [`Engine::run`].
     pub(crate) requests_rx: Mutex<Option<tokio::sync::mpsc::Receiver<super::requests::Request>>>,
+    /// Background consolidations of patch chains ([`super::consolidate`]).
+    pub(crate) consolidations: Arc<super::consolidate::Consolidations>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -201,6 +204,7 @@ impl Engine {
             exports,
             pruned: Mutex::new(HashMap::new()),
             attached: tokio::sync::Mutex::new(HashMap::new()),
+            consolidations: Arc::default(),
         }))
     }
 

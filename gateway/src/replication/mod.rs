@@ -7,6 +7,7 @@
 //! on top; [`db`] keeps the state with typed values.
 
 pub mod actions;
+pub mod consolidate;
 pub mod db;
 pub mod engine;
 mod handler;

@@ -28,7 +28,9 @@ pub struct Policy {
     pub bandwidth_bytes_per_sec: u64,
     /// Retry delays are divided by this (tests; 1 in production).
     pub retry_time_scale: u32,
-    /// A disk's patches are folded into chunks when they hold more than this many bytes.
+    /// A disk's patches are consolidated into chunks in the background when they hold more
+    /// than this many bytes; past [`super::consolidate::INLINE_FACTOR`] × this, the cut folds
+    /// them inline.
     pub fold_patch_bytes: u64,
     /// Command a test failover launches (split into words and run without a shell), with `{disk0}`, `{disk1}`, … (NBD URIs of
     /// the VM's disks in name order), `{disk:NAME}`, `{vm}`, `{point}` and `{dir}` replaced.
