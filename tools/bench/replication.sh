@@ -9,7 +9,10 @@
 #      log overflow (log + dirty bitmap) and (b) `standby resync VM --full`, vs
 #      `rsync --ignore-times --inplace --no-whole-file`;
 #   4. RPO sampled from `standby status` every 0.5 s while fio writes RPO_RATE for RPO_SECONDS
-#      to a protected RPO_GIB disk, policy `continuous` and `30s`.
+#      to a protected RPO_GIB disk, policy `continuous` and `30s`;
+#   5. import-s3 (BENCHES=...,import-s3; not in the default set): Garage import vs `restic backup`
+#      of the same IMPORT_S3_MIB image to the same bucket in one run (MB/s, PUTs, bytes stored),
+#      through tools/bench/store.sh MODE=garage-restic (needs garage; STORE_BENCH_BIN optional).
 # Details: tools/bench/replication.py; results: docs/bench-replication.md.
 #
 # Usage: tools/bench/replication.sh [WORKDIR]
@@ -33,7 +36,7 @@ fi
 export STANDBY_BIN
 # The command line as given (parameters that were set in the environment first).
 cmd=""
-for v in SIZE_GIB DELTA_GIB RPO_GIB ROUNDS ROUNDS_INITIAL DELTAS_PER_ROUND RPO_SECONDS RPO_RATE RPO_FOLD_VARIANTS BENCHES KEEP; do
+for v in SIZE_GIB DELTA_GIB RPO_GIB ROUNDS ROUNDS_INITIAL DELTAS_PER_ROUND RPO_SECONDS RPO_RATE RPO_FOLD_VARIANTS BENCHES KEEP IMPORT_S3_MIB IMPORT_S3_ROUNDS; do
   [ -n "${!v:-}" ] && cmd+="$v=${!v} "
 done
 export BENCH_COMMAND="${cmd}tools/bench/replication.sh${*:+ $*}"
