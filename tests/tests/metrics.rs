@@ -279,6 +279,14 @@ fn metrics_count_real_activity() {
         "log files grew from {logged} to {logged2} bytes for 8 writes"
     );
     assert_eq!(value(&s_log, "standby_disk_dirty_ratio", &d1), Some(0.0));
+    // Uploads: the first point wrote at least a chunk object (or pack), an index and the
+    // point object; its bytes at least cover the 25 distinct (compressed) 64 KiB chunks.
+    let v1 = [("vm", "v1")];
+    assert!(value(&s, "standby_vm_points_total", &v1).unwrap_or(0.0) >= 1.0);
+    let puts = value(&s, "standby_vm_upload_requests_total", &v1).expect("upload requests");
+    assert!(puts >= 3.0, "{puts} PUTs for the first point");
+    let up = value(&s, "standby_vm_uploaded_bytes_total", &v1).expect("uploaded bytes");
+    assert!(up >= 25.0 * 32.0, "{up} bytes uploaded for the first point");
     let initial = [("kind", "initial-replication"), ("state", "succeeded")];
     assert_eq!(
         value(&s, "standby_jobs_finished_total", &initial),

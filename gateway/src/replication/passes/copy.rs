@@ -85,8 +85,12 @@ impl Engine {
             if self.stopping() {
                 writer.commit().await?;
                 let p = ck.progress(std::mem::take(&mut stored));
-                self.db_blocking(move |db| db.checkpoint_progress(&p))
-                    .await?;
+                let (vm, up) = (row.name.clone(), writer.upload_stats());
+                self.db_blocking(move |db| {
+                    db.checkpoint_progress(&p)?;
+                    db.add_upload(&vm, 0, up.puts, up.bytes)
+                })
+                .await?;
                 return Err(ReplError::Shutdown);
             }
             let end = (ck.position + BATCH_CHUNKS as u64).min(count);
@@ -174,6 +178,10 @@ impl Engine {
                 last_ck = Instant::now();
             }
         }
+        // What this pass's session wrote (the cut's session records only its own writes).
+        let (vm, up) = (row.name.clone(), writer.upload_stats());
+        self.db_blocking(move |db| db.add_upload(&vm, 0, up.puts, up.bytes))
+            .await?;
         Ok(())
     }
 }
