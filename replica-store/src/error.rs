@@ -158,6 +158,21 @@ pub enum Error {
         max_secs: u64,
     },
 
+    /// Chunks of an index adopted from an earlier upload session
+    /// ([`crate::PointBuilder::set_index`]) are gone: GC deleted them while the pass that
+    /// stored them ran longer than the store's `max_session_secs`. Nothing was published; the
+    /// caller stores these chunks (positions per disk) again and publishes anew.
+    #[error(
+        "{} chunks stored for {vm} by an earlier upload session were removed by GC (the pass \
+         ran longer than the store's max_session_secs); they must be copied again",
+        gone.iter().map(|(_, c)| c.len()).sum::<usize>()
+    )]
+    ChunksGone {
+        vm: String,
+        /// (disk, chunk positions) of every adopted disk that lost chunks.
+        gone: Vec<(String, Vec<u64>)>,
+    },
+
     /// Injected by the fault-injecting backend (tests).
     #[error("injected fault during {op} on {key}")]
     Injected { op: String, key: String },
@@ -171,7 +186,8 @@ impl Error {
             Error::Network { .. }
             | Error::ServerBusy { .. }
             | Error::Injected { .. }
-            | Error::SessionExpired { .. } => Recoverable,
+            | Error::SessionExpired { .. }
+            | Error::ChunksGone { .. } => Recoverable,
             Error::Io { source, .. } => io_recoverability(source),
             Error::NotFound { .. }
             | Error::Auth { .. }

@@ -129,7 +129,7 @@ pub const REPACK_BELOW_PERCENT: u64 = 50;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Collection {
-    created_unix_ms: u64,
+    pub(crate) created_unix_ms: u64,
     fossils: Vec<String>,
     /// Packs whose index was moved to `packfossils/` (packs layout).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

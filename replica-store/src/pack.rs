@@ -185,14 +185,15 @@ pub(crate) struct PackCache {
     map: HashMap<ChunkId, Loc>,
     /// Collections already applied.
     collections: HashSet<String>,
-    /// Packs named by some collection.
-    collected: HashSet<String>,
+    /// Packs named by some collection, with the creation time (unix ms) of the oldest one:
+    /// GC deletes a fossil pack only once that collection is older than `max_session_secs`.
+    collected: HashMap<String, u64>,
     loaded: bool,
 }
 
 impl PackCache {
     fn add_live(&mut self, pid: Arc<str>, entries: Arc<Vec<PackEntry>>) {
-        if self.collected.contains(&*pid) {
+        if self.collected.contains_key(&*pid) {
             self.fossil.insert(pid, entries);
             return;
         }
@@ -311,14 +312,17 @@ impl Store {
             if self.packs().collections.contains(&col.key) {
                 continue;
             }
-            let packs = match self.read_collection(&col.key).await {
-                Ok(c) => c.packs,
+            let (packs, at) = match self.read_collection(&col.key).await {
+                Ok(c) => (c.packs, c.created_unix_ms),
                 Err(e) if e.is_not_found() => continue,
                 Err(e) => return Err(e),
             };
             let mut c = self.packs();
             let pids: Vec<Arc<str>> = packs.iter().map(|p| Arc::from(p.as_str())).collect();
-            c.collected.extend(packs);
+            for p in packs {
+                let t = c.collected.entry(p).or_insert(at);
+                *t = (*t).min(at);
+            }
             c.collections.insert(col.key.clone());
             c.retire(&pids, true);
         }
@@ -364,6 +368,33 @@ impl Store {
         }
         self.refresh_packs(true).await?;
         Ok(self.locate_cached(id))
+    }
+
+    /// Chunks of set-aside packs that no live pack holds → (pack, creation time of the
+    /// oldest GC collection naming the pack, `None` if none does), after a refresh with
+    /// fossils.
+    pub(crate) async fn fossil_chunks(&self) -> Result<HashMap<ChunkId, (Arc<str>, Option<u64>)>> {
+        self.refresh_packs(true).await?;
+        let c = self.packs();
+        let mut out = HashMap::new();
+        for (p, es) in &c.fossil {
+            let at = c.collected.get(&**p).copied();
+            for e in es.iter().filter(|e| !c.map.contains_key(&e.id)) {
+                out.entry(e.id).or_insert((p.clone(), at));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves a set-aside pack's index back to `packidx/` (as GC does when a point references
+    /// it): true if the pack is live afterwards (moved, or someone else moved it).
+    pub(crate) async fn resurrect_pack(&self, pid: &str) -> Result<bool> {
+        let b = self.backend();
+        match b.rename(&pack_fossil_key(pid), &pack_index_key(pid)).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(b.head(&pack_index_key(pid)).await?.is_some()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Read one chunk object out of its pack (`None` if no pack holds it).

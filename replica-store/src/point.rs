@@ -7,7 +7,7 @@
 //! Point ids are `YYYYMMDDTHHMMSS.mmmZ-<16 hex random>`: unique per writer, so no two writers
 //! ever write the same key and no conditional put is needed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -286,6 +286,22 @@ struct DiskState {
     /// The parent's index object (key, checksum) while the index is unchanged: the point
     /// refers to it instead of storing the same index again (deltas only add patches).
     inherited: Option<(String, String)>,
+    /// The index came whole from elsewhere ([`PointBuilder::set_index`]): its chunks were
+    /// stored by other sessions, checked again by [`PointBuilder::publish`].
+    adopted: bool,
+}
+
+/// What [`ChunkWriter::adopt`] found for a chunk stored by another session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Adopted {
+    /// Live: nothing to do.
+    Live,
+    /// Set aside by GC and made live again in place.
+    Restored,
+    /// Set aside by GC and stored again by this session from its object.
+    Copied,
+    /// No longer in the store.
+    Gone,
 }
 
 /// Uploads chunks for one session; cheap to clone and usable from many tasks at once.
@@ -441,6 +457,68 @@ impl ChunkWriter {
         Ok(out)
     }
 
+    /// Makes chunk `id`, stored by another session, safe for this one to publish (see
+    /// [`PointBuilder::adopt_indexes`]). `fossil_packs`: packs layout, the chunks of
+    /// set-aside packs.
+    async fn adopt(
+        &self,
+        id: ChunkId,
+        fossil_packs: &HashMap<ChunkId, (Arc<str>, Option<u64>)>,
+    ) -> Result<Adopted> {
+        let store = &self.store;
+        let max_ms = store.settings().max_session_secs.saturating_mul(1000);
+        if self.packer.is_some() && store.pack_has(&id) {
+            self.learn(id);
+            return Ok(Adopted::Live);
+        }
+        let live = match &self.packer {
+            Some(_) => match fossil_packs.get(&id) {
+                None => false,
+                // GC deletes a set-aside pack only once its oldest collection is older than
+                // max_session_secs, and only after reading its fossil index: while younger
+                // (with a tenth of margin for clocks), moving the index back wins every race.
+                Some((pid, Some(at)))
+                    if now_unix_ms().saturating_sub(*at) < max_ms - max_ms / 10 =>
+                {
+                    store.resurrect_pack(pid).await?
+                }
+                // Older (GC may be deleting it right now) or not recorded: copy the chunk.
+                Some(_) => false,
+            },
+            // A rename wins every race against GC's delete of the fossil (atomic locally;
+            // copy-then-delete on S3: once copied, the chunk object is ours).
+            None => {
+                let b = store.backend();
+                let key = store.chunk_key(&id);
+                if b.head(&key).await?.is_some() {
+                    self.learn(id);
+                    return Ok(Adopted::Live);
+                }
+                match b.rename(&store.fossil_key(&id), &key).await {
+                    Ok(()) => true,
+                    Err(e) if e.is_not_found() => b.head(&key).await?.is_some(),
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if live {
+            self.learn(id);
+            return Ok(Adopted::Restored);
+        }
+        let Some(obj) = store.chunk_object(&id).await? else {
+            return Ok(Adopted::Gone);
+        };
+        self.stage_encoded(vec![(id, obj)]).await?;
+        Ok(Adopted::Copied)
+    }
+
+    fn learn(&self, id: ChunkId) {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+    }
+
     /// True if this session already stored, staged or inherited chunk `id`.
     pub(crate) fn knows(&self, id: &ChunkId) -> bool {
         id.is_zero()
@@ -572,6 +650,7 @@ impl PointBuilder {
                     source_lsn: d.source_lsn,
                     patches: d.patches.clone(),
                     inherited: Some((d.index_key.clone(), d.index_checksum.clone())),
+                    adopted: false,
                 },
             );
         }
@@ -610,6 +689,7 @@ impl PointBuilder {
                 source_lsn: 0,
                 patches: Vec::new(),
                 inherited: None,
+                adopted: false,
             },
         );
         Ok(())
@@ -694,13 +774,99 @@ impl PointBuilder {
         Ok(out)
     }
 
-    /// Replace a disk's whole index (and drop its patches): a resynchronized disk.
+    /// Replace a disk's whole index (and drop its patches): a disk copied by a pass
+    /// (initial replication, resync) whose chunks other upload sessions stored, maybe long
+    /// before this one started. [`Self::publish`] checks them again (see there).
     pub fn set_index(&mut self, disk: &str, index: DiskIndex) -> Result<()> {
         let d = self.disk_mut(disk)?;
         d.index = index;
         d.patches.clear();
         d.inherited = None;
+        d.adopted = true;
         Ok(())
+    }
+
+    /// Makes the chunks of adopted indexes ([`Self::set_index`]) this session's own before it
+    /// publishes. GC's safety argument covers a chunk only from the moment a session that
+    /// publishes within `max_session_secs` saw it live; a pass that stored a chunk hours ago
+    /// (or a pass resumed after a restart) gives no such guarantee: GC may have set the chunk
+    /// aside, or deleted it once set aside longer than `max_session_secs`. So each chunk this
+    /// session does not know yet is looked up now: live (a HEAD on the chunks layout, the
+    /// session's pack cache on packs) → kept; set aside → made live again (fossil renamed
+    /// back; a pack's index moved back while its collection is young enough that GC cannot
+    /// be deleting it) or else stored again by this session from its object (no re-read of
+    /// the disk); gone → [`Error::ChunksGone`] with the positions, nothing published. From
+    /// then on the chunk was live after this session started, which is what GC's argument
+    /// needs. Cost: one HEAD per distinct chunk on the chunks layout, one refresh (with
+    /// fossils) on packs.
+    async fn adopt_indexes(&self) -> Result<()> {
+        let mut ids: HashSet<ChunkId> = HashSet::new();
+        for st in self.disks.values().filter(|st| st.adopted) {
+            ids.extend(
+                st.index
+                    .entries()
+                    .iter()
+                    .filter(|id| !self.writer.knows(id))
+                    .copied(),
+            );
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let w = &self.writer;
+        let fossil_packs = match &w.packer {
+            Some(p) => {
+                p.start().await?;
+                if ids.iter().all(|id| self.store.pack_has(id)) {
+                    HashMap::new()
+                } else {
+                    self.store.fossil_chunks().await?
+                }
+            }
+            None => HashMap::new(),
+        };
+        let fp = &fossil_packs;
+        let n = ids.len();
+        let outcomes: Vec<(ChunkId, Adopted)> = futures::stream::iter(ids)
+            .map(|id| async move { w.adopt(id, fp).await.map(|a| (id, a)) })
+            .buffer_unordered(32)
+            .try_collect()
+            .await?;
+        let count = |k: Adopted| outcomes.iter().filter(|(_, a)| *a == k).count();
+        let gone: HashSet<ChunkId> = outcomes
+            .iter()
+            .filter(|(_, a)| *a == Adopted::Gone)
+            .map(|(id, _)| *id)
+            .collect();
+        tracing::info!(
+            vm = %self.vm,
+            chunks = n,
+            live = count(Adopted::Live),
+            restored = count(Adopted::Restored),
+            copied = count(Adopted::Copied),
+            gone = gone.len(),
+            "adopted the chunks a pass stored"
+        );
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let gone = self
+            .disks
+            .iter()
+            .filter(|(_, st)| st.adopted)
+            .filter_map(|(name, st)| {
+                let pos: Vec<u64> = (0u64..)
+                    .zip(st.index.entries())
+                    .filter(|(_, id)| gone.contains(id))
+                    .map(|(i, _)| i)
+                    .collect();
+                (!pos.is_empty()).then(|| (name.clone(), pos))
+            })
+            .collect();
+        Err(Error::ChunksGone {
+            vm: self.vm.clone(),
+            gone,
+        })
     }
 
     /// Patches of a disk, oldest first.
@@ -822,6 +988,7 @@ impl PointBuilder {
                 "a recovery point needs at least one disk".into(),
             ));
         }
+        self.adopt_indexes().await?;
         // Every chunk the indexes reference must be durable before the first index is written.
         self.writer.commit().await?;
         let created = monotonic_ms(now_unix_ms());

@@ -590,6 +590,19 @@ impl Store {
         }
     }
 
+    /// The stored object of chunk `id` (not decoded), from wherever it is: its chunk object,
+    /// its fossil, a live or a set-aside pack; `None` if the store does not have it.
+    pub(crate) async fn chunk_object(&self, id: &ChunkId) -> Result<Option<Bytes>> {
+        if self.layout() == Layout::Packs {
+            return self.get_packed(id, true).await;
+        }
+        match self.get_chunk_object(id).await {
+            Ok(o) => Ok(Some(o)),
+            Err(Error::MissingChunk { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The object of a chunk of the `chunks` layout (or its fossil).
     async fn get_chunk_object(&self, id: &ChunkId) -> Result<Bytes> {
         {

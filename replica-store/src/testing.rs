@@ -863,6 +863,79 @@ pub async fn store_format(f: &dyn BackendFactory) {
     assert_eq!(v2.get_chunk(&out.id, None).await.unwrap(), data);
 }
 
+/// A point cut from an index another session stored (`PointBuilder::set_index`, as the
+/// gateway's initial replication does): chunks GC set aside are made live again, chunks it
+/// deleted (set aside longer than the fossil delay) fail the publish with `ChunksGone` naming
+/// their positions and nothing is published; once they are stored again the point publishes
+/// and survives the next GC runs.
+pub async fn adopted_index_after_gc(f: &dyn BackendFactory) {
+    let backend = f.fresh("adopt").await;
+    let store = Store::create(backend.clone(), test_options(), None)
+        .await
+        .unwrap();
+    let fossil_delay = Duration::from_secs(3600);
+    let t0 = SystemTime::now() + Duration::from_secs(1);
+    let gc_at = |now: SystemTime| GcOptions {
+        grace: Duration::ZERO,
+        dry_run: false,
+        fossil_delay: Some(fossil_delay),
+        now: Some(now),
+    };
+    let cs = TEST_CHUNK as usize;
+    let data: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(700 + i, cs)).collect();
+    let mut index = crate::manifest::DiskIndex::new(3 * cs as u64, TEST_CHUNK).unwrap();
+    // The pass's session stores chunk 0; GC sets it aside, and a run past the fossil delay
+    // deletes it. Then chunks 1 and 2, which the next run sets aside.
+    let pass_session = store.point_builder("vm").unwrap();
+    let pass = pass_session.writer();
+    let put = |i: usize| {
+        let (w, d) = (pass.clone(), Bytes::from(data[i].clone()));
+        async move {
+            let out = w.put(d).await.unwrap();
+            w.commit().await.unwrap();
+            out.id
+        }
+    };
+    index.set(0, put(0).await).unwrap();
+    assert_eq!(store.gc(gc_at(t0)).await.unwrap().fossilized, 1);
+    let later = t0 + fossil_delay + Duration::from_secs(1);
+    index.set(1, put(1).await).unwrap();
+    index.set(2, put(2).await).unwrap();
+    let r = store.gc(gc_at(later)).await.unwrap();
+    assert_eq!((r.deleted, r.fossilized), (1, 2), "{r:?}");
+
+    // The cut: chunk 0 is gone, nothing is published.
+    let mut cut = store.point_builder("vm").unwrap();
+    cut.add_disk("d", 3 * cs as u64).unwrap();
+    cut.set_index("d", index.clone()).unwrap();
+    match cut.publish().await {
+        Err(Error::ChunksGone { gone, .. }) => assert_eq!(gone, vec![("d".to_string(), vec![0])]),
+        other => panic!("expected ChunksGone, got {other:?}"),
+    }
+    assert!(store.list_points(Some("vm")).await.unwrap().is_empty());
+    // Chunks 1 and 2 are live again (not only readable as fossils).
+    for i in 1..3 {
+        let id = index.get(i).unwrap();
+        assert!(backend.head(&store.chunk_key(&id)).await.unwrap().is_some());
+    }
+    // Chunk 0 stored again (the gateway re-reads it from the disk), then the cut publishes.
+    let mut cut = store.point_builder("vm").unwrap();
+    cut.writer()
+        .put(Bytes::from(data[0].clone()))
+        .await
+        .unwrap();
+    cut.add_disk("d", 3 * cs as u64).unwrap();
+    cut.set_index("d", index).unwrap();
+    let p = cut.publish().await.unwrap();
+    assert_eq!(read_all(&store, &p, "d").await, data.concat());
+    // Later GC runs keep everything the point references.
+    for now in [later, later + fossil_delay * 2] {
+        store.gc(gc_at(now)).await.unwrap();
+    }
+    assert!(store.verify_point(&p).await.unwrap().is_ok());
+    assert_eq!(read_all(&store, &p, "d").await, data.concat());
+}
+
 /// Run every scenario.
 pub async fn run_all(f: &dyn BackendFactory) {
     store_format(f).await;
@@ -873,6 +946,7 @@ pub async fn run_all(f: &dyn BackendFactory) {
     verify_detects_corruption(f).await;
     encryption_right_and_wrong_key(f).await;
     gc_with_concurrent_uploader(f).await;
+    adopted_index_after_gc(f).await;
     faults_never_wrong_data(f).await;
     packs::run_all(f).await;
 }

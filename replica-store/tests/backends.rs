@@ -52,6 +52,7 @@ scenarios!(
     verify_detects_corruption,
     encryption_right_and_wrong_key,
     gc_with_concurrent_uploader,
+    adopted_index_after_gc,
     faults_never_wrong_data,
 );
 

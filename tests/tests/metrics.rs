@@ -1,6 +1,7 @@
 //! `/metrics` of a running gateway, parsed by the Python `prometheus_client` OpenMetrics parser
 //! (a real, strict parser: a malformed exposition fails the test), with values checked against
-//! known activity: writes and reads by qemu-io, a protected VM reaching Protected, its jobs.
+//! known activity: writes and reads by qemu-io, a protected VM reaching Protected, its jobs,
+//! the bytes its writes appended to the change log.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -252,6 +253,40 @@ fn metrics_count_real_activity() {
         &[("vm", "v1"), ("disk", "d1")]
     )
     .is_some());
+    // Change log: 8 more writes of 64 KiB through NBD are recorded in d1's log (512 KiB of
+    // disk covered; the log files grow by at least a record each); the dirty bitmap stays
+    // empty while the log records everything.
+    let d1 = [("disk", "d1")];
+    let logged = value(&s, "standby_disk_log_written_bytes_total", &d1).expect("log written");
+    let covered = value(&s, "standby_disk_log_recorded_bytes_total", &d1).expect("log recorded");
+    let mut more: Vec<String> = vec!["-f".into(), "raw".into()];
+    for i in 0..8u64 {
+        more.push("-c".into());
+        more.push(format!("write -P 9 {} 64k", (100 + i) * 65536));
+    }
+    more.push(g.uri("d1"));
+    run(Command::new(&qemu_io).args(&more));
+    let (_, s_log) = scrape(&base, &ro);
+    let logged2 = value(&s_log, "standby_disk_log_written_bytes_total", &d1).unwrap();
+    let covered2 = value(&s_log, "standby_disk_log_recorded_bytes_total", &d1).unwrap();
+    assert_eq!(
+        covered2 - covered,
+        8.0 * 65536.0,
+        "log records covered {covered} then {covered2} bytes around 512 KiB of writes"
+    );
+    assert!(
+        logged2 - logged >= 8.0 * 32.0,
+        "log files grew from {logged} to {logged2} bytes for 8 writes"
+    );
+    assert_eq!(value(&s_log, "standby_disk_dirty_ratio", &d1), Some(0.0));
+    // Uploads: the first point wrote at least a chunk object (or pack), an index and the
+    // point object; its bytes at least cover the 25 distinct (compressed) 64 KiB chunks.
+    let v1 = [("vm", "v1")];
+    assert!(value(&s, "standby_vm_points_total", &v1).unwrap_or(0.0) >= 1.0);
+    let puts = value(&s, "standby_vm_upload_requests_total", &v1).expect("upload requests");
+    assert!(puts >= 3.0, "{puts} PUTs for the first point");
+    let up = value(&s, "standby_vm_uploaded_bytes_total", &v1).expect("uploaded bytes");
+    assert!(up >= 25.0 * 32.0, "{up} bytes uploaded for the first point");
     let initial = [("kind", "initial-replication"), ("state", "succeeded")];
     assert_eq!(
         value(&s, "standby_jobs_finished_total", &initial),

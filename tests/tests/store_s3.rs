@@ -31,6 +31,7 @@ s3_scenarios!(
     verify_detects_corruption,
     encryption_right_and_wrong_key,
     gc_with_concurrent_uploader,
+    adopted_index_after_gc,
     faults_never_wrong_data,
 );
 

@@ -19,6 +19,11 @@ peers alternated within each round (A B A B ...):
            each of RPO_INTERVALS, on each of RPO_STORES (local, garage: a single-node Garage
            on 127.0.0.1, S3 packs); `standby status` sampled every RPO_SAMPLE_SECS; p50 / p95 /
            p99 / max. RPO_BINS="before=PATH,after=PATH" runs each row with every binary in turn.
+  import-s3  (not in the default set) Garage import vs `restic backup` of the same
+           IMPORT_S3_MIB image to the same Garage bucket, in one run: MB/s, PUTs (counted by
+           Garage), bytes stored, for the packs layout (format 5), the one-object-per-chunk
+           layout (format 4) and restic. Runs tools/bench/store.sh MODE=garage-restic
+           (IMPORT_S3_ROUNDS rounds, order A B C C B A) and relays its table; needs garage.
 
 Environment: STANDBY_BIN (required), SIZE_GIB=8, DELTA_GIB=2, RPO_GIB=4, ROUNDS=3,
 ROUNDS_INITIAL=2, DELTAS_PER_ROUND=2, RPO_SECONDS=60, RPO_RATES=50m,200m (RPO_RATE: one rate),
@@ -64,6 +69,8 @@ RPO_SAMPLE_SECS = float(os.environ.get("RPO_SAMPLE_SECS", "0.2"))
 RPO_FOLD_VARIANTS = env_int("RPO_FOLD_VARIANTS", 1)
 BENCHES = os.environ.get("BENCHES", "initial,delta,resync,rpo").split(",")
 KEEP = env_int("KEEP", 0)
+IMPORT_S3_MIB = env_int("IMPORT_S3_MIB", 2048)
+IMPORT_S3_ROUNDS = env_int("IMPORT_S3_ROUNDS", 3)
 RESTIC_PASSWORD = "bench"
 
 
@@ -829,6 +836,25 @@ def rpo_once(bin_, work, store, rate, interval, fold, garage, n):
         shutil.rmtree(sb.data, ignore_errors=True)
 
 
+def bench_import_s3(_bin, work):
+    """Garage import vs restic backup, same image and bucket: tools/bench/store.sh's
+    MODE=garage-restic (one implementation of that measurement), its table relayed."""
+    print(f"### Garage import vs restic backup ({IMPORT_S3_MIB} MiB image, half random, "
+          f"same Garage bucket, one run)\n")
+    sys.stdout.flush()
+    d = os.path.join(work, "import-s3")
+    os.makedirs(d, exist_ok=True)
+    env = dict(os.environ, MODE="garage-restic", SIZE_MIB=str(IMPORT_S3_MIB),
+               ROUNDS=str(IMPORT_S3_ROUNDS))
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "store.sh")
+    try:
+        out = subprocess.run(["bash", script, d], env=env, stdout=subprocess.PIPE, text=True,
+                             check=True).stdout
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    print(out.strip() + "\n")
+
+
 def main():
     binary = os.environ.get("STANDBY_BIN")
     if not binary:
@@ -861,7 +887,8 @@ def main():
     t0 = time.time()
     try:
         for b in BENCHES:
-            {"initial": bench_initial, "delta": bench_delta, "resync": bench_resync, "rpo": bench_rpo}[b](bin_, work)
+            {"initial": bench_initial, "delta": bench_delta, "resync": bench_resync, "rpo": bench_rpo,
+             "import-s3": bench_import_s3}[b](bin_, work)
             sys.stdout.flush()
     finally:
         if created and not KEEP:

@@ -12,6 +12,9 @@
 #      each of RPO_RATES for RPO_SECONDS to a protected RPO_GIB disk, policy `continuous` and
 #      `30s` (RPO_INTERVALS), local store and/or Garage (RPO_STORES=local,garage); RPO_BINS=
 #      "before=PATH,after=PATH" measures several binaries row by row in one run.
+#   5. import-s3 (BENCHES=...,import-s3; not in the default set): Garage import vs `restic backup`
+#      of the same IMPORT_S3_MIB image to the same bucket in one run (MB/s, PUTs, bytes stored),
+#      through tools/bench/store.sh MODE=garage-restic (needs garage; STORE_BENCH_BIN optional).
 # Details: tools/bench/replication.py; results: docs/bench-replication.md.
 #
 # Usage: tools/bench/replication.sh [WORKDIR]
@@ -36,7 +39,7 @@ fi
 export STANDBY_BIN
 # The command line as given (parameters that were set in the environment first).
 cmd=""
-for v in SIZE_GIB DELTA_GIB RPO_GIB ROUNDS ROUNDS_INITIAL DELTAS_PER_ROUND RPO_SECONDS RPO_RATE RPO_RATES RPO_STORES RPO_INTERVALS RPO_SAMPLE_SECS RPO_BINS RPO_FOLD_VARIANTS BENCHES KEEP; do
+for v in SIZE_GIB DELTA_GIB RPO_GIB ROUNDS ROUNDS_INITIAL DELTAS_PER_ROUND RPO_SECONDS RPO_RATE RPO_RATES RPO_STORES RPO_INTERVALS RPO_SAMPLE_SECS RPO_BINS RPO_FOLD_VARIANTS BENCHES KEEP IMPORT_S3_MIB IMPORT_S3_ROUNDS; do
   [ -n "${!v:-}" ] && cmd+="$v=${!v} "
 done
 export BENCH_COMMAND="${cmd}tools/bench/replication.sh${*:+ $*}"

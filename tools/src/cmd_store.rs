@@ -26,6 +26,24 @@ use replica_store::{
 /// Name of the store location file in the data directory.
 pub use gateway::site::{LocationFile, LOCATION_FILE};
 
+/// `store init --layout`: the object layout of a new store.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LayoutArg {
+    /// One object per chunk (format 4).
+    Chunks,
+    /// Chunks appended to pack objects with an index (format 5).
+    Packs,
+}
+
+impl LayoutArg {
+    fn layout(self) -> replica_store::Layout {
+        match self {
+            LayoutArg::Chunks => replica_store::Layout::Chunks,
+            LayoutArg::Packs => replica_store::Layout::Packs,
+        }
+    }
+}
+
 /// `standby store ...`
 #[derive(Debug, clap::Subcommand)]
 pub enum StoreCommand {
@@ -47,6 +65,15 @@ pub enum StoreCommand {
         /// 3 (4,096) suits stores that will hold more than ~50 million chunks.
         #[arg(long)]
         fan_out_digits: Option<u32>,
+        /// Object layout: packs (format 5, the default on S3) or chunks (one object per
+        /// chunk, format 4, the default on a local directory). `chunks` on S3 makes a store
+        /// older builds can read, at one PUT per chunk.
+        #[arg(long, value_enum)]
+        layout: Option<LayoutArg>,
+        /// Longest an upload session may run before it must start over (e.g. 6h, the
+        /// default); GC deletes chunks it set aside only after this delay (docs/replica-store.md, GC).
+        #[arg(long)]
+        max_session: Option<String>,
         /// Chunk compression: zstd or none.
         #[arg(long, default_value = "zstd")]
         compression: String,
@@ -216,6 +243,8 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
             cipher,
             chunk_size,
             fan_out_digits,
+            layout,
+            max_session,
             compression,
             path,
             s3_endpoint,
@@ -276,6 +305,14 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
             }
             if let Some(d) = fan_out_digits {
                 opts.fan_out_digits = d;
+            }
+            opts.layout = layout.map(LayoutArg::layout);
+            if let Some(m) = max_session {
+                let secs = parse_duration(&m)?.as_secs();
+                if secs == 0 {
+                    bail!("--max-session must be at least 1s");
+                }
+                opts.max_session_secs = secs;
             }
             let (key, key_path) = if encrypt {
                 let kp = key_file.unwrap_or_else(|| data_dir.join("store.key"));
@@ -454,6 +491,18 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
                 human(r.deleted_bytes),
                 r.orphan_indexes_deleted
             );
+            if store.layout() == replica_store::Layout::Packs {
+                println!(
+                    "packs: {} listed, {} set aside, {} repacked ({} chunks, {}), {} deleted, {} without an index deleted",
+                    r.packs_listed,
+                    r.packs_fossilized,
+                    r.packs_repacked,
+                    r.chunks_repacked,
+                    human(r.bytes_repacked),
+                    r.packs_deleted,
+                    r.orphan_packs_deleted
+                );
+            }
             Ok(())
         }
         StoreCommand::Prune {

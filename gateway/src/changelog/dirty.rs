@@ -125,6 +125,17 @@ impl DirtyMap {
         self.save()
     }
 
+    /// Fraction of the disk's grains marked dirty (0 while the log records every change).
+    /// A scan of the in-memory bitmap (16 Ki words for 64 GiB): no I/O.
+    pub fn dirty_ratio(&self) -> f64 {
+        let set: u64 = self
+            .words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum();
+        set as f64 / self.disk_size.div_ceil(DIRTY_GRAIN).max(1) as f64
+    }
+
     /// True if no bit is set.
     pub fn is_clean(&self) -> bool {
         self.words.iter().all(|w| w.load(Ordering::Relaxed) == 0)

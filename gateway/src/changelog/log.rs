@@ -386,6 +386,8 @@ struct Shared {
     persist_lock: Mutex<()>,
     state_dirty: AtomicBool,
     appended: AtomicU64,
+    /// Disk bytes covered by the records appended (writes, zeroes, trims; for `/metrics`).
+    recorded: AtomicU64,
     sync_rounds: AtomicU64,
     /// Checkpoints, log/image durability watermarks, hot extents (see [`checkpoint`]).
     ck: checkpoint::Ckpt,
@@ -916,6 +918,7 @@ impl ChangeLog {
                 persist_lock: Mutex::new(()),
                 state_dirty: AtomicBool::new(false),
                 appended: AtomicU64::new(0),
+                recorded: AtomicU64::new(0),
                 sync_rounds: AtomicU64::new(0),
                 ck: checkpoint::Ckpt::new(disk_size, p_applied),
                 opened_clean,
@@ -1227,6 +1230,7 @@ impl ChangeLog {
         let (lsn, rotated) = self.append(&mut h, data, barrier_rotate);
         if let Some(lsn) = lsn {
             self.note_appended(rec_len);
+            self.sh.recorded.fetch_add(end - start, Ordering::Relaxed);
             if replay::image_dependent(&h) {
                 // Its data is in the image only: the next sync round syncs the image too.
                 self.note_image_dependent(lsn);
@@ -1665,6 +1669,18 @@ impl ChangeLog {
                 .chain(ap.active.as_ref())
                 .map(|a| a.pos + a.extent_bytes)
                 .sum::<u64>()
+    }
+
+    /// Record bytes (headers and data) appended since the log was opened (for `/metrics`).
+    pub fn appended_bytes(&self) -> u64 {
+        self.sh.appended.load(Ordering::Relaxed)
+    }
+
+    /// Disk bytes the records appended since the log was opened cover (for `/metrics`):
+    /// large writes are logged as extent records whose data stays in the image, so this is
+    /// the change rate, [`Self::appended_bytes`] what the log files took.
+    pub fn recorded_bytes(&self) -> u64 {
+        self.sh.recorded.load(Ordering::Relaxed)
     }
 
     /// Unshipped log bytes divided by the disk size (the resync rule fires at 0.5).

@@ -1,7 +1,8 @@
 //! Replication figures read from the state database at each scrape: per VM (state, health,
-//! RPO, last point time, progress, consecutive failures), per protected disk (size and change
-//! log bytes not yet shipped) and per job kind (finished jobs by outcome, their durations,
-//! jobs running now).
+//! RPO, last point time, progress, consecutive failures, points published and the objects and
+//! bytes they wrote to the store, summed from each point's upload record as it is
+//! published), per protected disk (size and change log bytes not yet shipped) and per job kind
+//! (finished jobs by outcome, their durations, jobs running now).
 //!
 //! VM and disk gauges are cleared and refilled on each scrape, so an unprotected VM's series
 //! disappear. Finished jobs are counted once each: the ids already counted are remembered
@@ -63,6 +64,9 @@ pub struct StateMetrics {
     vm_last_point: Family<VmLabel, FGauge>,
     vm_progress: Family<VmLabel, FGauge>,
     vm_failures: Family<VmLabel, Gauge>,
+    vm_points: Family<VmLabel, Counter>,
+    vm_upload_requests: Family<VmLabel, Counter>,
+    vm_uploaded: Family<VmLabel, Counter>,
     disk_size: Family<VmDisk, Gauge>,
     disk_unshipped: Family<VmDisk, Gauge>,
     jobs_running: Family<JobKind, Gauge>,
@@ -80,6 +84,9 @@ impl StateMetrics {
             vm_last_point: Family::default(),
             vm_progress: Family::default(),
             vm_failures: Family::default(),
+            vm_points: Family::default(),
+            vm_upload_requests: Family::default(),
+            vm_uploaded: Family::default(),
             disk_size: Family::default(),
             disk_unshipped: Family::default(),
             jobs_running: Family::default(),
@@ -119,6 +126,22 @@ impl StateMetrics {
             "standby_vm_consecutive_failures",
             "Failures of the VM's current step since its last success",
             m.vm_failures.clone(),
+        );
+        r.register(
+            "standby_vm_points",
+            "Recovery points the gateway published for the VM since it was protected",
+            m.vm_points.clone(),
+        );
+        r.register(
+            "standby_vm_upload_requests",
+            "Object writes (PUTs) to the store for the VM's published points since it was protected",
+            m.vm_upload_requests.clone(),
+        );
+        r.register_with_unit(
+            "standby_vm_uploaded",
+            "Bytes written to the store for the VM's published points since it was protected",
+            Unit::Bytes,
+            m.vm_uploaded.clone(),
         );
         r.register_with_unit(
             "standby_disk_size",
@@ -160,6 +183,24 @@ impl StateMetrics {
             f.clear();
         }
         self.vm_state.clear();
+        for f in [&self.vm_points, &self.vm_upload_requests, &self.vm_uploaded] {
+            f.clear();
+        }
+        let protected: HashSet<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+        for (vm, points, puts, bytes) in db.uploads()? {
+            if !protected.contains(vm.as_str()) {
+                continue;
+            }
+            let l = VmLabel { vm };
+            let set = |f: &Family<VmLabel, Counter>, v: u64| {
+                f.get_or_create(&l)
+                    .inner()
+                    .store(v, std::sync::atomic::Ordering::Relaxed)
+            };
+            set(&self.vm_points, points);
+            set(&self.vm_upload_requests, puts);
+            set(&self.vm_uploaded, bytes);
+        }
         self.disk_size.clear();
         self.disk_unshipped.clear();
         for v in &vms {

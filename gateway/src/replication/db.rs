@@ -292,7 +292,10 @@ impl Db {
                 served_ms INTEGER, pid INTEGER);
              CREATE TABLE IF NOT EXISTS checkpoint_chunks(
                 vm TEXT NOT NULL, disk TEXT NOT NULL, chunk INTEGER NOT NULL, id BLOB NOT NULL,
-                PRIMARY KEY(vm, disk, chunk));",
+                PRIMARY KEY(vm, disk, chunk));
+             CREATE TABLE IF NOT EXISTS vm_uploads(
+                vm TEXT PRIMARY KEY, points INTEGER NOT NULL, puts INTEGER NOT NULL,
+                bytes INTEGER NOT NULL);",
         )
         .map_err(e)?;
         let db = Db { path, conn };
@@ -495,13 +498,52 @@ impl Db {
                 .conn
                 .execute("DELETE FROM vms WHERE name=?1", [name])
                 .map_err(|e| self.err(e))?;
-            for t in ["disk_stats", "checkpoints", "checkpoint_chunks"] {
+            for t in [
+                "disk_stats",
+                "checkpoints",
+                "checkpoint_chunks",
+                "vm_uploads",
+            ] {
                 self.conn
                     .execute(&format!("DELETE FROM {t} WHERE vm=?1"), [name])
                     .map_err(|e| self.err(e))?;
             }
             Ok(n > 0)
         })
+    }
+
+    /// Adds writes to the store to the VM's totals (for `/metrics`; kept until the VM is
+    /// unprotected): a published point's (`PointMeta::upload`, `points` 1) or a pass's chunks
+    /// (initial replication, resync: stored by the pass's own session, `points` 0).
+    pub fn add_upload(&self, vm: &str, points: u64, puts: u64, bytes: u64) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "INSERT INTO vm_uploads(vm, points, puts, bytes) VALUES(?1, ?2, ?3, ?4)
+                 ON CONFLICT(vm) DO UPDATE SET points=points+excluded.points,
+                   puts=puts+excluded.puts, bytes=bytes+excluded.bytes",
+                params![vm, points as i64, puts as i64, bytes as i64],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every VM's upload totals: (vm, points, puts, bytes).
+    pub fn uploads(&self) -> Result<Vec<(String, u64, u64, u64)>, DbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT vm, points, puts, bytes FROM vm_uploads ORDER BY vm")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                    r.get::<_, i64>(3)? as u64,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
     pub fn put_disk_stat(&self, s: &DiskStat) -> Result<(), DbError> {

@@ -243,3 +243,15 @@ fn a_schema_1_database_is_migrated_and_a_newer_one_refused() {
     let e = Db::open(d.path()).unwrap_err().to_string();
     assert!(e.contains("schema version 3"), "{e}");
 }
+
+#[test]
+fn upload_totals_add_up_and_go_with_the_vm() {
+    let d = tempfile::tempdir().unwrap();
+    let db = Db::open(d.path()).unwrap();
+    db.insert_vm("web", &["a".into()]).unwrap();
+    db.add_upload("web", 0, 5, 1000).unwrap();
+    db.add_upload("web", 1, 2, 24).unwrap();
+    assert_eq!(db.uploads().unwrap(), vec![("web".to_string(), 1, 7, 1024)]);
+    assert!(db.delete_vm("web").unwrap());
+    assert!(db.uploads().unwrap().is_empty());
+}

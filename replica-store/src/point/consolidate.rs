@@ -94,6 +94,9 @@ impl Store {
                 source_lsn: entry.source_lsn,
                 patches: entry.patches.clone(),
                 inherited: None,
+                // P's chunks are referenced by P and by every descendant the result can be
+                // rebased into (they share P's index), so none needs adopting.
+                adopted: false,
             },
         );
         let (chunks, mut uploaded) = b.fold(disk).await?;

@@ -13,7 +13,7 @@ use crate::metrics::CONTENT_TYPE;
 
 pub async fn scrape(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     let text = s
-        .blocking(|s, db| s.metrics.scrape(db).map_err(ApiError::internal))
+        .blocking(|s, db| s.metrics.scrape(db, &s.exports).map_err(ApiError::internal))
         .await?;
     Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response())
 }

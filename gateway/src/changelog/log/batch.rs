@@ -91,6 +91,13 @@ impl ChangeLog {
         }
         if appended > 0 {
             self.note_appended(appended);
+            let covered: u64 = writes
+                .iter()
+                .zip(&lsns)
+                .filter(|(_, l)| l.is_some())
+                .map(|(w, _)| w.data.len() as u64)
+                .sum();
+            self.sh.recorded.fetch_add(covered, Ordering::Relaxed);
         }
         let mut out = Vec::with_capacity(writes.len());
         for (i, (w, lsn)) in writes.iter().zip(&lsns).enumerate() {

@@ -22,7 +22,35 @@ use super::super::engine::{blocking, Engine, ReplError, BATCH_CHUNKS, CHECKPOINT
 use super::super::policy::Policy;
 use crate::disk::Disk;
 
+/// How many times a pass copies again the chunks GC removed under it before the job fails
+/// (and retries on the VM's schedule).
+pub(crate) const RECOPY_ATTEMPTS: u32 = 3;
+
 impl Engine {
+    /// After a cut refused with [`replica_store::Error::ChunksGone`] (GC deleted chunks a pass
+    /// stored, the pass having outlived the store's `max_session_secs`): reopens each affected
+    /// disk's checkpoint with just those chunks to do, durably (a restart resumes the same
+    /// work). Returns false, changing nothing, for any other error.
+    pub(crate) fn requeue_gone(&self, cks: &mut [Checkpoint], e: &ReplError) -> R<bool> {
+        let ReplError::Store(replica_store::Error::ChunksGone { gone, .. }) = e else {
+            return Ok(false);
+        };
+        for (disk, chunks) in gone {
+            let Some(ck) = cks.iter_mut().find(|c| &c.disk == disk) else {
+                continue;
+            };
+            ck.todo = chunks.iter().flat_map(|c| c.to_le_bytes()).collect();
+            ck.total = chunks.len() as u64;
+            ck.position = 0;
+            ck.done = false;
+            tracing::warn!(vm = %ck.vm, disk = %disk, chunks = chunks.len(),
+                "GC removed chunks this pass stored; copying them again");
+            let c = ck.clone();
+            self.db(|db| db.put_checkpoint(&c))?;
+        }
+        Ok(true)
+    }
+
     /// Reads, hashes and stores chunks of a disk (all of them, or `ck.todo`), comparing with
     /// `base` (the replica's index) to send only what differs. Checkpoints as it goes.
     #[allow(clippy::too_many_arguments)]
@@ -57,8 +85,12 @@ impl Engine {
             if self.stopping() {
                 writer.commit().await?;
                 let p = ck.progress(std::mem::take(&mut stored));
-                self.db_blocking(move |db| db.checkpoint_progress(&p))
-                    .await?;
+                let (vm, up) = (row.name.clone(), writer.upload_stats());
+                self.db_blocking(move |db| {
+                    db.checkpoint_progress(&p)?;
+                    db.add_upload(&vm, 0, up.puts, up.bytes)
+                })
+                .await?;
                 return Err(ReplError::Shutdown);
             }
             let end = (ck.position + BATCH_CHUNKS as u64).min(count);
@@ -146,6 +178,10 @@ impl Engine {
                 last_ck = Instant::now();
             }
         }
+        // What this pass's session wrote (the cut's session records only its own writes).
+        let (vm, up) = (row.name.clone(), writer.upload_stats());
+        self.db_blocking(move |db| db.add_upload(&vm, 0, up.puts, up.bytes))
+            .await?;
         Ok(())
     }
 }

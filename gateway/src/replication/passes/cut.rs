@@ -142,6 +142,8 @@ impl Engine {
         let now = cut_ms;
         self.db(|db| {
             db.clear_checkpoints(&row.name)?;
+            let up = p.upload.unwrap_or_default();
+            db.add_upload(&row.name, 1, up.puts, up.bytes)?;
             db.modify_vm(&row.name, |v| {
                 if v.phase == row.phase {
                     v.phase = next;

@@ -15,6 +15,7 @@ use super::super::engine::{blocking, chain_hex, Engine, ReplError, R};
 use super::super::logscan::release_through;
 use super::super::now_ms;
 use super::super::policy::Policy;
+use super::copy::RECOPY_ATTEMPTS;
 use crate::changelog::ChangeLog;
 use crate::disk::Disk;
 
@@ -72,22 +73,33 @@ impl Engine {
                     cks.push(ck);
                 }
                 let total: u64 = ds.iter().map(|d| d.size()).sum::<u64>().max(1);
-                let mut done_before = 0u64;
-                for (d, ck) in ds.iter().zip(cks.iter_mut()) {
-                    if !ck.done {
-                        self.step(
-                            job,
-                            &format!("copy {}", d.name()),
-                            &format!("{} bytes", d.size()),
-                        )?;
-                        self.pass(job, row, d, &store, ck, None, policy, done_before, total)
-                            .await?;
+                let mut attempt = 0;
+                let (meta, cut_ms) = loop {
+                    let mut done_before = 0u64;
+                    for (d, ck) in ds.iter().zip(cks.iter_mut()) {
+                        if !ck.done {
+                            self.step(
+                                job,
+                                &format!("copy {}", d.name()),
+                                &format!("{} chunks", ck.total),
+                            )?;
+                            self.pass(job, row, d, &store, ck, None, policy, done_before, total)
+                                .await?;
+                        }
+                        done_before += d.size();
                     }
-                    done_before += d.size();
-                }
-                self.step(job, "cut first recovery point", "")?;
-                let cut_ms = now_ms();
-                let meta = self.cut_point(row, ds, &store, &cks, None).await?;
+                    self.step(job, "cut first recovery point", "")?;
+                    let cut_ms = now_ms();
+                    match self.cut_point(row, ds, &store, &cks, None).await {
+                        Ok(m) => break (m, cut_ms),
+                        Err(e) => {
+                            attempt += 1;
+                            if attempt >= RECOPY_ATTEMPTS || !self.requeue_gone(&mut cks, &e)? {
+                                return Err(e);
+                            }
+                        }
+                    }
+                };
                 let sent: u64 = cks.iter().map(|c| c.bytes_sent).sum();
                 self.db(|db| {
                     db.job_progress(

@@ -17,6 +17,7 @@ use super::super::engine::{blocking, chain_hex, Engine, ReplError, R};
 use super::super::logscan::{chunks_in_log, restart};
 use super::super::now_ms;
 use super::super::policy::Policy;
+use super::copy::RECOPY_ATTEMPTS;
 use crate::changelog::ship::Reach;
 use crate::changelog::{ChangeLog, LogError, LogState};
 use crate::disk::Disk;
@@ -116,17 +117,28 @@ impl Engine {
                     bases.push((base, patched));
                 }
                 let total: u64 = ds.iter().map(|d| d.size()).sum::<u64>().max(1);
-                let mut before = 0;
-                for ((d, ck), base) in ds.iter().zip(cks.iter_mut()).zip(bases.iter()) {
-                    if !ck.done {
-                        self.step(job, &format!("send differing chunks of {}", d.name()), "")?;
-                        self.pass(job, row, d, &store, ck, Some(base), policy, before, total).await?;
+                let mut attempt = 0;
+                let (p, cut_ms) = loop {
+                    let mut before = 0;
+                    for ((d, ck), base) in ds.iter().zip(cks.iter_mut()).zip(bases.iter()) {
+                        if !ck.done {
+                            self.step(job, &format!("send differing chunks of {}", d.name()), "")?;
+                            self.pass(job, row, d, &store, ck, Some(base), policy, before, total).await?;
+                        }
+                        before += d.size();
                     }
-                    before += d.size();
-                }
-                self.step(job, "cut recovery point", "")?;
-                let cut_ms = now_ms();
-                let p = self.cut_point(row, ds, &store, &cks, None).await?;
+                    self.step(job, "cut recovery point", "")?;
+                    let cut_ms = now_ms();
+                    match self.cut_point(row, ds, &store, &cks, None).await {
+                        Ok(p) => break (p, cut_ms),
+                        Err(e) => {
+                            attempt += 1;
+                            if attempt >= RECOPY_ATTEMPTS || !self.requeue_gone(&mut cks, &e)? {
+                                return Err(e);
+                            }
+                        }
+                    }
+                };
                 let sent: u64 = cks.iter().map(|c| c.bytes_sent).sum();
                 let read: u64 = cks.iter().map(|c| c.bytes_read).sum();
                 let summary = format!(
