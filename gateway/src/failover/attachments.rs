@@ -80,7 +80,9 @@ impl Engine {
             if row.state == AttachmentState::Error {
                 continue;
             }
-            if row.state == AttachmentState::Commit {
+            // A commit is carried out once its disk is served here; a commit row found at
+            // start (requested before a restart) is served first, like any other.
+            if row.state == AttachmentState::Commit && attached.contains_key(&row.export) {
                 if let Err(e) = self.commit_failover(&mut attached, &row).await {
                     warn!(export = %row.export, "failover commit failed: {e}");
                     let _ = self.db(|d| {
@@ -108,10 +110,9 @@ impl Engine {
                         read_only: !row.rw,
                         device: Arc::new(Device::Replica(disk.clone())),
                     });
-                    let state = if row.state == AttachmentState::Hydrated {
-                        AttachmentState::Hydrated
-                    } else {
-                        AttachmentState::Served
+                    let state = match row.state {
+                        AttachmentState::Hydrated | AttachmentState::Commit => row.state,
+                        _ => AttachmentState::Served,
                     };
                     let _ = self.db(|d| d.set_attachment(&row.export, state, "", row.progress));
                     info!(export = %row.export, point = %row.point, rw = row.rw, "replica export served");

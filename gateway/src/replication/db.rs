@@ -829,6 +829,39 @@ impl Db {
             .map_err(|e| self.err(e))
     }
 
+    /// A hydration's progress (`hydrated`: complete) or failure (`error`). Unlike
+    /// [`Db::set_attachment`] it never takes a row out of `Commit`: a `failover commit`
+    /// requested while the disk hydrates must survive the hydration's own updates (they used
+    /// to overwrite it with `Served` / `Hydrated`, and the commit then waited forever).
+    pub fn set_hydration(
+        &self,
+        export: &str,
+        hydrated: bool,
+        error: &str,
+        progress: f64,
+    ) -> Result<(), DbError> {
+        let state = if hydrated {
+            AttachmentState::Hydrated
+        } else {
+            AttachmentState::Served
+        };
+        self.conn
+            .execute(
+                "UPDATE attachments SET state=CASE WHEN state=?5 THEN state ELSE ?2 END,
+                 error=?3, progress=?4, served_ms=COALESCE(served_ms, ?6) WHERE export=?1",
+                params![
+                    export,
+                    state,
+                    error,
+                    progress,
+                    AttachmentState::Commit,
+                    now_ms() as i64
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
     pub fn set_attachment_pid(&self, export: &str, pid: Option<u32>) -> Result<(), DbError> {
         self.conn
             .execute(

@@ -255,3 +255,67 @@ fn upload_totals_add_up_and_go_with_the_vm() {
     assert!(db.delete_vm("web").unwrap());
     assert!(db.uploads().unwrap().is_empty());
 }
+
+#[test]
+fn a_hydrations_updates_never_undo_a_commit_request() {
+    let d = tempfile::tempdir().unwrap();
+    let db = Db::open(d.path()).unwrap();
+    for export in ["web.a", "web.b"] {
+        db.add_attachment(&Attachment {
+            export: export.into(),
+            vm: "web".into(),
+            disk: export[4..].into(),
+            point: "p1".into(),
+            rw: true,
+            kind: OverlayKind::Failover,
+            dir: "/x".into(),
+            created_ms: 1,
+            state: AttachmentState::Requested,
+            error: String::new(),
+            progress: 0.0,
+            served_ms: None,
+            pid: None,
+        })
+        .unwrap();
+        db.set_attachment(export, AttachmentState::Served, "", 10.0)
+            .unwrap();
+    }
+    // `failover commit` while web.a hydrates; web.b is not being committed.
+    db.set_attachment("web.a", AttachmentState::Commit, "", 10.0)
+        .unwrap();
+    let states = |db: &Db| {
+        db.attachments()
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.export, a.state, a.progress))
+            .collect::<Vec<_>>()
+    };
+    for export in ["web.a", "web.b"] {
+        db.set_hydration(export, false, "", 55.0).unwrap();
+    }
+    assert_eq!(
+        states(&db),
+        vec![
+            ("web.a".into(), AttachmentState::Commit, 55.0),
+            ("web.b".into(), AttachmentState::Served, 55.0)
+        ]
+    );
+    for export in ["web.a", "web.b"] {
+        db.set_hydration(export, true, "", 100.0).unwrap();
+    }
+    assert_eq!(
+        states(&db),
+        vec![
+            ("web.a".into(), AttachmentState::Commit, 100.0),
+            ("web.b".into(), AttachmentState::Hydrated, 100.0)
+        ]
+    );
+    // A failed hydration records its error and keeps the request too.
+    db.set_hydration("web.a", false, "hydration: store unreachable", 0.0)
+        .unwrap();
+    let a = &db.attachments().unwrap()[0];
+    assert_eq!(
+        (a.state, a.error.as_str()),
+        (AttachmentState::Commit, "hydration: store unreachable")
+    );
+}
