@@ -3,17 +3,10 @@
 //! and durable.
 //!
 //! Chunks take a cheaper path ([`Backend::put_staged`] / [`Backend::commit_staged`]): each is
-//! written to a temporary file without fsync; the commit makes all of them durable, renames
-//! them into place and makes the renames durable. A chunk under its final name is therefore
-//! always complete and durable; a crash before the commit leaves only temporary files, removed
-//! when the store is next opened. How the commit syncs depends on how many files it holds:
-//! - many (an initial replication, a fold): one `syncfs(2)` before the renames and one after —
-//!   a single pass over the file system instead of thousands of `fsync`s;
-//! - at most [`PER_FILE_SYNC_MAX`] (a delta's few patch objects): `fdatasync` of each file,
-//!   then the renames, then `fsync` of every directory from each file's own up to the store's
-//!   root (which also covers directories the session created). `syncfs` would also write out
-//!   every other dirty page of the file system — the served disks' images often share it, and
-//!   under a steady write load that made each delta's commit cost hundreds of milliseconds.
+//! written to a temporary file without fsync; the commit makes all of them durable with one
+//! `syncfs(2)`, renames them into place and makes the renames durable with a second
+//! `syncfs(2)`. A chunk under its final name is therefore always complete and durable; a crash
+//! before the commit leaves only temporary files, removed when the store is next opened.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
@@ -30,10 +23,6 @@ use crate::error::{Error, Result};
 
 /// Staged bytes after which a background `syncfs` starts writing them out.
 const BACKGROUND_SYNC_BYTES: u64 = 256 << 20;
-
-/// Most staged files a commit makes durable one by one (see the module header); more take the
-/// `syncfs` path.
-const PER_FILE_SYNC_MAX: usize = 32;
 
 /// Name of the directory holding in-flight temporary files (never listed as objects).
 const TMP_DIR: &str = ".tmp";
@@ -346,22 +335,11 @@ impl Inner {
         if staged.iter().all(|s| s.tmp.is_none()) {
             return Ok(());
         }
-        let pending = staged.iter().filter(|s| s.tmp.is_some()).count();
-        let per_file = pending <= PER_FILE_SYNC_MAX;
         // 1. Every staged file's data and inode durable.
         if self.durable {
-            if per_file {
-                for tmp in staged.iter().filter_map(|s| s.tmp.as_ref()) {
-                    File::open(tmp)
-                        .and_then(|f| f.sync_data())
-                        .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
-                }
-            } else {
-                self.sync_fs()?;
-            }
+            self.sync_fs()?;
         }
         // 2. Into place. Renaming over an existing chunk replaces it with identical bytes.
-        let mut dirs = std::collections::BTreeSet::new();
         for s in &mut staged {
             let Some(tmp) = s.tmp.as_ref() else { continue };
             // The staging file lives in the same directory (see `put_staged`).
@@ -369,25 +347,10 @@ impl Inner {
             fs::rename(tmp, &path)
                 .map_err(|e| Error::io(format!("renaming into {}", path.display()), e))?;
             s.tmp = None;
-            if per_file {
-                // The file's directory holds the rename; each ancestor up to the root holds
-                // the entry of a directory this session may have created.
-                let mut dir = path.parent();
-                while let Some(d) = dir.filter(|d| d.starts_with(&self.root)) {
-                    dirs.insert(d.to_path_buf());
-                    dir = d.parent();
-                }
-            }
         }
         // 3. The renames (and new directories) durable.
         if self.durable {
-            if per_file {
-                for d in &dirs {
-                    sync_dir(d)?;
-                }
-            } else {
-                self.sync_fs()?;
-            }
+            self.sync_fs()?;
         }
         Ok(())
     }
