@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::db::AttachmentState;
-use super::db::{DiskStat, VmRow};
+use super::db::{DiskStat, Phase, VmRow};
 use super::engine::{blocking, Engine, SUPERVISOR_TICK, TICK};
 use super::now_ms;
 use crate::disk::{Disk, DiskError};
@@ -174,11 +174,33 @@ impl Engine {
             if let Err(e) = self.tick(row).await {
                 warn!(vm = %vm, "replication step error: {e}");
             }
+            let wait = self.next_wait(&vm);
             tokio::select! {
-                _ = tokio::time::sleep(TICK) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = wake.notified() => {}
                 _ = shutdown.changed() => {}
             }
+        }
+    }
+
+    /// How long a worker sleeps before its next step: [`TICK`], or less when a protected VM's
+    /// next delta cycle is due sooner (continuous mode: the cycle starts when it is due, not
+    /// up to a tick later, which added up to 0.2 s to every point's age).
+    fn next_wait(&self, vm: &str) -> Duration {
+        let Ok((Some(row), policy)) = self.db(|d| Ok((d.vm(vm)?, d.policy()?))) else {
+            return TICK;
+        };
+        let Some(last) = row.last_cycle_ms else {
+            return TICK;
+        };
+        if row.phase != Phase::Protected || row.failures > 0 {
+            return TICK;
+        }
+        let due = last.saturating_add(policy.interval().as_millis() as u64);
+        match due.checked_sub(now_ms()) {
+            // Due already, yet the step did not cycle: it waits for something else.
+            None | Some(0) => TICK,
+            Some(ms) => Duration::from_millis(ms).min(TICK),
         }
     }
 
