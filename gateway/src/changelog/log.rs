@@ -10,8 +10,10 @@
 //! the page cache; on disk after a host crash only within hot extents, which recovery logs
 //! again — and overlapping requests reach log and image in the same order. [`batch`] does the
 //! same for a batch of small writes (the disk's writer thread) with one `pwritev`. The active
-//! segment is written ahead with zeroes (`Active::fill_ahead`), so a sync rarely changes the
-//! file's size; decoding ends a segment at zeroes that run to the end of the file.
+//! segment is written ahead with zeroes by each log sync (`Active::fill_ahead`), so a sync
+//! rarely changes the file's size; decoding ends a segment at zeroes that run to the end of
+//! the file. Small writes may also be logged inline on the caller's thread when nothing has
+//! to wait ([`ChangeLog::try_record_now`], in [`inline`]).
 //!
 //! **Sync** (`sync`, used by FLUSH and FUA): group commit. A caller needs one sync round that
 //! starts after it arrived; the first waiter becomes the leader of the next round, everyone
@@ -60,6 +62,7 @@ use crate::catalog::write_atomic;
 
 mod batch;
 mod checkpoint;
+mod inline;
 
 pub use batch::{overlaps, BatchWrite};
 
@@ -300,7 +303,10 @@ impl Active {
     /// record already did) are written as zeroes. Appends then overwrite allocated blocks
     /// inside the file's size, so the `fdatasync` of a FLUSH writes the records' pages
     /// without an inode-size update (a journal commit on ext4 and XFS) for all but one sync
-    /// per [`FILL_AHEAD`] bytes. Call under the append lock after the records up to `pos`
+    /// per [`FILL_AHEAD`] bytes. Called by the log sync (`sync_log`), just before its
+    /// `fdatasync`, not per append: a log that is never synced (writes without FLUSH) pays
+    /// no zeroes, and one synced often pays them once per [`FILL_AHEAD`] / 2 bytes, as an
+    /// append-time fill would. Call under the append lock after the records up to `pos`
     /// were written: the zeroes start at `max(pos, filled)`, never over a record. Decoding
     /// ends a segment at zeroes that run to the end of the file (see
     /// [`format::decode_segment`]). A failure is harmless (the next append extends the file
@@ -1146,13 +1152,8 @@ impl ChangeLog {
         }
         let file = Arc::clone(&a.seg);
         ap.next_lsn += 1;
-        match pwritev_all(&file.file, &[&hb, data], pos) {
-            Ok(()) => {
-                if let Some(a) = ap.active.as_mut() {
-                    a.fill_ahead(self.sh.opts.segment_size);
-                }
-            }
-            Err(e) => self.degrade(&e, "cannot append to the change log"),
+        if let Err(e) = pwritev_all(&file.file, &[&hb, data], pos) {
+            self.degrade(&e, "cannot append to the change log");
         }
         if barrier_rotate {
             match self.rotate_locked(&mut ap) {

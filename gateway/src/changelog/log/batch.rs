@@ -225,13 +225,8 @@ impl ChangeLog {
                 bufs.push(h);
                 bufs.push(w.data);
             }
-            match pwritev_all(&seg.file, &bufs, start) {
-                Ok(()) => {
-                    if let Some(a) = ap.active.as_mut().filter(|a| Arc::ptr_eq(&a.seg, &seg)) {
-                        a.fill_ahead(seg_size);
-                    }
-                }
-                Err(e) => self.degrade(&e, "cannot append to the change log"),
+            if let Err(e) = pwritev_all(&seg.file, &bufs, start) {
+                self.degrade(&e, "cannot append to the change log");
             }
         }
         (lsns, rotated)
