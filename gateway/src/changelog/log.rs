@@ -29,7 +29,8 @@
 //!
 //! **Rotation**: when the next record would pass the segment size, a new segment is started
 //! and the old one is sealed in the background (after its in-flight requests drain): footer
-//! with SHA-256, fdatasync, then a checkpoint. `take` does the same at a flush barrier and
+//! with the seal digest (kept up to date as records are appended, see [`format`]),
+//! fdatasync, then a checkpoint. `take` does the same at a flush barrier and
 //! waits for it; `close` seals the active segment at clean shutdown.
 //!
 //! **Recovery** (`open`): verify sealed segments, cut the torn tail, replay every record after
@@ -286,6 +287,9 @@ struct Active {
     count: u64,
     /// Sum of the lengths of its extent records (see [`SegmentInfo::extent_bytes`]).
     extent_bytes: u64,
+    /// The seal digest of the records written so far (header, then each record header):
+    /// sealing needs no read of the segment.
+    digest: format::SealDigest,
 }
 
 /// Zeroes written ahead of the records of the active segment at a time.
@@ -684,6 +688,7 @@ fn recover_segments(
                     d.valid_len,
                     d.records.len() as u64,
                     d.last_lsn(),
+                    format::seal_digest(&bytes, &d.records, d.valid_len as usize),
                     |f| dur.sync_data(Target::Log, f),
                 )
                 .map_err(|e| format!("cannot seal segment {seq}: {e}"))?;
@@ -959,6 +964,7 @@ impl ChangeLog {
             disk_size: self.sh.disk_size,
         };
         let (path, file) = create_segment(&self.sh.dir, &header)?;
+        let digest = format::SealDigest::new(&format::encode_header(&header));
         ap.active = Some(Active {
             seg: Arc::new(Seg {
                 seq,
@@ -970,6 +976,7 @@ impl ChangeLog {
             filled: HEADER_LEN as u64,
             count: 0,
             extent_bytes: 0,
+            digest,
         });
         ap.dir_dirty = true;
         Ok(())
@@ -1144,6 +1151,7 @@ impl ChangeLog {
         };
         h.lsn = lsn;
         let hb = format::encode_record_header(h, data);
+        a.digest.record(&hb);
         let pos = a.pos;
         a.pos += rec_len;
         a.count += 1;
@@ -1363,10 +1371,16 @@ impl ChangeLog {
         let _g = lock(&self.sh.seal_lock);
         let mut sealed_any = false;
         loop {
-            let Some((seg, len, count, extent_bytes)) = lock(&self.sh.ap)
-                .retired
-                .front()
-                .map(|a| (Arc::clone(&a.seg), a.pos, a.count, a.extent_bytes))
+            let Some((seg, len, count, extent_bytes, digest)) =
+                lock(&self.sh.ap).retired.front().map(|a| {
+                    (
+                        Arc::clone(&a.seg),
+                        a.pos,
+                        a.count,
+                        a.extent_bytes,
+                        a.digest.clone().finish(),
+                    )
+                })
             else {
                 break;
             };
@@ -1383,7 +1397,7 @@ impl ChangeLog {
                 lock(&self.sh.ap).retired.clear();
                 break;
             }
-            let sealed = seal_file(&seg.file, len, count, last_lsn, |f| {
+            let sealed = seal_file(&seg.file, len, count, last_lsn, digest, |f| {
                 self.sh.dur.sync_data(Target::Log, f)
             });
             let bytes = match sealed {

@@ -211,7 +211,9 @@ impl ChangeLog {
                     length: w.data.len() as u64,
                     data_len: w.data.len() as u32,
                 };
-                headers.push(format::encode_record_header(&h, w.data));
+                let hb = format::encode_record_header(&h, w.data);
+                a.digest.record(&hb);
+                headers.push(hb);
                 lsns[i] = Some(next_lsn);
                 next_lsn += 1;
                 a.pos += w.rec_len();

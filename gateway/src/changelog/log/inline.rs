@@ -148,6 +148,7 @@ impl ChangeLog {
             data_len: data.len() as u32,
         };
         let hb = format::encode_record_header(&h, data);
+        a.digest.record(&hb);
         let pos = a.pos;
         a.pos += rec_len;
         a.count += 1;
