@@ -381,11 +381,11 @@ impl ExtentMap {
             return false;
         }
         let end = offset.saturating_add(len);
-        !inner
+        inner
             .pieces
             .range(..end)
             .next_back()
-            .is_some_and(|(_, p)| p.end > offset)
+            .is_none_or(|(_, p)| p.end <= offset)
     }
 
     /// Before a change to `[offset, offset + len)` of the image (any kind, any size): saves
