@@ -5,11 +5,12 @@
 //!
 //! I/O is positioned (`pread`/`pwrite`/`fallocate` on one shared file descriptor) and runs on
 //! tokio's blocking pool, or inline when it cannot wait for the disk (page-cache reads, small
-//! writes to an untracked disk); there is no lock on the data path. Nothing that may block —
-//! the change log's locks, its condition variables, its state-file and segment syncs — runs on
-//! a runtime worker: small writes to a tracked disk go to the disk's writer thread, which logs
-//! them in batches (see [`writer`]), every other request to a tracked disk goes to the
-//! blocking pool. The image is also mapped into memory (see [`crate::mapped`]): large reads of
+//! writes); there is no lock on the data path. Nothing that may block — the change log's
+//! locks, its condition variables, its state-file and segment syncs — waits on a runtime
+//! worker: a small write to a tracked disk is logged inline only when nothing on the way has
+//! to wait (`ChangeLog::try_record_now`: locks only tried, no rotation, no log sync), else it
+//! goes to the disk's writer thread, which logs them in batches (see [`writer`]); every other
+//! request to a tracked disk goes to the blocking pool. The image is also mapped into memory (see [`crate::mapped`]): large reads of
 //! cached data can leave as ranges of it, which the NBD server's socket write copies in one
 //! go, and large writes are copied into it by the kernel.
 //!
