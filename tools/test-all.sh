@@ -2,6 +2,13 @@
 # Installs what the test suite needs (when missing) and runs the whole suite.
 #
 #   tools/test-all.sh            # install missing dependencies, lint, build, run every test
+#   tools/test-all.sh --long     # the same, then the long change-log campaigns (hours on 2 cores):
+#                                #   100,000 seeds of the storage-fault simulation (changelog::sim,
+#                                #   one shard per core) and 1,000 iterations of the kill -9
+#                                #   campaign (tests/tests/changelog_crash.rs); each prints its
+#                                #   counts, and the run fails if any seed or iteration does.
+#                                #   STANDBY_LONG_SIM_SEEDS / STANDBY_LONG_CRASH_ITERATIONS change
+#                                #   the sizes. `.ci/run` runs the suite without it.
 #
 # Works on a fresh Debian 12 machine with the Rust toolchain, whatever other APT repositories are
 # listed (see tools/lib/deps.sh for how the Debian mirror and suites are chosen). When a
@@ -15,6 +22,13 @@
 #                            under CI=true: there a missing dependency fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+long=0
+for arg in "$@"; do
+    case "$arg" in
+        --long) long=1 ;;
+        *) echo "error: unknown argument $arg (the only one is --long)" >&2; exit 2 ;;
+    esac
+done
 # shellcheck source=tools/lib/deps.sh
 . tools/lib/deps.sh
 
@@ -61,3 +75,28 @@ if [ "${STANDBY_SKIP_S3:-0}" = 1 ]; then
 fi
 echo "== tests"
 cargo nextest run --workspace --release --no-fail-fast "${filter[@]}"
+
+[ "$long" = 1 ] || exit 0
+# The long campaigns, with cargo test (not nextest: its slow-test timeout would end them).
+seeds="${STANDBY_LONG_SIM_SEEDS:-100000}"
+shards="$(nproc)"
+per=$(( (seeds + shards - 1) / shards ))
+echo "== long: $seeds simulation seeds in $shards shards"
+cargo test --release --quiet -p gateway --features testing --lib --no-run
+pids=()
+for ((i = 0; i < shards; i++)); do
+    start=$(( i * per ))
+    n=$(( seeds - start < per ? seeds - start : per ))
+    [ "$n" -gt 0 ] || continue
+    STANDBY_SIM_SEED_START=$start STANDBY_SIM_SEEDS=$n \
+        cargo test --release --quiet -p gateway --features testing --lib changelog::sim::tests::sim_seeds \
+        -- --nocapture &
+    pids+=($!)
+done
+fail=0
+for p in "${pids[@]}"; do wait "$p" || fail=1; done
+echo "== long: kill -9 campaign, ${STANDBY_LONG_CRASH_ITERATIONS:-1000} iterations"
+STANDBY_CRASH_ITERATIONS="${STANDBY_LONG_CRASH_ITERATIONS:-1000}" \
+    cargo test --release -p standby-e2e --test changelog_crash -- --nocapture || fail=1
+[ "$fail" = 0 ] || { echo "error: a long campaign failed (see above)" >&2; exit 1; }
+echo "== long campaigns passed"

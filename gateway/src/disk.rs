@@ -5,11 +5,12 @@
 //!
 //! I/O is positioned (`pread`/`pwrite`/`fallocate` on one shared file descriptor) and runs on
 //! tokio's blocking pool, or inline when it cannot wait for the disk (page-cache reads, small
-//! writes to an untracked disk); there is no lock on the data path. Nothing that may block —
-//! the change log's locks, its condition variables, its state-file and segment syncs — runs on
-//! a runtime worker: small writes to a tracked disk go to the disk's writer thread, which logs
-//! them in batches (see [`writer`]), every other request to a tracked disk goes to the
-//! blocking pool. The image is also mapped into memory (see [`crate::mapped`]): large reads of
+//! writes); there is no lock on the data path. Nothing that may block — the change log's
+//! locks, its condition variables, its state-file and segment syncs — waits on a runtime
+//! worker: a small write to a tracked disk is logged inline only when nothing on the way has
+//! to wait (`ChangeLog::try_record_now`: locks only tried, no rotation, no log sync), else it
+//! goes to the disk's writer thread, which logs them in batches (see [`writer`]); every other
+//! request to a tracked disk goes to the blocking pool. The image is also mapped into memory (see [`crate::mapped`]): large reads of
 //! cached data can leave as ranges of it, which the NBD server's socket write copies in one
 //! go, and large writes are copied into it by the kernel.
 //!
@@ -43,6 +44,9 @@ use crate::changelog::{ChangeLog, DirtyMap, LogError, LogOptions, RecoveryReport
 use crate::mapped::ImageMap;
 
 mod writer;
+
+#[cfg(any(test, feature = "testing"))]
+pub use writer::MULTI_WRITE_BATCHES;
 
 use writer::Writer;
 
@@ -505,14 +509,15 @@ impl Disk {
             .as_ref()
     }
 
-    /// A write without FUA of up to [`WRITE_NOW_MAX`] bytes to an untracked disk, done on the
-    /// caller's thread (a runtime worker): copied into the image's page cache, which takes a
-    /// few microseconds — less than handing it to another thread. `None` (then use
-    /// [`Disk::write`], which runs on the blocking pool) for FUA writes, larger ones, and
-    /// every write to a tracked disk: logging takes the log's locks, may wait for an
-    /// overlapping request and may write the log's state file, none of which may block a
-    /// runtime worker. Never waits for a lock: while tracking is being switched or a cut is
-    /// being taken (the tracking lock is held exclusively), it returns `None` too.
+    /// A write without FUA of up to [`WRITE_NOW_MAX`] bytes, done on the caller's thread (a
+    /// runtime worker): copied into the image's page cache, which takes a few microseconds —
+    /// less than handing it to another thread. On a tracked disk only a small write (below
+    /// `extent_min`) whose logging needs no wait ([`ChangeLog::try_record_now`]: no lock
+    /// held, no overlapping request, no rotation, no log sync, no preimage) and only while
+    /// the disk's writer thread is idle: its record is one more `pwritev` into the log's
+    /// page cache. `None` (then use [`Disk::write`]) for FUA writes, larger ones, and every
+    /// write that would wait. Never waits for a lock: while tracking is being switched or a
+    /// cut is being taken (the tracking lock is held exclusively), it returns `None` too.
     pub fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
         if fua || data.len() > WRITE_NOW_MAX {
             return None;
@@ -525,12 +530,46 @@ impl Disk {
             Err(std::sync::TryLockError::WouldBlock) => return None,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
         };
-        if tracking.is_some() {
+        let Some(t) = tracking.as_ref() else {
+            // Held shared while the image is written, as on the blocking path: attaching a
+            // log waits for this write.
+            return Some(write_image(&self.inner, offset, data));
+        };
+        // A small tracked write: logged and applied here when nothing has to wait and the
+        // writer thread has nothing queued (so writes are taken in arrival order).
+        let len = data.len() as u64;
+        if len >= t.extent_min || self.writer_busy() {
             return None;
         }
-        // Held shared while the image is written, as on the blocking path: attaching a log
-        // waits for this write.
-        Some(write_image(&self.inner, offset, data))
+        let r = t.log.try_record_now(
+            offset,
+            data,
+            |chain| t.extents.nothing_before(chain, offset, len),
+            || write_image(&self.inner, offset, data),
+        )?;
+        if r.is_ok() {
+            t.note(offset, len);
+        }
+        Some(r)
+    }
+
+    /// Testing only: holds the disk's writer thread (starting it) so that the small writes
+    /// submitted until the guard is dropped are taken as one batch.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn hold_writer(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.inner
+            .writer
+            .get_or_init(|| Writer::start(&self.inner))
+            .as_ref()
+            .map(Writer::hold)
+    }
+
+    /// Whether the disk's writer thread has writes queued or in hand.
+    fn writer_busy(&self) -> bool {
+        self.inner
+            .writer
+            .get()
+            .is_some_and(|w| w.as_ref().is_some_and(Writer::busy))
     }
 
     /// Why FLUSH fails on this disk (an earlier `fdatasync` failed), if it does.
@@ -914,13 +953,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tracked_writes_never_run_on_the_callers_thread() {
+    async fn tracked_writes_are_inline_only_when_nothing_waits() {
         let (t, d) = disk(1 << 20);
         // Untracked: done inline, unless the tracking lock is taken (never waited for).
         assert!(d.write_now(0, &[1u8; 4096], false).unwrap().is_ok());
         d.with_writes_paused(|| assert!(d.write_now(0, &[2u8; 4096], false).is_none()));
         assert_eq!(d.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
-        // Tracked: always handed to the blocking pool, which logs and applies it.
         let tracked = {
             let img = t.path().join("t.img");
             File::create(&img).unwrap().set_len(1 << 20).unwrap();
@@ -933,12 +971,38 @@ mod tests {
                 .unwrap()
                 .0
         };
-        assert!(tracked.write_now(0, &[3u8; 4096], false).is_none());
         let log = tracked.change_log().unwrap();
+        // A cold extent needs a log sync first: never on the caller's thread.
+        assert!(tracked.write_now(0, &[3u8; 4096], false).is_none());
         assert_eq!(log.last_lsn(), 0, "nothing was logged inline");
         tracked.write(0, vec![3u8; 4096], false).await.unwrap();
         assert_eq!(log.last_lsn(), 1);
+        // Now hot: a small write is logged and applied inline.
+        assert!(tracked
+            .write_now(8192, &[4u8; 4096], false)
+            .unwrap()
+            .is_ok());
+        assert_eq!(log.last_lsn(), 2, "logged inline");
+        assert_eq!(tracked.read(8192, 4096).await.unwrap(), vec![4u8; 4096]);
+        // FUA, extents (64K and more), a paused disk: never inline, nothing logged.
+        assert!(tracked.write_now(0, &[5u8; 4096], true).is_none());
+        assert!(tracked.write_now(0, &[5u8; 65536], false).is_none());
+        tracked.with_writes_paused(|| assert!(tracked.write_now(0, &[5u8; 4096], false).is_none()));
+        assert_eq!(log.last_lsn(), 2);
         assert_eq!(tracked.read(0, 4096).await.unwrap(), vec![3u8; 4096]);
+        // Both records replay: the log describes the image.
+        tracked.flush().await.unwrap();
+        let segs = log.segments();
+        let bytes = std::fs::read(&segs.last().unwrap().path).unwrap();
+        let dec = crate::changelog::format::decode_segment(&bytes).unwrap();
+        let writes: Vec<u64> = dec
+            .records
+            .iter()
+            .filter(|r| r.header.kind == Kind::Write)
+            .map(|r| r.header.offset)
+            .collect();
+        assert_eq!(writes, vec![0, 8192]);
+        assert_eq!(dec.end, crate::changelog::format::End::Open);
     }
 
     #[test]

@@ -24,7 +24,11 @@
 # Physical limit (same run, once per repetition): `dd oflag=direct bs=1M` of one disk's size
 # into a new file (so the run never needs more free space than a fourth image), `fio
 # --direct=1` (libaio, 1 MiB QD8) of the sustained row's bytes over a file of the disk's size,
-# and 4 KiB write+fdatasync QD1 on a file (fio psync --fdatasync=1).
+# 4 KiB write+fdatasync QD1 on a file (fio psync --fdatasync=1), and the page-cache cost of a
+# logged small write: fio psync 4 KiB random pwrites into the warm image file (A, what a
+# log-off write costs the server besides NBD) and 4,136-byte sequential writes into a new
+# sparse file (B: a record, 40-byte header + 4 KiB, into new page-cache pages, what logging
+# adds); "both" is 1/(1/A + 1/B) per second, the two done one after the other.
 #
 # Before every run: `sync`, drop the page cache (unless --no-drop-caches or not allowed),
 # then read the served image once (page cache warm, as in the other benchmarks). The server
@@ -237,7 +241,9 @@ def main():
                Target("nbdkit", nbdkit, "", imgs["kit"])]
     results = {(t[0], s.name): [] for t in tests for s in targets}
     phys = {"dd oflag=direct 1 MiB": [], "fio --direct=1 1 MiB QD8": [],
-            "fio 4 KiB write+fdatasync QD1": []}
+            "fio 4 KiB write+fdatasync QD1": [], "fio 4 KiB pwrite (image only) QD1": [],
+            "fio 4,136 B appends (log only) QD1": [],
+            "both: 4 KiB pwrite + 4,136 B append per write": []}
     fio_out = os.path.join(work, "fio.json")
     print(f"sustained row: {sustained / 2**30:.1f} GiB (3x the dirty limit unless --sustained-mib)",
           file=sys.stderr)
@@ -283,6 +289,21 @@ def main():
                          f"--size={size}", "--fdatasync=1", "--time_based", f"--runtime={runtime}",
                          "--randrepeat=0", "--norandommap"], fio_out)
             phys["fio 4 KiB write+fdatasync QD1"].append(r)
+            # What a logged 4 KiB write inherently costs in the page cache: one pwrite into
+            # the image plus one append of header + data to the log (two buffered writes),
+            # against the image pwrite alone: the bound on log-on/log-off for small writes.
+            a = run_fio(["--ioengine=psync", f"--filename={imgs['kit']}", "--rw=randwrite",
+                         "--bs=4k", f"--size={size}", "--time_based", f"--runtime={runtime}",
+                         "--randrepeat=0", "--norandommap"], fio_out)
+            phys["fio 4 KiB pwrite (image only) QD1"].append(a)
+            quiet_cache(drop)
+            b = run_fio(["--ioengine=psync", f"--filename={scratch}", "--rw=write", "--bs=4136",
+                         "--fallocate=none",
+                         f"--size={size}", "--time_based", f"--runtime={runtime}"], fio_out)
+            os.remove(scratch)
+            phys["fio 4,136 B appends (log only) QD1"].append(b)
+            phys["both: 4 KiB pwrite + 4,136 B append per write"].append(
+                {"IOPS": 1 / (1 / a["IOPS"] + 1 / b["IOPS"])})
             print(f"rep {rep + 1} physical: " + "; ".join(
                 f"{k} {v[-1]['IOPS' if '4 KiB' in k else 'MB/s']:,.0f}" for k, v in phys.items()),
                 file=sys.stderr, flush=True)
@@ -302,8 +323,14 @@ def main():
     print("\n| physical limit (same bytes, same run) | metric | median |")
     print("|---|---|---|")
     for k, v in phys.items():
-        m = "IOPS" if "4 KiB" in k else "MB/s"
+        m = "IOPS" if "4 KiB" in k or "4,136" in k else "MB/s"
         print(f"| {k} | {m} | {statistics.median(r[m] for r in v):,.0f} |")
+    both = statistics.median(r["IOPS"] for r in phys["both: 4 KiB pwrite + 4,136 B append per write"])
+    alone = statistics.median(r["IOPS"] for r in phys["fio 4 KiB pwrite (image only) QD1"])
+    app = statistics.median(r["IOPS"] for r in phys["fio 4,136 B appends (log only) QD1"])
+    print(f"\nPage-cache cost per write (fio psync QD1, wall time): a 4 KiB pwrite into the warm "
+          f"image {1e6 / alone:.1f} µs, a 4,136-byte log append {1e6 / app:.1f} µs; both "
+          f"{1e6 / both:.1f} µs, {both / alone:.2f}x the rate of the pwrite alone.")
     print(f"\n| server | peak RSS (RssAnon+RssFile) | VmHWM |")
     print("|---|---|---|")
     for p in (standby, nbdkit):

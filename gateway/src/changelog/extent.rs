@@ -367,6 +367,27 @@ impl ExtentMap {
         self.remove_side_files(|seq, c| c == chain && seq < first);
     }
 
+    /// Whether [`Self::before_write`] of `[offset, offset + len)` on the chain `chain_id`
+    /// would have nothing to do (no piece there), found without waiting: `false` when the
+    /// map is busy or unsure. For the inline write path, which then skips `before_write`;
+    /// pieces are added only by cuts and extent writes, which cannot overlap that write while
+    /// it holds its range and the disk's tracking lock.
+    pub fn nothing_before(&self, chain_id: u64, offset: u64, len: u64) -> bool {
+        let inner = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(_) => return false,
+        };
+        if inner.chain_id != chain_id {
+            return false;
+        }
+        let end = offset.saturating_add(len);
+        inner
+            .pieces
+            .range(..end)
+            .next_back()
+            .is_none_or(|(_, p)| p.end <= offset)
+    }
+
     /// Before a change to `[offset, offset + len)` of the image (any kind, any size): saves
     /// the bytes of the pieces it overwrites that belong to a cut, then forgets those parts.
     /// The preimages are durable when this returns. Blocking.

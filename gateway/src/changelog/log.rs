@@ -10,8 +10,10 @@
 //! the page cache; on disk after a host crash only within hot extents, which recovery logs
 //! again — and overlapping requests reach log and image in the same order. [`batch`] does the
 //! same for a batch of small writes (the disk's writer thread) with one `pwritev`. The active
-//! segment is written ahead with zeroes (`Active::fill_ahead`), so a sync rarely changes the
-//! file's size; decoding ends a segment at zeroes that run to the end of the file.
+//! segment is written ahead with zeroes by each log sync (`Active::fill_ahead`), so a sync
+//! rarely changes the file's size; decoding ends a segment at zeroes that run to the end of
+//! the file. Small writes may also be logged inline on the caller's thread when nothing has
+//! to wait ([`ChangeLog::try_record_now`], in [`inline`]).
 //!
 //! **Sync** (`sync`, used by FLUSH and FUA): group commit. A caller needs one sync round that
 //! starts after it arrived; the first waiter becomes the leader of the next round, everyone
@@ -27,7 +29,8 @@
 //!
 //! **Rotation**: when the next record would pass the segment size, a new segment is started
 //! and the old one is sealed in the background (after its in-flight requests drain): footer
-//! with SHA-256, fdatasync, then a checkpoint. `take` does the same at a flush barrier and
+//! with the seal digest (kept up to date as records are appended, see [`format`]),
+//! fdatasync, then a checkpoint. `take` does the same at a flush barrier and
 //! waits for it; `close` seals the active segment at clean shutdown.
 //!
 //! **Recovery** (`open`): verify sealed segments, cut the torn tail, replay every record after
@@ -60,6 +63,7 @@ use crate::catalog::write_atomic;
 
 mod batch;
 mod checkpoint;
+mod inline;
 
 pub use batch::{overlaps, BatchWrite};
 
@@ -283,6 +287,9 @@ struct Active {
     count: u64,
     /// Sum of the lengths of its extent records (see [`SegmentInfo::extent_bytes`]).
     extent_bytes: u64,
+    /// The seal digest of the records written so far (header, then each record header):
+    /// sealing needs no read of the segment.
+    digest: format::SealDigest,
 }
 
 /// Zeroes written ahead of the records of the active segment at a time.
@@ -300,7 +307,10 @@ impl Active {
     /// record already did) are written as zeroes. Appends then overwrite allocated blocks
     /// inside the file's size, so the `fdatasync` of a FLUSH writes the records' pages
     /// without an inode-size update (a journal commit on ext4 and XFS) for all but one sync
-    /// per [`FILL_AHEAD`] bytes. Call under the append lock after the records up to `pos`
+    /// per [`FILL_AHEAD`] bytes. Called by the log sync (`sync_log`), just before its
+    /// `fdatasync`, not per append: a log that is never synced (writes without FLUSH) pays
+    /// no zeroes, and one synced often pays them once per [`FILL_AHEAD`] / 2 bytes, as an
+    /// append-time fill would. Call under the append lock after the records up to `pos`
     /// were written: the zeroes start at `max(pos, filled)`, never over a record. Decoding
     /// ends a segment at zeroes that run to the end of the file (see
     /// [`format::decode_segment`]). A failure is harmless (the next append extends the file
@@ -680,6 +690,7 @@ fn recover_segments(
                     d.valid_len,
                     d.records.len() as u64,
                     d.last_lsn(),
+                    format::seal_digest(&bytes, &d.records, d.valid_len as usize),
                     |f| dur.sync_data(Target::Log, f),
                 )
                 .map_err(|e| format!("cannot seal segment {seq}: {e}"))?;
@@ -956,6 +967,7 @@ impl ChangeLog {
             disk_size: self.sh.disk_size,
         };
         let (path, file) = create_segment(&self.sh.dir, &header)?;
+        let digest = format::SealDigest::new(&format::encode_header(&header));
         ap.active = Some(Active {
             seg: Arc::new(Seg {
                 seq,
@@ -967,6 +979,7 @@ impl ChangeLog {
             filled: HEADER_LEN as u64,
             count: 0,
             extent_bytes: 0,
+            digest,
         });
         ap.dir_dirty = true;
         Ok(())
@@ -1141,6 +1154,7 @@ impl ChangeLog {
         };
         h.lsn = lsn;
         let hb = format::encode_record_header(h, data);
+        a.digest.record(&hb);
         let pos = a.pos;
         a.pos += rec_len;
         a.count += 1;
@@ -1149,13 +1163,8 @@ impl ChangeLog {
         }
         let file = Arc::clone(&a.seg);
         ap.next_lsn += 1;
-        match pwritev_all(&file.file, &[&hb, data], pos) {
-            Ok(()) => {
-                if let Some(a) = ap.active.as_mut() {
-                    a.fill_ahead(self.sh.opts.segment_size);
-                }
-            }
-            Err(e) => self.degrade(&e, "cannot append to the change log"),
+        if let Err(e) = pwritev_all(&file.file, &[&hb, data], pos) {
+            self.degrade(&e, "cannot append to the change log");
         }
         if barrier_rotate {
             match self.rotate_locked(&mut ap) {
@@ -1366,10 +1375,16 @@ impl ChangeLog {
         let _g = lock(&self.sh.seal_lock);
         let mut sealed_any = false;
         loop {
-            let Some((seg, len, count, extent_bytes)) = lock(&self.sh.ap)
-                .retired
-                .front()
-                .map(|a| (Arc::clone(&a.seg), a.pos, a.count, a.extent_bytes))
+            let Some((seg, len, count, extent_bytes, digest)) =
+                lock(&self.sh.ap).retired.front().map(|a| {
+                    (
+                        Arc::clone(&a.seg),
+                        a.pos,
+                        a.count,
+                        a.extent_bytes,
+                        a.digest.clone().finish(),
+                    )
+                })
             else {
                 break;
             };
@@ -1386,7 +1401,7 @@ impl ChangeLog {
                 lock(&self.sh.ap).retired.clear();
                 break;
             }
-            let sealed = seal_file(&seg.file, len, count, last_lsn, |f| {
+            let sealed = seal_file(&seg.file, len, count, last_lsn, digest, |f| {
                 self.sh.dur.sync_data(Target::Log, f)
             });
             let bytes = match sealed {

@@ -94,33 +94,18 @@ pub fn create_segment(dir: &Path, header: &SegmentHeader) -> io::Result<(PathBuf
     Ok((path, file))
 }
 
-/// SHA-256 of the first `len` bytes of a file, read in 1 MiB pieces.
-pub fn hash_prefix(file: &File, len: u64) -> io::Result<[u8; 32]> {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    while pos < len {
-        let n = (len - pos).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], pos)?;
-        h.update(&buf[..n]);
-        pos += n as u64;
-    }
-    Ok(h.finalize().into())
-}
-
-/// Seals a segment whose header and records occupy `[0, valid_len)`: cuts anything after,
-/// appends the footer and makes the file durable with `sync` (the disk's
+/// Seals a segment whose header and records occupy `[0, valid_len)`, with its seal digest
+/// `sha256` (see [`format::seal_digest`]): cuts anything after, appends the footer and makes the file durable with `sync` (the disk's
 /// [`super::durable::Durability`]). Returns the sealed file length.
 pub fn seal_file(
     file: &File,
     valid_len: u64,
     count: u64,
     last_lsn: u64,
+    sha256: [u8; 32],
     sync: impl FnOnce(&File) -> io::Result<()>,
 ) -> io::Result<u64> {
     file.set_len(valid_len)?;
-    let sha256 = hash_prefix(file, valid_len)?;
     let footer = Footer {
         record_count: count,
         last_lsn,

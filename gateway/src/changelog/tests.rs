@@ -624,8 +624,13 @@ fn active_segment_is_written_ahead_with_zeroes() {
     let (disk, _) = open(&f, opts(1 << 20));
     rt.block_on(disk.write(0, pattern(4096, 1), false)).unwrap();
     let active = disk.change_log().unwrap().active_segment().unwrap();
+    rt.block_on(disk.flush()).unwrap();
     let len = fs::metadata(&active.path).unwrap().len();
-    assert_eq!(len, 1 << 20, "written ahead up to the segment size");
+    assert_eq!(
+        len,
+        1 << 20,
+        "written ahead up to the segment size by the sync"
+    );
     for i in 1..8u64 {
         rt.block_on(disk.write(i * 4096, pattern(4096, i as u8), false))
             .unwrap();
@@ -637,13 +642,13 @@ fn active_segment_is_written_ahead_with_zeroes() {
     let (disk, report) = open(&f, opts(1 << 20));
     assert_eq!(report.state, LogState::Healthy);
     assert!(report.cut.is_none(), "{:?}", report.cut);
-    assert_eq!(report.last_lsn, 15);
+    assert_eq!(report.last_lsn, 16);
     assert!(rt.block_on(disk.read(0, SIZE as usize)).unwrap() == expect);
     // Recovery sealed the old tail without its zeroes.
     let sealed = disk.change_log().unwrap().sealed_segments();
     let d = format::decode_segment(&fs::read(&sealed[0].path).unwrap()).unwrap();
     assert!(matches!(d.end, format::End::Sealed(_)));
-    assert_eq!(d.records.len(), 15);
+    assert_eq!(d.records.len(), 16);
     rt.block_on(disk.close()).unwrap();
     drop(disk);
     assert!(replayed(&f) == expect);

@@ -18,10 +18,16 @@
 //! A request that finds the disk no longer tracked (or its size now an extent) is done the way
 //! [`super::write_blocking`] does it, on this thread.
 //!
+//! Most small writes never come here: `Disk::write_now` logs them on the connection's
+//! task when nothing has to wait (`ChangeLog::try_record_now`) and this thread is idle. This
+//! thread takes those that would wait (a cold extent's log sync, a rotation, a busy lock,
+//! an overlapping request) and everything queued behind them.
+//!
 //! **Lifetime.** The thread holds the disk weakly and ends when the disk (and with it the
 //! channel's sender) is dropped.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 
@@ -30,6 +36,8 @@ use tracing::warn;
 
 use super::{read_lock, write_blocking, write_image, Inner};
 use crate::changelog::log::BatchWrite;
+#[cfg(doc)]
+use crate::changelog::ChangeLog;
 
 /// Most requests in one batch.
 pub const MAX_BATCH: usize = 64;
@@ -45,6 +53,11 @@ struct Req {
 /// The sending side of a disk's writer thread.
 pub(super) struct Writer {
     tx: mpsc::Sender<Req>,
+    /// Requests submitted and not yet answered.
+    queued: Arc<AtomicUsize>,
+    /// Testing only: held, the thread waits before taking a batch (see [`Writer::hold`]).
+    #[cfg(any(test, feature = "testing"))]
+    gate: Arc<std::sync::Mutex<()>>,
 }
 
 impl Writer {
@@ -52,11 +65,24 @@ impl Writer {
     pub(super) fn start(inner: &Arc<Inner>) -> Option<Writer> {
         let (tx, rx) = mpsc::channel();
         let weak = Arc::downgrade(inner);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let q = Arc::clone(&queued);
+        #[cfg(any(test, feature = "testing"))]
+        let gate = Arc::new(std::sync::Mutex::new(()));
+        #[cfg(any(test, feature = "testing"))]
+        let g = Gate(Some(Arc::clone(&gate)));
+        #[cfg(not(any(test, feature = "testing")))]
+        let g = Gate(None);
         match std::thread::Builder::new()
             .name(format!("disk-writer-{}", inner.name))
-            .spawn(move || run(weak, rx))
+            .spawn(move || run(weak, rx, &q, &g))
         {
-            Ok(_) => Some(Writer { tx }),
+            Ok(_) => Some(Writer {
+                tx,
+                queued,
+                #[cfg(any(test, feature = "testing"))]
+                gate,
+            }),
             Err(e) => {
                 warn!(disk = %inner.name, "cannot start the disk's writer thread ({e}); small writes use the blocking pool");
                 None
@@ -67,15 +93,50 @@ impl Writer {
     /// Queues a write; the reply says when it is logged and applied. Never blocks.
     pub(super) async fn submit(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
         let (reply, rx) = oneshot::channel();
+        self.queued.fetch_add(1, Ordering::SeqCst);
         self.tx
             .send(Req {
                 offset,
                 data,
                 reply,
             })
-            .map_err(|_| io::Error::other("the disk's writer thread has stopped"))?;
+            .map_err(|_| {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                io::Error::other("the disk's writer thread has stopped")
+            })?;
         rx.await
             .unwrap_or_else(|_| Err(io::Error::other("the disk's writer thread has stopped")))
+    }
+}
+
+/// Testing only: batches of more than one request logged by [`ChangeLog::record_writes`]
+/// (all disks of the process), so the simulation can show it exercised them.
+#[cfg(any(test, feature = "testing"))]
+pub static MULTI_WRITE_BATCHES: AtomicUsize = AtomicUsize::new(0);
+
+/// Testing only: a lock the thread passes before it takes a batch (`None` in production).
+struct Gate(Option<Arc<std::sync::Mutex<()>>>);
+
+impl Gate {
+    fn pass(&self) {
+        if let Some(m) = &self.0 {
+            drop(m.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+}
+
+impl Writer {
+    /// Testing only: while the guard is held, the thread takes no new batch, so requests
+    /// submitted meanwhile form one batch (the simulation's multi-write steps).
+    #[cfg(any(test, feature = "testing"))]
+    pub(super) fn hold(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether requests are queued or being done (the inline path then stays out of the
+    /// way, so small writes are taken in arrival order).
+    pub(super) fn busy(&self) -> bool {
+        self.queued.load(Ordering::SeqCst) > 0
     }
 }
 
@@ -86,7 +147,7 @@ fn overlaps(batch: &[Req], r: &Req) -> bool {
         .any(|b| b.offset < end && r.offset < b.offset.saturating_add(b.data.len() as u64))
 }
 
-fn run(weak: Weak<Inner>, rx: mpsc::Receiver<Req>) {
+fn run(weak: Weak<Inner>, rx: mpsc::Receiver<Req>, queued: &AtomicUsize, gate: &Gate) {
     let mut carry: Option<Req> = None;
     loop {
         let first = match carry.take() {
@@ -96,6 +157,7 @@ fn run(weak: Weak<Inner>, rx: mpsc::Receiver<Req>) {
                 Err(_) => return,
             },
         };
+        gate.pass();
         let mut bytes = first.data.len();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
@@ -111,28 +173,36 @@ fn run(weak: Weak<Inner>, rx: mpsc::Receiver<Req>) {
                 Err(_) => break,
             }
         }
+        let n = batch.len();
         let Some(inner) = weak.upgrade() else {
             for r in batch {
                 let _ = r
                     .reply
                     .send(Err(io::Error::from_raw_os_error(libc::ESHUTDOWN)));
             }
+            queued.fetch_sub(n, Ordering::SeqCst);
             return;
         };
-        process(&inner, batch);
+        process(&inner, batch, queued);
     }
 }
 
 /// Logs and applies one batch and answers its requests.
-fn process(inner: &Inner, batch: Vec<Req>) {
+fn process(inner: &Inner, batch: Vec<Req>, queued: &AtomicUsize) {
+    let n = batch.len();
     let tracking = read_lock(&inner.tracking);
     let Some(t) = tracking
         .as_ref()
         .filter(|t| batch.iter().all(|r| (r.data.len() as u64) < t.extent_min))
     else {
         drop(tracking);
-        for r in batch {
-            let res = write_blocking(inner, r.offset, &r.data, false);
+        let results: Vec<_> = batch
+            .iter()
+            .map(|r| write_blocking(inner, r.offset, &r.data, false))
+            .collect();
+        // Idle before the replies go out: a write sent after one of them may be inline.
+        queued.fetch_sub(n, Ordering::SeqCst);
+        for (r, res) in batch.into_iter().zip(results) {
             let _ = r.reply.send(res);
         }
         return;
@@ -145,16 +215,24 @@ fn process(inner: &Inner, batch: Vec<Req>) {
             flags: 0,
         })
         .collect();
+    #[cfg(any(test, feature = "testing"))]
+    if writes.len() > 1 {
+        MULTI_WRITE_BATCHES.fetch_add(1, Ordering::Relaxed);
+    }
     let results = t.log.record_writes(&writes, |i| {
         let w = &writes[i];
         t.before_write(w.offset, w.data.len() as u64)?;
         write_image(inner, w.offset, w.data)
     });
     drop(writes);
-    for (r, res) in batch.into_iter().zip(results) {
+    for (r, res) in batch.iter().zip(&results) {
         if res.is_ok() {
             t.note(r.offset, r.data.len() as u64);
         }
+    }
+    // Idle before the replies go out: a write sent after one of them may be inline.
+    queued.fetch_sub(n, Ordering::SeqCst);
+    for (r, res) in batch.into_iter().zip(results) {
         let _ = r.reply.send(res);
     }
 }

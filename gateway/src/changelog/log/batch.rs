@@ -218,7 +218,9 @@ impl ChangeLog {
                     length: w.data.len() as u64,
                     data_len: w.data.len() as u32,
                 };
-                headers.push(format::encode_record_header(&h, w.data));
+                let hb = format::encode_record_header(&h, w.data);
+                a.digest.record(&hb);
+                headers.push(hb);
                 lsns[i] = Some(next_lsn);
                 next_lsn += 1;
                 a.pos += w.rec_len();
@@ -232,13 +234,8 @@ impl ChangeLog {
                 bufs.push(h);
                 bufs.push(w.data);
             }
-            match pwritev_all(&seg.file, &bufs, start) {
-                Ok(()) => {
-                    if let Some(a) = ap.active.as_mut().filter(|a| Arc::ptr_eq(&a.seg, &seg)) {
-                        a.fill_ahead(seg_size);
-                    }
-                }
-                Err(e) => self.degrade(&e, "cannot append to the change log"),
+            if let Err(e) = pwritev_all(&seg.file, &bufs, start) {
+                self.degrade(&e, "cannot append to the change log");
             }
         }
         (lsns, rotated)

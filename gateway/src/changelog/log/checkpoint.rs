@@ -83,7 +83,7 @@ pub(crate) struct Ckpt {
     /// The redo point recorded in the state file.
     done: AtomicU64,
     /// The checkpoint being taken (≥ `done`): published before its log sync.
-    pending: AtomicU64,
+    pub(super) pending: AtomicU64,
     /// Every record up to this LSN is durable in the log.
     log_durable: AtomicU64,
     log_sync_lock: Mutex<()>,
@@ -140,7 +140,8 @@ impl ChangeLog {
         let (files, dir_dirty, upto) = {
             let mut ap = lock(&self.sh.ap);
             let mut files: Vec<Arc<Seg>> = ap.retired.iter().map(|a| Arc::clone(&a.seg)).collect();
-            if let Some(a) = &ap.active {
+            if let Some(a) = ap.active.as_mut() {
+                a.fill_ahead(self.sh.opts.segment_size);
                 files.push(Arc::clone(&a.seg));
             }
             let upto = ap.next_lsn.wrapping_sub(1);
@@ -251,7 +252,13 @@ impl ChangeLog {
         if c <= done {
             return Ok(done);
         }
-        ck.pending.fetch_max(c, Ordering::SeqCst);
+        {
+            // Published under the append lock: the inline path (`try_record_now`) checks the
+            // hot-extent rule and appends under it, so either it saw this pending LSN or its
+            // record is appended before this checkpoint's log sync (see `inline`).
+            let _ap = lock(&self.sh.ap);
+            ck.pending.fetch_max(c, Ordering::SeqCst);
+        }
         let dir = &self.sh.dir;
         self.sync_log()
             .map_err(LogError::io("cannot sync the change log in", dir))?;

@@ -24,6 +24,9 @@ pub struct Outcome {
     pub redone: u64,
     pub relogged: u64,
     pub cut: bool,
+    /// Writes acknowledged out of multi-write steps (batches of the writer thread, or
+    /// logged inline while it was idle).
+    pub batched_writes: u64,
 }
 
 fn opts(rng: &mut StdRng) -> LogOptions {
@@ -88,20 +91,44 @@ pub fn run_seed(seed: u64, rt: &tokio::runtime::Runtime) -> Result<Outcome, Stri
         let pick = rng.gen_range(0..100);
         match pick {
             0..=59 => {
-                let first = rng.gen_range(0..sectors);
-                let n = rng.gen_range(1..=(sectors - first).min(32));
-                let mut data = vec![0u8; n as usize * SECTOR];
-                rng.fill_bytes(&mut data);
-                let off = first * SECTOR as u64;
-                let fua = rng.gen_bool(0.1);
-                let r = rt.block_on(disk.write(off, data.clone(), fua));
-                let acked = r.is_ok() && !sim.crashed();
-                if r.is_err() && !sim.crashed() {
-                    return Err(format!("write at {off} failed: {r:?}"));
+                // One write, or a burst of several that the writer thread takes as one batch.
+                let burst = if rng.gen_bool(0.35) {
+                    rng.gen_range(2..=6)
+                } else {
+                    1
+                };
+                let mut writes: Vec<(u64, Vec<u8>, bool)> = Vec::new();
+                for _ in 0..burst * 4 {
+                    if writes.len() == burst {
+                        break;
+                    }
+                    let first = rng.gen_range(0..sectors);
+                    let n = rng.gen_range(1..=(sectors - first).min(32));
+                    let (off, len) = (first * SECTOR as u64, n * SECTOR as u64);
+                    if writes
+                        .iter()
+                        .any(|(o, d, _)| *o < off + len && off < *o + d.len() as u64)
+                    {
+                        continue;
+                    }
+                    let mut data = vec![0u8; len as usize];
+                    rng.fill_bytes(&mut data);
+                    let fua = burst == 1 && rng.gen_bool(0.1);
+                    writes.push((off, data, fua));
                 }
-                model.change(off, &data, acked, fua);
-                if acked && fua {
-                    out.durable_writes += 1;
+                let results = rt.block_on(write_all(&disk, &writes));
+                for ((off, data, fua), r) in writes.iter().zip(results) {
+                    let acked = r.is_ok() && !sim.crashed();
+                    if r.is_err() && !sim.crashed() {
+                        return Err(format!("write at {off} failed: {r:?}"));
+                    }
+                    model.change(*off, data, acked, *fua);
+                    if acked && *fua {
+                        out.durable_writes += 1;
+                    }
+                    if writes.len() > 1 && r.is_ok() {
+                        out.batched_writes += 1;
+                    }
                 }
             }
             60..=69 => {
@@ -229,6 +256,37 @@ pub fn run_seed(seed: u64, rt: &tokio::runtime::Runtime) -> Result<Outcome, Stri
         return Err(format!("reopen after a clean close: {r2:?}"));
     }
     Ok(out)
+}
+
+/// The NBD server's write path (see `nbd_server`'s transmission): inline when the disk
+/// takes it (`write_now`), else `write`. A burst's writes are all submitted before the
+/// disk's writer thread may take any of them (it is held meanwhile), so those that reach it
+/// form one batch — deterministically, as the seed's repro needs.
+async fn write_all(disk: &Disk, writes: &[(u64, Vec<u8>, bool)]) -> Vec<std::io::Result<()>> {
+    let hold = if writes.len() > 1 {
+        disk.hold_writer()
+    } else {
+        None
+    };
+    let futs: Vec<_> = writes
+        .iter()
+        .map(|(off, data, fua)| {
+            let now = disk.write_now(*off, data, *fua);
+            async move {
+                match now {
+                    Some(r) => r,
+                    None => disk.write(*off, data.clone(), *fua).await,
+                }
+            }
+        })
+        .collect();
+    // `join_all` polls every write once, in order (each submits itself), before the second
+    // future lets the writer thread go.
+    let (results, ()) = futures::future::join(futures::future::join_all(futs), async move {
+        drop(hold);
+    })
+    .await;
+    results
 }
 
 /// The command that runs one seed again.
