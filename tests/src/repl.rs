@@ -332,3 +332,14 @@ pub fn hold_resyncs(dd: &Path) {
         &format!("{away:02}:00-{away:02}:01"),
     ]));
 }
+
+/// Another site on the same store (a recovery gateway, a second gateway): the data directory
+/// `dd`, created, holding a copy of `from`'s store location file and nothing else.
+pub fn second_site(from: &Path, dd: &Path) {
+    std::fs::create_dir_all(dd).expect("creating the second site's data directory");
+    std::fs::copy(
+        from.join("replica-store.toml"),
+        dd.join("replica-store.toml"),
+    )
+    .expect("copying the store location file");
+}

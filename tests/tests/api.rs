@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use standby_e2e::api::{origin, request, token, Answer};
 use standby_e2e::pki::Pki;
-use standby_e2e::repl::{read_export, site, wait_for};
+use standby_e2e::repl::{read_export, second_site, site, wait_for};
 use standby_e2e::{require_tool, run, run_stdout, standby, test_dir, Gateway};
 
 fn get(base: &str, path: &str, t: Option<&str>) -> Answer {
@@ -778,12 +778,7 @@ fn api_planned_failover_start_and_commit() {
 
     // The recovery gateway: its own data directory on the same store.
     let recovery = t.path().join("recovery");
-    std::fs::create_dir_all(&recovery).unwrap();
-    std::fs::copy(
-        primary.join("replica-store.toml"),
-        recovery.join("replica-store.toml"),
-    )
-    .unwrap();
+    second_site(&primary, &recovery);
     let admin2 = token(&recovery, "ops", false);
     let g2 = Gateway::start(&recovery, &[]);
     let base2 = origin(&g2.api.clone().expect("API address"));

@@ -534,12 +534,7 @@ fn failover_to_another_gateway_on_s3_then_reverse_replication() {
 
     // The recovery site: its own data directory on the same store.
     let recovery = t.path().join("recovery");
-    std::fs::create_dir_all(&recovery).unwrap();
-    std::fs::copy(
-        primary.join("replica-store.toml"),
-        recovery.join("replica-store.toml"),
-    )
-    .unwrap();
+    second_site(&primary, &recovery);
     fast_policy(&recovery, "1s");
     let g2 = Gateway::start(&recovery, &[]);
     let out = run_stdout(standby(&recovery).args(["failover", "start", "vm"]));

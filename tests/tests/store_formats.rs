@@ -89,12 +89,7 @@ fn format4_store_on_s3_replicated_into_and_failed_over_from_s3() {
     assert!(out.contains("final changes replicated"), "{out}");
     assert_eq!(g1.stop().code(), Some(0));
     let recovery = t.path().join("recovery");
-    std::fs::create_dir_all(&recovery).unwrap();
-    std::fs::copy(
-        primary.join("replica-store.toml"),
-        recovery.join("replica-store.toml"),
-    )
-    .unwrap();
+    second_site(&primary, &recovery);
     fast_policy(&recovery, "1s");
     let g2 = Gateway::start(&recovery, &[]);
     let out = run_stdout(standby(&recovery).args(["failover", "start", "vm"]));

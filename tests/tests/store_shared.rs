@@ -83,12 +83,7 @@ fn scenario(name: &str, shared: Shared<'_>, max_session: Option<&str>) {
     }
     run(&mut init);
     // B is another site on the same store: its own data directory, the same location file.
-    std::fs::create_dir_all(&dd_b).unwrap();
-    std::fs::copy(
-        dd_a.join("replica-store.toml"),
-        dd_b.join("replica-store.toml"),
-    )
-    .unwrap();
+    second_site(&dd_a, &dd_b);
     let info: serde_json::Value = serde_json::from_str(&run_stdout(
         cli(&dd_b, &env).args(["store", "info", "--json"]),
     ))

@@ -119,20 +119,7 @@ pub enum StoreCommand {
     },
     /// Old spelling of `standby point prune` (kept for scripts).
     #[command(hide = true)]
-    Prune {
-        /// Only this VM.
-        #[arg(long)]
-        vm: Option<String>,
-        /// Keep the newest N points of each VM.
-        #[arg(long)]
-        keep_last: Option<usize>,
-        /// Keep points younger than this (e.g. 7d, 12h).
-        #[arg(long)]
-        keep_within: Option<String>,
-        /// Only report what would be removed.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Prune(PruneArgs),
     /// Import raw disk images as a new recovery point: `import VM/DISK IMAGE [VM/DISK IMAGE ...]`
     /// (all disks of one VM go into one point).
     Import {
@@ -155,6 +142,23 @@ pub enum StoreCommand {
     },
 }
 
+/// What `point prune` (and its old spelling `store prune`) removes.
+#[derive(Debug, clap::Args)]
+pub struct PruneArgs {
+    /// Only this VM.
+    #[arg(long)]
+    vm: Option<String>,
+    /// Keep the newest N points of each VM.
+    #[arg(long)]
+    keep_last: Option<usize>,
+    /// Keep points younger than this (e.g. 7d, 12h).
+    #[arg(long)]
+    keep_within: Option<String>,
+    /// Only report what would be removed.
+    #[arg(long)]
+    dry_run: bool,
+}
+
 /// `standby point ...` (also spelled `points`): the recovery points in the store.
 #[derive(Debug, clap::Subcommand)]
 pub enum PointsCommand {
@@ -175,20 +179,7 @@ pub enum PointsCommand {
         json: bool,
     },
     /// Delete recovery points by retention policy (the newest point of a VM is always kept).
-    Prune {
-        /// Only this VM.
-        #[arg(long)]
-        vm: Option<String>,
-        /// Keep the newest N points of each VM.
-        #[arg(long)]
-        keep_last: Option<usize>,
-        /// Keep points younger than this (e.g. 7d, 12h).
-        #[arg(long)]
-        keep_within: Option<String>,
-        /// Only report what would be removed.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Prune(PruneArgs),
 }
 
 pub async fn open_store(data_dir: &Path) -> anyhow::Result<Store> {
@@ -505,12 +496,12 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
             }
             Ok(())
         }
-        StoreCommand::Prune {
+        StoreCommand::Prune(PruneArgs {
             vm,
             keep_last,
             keep_within,
             dry_run,
-        } => {
+        }) => {
             let store = open_store(data_dir).await?;
             let policy = RetentionPolicy {
                 keep_last,
@@ -622,23 +613,7 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
 /// Run a `standby points` subcommand.
 pub async fn run_points(cmd: PointsCommand, data_dir: &Path) -> anyhow::Result<()> {
     match cmd {
-        PointsCommand::Prune {
-            vm,
-            keep_last,
-            keep_within,
-            dry_run,
-        } => {
-            run_store(
-                StoreCommand::Prune {
-                    vm,
-                    keep_last,
-                    keep_within,
-                    dry_run,
-                },
-                data_dir,
-            )
-            .await
-        }
+        PointsCommand::Prune(args) => run_store(StoreCommand::Prune(args), data_dir).await,
         PointsCommand::Show { point, json } => {
             let store = open_store(data_dir).await?;
             let p = store.find_point(&point).await?;
