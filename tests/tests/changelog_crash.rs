@@ -25,6 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore, SeedableRng};
+use standby_e2e::cli_json::json;
 use standby_e2e::nbd_client::{RawClient, CMD_FLUSH, CMD_WRITE, REP_ACK};
 use standby_e2e::{random_file, require_tool, run, standby, test_dir, Gateway};
 
@@ -280,7 +281,11 @@ fn kill9_loses_no_acknowledged_write_and_log_replays_to_the_image() {
 
         let health = standby_e2e::cli_json::log_health(&dd, DISK);
         assert_eq!(health, "healthy", "iteration {iter}");
-        run(standby(&dd).args(["log", "verify", DISK]));
+        let v = json(&dd, &["log", "verify", DISK]);
+        assert!(
+            v["consistent"] == true && v["problems"].as_array().is_some_and(Vec::is_empty),
+            "log verify: {v}"
+        );
 
         // (b): base image + whole log == current image.
         std::fs::copy(&base, &replay_img).expect("copy base");

@@ -22,7 +22,13 @@ pub enum LogCommand {
         json: bool,
     },
     /// Check a disk's change log: headers, record checksums, footer hashes, LSN continuity.
-    Verify { disk: String },
+    Verify {
+        disk: String,
+        /// JSON: `disk`, `consistent`, `segments`, `records`, `last_lsn`, `problems` and
+        /// `notes` (lists of sentences). The exit status is the same as without it.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the records of one segment, one per line.
     Dump {
         disk: String,
@@ -83,7 +89,7 @@ pub fn run_log(dd: &DataDir, cmd: LogCommand) -> Result<()> {
                 list(dd, &disk)?
             }
         }
-        LogCommand::Verify { disk } => verify(dd, &disk)?,
+        LogCommand::Verify { disk, json } => verify(dd, &disk, json)?,
         LogCommand::Dump { disk, segment } => dump(dd, &disk, segment)?,
         LogCommand::Replay { disk, onto } => {
             let dir = log_dir_of(dd, &disk)?;
@@ -235,7 +241,7 @@ fn list(dd: &DataDir, disk: &str) -> Result<()> {
     Ok(())
 }
 
-fn verify(dd: &DataDir, disk: &str) -> Result<()> {
+fn verify(dd: &DataDir, disk: &str, json: bool) -> Result<()> {
     let dir = log_dir_of(dd, disk)?;
     let mut problems = Vec::new();
     let mut notes = Vec::new();
@@ -301,18 +307,35 @@ fn verify(dd: &DataDir, disk: &str) -> Result<()> {
             )),
         }
     }
-    for note in &notes {
-        println!("note: {note}");
+    let last_lsn = expect_lsn.unwrap_or(1).saturating_sub(1);
+    if json {
+        let v = serde_json::json!({
+            "disk": disk,
+            "consistent": problems.is_empty(),
+            "segments": n,
+            "records": records,
+            "last_lsn": last_lsn,
+            "problems": problems,
+            "notes": notes,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for note in &notes {
+            println!("note: {note}");
+        }
     }
     if problems.is_empty() {
-        println!(
-            "log of disk {disk} is consistent: {n} segment(s), {records} record(s), up to LSN {}",
-            expect_lsn.unwrap_or(1).saturating_sub(1)
-        );
+        if !json {
+            println!(
+                "log of disk {disk} is consistent: {n} segment(s), {records} record(s), up to LSN {last_lsn}"
+            );
+        }
         Ok(())
     } else {
-        for p in &problems {
-            println!("problem: {p}");
+        if !json {
+            for p in &problems {
+                println!("problem: {p}");
+            }
         }
         bail!(
             "the change log of disk '{disk}' is not consistent ({} problem(s)): the disk needs a full resync",
