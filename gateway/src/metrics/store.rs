@@ -5,7 +5,9 @@
 //! shows), which lists the whole store: it never runs on the scrape path. A background task
 //! ([`spawn_refresh`]) keeps a cached figure: at start, after jobs finish (publishes and
 //! prunes happen in jobs; the task looks at the job history every [`POLL`]), and at least
-//! every [`MAX_AGE`]; never more than one listing per [`MIN_SPACING`], one at a time. A scrape
+//! every [`MAX_AGE`]; one listing at a time, and the next one no sooner than [`MIN_SPACING`]
+//! or [`SPACING_FACTOR`] times as long as the last one took, whichever is longer (a large S3
+//! store's listing takes at most a small share of the time and requests). A scrape
 //! only reads the cached figure and says how old it is (`standby_store_usage_age_seconds`);
 //! the figures are absent until the first listing succeeds, and a failed listing keeps the
 //! previous figure (its age grows).
@@ -32,6 +34,8 @@ use crate::replication::Db;
 pub const POLL: Duration = Duration::from_secs(5);
 /// Least time between two listings of the store.
 pub const MIN_SPACING: Duration = Duration::from_secs(15);
+/// The next listing waits at least this many times as long as the last one took.
+pub const SPACING_FACTOR: u32 = 20;
 /// Oldest the cached figure gets while the store can be listed.
 pub const MAX_AGE: Duration = Duration::from_secs(300);
 
@@ -196,6 +200,7 @@ pub fn spawn_refresh(
         };
         let mut seen: Option<Vec<i64>> = None;
         let mut last_try: Option<Instant> = None;
+        let mut spacing = MIN_SPACING;
         loop {
             let jobs = match &db {
                 Some(db) => {
@@ -210,12 +215,14 @@ pub fn spawn_refresh(
             };
             let changed = seen.as_ref() != Some(&jobs);
             let stale = metrics.store.age().is_none_or(|a| a >= MAX_AGE);
-            let spaced = last_try.is_none_or(|t| t.elapsed() >= MIN_SPACING);
+            let spaced = last_try.is_none_or(|t| t.elapsed() >= spacing);
             if (changed || stale) && spaced {
-                last_try = Some(Instant::now());
+                let started = Instant::now();
+                last_try = Some(started);
                 match crate::site::open_store(&root).await {
                     Ok(store) => match store.usage().await {
                         Ok(u) => {
+                            spacing = MIN_SPACING.max(started.elapsed() * SPACING_FACTOR);
                             metrics.store.set_usage(&store.settings().store_id, &u);
                             seen = Some(jobs);
                         }
