@@ -378,6 +378,14 @@ fn metrics_count_real_activity() {
         "the second read found its chunks in the cache: hits {hits0}, {hits1}, {hits2}"
     );
     assert_eq!(misses2, misses1, "the second read fetched nothing");
+    eprintln!(
+        "store: {} objects, {} bytes, {} chunks ({} bytes), usage age {age:.1} s; cache: \
+         hits {hits0} -> {hits1} -> {hits2}, misses {misses0} -> {misses1} -> {misses2}",
+        info["usage"]["objects"],
+        info["usage"]["object_bytes"],
+        info["usage"]["chunks"],
+        info["usage"]["chunk_bytes"],
+    );
     let a = request(
         "POST",
         &format!("{base}/api/v1/attachments/{export}/detach"),
