@@ -376,6 +376,8 @@ async fn run(
 
     let engine = tokio::spawn(engine.run());
     let (stop_api, api_stop_rx) = tokio::sync::watch::channel(false);
+    let store_usage =
+        crate::metrics::store::spawn_refresh(Arc::clone(&metrics), dd.clone(), api_stop_rx.clone());
     let api_task = api.map(|(l, state)| tokio::spawn(crate::api::serve(l, state, api_stop_rx)));
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -403,6 +405,9 @@ async fn run(
     // ended with the API task).
     if let Some(l) = local.take() {
         l.remove();
+    }
+    if let Err(e) = store_usage.await {
+        error!("store usage task failed: {e}");
     }
     if let Err(e) = engine.await {
         error!("replication engine task failed: {e}");

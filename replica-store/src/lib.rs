@@ -46,7 +46,7 @@ pub use point::{
     ChunkWriter, Consistency, Consolidated, DiskEntry, PatchRef, PointBuilder, PointMeta,
     RebaseSkipped, UploadStats,
 };
-pub use reader::{DiskReader, Extent, ReaderOptions};
+pub use reader::{cache_stats, CacheStats, DiskReader, Extent, ReaderOptions};
 pub use retention::{PruneReport, RetentionPolicy};
 pub use store::{CreateOptions, PutKind, PutOutcome, Store, StoreSettings};
 pub use usage::{SizeClass, Usage};

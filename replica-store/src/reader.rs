@@ -1,5 +1,9 @@
 //! Reading a recovery point's disk as a random-access device: verified chunks through a
 //! bounded LRU cache, sequential read-ahead, and hole (zero) extents for block status.
+//!
+//! The cache's hits and misses are counted process-wide ([`cache_stats`]): a read of a stored
+//! chunk found in a reader's cache is a hit; one that has to wait for a fetch (its own, or a
+//! read-ahead or concurrent read already under way) is a miss. Holes are neither.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -57,6 +61,24 @@ pub struct Extent {
     pub length: u64,
     /// True for a hole.
     pub zero: bool,
+}
+
+static CACHE_HITS: AtomicU64 = AtomicU64::new(0);
+static CACHE_MISSES: AtomicU64 = AtomicU64::new(0);
+
+/// Chunk-cache hits and misses of every reader of this process since it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// The readers' cache counts so far (see the module documentation).
+pub fn cache_stats() -> CacheStats {
+    CacheStats {
+        hits: CACHE_HITS.load(Ordering::Relaxed),
+        misses: CACHE_MISSES.load(Ordering::Relaxed),
+    }
 }
 
 type Fetch = Shared<BoxFuture<'static, Result<Bytes>>>;
@@ -257,8 +279,10 @@ impl DiskReader {
             return Ok(zeros(idx.chunk_len(ci)));
         }
         if let Some(b) = self.cached(ci) {
+            CACHE_HITS.fetch_add(1, Ordering::Relaxed);
             return Ok(b);
         }
+        CACHE_MISSES.fetch_add(1, Ordering::Relaxed);
         self.fetch(ci, id).await
     }
 

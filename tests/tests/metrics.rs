@@ -1,7 +1,8 @@
 //! `/metrics` of a running gateway, parsed by the Python `prometheus_client` OpenMetrics parser
 //! (a real, strict parser: a malformed exposition fails the test), with values checked against
 //! known activity: writes and reads by qemu-io, a protected VM reaching Protected, its jobs,
-//! the bytes its writes appended to the change log.
+//! the bytes its writes appended to the change log, the store's objects and bytes against
+//! `store info --json`, the chunk cache's hits when an attached point is read twice.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use standby_e2e::api::{origin, request, token};
 use standby_e2e::nbd_client::RawClient;
 use standby_e2e::repl::{site, wait_for};
-use standby_e2e::{require_tool, run, Gateway};
+use standby_e2e::{require_tool, run, run_stdout, standby, Gateway};
 
 /// One sample: name, labels, value.
 #[derive(Debug, Clone)]
@@ -303,6 +304,96 @@ fn metrics_count_real_activity() {
         errors >= 1.0,
         "the write beyond the end counted as an error"
     );
+
+    // The store: its objects and bytes as `store info --json` lists them, once the refresh
+    // task has listed the store since the first point (within its spacing: 15 s).
+    let (s, info) = wait_for(
+        &dd,
+        "store figures in /metrics matching store info",
+        Duration::from_secs(90),
+        || {
+            let info: serde_json::Value =
+                serde_json::from_str(&run_stdout(standby(&dd).args(["store", "info", "--json"])))
+                    .expect("store info --json");
+            let (_, s) = scrape(&base, &ro);
+            let all = [("kind", "all")];
+            let u = &info["usage"];
+            (value(&s, "standby_store_objects", &all) == u["objects"].as_f64()
+                && value(&s, "standby_store_bytes", &all) == u["object_bytes"].as_f64()
+                && value(&s, "standby_store_objects", &[("kind", "chunks")])
+                    == u["chunks"].as_f64())
+            .then_some((s, info))
+        },
+    );
+    let chunks = [("kind", "chunks")];
+    assert!(value(&s, "standby_store_objects", &chunks).unwrap() > 0.0);
+    assert_eq!(
+        value(&s, "standby_store_bytes", &chunks),
+        info["usage"]["chunk_bytes"].as_f64()
+    );
+    assert!(value(&s, "standby_store_bytes", &[("kind", "all")]).unwrap() > 0.0);
+    let age = value(
+        &s,
+        "standby_store_usage_age_seconds",
+        &[("store", info["store_id"].as_str().expect("store_id"))],
+    )
+    .expect("usage age");
+    assert!((0.0..300.0).contains(&age), "usage age {age}");
+
+    // The chunk cache: an attached point read twice; the second read finds its chunks in
+    // the reader's cache (16 MiB by default, the whole disk).
+    let hits0 = value(&s, "standby_store_cache_hits_total", &[]).expect("hits");
+    let misses0 = value(&s, "standby_store_cache_misses_total", &[]).expect("misses");
+    let a = request(
+        "POST",
+        &format!("{base}/api/v1/attachments"),
+        Some(&admin),
+        Some(r#"{"vm":"v1","disk":"d1"}"#),
+        &[],
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    let at: serde_json::Value = serde_json::from_str(&a.body).expect("attachment");
+    let uri = at["uri"].as_str().expect("uri").to_string();
+    let export = at["export"].as_str().expect("export").to_string();
+    let qemu_img = require_tool("qemu-img");
+    let back = t.path().join("back.img");
+    run(Command::new(&qemu_img)
+        .args(["convert", "-f", "raw", "-O", "raw", &uri])
+        .arg(&back));
+    let (_, s_read) = scrape(&base, &ro);
+    let misses1 = value(&s_read, "standby_store_cache_misses_total", &[]).unwrap();
+    assert!(
+        misses1 - misses0 >= 1.0,
+        "the first read fetched chunks: misses {misses0} then {misses1}"
+    );
+    let hits1 = value(&s_read, "standby_store_cache_hits_total", &[]).unwrap();
+    run(Command::new(&qemu_img)
+        .args(["convert", "-f", "raw", "-O", "raw", &uri])
+        .arg(&back));
+    let (_, s_read2) = scrape(&base, &ro);
+    let hits2 = value(&s_read2, "standby_store_cache_hits_total", &[]).unwrap();
+    let misses2 = value(&s_read2, "standby_store_cache_misses_total", &[]).unwrap();
+    assert!(
+        hits2 - hits1 >= 1.0,
+        "the second read found its chunks in the cache: hits {hits0}, {hits1}, {hits2}"
+    );
+    assert_eq!(misses2, misses1, "the second read fetched nothing");
+    eprintln!(
+        "store: {} objects, {} bytes, {} chunks ({} bytes), usage age {age:.1} s; cache: \
+         hits {hits0} -> {hits1} -> {hits2}, misses {misses0} -> {misses1} -> {misses2}",
+        info["usage"]["objects"],
+        info["usage"]["object_bytes"],
+        info["usage"]["chunks"],
+        info["usage"]["chunk_bytes"],
+    );
+    let a = request(
+        "POST",
+        &format!("{base}/api/v1/attachments/{export}/detach"),
+        Some(&admin),
+        None,
+        &[],
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
 
     // Every metric the Grafana dashboard and docs/metrics.md name is one the gateway serves.
     let names: std::collections::BTreeSet<&str> = s
