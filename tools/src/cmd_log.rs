@@ -35,6 +35,11 @@ pub enum LogCommand {
         /// Segment sequence number (see `standby log list`).
         #[arg(long)]
         segment: u64,
+        /// JSON: `segment`, `chain_id` (hex), `first_lsn`, `disk_size`, `records` (each
+        /// `lsn`, `kind`, `offset`, `length`, `flags`, `at`) and `end` (`sealed`, `active` or
+        /// `torn`, with `reason`, `valid_len`, `sha256` where they apply).
+        #[arg(long)]
+        json: bool,
     },
     /// Apply every record of a disk's change log, oldest first, to an image file (for
     /// example a copy of the disk taken when tracking started).
@@ -90,7 +95,11 @@ pub fn run_log(dd: &DataDir, cmd: LogCommand) -> Result<()> {
             }
         }
         LogCommand::Verify { disk, json } => verify(dd, &disk, json)?,
-        LogCommand::Dump { disk, segment } => dump(dd, &disk, segment)?,
+        LogCommand::Dump {
+            disk,
+            segment,
+            json,
+        } => dump(dd, &disk, segment, json)?,
         LogCommand::Replay { disk, onto } => {
             let dir = log_dir_of(dd, &disk)?;
             let img = std::fs::OpenOptions::new()
@@ -344,7 +353,7 @@ fn verify(dd: &DataDir, disk: &str, json: bool) -> Result<()> {
     }
 }
 
-fn dump(dd: &DataDir, disk: &str, seq: u64) -> Result<()> {
+fn dump(dd: &DataDir, disk: &str, seq: u64, json: bool) -> Result<()> {
     let dir = log_dir_of(dd, disk)?;
     let path = segment_path(&dir, seq);
     if !path.exists() {
@@ -355,19 +364,63 @@ fn dump(dd: &DataDir, disk: &str, seq: u64) -> Result<()> {
         Ok(d) => d,
         Err(e) => bail!("segment {seq}: {e}"),
     };
+    let flags_of = |f: u8| {
+        let mut flags = Vec::new();
+        if f & FLAG_FUA != 0 {
+            flags.push("fua");
+        }
+        if f & FLAG_MAY_TRIM != 0 {
+            flags.push("may_trim");
+        }
+        flags
+    };
+    if json {
+        let records: Vec<_> = d
+            .records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "lsn": r.header.lsn,
+                    "kind": r.header.kind.name(),
+                    "offset": r.header.offset,
+                    "length": r.header.length,
+                    "flags": flags_of(r.header.flags),
+                    "at": r.at,
+                })
+            })
+            .collect();
+        let end = match &d.end {
+            End::Sealed(f) => serde_json::json!({
+                "state": "sealed",
+                "record_count": f.record_count,
+                "last_lsn": f.last_lsn,
+                "sha256": f.sha256.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            }),
+            End::Open => serde_json::json!({"state": "active"}),
+            End::Torn { reason } => serde_json::json!({
+                "state": "torn",
+                "reason": reason.to_string(),
+                "valid_len": d.valid_len,
+            }),
+        };
+        let v = serde_json::json!({
+            "segment": d.header.seq,
+            "chain_id": format!("{:016x}", d.header.chain_id),
+            "first_lsn": d.header.first_lsn,
+            "disk_size": d.header.disk_size,
+            "records": records,
+            "end": end,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     println!(
         "segment {} chain {:016x} first_lsn {} disk_size {}",
         d.header.seq, d.header.chain_id, d.header.first_lsn, d.header.disk_size
     );
     for r in &d.records {
         let h = &r.header;
-        let mut flags = Vec::new();
-        if h.flags & FLAG_FUA != 0 {
-            flags.push("fua");
-        }
-        if h.flags & FLAG_MAY_TRIM != 0 {
-            flags.push("may_trim");
-        }
+        let flags = flags_of(h.flags);
         println!(
             "lsn={} kind={} offset={} length={} flags={} at={}",
             h.lsn,
