@@ -348,6 +348,19 @@ api_bind_addr = "127.0.0.1:{admin}"
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// The `standby store init` arguments for a store in this server's bucket.
+    pub fn store_init_args(&self) -> [&str; 7] {
+        [
+            "--s3-endpoint",
+            &self.s3_endpoint,
+            "--s3-bucket",
+            &self.bucket,
+            "--s3-region",
+            "garage",
+            "--path-style",
+        ]
+    }
 }
 
 impl Drop for Garage {

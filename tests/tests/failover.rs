@@ -509,14 +509,8 @@ fn failover_to_another_gateway_on_s3_then_reverse_replication() {
     let primary = t.path().join("primary");
     run(standby(&primary).args(["disk", "create", "app", "--size", "48M"]));
     run(standby(&primary)
-        .args(["store", "init", "--s3-endpoint", &garage.s3_endpoint])
-        .args([
-            "--s3-bucket",
-            &garage.bucket,
-            "--s3-region",
-            "garage",
-            "--path-style",
-        ]));
+        .args(["store", "init"])
+        .args(garage.store_init_args()));
     fast_policy(&primary, "1s");
     let g1 = Gateway::start(&primary, &[]);
     let mut w = OracleWriter::new(g1.addr, "app", vec![0u8; 48 << 20], 5);

@@ -321,14 +321,8 @@ fn s3_outage_retries_then_converges() {
     ];
     run(standby(&dd)
         .envs(env)
-        .args(["store", "init", "--s3-endpoint", &garage.s3_endpoint])
-        .args([
-            "--s3-bucket",
-            &garage.bucket,
-            "--s3-region",
-            "garage",
-            "--path-style",
-        ]));
+        .args(["store", "init"])
+        .args(garage.store_init_args()));
     fast_policy(&dd, "1s");
     let g = Gateway::start_env(&dd, &[], &env);
     fill(&g, "d", 8 * MIB, 6, t.path());
@@ -418,14 +412,8 @@ fn s3_auth_failure_is_critical_without_retries() {
     ];
     run(standby(&dd)
         .envs(env)
-        .args(["store", "init", "--s3-endpoint", &garage.s3_endpoint])
-        .args([
-            "--s3-bucket",
-            &garage.bucket,
-            "--s3-region",
-            "garage",
-            "--path-style",
-        ]));
+        .args(["store", "init"])
+        .args(garage.store_init_args()));
     fast_policy(&dd, "1s");
     let g = Gateway::start_env(&dd, &[], &env);
     run(standby(&dd)
@@ -752,15 +740,7 @@ fn consolidation_rounds(label: &str, garage: Option<&Garage>) {
         c
     };
     match garage {
-        Some(g) => run(cli()
-            .args(["store", "init", "--s3-endpoint", &g.s3_endpoint])
-            .args([
-                "--s3-bucket",
-                &g.bucket,
-                "--s3-region",
-                "garage",
-                "--path-style",
-            ])),
+        Some(g) => run(cli().args(["store", "init"]).args(g.store_init_args())),
         None => run(cli().args(["store", "init"])),
     };
     fast_policy(&dd, "continuous");

@@ -177,14 +177,8 @@ fn s3_store_uses_packs() {
     let a = t.path().join("a.raw");
     random_file(&a, 40 * MIB, 31);
     run(standby(&dd)
-        .args(["store", "init", "--s3-endpoint", &garage.s3_endpoint])
-        .args([
-            "--s3-bucket",
-            &garage.bucket,
-            "--s3-region",
-            "garage",
-            "--path-style",
-        ]));
+        .args(["store", "init"])
+        .args(garage.store_init_args()));
     run(standby(&dd).args(["store", "import", "vm1/a"]).arg(&a));
     let info = store_info(&dd);
     assert_eq!(info["format_version"], 5, "{info}");

@@ -57,9 +57,7 @@ fn format4_store_on_s3_replicated_into_and_failed_over_from_s3() {
     run(standby(&primary).args(["disk", "create", "d", "--size", "24M"]));
     run(standby(&primary)
         .args(["store", "init", "--layout", "chunks"])
-        .args(["--s3-endpoint", &garage.s3_endpoint])
-        .args(["--s3-bucket", &garage.bucket, "--s3-region", "garage"])
-        .arg("--path-style"));
+        .args(garage.store_init_args()));
     let before = info(&primary);
     assert_eq!(before["format_version"], 4, "{before}");
     assert_eq!(before["layout"], "chunks", "{before}");

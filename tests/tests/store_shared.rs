@@ -73,9 +73,7 @@ fn scenario(name: &str, shared: Shared<'_>, max_session: Option<&str>) {
             init.arg("--path").arg(t.path().join("store"));
         }
         Shared::S3(g) => {
-            init.args(["--s3-endpoint", &g.s3_endpoint])
-                .args(["--s3-bucket", &g.bucket, "--s3-region", "garage"])
-                .args(["--path-style", "--s3-prefix", name]);
+            init.args(g.store_init_args()).args(["--s3-prefix", name]);
         }
     }
     if let Some(m) = max_session {
