@@ -1,5 +1,8 @@
 //! Backend conformance suite (feature `testing`): the same scenarios run against every
 //! backend (local directory, in-memory, a real S3 server). Each scenario panics on failure.
+//!
+//! Long (~950 lines) because it is a list: each scenario is a self-contained function that
+//! every backend runs, so adding one never changes another.
 
 // Test-support code: panicking on unexpected errors is the point.
 #![allow(clippy::unwrap_used)]

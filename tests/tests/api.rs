@@ -2,6 +2,8 @@
 //! tokens (none, wrong, read-only, revoked), bad input refused with a message and nothing
 //! changed, an action that drives a real protection to Protected, HTTPS, and the start-up
 //! refusal of plain HTTP beyond loopback.
+//!
+//! Long (~850 lines) because it walks every endpoint of docs/api.md in order, with its refusals.
 
 use std::path::Path;
 use std::process::Command;

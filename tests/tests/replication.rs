@@ -1,6 +1,9 @@
 //! Replication end to end: `standby serve` with its engine, real NBD clients (fio, qemu-img,
 //! raw protocol writers), a local store and the real S3 server; points exported and compared
 //! with an oracle of the bytes written.
+//!
+//! Long (~930 lines, 32 tests) because one test binary keeps the suite's start-up cost down;
+//! the fixtures are in the e2e crate's `repl` module, and each test reads on its own.
 
 use std::process::Command;
 use std::time::Duration;

@@ -1,4 +1,7 @@
 //! Change log with a real `Disk`: reference model, recovery, rotation, accounting.
+//!
+//! Long (~750 lines, 52 tests) because the reference model and its fixtures are shared by all
+//! of them; the redo, extent and latch tests have files of their own.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;

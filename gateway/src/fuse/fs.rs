@@ -9,6 +9,9 @@
 //! Files are opened with `FOPEN_DIRECT_IO` and without `FOPEN_KEEP_CACHE`: the kernel keeps no
 //! page cache for them, so a read through the mount always sees what an NBD client (or another
 //! process) wrote through the same disk, and a write is in the gateway as soon as it returns.
+//!
+//! Longer than most files (~790 lines): one `fuser::Filesystem` implementation, whose methods
+//! must sit in one `impl` block; the helpers they share are the first ~240 lines.
 
 use std::ffi::OsStr;
 use std::io;

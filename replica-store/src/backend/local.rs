@@ -7,6 +7,9 @@
 //! `syncfs(2)`, renames them into place and makes the renames durable with a second
 //! `syncfs(2)`. A chunk under its final name is therefore always complete and durable; a crash
 //! before the commit leaves only temporary files, removed when the store is next opened.
+//!
+//! Longer than most files (~770 lines): the `Backend` implementation and the staging,
+//! `O_DIRECT` and lock helpers that only it uses.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
