@@ -603,9 +603,12 @@ fn console_in_a_headless_browser() {
     // Verify the store from its page: the job's page opens, the job succeeds with its result;
     // the Jobs tab lists it as a job of the store.
     b.click("#verify-store");
-    b.wait_text("#page-title", "the verification's job", Duration::from_secs(10), |s| {
-        s.starts_with("Job #")
-    });
+    b.wait_text(
+        "#page-title",
+        "the verification's job",
+        Duration::from_secs(10),
+        |s| s.starts_with("Job #"),
+    );
     b.wait_text(
         "#job-state",
         "store verify job",
