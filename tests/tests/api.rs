@@ -1036,5 +1036,22 @@ fn api_store_verify_job() {
     // `standby jobs` and `job show` name it a job of the store.
     let text = run_stdout(standby(&dd).args(["job", "show", &id.to_string()]));
     assert!(text.contains("store-verify of the replica store"), "{text}");
+    let text = run_stdout(standby(&dd).args(["jobs", "--limit", "50"]));
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{id} ")))
+        .unwrap_or_else(|| panic!("job {id} in:\n{text}"));
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cols[1..4], ["-", "store-verify", "failed"], "{line}");
+    let listed: Value =
+        serde_json::from_str(&run_stdout(standby(&dd).args(["jobs", "--json"]))).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["id"] == id && j["vm"].is_null()),
+        "{listed}"
+    );
     g.stop();
 }

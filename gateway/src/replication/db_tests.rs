@@ -54,6 +54,11 @@ fn vm_jobs_and_checkpoints_round_trip() {
         .unwrap();
     assert_ne!(v, w);
     assert_eq!(db.job(w).unwrap().unwrap().0.vm, "");
+    // A gateway stop leaves it interrupted, saying nothing resumes it.
+    db.interrupt_running_jobs().unwrap();
+    let (jw, _) = db.job(w).unwrap().unwrap();
+    assert_eq!(jw.state, JobState::Interrupted);
+    assert!(jw.error.contains("nothing resumes it"), "{}", jw.error);
     let c = Checkpoint {
         vm: "web".into(),
         disk: "a".into(),
