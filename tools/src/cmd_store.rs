@@ -698,7 +698,9 @@ pub async fn run_points(cmd: PointsCommand, data_dir: &Path) -> anyhow::Result<(
 
 /// A running verification in a few words.
 fn verify_line(c: &replica_store::VerifyCounts) -> String {
-    if c.chunks_total == 0 {
+    if c.points_total == 0 && c.chunks_total == 0 {
+        "listing the store".to_string()
+    } else if c.chunks_total == 0 {
         format!("indexes of {} of {} points", c.points_read, c.points_total)
     } else {
         format!(

@@ -225,7 +225,9 @@ impl From<VerifyCounts> for VerifyCountsView {
 
 /// The job's detail line while it runs.
 fn progress_line(c: &VerifyCounts) -> String {
-    if c.chunks_total == 0 {
+    if c.points_total == 0 && c.chunks_total == 0 {
+        "listing the store".to_string()
+    } else if c.chunks_total == 0 {
         format!(
             "reading indexes: {} of {} points",
             c.points_read, c.points_total
@@ -292,7 +294,7 @@ pub async fn verify(
                 }
                 Err(running) => Err(ApiError::conflict(format!(
                     "a store verification is already running (job {running}): wait for it to end \
-                 (GET /api/v1/jobs/{running}) and ask again"
+                 (`standby job show {running}`, GET /api/v1/jobs/{running}) and ask again"
                 ))),
             },
         )
