@@ -1,5 +1,7 @@
 //! Where this gateway's replica store is: `<data-dir>/replica-store.toml` (written by
-//! `standby store init`), or the embedded default, a local store in `<data-dir>/store`.
+//! `standby store init`), or the embedded default, a local store in `<data-dir>/store`; and
+//! the verification both the CLI and the gateway's `store-verify` job run (the point to check
+//! resolved first, so a bad point is refused before any work starts).
 
 use std::path::{Path, PathBuf};
 

@@ -11,11 +11,13 @@
 //! Cheap to update: callers may report every chunk; the plain mode only formats a line when
 //! one is due.
 //!
-//! Work done by a library that reports no progress (the store's import, export, verify, gc) is
+//! Work done by a library that reports no progress (the store's import, export, gc) is
 //! measured from outside: [`sample`] reads this process's I/O counters ([`proc_io`]: bytes read
 //! or written through system calls, from `/proc/self/io`) every 200 ms on a thread of its own.
 //! That counts the image read by an import and the image written by an export closely (plus a
-//! little metadata); for verify and gc it is shown as bytes read so far, without a total.
+//! little metadata); for gc it is shown as bytes read so far, without a total. `store verify`
+//! reports its own counters (points, chunks, bytes of their totals), shown as a percent with a
+//! message ([`Progress::set_percent_with`]).
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};

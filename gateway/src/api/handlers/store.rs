@@ -9,7 +9,7 @@
 //! - One verification at a time: the check for a running `store-verify` job and the insert of
 //!   the new one are one database transaction; a second request gets 409 naming the running
 //!   job.
-//! - The job runs on a task of its own ([`run`]); the store's reads are async and its hashing
+//! - The job runs on a task of its own (`run`); the store's reads are async and its hashing
 //!   runs on the blocking pool (replica-store), database writes go through
 //!   [`ApiState::blocking`], so no runtime worker blocks. Every [`PROGRESS_EVERY`] the
 //!   counters of [`replica_store::VerifyProgress`] become the job's percent, its detail line
