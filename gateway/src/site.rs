@@ -1,5 +1,7 @@
 //! Where this gateway's replica store is: `<data-dir>/replica-store.toml` (written by
-//! `standby store init`), or the embedded default, a local store in `<data-dir>/store`.
+//! `standby store init`), or the embedded default, a local store in `<data-dir>/store`; and
+//! the verification both the CLI and the gateway's `store-verify` job run (the point to check
+//! resolved first, so a bad point is refused before any work starts).
 
 use std::path::{Path, PathBuf};
 
@@ -59,18 +61,39 @@ pub async fn open_store(data_dir: &Path) -> Result<Store, SiteError> {
     Ok(loc.location.open(key.as_ref()).await?)
 }
 
-/// Verifies one point (`VM/ID`, `ID` or `VM/latest`) or, without one, the whole store: what
-/// `standby store verify` and `POST /api/v1/store/verify` run.
+/// Verifies one point (`VM/ID`, `ID` or `VM/latest`) or, without one, the whole store,
+/// counting into `progress`: what the offline `standby store verify` runs (the gateway's
+/// verification job runs [`verify_target`] and [`verify_with`] itself, to refuse a bad point
+/// before it starts a job).
 pub async fn verify_store(
     data_dir: &Path,
     point: Option<&str>,
+    progress: &replica_store::VerifyProgress,
 ) -> Result<replica_store::VerifyReport, SiteError> {
     let store = open_store(data_dir).await?;
+    let target = verify_target(&store, point).await?;
+    verify_with(&store, target.as_ref(), progress).await
+}
+
+/// The point a verification checks (`VM/ID`, `ID` or `VM/latest`); none: the whole store.
+pub async fn verify_target(
+    store: &Store,
+    point: Option<&str>,
+) -> Result<Option<replica_store::PointMeta>, SiteError> {
     Ok(match point {
-        Some(p) => {
-            let meta = store.find_point(p).await?;
-            store.verify_point(&meta).await?
-        }
-        None => store.verify_all().await?,
+        Some(p) => Some(store.find_point(p).await?),
+        None => None,
+    })
+}
+
+/// Verifies `point`, or the whole store, counting into `progress`.
+pub async fn verify_with(
+    store: &Store,
+    point: Option<&replica_store::PointMeta>,
+    progress: &replica_store::VerifyProgress,
+) -> Result<replica_store::VerifyReport, SiteError> {
+    Ok(match point {
+        Some(p) => store.verify_point_with(p, progress).await?,
+        None => store.verify_all_with(progress).await?,
     })
 }

@@ -50,4 +50,4 @@ pub use reader::{cache_stats, CacheStats, DiskReader, Extent, ReaderOptions};
 pub use retention::{PruneReport, RetentionPolicy};
 pub use store::{CreateOptions, PutKind, PutOutcome, Store, StoreSettings};
 pub use usage::{SizeClass, Usage};
-pub use verify::{ChunkProblem, VerifyReport};
+pub use verify::{ChunkProblem, VerifyCounts, VerifyProgress, VerifyReport};

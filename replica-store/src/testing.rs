@@ -433,9 +433,17 @@ pub async fn verify_detects_corruption(f: &dyn BackendFactory) {
     let img = image(20, "rrrzr");
     let p = write_point(&store, "vm", &[("d", &img)]).await;
     let p2 = write_point(&store, "vm", &[("d", &img[..2 * TEST_CHUNK as usize])]).await;
-    let clean = store.verify_all().await.unwrap();
+    let progress = crate::verify::VerifyProgress::default();
+    let clean = store.verify_all_with(&progress).await.unwrap();
     assert!(clean.is_ok(), "{clean:?}");
     assert_eq!(clean.chunks_checked, 4);
+    // The progress counters end where the report does.
+    let c = progress.counts();
+    assert_eq!((c.points_total, c.points_read), (2, 2), "{c:?}");
+    assert_eq!((c.chunks_total, c.chunks_done), (4, 4), "{c:?}");
+    assert_eq!(c.bytes_checked, clean.bytes_checked, "{c:?}");
+    assert_eq!(c.bytes_total, clean.bytes_checked, "{c:?}");
+    assert_eq!(c.percent(), 100.0);
     let idx = store.load_index(&p, "d").await.unwrap();
     let victim = idx.get(1).unwrap();
     let mut obj = backend

@@ -1,7 +1,13 @@
 //! Verify: re-read and re-hash chunks of a point or of the whole store; report missing and
 //! corrupt chunks and the points they break.
+//!
+//! Two passes: the points' indexes are read (which chunks, of what length), then every chunk
+//! is fetched and re-hashed, eight at a time. A caller that wants to show progress passes a
+//! [`VerifyProgress`]: plain atomic counters the passes bump (one relaxed add per index or
+//! chunk, nothing else), read by whoever polls them; the report itself never depends on them.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::stream::{self, StreamExt};
 
@@ -40,6 +46,71 @@ pub struct VerifyReport {
     pub broken_points: Vec<String>,
 }
 
+/// Live counters of a running verification (see the module documentation). Totals are known
+/// once the indexes are read (`chunks_total` is 0 before).
+#[derive(Debug, Default)]
+pub struct VerifyProgress {
+    /// Points to read.
+    pub points_total: AtomicU64,
+    /// Points whose indexes were read.
+    pub points_read: AtomicU64,
+    /// Chunks to fetch and re-hash.
+    pub chunks_total: AtomicU64,
+    /// Chunks fetched so far (including missing and corrupt ones).
+    pub chunks_done: AtomicU64,
+    /// Plaintext bytes expected: exact for referenced chunks; an unreferenced chunk (whole-store
+    /// verify) counts as one chunk size.
+    pub bytes_total: AtomicU64,
+    /// Plaintext bytes re-hashed so far.
+    pub bytes_checked: AtomicU64,
+}
+
+/// A point-in-time copy of [`VerifyProgress`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VerifyCounts {
+    pub points_total: u64,
+    pub points_read: u64,
+    pub chunks_total: u64,
+    pub chunks_done: u64,
+    pub bytes_total: u64,
+    pub bytes_checked: u64,
+}
+
+impl VerifyProgress {
+    /// The counters now.
+    pub fn counts(&self) -> VerifyCounts {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        VerifyCounts {
+            points_total: g(&self.points_total),
+            points_read: g(&self.points_read),
+            chunks_total: g(&self.chunks_total),
+            chunks_done: g(&self.chunks_done),
+            bytes_total: g(&self.bytes_total),
+            bytes_checked: g(&self.bytes_checked),
+        }
+    }
+}
+
+impl VerifyCounts {
+    /// Percent done: reading the indexes is the first 5 %, fetching the chunks the rest (by
+    /// count: chunks are of one size but the last of a disk, and the byte total is an estimate).
+    pub fn percent(&self) -> f64 {
+        let ratio = |done: u64, total: u64| {
+            if total == 0 {
+                0.0
+            } else {
+                done as f64 / total as f64
+            }
+        };
+        let idx = if self.points_total == 0 && self.chunks_total > 0 {
+            1.0
+        } else {
+            ratio(self.points_read, self.points_total)
+        };
+        (5.0 * idx + 95.0 * ratio(self.chunks_done, self.chunks_total)).clamp(0.0, 100.0)
+    }
+}
+
 impl VerifyReport {
     /// True if nothing is wrong.
     pub fn is_ok(&self) -> bool {
@@ -50,20 +121,45 @@ impl VerifyReport {
 impl Store {
     /// Verify one point: its indexes and every chunk it references.
     pub async fn verify_point(&self, point: &PointMeta) -> Result<VerifyReport> {
-        self.verify_points(std::slice::from_ref(point), false).await
+        self.verify_point_with(point, &VerifyProgress::default())
+            .await
+    }
+
+    /// [`Store::verify_point`], counting into `progress`.
+    pub async fn verify_point_with(
+        &self,
+        point: &PointMeta,
+        progress: &VerifyProgress,
+    ) -> Result<VerifyReport> {
+        self.verify_points(std::slice::from_ref(point), false, progress)
+            .await
     }
 
     /// Verify every point and every chunk object of the store (unreferenced ones too).
     pub async fn verify_all(&self) -> Result<VerifyReport> {
-        let points = self.list_points(None).await?;
-        self.verify_points(&points, true).await
+        self.verify_all_with(&VerifyProgress::default()).await
     }
 
-    async fn verify_points(&self, points: &[PointMeta], all_chunks: bool) -> Result<VerifyReport> {
+    /// [`Store::verify_all`], counting into `progress`.
+    pub async fn verify_all_with(&self, progress: &VerifyProgress) -> Result<VerifyReport> {
+        let points = self.list_points(None).await?;
+        self.verify_points(&points, true, progress).await
+    }
+
+    async fn verify_points(
+        &self,
+        points: &[PointMeta],
+        all_chunks: bool,
+        progress: &VerifyProgress,
+    ) -> Result<VerifyReport> {
         let mut report = VerifyReport {
             points_checked: points.len(),
             ..Default::default()
         };
+        let add = |a: &AtomicU64, n: u64| {
+            a.fetch_add(n, Ordering::Relaxed);
+        };
+        add(&progress.points_total, points.len() as u64);
         // chunk -> (expected length, points)
         let mut refs: BTreeMap<ChunkId, (usize, BTreeSet<String>)> = BTreeMap::new();
         let mut broken: BTreeSet<String> = BTreeSet::new();
@@ -103,6 +199,7 @@ impl Store {
                     }
                 }
             }
+            add(&progress.points_read, 1);
         }
         let mut todo: Vec<(ChunkId, Option<usize>)> =
             refs.iter().map(|(id, (l, _))| (*id, Some(*l))).collect();
@@ -124,6 +221,14 @@ impl Store {
                 }
             }
         }
+        add(&progress.chunks_total, todo.len() as u64);
+        let chunk_size = u64::from(self.chunk_size());
+        add(
+            &progress.bytes_total,
+            todo.iter()
+                .map(|(_, l)| l.map_or(chunk_size, |l| l as u64))
+                .sum(),
+        );
         let mut results = stream::iter(todo)
             .map(|(id, len)| async move { (id, self.get_chunk(&id, len).await) })
             .buffer_unordered(8);
@@ -133,10 +238,12 @@ impl Store {
                     .map(|(_, s)| s.iter().cloned().collect())
                     .unwrap_or_default()
             };
+            add(&progress.chunks_done, 1);
             match r {
                 Ok(b) => {
                     report.chunks_checked += 1;
                     report.bytes_checked += b.len() as u64;
+                    add(&progress.bytes_checked, b.len() as u64);
                 }
                 Err(Error::MissingChunk { .. }) => {
                     let points: Vec<String> = pts();

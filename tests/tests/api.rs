@@ -267,20 +267,9 @@ fn api_end_to_end() {
         Some(1)
     );
 
-    // Store verification: the whole store, one point, a point that does not exist.
-    let a = post(&base, "/api/v1/store/verify", Some(&admin), None);
-    assert_eq!(a.status, 200, "{}", a.body);
-    let r = a.json();
-    assert_eq!(r["ok"], true, "{r}");
-    assert!(r["points_checked"].as_u64() >= Some(1), "{r}");
-    let a = post(
-        &base,
-        "/api/v1/store/verify",
-        Some(&admin),
-        Some(r#"{"point":"v1/latest"}"#),
-    );
-    assert_eq!(a.status, 200, "{}", a.body);
-    assert_eq!(a.json()["points_checked"], 1);
+    // Store verification: a job of no VM (202 + its id), the whole store, one point; a point
+    // that does not exist or a bad body: refused before any job exists.
+    let jobs_before = get(&base, "/api/v1/jobs?limit=500", Some(&ro)).json();
     post(
         &base,
         "/api/v1/store/verify",
@@ -295,6 +284,58 @@ fn api_end_to_end() {
         Some(r#"{"pointt":"v1/latest"}"#),
     )
     .assert_error(400, "invalid_request");
+    post(&base, "/api/v1/store/verify", Some(&ro), None).assert_error(403, "forbidden");
+    assert_eq!(
+        get(&base, "/api/v1/jobs?limit=500", Some(&ro)).json(),
+        jobs_before,
+        "no job was started"
+    );
+    let a = post(&base, "/api/v1/store/verify", Some(&admin), None);
+    assert_eq!(a.status, 202, "{}", a.body);
+    let started = a.json();
+    assert_eq!(started["point"], Value::Null, "{started}");
+    let vj = started["job"].as_i64().expect("job id");
+    let j = finished_job(&base, &ro, vj, Duration::from_secs(60));
+    assert_eq!(j["kind"], "store-verify", "{j}");
+    assert_eq!(j["vm"], Value::Null, "{j}");
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["result"]["ok"], true, "{j}");
+    assert!(j["result"]["points_checked"].as_u64() >= Some(1), "{j}");
+    assert_eq!(
+        j["counts"]["points_read"], j["counts"]["points_total"],
+        "{j}"
+    );
+    let a = post(
+        &base,
+        "/api/v1/store/verify",
+        Some(&admin),
+        Some(r#"{"point":"v1/latest"}"#),
+    );
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert!(
+        a.json()["point"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("v1/")),
+        "{}",
+        a.body
+    );
+    let j = finished_job(
+        &base,
+        &ro,
+        a.json()["job"].as_i64().expect("job"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(j["result"]["points_checked"], 1, "{j}");
+    // The job list shows it as a job of no VM.
+    let listed = get(&base, "/api/v1/jobs?limit=5", Some(&ro)).json();
+    assert!(
+        listed
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .any(|x| x["id"] == vj && x["vm"].is_null()),
+        "{listed}"
+    );
 
     // The other actions, with the admin token.
     let a = post(
@@ -848,4 +889,171 @@ fn api_planned_failover_start_and_commit() {
     )
     .assert_error(404, "not_found");
     assert!(g2.stop().success());
+}
+
+/// Every file under `dir`.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// `store verify` as a job: one at a time (409 naming the running job), its figures and
+/// result when the store is intact; a corrupted chunk makes the job fail with the chunk and
+/// the broken point in its result, and the CLI following the job exits non-zero.
+#[test]
+fn api_store_verify_job() {
+    let qemu_io = require_tool("qemu-io");
+    let t = test_dir("api_verify");
+    let dd = site(t.path(), &[("d1", "8M")]);
+    let admin = token(&dd, "ops", false);
+    let g = Gateway::start(&dd, &["--api-listen", "127.0.0.1:0"]);
+    let base = origin(g.api.as_deref().expect("API address"));
+    // Data, so the point has chunks (different patterns: nothing deduplicates).
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+    for i in 0..8u64 {
+        args.push("-c".into());
+        args.push(format!("write -P {} {} 1M", i + 1, i << 20));
+    }
+    args.push(g.uri("d1"));
+    run(Command::new(&qemu_io).args(&args));
+    let a = post(
+        &base,
+        "/api/v1/vms",
+        Some(&admin),
+        Some(r#"{"vm":"v1","disks":["d1"]}"#),
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    wait_for(&dd, "v1 Protected", Duration::from_secs(60), || {
+        (state_of(&base, &admin, "v1").as_deref() == Some("Protected")).then_some(())
+    });
+
+    // While a verification runs (started here through the state database, as the gateway
+    // starts its own), another is refused with the running job's id.
+    let db = gateway::replication::Db::open(&dd).expect("state database");
+    let running = db
+        .start_job_alone("", gateway::replication::db::JobKind::StoreVerify)
+        .expect("database")
+        .expect("no verification runs yet");
+    let a = post(&base, "/api/v1/store/verify", Some(&admin), None);
+    a.assert_error(409, "conflict");
+    assert!(a.body.contains(&format!("job {running}")), "{}", a.body);
+    db.finish_job(
+        running,
+        gateway::replication::db::JobState::Failed,
+        "",
+        "test",
+    )
+    .expect("database");
+
+    // Intact: the job succeeds; its figures reached their totals.
+    let a = post(&base, "/api/v1/store/verify", Some(&admin), None);
+    assert_eq!(a.status, 202, "{}", a.body);
+    let j = finished_job(
+        &base,
+        &admin,
+        a.json()["job"].as_i64().expect("job"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["progress_percent"], 100.0, "{j}");
+    let c = &j["counts"];
+    assert!(c["chunks_total"].as_u64() > Some(0), "{j}");
+    assert_eq!(c["chunks_checked"], c["chunks_total"], "{j}");
+    assert_eq!(c["bytes_checked"], c["bytes_total"], "{j}");
+    assert_eq!(j["result"]["ok"], true, "{j}");
+    assert_eq!(j["result"]["chunks_checked"], c["chunks_checked"], "{j}");
+    assert!(
+        j["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("checked "),
+        "{j}"
+    );
+
+    // One chunk corrupted at rest.
+    let chunk = files_under(&dd.join("store").join("chunks"))
+        .into_iter()
+        .next()
+        .expect("a chunk file");
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff;
+    std::fs::write(&chunk, bytes).unwrap();
+    let a = post(&base, "/api/v1/store/verify", Some(&admin), None);
+    assert_eq!(a.status, 202, "{}", a.body);
+    let id = a.json()["job"].as_i64().expect("job");
+    let j = finished_job(&base, &admin, id, Duration::from_secs(60));
+    assert_eq!(j["state"], "failed", "{j}");
+    let r = &j["result"];
+    assert_eq!(r["ok"], false, "{j}");
+    assert_eq!(r["corrupt"].as_array().map(Vec::len), Some(1), "{j}");
+    let name = chunk.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        name.contains(r["corrupt"][0]["chunk"].as_str().unwrap()),
+        "{name}: {j}"
+    );
+    assert!(
+        r["corrupt"][0]["points"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("v1/"),
+        "{j}"
+    );
+    assert!(!r["broken_points"].as_array().unwrap().is_empty(), "{j}");
+    assert!(j["error"].as_str().unwrap().contains("damaged"), "{j}");
+
+    // The CLI follows a job of its own: plain progress lines (no terminal here), the report,
+    // exit status 1; --json prints the result.
+    let out = standby(&dd).args(["store", "verify"]).output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("CORRUPT chunk"), "{stdout}");
+    assert!(stdout.contains("broken points: v1/"), "{stdout}");
+    assert!(
+        stderr.contains("the running gateway verifies the store (job"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(": finished ("), "{stderr}");
+    assert!(stderr.contains("verification failed"), "{stderr}");
+    let out = standby(&dd)
+        .args(["store", "verify", "v1/latest", "--json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("--json");
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["points_checked"], 1, "{v}");
+    assert_eq!(v["corrupt"].as_array().map(Vec::len), Some(1), "{v}");
+    // `standby jobs` and `job show` name it a job of the store.
+    let text = run_stdout(standby(&dd).args(["job", "show", &id.to_string()]));
+    assert!(text.contains("store-verify of the replica store"), "{text}");
+    let text = run_stdout(standby(&dd).args(["jobs", "--limit", "50"]));
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{id} ")))
+        .unwrap_or_else(|| panic!("job {id} in:\n{text}"));
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cols[1..4], ["-", "store-verify", "failed"], "{line}");
+    let listed: Value =
+        serde_json::from_str(&run_stdout(standby(&dd).args(["jobs", "--json"]))).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["id"] == id && j["vm"].is_null()),
+        "{listed}"
+    );
+    g.stop();
 }

@@ -11,6 +11,7 @@
 //! from the VM view behind a confirmation, its job seen finishing and its export served
 //! (nbdinfo), then its cleanup.
 //!
+//! The store page's "Verify store" starts a verification job, followed to its result.
 //! Screenshots (PNG) are saved under `target/console-screenshots/` as test artifacts.
 
 use std::net::TcpListener;
@@ -598,6 +599,46 @@ fn console_in_a_headless_browser() {
         s.contains("Recovery points per VM") && s.contains("Replication policy")
     });
     b.screenshot("08-store");
+
+    // Verify the store from its page: the job's page opens, the job succeeds with its result;
+    // the Jobs tab lists it as a job of the store.
+    b.click("#verify-store");
+    b.wait_text(
+        "#page-title",
+        "the verification's job",
+        Duration::from_secs(10),
+        |s| s.starts_with("Job #"),
+    );
+    b.wait_text(
+        "#job-state",
+        "store verify job",
+        Duration::from_secs(60),
+        |s| s == "succeeded",
+    );
+    b.wait_text("#verify-verdict", "verdict", Duration::from_secs(10), |s| {
+        s == "intact"
+    });
+    let live = b.text("#live");
+    assert!(
+        live.contains("store-verify") && live.contains("Chunks checked"),
+        "{live}"
+    );
+    assert!(b.text("#notice").contains("Store verification started"));
+    b.screenshot("09-store-verify-job");
+    b.click("#nav a[data-page=jobs]");
+    until(
+        "the verification in the Jobs tab",
+        Duration::from_secs(10),
+        || {
+            let v = b.js(
+                "const r = [...document.querySelectorAll('#live tr[data-job]')]\
+               .find(r => r.querySelector('.kind').textContent === 'store-verify'); \
+             return r ? [r.children[1].textContent, r.querySelector('.state').textContent] : null;",
+                json!([]),
+            );
+            (v[0] == "replica store" && v[1] == "succeeded").then_some(())
+        },
+    );
 
     // Signing out forgets the token.
     b.click("#logout");

@@ -2,7 +2,10 @@
 //! (a real, strict parser: a malformed exposition fails the test), with values checked against
 //! known activity: writes and reads by qemu-io, a protected VM reaching Protected, its jobs,
 //! the bytes its writes appended to the change log, the store's objects and bytes against
-//! `store info --json`, the chunk cache's hits when an attached point is read twice.
+//! `store info --json`, the chunk cache's hits when an attached point is read twice. The store
+//! figures again on an S3 store (Garage on 127.0.0.1): equal to `store info --json` after the
+//! first point, refreshed after a later replication job, cache hits and misses moving when an
+//! attached point is read.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,8 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use standby_e2e::api::{origin, request, token};
+use standby_e2e::garage::Garage;
 use standby_e2e::nbd_client::RawClient;
-use standby_e2e::repl::{site, wait_for};
+use standby_e2e::repl::{fast_policy, site, wait_for};
 use standby_e2e::{require_tool, run, run_stdout, standby, Gateway};
 
 /// One sample: name, labels, value.
@@ -439,5 +443,174 @@ fn metrics_count_real_activity() {
     assert_eq!(a.status, 200, "{}", a.body);
     let (_, s3) = scrape(&base, &ro);
     assert!(value(&s3, "standby_vm_health", &[("vm", "v1")]).is_none());
+    g.stop();
+}
+
+/// `/metrics`' store objects and bytes (all, chunks, packs) against `store info --json`:
+/// `Some((samples, info))` when they are equal.
+fn store_figures_match(
+    dd: &std::path::Path,
+    env: &[(&str, &str)],
+    base: &str,
+    t: &str,
+) -> Option<(Vec<Sample>, serde_json::Value)> {
+    let info: serde_json::Value = serde_json::from_str(&run_stdout(
+        standby(dd)
+            .envs(env.iter().copied())
+            .args(["store", "info", "--json"]),
+    ))
+    .expect("store info --json");
+    let (_, s) = scrape(base, t);
+    let u = &info["usage"];
+    let same = |name: &str, kind: &str, field: &str| {
+        value(&s, name, &[("kind", kind)]) == u[field].as_f64()
+    };
+    (same("standby_store_objects", "all", "objects")
+        && same("standby_store_objects", "chunks", "chunks")
+        && same("standby_store_objects", "packs", "packs")
+        && same("standby_store_bytes", "all", "object_bytes")
+        && same("standby_store_bytes", "chunks", "chunk_bytes"))
+    .then_some((s, info))
+}
+
+/// qemu-io writes of 1 MiB, each with its own pattern byte (nothing deduplicates).
+fn write_patterns(qemu_io: &std::path::Path, uri: &str, first: u64, n: u64) {
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+    for i in first..first + n {
+        args.push("-c".into());
+        args.push(format!("write -P {} {} 1M", i + 1, i << 20));
+    }
+    args.push("-c".into());
+    args.push("flush".into());
+    args.push(uri.into());
+    run(Command::new(qemu_io).args(&args));
+}
+
+/// The store figures on an S3 store (Garage): `standby_store_objects` / `_bytes` equal
+/// `store info --json` once the first point is published, and again (higher) after a later
+/// replication job stored more; the usage age is recent; reading an attached point twice
+/// moves the cache misses, then the hits.
+#[test]
+fn store_metrics_on_s3() {
+    let qemu_io = require_tool("qemu-io");
+    let qemu_img = require_tool("qemu-img");
+    let garage = Garage::start();
+    let t = standby_e2e::test_dir("metrics-s3");
+    let dd = t.path().join("dd");
+    let env = [
+        ("AWS_ACCESS_KEY_ID", garage.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", garage.secret_key.as_str()),
+    ];
+    run(standby(&dd).args(["disk", "create", "d1", "--size", "16M"]));
+    run(standby(&dd)
+        .envs(env)
+        .args(["store", "init"])
+        .args(garage.store_init_args()));
+    fast_policy(&dd, "1s");
+    let ro = token(&dd, "prometheus", true);
+    let admin = token(&dd, "ops", false);
+    let g = Gateway::start_env(&dd, &["--api-listen", "127.0.0.1:0"], &env);
+    let base = origin(g.api.as_deref().expect("API address"));
+    write_patterns(&qemu_io, &g.uri("d1"), 0, 4);
+    let a = request(
+        "POST",
+        &format!("{base}/api/v1/vms"),
+        Some(&admin),
+        Some(r#"{"vm":"v1","disks":["d1"]}"#),
+        &[],
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+
+    wait_for(&dd, "v1 Protected", Duration::from_secs(90), || {
+        let a = request(
+            "GET",
+            &format!("{base}/api/v1/vms/v1"),
+            Some(&ro),
+            None,
+            &[],
+        );
+        (a.status == 200 && a.body.contains(r#""state":"Protected""#)).then_some(())
+    });
+
+    // After the first point: the figures are the S3 store's, as `store info` lists them.
+    let (s, info) = wait_for(
+        &dd,
+        "S3 store figures in /metrics matching store info",
+        Duration::from_secs(90),
+        || store_figures_match(&dd, &env, &base, &ro),
+    );
+    assert!(
+        info["location"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&garage.bucket),
+        "{info}"
+    );
+    let objects1 = value(&s, "standby_store_objects", &[("kind", "all")]).unwrap();
+    let bytes1 = value(&s, "standby_store_bytes", &[("kind", "all")]).unwrap();
+    let data_objects = value(&s, "standby_store_objects", &[("kind", "chunks")]).unwrap()
+        + value(&s, "standby_store_objects", &[("kind", "packs")]).unwrap();
+    assert!(data_objects >= 1.0, "the first point stored chunks: {info}");
+    let store_id = info["store_id"].as_str().expect("store_id").to_string();
+
+    // More data: a later replication job stores it; the figures follow (refreshed after the
+    // job), still equal to the listing.
+    write_patterns(&qemu_io, &g.uri("d1"), 8, 4);
+    let (s, info) = wait_for(
+        &dd,
+        "S3 store figures refreshed after a replication job",
+        Duration::from_secs(90),
+        || {
+            store_figures_match(&dd, &env, &base, &ro).filter(|(s, _)| {
+                value(s, "standby_store_bytes", &[("kind", "all")]).unwrap_or(0.0) > bytes1
+            })
+        },
+    );
+    let objects2 = value(&s, "standby_store_objects", &[("kind", "all")]).unwrap();
+    assert!(objects2 > objects1, "objects {objects1} then {objects2}");
+    let age = value(
+        &s,
+        "standby_store_usage_age_seconds",
+        &[("store", &store_id)],
+    )
+    .expect("usage age");
+    assert!((0.0..60.0).contains(&age), "usage age {age}");
+
+    // Cache: the first read of an attached point fetches chunks from S3 (misses), the second
+    // finds them in the cache (hits).
+    let a = request(
+        "POST",
+        &format!("{base}/api/v1/attachments"),
+        Some(&admin),
+        Some(r#"{"vm":"v1","disk":"d1"}"#),
+        &[],
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    let at: serde_json::Value = serde_json::from_str(&a.body).expect("attachment");
+    let uri = at["uri"].as_str().expect("uri").to_string();
+    let (_, s0) = scrape(&base, &ro);
+    let hits0 = value(&s0, "standby_store_cache_hits_total", &[]).expect("hits");
+    let misses0 = value(&s0, "standby_store_cache_misses_total", &[]).expect("misses");
+    let back = t.path().join("back.img");
+    run(Command::new(&qemu_img)
+        .args(["convert", "-f", "raw", "-O", "raw", &uri])
+        .arg(&back));
+    let (_, s1) = scrape(&base, &ro);
+    let misses1 = value(&s1, "standby_store_cache_misses_total", &[]).unwrap();
+    let hits1 = value(&s1, "standby_store_cache_hits_total", &[]).unwrap();
+    assert!(misses1 - misses0 >= 1.0, "misses {misses0} then {misses1}");
+    run(Command::new(&qemu_img)
+        .args(["convert", "-f", "raw", "-O", "raw", &uri])
+        .arg(&back));
+    let (_, s2) = scrape(&base, &ro);
+    let hits2 = value(&s2, "standby_store_cache_hits_total", &[]).unwrap();
+    let misses2 = value(&s2, "standby_store_cache_misses_total", &[]).unwrap();
+    assert!(hits2 - hits1 >= 1.0, "hits {hits0}, {hits1}, {hits2}");
+    assert_eq!(misses2, misses1, "the second read fetched nothing from S3");
+    eprintln!(
+        "S3 store: objects {objects1} -> {objects2}, bytes {bytes1} -> {}, usage age {age:.1} s; \
+         cache hits {hits0} -> {hits1} -> {hits2}, misses {misses0} -> {misses1} -> {misses2}",
+        info["usage"]["object_bytes"]
+    );
     g.stop();
 }

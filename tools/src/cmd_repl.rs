@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use gateway::failover::replica::OverlayKind;
 use gateway::replication::db::{Db, JobState};
-use gateway::replication::status::{vm_statuses, AttachmentView, HealthState, JobView, StepView};
+use gateway::replication::status::{vm_statuses, AttachmentView, HealthState, JobView};
 use gateway::replication::{actions, now_ms, Policy, ProtectionState};
 use gateway::DataDir;
 
@@ -435,7 +435,11 @@ pub async fn jobs(dd: &DataDir, a: JobsArgs) -> Result<()> {
             .map(|j| {
                 format!(
                     "#{} {} {} {:.0}% {}",
-                    j.id, j.vm, j.kind, j.progress, j.detail
+                    j.id,
+                    job_owner(j),
+                    j.kind,
+                    j.progress,
+                    j.detail
                 )
             })
             .collect::<Vec<_>>()
@@ -478,7 +482,7 @@ async fn watch_bars(db: &Db, a: &JobsArgs) -> Result<()> {
                 }
             } else if running {
                 let b = mp.add(ProgressBar::new(100).with_style(style.clone()));
-                b.set_prefix(format!("#{} {} {}", j.id, j.vm, j.kind));
+                b.set_prefix(format!("#{} {} {}", j.id, job_owner(j), j.kind));
                 b.set_position(j.progress as u64);
                 bars.insert(j.id, b);
             }
@@ -488,6 +492,15 @@ async fn watch_bars(db: &Db, a: &JobsArgs) -> Result<()> {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The VM column of a job: `-` for a job of the whole site (a store verification).
+fn job_owner(j: &gateway::replication::db::JobRow) -> &str {
+    if j.vm.is_empty() {
+        "-"
+    } else {
+        &j.vm
     }
 }
 
@@ -507,14 +520,14 @@ fn print_jobs(db: &Db, a: &JobsArgs) -> Result<()> {
             .unwrap_or_else(now_ms)
             .saturating_sub(j.created_ms);
         let detail = if j.error.is_empty() {
-            j.detail
+            &j.detail
         } else {
-            j.error
+            &j.error
         };
         println!(
             "{:>6}  {:<12} {:<20} {:<12} {:>5.0}  {:<21} {:>7.1} s  {}",
             j.id,
-            j.vm,
+            job_owner(&j),
             j.kind,
             j.state,
             j.progress,
@@ -533,12 +546,15 @@ pub fn job(dd: &DataDir, cmd: JobCommand) -> Result<()> {
         bail!("no job {id} (see `standby jobs`)");
     };
     if json {
-        let mut v = JobView::from(j);
-        v.steps = Some(steps.into_iter().map(StepView::from).collect());
+        let v = JobView::detail(&db, j, steps)?;
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("job {} : {} of VM {}", j.id, j.kind, j.vm);
+    if j.vm.is_empty() {
+        println!("job {} : {} of the replica store", j.id, j.kind);
+    } else {
+        println!("job {} : {} of VM {}", j.id, j.kind, j.vm);
+    }
     println!("  state     {} ({:.0}%)", j.state, j.progress);
     println!("  started   {}", time_of(j.created_ms));
     if let Some(f) = j.finished_ms {

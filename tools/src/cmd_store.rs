@@ -23,6 +23,7 @@ use replica_store::{
     StoreKey, StoreLocation,
 };
 
+use gateway::api::handlers::store::VerifyView;
 /// Name of the store location file in the data directory.
 pub use gateway::site::{LocationFile, LOCATION_FILE};
 
@@ -103,10 +104,22 @@ pub enum StoreCommand {
         json: bool,
     },
     /// Re-read and re-hash every chunk (of one point, or of the whole store).
+    ///
+    /// While a gateway runs, it verifies (a `store-verify` job, also shown by `standby jobs`
+    /// and the console) and this command follows the job: a progress bar on a terminal, a
+    /// plain line every few seconds otherwise. Ctrl-C stops following; the job carries on in
+    /// the gateway (`standby job show ID`). Without a gateway the CLI verifies itself. Exit
+    /// status 1 when anything is missing or corrupt (the report says what).
     Verify {
-        /// Only this point (VM/ID, ID or VM/latest).
-        #[arg(long)]
+        /// Only this point (VM/ID, ID or VM/latest); none: the whole store.
+        #[arg(value_name = "POINT", conflicts_with = "point_flag")]
         point: Option<String>,
+        /// Same as POINT (the older spelling).
+        #[arg(long = "point", value_name = "POINT", hide = true)]
+        point_flag: Option<String>,
+        /// Print the report as JSON (the `result` of the job, see docs/api.md) on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove chunks no recovery point references (two-phase, safe during uploads).
     Gc {
@@ -420,44 +433,33 @@ pub async fn run_store(cmd: StoreCommand, data_dir: &Path) -> anyhow::Result<()>
             }
             Ok(())
         }
-        StoreCommand::Verify { point } => {
+        StoreCommand::Verify {
+            point,
+            point_flag,
+            json,
+        } => {
+            let point = point.or(point_flag);
             if let crate::api_client::Target::Gateway(api) = crate::api_client::target(data_dir)? {
-                return verify_through(&api, point).await;
+                return verify_through(&api, point, json).await;
             }
-            let work = gateway::site::verify_store(data_dir, point.as_deref());
-            let report = crate::progress::around("store verify: read", None, "rchar", work).await?;
-            println!(
-                "checked {} points, {} chunks ({})",
-                report.points_checked,
-                report.chunks_checked,
-                human(report.bytes_checked)
-            );
-            for (key, why) in &report.bad_objects {
-                println!("BAD OBJECT {key}: {why}");
-            }
-            for m in &report.missing {
-                println!("MISSING chunk {} (used by {})", m.id, m.points.join(", "));
-            }
-            for c in &report.corrupt {
-                println!(
-                    "CORRUPT chunk {}: {} (used by {})",
-                    c.id,
-                    c.reason,
-                    c.points.join(", ")
-                );
-            }
-            if report.is_ok() {
-                println!("OK");
-                Ok(())
-            } else {
-                println!("broken points: {}", report.broken_points.join(", "));
-                bail!(
-                    "verification failed: {} missing, {} corrupt chunks, {} bad objects",
-                    report.missing.len(),
-                    report.corrupt.len(),
-                    report.bad_objects.len()
-                )
-            }
+            let counters = std::sync::Arc::new(replica_store::VerifyProgress::default());
+            let p = crate::progress::Progress::percent("store verify");
+            let work = gateway::site::verify_store(data_dir, point.as_deref(), &counters);
+            tokio::pin!(work);
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            let report = loop {
+                tokio::select! {
+                    r = &mut work => break r,
+                    _ = tick.tick() => {
+                        let c = counters.counts();
+                        p.set_percent_with(c.percent(), &verify_line(&c));
+                    }
+                }
+            };
+            let c = counters.counts();
+            p.set_percent_with(c.percent(), &verify_line(&c));
+            p.finish();
+            print_verify(&VerifyView::from(report?), json)
         }
         StoreCommand::Gc { dry_run, grace } => {
             let store = open_store(data_dir).await?;
@@ -694,63 +696,117 @@ pub async fn run_points(cmd: PointsCommand, data_dir: &Path) -> anyhow::Result<(
     }
 }
 
-/// `store verify` while a gateway runs: the gateway verifies (`POST /api/v1/store/verify`),
-/// the CLI prints its report as the offline verification does.
-async fn verify_through(api: &crate::api_client::Api, point: Option<String>) -> anyhow::Result<()> {
-    eprintln!("store verify: the running gateway verifies the store");
-    let r = api
-        .post("/store/verify", Some(serde_json::json!({ "point": point })))
-        .await?;
-    let list = |k: &str| r[k].as_array().cloned().unwrap_or_default();
-    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
-    let points = |v: &serde_json::Value| {
-        v["points"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| p.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default()
-    };
-    println!(
-        "checked {} points, {} chunks ({})",
-        r["points_checked"].as_u64().unwrap_or(0),
-        r["chunks_checked"].as_u64().unwrap_or(0),
-        human(r["bytes_checked"].as_u64().unwrap_or(0))
-    );
-    for b in list("bad_objects") {
-        println!("BAD OBJECT {}: {}", text(&b, "key"), text(&b, "reason"));
+/// A running verification in a few words.
+fn verify_line(c: &replica_store::VerifyCounts) -> String {
+    if c.points_total == 0 && c.chunks_total == 0 {
+        "listing the store".to_string()
+    } else if c.chunks_total == 0 {
+        format!("indexes of {} of {} points", c.points_read, c.points_total)
+    } else {
+        format!(
+            "{} of {} chunks ({})",
+            c.chunks_done,
+            c.chunks_total,
+            human(c.bytes_checked)
+        )
     }
-    for m in list("missing") {
+}
+
+/// Prints a verification's report (text, or the JSON of `--json`); an error when anything is
+/// wrong, so the exit status says it.
+fn print_verify(r: &VerifyView, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
         println!(
-            "MISSING chunk {} (used by {})",
-            text(&m, "chunk"),
-            points(&m)
+            "checked {} points, {} chunks ({})",
+            r.points_checked,
+            r.chunks_checked,
+            human(r.bytes_checked)
         );
+        for b in &r.bad_objects {
+            println!("BAD OBJECT {}: {}", b.key, b.reason);
+        }
+        for m in &r.missing {
+            println!(
+                "MISSING chunk {} (used by {})",
+                m.chunk,
+                m.points.join(", ")
+            );
+        }
+        for c in &r.corrupt {
+            println!(
+                "CORRUPT chunk {}: {} (used by {})",
+                c.chunk,
+                c.reason,
+                c.points.join(", ")
+            );
+        }
+        if r.ok {
+            println!("OK");
+        } else {
+            println!("broken points: {}", r.broken_points.join(", "));
+        }
     }
-    for c in list("corrupt") {
-        println!(
-            "CORRUPT chunk {}: {} (used by {})",
-            text(&c, "chunk"),
-            text(&c, "reason"),
-            points(&c)
-        );
-    }
-    if r["ok"].as_bool() == Some(true) {
-        println!("OK");
+    if r.ok {
         return Ok(());
     }
-    let broken: Vec<String> = list("broken_points")
-        .iter()
-        .filter_map(|p| p.as_str().map(str::to_string))
-        .collect();
-    println!("broken points: {}", broken.join(", "));
     bail!(
         "verification failed: {} missing, {} corrupt chunks, {} bad objects",
-        list("missing").len(),
-        list("corrupt").len(),
-        list("bad_objects").len()
+        r.missing.len(),
+        r.corrupt.len(),
+        r.bad_objects.len()
     )
+}
+
+/// `store verify` while a gateway runs: the gateway verifies as a job
+/// (`POST /api/v1/store/verify`); the CLI follows it (`GET /api/v1/jobs/{id}`) with a progress
+/// display and prints its result as the offline verification does. Ctrl-C stops following,
+/// not the job.
+async fn verify_through(
+    api: &crate::api_client::Api,
+    point: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let started = api
+        .post("/store/verify", Some(serde_json::json!({ "point": point })))
+        .await?;
+    let Some(job) = started["job"].as_i64() else {
+        bail!("the gateway's answer names no job: {started}");
+    };
+    eprintln!("store verify: the running gateway verifies the store (job {job})");
+    let p = crate::progress::Progress::percent(&format!("store verify (job {job})"));
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
+    let j = loop {
+        let j = api.get(&format!("/jobs/{job}")).await?;
+        p.set_percent_with(
+            j["progress_percent"].as_f64().unwrap_or(0.0),
+            j["detail"].as_str().unwrap_or_default(),
+        );
+        if j["state"].as_str() != Some("running") {
+            break j;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            _ = &mut interrupt => {
+                drop(p);
+                bail!(
+                    "stopped following: job {job} carries on in the gateway (see `standby job \
+                     show {job}`)"
+                );
+            }
+        }
+    };
+    p.finish();
+    if j["result"].is_null() {
+        bail!(
+            "store verification job {job} ended {}: {}",
+            j["state"].as_str().unwrap_or("?"),
+            j["error"].as_str().unwrap_or_default()
+        );
+    }
+    let r: VerifyView = serde_json::from_value(j["result"].clone())
+        .with_context(|| format!("the result of job {job} is not a verification report"))?;
+    print_verify(&r, json)
 }

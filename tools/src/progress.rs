@@ -1,4 +1,6 @@
 //! Progress of long-running commands (`store import/export/verify/gc`, `failover commit`).
+//! A figure may carry a message (e.g. `1200 of 5000 chunks`), shown after the bar and in the
+//! plain lines.
 //!
 //! On a terminal (stderr is a TTY) an indicatif bar — or a spinner when the total is not
 //! known — redrawn in place. Otherwise (logs, pipes, CI) plain lines on stderr, one when the
@@ -9,11 +11,13 @@
 //! Cheap to update: callers may report every chunk; the plain mode only formats a line when
 //! one is due.
 //!
-//! Work done by a library that reports no progress (the store's import, export, verify, gc) is
+//! Work done by a library that reports no progress (the store's import, export, gc) is
 //! measured from outside: [`sample`] reads this process's I/O counters ([`proc_io`]: bytes read
 //! or written through system calls, from `/proc/self/io`) every 200 ms on a thread of its own.
 //! That counts the image read by an import and the image written by an export closely (plus a
-//! little metadata); for verify and gc it is shown as bytes read so far, without a total.
+//! little metadata); for gc it is shown as bytes read so far, without a total. `store verify`
+//! reports its own counters (points, chunks, bytes of their totals), shown as a percent with a
+//! message ([`Progress::set_percent_with`]).
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,13 +45,14 @@ pub struct Progress {
     plain: Mutex<(Instant, u64)>,
     total: Mutex<Option<u64>>,
     pos: Mutex<u64>,
+    msg: Mutex<String>,
 }
 
 impl Progress {
     fn new(label: &str, unit: Unit, total: Option<u64>, tty: bool) -> Self {
         let bar = tty.then(|| {
             let template = match (unit, total) {
-                (Unit::Percent, _) => "{prefix} [{bar:40}] {pos:>3}% {msg}",
+                (Unit::Percent, _) => "{prefix} [{bar:40}] {pos:>3}% {elapsed} {msg}",
                 (Unit::Bytes, Some(_)) => {
                     "{prefix} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}"
                 }
@@ -74,6 +79,7 @@ impl Progress {
             plain: Mutex::new((Instant::now(), 0)),
             total: Mutex::new(total),
             pos: Mutex::new(0),
+            msg: Mutex::new(String::new()),
         };
         if p.bar.is_none() {
             eprintln!("{}: started", p.label);
@@ -99,6 +105,28 @@ impl Progress {
         self.set(pct.clamp(0.0, 100.0) as u64);
     }
 
+    /// A percent with a message that says what it counts; a plain line is due when either
+    /// moved.
+    pub fn set_percent_with(&self, pct: f64, msg: &str) {
+        let moved = {
+            let mut m = lock(&self.msg);
+            let moved = *m != msg;
+            if moved {
+                *m = msg.to_string();
+            }
+            moved
+        };
+        if let Some(b) = &self.bar {
+            if moved {
+                b.set_message(msg.to_string());
+            }
+        } else if moved {
+            // Let the figure's test below see a change even when the percent did not move.
+            lock(&self.plain).1 = u64::MAX;
+        }
+        self.set_percent(pct);
+    }
+
     /// Sets the figure (at most the total, when known: sampled counters overshoot a little).
     pub fn set(&self, pos: u64) {
         let pos = lock(&self.total).map_or(pos, |t| pos.min(t));
@@ -110,7 +138,16 @@ impl Progress {
         let mut last = lock(&self.plain);
         if last.0.elapsed() >= LINE_EVERY && last.1 != pos {
             *last = (Instant::now(), pos);
-            eprintln!("{}: {}", self.label, self.figure(pos));
+            eprintln!("{}: {}", self.label, self.figure_msg(pos));
+        }
+    }
+
+    fn figure_msg(&self, pos: u64) -> String {
+        let msg = lock(&self.msg);
+        if msg.is_empty() {
+            self.figure(pos)
+        } else {
+            format!("{} {msg}", self.figure(pos))
         }
     }
 
@@ -135,7 +172,7 @@ impl Progress {
             Some(b) => b.finish_and_clear(),
             None => {
                 let pos = *lock(&self.pos);
-                eprintln!("{}: finished ({})", self.label, self.figure(pos));
+                eprintln!("{}: finished ({})", self.label, self.figure_msg(pos));
             }
         }
     }
@@ -243,6 +280,8 @@ mod tests {
         p.set_percent(140.0);
         assert_eq!(*lock(&p.pos), 100);
         assert_eq!(p.figure(42), "42%");
+        p.set_percent_with(50.0, "10 of 20 chunks");
+        assert_eq!(p.figure_msg(50), "50% 10 of 20 chunks");
     }
 
     #[test]

@@ -148,7 +148,7 @@ pub fn spec() -> Value {
                 {"name": "vm", "in": "query", "required": false, "schema": {"type": "string"}},
                 {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 20}}
             ]))},
-            "/api/v1/jobs/{id}": {"get": with_params(op("One job with its steps", "the job", &[nf]), path_param("id", "job id", "integer"))},
+            "/api/v1/jobs/{id}": {"get": with_params(op("One job with its steps; a job that has them also its live `counts` and its `result` (store verify). `vm` is null for a job of the whole store", "the job", &[nf]), path_param("id", "job id", "integer"))},
             "/api/v1/points": {"get": with_params(op("Recovery points in the store, oldest first", "list of points", &[("400", "bad VM name"), ("503", "store not reachable")]), json!([
                 {"name": "vm", "in": "query", "required": false, "schema": {"type": "string"}}
             ]))},
@@ -168,7 +168,7 @@ pub fn spec() -> Value {
             "/api/v1/vms/{vm}/failover/start": {"post": with_params(action("Failover, on the recovery gateway: serve the VM's disks from a point, hydrate them into local images. Answers 202 with the job", "202", "started", Some(json!({"$ref": "#/components/schemas/FailoverRequest"}))), vm())},
             "/api/v1/vms/{vm}/failover/commit": {"post": with_params(action("Commit a failover: once hydrated, the disks become local disks. Answers 202 with the job (it finishes when hydration does)", "202", "started", None), vm())},
             "/api/v1/store": {"get": op("The replica store: location, settings, chunks and bytes, points per VM", "store information", &[("503", "store not reachable")])},
-            "/api/v1/store/verify": {"post": action("Verify a point or the whole store (re-read and re-hash chunks); answers when done, with `ok` and the problems found", "200", "verification report", Some(json!({"type": "object", "additionalProperties": false, "properties": {"point": {"type": "string", "description": "VM/ID, ID or VM/latest; none: the whole store"}}})))},
+            "/api/v1/store/verify": {"post": action("Verify a point or the whole store (re-read and re-hash every chunk) as a `store-verify` job of no VM. Answers 202 with `job` once it started (409 while another verification runs, 404 for an unknown point); GET /api/v1/jobs/{id} shows its `counts` while it runs and its `result` (`ok`, counts, missing/corrupt chunks, bad objects, broken points) at the end; problems found make the job `failed`", "202", "started", Some(json!({"type": "object", "additionalProperties": false, "properties": {"point": {"type": "string", "description": "VM/ID, ID or VM/latest; none: the whole store"}}})))},
             "/metrics": {"get": op("Prometheus metrics (OpenMetrics text, see docs/metrics.md)", "metrics", &[])}
         }
     })

@@ -11,7 +11,11 @@
 //! (unchanged since schema 1, so existing databases open as they are); the SQL binds states as
 //! parameters. No code compares states as strings.
 //!
-//! Longer than most files (~950 lines): each table's SQL sits next to its row type and
+//! A job belongs to a VM, or to no VM (`vm` is empty) when it concerns the whole site, such as
+//! a store verification; a job's live figures and outcome, when it has them, are JSON documents
+//! in `job_data` (a table added without a schema change: older versions ignore it).
+//!
+//! Longer than most files (~1100 lines): each table's SQL sits next to its row type and
 //! accessors, so the whole schema reads in one place; the tests are in `db_tests.rs`.
 
 use std::path::{Path, PathBuf};
@@ -126,6 +130,7 @@ pub struct DiskStat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobRow {
     pub id: i64,
+    /// Empty for a job of the whole site (a store verification).
     pub vm: String,
     pub kind: JobKind,
     pub state: JobState,
@@ -293,6 +298,8 @@ impl Db {
              CREATE TABLE IF NOT EXISTS checkpoint_chunks(
                 vm TEXT NOT NULL, disk TEXT NOT NULL, chunk INTEGER NOT NULL, id BLOB NOT NULL,
                 PRIMARY KEY(vm, disk, chunk));
+             CREATE TABLE IF NOT EXISTS job_data(
+                job INTEGER PRIMARY KEY, counts TEXT, result TEXT);
              CREATE TABLE IF NOT EXISTS vm_uploads(
                 vm TEXT PRIMARY KEY, points INTEGER NOT NULL, puts INTEGER NOT NULL,
                 bytes INTEGER NOT NULL);",
@@ -613,7 +620,65 @@ impl Db {
                 [],
             )
             .map_err(|e| self.err(e))?;
+        self.conn
+            .execute(
+                "DELETE FROM job_data WHERE job NOT IN (SELECT id FROM jobs)",
+                [],
+            )
+            .map_err(|e| self.err(e))?;
         Ok(id)
+    }
+
+    /// Starts a job of `kind` unless one of that kind is running: `Err(id)` names the running
+    /// one. Check and insert are one transaction, so two callers cannot both start one.
+    pub fn start_job_alone(&self, vm: &str, kind: JobKind) -> Result<Result<i64, i64>, DbError> {
+        self.write_tx(|| {
+            let running: Option<i64> = self
+                .conn
+                .query_row(
+                    "SELECT id FROM jobs WHERE kind=?1 AND state=?2 ORDER BY id LIMIT 1",
+                    params![kind, JobState::Running],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| self.err(e))?;
+            match running {
+                Some(id) => Ok(Err(id)),
+                None => self.start_job(vm, kind).map(Ok),
+            }
+        })
+    }
+
+    /// Records a job's live figures (`counts`) or its outcome (`result`), each a JSON
+    /// document; `None` leaves the stored one.
+    pub fn set_job_data(
+        &self,
+        id: i64,
+        counts: Option<&str>,
+        result: Option<&str>,
+    ) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "INSERT INTO job_data(job, counts, result) VALUES(?1, ?2, ?3)
+                 ON CONFLICT(job) DO UPDATE SET counts=COALESCE(?2, counts),
+                 result=COALESCE(?3, result)",
+                params![id, counts, result],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// A job's live figures and outcome as [`Db::set_job_data`] stored them.
+    pub fn job_data(&self, id: i64) -> Result<(Option<String>, Option<String>), DbError> {
+        self.conn
+            .query_row(
+                "SELECT counts, result FROM job_data WHERE job=?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map(Option::unwrap_or_default)
+            .map_err(|e| self.err(e))
     }
 
     pub fn job_progress(&self, id: i64, progress: f64, detail: &str) -> Result<(), DbError> {
@@ -656,9 +721,16 @@ impl Db {
             .conn
             .execute(
                 "UPDATE jobs SET state=?2, finished_ms=?1,
-                 error='the gateway stopped while the job ran (it resumes in a new job)'
+                 error=CASE WHEN kind=?4
+                   THEN 'the gateway stopped while the verification ran (nothing resumes it: ask again)'
+                   ELSE 'the gateway stopped while the job ran (it resumes in a new job)' END
                  WHERE state=?3",
-                params![now_ms() as i64, JobState::Interrupted, JobState::Running],
+                params![
+                    now_ms() as i64,
+                    JobState::Interrupted,
+                    JobState::Running,
+                    JobKind::StoreVerify
+                ],
             )
             .map_err(|e| self.err(e))?;
         self.conn

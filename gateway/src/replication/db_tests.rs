@@ -31,6 +31,34 @@ fn vm_jobs_and_checkpoints_round_trip() {
     assert!(steps.iter().all(|s| s.state == StepState::Done));
     assert_eq!(steps.len(), 2);
     assert!(steps.iter().all(|s| s.finished_ms.is_some()));
+    // A site-wide job runs alone and keeps its figures and outcome.
+    let v = db
+        .start_job_alone("", JobKind::StoreVerify)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        db.start_job_alone("", JobKind::StoreVerify).unwrap(),
+        Err(v)
+    );
+    assert_eq!(db.job_data(v).unwrap(), (None, None));
+    db.set_job_data(v, Some(r#"{"n":1}"#), None).unwrap();
+    db.set_job_data(v, None, Some(r#"{"ok":true}"#)).unwrap();
+    assert_eq!(
+        db.job_data(v).unwrap(),
+        (Some(r#"{"n":1}"#.into()), Some(r#"{"ok":true}"#.into()))
+    );
+    db.finish_job(v, JobState::Failed, "", "bad").unwrap();
+    let w = db
+        .start_job_alone("", JobKind::StoreVerify)
+        .unwrap()
+        .unwrap();
+    assert_ne!(v, w);
+    assert_eq!(db.job(w).unwrap().unwrap().0.vm, "");
+    // A gateway stop leaves it interrupted, saying nothing resumes it.
+    db.interrupt_running_jobs().unwrap();
+    let (jw, _) = db.job(w).unwrap().unwrap();
+    assert_eq!(jw.state, JobState::Interrupted);
+    assert!(jw.error.contains("nothing resumes it"), "{}", jw.error);
     let c = Checkpoint {
         vm: "web".into(),
         disk: "a".into(),

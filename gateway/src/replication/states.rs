@@ -105,6 +105,8 @@ stored_enum! {
         Failover = "failover",
         FailoverPrepare = "failover-prepare",
         FailoverCommit = "failover-commit",
+        /// Re-read and re-hash the replica store (or one point); a job of no VM.
+        StoreVerify = "store-verify",
     }
 }
 

@@ -175,11 +175,12 @@ impl From<StepRow> for StepView {
     }
 }
 
-/// A replication or failover job.
+/// A replication, failover or store job.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobView {
     pub id: i64,
-    pub vm: String,
+    /// None (JSON null) for a job of the whole site: a store verification.
+    pub vm: Option<String>,
     pub kind: JobKind,
     pub state: JobState,
     pub progress_percent: f64,
@@ -191,6 +192,28 @@ pub struct JobView {
     /// Only in the detail of one job.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<StepView>>,
+    /// Only in the detail of one job that reports them: the figures behind
+    /// `progress_percent` (store verify: points, chunks and bytes checked and their totals).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counts: Option<serde_json::Value>,
+    /// Only in the detail of one finished job that has an outcome (store verify: the
+    /// verification report).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+}
+
+impl JobView {
+    /// The detail of one job: its steps, live figures and outcome.
+    pub fn detail(db: &Db, j: JobRow, steps: Vec<StepRow>) -> Result<JobView, DbError> {
+        let (counts, result) = db.job_data(j.id)?;
+        // Written by this program as JSON; a damaged document reads as its text.
+        let parse = |t: String| serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t));
+        let mut v = JobView::from(j);
+        v.steps = Some(steps.into_iter().map(StepView::from).collect());
+        v.counts = counts.map(parse);
+        v.result = result.map(parse);
+        Ok(v)
+    }
 }
 
 impl From<JobRow> for JobView {
@@ -199,7 +222,7 @@ impl From<JobRow> for JobView {
         Self {
             duration_seconds: end.saturating_sub(j.created_ms) as f64 / 1000.0,
             id: j.id,
-            vm: j.vm,
+            vm: (!j.vm.is_empty()).then_some(j.vm),
             kind: j.kind,
             state: j.state,
             progress_percent: j.progress,
@@ -208,6 +231,8 @@ impl From<JobRow> for JobView {
             detail: j.detail,
             error: j.error,
             steps: None,
+            counts: None,
+            result: None,
         }
     }
 }

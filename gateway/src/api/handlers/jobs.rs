@@ -1,4 +1,5 @@
-//! `GET /api/v1/jobs?vm=&limit=` (newest first) and `GET /api/v1/jobs/{id}` (with steps).
+//! `GET /api/v1/jobs?vm=&limit=` (newest first; a store-wide job has `vm: null`) and
+//! `GET /api/v1/jobs/{id}` (with steps, and the live figures and outcome of a job that has them).
 
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use serde::Deserialize;
 
 use crate::api::error::ApiError;
 use crate::api::ApiState;
-use crate::replication::status::{JobView, StepView};
+use crate::replication::status::JobView;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,9 +53,7 @@ pub async fn one(
                 "no job {id} (see GET /api/v1/jobs)"
             )));
         };
-        let mut v = JobView::from(j);
-        v.steps = Some(steps.into_iter().map(StepView::from).collect());
-        Ok(v)
+        Ok(JobView::detail(db, j, steps)?)
     })
     .await
     .map(Json)

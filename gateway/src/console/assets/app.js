@@ -6,6 +6,8 @@
 //   #/store), so links, the back button and bookmarks work. Each page has controls built once
 //   (forms, action buttons: never rebuilt under the operator's fingers) and a live part that is
 //   reloaded every POLL_MS; focus inside the live part is kept across reloads.
+// - A job of no VM (store verify) is shown as the replica store's; a job's live `counts` and
+//   its `result` (a verification report) are shown on its page.
 // - Every error shown is the API's own `error` sentence; state changes and action results are
 //   announced through the polite live region (#notice).
 // - Nothing here writes HTML from strings: elements are built with `el()` and text nodes, so no
@@ -113,7 +115,8 @@ const STATE_CLASS = {
   Protected: "good", normal: "good", succeeded: "good", healthy: "good", served: "good",
   InitialReplication: "busy", EnablingProtection: "busy", FinalizeProtection: "busy",
   Resyncing: "busy", running: "busy", warning: "warn", ResyncRequired: "warn",
-  interrupted: "warn", Critical: "bad", critical: "bad", failed: "bad",
+  interrupted: "warn", Critical: "bad", critical: "bad", failed: "bad", intact: "good",
+  damaged: "bad",
 };
 
 function badge(text) {
@@ -142,6 +145,8 @@ function facts(pairs) {
 
 const vmLink = (name) => el("a", { href: `#/vms/${enc(name)}`, "data-key": `vm-${name}` }, name);
 const jobLink = (id) => el("a", { href: `#/jobs/${id}`, "data-key": `job-${id}` }, `#${id}`);
+/** What a job concerns: its VM, or the replica store for a job of no VM (store verify). */
+const jobOwner = (j) => (j.vm ? vmLink(j.vm) : el("a", { href: "#/store" }, "replica store"));
 
 // ---- Messages ------------------------------------------------------------------------------
 
@@ -268,10 +273,10 @@ function timeline(points) {
 
 function jobsTable(jobs, caption, withVm) {
   return table(caption,
-    ["Job", withVm ? "VM" : null, "Kind", "State", "Progress", "Started", ["Duration", "num"], "Detail or error"].filter(Boolean),
+    ["Job", withVm ? "VM or store" : null, "Kind", "State", "Progress", "Started", ["Duration", "num"], "Detail or error"].filter(Boolean),
     jobs.map((j) => el("tr", { "data-job": j.id },
       el("th", { scope: "row" }, jobLink(j.id)),
-      withVm ? el("td", {}, j.vm ? vmLink(j.vm) : "–") : null,
+      withVm ? el("td", {}, jobOwner(j)) : null,
       el("td", { class: "kind" }, j.kind),
       el("td", { class: "state" }, badge(j.state)),
       el("td", {}, progress(j.progress_percent, `job ${j.id} progress`)),
@@ -394,12 +399,39 @@ const jobsPage = {
   render: (_r, jobs) => jobsTable(jobs, "The last 50 jobs, newest first, refreshed every 2 seconds", true),
 };
 
+/** The live figures of a job that reports them (store verify). */
+function jobCounts(c, running) {
+  if (!c) return null;
+  return [el("h2", {}, running ? "Checked so far" : "Checked"), facts([
+    ["Points", `${c.points_read} of ${c.points_total}`],
+    ["Chunks", el("span", { id: "job-chunks" }, `${c.chunks_checked} of ${c.chunks_total}`)],
+    ["Bytes", `${bytes(c.bytes_checked)} of ${bytes(c.bytes_total)}`],
+  ])];
+}
+
+/** The outcome of a finished store verification. */
+function verifyResult(r) {
+  if (!r || typeof r !== "object") return null;
+  const problems = (list, what) => list.map((p) => el("tr", {},
+    el("td", {}, what), el("td", { class: "mono" }, p.chunk), el("td", {}, p.reason), el("td", {}, p.points.join(", ") || "–")));
+  return [el("h2", {}, "Verification result"), facts([
+    ["Verdict", el("span", { id: "verify-verdict" }, r.ok ? badge("intact") : badge("damaged"))],
+    ["Points checked", String(r.points_checked)],
+    ["Chunks checked", `${r.chunks_checked} (${bytes(r.bytes_checked)})`],
+    ["Broken points", r.broken_points.length ? el("span", { class: "bad mono" }, r.broken_points.join(", ")) : "none"],
+  ]),
+  table("Chunks missing or corrupt", ["Problem", "Chunk", "Reason", "Used by"],
+    [...problems(r.missing, "missing"), ...problems(r.corrupt, "corrupt")], "No chunk is missing or corrupt."),
+  r.bad_objects.length ? table("Objects that cannot be read", ["Object", "Reason"],
+    r.bad_objects.map((b) => el("tr", {}, el("td", { class: "mono" }, b.key), el("td", {}, b.reason))), "") : null];
+}
+
 const jobPage = {
   title: (r) => `Job #${r.id}`,
   load: (r) => api("GET", `/jobs/${enc(r.id)}`),
   render: (_r, j) => el("div", {},
     facts([
-      ["VM", j.vm ? vmLink(j.vm) : "–"],
+      [j.vm ? "VM" : "Concerns", jobOwner(j)],
       ["Kind", j.kind],
       ["State", el("span", { id: "job-state" }, badge(j.state))],
       ["Progress", progress(j.progress_percent, "job progress")],
@@ -409,6 +441,8 @@ const jobPage = {
       ["Detail", j.detail || "–"],
       ["Error", j.error ? el("span", { class: "bad" }, j.error) : "–"],
     ]),
+    jobCounts(j.counts, j.state === "running"),
+    verifyResult(j.result),
     el("h2", {}, "Steps"),
     table(`Steps of job #${j.id}`, [["#", "num"], "Step", "State", "Started", "Finished", "Detail"],
       (j.steps || []).map((s) => el("tr", {},
@@ -444,14 +478,28 @@ function attachmentsTable(list) {
 const storePage = {
   title: () => "Replica store",
   load: async () => {
-    const [store, policy, attachments] = await Promise.all([
+    const [store, policy, attachments, jobs] = await Promise.all([
       api("GET", "/store").catch((e) => ({ error: e.message })),
       api("GET", "/policy"),
       api("GET", "/attachments"),
+      api("GET", "/jobs?limit=100"),
     ]);
-    return { store, policy, attachments };
+    return { store, policy, attachments, verifies: jobs.filter((j) => j.kind === "store-verify").slice(0, 5) };
   },
-  render: (_r, { store, policy, attachments }) => el("div", {},
+  controls: () => {
+    const b = el("button", { type: "button", id: "verify-store", "aria-describedby": "verify-help" }, "Verify store");
+    b.addEventListener("click", () => act(b, "Verify store", async () => {
+      const x = await api("POST", "/store/verify", {});
+      location.hash = `#/jobs/${x.job}`;
+      return `Store verification started (job #${x.job}).`;
+    }));
+    return el("section", { "aria-labelledby": "store-actions-title" },
+      el("h2", { id: "store-actions-title" }, "Actions"),
+      el("div", { class: "actions" }, b),
+      el("p", { id: "verify-help", class: "muted" },
+        "Verify store reads and re-hashes every chunk of every recovery point (read-only, but it reads the whole store: on a remote store that is all its bytes). It runs as a job; one at a time."));
+  },
+  render: (_r, { store, policy, attachments, verifies }) => el("div", {},
     store.error ? el("p", { class: "error" }, store.error) : facts([
       ["Location", el("span", { class: "mono" }, store.location)],
       ["Store id", el("span", { class: "mono" }, store.store_id)],
@@ -465,6 +513,8 @@ const storePage = {
     store.vms ? table("Recovery points per VM", ["VM", ["Points", "num"]],
       Object.entries(store.vms).map(([vm, n]) => el("tr", {}, el("th", { scope: "row" }, vm), el("td", { class: "num" }, String(n)))),
       "No VM has points in the store.") : null,
+    el("h2", {}, "Verifications"),
+    jobsTable(verifies, "The last store verifications", false),
     el("h2", {}, "Replication policy"),
     facts(Object.entries(policy).map(([k, v]) => [k.replaceAll("_", " "), v === null ? "–" : String(v)])),
     el("h2", {}, "Attachments and failovers"),
