@@ -264,6 +264,13 @@ fn a_failing_failover_command_fails_the_job_and_keeps_the_exports() {
             .cloned()
             .unwrap_or_else(|| panic!("no launch step: {job}"));
         assert_eq!(launch["state"], "failed", "{job}");
+        if command.starts_with("sh ") {
+            // The attachment says how the VM ended.
+            let p = vm_process(&base, &admin);
+            assert_eq!(p["state"], "exited", "{p}");
+            assert_eq!(p["exit_code"].as_i64(), Some(3), "{p}");
+            assert_eq!(p["exit"], "exited with status 3", "{p}");
+        }
         // The exports stay: the admin can boot by hand.
         assert!(
             served(&g.uri("vm.os.test")),

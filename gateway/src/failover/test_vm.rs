@@ -341,6 +341,13 @@ impl Engine {
             Ok(Err(_)) | Err(_) => None,
         };
         let pid = st.vm_process.as_ref().map(|v| v.pid).unwrap_or(0);
+        if let Some(rec) = exit {
+            // The reaper may have seen the exit before the pid was on the row: record it here
+            // too, so the attachment shows how it ended.
+            let vm = st.vm.clone();
+            self.act_db(move |db| record_exit(db, &vm, pid, &rec))
+                .await?;
+        }
         match exit {
             Some(rec) if !rec.success() => {
                 let why = format!(
