@@ -22,6 +22,10 @@
 //! ([`super::test_vm`]); here are the rows and steps around it.
 //!
 //! Synchronous (SQLite, sleeps while waiting): call from a blocking thread, not a tokio worker.
+//!
+//! Past 700 lines on purpose: every failover action's validation and writes are kept in this
+//! one file so that the CLI's offline path and the engine share them line for line; the test
+//! VM's process handling is in [`super::test_vm`] and [`super::launch`].
 
 use std::path::Path;
 use std::time::{Duration, Instant};

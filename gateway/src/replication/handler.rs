@@ -1,7 +1,9 @@
 //! How the engine carries out an admin request ([`super::requests::Request`]) the moment the
 //! supervisor takes it: the action's validation and writes on the blocking pool (one
 //! implementation: [`super::actions`], [`crate::failover::actions`]), then its effect — a
-//! worker started or woken, exports served or dropped — and then the answer.
+//! worker started or woken, exports served or dropped, a test failover's VM launched
+//! ([`crate::failover::test_vm`]; its 2 s grace runs as a task beside the engine, which answers
+//! the request when it ends) or stopped — and then the answer.
 //!
 //! The planned failover and the commit answer with their job at once; their waits run as
 //! tasks of the engine (with a database connection of their own) that finish the job.
