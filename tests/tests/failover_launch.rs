@@ -2,7 +2,8 @@
 //! command is a real program (qemu-img copying the served disk, then a sleeping "VM") started
 //! by a test failover from the CLI and from a raw API POST; its pid is recorded and shown
 //! (`vm_process`), it runs in a session of its own, and a cleanup (API or CLI) stops it —
-//! the process is gone — then drops the exports and overlays. `launch: false` boots nothing.
+//! the process is gone — then drops the exports and overlays. A gateway restart leaves the VM
+//! running and still stoppable. `launch: false` boots nothing.
 //! A failover command that cannot be executed, or that exits 3 at once, fails the request
 //! (`500 launch_failed`, the CLI exits non-zero) and the job with the error and the VM log's
 //! last lines; the exports stay served and the cleanup still works.
@@ -46,8 +47,19 @@ fn copying_vm() -> String {
     )
 }
 
+/// Whether `pid` runs (a zombie left to a non-reaping parent after the gateway exited does
+/// not count).
 fn alive(pid: u64) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s[s.rfind(')')? + 1..]
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
 }
 
 /// Session id (field 6 of /proc/PID/stat).
@@ -114,8 +126,8 @@ fn test_failover_launches_the_vm_from_the_cli_and_the_api() {
     let t = test_dir("launch");
     let (dd, want) = site_with_point(t.path());
     let admin = token(&dd, "ops", false);
-    let g = Gateway::start(&dd, &["--api-listen", "127.0.0.1:0"]);
-    let base = origin(&g.api.clone().expect("API address"));
+    let mut g = Gateway::start(&dd, &["--api-listen", "127.0.0.1:0"]);
+    let mut base = origin(&g.api.clone().expect("API address"));
     run(standby(&dd)
         .args(["policy", "set", "--failover-command"])
         .arg(copying_vm()));
@@ -187,6 +199,14 @@ fn test_failover_launches_the_vm_from_the_cli_and_the_api() {
     copy_matches(&dd, &want);
     assert!(alive(pid));
     assert_eq!(vm_process(&base, &admin)["pid"].as_u64(), Some(pid));
+    // A gateway restart does not stop the VM; the new gateway still knows it.
+    g.stop();
+    assert!(alive(pid), "the VM died with the gateway");
+    g = Gateway::start(&dd, &["--api-listen", "127.0.0.1:0"]);
+    base = origin(&g.api.clone().expect("API address"));
+    let p = vm_process(&base, &admin);
+    assert_eq!(p["pid"].as_u64(), Some(pid), "{p}");
+    assert_eq!(p["state"], "running", "{p}");
     // Cleanup through the CLI (which asks the gateway).
     let out = run_stdout(standby(&dd).args(["failover", "cleanup", "vm"]));
     assert!(out.contains(&format!("VM process {pid} stopped")), "{out}");
