@@ -8,8 +8,9 @@
 //! page; the VM view (state, health, RPO, recovery points timeline); a resync started from the
 //! console and its job seen finishing in the Jobs tab, with its steps; unprotect behind a
 //! confirmation dialog (cancel changes nothing, confirm unprotects); a test failover started
-//! from the VM view behind a confirmation, its job seen finishing and its export served
-//! (nbdinfo), then its cleanup.
+//! from the VM view behind a confirmation whose "Boot the VM" box is checked (a failover
+//! command is configured), its job seen finishing, its export served (nbdinfo) and its
+//! launched VM shown running on the VM view, then its cleanup, which stops that process.
 //!
 //! The store page's "Verify store" starts a verification job, followed to its result.
 //! Screenshots (PNG) are saved under `target/console-screenshots/` as test artifacts.
@@ -499,9 +500,26 @@ fn console_in_a_headless_browser() {
     b.wait_text("#vm-state", "state", Duration::from_secs(10), |s| {
         s.starts_with("Protected")
     });
+    let a = request(
+        "POST",
+        &format!("{base}/api/v1/policy"),
+        Some(&admin),
+        Some(r#"{"failover_command": "sleep 120"}"#),
+        &[],
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
     b.click("#test-failover");
     b.find("#confirm[open]");
     assert!(b.text("#confirm-text").contains("VM v1"));
+    assert_eq!(
+        b.js(
+            "return document.getElementById('boot-vm').checked",
+            json!([])
+        ),
+        json!(true),
+        "the boot box is checked when a failover command is configured"
+    );
+    assert!(b.text("#confirm-extra").contains("sleep 120"));
     b.screenshot("05-confirm-test-failover");
     b.click("#confirm-ok");
     let notice = b.wait_text(
@@ -543,12 +561,29 @@ fn console_in_a_headless_browser() {
         Duration::from_secs(10),
         |s| s.contains("v1.d1.test"),
     );
+    b.wait_text(
+        "#test-vm-state",
+        "the launched VM",
+        Duration::from_secs(10),
+        |s| s.starts_with("running"),
+    );
+    let pid: u32 = b
+        .text("#test-vm-pid")
+        .trim_start_matches("pid ")
+        .parse()
+        .expect("the VM's pid");
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    b.screenshot("06b-test-failover-vm");
     b.click("#test-cleanup");
     b.find("#confirm[open]");
     b.click("#confirm-ok");
     b.wait_text("#notice", "cleanup notice", Duration::from_secs(30), |s| {
-        s.contains("test failover removed")
+        s.contains("test failover removed") && s.contains(&format!("VM process {pid} stopped"))
     });
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the VM survived the cleanup"
+    );
     let o = Command::new(&nbdinfo)
         .arg(g.uri("v1.d1.test"))
         .output()

@@ -128,7 +128,10 @@ fn failover_command_values_are_arguments_not_shell() {
         (ran.exists() || t.path().join("INJECTED").exists()).then_some(())
     });
     assert!(ran.exists());
-    assert!(!t.path().join("INJECTED").exists(), "the shell ran $(…)");
+    // The gateway runs the command in the test failover's directory.
+    for cwd in [t.path(), &dd.join("failover/vm/test"), &dd] {
+        assert!(!cwd.join("INJECTED").exists(), "the shell ran $(…)");
+    }
     // The values are in the environment too.
     assert!(dd.join("failover/vm/test/env-vm").exists());
     run(standby(&dd).args(["failover", "cleanup", "vm"]));

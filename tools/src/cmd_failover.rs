@@ -4,28 +4,27 @@
 //! Every subcommand names its action first and the VM last, so any VM name works (a VM named
 //! `commit` included). These actions are the running gateway's: they go to its API
 //! ([`crate::api_client`]), whose engine validates and carries them out at once
-//! ([`gateway::failover::actions`]); this file prints where the disks are, follows the long
-//! jobs (planned failover, commit) through the API, and — for a test failover — launches the
-//! policy's failover command as the admin's child process ([`crate::launch`], recorded with
-//! the gateway so its cleanup stops it), which the API never does. With no gateway running,
-//! `detach` and `failover cleanup` change the state database themselves, and the others say
-//! what is wrong with the request, then that the gateway must run.
+//! ([`gateway::failover::actions`]); this file prints where the disks are and the VM a test
+//! failover launched (the gateway launches and stops it: [`gateway::failover::test_vm`]),
+//! and follows the long jobs (planned failover, commit) through the API. With no gateway
+//! running, `detach` and `failover cleanup` (which then stops the recorded VM itself) change
+//! the state database themselves, and the others say what is wrong with the request, then
+//! that the gateway must run.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use gateway::failover::actions::CleanedUp;
 use gateway::failover::actions::{
     self, AttachRequest, CommitStarted, FailoverMode, FailoverRequest, FailoverStarted,
 };
-use gateway::failover::replica::OverlayKind;
+use gateway::failover::test_vm::{LaunchOutcome, VmState};
 use gateway::replication::actions::ActionError;
 use gateway::replication::db::Db;
-use gateway::replication::requests::LaunchedVm;
 use gateway::DataDir;
 
 use crate::api_client::{self, seg, Api, Target};
 use crate::cmd_store::{human, open_store, time_of};
-use crate::launch::{self, LaunchValues, Stopped};
 use crate::progress::Progress;
 
 #[derive(clap::Args)]
@@ -49,7 +48,7 @@ pub enum FailoverCommand {
     Test {
         #[command(flatten)]
         point: PointArgs,
-        /// Do not launch the configured failover command.
+        /// Do not launch the configured failover command (the gateway launches it otherwise).
         #[arg(long)]
         no_launch: bool,
     },
@@ -193,6 +192,7 @@ async fn start(dd: &DataDir, mode: FailoverMode, a: PointArgs, launch: bool) -> 
         vm: a.vm,
         point: a.point,
         accept_store_rollback: a.accept_store_rollback,
+        launch,
     };
     actions::check_failover_name(&req).map_err(action)?;
     check_offline(dd, &req.vm, &req.point, req.accept_store_rollback).await?;
@@ -207,10 +207,13 @@ async fn start(dd: &DataDir, mode: FailoverMode, a: PointArgs, launch: bool) -> 
         FailoverMode::Test => "test",
         FailoverMode::Failover => "start",
     };
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "point": req.point,
         "accept_store_rollback": req.accept_store_rollback,
     });
+    if mode == FailoverMode::Test {
+        body["launch"] = serde_json::Value::Bool(launch);
+    }
     let r = tokio::time::timeout(
         Duration::from_secs(a.wait.max(1)),
         api.post(
@@ -230,12 +233,12 @@ async fn start(dd: &DataDir, mode: FailoverMode, a: PointArgs, launch: bool) -> 
     if let Some(w) = &s.warning {
         eprintln!("warning: {w}");
     }
-    println!("{}", report(dd, &api, &s, launch).await?);
+    println!("{}", report(&s));
     Ok(())
 }
 
-/// What a served (test) failover prints; launches the VM of a test failover.
-async fn report(dd: &DataDir, api: &Api, s: &FailoverStarted, launch: bool) -> Result<String> {
+/// What a served (test) failover prints, with the VM the gateway launched.
+fn report(s: &FailoverStarted) -> String {
     let vm = &s.vm;
     let mut lines = vec![format!(
         "VM {vm} {} from point {} ({}, {}): disks served in {:.2} s",
@@ -259,66 +262,19 @@ async fn report(dd: &DataDir, api: &Api, s: &FailoverStarted, launch: bool) -> R
         lines.push(format!(
             "  hydrating into local images in the background (see `standby status`); then `standby failover commit {vm}`"
         ));
-        return Ok(lines.join("\n"));
+        return lines.join("\n");
     }
-    let policy: gateway::replication::Policy =
-        serde_json::from_value(api.get("/policy").await?).context("the API's policy")?;
-    match (&policy.failover_command, launch) {
-        (Some(cmd), true) => {
-            // `vm` passed validate_name: the directory is inside the data directory.
-            let dir = dd.root().join("failover").join(vm).join("test");
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
-            let addr = s
-                .uris
-                .first()
-                .and_then(|u| u.strip_prefix("nbd://"))
-                .and_then(|u| u.split_once('/'))
-                .map(|(a, _)| a.to_string())
-                .unwrap_or_default();
-            let vals = LaunchValues {
-                addr: &addr,
-                vm,
-                point: &s.point,
-                dir: &dir,
-                exports: &s.exports,
-            };
-            let argv = launch::expand(cmd, &vals)?;
-            let log_path = dir.join("vm.log");
-            let log = std::fs::File::create(&log_path)
-                .with_context(|| format!("creating {}", log_path.display()))?;
-            let child = std::process::Command::new(&argv[0])
-                .args(&argv[1..])
-                .envs(vals.env())
-                .stdin(std::process::Stdio::null())
-                .stdout(log.try_clone().context("duplicating the VM log's descriptor")?)
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("launching {argv:?}"))?;
-            let started = launch::start_time(child.id()).unwrap_or(0);
-            let launched = LaunchedVm {
-                pid: child.id(),
-                start_time: started,
-                command: cmd.clone(),
-            };
-            api.post(
-                &format!("/vms/{}/failover/test/vm", seg(vm)),
-                Some(serde_json::to_value(&launched)?),
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "the VM was launched (pid {}) but the gateway did not record it: stop it yourself before `standby failover cleanup {vm}`",
-                    child.id()
-                )
-            })?;
-            lines.push(format!(
-                "  VM launched (pid {}), output in {}",
-                child.id(),
-                log_path.display()
-            ));
+    match (s.launch, &s.vm_process) {
+        (LaunchOutcome::Launched, Some(p)) => {
+            lines.push(format!("  VM launched (pid {}), output in {}", p.pid, p.log));
+            if p.state == VmState::Exited {
+                lines.push(format!(
+                    "  the VM process {}",
+                    p.exit.as_deref().unwrap_or("exited")
+                ));
+            }
         }
-        (None, true) => lines.push(
+        (LaunchOutcome::NoCommand, _) => lines.push(
             "  no failover command configured (`standby policy set --failover-command ...`): boot the VM from the exports above".into(),
         ),
         _ => {}
@@ -326,59 +282,36 @@ async fn report(dd: &DataDir, api: &Api, s: &FailoverStarted, launch: bool) -> R
     lines.push(format!(
         "  replication continues; remove with `standby failover cleanup {vm}`"
     ));
-    Ok(lines.join("\n"))
-}
-
-fn stop_vm(pid: u32, started: Option<u64>) -> String {
-    match started {
-        Some(t) => match launch::stop_pid(pid, t, Duration::from_secs(5)) {
-            Stopped::Gone => "already exited",
-            Stopped::Reused => "already exited (its pid is now another process's: not signalled)",
-            Stopped::Terminated => "stopped",
-            Stopped::Killed => "killed after 5 s",
-        },
-        None => "not signalled (no start time recorded for its pid)",
-    }
-    .into()
+    lines.join("\n")
 }
 
 async fn cleanup(dd: &DataDir, vm: &str) -> Result<()> {
-    let n = match api_client::target(dd.root())? {
+    let done: CleanedUp = match api_client::target(dd.root())? {
         Target::Gateway(api) => {
-            // The VM this CLI launched is stopped here (the gateway never signals processes);
-            // the gateway then drops the exports and overlays.
-            actions::check_failover_name(&FailoverRequest {
-                vm: vm.into(),
-                point: String::new(),
-                accept_store_rollback: false,
-            })
-            .map_err(action)?;
-            let db = db(dd)?;
-            let mut stopped = Vec::new();
-            for r in actions::vm_attachments(&db, vm, OverlayKind::Test).map_err(action)? {
-                if let Some(pid) = r.pid {
-                    let started = db
-                        .get_value(&actions::pid_start_key(&r.export))?
-                        .and_then(|v| v.parse::<u64>().ok());
-                    stopped.push(stop_vm(pid, started));
-                }
-            }
-            let body = (!stopped.is_empty())
-                .then(|| serde_json::json!({ "vm_stopped": stopped.join("; ") }));
+            // The gateway stops the VM it launched, then drops the exports and overlays.
             let r = api
-                .post(&format!("/vms/{}/failover/cleanup", seg(vm)), body)
+                .post(&format!("/vms/{}/failover/cleanup", seg(vm)), None)
                 .await?;
-            r["exports"].as_array().map(Vec::len).unwrap_or(0)
+            serde_json::from_value(r).context("the API's answer")?
         }
         Target::Offline => {
-            let db = db(dd)?;
-            actions::cleanup_test(dd, &db, vm, Some(&stop_vm))
-                .map_err(action)?
-                .exports
-                .len()
+            // Stopping the VM waits (up to twice the stop grace): not on a runtime worker.
+            let (dd, vm) = (dd.clone(), vm.to_string());
+            tokio::task::spawn_blocking(move || {
+                let db = db(&dd)?;
+                actions::cleanup_test(&dd, &db, &vm).map_err(action)
+            })
+            .await
+            .context("the cleanup task")??
         }
     };
-    println!("test failover of VM {vm} removed ({n} disks)");
+    for s in &done.stopped_vms {
+        println!("VM process {} {}", s.pid, s.detail);
+    }
+    println!(
+        "test failover of VM {vm} removed ({} disks)",
+        done.exports.len()
+    );
     Ok(())
 }
 

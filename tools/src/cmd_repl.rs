@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use gateway::failover::replica::OverlayKind;
+use gateway::failover::test_vm::VmState;
 use gateway::replication::db::{Db, JobState};
 use gateway::replication::status::{vm_statuses, AttachmentView, HealthState, JobView};
 use gateway::replication::{actions, now_ms, Policy, ProtectionState};
@@ -296,10 +297,9 @@ fn ago(ms: u64) -> String {
 pub fn status(dd: &DataDir, json: bool) -> Result<()> {
     let db = open_db(dd)?;
     let vms = vm_statuses(&db)?;
-    let attachments = db.attachments()?;
+    let attachments: Vec<AttachmentView> =
+        gateway::failover::test_vm::attachment_views(dd.root(), &db)?;
     if json {
-        let attachments: Vec<AttachmentView> =
-            attachments.into_iter().map(AttachmentView::from).collect();
         let out = serde_json::json!({"vms": vms, "attachments": attachments});
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -366,7 +366,7 @@ pub fn status(dd: &DataDir, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn print_attachments(attachments: &[gateway::replication::db::Attachment]) {
+fn print_attachments(attachments: &[AttachmentView]) {
     if attachments.is_empty() {
         return;
     }
@@ -383,19 +383,18 @@ fn print_attachments(attachments: &[gateway::replication::db::Attachment]) {
             a.vm,
             a.disk,
             a.point,
-            if a.rw { "rw" } else { "ro" },
+            if a.writable { "rw" } else { "ro" },
             a.state
         );
         if a.kind == OverlayKind::Failover {
-            line.push_str(&format!(" (hydrated {:.0}%)", a.progress));
+            line.push_str(&format!(" (hydrated {:.0}%)", a.hydrated_percent));
         }
-        if let Some(pid) = a.pid {
-            // SAFETY: signal 0 only checks whether the process exists.
-            let alive = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0;
-            line.push_str(&format!(
-                " VM pid {pid} {}",
-                if alive { "running" } else { "exited" }
-            ));
+        if let Some(p) = &a.vm_process {
+            let state = match p.state {
+                VmState::Running => "running".to_string(),
+                VmState::Exited => p.exit.clone().unwrap_or_else(|| "exited".into()),
+            };
+            line.push_str(&format!(" VM pid {} {state} (output in {})", p.pid, p.log));
         }
         if !a.error.is_empty() {
             line.push_str(&format!(" error: {}", a.error));

@@ -7,7 +7,6 @@ mod cmd_mount;
 mod cmd_repl;
 mod cmd_store;
 mod cmd_token;
-mod launch;
 mod pinned_tls;
 mod progress;
 mod store_seen;

@@ -54,6 +54,18 @@ fn action(summary: &str, ok_code: &str, ok: &str, body: Option<Value>) -> Value 
     o
 }
 
+/// The test failover: `action` plus its `500 launch_failed`.
+fn test_failover() -> Value {
+    let mut o = action("Test failover: overlays and exports for every disk at one point (replication untouched), then the policy's failover_command launched unless `launch` is false. Answers 202 once every disk is served and the VM ran for 2 s, with the job (finished), `exports`, `uris`, `served_secs`, `launch` (not_requested, no_command, launched) and `vm_process` (pid, state, exit, log)", "202", "served, VM launched", Some(json!({"$ref": "#/components/schemas/FailoverRequest"})));
+    if let Some(r) = o.get_mut("responses").and_then(Value::as_object_mut) {
+        r.insert(
+            "500".into(),
+            json!({"description": "launch_failed: the failover command could not be executed or exited non-zero within 2 s; the job failed with this message, the exports stay served", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}),
+        );
+    }
+    o
+}
+
 fn path_param(name: &str, what: &str, ty: &str) -> Value {
     json!([{"name": name, "in": "path", "required": true, "description": what, "schema": {"type": ty}}])
 }
@@ -106,7 +118,8 @@ pub fn spec() -> Value {
                     "type": "object", "additionalProperties": false,
                     "properties": {
                         "point": {"type": "string", "default": "latest"},
-                        "accept_store_rollback": {"type": "boolean", "default": false}
+                        "accept_store_rollback": {"type": "boolean", "default": false},
+                        "launch": {"type": "boolean", "default": true, "description": "test failover only: launch the policy's failover_command once the disks are served"}
                     }
                 },
                 "ResyncRequest": {
@@ -161,9 +174,8 @@ pub fn spec() -> Value {
                 "post": action("Attach a recovery point as an NBD export; answers once it is served, with its `uri`", "201", "attached", Some(json!({"$ref": "#/components/schemas/AttachRequest"})))
             },
             "/api/v1/attachments/{export}/detach": {"post": with_params(action("Stop serving an attached point (not a test failover's or failover's exports)", "200", "detached", None), path_param("export", "export name", "string"))},
-            "/api/v1/vms/{vm}/failover/test": {"post": with_params(action("Test failover: overlays and exports for every disk at one point (replication untouched; no VM is launched). Answers 202 once every disk is served, with the job (finished), `exports`, `uris` and `served_secs`", "202", "served", Some(json!({"$ref": "#/components/schemas/FailoverRequest"}))), vm())},
-            "/api/v1/vms/{vm}/failover/test/vm": {"post": with_params(action("Record the VM process a test failover launched (what `standby failover test` does after launching it), so its cleanup stops it", "204", "recorded", Some(json!({"type": "object", "additionalProperties": false, "required": ["pid", "start_time", "command"], "properties": {"pid": {"type": "integer"}, "start_time": {"type": "integer", "description": "field 22 of /proc/PID/stat"}, "command": {"type": "string"}}}))), vm())},
-            "/api/v1/vms/{vm}/failover/cleanup": {"post": with_params(action("Remove a test failover: its exports and overlays. Refused while a VM launched by the CLI is recorded, unless the body says what stopped it", "200", "removed", Some(json!({"type": "object", "additionalProperties": false, "properties": {"vm_stopped": {"type": "string", "description": "what the caller did to the launched VM (e.g. `stopped`)"}}}))), vm())},
+            "/api/v1/vms/{vm}/failover/test": {"post": with_params(test_failover(), vm())},
+            "/api/v1/vms/{vm}/failover/cleanup": {"post": with_params(action("Remove a test failover: stop its launched VM (SIGTERM, SIGKILL after 5 s; only the recorded process), then drop its exports and overlays. `stopped_vms` says what happened to the VM", "200", "removed", None), vm())},
             "/api/v1/vms/{vm}/failover/prepare": {"post": with_params(action("Planned failover, on the primary, after the VM is shut down: replicate the last changes, then stop protecting it here. Answers 202 with the job", "202", "started", None), vm())},
             "/api/v1/vms/{vm}/failover/start": {"post": with_params(action("Failover, on the recovery gateway: serve the VM's disks from a point, hydrate them into local images. Answers 202 with the job", "202", "started", Some(json!({"$ref": "#/components/schemas/FailoverRequest"}))), vm())},
             "/api/v1/vms/{vm}/failover/commit": {"post": with_params(action("Commit a failover: once hydrated, the disks become local disks. Answers 202 with the job (it finishes when hydration does)", "202", "started", None), vm())},

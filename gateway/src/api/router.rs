@@ -36,7 +36,6 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::POST, "/api/v1/attachments"),
     (Method::POST, "/api/v1/attachments/{export}/detach"),
     (Method::POST, "/api/v1/vms/{vm}/failover/test"),
-    (Method::POST, "/api/v1/vms/{vm}/failover/test/vm"),
     (Method::POST, "/api/v1/vms/{vm}/failover/cleanup"),
     (Method::POST, "/api/v1/vms/{vm}/failover/prepare"),
     (Method::POST, "/api/v1/vms/{vm}/failover/start"),
@@ -90,7 +89,6 @@ pub fn router(state: Arc<ApiState>) -> Router {
             post(failover::detach),
         )
         .route("/api/v1/vms/{vm}/failover/test", post(failover::test))
-        .route("/api/v1/vms/{vm}/failover/test/vm", post(failover::test_vm))
         .route("/api/v1/vms/{vm}/failover/cleanup", post(failover::cleanup))
         .route("/api/v1/vms/{vm}/failover/prepare", post(failover::prepare))
         .route("/api/v1/vms/{vm}/failover/start", post(failover::failover))

@@ -17,11 +17,15 @@
 //! (`Store::list_points_checked`) and pass them in; the rollback check ([`check_points`]) is
 //! here so both front ends refuse the same stores.
 //!
-//! Starting and stopping a test failover's VM process (the policy's failover command) is the
-//! CLI's: it runs as the admin's child process. The API never starts processes; its cleanup
-//! refuses while a VM launched by the CLI still runs on the exports.
+//! A test failover's VM process (the policy's failover command) is launched by the engine
+//! once the disks are served and stopped by the cleanup before the exports are dropped
+//! ([`super::test_vm`]); here are the rows and steps around it.
 //!
 //! Synchronous (SQLite, sleeps while waiting): call from a blocking thread, not a tokio worker.
+//!
+//! Past 700 lines on purpose: every failover action's validation and writes are kept in this
+//! one file so that the CLI's offline path and the engine share them line for line; the test
+//! VM's process handling is in [`super::test_vm`] and [`super::launch`].
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -30,6 +34,7 @@ use replica_store::{Consistency, PointMeta};
 use serde::{Deserialize, Serialize};
 
 use super::replica::{is_overlay_dir, overlay_dir, OverlayKind};
+use super::test_vm::{self, LaunchOutcome, StoppedVm, VmProcess};
 use crate::catalog::DataDir;
 use crate::replication::actions::ActionError;
 use crate::replication::db::{Attachment, AttachmentState, Db, JobKind, JobState, Phase};
@@ -375,6 +380,14 @@ pub struct FailoverRequest {
     /// Use the store even if its newest point is older than one this gateway has seen.
     #[serde(default)]
     pub accept_store_rollback: bool,
+    /// Test failover: launch the policy's failover command once the disks are served
+    /// (default); ignored by a failover.
+    #[serde(default = "yes")]
+    pub launch: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A test failover or failover under way: its job and exports.
@@ -397,6 +410,24 @@ pub struct FailoverStarted {
     /// `nbd://HOST:PORT/EXPORT` of every export, in `exports`' order (empty until served).
     #[serde(default)]
     pub uris: Vec<String>,
+    /// Test failover: whether its VM was launched.
+    #[serde(default)]
+    pub launch: LaunchOutcome,
+    /// Why the launch failed (`launch` is `failed`; the job failed with this message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_error: Option<String>,
+    /// The launched VM process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_process: Option<VmProcess>,
+}
+
+/// The `host:port` of the first `nbd://HOST:PORT/EXPORT` URI (empty if none).
+pub fn addr_of(uris: &[String]) -> String {
+    uris.first()
+        .and_then(|u| u.strip_prefix("nbd://"))
+        .and_then(|u| u.split_once('/'))
+        .map(|(a, _)| a.to_string())
+        .unwrap_or_default()
 }
 
 /// Checks the VM name before the store is listed.
@@ -480,6 +511,9 @@ pub fn start_failover(
         warning,
         served_secs: 0.0,
         uris: Vec::new(),
+        launch: LaunchOutcome::NotRequested,
+        launch_error: None,
+        vm_process: None,
     })
 }
 
@@ -569,45 +603,33 @@ pub fn vm_attachments(
         .collect())
 }
 
-/// State-database key of the start time of a launched VM's process.
-pub fn pid_start_key(export: &str) -> String {
-    format!("vm_pid_start:{export}")
-}
-
-/// How a test failover's cleanup stops its VM process: `(pid, recorded start time)` → what
-/// happened, for the job's step. `None`: this caller cannot stop processes (the API), so a
-/// cleanup with a running VM is refused.
-pub type StopVm<'a> = Option<&'a dyn Fn(u32, Option<u64>) -> String>;
-
 /// What a cleanup removed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CleanedUp {
     pub vm: String,
     pub job: i64,
     pub exports: Vec<String>,
+    /// The launched VM processes it stopped (or found gone), before dropping the exports.
+    #[serde(default)]
+    pub stopped_vms: Vec<StoppedVm>,
 }
 
-/// Removes a test failover: stops its VM (`stop`), drops its exports and overlays. For a data
-/// directory no gateway serves (the CLI's offline path); the running engine runs
-/// [`begin_cleanup`], drops the exports, then [`finish_cleanup`].
-pub fn cleanup_test(
-    dd: &DataDir,
-    db: &Db,
-    vm: &str,
-    stop: StopVm<'_>,
-) -> Result<CleanedUp, ActionError> {
-    let (done, rows) = begin_cleanup(db, vm, stop)?;
+/// Removes a test failover: stops its VM, drops its exports and overlays. For a data
+/// directory no gateway serves (the CLI's offline path); the running engine stops the VM
+/// ([`test_vm::cleanup_targets`], [`test_vm::stop`]) without holding its database
+/// connection, then runs [`begin_cleanup`], drops the exports, then [`finish_cleanup`].
+pub fn cleanup_test(dd: &DataDir, db: &Db, vm: &str) -> Result<CleanedUp, ActionError> {
+    let stopped: Vec<StoppedVm> = test_vm::cleanup_targets(db, vm)?
+        .into_iter()
+        .map(test_vm::stop)
+        .collect();
+    let (done, rows) = begin_cleanup(db, vm, stopped)?;
     finish_cleanup(dd, db, &done, &rows)?;
     Ok(done)
 }
 
-/// Validates a cleanup, starts its job, stops the VM (`stop`) and removes the attachment rows;
-/// returns them for [`finish_cleanup`].
-pub fn begin_cleanup(
-    db: &Db,
-    vm: &str,
-    stop: StopVm<'_>,
-) -> Result<(CleanedUp, Vec<Attachment>), ActionError> {
+/// The attachment rows of `vm`'s test failover; refuses a bad name or no test failover.
+pub fn test_rows(db: &Db, vm: &str) -> Result<Vec<Attachment>, ActionError> {
     name("VM", vm)?;
     let rows = vm_attachments(db, vm, OverlayKind::Test)?;
     if rows.is_empty() {
@@ -615,26 +637,21 @@ pub fn begin_cleanup(
             "VM {vm} has no test failover"
         )));
     }
-    if stop.is_none() {
-        if let Some(r) = rows.iter().find(|r| r.pid.is_some()) {
-            return Err(ActionError::Conflict(format!(
-                "a VM launched by `standby failover test` runs on {} (pid {}): clean up with `standby failover cleanup {vm}`, which stops it first",
-                r.export,
-                r.pid.unwrap_or_default()
-            )));
-        }
-    }
+    Ok(rows)
+}
+
+/// Validates a cleanup, starts its job (with a "stop VM" step for each of `stopped`, what
+/// was done to the VM processes) and removes the attachment rows; returns them for
+/// [`finish_cleanup`].
+pub fn begin_cleanup(
+    db: &Db,
+    vm: &str,
+    stopped: Vec<StoppedVm>,
+) -> Result<(CleanedUp, Vec<Attachment>), ActionError> {
+    let rows = test_rows(db, vm)?;
     let job = db.start_job(vm, JobKind::TestFailoverCleanup)?;
-    if let Some(stop) = stop {
-        for r in &rows {
-            if let Some(pid) = r.pid {
-                let started = db
-                    .get_value(&pid_start_key(&r.export))?
-                    .and_then(|v| v.parse::<u64>().ok());
-                let what = stop(pid, started);
-                db.step(job, "stop VM", &format!("pid {pid}: {what}"))?;
-            }
-        }
+    for s in &stopped {
+        db.step(job, "stop VM", &format!("pid {}: {}", s.pid, s.detail))?;
     }
     db.step(job, "remove exports and overlays", "")?;
     for r in &rows {
@@ -645,6 +662,7 @@ pub fn begin_cleanup(
             vm: vm.into(),
             job,
             exports: rows.iter().map(|r| r.export.clone()).collect(),
+            stopped_vms: stopped,
         },
         rows,
     ))
@@ -669,43 +687,16 @@ pub fn finish_cleanup(
             tracing::warn!(dir = %r.dir, "not removing a directory outside this data directory's overlays");
         }
     }
-    db.finish_job(
-        done.job,
-        JobState::Succeeded,
-        &format!("{} exports removed", rows.len()),
-        "",
-    )?;
-    Ok(())
-}
-
-/// Records the VM process a test failover launched (its cleanup stops it): on the first
-/// export's row, with the process's start time, and as a step of the test failover's job.
-pub fn record_test_vm(
-    db: &Db,
-    vm: &str,
-    pid: u32,
-    start_time: u64,
-    command: &str,
-) -> Result<(), ActionError> {
-    name("VM", vm)?;
-    let rows = vm_attachments(db, vm, OverlayKind::Test)?;
-    let Some(first) = rows.first() else {
-        return Err(ActionError::NotFound(format!(
-            "VM {vm} has no test failover"
-        )));
-    };
-    if pid == 0 {
-        return Err(ActionError::Invalid("pid 0 is not a process".into()));
+    let vms: Vec<String> = done
+        .stopped_vms
+        .iter()
+        .map(|s| format!("VM pid {} {}", s.pid, s.detail))
+        .collect();
+    let mut detail = format!("{} exports removed", rows.len());
+    if !vms.is_empty() {
+        detail = format!("{}; {detail}", vms.join("; "));
     }
-    if let Some(j) = db
-        .jobs(50, Some(vm))?
-        .into_iter()
-        .find(|j| j.kind == JobKind::TestFailover)
-    {
-        db.step(j.id, "launch VM", command)?;
-    }
-    db.set_value(&pid_start_key(&first.export), &start_time.to_string())?;
-    db.set_attachment_pid(&first.export, Some(pid))?;
+    db.finish_job(done.job, JobState::Succeeded, &detail, "")?;
     Ok(())
 }
 

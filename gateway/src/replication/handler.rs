@@ -1,7 +1,9 @@
 //! How the engine carries out an admin request ([`super::requests::Request`]) the moment the
 //! supervisor takes it: the action's validation and writes on the blocking pool (one
 //! implementation: [`super::actions`], [`crate::failover::actions`]), then its effect — a
-//! worker started or woken, exports served or dropped — and then the answer.
+//! worker started or woken, exports served or dropped, a test failover's VM launched
+//! ([`crate::failover::test_vm`]; its 2 s grace runs as a task beside the engine, which answers
+//! the request when it ends) or stopped — and then the answer.
 //!
 //! The planned failover and the commit answer with their job at once; their waits run as
 //! tasks of the engine (with a database connection of their own) that finish the job.
@@ -19,6 +21,7 @@ use super::requests::Request;
 use super::supervisor::Workers;
 use crate::catalog::DataDir;
 use crate::failover::actions as fa;
+use crate::failover::test_vm::{self, LaunchOutcome, PendingLaunch};
 
 /// How long a planned failover waits for its final replication.
 const PREPARE_WAIT: Duration = Duration::from_secs(600);
@@ -113,21 +116,24 @@ impl Engine {
                 req,
                 points,
                 reply,
-            } => {
-                let _ = reply.send(self.serve_failover(mode, req, points, t0).await);
-            }
-            Request::TestVmLaunched {
-                vm,
-                vm_process: p,
-                reply,
-            } => {
-                let out = self
-                    .act(move |_, db| fa::record_test_vm(db, &vm, p.pid, p.start_time, &p.command))
-                    .await;
-                let _ = reply.send(out);
-            }
-            Request::Cleanup { vm, stopped, reply } => {
-                let _ = reply.send(self.serve_cleanup(vm, stopped).await);
+            } => match self.serve_failover(mode, req, points, t0).await {
+                // The launched VM's grace period runs beside the engine, which takes the next
+                // requests meanwhile (its pid is recorded: a cleanup stops it).
+                Ok((st, Some(pending))) => {
+                    let me = Arc::clone(self);
+                    tokio::spawn(async move {
+                        let _ = reply.send(me.await_test_vm(st, pending).await);
+                    });
+                }
+                Ok((st, None)) => {
+                    let _ = reply.send(Ok(st));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Request::Cleanup { vm, reply } => {
+                let _ = reply.send(self.serve_cleanup(vm).await);
             }
             Request::Prepare(vm, reply) => {
                 let v = vm.clone();
@@ -184,13 +190,17 @@ impl Engine {
         Ok(at)
     }
 
+    /// Serves a (test) failover's disks; a test failover then launches its VM (unless asked
+    /// not to): its job finishes once the launch's grace period is over
+    /// ([`Engine::await_test_vm`]).
     async fn serve_failover(
         self: &Arc<Self>,
         mode: fa::FailoverMode,
         req: fa::FailoverRequest,
         points: Vec<replica_store::PointMeta>,
         t0: Instant,
-    ) -> Result<fa::FailoverStarted, ActionError> {
+    ) -> Result<(fa::FailoverStarted, Option<PendingLaunch>), ActionError> {
+        let launch = mode == fa::FailoverMode::Test && req.launch;
         let mut st = self
             .act(move |dd, db| fa::start_failover(dd, db, mode, &req, &points))
             .await?;
@@ -216,33 +226,28 @@ impl Engine {
             .iter()
             .map(|(_, e)| format!("nbd://{addr}/{e}"))
             .collect();
+        if launch {
+            let pending = self.launch_test_vm(&mut st).await?;
+            if pending.is_some() || st.launch == LaunchOutcome::Failed {
+                return Ok((st, pending));
+            }
+        }
         let s = st.clone();
-        self.act(move |_, db| {
-            fa::finish_failover(
-                db,
-                &s,
-                Ok(&format!(
-                    "disks served in {:.2} s: {}",
-                    s.served_secs,
-                    s.uris.join(" ")
-                )),
-            )
-        })
-        .await?;
-        Ok(st)
+        self.act(move |_, db| fa::finish_failover(db, &s, Ok(&test_vm::served_detail(&s))))
+            .await?;
+        Ok((st, None))
     }
 
-    async fn serve_cleanup(
-        self: &Arc<Self>,
-        vm: String,
-        stopped: Option<String>,
-    ) -> Result<fa::CleanedUp, ActionError> {
+    /// Stops the test failover's VM (on the blocking pool, not holding the engine's database
+    /// connection), then removes its exports and overlays.
+    async fn serve_cleanup(self: &Arc<Self>, vm: String) -> Result<fa::CleanedUp, ActionError> {
+        let v = vm.clone();
+        let targets = self
+            .act(move |_, db| test_vm::cleanup_targets(db, &v))
+            .await?;
+        let stopped = blocking(move || targets.into_iter().map(test_vm::stop).collect()).await;
         let (done, rows) = self
-            .act(move |_, db| {
-                let stop = |_: u32, _: Option<u64>| stopped.clone().unwrap_or_default();
-                let stop: fa::StopVm<'_> = if stopped.is_some() { Some(&stop) } else { None };
-                fa::begin_cleanup(db, &vm, stop)
-            })
+            .act(move |_, db| fa::begin_cleanup(db, &vm, stopped))
             .await?;
         // Drops the exports and their overlays.
         self.sync_attachments().await;
@@ -267,7 +272,6 @@ fn request_name(r: &Request) -> &'static str {
             ..
         } => "test failover",
         Request::Failover { .. } => "failover",
-        Request::TestVmLaunched { .. } => "test failover VM launched",
         Request::Cleanup { .. } => "test failover cleanup",
         Request::Prepare(..) => "planned failover",
         Request::Commit(..) => "failover commit",

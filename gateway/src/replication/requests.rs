@@ -15,9 +15,9 @@
 //!   VM row, the policy, the attachment rows, the jobs): the engine reads those at start, so a
 //!   request answered before a crash is carried out after the restart;
 //! - the answer comes after the action took effect (an attach is answered once its export is
-//!   served, a (test) failover once its disks are served and its job finished), except for the
-//!   long ones (planned failover, commit), answered with their job id while the engine works
-//!   on them.
+//!   served, a (test) failover once its disks are served, its VM launched and its job
+//!   finished), except for the long ones (planned failover, commit), answered with their job
+//!   id while the engine works on them.
 
 use replica_store::PointMeta;
 use tokio::sync::{mpsc, oneshot};
@@ -35,19 +35,6 @@ pub type Reply<T> = oneshot::Sender<Result<T, ActionError>>;
 
 /// How many requests may wait for the engine (senders wait beyond that).
 pub const QUEUE: usize = 64;
-
-/// A launched test-failover VM, recorded so that its cleanup stops it
-/// (`POST /api/v1/vms/{vm}/failover/test/vm`; the CLI launches it).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LaunchedVm {
-    /// The VM's process id.
-    pub pid: u32,
-    /// Its start time (field 22 of `/proc/PID/stat`), so a reused pid is never signalled.
-    pub start_time: u64,
-    /// The command line launched (the job's "launch VM" step).
-    pub command: String,
-}
 
 /// One admin request and where to answer it.
 #[derive(Debug)]
@@ -71,24 +58,17 @@ pub enum Request {
         reply: Reply<Attached>,
     },
     Detach(String, Reply<Attachment>),
-    /// Test failover or failover of every disk of a VM.
+    /// Test failover or failover of every disk of a VM (a test failover also launches its
+    /// VM, answered after the launch's grace period).
     Failover {
         mode: FailoverMode,
         req: FailoverRequest,
         points: Vec<PointMeta>,
         reply: Reply<FailoverStarted>,
     },
-    /// Record the VM a test failover launched.
-    TestVmLaunched {
-        vm: String,
-        vm_process: LaunchedVm,
-        reply: Reply<()>,
-    },
-    /// Remove a test failover. `stopped`: what the caller did to the VM it launched (the
-    /// gateway never signals processes); `None` refuses while one is recorded.
+    /// Remove a test failover: stop its VM, drop its exports and overlays.
     Cleanup {
         vm: String,
-        stopped: Option<String>,
         reply: Reply<CleanedUp>,
     },
     /// Planned failover on the primary: answered with the job, finished by the engine.
@@ -166,22 +146,8 @@ impl EngineHandle {
         .await
     }
 
-    pub async fn test_vm_launched(&self, vm: String, p: LaunchedVm) -> Result<(), ActionError> {
-        self.call(|reply| Request::TestVmLaunched {
-            vm,
-            vm_process: p,
-            reply,
-        })
-        .await
-    }
-
-    pub async fn cleanup(
-        &self,
-        vm: String,
-        stopped: Option<String>,
-    ) -> Result<CleanedUp, ActionError> {
-        self.call(|reply| Request::Cleanup { vm, stopped, reply })
-            .await
+    pub async fn cleanup(&self, vm: String) -> Result<CleanedUp, ActionError> {
+        self.call(|reply| Request::Cleanup { vm, reply }).await
     }
 
     pub async fn prepare(&self, vm: String) -> Result<PrepareStarted, ActionError> {

@@ -255,6 +255,10 @@ pub struct AttachmentView {
     pub served_ms: Option<u64>,
     /// Process id of a launched test-failover VM.
     pub pid: Option<u32>,
+    /// That VM process: running or how it exited, its log
+    /// ([`crate::failover::test_vm::attachment_views`] fills it in).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_process: Option<crate::failover::test_vm::VmProcess>,
 }
 
 impl From<Attachment> for AttachmentView {
@@ -272,6 +276,7 @@ impl From<Attachment> for AttachmentView {
             created_ms: a.created_ms,
             served_ms: a.served_ms,
             pid: a.pid,
+            vm_process: None,
         }
     }
 }

@@ -1,5 +1,5 @@
 //! `GET /api/v1/attachments`: recovery points served as exports (attach, test failover,
-//! failover with its hydration).
+//! failover with its hydration), with the process of a test failover's VM.
 
 use std::sync::Arc;
 
@@ -8,16 +8,11 @@ use axum::Json;
 
 use crate::api::error::ApiError;
 use crate::api::ApiState;
+use crate::failover::test_vm::attachment_views;
 use crate::replication::status::AttachmentView;
 
 pub async fn list(State(s): State<Arc<ApiState>>) -> Result<Json<Vec<AttachmentView>>, ApiError> {
-    s.blocking(|_, db| {
-        Ok(db
-            .attachments()?
-            .into_iter()
-            .map(AttachmentView::from)
-            .collect())
-    })
-    .await
-    .map(Json)
+    s.blocking(|s, db| Ok(attachment_views(s.dd.root(), db)?))
+        .await
+        .map(Json)
 }

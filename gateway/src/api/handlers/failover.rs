@@ -10,10 +10,11 @@
 //! once and the engine finishes the job — `GET /api/v1/jobs/{id}` tells the outcome. Every
 //! refusal (4xx) happens before any write.
 //!
-//! The API never launches the failover command (a test failover from the API serves the
-//! exports; the CLI's `standby failover test` also starts the VM and records it with
-//! `POST .../failover/test/vm`), and its cleanup refuses while a VM the CLI launched is
-//! recorded, unless the caller says it stopped it (`vm_stopped`, what the CLI's cleanup does).
+//! A test failover launches the policy's failover command once its disks are served (unless
+//! the body says `"launch": false`) and answers after the launch's grace period, with the VM
+//! process (`vm_process`); a launch that fails is answered `500 launch_failed` with the
+//! job's error (the exports stay served). The cleanup stops that VM before it drops the
+//! exports ([`crate::failover::test_vm`]), whoever asks for it.
 
 use std::sync::Arc;
 
@@ -30,7 +31,7 @@ use crate::failover::actions::{
     self, AttachRequest, Attached, CleanedUp, CommitStarted, FailoverMode, FailoverRequest,
     FailoverStarted,
 };
-use crate::replication::requests::LaunchedVm;
+use crate::failover::test_vm::LaunchOutcome;
 
 /// The store's valid points of `vm`.
 async fn points(s: &ApiState, vm: &str) -> Result<Vec<PointMeta>, ApiError> {
@@ -114,6 +115,8 @@ pub struct FailoverBody {
     pub point: Option<String>,
     #[serde(default)]
     pub accept_store_rollback: bool,
+    /// Test failover only: launch the policy's failover command (default true).
+    pub launch: Option<bool>,
 }
 
 async fn start(
@@ -124,14 +127,29 @@ async fn start(
 ) -> Result<(StatusCode, Json<FailoverStarted>), ApiError> {
     let vm = super::path(vm)?;
     let b: FailoverBody = optional_body(body)?;
+    if mode == FailoverMode::Failover && b.launch.is_some() {
+        return Err(ApiError::bad_request(
+            "\"launch\" applies to a test failover only (POST .../failover/test)",
+        ));
+    }
     let req = FailoverRequest {
         vm,
         point: b.point.unwrap_or_else(|| "latest".into()),
         accept_store_rollback: b.accept_store_rollback,
+        launch: b.launch.unwrap_or(true),
     };
     actions::check_failover_name(&req)?;
     let points = points(&s, &req.vm).await?;
     let started = s.engine.failover(mode, req, points).await?;
+    if started.launch == LaunchOutcome::Failed {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "launch_failed",
+            started
+                .launch_error
+                .unwrap_or_else(|| "the failover command failed".into()),
+        ));
+    }
     Ok((StatusCode::ACCEPTED, Json(started)))
 }
 
@@ -151,37 +169,14 @@ pub async fn failover(
     start(s, FailoverMode::Failover, vm, &body).await
 }
 
-/// Body of `POST /api/v1/vms/{vm}/failover/cleanup` (optional).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CleanupBody {
-    /// What the caller did to the VM process `standby failover test` launched (the CLI stops
-    /// it first: the gateway never signals processes). Without it, a cleanup is refused while
-    /// such a VM is recorded.
-    pub vm_stopped: Option<String>,
-}
-
+/// Stops the test failover's VM, then drops its exports and overlays; the answer's
+/// `stopped_vms` says what happened to the VM.
 pub async fn cleanup(
     State(s): State<Arc<ApiState>>,
     vm: Result<Path<String>, PathRejection>,
-    body: axum::body::Bytes,
 ) -> Result<Json<CleanedUp>, ApiError> {
     let vm = super::path(vm)?;
-    let b: CleanupBody = optional_body(&body)?;
-    Ok(Json(s.engine.cleanup(vm, b.vm_stopped).await?))
-}
-
-/// Records the VM process a test failover launched (`standby failover test` launches it and
-/// calls this), so that its cleanup stops it.
-pub async fn test_vm(
-    State(s): State<Arc<ApiState>>,
-    vm: Result<Path<String>, PathRejection>,
-    body: Result<Json<LaunchedVm>, JsonRejection>,
-) -> Result<StatusCode, ApiError> {
-    let vm = super::path(vm)?;
-    let p = super::body(body)?;
-    s.engine.test_vm_launched(vm, p).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Json(s.engine.cleanup(vm).await?))
 }
 
 /// A job started in the background.

@@ -171,10 +171,12 @@ function showActionError(text) {
 }
 
 /** Asks before a destructive action; resolves true when confirmed. */
-function confirmAction(title, text, okLabel) {
+/** Asks for confirmation; `extra`: optional controls shown under the text (e.g. a checkbox). */
+function confirmAction(title, text, okLabel, extra) {
   const d = $("confirm");
   $("confirm-title").textContent = title;
   $("confirm-text").textContent = text;
+  $("confirm-extra").replaceChildren(...(extra ? [extra] : []));
   $("confirm-ok").textContent = okLabel;
   d.returnValue = "cancel";
   return new Promise((resolve) => {
@@ -338,13 +340,27 @@ const vmPage = {
       el("h3", { id: "failover-title" }, "Test failover"),
       el("div", { class: "actions", role: "group", "aria-labelledby": "failover-title" },
         mk("test-failover", "Test failover…", null, async (b) => {
-          if (!(await confirmAction("Test failover", `Serve every disk of VM ${vm} from its newest recovery point, through local overlays (exports VM.DISK.test)? Replication continues; the store is only read. No VM is started from the console: boot one from the exports, then clean up.`, "Start test failover"))) {
+          let command = null;
+          try {
+            command = (await api("GET", "/policy")).failover_command || null;
+          } catch (e) {
+            showActionError(`Test failover: ${e.message}`);
+            return;
+          }
+          const boot = el("input", { id: "boot-vm", type: "checkbox", checked: command !== null, disabled: command === null, "aria-describedby": "boot-vm-why" });
+          const extra = el("p", {}, el("label", {}, boot, " Boot the VM with the failover command"), " ",
+            el("span", { id: "boot-vm-why", class: "muted" }, command === null
+              ? "(no failover command is configured: set one with standby policy set --failover-command, or boot a VM from the exports yourself)"
+              : ["(", el("code", {}, command), ")"]));
+          if (!(await confirmAction("Test failover", `Serve every disk of VM ${vm} from its newest recovery point, through local overlays (exports VM.DISK.test)? Replication continues; the store is only read. Cleaning up stops the VM and discards its writes.`, "Start test failover", extra))) {
             notice("Test failover cancelled.");
             return;
           }
+          const launch = boot.checked;
           act(b, "Test failover", async () => {
-            const x = await api("POST", `/vms/${enc(vm)}/failover/test`, {});
-            return `VM ${x.vm}: test failover from point ${x.point} started (job #${x.job}): ${x.exports.map((e) => e[1]).join(", ")}.`;
+            const x = await api("POST", `/vms/${enc(vm)}/failover/test`, { launch });
+            const booted = x.vm_process ? ` VM launched (pid ${x.vm_process.pid}), output in ${x.vm_process.log}.` : "";
+            return `VM ${x.vm}: test failover from point ${x.point} started (job #${x.job}): ${x.exports.map((e) => e[1]).join(", ")}.${booted}`;
           });
         }),
         mk("test-cleanup", "Clean up test failover…", "danger", async (b) => {
@@ -354,7 +370,8 @@ const vmPage = {
           }
           act(b, "Cleanup", async () => {
             const x = await api("POST", `/vms/${enc(vm)}/failover/cleanup`);
-            return `VM ${x.vm}: test failover removed (${x.exports.length} exports, job #${x.job}).`;
+            const vms = x.stopped_vms.map((s) => ` VM process ${s.pid} ${s.detail}.`).join("");
+            return `VM ${x.vm}: test failover removed (${x.exports.length} exports, job #${x.job}).${vms}`;
           });
         })),
       el("p", { class: "muted" },
@@ -389,6 +406,7 @@ const vmPage = {
       points.error ? el("p", { class: "error" }, points.error) : timeline(points),
       el("h2", {}, "Recent jobs"),
       jobsTable(jobs, `Last jobs of VM ${vm.name}`, false),
+      testVm(attachments),
       attachments.length ? [el("h2", {}, "Attachments and failovers"), attachmentsTable(attachments)] : null);
   },
 };
@@ -465,6 +483,18 @@ const disksPage = {
       el("td", { class: "mono" }, d.image))),
     "No disk: create one with standby disk create."),
 };
+
+/** The VM a test failover launched: pid, running or how it exited, its log. */
+function testVm(attachments) {
+  const p = attachments.map((a) => a.vm_process).find((x) => x);
+  if (!p) return null;
+  return [el("h2", {}, "Test failover VM"),
+    facts([
+      ["Process", el("span", { id: "test-vm-pid", class: "mono" }, `pid ${p.pid}`)],
+      ["State", el("span", { id: "test-vm-state" }, badge(p.state), p.exit ? ` ${p.exit}` : null)],
+      ["Output", el("span", { class: "mono" }, p.log)],
+    ])];
+}
 
 function attachmentsTable(list) {
   return table("Recovery points served as exports", ["Export", "VM", "Disk", "Point", "Kind", "State", "Hydrated", "Error"],
