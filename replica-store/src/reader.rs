@@ -120,16 +120,15 @@ impl Store {
         disk: &str,
         opts: ReaderOptions,
     ) -> Result<DiskReader> {
-        let index = self.load_index(point, disk).await?;
-        let entry = point.disk(disk)?;
+        // Index with the chunks the chain refers to whole; the rest of the chain merged.
+        let (index, patch) = self.load_disk(point, disk).await?;
         let mut r = DiskReader::new(
             self.clone(),
             format!("{}:{}", point.full_id(), disk),
             index,
             opts,
         );
-        if !entry.patches.is_empty() {
-            let patch = self.load_patches(&entry.patches, entry.size).await?;
+        if !patch.is_empty() {
             if let Some(inner) = Arc::get_mut(&mut r.inner) {
                 inner.patch = Some(Arc::new(patch));
             }
@@ -317,8 +316,7 @@ impl DiskReader {
                 let start = ci * me.inner.index.chunk_size() as u64;
                 if p.touches(start, start + len as u64, false) {
                     let mut buf = b.to_vec();
-                    p.apply(start, &mut buf);
-                    r = Ok(Bytes::from(buf));
+                    r = p.apply(start, &mut buf).map(|()| Bytes::from(buf));
                 }
             }
             if let Ok(b) = &r {

@@ -54,14 +54,21 @@ async fn store_on(backend: Arc<dyn Backend>, layout: Layout, max_session_secs: u
     .unwrap()
 }
 
-/// One random interval of writes: whole chunks, partial writes and zeroing.
+/// One random interval of writes: whole chunks (stored by the cut as chunks, referred to
+/// from the chain; some all zeroes, and the short last one), partial writes and zeroing.
 fn random_patch(rng: &mut StdRng, model: &mut [u8]) -> Patch {
     let mut p = Patch::new(SIZE);
     for _ in 0..rng.gen_range(1..6) {
-        let (off, len) = match rng.gen_range(0..3) {
-            0 => {
-                let c = rng.gen_range(0..SIZE / CS);
-                (c * CS, CS)
+        let (off, len) = match rng.gen_range(0..5) {
+            0 | 3 => {
+                let c = rng.gen_range(0..SIZE.div_ceil(CS));
+                let len = (SIZE - c * CS).min(CS);
+                if rng.gen_bool(0.2) {
+                    p.write(c * CS, &vec![0u8; len as usize]).unwrap();
+                    model[(c * CS) as usize..(c * CS + len) as usize].fill(0);
+                    continue;
+                }
+                (c * CS, len)
             }
             1 => {
                 let off = rng.gen_range(0..SIZE - 1);
@@ -98,6 +105,7 @@ async fn chain_of_cuts(store: Store, seed: u64) {
     let mut cuts: Vec<(PointMeta, Vec<u8>)> = vec![(parent.clone(), model.clone())];
     let mut running: Option<tokio::task::JoinHandle<replica_store::Result<Consolidated>>> = None;
     let (mut rebased, mut dropped, mut aborted) = (0, 0, 0);
+    let (mut ref_objects, mut data_objects) = (0, 0);
     for step in 0..30 {
         let patch = random_patch(&mut rng, &mut model);
         let mut b = PointBuilder::from_parent(&store, &parent).await.unwrap();
@@ -121,6 +129,14 @@ async fn chain_of_cuts(store: Store, seed: u64) {
             b.fold("d").await.unwrap(); // the hard limit: inline fold
         }
         parent = b.publish().await.unwrap();
+        for r in &parent.disks[0].patches {
+            if r.chunk_refs > 0 {
+                assert_eq!(r.data_bytes, 0, "reference objects carry no data");
+                ref_objects += 1;
+            } else {
+                data_objects += 1;
+            }
+        }
         assert_eq!(read_all(&store, &parent).await, model, "step {step}");
         cuts.push((parent.clone(), model.clone()));
         if running.is_none() && !parent.disks[0].patches.is_empty() && rng.gen_bool(0.5) {
@@ -136,6 +152,10 @@ async fn chain_of_cuts(store: Store, seed: u64) {
         let _ = h.await;
     }
     assert!(rebased > 0, "seed {seed}: no rebase happened");
+    assert!(
+        ref_objects > 0 && data_objects > 0,
+        "seed {seed}: chains must mix chunk references ({ref_objects}) and data ({data_objects})"
+    );
     eprintln!("seed {seed}: {rebased} rebased, {dropped} dropped, {aborted} aborted");
     for (p, m) in &cuts {
         assert_eq!(&read_all(&store, p).await, m, "point {}", p.id);

@@ -185,6 +185,7 @@ mod tests {
             id: "ab".repeat(32),
             bytes: 100,
             data_bytes: 10,
+            chunk_refs: 0,
         });
 
         let c = Arc::new(Consolidations::default());
