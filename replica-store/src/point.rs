@@ -29,8 +29,11 @@ pub use consolidate::{Consolidated, RebaseSkipped};
 /// Patch objects [`Store::load_patches`] fetches at once.
 pub const PATCH_FETCHES: usize = 8;
 
-/// Chunks a cut hashes, encodes and stores at once ([`PointBuilder::add_patch`]).
-pub const CUT_CHUNK_PUTS: usize = 16;
+/// Whole chunks a cut hashes and encodes in one blocking task and stages together
+/// ([`PointBuilder::add_patch`]).
+pub const CUT_BATCH_CHUNKS: usize = 16;
+/// Such batches in flight at once.
+pub const CUT_BATCHES: usize = 4;
 
 /// Newest version of the point metadata format: 2 when a disk's patches refer to chunks
 /// ([`PatchRef::chunk_refs`]), so a build that cannot see those references (and whose GC would
@@ -414,6 +417,59 @@ impl ChunkWriter {
             };
             self.count(&o, 0);
             out.push(o);
+        }
+        Ok(out)
+    }
+
+    /// Store a batch of chunks tagged with the caller's keys: one blocking task hashes them,
+    /// skips holes (zero id) and chunks this session already knows, and encodes the rest;
+    /// those are staged together ([`Self::stage_encoded`]: one blocking task locally, the
+    /// session's packs on packs). Returns (key, length, outcome) per chunk, in order.
+    pub async fn put_batch(
+        &self,
+        batch: Vec<(u64, Vec<u8>)>,
+    ) -> Result<Vec<(u64, u64, PutOutcome)>> {
+        let codec = self.store.codec().clone();
+        let me = self.clone();
+        let (done, items) = tokio::task::spawn_blocking(move || {
+            let mut done = Vec::with_capacity(batch.len());
+            let mut items = Vec::new();
+            for (key, data) in batch {
+                let id = codec.digest(&data);
+                let len = data.len() as u64;
+                let kind = if id.is_zero() {
+                    PutKind::Zero
+                } else if me.knows(&id) {
+                    PutKind::Deduplicated
+                } else {
+                    items.push((id, codec.encode_chunk(&id, &data)?));
+                    PutKind::Uploaded
+                };
+                done.push((key, len, id, kind));
+            }
+            Ok::<_, Error>((done, items))
+        })
+        .await
+        .map_err(|e| Error::Config(format!("chunk encode task failed: {e}")))??;
+        let staged = if items.is_empty() {
+            Vec::new()
+        } else {
+            self.stage_encoded(items).await?
+        };
+        let mut staged = staged.into_iter();
+        let mut out = Vec::with_capacity(done.len());
+        for (key, len, id, kind) in done {
+            let o = match kind {
+                PutKind::Uploaded => staged
+                    .next()
+                    .ok_or_else(|| Error::Config("staging returned too few outcomes".into()))?,
+                kind => PutOutcome {
+                    id,
+                    uploaded_bytes: 0,
+                    kind,
+                },
+            };
+            out.push((key, len, o));
         }
         Ok(out)
     }
@@ -923,20 +979,18 @@ impl PointBuilder {
         let mut pieces = patch.split();
         if !whole.is_empty() {
             let writer = self.writer.clone();
-            let stored: Vec<(u64, u64, PutOutcome)> = futures::stream::iter(whole)
-                .map(|(ci, data)| {
-                    let writer = writer.clone();
-                    async move {
-                        let len = data.len() as u64;
-                        let out = writer.put(Bytes::from(data)).await?;
-                        Ok::<_, Error>((ci, len, out))
-                    }
-                })
-                .buffer_unordered(CUT_CHUNK_PUTS)
+            let mut batches = Vec::new();
+            let mut it = whole.into_iter().peekable();
+            while it.peek().is_some() {
+                batches.push(it.by_ref().take(CUT_BATCH_CHUNKS).collect::<Vec<_>>());
+            }
+            let stored: Vec<Vec<(u64, u64, PutOutcome)>> = futures::stream::iter(batches)
+                .map(|batch| writer.put_batch(batch))
+                .buffer_unordered(CUT_BATCHES)
                 .try_collect()
                 .await?;
             let mut refs = Patch::new(size);
-            for (ci, len, out) in stored {
+            for (ci, len, out) in stored.into_iter().flatten() {
                 uploaded += out.uploaded_bytes;
                 refs.refer(ci * cs, len, out.id, 0)?;
             }
