@@ -180,14 +180,18 @@ class Standby:
         self.port = free_port()
         env = dict(self.env, STANDBY_LOG="info")
         with open(self.out, "w") as o, open(self.err, "a") as e:
-            self.proc = subprocess.Popen([self.bin, "serve", "--listen", f"127.0.0.1:{self.port}"],
+            # The API on a free port too: another gateway on this machine may hold the default.
+            self.proc = subprocess.Popen([self.bin, "serve", "--listen", f"127.0.0.1:{self.port}",
+                                          "--api-listen", f"127.0.0.1:{free_port()}"],
                                          env=env, stdout=o, stderr=e)
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"standby serve exited with {self.proc.returncode}: {self.tail()}")
+            # Ready once it serves and its API file is there (CLI commands go through the API).
             with open(self.out) as f:
-                if "standby: serving" in f.read():
+                if "standby: serving" in f.read() and os.path.exists(
+                        os.path.join(self.data, "api.local.json")):
                     return
             time.sleep(0.05)
         raise RuntimeError("standby serve did not become ready")
