@@ -74,6 +74,9 @@ struct Ext {
     body: Body,
 }
 
+/// A chunk extent that does not cover its whole chunk: (offset, length, chunk, from).
+pub type PartialRef = (u64, u64, ChunkId, u64);
+
 /// What an extent of a patch holds (see [`Patch::extents`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Piece<'a> {
@@ -355,10 +358,7 @@ impl Patch {
     /// touches it, or it would have been carved). Returns the partial chunk extents left:
     /// (offset, length, chunk, from), which the caller reads and [`Self::write`]s over them.
     /// Returns the number of index entries set as well.
-    pub fn resolve_whole(
-        &mut self,
-        index: &mut DiskIndex,
-    ) -> Result<(u64, Vec<(u64, u64, ChunkId, u64)>)> {
+    pub fn resolve_whole(&mut self, index: &mut DiskIndex) -> Result<(u64, Vec<PartialRef>)> {
         if index.disk_size() != self.disk_size {
             return Err(Error::InvalidArgument(format!(
                 "patch of a {}-byte disk resolved against an index of {} bytes",
