@@ -2,7 +2,9 @@
 //! published points and finished at random later cuts (some discarded, some aborted midway,
 //! some overtaken by an inline fold), garbage collection with consolidations in flight —
 //! every point must read back exactly the reference model of its cut, on the local and the
-//! in-memory backend, with chunk files and with packs.
+//! in-memory backend, with chunk files and with packs. Cuts with whole-chunk writes store those
+//! chunks once and refer to them from the chain; the chains mix both kinds, and a delta of
+//! whole chunks on packs stays within one PUT per MiB and consolidates without rewriting any.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -270,4 +272,74 @@ async fn open_cost_of_a_chain_at_the_object_limit() {
         c.chunks
     );
     drop(r);
+}
+
+/// A delta of whole random chunks on packs (the S3 default): the cut stores them as chunks in
+/// the session's packs, so the point's request count stays at most one PUT per MiB uploaded,
+/// its chain holds one data-free reference object, and consolidating it reads and stores no
+/// chunk (an index update).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_chunk_deltas_on_packs_cost_at_most_one_put_per_mib() {
+    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    let store = Store::create(
+        be,
+        CreateOptions {
+            chunk_size: CS as u32,
+            layout: Some(Layout::Packs),
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    const BIG: u64 = 1024 * CS; // 64 MiB
+    let mut b = PointBuilder::new(&store, "vm").unwrap();
+    b.add_disk("d", BIG).unwrap();
+    let base = b.publish().await.unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut model = vec![0u8; BIG as usize];
+    let mut p = Patch::new(BIG);
+    for _ in 0..512 {
+        let c = rng.gen_range(0..BIG / CS);
+        let mut d = vec![0u8; CS as usize];
+        rng.fill_bytes(&mut d);
+        p.write(c * CS, &d).unwrap();
+        model[(c * CS) as usize..((c + 1) * CS) as usize].copy_from_slice(&d);
+    }
+    let mut b = PointBuilder::from_parent(&store, &base).await.unwrap();
+    let uploaded = b.add_patch("d", p).await.unwrap();
+    let point = b.publish().await.unwrap();
+    let up = point.upload.unwrap();
+    let mib = up.bytes as f64 / f64::from(1 << 20);
+    assert!(uploaded > 0 && mib > 8.0, "{up:?}");
+    assert!(up.puts as f64 <= mib, "{} PUTs for {mib:.1} MiB", up.puts);
+    let chain = &point.disks[0].patches;
+    assert_eq!(chain.len(), 1, "{chain:?}");
+    assert!(
+        chain[0].chunk_refs > 300 && chain[0].data_bytes == 0,
+        "{chain:?}"
+    );
+    let r = store
+        .open_disk(&point, "d", ReaderOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.read_at(0, BIG as usize).await.unwrap().to_vec(), model);
+    let c = store.consolidate(&point, "d").await.unwrap();
+    // Only the folded index is written: no chunk rewritten.
+    assert!(
+        c.uploaded < 4 * BIG / CS * 32,
+        "{} bytes uploaded",
+        c.uploaded
+    );
+    let mut b = PointBuilder::from_parent(&store, &point).await.unwrap();
+    b.rebase(&c).unwrap().unwrap();
+    let folded = b.publish().await.unwrap();
+    assert!(folded.disks[0].patches.is_empty());
+    let r = store
+        .open_disk(&folded, "d", ReaderOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.read_at(0, BIG as usize).await.unwrap().to_vec(), model);
+    store.gc(gc_now(Some(Duration::ZERO))).await.unwrap();
+    assert!(store.verify_all().await.unwrap().is_ok());
 }
