@@ -6,6 +6,15 @@
 //!
 //! Point ids are `YYYYMMDDTHHMMSS.mmmZ-<16 hex random>`: unique per writer, so no two writers
 //! ever write the same key and no conditional put is needed.
+//!
+//! A point object is format version 1, or 2 when a disk's patch chain holds chunk references
+//! ([`PatchRef::chunk_refs`], see [`crate::patch`]): builds that cannot see those references
+//! refuse such a point rather than collect its chunks. Chains are resolved into "index with
+//! overrides + residual patch" by one function, [`Store::resolve_chain`] (readers through
+//! [`Store::load_disk`], fold and consolidation directly).
+//!
+//! Past 700 lines: the chunk writer, the builder and chain loading share the session's
+//! private state (known and staged chunks, adopted indexes), which a split would have to expose.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};

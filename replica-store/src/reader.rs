@@ -1,6 +1,10 @@
 //! Reading a recovery point's disk as a random-access device: verified chunks through a
 //! bounded LRU cache, sequential read-ahead, and hole (zero) extents for block status.
 //!
+//! A disk with a patch chain is opened through [`Store::load_disk`]: the reader's index already
+//! holds the chunks the chain refers to whole, and the residual patch (no chunk references)
+//! is applied over each fetched chunk — the same resolution the fold uses.
+//!
 //! The cache's hits and misses are counted process-wide ([`cache_stats`]): a read of a stored
 //! chunk found in a reader's cache is a hit; one that has to wait for a fetch (its own, or a
 //! read-ahead or concurrent read already under way) is a miss. Holes are neither.
