@@ -35,7 +35,7 @@ use futures::{StreamExt, TryStreamExt};
 mod consolidate;
 pub use consolidate::{Consolidated, RebaseSkipped};
 
-/// Patch objects [`Store::load_patches`] fetches at once.
+/// Patch objects [`Store::resolve_chain`] fetches at once.
 pub const PATCH_FETCHES: usize = 8;
 
 /// Whole chunks a cut hashes and encodes in one blocking task and stages together
