@@ -169,7 +169,9 @@ impl Store {
                 "point metadata names another point",
             ));
         }
-        if meta.format_version != crate::point::POINT_FORMAT_VERSION {
+        if !(crate::point::POINT_FORMAT_PLAIN..=crate::point::POINT_FORMAT_VERSION)
+            .contains(&meta.format_version)
+        {
             return Err(Error::UnsupportedFormat {
                 location: key,
                 found: format!("point version {}", meta.format_version),

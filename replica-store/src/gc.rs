@@ -147,10 +147,16 @@ impl Store {
 
     async fn mark(&self, points: &[PointMeta], into: &mut HashSet<ChunkId>) -> Result<()> {
         let mut futs = Vec::new();
+        // Patch objects that refer to chunks (read once each: points share chain prefixes).
+        let mut with_refs = Vec::new();
+        let mut seen_refs = HashSet::new();
         for p in points {
             for d in &p.disks {
                 for r in &d.patches {
                     into.insert(r.chunk_id()?);
+                    if r.chunk_refs > 0 && seen_refs.insert(r.id.clone()) {
+                        with_refs.push((p.clone(), r.clone()));
+                    }
                 }
                 let (store, p, d) = (self.clone(), p.clone(), d.name.clone());
                 futs.push(async move {
@@ -177,6 +183,28 @@ impl Store {
             if let Some(idx) = idx? {
                 into.extend(idx.entries().iter().filter(|e| !e.is_zero()).copied());
             }
+        }
+        // The chunks a cut stored whole and its patch objects refer to.
+        let mut s = stream::iter(with_refs.into_iter().map(|(p, r)| async move {
+            match self.patch_chunk_refs(std::slice::from_ref(&r)).await {
+                Ok(ids) => Ok(ids),
+                // Pruned (and its patch collected) while we were marking.
+                Err(e)
+                    if !e.is_recoverable()
+                        && self
+                            .backend()
+                            .head(&crate::point::point_key(&p.vm, &p.id))
+                            .await?
+                            .is_none() =>
+                {
+                    Ok(Vec::new())
+                }
+                Err(e) => Err(e),
+            }
+        }))
+        .buffer_unordered(8);
+        while let Some(ids) = s.next().await {
+            into.extend(ids?.into_iter().map(|(id, _)| id));
         }
         Ok(())
     }

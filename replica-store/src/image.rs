@@ -11,6 +11,7 @@ use futures::stream::{self, StreamExt};
 
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
+use crate::patch::Piece;
 use crate::point::{PointBuilder, PointMeta};
 use crate::store::{PutKind, PutOutcome, Store};
 
@@ -211,7 +212,8 @@ pub async fn export_disk(
     target: &Path,
     concurrency: usize,
 ) -> Result<u64> {
-    let index = store.load_index(point, disk).await?;
+    // The index with the chunks the patches refer to whole, and the rest of the patches.
+    let (index, patch) = store.load_disk(point, disk).await?;
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -242,21 +244,25 @@ pub async fn export_disk(
     while let Some(r) = results.next().await {
         written += r?;
     }
-    // The point's patches go over the chunks, oldest first (merged into one).
-    let entry = point.disk(disk)?;
-    if !entry.patches.is_empty() {
-        let patch = store.load_patches(&entry.patches, entry.size).await?;
+    // The rest of the point's patches go over the chunks (merged into one).
+    if !patch.is_empty() {
         let f = file.clone();
         written += tokio::task::spawn_blocking(move || -> Result<u64> {
             let zeros = vec![0u8; 1 << 20];
             let mut n = 0;
-            for (off, len, data) in patch.extents() {
-                let r = match data {
-                    Some(d) => {
+            for (off, len, piece) in patch.extents() {
+                let r = match piece {
+                    Piece::Data(d) => {
                         n += len;
                         f.write_all_at(d, off)
                     }
-                    None => (0..len).step_by(zeros.len()).try_for_each(|at| {
+                    Piece::Chunk { id, .. } => {
+                        return Err(Error::Config(format!(
+                            "export: chunk reference {} at {off} left unresolved",
+                            id.to_hex()
+                        )))
+                    }
+                    Piece::Zero => (0..len).step_by(zeros.len()).try_for_each(|at| {
                         let l = (len - at).min(zeros.len() as u64) as usize;
                         f.write_all_at(&zeros[..l], off + at)
                     }),

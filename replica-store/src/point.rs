@@ -6,6 +6,15 @@
 //!
 //! Point ids are `YYYYMMDDTHHMMSS.mmmZ-<16 hex random>`: unique per writer, so no two writers
 //! ever write the same key and no conditional put is needed.
+//!
+//! A point object is format version 1, or 2 when a disk's patch chain holds chunk references
+//! ([`PatchRef::chunk_refs`], see [`crate::patch`]): builds that cannot see those references
+//! refuse such a point rather than collect its chunks. Chains are resolved into "index with
+//! overrides + residual patch" by one function, [`Store::resolve_chain`] (readers through
+//! [`Store::load_disk`], fold and consolidation directly).
+//!
+//! Past 700 lines: the chunk writer, the builder and chain loading share the session's
+//! private state (known and staged chunks, adopted indexes), which a split would have to expose.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -26,11 +35,21 @@ use futures::{StreamExt, TryStreamExt};
 mod consolidate;
 pub use consolidate::{Consolidated, RebaseSkipped};
 
-/// Patch objects [`Store::load_patches`] fetches at once.
+/// Patch objects [`Store::resolve_chain`] fetches at once.
 pub const PATCH_FETCHES: usize = 8;
 
-/// Version of the point metadata format.
-pub const POINT_FORMAT_VERSION: u32 = 1;
+/// Whole chunks a cut hashes and encodes in one blocking task and stages together
+/// ([`PointBuilder::add_patch`]).
+pub const CUT_BATCH_CHUNKS: usize = 16;
+/// Such batches in flight at once.
+pub const CUT_BATCHES: usize = 4;
+
+/// Newest version of the point metadata format: 2 when a disk's patches refer to chunks
+/// ([`PatchRef::chunk_refs`]), so a build that cannot see those references (and whose GC would
+/// collect the chunks) refuses the point instead of misreading it; 1 otherwise, as before.
+pub const POINT_FORMAT_VERSION: u32 = 2;
+/// Point format of points without chunk references (written as before, read by older builds).
+pub const POINT_FORMAT_PLAIN: u32 = 1;
 
 /// How consistent the disks of a point are with each other and with the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -76,6 +95,15 @@ pub struct PatchRef {
     pub bytes: u64,
     /// Data bytes the patch carries.
     pub data_bytes: u64,
+    /// Chunk extents the patch holds (see [`crate::patch`]): non-zero only for the data-free
+    /// patch objects a cut writes for the chunks it stored whole. GC and verify read these
+    /// objects to find the chunks they reference. Absent (0) in points of older builds.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub chunk_refs: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl PatchRef {
@@ -398,6 +426,59 @@ impl ChunkWriter {
             };
             self.count(&o, 0);
             out.push(o);
+        }
+        Ok(out)
+    }
+
+    /// Store a batch of chunks tagged with the caller's keys: one blocking task hashes them,
+    /// skips holes (zero id) and chunks this session already knows, and encodes the rest;
+    /// those are staged together ([`Self::stage_encoded`]: one blocking task locally, the
+    /// session's packs on packs). Returns (key, length, outcome) per chunk, in order.
+    pub async fn put_batch(
+        &self,
+        batch: Vec<(u64, Vec<u8>)>,
+    ) -> Result<Vec<(u64, u64, PutOutcome)>> {
+        let codec = self.store.codec().clone();
+        let me = self.clone();
+        let (done, items) = tokio::task::spawn_blocking(move || {
+            let mut done = Vec::with_capacity(batch.len());
+            let mut items = Vec::new();
+            for (key, data) in batch {
+                let id = codec.digest(&data);
+                let len = data.len() as u64;
+                let kind = if id.is_zero() {
+                    PutKind::Zero
+                } else if me.knows(&id) {
+                    PutKind::Deduplicated
+                } else {
+                    items.push((id, codec.encode_chunk(&id, &data)?));
+                    PutKind::Uploaded
+                };
+                done.push((key, len, id, kind));
+            }
+            Ok::<_, Error>((done, items))
+        })
+        .await
+        .map_err(|e| Error::Config(format!("chunk encode task failed: {e}")))??;
+        let staged = if items.is_empty() {
+            Vec::new()
+        } else {
+            self.stage_encoded(items).await?
+        };
+        let mut staged = staged.into_iter();
+        let mut out = Vec::with_capacity(done.len());
+        for (key, len, id, kind) in done {
+            let o = match kind {
+                PutKind::Uploaded => staged
+                    .next()
+                    .ok_or_else(|| Error::Config("staging returned too few outcomes".into()))?,
+                kind => PutOutcome {
+                    id,
+                    uploaded_bytes: 0,
+                    kind,
+                },
+            };
+            out.push((key, len, o));
         }
         Ok(out)
     }
@@ -880,47 +961,84 @@ impl PointBuilder {
             })
     }
 
-    /// Store `patch` (split into objects of at most [`crate::patch::MAX_PATCH_DATA`]) and
-    /// append it to the disk's patch chain. Returns the bytes uploaded.
-    pub async fn add_patch(&mut self, disk: &str, patch: Patch) -> Result<u64> {
-        let size = self.index(disk)?.disk_size();
+    /// Store `patch` and append it to the disk's patch chain. Returns the bytes uploaded.
+    ///
+    /// Every chunk the patch rewrites whole (with some data) is stored as a chunk through the
+    /// session's writer (dedup, zero elision, packs) and referred to from a data-free patch
+    /// object; the rest is split into objects of at most [`crate::patch::MAX_PATCH_DATA`].
+    /// All pieces of one call are disjoint, so their order in the chain does not matter.
+    pub async fn add_patch(&mut self, disk: &str, mut patch: Patch) -> Result<u64> {
+        let index = self.index(disk)?;
+        let size = index.disk_size();
+        let cs = u64::from(index.chunk_size());
         if patch.disk_size() != size {
             return Err(Error::InvalidArgument(format!(
                 "patch for a {}-byte disk applied to disk {disk} of {size} bytes",
                 patch.disk_size()
             )));
         }
+        let (patch, whole) = tokio::task::spawn_blocking(move || {
+            let whole = patch.take_whole_chunks(cs);
+            (patch, whole)
+        })
+        .await
+        .map_err(|e| Error::Config(format!("patch scan task failed: {e}")))?;
+        let whole = whole?;
+        let mut uploaded = 0;
+        let mut pieces = patch.split();
+        if !whole.is_empty() {
+            let writer = self.writer.clone();
+            let mut batches = Vec::new();
+            let mut it = whole.into_iter().peekable();
+            while it.peek().is_some() {
+                batches.push(it.by_ref().take(CUT_BATCH_CHUNKS).collect::<Vec<_>>());
+            }
+            let stored: Vec<Vec<(u64, u64, PutOutcome)>> = futures::stream::iter(batches)
+                .map(|batch| writer.put_batch(batch))
+                .buffer_unordered(CUT_BATCHES)
+                .try_collect()
+                .await?;
+            let mut refs = Patch::new(size);
+            for (ci, len, out) in stored.into_iter().flatten() {
+                uploaded += out.uploaded_bytes;
+                refs.refer(ci * cs, len, out.id, 0)?;
+            }
+            pieces.extend(refs.split());
+        }
         // Pieces are serialized, hashed and stored in parallel (a cut of a busy interval has
         // several); their refs keep the split order.
-        let stored = futures::future::try_join_all(patch.split().into_iter().map(|piece| {
+        let stored = futures::future::try_join_all(pieces.into_iter().map(|piece| {
             let writer = self.writer.clone();
             async move {
                 let data_bytes = piece.data_bytes();
+                let chunk_refs = piece.chunk_refs();
                 let bytes = tokio::task::spawn_blocking(move || piece.to_bytes())
                     .await
                     .map_err(|e| Error::Config(format!("patch encode task failed: {e}")))?;
                 let n = bytes.len() as u64;
                 let out = writer.put(Bytes::from(bytes)).await?;
-                Ok::<_, Error>((out, n, data_bytes))
+                Ok::<_, Error>((out, n, data_bytes, chunk_refs))
             }
         }))
         .await?;
-        let mut uploaded = 0;
         let mut refs = Vec::new();
-        for (out, n, data_bytes) in stored {
+        for (out, n, data_bytes, chunk_refs) in stored {
             uploaded += out.uploaded_bytes;
             refs.push(PatchRef {
                 id: out.id.to_hex(),
                 bytes: n,
                 data_bytes,
+                chunk_refs,
             });
         }
         self.disk_mut(disk)?.patches.extend(refs);
         Ok(uploaded)
     }
 
-    /// Fold a disk's patches into its chunks: each touched chunk is read once, patched and
-    /// stored; afterwards the disk has no patches. Returns (chunks rewritten, bytes uploaded).
+    /// Fold a disk's patches into its chunks ([`Store::resolve_chain`]): a chunk a patch
+    /// refers to whole becomes the index entry (no read, no encode); each chunk the residual
+    /// data touches is read once, patched and stored. Afterwards the disk has no patches.
+    /// Returns (chunks changed, bytes uploaded).
     pub async fn fold(&mut self, disk: &str) -> Result<(u64, u64)> {
         let refs = self.patches(disk)?.to_vec();
         if refs.is_empty() {
@@ -928,11 +1046,8 @@ impl PointBuilder {
         }
         // Patches added by this builder are only staged: make them readable first.
         self.writer.commit().await?;
-        let patch = self
-            .store
-            .load_patches(&refs, self.index(disk)?.disk_size())
-            .await?;
-        let index = self.index(disk)?.clone();
+        let mut index = self.index(disk)?.clone();
+        let (taken, patch) = self.store.resolve_chain(&mut index, &refs).await?;
         let cs = index.chunk_size() as u64;
         let touched: Vec<u64> = patch.touched_chunks(cs).into_iter().collect();
         let patch = Arc::new(patch);
@@ -951,7 +1066,7 @@ impl PointBuilder {
                     } else {
                         store.get_chunk(&id, Some(len)).await?.to_vec()
                     };
-                    patch.apply(ci * cs, &mut buf);
+                    patch.apply(ci * cs, &mut buf)?;
                     let out = writer.put(Bytes::from(buf)).await?;
                     Ok::<_, Error>((ci, out))
                 }
@@ -961,14 +1076,22 @@ impl PointBuilder {
             .await?;
         let mut uploaded = 0;
         let n = results.len() as u64;
-        let d = self.disk_mut(disk)?;
         for (ci, out) in results {
             uploaded += out.uploaded_bytes;
-            d.index.set(ci, out.id)?;
+            index.set(ci, out.id)?;
         }
+        tracing::debug!(
+            disk,
+            referenced = taken,
+            rewritten = n,
+            uploaded,
+            "folded patches"
+        );
+        let d = self.disk_mut(disk)?;
+        d.index = index;
         d.patches.clear();
         d.inherited = None;
-        Ok((n, uploaded))
+        Ok((n + taken, uploaded))
     }
 
     /// Write the indexes, then the point object (the commit). Refuses if the session lasted
@@ -1020,8 +1143,16 @@ impl PointBuilder {
                 patches: st.patches.clone(),
             });
         }
+        let refs = disks
+            .iter()
+            .flat_map(|d| &d.patches)
+            .any(|p| p.chunk_refs > 0);
         let meta = PointMeta {
-            format_version: POINT_FORMAT_VERSION,
+            format_version: if refs {
+                POINT_FORMAT_VERSION
+            } else {
+                POINT_FORMAT_PLAIN
+            },
             vm: self.vm.clone(),
             id: id.clone(),
             created_unix_ms: created,
@@ -1048,37 +1179,115 @@ impl PointBuilder {
 }
 
 impl Store {
-    /// Load patch objects and merge them, oldest first, into one patch.
+    /// Disk `disk` of `point` as "index with overrides + residual patch": its index, with
+    /// every chunk its patch chain refers to whole set as that chunk's entry, and the rest of
+    /// the chain merged into one patch without chunk extents (see [`Self::resolve_chain`]).
+    /// Reading chunk `i` = the index's chunk `i` with the patch applied over it. The one
+    /// way readers, export, resync, fold and consolidation compute a point's disk.
+    pub async fn load_disk(&self, point: &PointMeta, disk: &str) -> Result<(DiskIndex, Patch)> {
+        let mut index = self.load_index(point, disk).await?;
+        let entry = point.disk(disk)?;
+        let (_, patch) = self.resolve_chain(&mut index, &entry.patches).await?;
+        Ok((index, patch))
+    }
+
+    /// Merge the patch chain `refs` (oldest first; later extents carve earlier ones, so a
+    /// chunk reference in element k supersedes the base and elements before k for its chunk)
+    /// and resolve it against `index`: whole chunk references become index entries, partial
+    /// ones (later data carved part of the chunk) are read and become data. Returns the number
+    /// of index entries set and the residual patch, which holds no chunk extents.
+    pub async fn resolve_chain(
+        &self,
+        index: &mut DiskIndex,
+        refs: &[PatchRef],
+    ) -> Result<(u64, Patch)> {
+        let mut patch = self.load_patches(refs, index.disk_size()).await?;
+        let (taken, partial) = patch.resolve_whole(index)?;
+        let read: Vec<(u64, u64, u64, Bytes, ChunkId)> = futures::stream::iter(partial)
+            .map(|(off, len, id, from)| async move {
+                let c = self.get_chunk(&id, None).await?;
+                Ok::<_, Error>((off, len, from, c, id))
+            })
+            .buffer_unordered(PATCH_FETCHES)
+            .try_collect()
+            .await?;
+        for (off, len, from, c, id) in read {
+            let part = usize::try_from(from)
+                .ok()
+                .zip(usize::try_from(from.saturating_add(len)).ok())
+                .and_then(|(a, b)| c.get(a..b))
+                .ok_or_else(|| {
+                    Error::corrupt_object(
+                        self.chunk_key(&id),
+                        format!(
+                            "a patch refers to bytes {from}+{len} of this {}-byte chunk",
+                            c.len()
+                        ),
+                    )
+                })?;
+            patch.write(off, part)?;
+        }
+        Ok((taken, patch))
+    }
+
+    /// Chunks the patch objects `refs` refer to (reads only those with
+    /// [`PatchRef::chunk_refs`]); for GC and verify. Returns (chunk, length) pairs, holes
+    /// (zero ids) left out.
+    pub async fn patch_chunk_refs(&self, refs: &[PatchRef]) -> Result<Vec<(ChunkId, u64)>> {
+        let mut out = Vec::new();
+        let mut fetched = futures::stream::iter(
+            refs.iter()
+                .filter(|r| r.chunk_refs > 0)
+                .map(|r| self.load_patch(r, None))
+                .collect::<Vec<_>>(),
+        )
+        .buffered(PATCH_FETCHES);
+        while let Some(p) = fetched.next().await {
+            for (_, len, piece) in p?.extents() {
+                if let crate::patch::Piece::Chunk { id, from } = piece {
+                    if !id.is_zero() {
+                        // Stored references are whole chunks (from 0): `len` is the chunk's.
+                        out.push((id, from + len));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Load one patch object; with `disk_size`, check it is for that disk.
+    async fn load_patch(&self, r: &PatchRef, disk_size: Option<u64>) -> Result<Patch> {
+        let id = r.chunk_id()?;
+        if r.bytes > crate::chunk::MAX_CHUNK_PLAIN {
+            return Err(Error::corrupt_object(
+                self.chunk_key(&id),
+                format!("patch claims {} bytes", r.bytes),
+            ));
+        }
+        let raw = self.get_chunk(&id, Some(r.bytes as usize)).await?;
+        let p = Patch::from_bytes(&raw, &self.chunk_key(&id))?;
+        match disk_size {
+            Some(s) if p.disk_size() != s => Err(Error::corrupt_object(
+                self.chunk_key(&id),
+                format!(
+                    "patch is for a {}-byte disk, the point's disk has {s}",
+                    p.disk_size()
+                ),
+            )),
+            _ => Ok(p),
+        }
+    }
+
+    /// Load patch objects and merge them, oldest first, into one patch (chunk extents not
+    /// resolved: use [`Self::load_disk`] or [`Self::resolve_chain`] to read a disk).
     ///
     /// Objects are fetched [`PATCH_FETCHES`] at a time (a long chain on S3 costs one round
     /// trip per [`PATCH_FETCHES`] objects, not per object) and merged in order as they arrive.
-    pub async fn load_patches(&self, refs: &[PatchRef], disk_size: u64) -> Result<Patch> {
+    pub(crate) async fn load_patches(&self, refs: &[PatchRef], disk_size: u64) -> Result<Patch> {
         let mut merged = Patch::new(disk_size);
-        let fetch = |r: PatchRef, store: Store| async move {
-            let id = r.chunk_id()?;
-            if r.bytes > crate::chunk::MAX_CHUNK_PLAIN {
-                return Err(Error::corrupt_object(
-                    self.chunk_key(&id),
-                    format!("patch claims {} bytes", r.bytes),
-                ));
-            }
-            let raw = store.get_chunk(&id, Some(r.bytes as usize)).await?;
-            let p = Patch::from_bytes(&raw, &store.chunk_key(&id))?;
-            if p.disk_size() != disk_size {
-                return Err(Error::corrupt_object(
-                    store.chunk_key(&id),
-                    format!(
-                        "patch is for a {}-byte disk, the point's disk has {disk_size}",
-                        p.disk_size()
-                    ),
-                ));
-            }
-            Ok::<_, Error>(p)
-        };
         let mut fetched = futures::stream::iter(
             refs.iter()
-                .cloned()
-                .map(|r| fetch(r, self.clone()))
+                .map(|r| self.load_patch(r, Some(disk_size)))
                 .collect::<Vec<_>>(),
         )
         .buffered(PATCH_FETCHES);

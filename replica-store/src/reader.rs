@@ -1,6 +1,10 @@
 //! Reading a recovery point's disk as a random-access device: verified chunks through a
 //! bounded LRU cache, sequential read-ahead, and hole (zero) extents for block status.
 //!
+//! A disk with a patch chain is opened through [`Store::load_disk`]: the reader's index already
+//! holds the chunks the chain refers to whole, and the residual patch (no chunk references)
+//! is applied over each fetched chunk — the same resolution the fold uses.
+//!
 //! The cache's hits and misses are counted process-wide ([`cache_stats`]): a read of a stored
 //! chunk found in a reader's cache is a hit; one that has to wait for a fetch (its own, or a
 //! read-ahead or concurrent read already under way) is a miss. Holes are neither.
@@ -120,16 +124,15 @@ impl Store {
         disk: &str,
         opts: ReaderOptions,
     ) -> Result<DiskReader> {
-        let index = self.load_index(point, disk).await?;
-        let entry = point.disk(disk)?;
+        // Index with the chunks the chain refers to whole; the rest of the chain merged.
+        let (index, patch) = self.load_disk(point, disk).await?;
         let mut r = DiskReader::new(
             self.clone(),
             format!("{}:{}", point.full_id(), disk),
             index,
             opts,
         );
-        if !entry.patches.is_empty() {
-            let patch = self.load_patches(&entry.patches, entry.size).await?;
+        if !patch.is_empty() {
             if let Some(inner) = Arc::get_mut(&mut r.inner) {
                 inner.patch = Some(Arc::new(patch));
             }
@@ -317,8 +320,7 @@ impl DiskReader {
                 let start = ci * me.inner.index.chunk_size() as u64;
                 if p.touches(start, start + len as u64, false) {
                     let mut buf = b.to_vec();
-                    p.apply(start, &mut buf);
-                    r = Ok(Bytes::from(buf));
+                    r = p.apply(start, &mut buf).map(|()| Bytes::from(buf));
                 }
             }
             if let Ok(b) = &r {

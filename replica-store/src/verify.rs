@@ -163,6 +163,8 @@ impl Store {
         // chunk -> (expected length, points)
         let mut refs: BTreeMap<ChunkId, (usize, BTreeSet<String>)> = BTreeMap::new();
         let mut broken: BTreeSet<String> = BTreeSet::new();
+        let mut patch_refs: std::collections::HashMap<String, Option<Vec<(ChunkId, u64)>>> =
+            std::collections::HashMap::new();
         for p in points {
             for d in &p.disks {
                 for r in &d.patches {
@@ -175,6 +177,30 @@ impl Store {
                         }
                         Err(e) => {
                             report.bad_objects.push((r.id.clone(), e.to_string()));
+                            broken.insert(p.full_id());
+                        }
+                    }
+                }
+                // Chunks the patches refer to (a cut stored them whole); each patch object
+                // read once (points share chain prefixes).
+                for r in d.patches.iter().filter(|r| r.chunk_refs > 0) {
+                    if !patch_refs.contains_key(&r.id) {
+                        let got = match self.patch_chunk_refs(std::slice::from_ref(r)).await {
+                            Ok(ids) => Some(ids),
+                            Err(e) if e.is_recoverable() => return Err(e),
+                            // The patch object itself is checked (and reported) as a chunk.
+                            Err(_) => None,
+                        };
+                        patch_refs.insert(r.id.clone(), got);
+                    }
+                    match &patch_refs[&r.id] {
+                        Some(ids) => {
+                            for &(id, len) in ids {
+                                let e = refs.entry(id).or_insert((len as usize, BTreeSet::new()));
+                                e.1.insert(p.full_id());
+                            }
+                        }
+                        None => {
                             broken.insert(p.full_id());
                         }
                     }

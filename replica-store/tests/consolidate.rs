@@ -2,7 +2,9 @@
 //! published points and finished at random later cuts (some discarded, some aborted midway,
 //! some overtaken by an inline fold), garbage collection with consolidations in flight —
 //! every point must read back exactly the reference model of its cut, on the local and the
-//! in-memory backend, with chunk files and with packs.
+//! in-memory backend, with chunk files and with packs. Cuts with whole-chunk writes store those
+//! chunks once and refer to them from the chain; the chains mix both kinds, and a delta of
+//! whole chunks on packs stays within one PUT per MiB and consolidates without rewriting any.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -54,14 +56,21 @@ async fn store_on(backend: Arc<dyn Backend>, layout: Layout, max_session_secs: u
     .unwrap()
 }
 
-/// One random interval of writes: whole chunks, partial writes and zeroing.
+/// One random interval of writes: whole chunks (stored by the cut as chunks, referred to
+/// from the chain; some all zeroes, and the short last one), partial writes and zeroing.
 fn random_patch(rng: &mut StdRng, model: &mut [u8]) -> Patch {
     let mut p = Patch::new(SIZE);
     for _ in 0..rng.gen_range(1..6) {
-        let (off, len) = match rng.gen_range(0..3) {
-            0 => {
-                let c = rng.gen_range(0..SIZE / CS);
-                (c * CS, CS)
+        let (off, len) = match rng.gen_range(0..5) {
+            0 | 3 => {
+                let c = rng.gen_range(0..SIZE.div_ceil(CS));
+                let len = (SIZE - c * CS).min(CS);
+                if rng.gen_bool(0.2) {
+                    p.write(c * CS, &vec![0u8; len as usize]).unwrap();
+                    model[(c * CS) as usize..(c * CS + len) as usize].fill(0);
+                    continue;
+                }
+                (c * CS, len)
             }
             1 => {
                 let off = rng.gen_range(0..SIZE - 1);
@@ -98,6 +107,7 @@ async fn chain_of_cuts(store: Store, seed: u64) {
     let mut cuts: Vec<(PointMeta, Vec<u8>)> = vec![(parent.clone(), model.clone())];
     let mut running: Option<tokio::task::JoinHandle<replica_store::Result<Consolidated>>> = None;
     let (mut rebased, mut dropped, mut aborted) = (0, 0, 0);
+    let (mut ref_objects, mut data_objects) = (0, 0);
     for step in 0..30 {
         let patch = random_patch(&mut rng, &mut model);
         let mut b = PointBuilder::from_parent(&store, &parent).await.unwrap();
@@ -121,6 +131,14 @@ async fn chain_of_cuts(store: Store, seed: u64) {
             b.fold("d").await.unwrap(); // the hard limit: inline fold
         }
         parent = b.publish().await.unwrap();
+        for r in &parent.disks[0].patches {
+            if r.chunk_refs > 0 {
+                assert_eq!(r.data_bytes, 0, "reference objects carry no data");
+                ref_objects += 1;
+            } else {
+                data_objects += 1;
+            }
+        }
         assert_eq!(read_all(&store, &parent).await, model, "step {step}");
         cuts.push((parent.clone(), model.clone()));
         if running.is_none() && !parent.disks[0].patches.is_empty() && rng.gen_bool(0.5) {
@@ -136,6 +154,10 @@ async fn chain_of_cuts(store: Store, seed: u64) {
         let _ = h.await;
     }
     assert!(rebased > 0, "seed {seed}: no rebase happened");
+    assert!(
+        ref_objects > 0 && data_objects > 0,
+        "seed {seed}: chains must mix chunk references ({ref_objects}) and data ({data_objects})"
+    );
     eprintln!("seed {seed}: {rebased} rebased, {dropped} dropped, {aborted} aborted");
     for (p, m) in &cuts {
         assert_eq!(&read_all(&store, p).await, m, "point {}", p.id);
@@ -250,4 +272,74 @@ async fn open_cost_of_a_chain_at_the_object_limit() {
         c.chunks
     );
     drop(r);
+}
+
+/// A delta of whole random chunks on packs (the S3 default): the cut stores them as chunks in
+/// the session's packs, so the point's request count stays at most one PUT per MiB uploaded,
+/// its chain holds one data-free reference object, and consolidating it reads and stores no
+/// chunk (an index update).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_chunk_deltas_on_packs_cost_at_most_one_put_per_mib() {
+    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    let store = Store::create(
+        be,
+        CreateOptions {
+            chunk_size: CS as u32,
+            layout: Some(Layout::Packs),
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    const BIG: u64 = 1024 * CS; // 64 MiB
+    let mut b = PointBuilder::new(&store, "vm").unwrap();
+    b.add_disk("d", BIG).unwrap();
+    let base = b.publish().await.unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut model = vec![0u8; BIG as usize];
+    let mut p = Patch::new(BIG);
+    for _ in 0..512 {
+        let c = rng.gen_range(0..BIG / CS);
+        let mut d = vec![0u8; CS as usize];
+        rng.fill_bytes(&mut d);
+        p.write(c * CS, &d).unwrap();
+        model[(c * CS) as usize..((c + 1) * CS) as usize].copy_from_slice(&d);
+    }
+    let mut b = PointBuilder::from_parent(&store, &base).await.unwrap();
+    let uploaded = b.add_patch("d", p).await.unwrap();
+    let point = b.publish().await.unwrap();
+    let up = point.upload.unwrap();
+    let mib = up.bytes as f64 / f64::from(1 << 20);
+    assert!(uploaded > 0 && mib > 8.0, "{up:?}");
+    assert!(up.puts as f64 <= mib, "{} PUTs for {mib:.1} MiB", up.puts);
+    let chain = &point.disks[0].patches;
+    assert_eq!(chain.len(), 1, "{chain:?}");
+    assert!(
+        chain[0].chunk_refs > 300 && chain[0].data_bytes == 0,
+        "{chain:?}"
+    );
+    let r = store
+        .open_disk(&point, "d", ReaderOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.read_at(0, BIG as usize).await.unwrap().to_vec(), model);
+    let c = store.consolidate(&point, "d").await.unwrap();
+    // Only the folded index is written: no chunk rewritten.
+    assert!(
+        c.uploaded < 4 * BIG / CS * 32,
+        "{} bytes uploaded",
+        c.uploaded
+    );
+    let mut b = PointBuilder::from_parent(&store, &point).await.unwrap();
+    b.rebase(&c).unwrap().unwrap();
+    let folded = b.publish().await.unwrap();
+    assert!(folded.disks[0].patches.is_empty());
+    let r = store
+        .open_disk(&folded, "d", ReaderOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.read_at(0, BIG as usize).await.unwrap().to_vec(), model);
+    store.gc(gc_now(Some(Duration::ZERO))).await.unwrap();
+    assert!(store.verify_all().await.unwrap().is_ok());
 }

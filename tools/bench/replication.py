@@ -180,14 +180,18 @@ class Standby:
         self.port = free_port()
         env = dict(self.env, STANDBY_LOG="info")
         with open(self.out, "w") as o, open(self.err, "a") as e:
-            self.proc = subprocess.Popen([self.bin, "serve", "--listen", f"127.0.0.1:{self.port}"],
+            # The API on a free port too: another gateway on this machine may hold the default.
+            self.proc = subprocess.Popen([self.bin, "serve", "--listen", f"127.0.0.1:{self.port}",
+                                          "--api-listen", f"127.0.0.1:{free_port()}"],
                                          env=env, stdout=o, stderr=e)
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"standby serve exited with {self.proc.returncode}: {self.tail()}")
+            # Ready once it serves and its API file is there (CLI commands go through the API).
             with open(self.out) as f:
-                if "standby: serving" in f.read():
+                if "standby: serving" in f.read() and os.path.exists(
+                        os.path.join(self.data, "api.local.json")):
                     return
             time.sleep(0.05)
         raise RuntimeError("standby serve did not become ready")
@@ -724,8 +728,8 @@ def bench_rpo(bin_, work):
           f"rate for {RPO_SECONDS} s, `standby status` sampled every {RPO_SAMPLE_SECS} s)\n")
     print("| binary | store | rate | interval | fold patches beyond | RPO p50 (s) | p95 (s) | p99 (s) | max (s) "
           "| samples | delta jobs ok / failed | median delta job (s) | max log backlog | state at end "
-          "| fio MB/s | target (p99) |")
-    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|")
+          "| fio MB/s | gateway peak RSS | gateway CPU (s) | target (p99) |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|")
     for r in rows:
         target = ""
         nominal = rate_mbps(r["rate"])
@@ -741,15 +745,17 @@ def bench_rpo(bin_, work):
                 target = f"≤ {limit:.0f} s: {'met' if met else 'missed'}"
         print(f"| {r['bin']} | {r['store']} | {r['rate']} | {r['interval']} | {r['fold']} | {fmt_s(r['med'])} | "
               f"{fmt_s(r['p95'])} | {fmt_s(r['p99'])} | {fmt_s(r['max'])} | {r['n']} | {r['ok']} / {r['failed']} | "
-              f"{fmt_s(r['job_med'], 1)} | {r['backlog'] / 1e6:,.0f} MB | {r['state']} | {r['mbps']:.1f} | {target} |")
+              f"{fmt_s(r['job_med'], 1)} | {r['backlog'] / 1e6:,.0f} MB | {r['state']} | {r['mbps']:.1f} | "
+              f"{r['rss'] / 1e6:,.0f} MB | {fmt_s(r['cpu'], 1)} | {target} |")
     print()
     for r in rows:
         if r["err"]:
             print(f"- {r['bin']}, {r['store']}, {r['rate']}, {r['interval']}, fold {r['fold']}: first failed "
                   f"delta job: `{r['err']}`; states seen: {' → '.join(r['states'])}")
-        if r["folds"] or r["rebases"]:
+        if r["folds"] or r["rebases"] or r["consolidations"]:
             print(f"- {r['bin']}, {r['store']}, {r['rate']}, {r['interval']}, fold {r['fold']}: "
-                  f"{r['folds']} inline folds, {r['rebases']} rebases onto background consolidations")
+                  f"{r['folds']} inline folds, {r['consolidations']} background consolidations, "
+                  f"{r['rebases']} rebases onto them")
     print("RPO sample = time right after `standby status` returned − its \"replica current as of\" time. "
           "Targets: continuous, p99 ≤ 1 s at 50 MB/s and ≤ 2 s at 200 MB/s on the local store, "
           "≤ 2 s at 50 MB/s on Garage.\n")
@@ -761,6 +767,20 @@ def rate_mbps(rate):
     if not m:
         return None
     return int(m.group(1)) * {"": 1e-6, "k": 1e-3, "m": 1, "g": 1e3}[m.group(2)]
+
+
+def proc_usage(pid):
+    """(peak RSS bytes, user+system CPU seconds) of a live process, from /proc."""
+    rss = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                rss = int(line.split()[1]) * 1024
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Fields after the command: state is 3rd overall, utime/stime are the 14th/15th.
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return rss, cpu
 
 
 def rpo_once(bin_, work, store, rate, interval, fold, garage, n):
@@ -810,6 +830,7 @@ def rpo_once(bin_, work, store, rate, interval, fold, garage, n):
         ok = [j for j in jobs if j["state"] == "succeeded"]
         bad = [j for j in jobs if j["state"] == "failed"]
         final = sb.status()
+        rss, cpu = proc_usage(sb.proc.pid)
         sb.stop()
         with open(sb.err, errors="replace") as f:
             serve_log = f.read()
@@ -820,11 +841,14 @@ def rpo_once(bin_, work, store, rate, interval, fold, garage, n):
                "state": final["state"].split(" (")[0], "mbps": w["bw_bytes"] / 1e6,
                "backlog": backlog, "err": bad[0]["detail"] if bad else "",
                "states": sorted(states, key=states.get),
-               "folds": serve_log.count("folded patches into chunks") + serve_log.count("folded inline"),
+               "folds": serve_log.count("folded inline"),
+               "consolidations": serve_log.count("consolidated patches into chunks"),
+               "rss": rss, "cpu": cpu,
                "rebases": serve_log.count("rebased onto a background consolidation")}
         log(f"  RPO p50 {fmt_s(row['med'])} s, p95 {fmt_s(row['p95'])} s, p99 {fmt_s(row['p99'])} s, "
             f"max {fmt_s(row['max'])} s; deltas ok {row['ok']} failed {row['failed']}; state {row['state']}; "
-            f"fio {row['mbps']:.1f} MB/s; {row['folds']} inline folds, {row['rebases']} rebases")
+            f"fio {row['mbps']:.1f} MB/s; {row['folds']} inline folds, {row['consolidations']} consolidations, "
+            f"{row['rebases']} rebases; gateway peak RSS {rss / 1e6:,.0f} MB, CPU {cpu:.1f} s")
         if row["err"]:
             log(f"  first failed delta: {row['err']}")
         return row

@@ -120,7 +120,7 @@ fn rt() -> tokio::runtime::Runtime {
 fn ship(disk: &Disk, replica: &mut [u8], shipped: &mut u64, lsn: u64) {
     let log = disk.change_log().unwrap();
     let patch = patch_from_log(&log, *shipped, lsn, SIZE).unwrap();
-    patch.apply(0, replica);
+    patch.apply(0, replica).unwrap();
     *shipped = lsn;
     log.wait_sealed().unwrap();
     let last = log

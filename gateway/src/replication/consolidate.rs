@@ -8,6 +8,8 @@
 //! rebases ([`replica_store::PointBuilder::rebase`]) each disk whose chain still starts with
 //! the folded patches: the new point's disk is the folded index plus the patches after them
 //! plus the new one. A point's content never depends on when (or whether) a consolidation ran.
+//! Chunks a cut stored whole (the chain refers to them) cost a consolidation only an index
+//! update; only partial-chunk patch data is read, patched and encoded again.
 //!
 //! **Bound.** If a chain reaches the hard limit anyway — [`INLINE_FACTOR`] × `fold_patch_bytes`
 //! or [`INLINE_PATCHES`] objects, because writes outpace consolidation — the cut folds inline
@@ -185,6 +187,7 @@ mod tests {
             id: "ab".repeat(32),
             bytes: 100,
             data_bytes: 10,
+            chunk_refs: 0,
         });
 
         let c = Arc::new(Consolidations::default());

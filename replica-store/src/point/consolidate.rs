@@ -94,8 +94,9 @@ impl Store {
                 source_lsn: entry.source_lsn,
                 patches: entry.patches.clone(),
                 inherited: None,
-                // P's chunks are referenced by P and by every descendant the result can be
-                // rebased into (they share P's index), so none needs adopting.
+                // P's chunks (its index's and those its patches refer to) are referenced by
+                // P and by every descendant the result can be rebased into (they share P's
+                // index and the covered patches), so none needs adopting.
                 adopted: false,
             },
         );

@@ -1,7 +1,9 @@
 //! Cutting and publishing a point: one barrier across all of a VM's disks (a write
 //! acknowledged on one disk before a write on another starts is never missing from a point
 //! holding the second), a patch per disk of the records since its parent point or pass, the
-//! point published, and only then the shipped segments released.
+//! point published, and only then the shipped segments released. A disk's patch goes to the
+//! store through [`PointBuilder::add_patch`]: chunks the interval rewrote whole are stored as
+//! chunks there (encoded once; a later fold only updates the index), the rest as patch data.
 //!
 //! Patch chains are kept short off the cut path ([`super::super::consolidate`]): a cut first
 //! rebases each disk onto a finished background consolidation (if it still applies), appends

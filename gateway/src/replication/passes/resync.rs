@@ -45,9 +45,7 @@ impl Engine {
                     };
                     let (base, patched) = match &parent {
                         Some(p) if p.disk(d.name()).is_ok_and(|e| e.size == d.size()) => {
-                            let idx = store.load_index(p, d.name()).await?;
-                            let e = p.disk(d.name())?;
-                            let patch = store.load_patches(&e.patches, e.size).await?;
+                            let (idx, patch) = store.load_disk(p, d.name()).await?;
                             (idx, patch.touched_chunks(cs))
                         }
                         _ => (DiskIndex::new(d.size(), cs as u32)?, BTreeSet::new()),
