@@ -13,6 +13,9 @@
 //! bucket, prefix, path_style) and the key file of an encrypted store. Without that file the
 //! store is the local directory `<data-dir>/store`. S3 credentials are never written there:
 //! they come from the AWS environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE).
+//!
+//! Longer than most files (~810 lines): one function per `store` and `point` subcommand, each
+//! with its offline path and its path through a running gateway's API.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
