@@ -307,6 +307,8 @@ fn vm_state(base: &str, t: &str, vm: &str) -> (u16, String) {
 fn console_in_a_headless_browser() {
     let t = test_dir("console");
     let dd = site(t.path(), &[("d1", "8M"), ("d2", "8M")]);
+    // Data on d1 (not only zeroes), so its points hold chunks for the store verification below.
+    standby_e2e::random_file(&dd.join("disks").join("d1.img"), 8 << 20, 31);
     let admin = token(&dd, "ops", false);
     let g = Gateway::start(&dd, &["--api-listen", "127.0.0.1:0"]);
     let base = origin(&g.api.clone().expect("the gateway prints its API address"));
@@ -658,6 +660,31 @@ fn console_in_a_headless_browser() {
         live.contains("store-verify") && live.contains("Chunks checked"),
         "{live}"
     );
+    // The verification read real chunks (d1 holds 8 MiB of random bytes), and the page shows
+    // the count the API gives.
+    let jobs = request(
+        "GET",
+        &format!("{base}/api/v1/jobs"),
+        Some(&admin),
+        None,
+        &[],
+    )
+    .json();
+    let verify = jobs
+        .as_array()
+        .and_then(|a| a.iter().find(|j| j["kind"] == "store-verify"))
+        .unwrap_or_else(|| panic!("no store-verify job: {jobs}"));
+    let one = request(
+        "GET",
+        &format!("{base}/api/v1/jobs/{}", verify["id"]),
+        Some(&admin),
+        None,
+        &[],
+    )
+    .json();
+    let chunks = one["result"]["chunks_checked"].as_u64().unwrap_or(0);
+    assert!(chunks > 0, "the verification checked no chunk: {one}");
+    assert!(live.contains(&format!("{chunks} (")), "{live}");
     assert!(b.text("#notice").contains("Store verification started"));
     b.screenshot("09-store-verify-job");
     b.click("#nav a[data-page=jobs]");

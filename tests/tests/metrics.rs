@@ -8,7 +8,7 @@
 //! attached point is read.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -107,6 +107,46 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
                     .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
         })
         .map(|s| s.value)
+}
+
+/// Reads an attached point twice with qemu-img: the first read must fetch chunks from the
+/// store (cache misses), the second must find all of them in the reader's cache (hits, no
+/// new miss). Returns the (hits, misses) counters before, after the first and after the
+/// second read.
+fn read_twice_misses_then_hits(base: &str, ro: &str, uri: &str, back: &Path) -> [(f64, f64); 3] {
+    let qemu_img = require_tool("qemu-img");
+    let counters = || {
+        let (_, s) = scrape(base, ro);
+        (
+            value(&s, "standby_store_cache_hits_total", &[]).expect("hits"),
+            value(&s, "standby_store_cache_misses_total", &[]).expect("misses"),
+        )
+    };
+    let read = || {
+        run(Command::new(&qemu_img)
+            .args(["convert", "-f", "raw", "-O", "raw", uri])
+            .arg(back))
+    };
+    let c0 = counters();
+    read();
+    let c1 = counters();
+    assert!(
+        c1.1 - c0.1 >= 1.0,
+        "the first read fetched chunks: misses {} then {}",
+        c0.1,
+        c1.1
+    );
+    read();
+    let c2 = counters();
+    assert!(
+        c2.0 - c1.0 >= 1.0,
+        "the second read found its chunks in the cache: hits {}, {}, {}",
+        c0.0,
+        c1.0,
+        c2.0
+    );
+    assert_eq!(c2.1, c1.1, "the second read fetched nothing from the store");
+    [c0, c1, c2]
 }
 
 fn scrape(base: &str, t: &str) -> (String, Vec<Sample>) {
@@ -346,8 +386,6 @@ fn metrics_count_real_activity() {
 
     // The chunk cache: an attached point read twice; the second read finds its chunks in
     // the reader's cache (16 MiB by default, the whole disk).
-    let hits0 = value(&s, "standby_store_cache_hits_total", &[]).expect("hits");
-    let misses0 = value(&s, "standby_store_cache_misses_total", &[]).expect("misses");
     let a = request(
         "POST",
         &format!("{base}/api/v1/attachments"),
@@ -359,29 +397,8 @@ fn metrics_count_real_activity() {
     let at: serde_json::Value = serde_json::from_str(&a.body).expect("attachment");
     let uri = at["uri"].as_str().expect("uri").to_string();
     let export = at["export"].as_str().expect("export").to_string();
-    let qemu_img = require_tool("qemu-img");
-    let back = t.path().join("back.img");
-    run(Command::new(&qemu_img)
-        .args(["convert", "-f", "raw", "-O", "raw", &uri])
-        .arg(&back));
-    let (_, s_read) = scrape(&base, &ro);
-    let misses1 = value(&s_read, "standby_store_cache_misses_total", &[]).unwrap();
-    assert!(
-        misses1 - misses0 >= 1.0,
-        "the first read fetched chunks: misses {misses0} then {misses1}"
-    );
-    let hits1 = value(&s_read, "standby_store_cache_hits_total", &[]).unwrap();
-    run(Command::new(&qemu_img)
-        .args(["convert", "-f", "raw", "-O", "raw", &uri])
-        .arg(&back));
-    let (_, s_read2) = scrape(&base, &ro);
-    let hits2 = value(&s_read2, "standby_store_cache_hits_total", &[]).unwrap();
-    let misses2 = value(&s_read2, "standby_store_cache_misses_total", &[]).unwrap();
-    assert!(
-        hits2 - hits1 >= 1.0,
-        "the second read found its chunks in the cache: hits {hits0}, {hits1}, {hits2}"
-    );
-    assert_eq!(misses2, misses1, "the second read fetched nothing");
+    let [(hits0, misses0), (hits1, misses1), (hits2, misses2)] =
+        read_twice_misses_then_hits(&base, &ro, &uri, &t.path().join("back.img"));
     eprintln!(
         "store: {} objects, {} bytes, {} chunks ({} bytes), usage age {age:.1} s; cache: \
          hits {hits0} -> {hits1} -> {hits2}, misses {misses0} -> {misses1} -> {misses2}",
@@ -493,7 +510,6 @@ fn write_patterns(qemu_io: &std::path::Path, uri: &str, first: u64, n: u64) {
 #[test]
 fn store_metrics_on_s3() {
     let qemu_io = require_tool("qemu-io");
-    let qemu_img = require_tool("qemu-img");
     let garage = Garage::start();
     let t = standby_e2e::test_dir("metrics-s3");
     let dd = t.path().join("dd");
@@ -588,25 +604,8 @@ fn store_metrics_on_s3() {
     assert_eq!(a.status, 201, "{}", a.body);
     let at: serde_json::Value = serde_json::from_str(&a.body).expect("attachment");
     let uri = at["uri"].as_str().expect("uri").to_string();
-    let (_, s0) = scrape(&base, &ro);
-    let hits0 = value(&s0, "standby_store_cache_hits_total", &[]).expect("hits");
-    let misses0 = value(&s0, "standby_store_cache_misses_total", &[]).expect("misses");
-    let back = t.path().join("back.img");
-    run(Command::new(&qemu_img)
-        .args(["convert", "-f", "raw", "-O", "raw", &uri])
-        .arg(&back));
-    let (_, s1) = scrape(&base, &ro);
-    let misses1 = value(&s1, "standby_store_cache_misses_total", &[]).unwrap();
-    let hits1 = value(&s1, "standby_store_cache_hits_total", &[]).unwrap();
-    assert!(misses1 - misses0 >= 1.0, "misses {misses0} then {misses1}");
-    run(Command::new(&qemu_img)
-        .args(["convert", "-f", "raw", "-O", "raw", &uri])
-        .arg(&back));
-    let (_, s2) = scrape(&base, &ro);
-    let hits2 = value(&s2, "standby_store_cache_hits_total", &[]).unwrap();
-    let misses2 = value(&s2, "standby_store_cache_misses_total", &[]).unwrap();
-    assert!(hits2 - hits1 >= 1.0, "hits {hits0}, {hits1}, {hits2}");
-    assert_eq!(misses2, misses1, "the second read fetched nothing from S3");
+    let [(hits0, misses0), (hits1, misses1), (hits2, misses2)] =
+        read_twice_misses_then_hits(&base, &ro, &uri, &t.path().join("back.img"));
     eprintln!(
         "S3 store: objects {objects1} -> {objects2}, bytes {bytes1} -> {}, usage age {age:.1} s; \
          cache hits {hits0} -> {hits1} -> {hits2}, misses {misses0} -> {misses1} -> {misses2}",
