@@ -109,11 +109,27 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
         .map(|s| s.value)
 }
 
-/// Reads an attached point twice with qemu-img: the first read must fetch chunks from the
-/// store (cache misses), the second must find all of them in the reader's cache (hits, no
-/// new miss). Returns the (hits, misses) counters before, after the first and after the
-/// second read.
-fn read_twice_misses_then_hits(base: &str, ro: &str, uri: &str, back: &Path) -> [(f64, f64); 3] {
+/// Attaches VM v1's disk d1 (newest point) and reads it twice with qemu-img: the first read
+/// must fetch chunks from the store (cache misses), the second must find all of them in the
+/// reader's cache (hits, no new miss). Returns the export's name and the (hits, misses)
+/// counters before, after the first and after the second read.
+fn attach_and_read_twice(
+    base: &str,
+    admin: &str,
+    ro: &str,
+    back: &Path,
+) -> (String, [(f64, f64); 3]) {
+    let a = request(
+        "POST",
+        &format!("{base}/api/v1/attachments"),
+        Some(admin),
+        Some(r#"{"vm":"v1","disk":"d1"}"#),
+        &[],
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    let at: serde_json::Value = serde_json::from_str(&a.body).expect("attachment");
+    let uri = at["uri"].as_str().expect("uri").to_string();
+    let export = at["export"].as_str().expect("export").to_string();
     let qemu_img = require_tool("qemu-img");
     let counters = || {
         let (_, s) = scrape(base, ro);
@@ -124,7 +140,7 @@ fn read_twice_misses_then_hits(base: &str, ro: &str, uri: &str, back: &Path) -> 
     };
     let read = || {
         run(Command::new(&qemu_img)
-            .args(["convert", "-f", "raw", "-O", "raw", uri])
+            .args(["convert", "-f", "raw", "-O", "raw", &uri])
             .arg(back))
     };
     let c0 = counters();
@@ -146,7 +162,7 @@ fn read_twice_misses_then_hits(base: &str, ro: &str, uri: &str, back: &Path) -> 
         c2.0
     );
     assert_eq!(c2.1, c1.1, "the second read fetched nothing from the store");
-    [c0, c1, c2]
+    (export, [c0, c1, c2])
 }
 
 fn scrape(base: &str, t: &str) -> (String, Vec<Sample>) {
@@ -386,19 +402,8 @@ fn metrics_count_real_activity() {
 
     // The chunk cache: an attached point read twice; the second read finds its chunks in
     // the reader's cache (16 MiB by default, the whole disk).
-    let a = request(
-        "POST",
-        &format!("{base}/api/v1/attachments"),
-        Some(&admin),
-        Some(r#"{"vm":"v1","disk":"d1"}"#),
-        &[],
-    );
-    assert_eq!(a.status, 201, "{}", a.body);
-    let at: serde_json::Value = serde_json::from_str(&a.body).expect("attachment");
-    let uri = at["uri"].as_str().expect("uri").to_string();
-    let export = at["export"].as_str().expect("export").to_string();
-    let [(hits0, misses0), (hits1, misses1), (hits2, misses2)] =
-        read_twice_misses_then_hits(&base, &ro, &uri, &t.path().join("back.img"));
+    let (export, [(hits0, misses0), (hits1, misses1), (hits2, misses2)]) =
+        attach_and_read_twice(&base, &admin, &ro, &t.path().join("back.img"));
     eprintln!(
         "store: {} objects, {} bytes, {} chunks ({} bytes), usage age {age:.1} s; cache: \
          hits {hits0} -> {hits1} -> {hits2}, misses {misses0} -> {misses1} -> {misses2}",
@@ -594,18 +599,8 @@ fn store_metrics_on_s3() {
 
     // Cache: the first read of an attached point fetches chunks from S3 (misses), the second
     // finds them in the cache (hits).
-    let a = request(
-        "POST",
-        &format!("{base}/api/v1/attachments"),
-        Some(&admin),
-        Some(r#"{"vm":"v1","disk":"d1"}"#),
-        &[],
-    );
-    assert_eq!(a.status, 201, "{}", a.body);
-    let at: serde_json::Value = serde_json::from_str(&a.body).expect("attachment");
-    let uri = at["uri"].as_str().expect("uri").to_string();
-    let [(hits0, misses0), (hits1, misses1), (hits2, misses2)] =
-        read_twice_misses_then_hits(&base, &ro, &uri, &t.path().join("back.img"));
+    let (_export, [(hits0, misses0), (hits1, misses1), (hits2, misses2)]) =
+        attach_and_read_twice(&base, &admin, &ro, &t.path().join("back.img"));
     eprintln!(
         "S3 store: objects {objects1} -> {objects2}, bytes {bytes1} -> {}, usage age {age:.1} s; \
          cache hits {hits0} -> {hits1} -> {hits2}, misses {misses0} -> {misses1} -> {misses2}",
