@@ -19,6 +19,10 @@ peers alternated within each round (A B A B ...):
            each of RPO_INTERVALS, on each of RPO_STORES (local, garage: a single-node Garage
            on 127.0.0.1, S3 packs); `standby status` sampled every RPO_SAMPLE_SECS; p50 / p95 /
            p99 / max. RPO_BINS="before=PATH,after=PATH" runs each row with every binary in turn.
+           Per store, one `standby serve` per binary serves all of that binary's rows (rows in
+           sequence, binaries alternated A B / B A, each row starting from a drained replica
+           and a `sync`); the row's CPU is the process's CPU during the row, its RSS the peak
+           sampled during the row (and the process's peak so far). RPO_REPS repeats the rows.
   import-s3  (not in the default set) Garage import vs `restic backup` of the same
            IMPORT_S3_MIB image to the same Garage bucket, in one run: MB/s, PUTs (counted by
            Garage), bytes stored, for the packs layout (format 5), the one-object-per-chunk
@@ -28,7 +32,7 @@ peers alternated within each round (A B A B ...):
 Environment: STANDBY_BIN (required), SIZE_GIB=8, DELTA_GIB=2, RPO_GIB=4, ROUNDS=3,
 ROUNDS_INITIAL=2, DELTAS_PER_ROUND=2, RPO_SECONDS=60, RPO_RATES=50m,200m (RPO_RATE: one rate),
 RPO_STORES=local, RPO_INTERVALS=continuous,30s, RPO_SAMPLE_SECS=0.2, RPO_BINS, BENCHES=initial,delta,resync,rpo,
-RPO_FOLD_VARIANTS=1 (also run the RPO rows with patch folding pushed out of reach),
+RPO_FOLD_VARIANTS=1 (also run the RPO rows with patch folding pushed out of reach), RPO_REPS=1,
 KEEP=0 (keep the work directory). First argument: work directory (default: a new temp dir).
 """
 import datetime
@@ -67,6 +71,7 @@ RPO_STORES = [x for x in os.environ.get("RPO_STORES", "local").split(",") if x]
 RPO_INTERVALS = [x for x in os.environ.get("RPO_INTERVALS", "continuous,30s").split(",") if x]
 RPO_SAMPLE_SECS = float(os.environ.get("RPO_SAMPLE_SECS", "0.2"))
 RPO_FOLD_VARIANTS = env_int("RPO_FOLD_VARIANTS", 1)
+RPO_REPS = env_int("RPO_REPS", 1)
 BENCHES = os.environ.get("BENCHES", "initial,delta,resync,rpo").split(",")
 KEEP = env_int("KEEP", 0)
 IMPORT_S3_MIB = env_int("IMPORT_S3_MIB", 2048)
@@ -695,8 +700,9 @@ def rpo_list(name, default):
 
 
 def bench_rpo(bin_, work):
-    """RPO rows: every (binary, store, rate, interval, fold) combination, binaries alternated
-    within each combination so a before/after pair is measured in the same sitting."""
+    """RPO rows. Per store, one `standby serve` per binary serves every row of that binary (a
+    real gateway serves mixed work: each row inherits the disk, store, chains and memory the
+    rows before it left); binaries alternate A B / B A from one combination to the next."""
     bins = [("this", bin_)]
     if os.environ.get("RPO_BINS"):
         bins = []
@@ -706,30 +712,36 @@ def bench_rpo(bin_, work):
             shutil.copy2(path, copy)
             bins.append((label or f"bin{i}", copy))
     folds = [None] + (["1T"] if RPO_FOLD_VARIANTS else [])
+    combos = [(rate, interval, fold) for _ in range(RPO_REPS) for rate in RPO_RATES
+              for interval in RPO_INTERVALS for fold in folds]
     rows = []
     for store in RPO_STORES:
-        for rate in RPO_RATES:
-            for interval in RPO_INTERVALS:
-                for fold in folds:
-                    for label, b in bins:
-                        # A fresh Garage per row: its data goes with it.
-                        garage = start_garage(work) if store == "garage" else None
-                        try:
-                            row = rpo_once(b, work, store, rate, interval, fold, garage, len(rows))
-                        finally:
-                            if garage:
-                                garage[0].terminate()
-                                garage[0].wait()
-                                shutil.rmtree(os.path.join(work, "garage"), ignore_errors=True)
-                        row["bin"] = label
-                        rows.append(row)
+        # One Garage per store section, shared by the gateways (each its own prefix).
+        garage = start_garage(work) if store == "garage" else None
+        gateways = []
+        try:
+            for i, (label, b) in enumerate(bins):
+                gateways.append(RpoGateway(label, b, work, store, garage, i))
+            for k, (rate, interval, fold) in enumerate(combos):
+                for gw in (gateways if k % 2 == 0 else list(reversed(gateways))):
+                    row = gw.row(rate, interval, fold)
+                    row["seq"] = k + 1
+                    rows.append(row)
+        finally:
+            for gw in gateways:
+                gw.close()
+            if garage:
+                garage[0].terminate()
+                garage[0].wait()
+                shutil.rmtree(os.path.join(work, "garage"), ignore_errors=True)
 
     print(f"### 4. RPO under sustained writes ({RPO_GIB} GiB disk, fio random 64 KiB writes at each "
-          f"rate for {RPO_SECONDS} s, `standby status` sampled every {RPO_SAMPLE_SECS} s)\n")
-    print("| binary | store | rate | interval | fold patches beyond | RPO p50 (s) | p95 (s) | p99 (s) | max (s) "
+          f"rate for {RPO_SECONDS} s, `standby status` sampled every {RPO_SAMPLE_SECS} s; one gateway "
+          f"process per binary and store serves all of its rows, in the order of the first column)\n")
+    print("| # | binary | store | rate | interval | fold patches beyond | RPO p50 (s) | p95 (s) | p99 (s) | max (s) "
           "| samples | delta jobs ok / failed | median delta job (s) | max log backlog | state at end "
-          "| fio MB/s | gateway peak RSS | gateway CPU (s) | target (p99) |")
-    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|")
+          "| fio MB/s | gateway RSS peak in row (process peak) | gateway CPU in row (s) | target (p99) |")
+    print("|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|")
     for r in rows:
         target = ""
         nominal = rate_mbps(r["rate"])
@@ -743,10 +755,10 @@ def bench_rpo(bin_, work):
             if limit is not None:
                 met = r["p99"] is not None and r["p99"] <= limit
                 target = f"≤ {limit:.0f} s: {'met' if met else 'missed'}"
-        print(f"| {r['bin']} | {r['store']} | {r['rate']} | {r['interval']} | {r['fold']} | {fmt_s(r['med'])} | "
+        print(f"| {r['seq']} | {r['bin']} | {r['store']} | {r['rate']} | {r['interval']} | {r['fold']} | {fmt_s(r['med'])} | "
               f"{fmt_s(r['p95'])} | {fmt_s(r['p99'])} | {fmt_s(r['max'])} | {r['n']} | {r['ok']} / {r['failed']} | "
               f"{fmt_s(r['job_med'], 1)} | {r['backlog'] / 1e6:,.0f} MB | {r['state']} | {r['mbps']:.1f} | "
-              f"{r['rss'] / 1e6:,.0f} MB | {fmt_s(r['cpu'], 1)} | {target} |")
+              f"{r['rss'] / 1e6:,.0f} MB ({r['hwm'] / 1e6:,.0f} MB) | {fmt_s(r['cpu'], 1)} | {target} |")
     print()
     for r in rows:
         if r["err"]:
@@ -770,26 +782,32 @@ def rate_mbps(rate):
 
 
 def proc_usage(pid):
-    """(peak RSS bytes, user+system CPU seconds) of a live process, from /proc."""
-    rss = 0
+    """(resident bytes now, peak resident bytes, user+system CPU seconds) of a live process."""
+    rss = hwm = 0
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+            elif line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) * 1024
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # Fields after the command: state is 3rd overall, utime/stime are the 14th/15th.
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return rss, cpu
+    return rss, hwm, cpu
 
 
-def rpo_once(bin_, work, store, rate, interval, fold, garage, n):
-    sb = Standby(bin_, os.path.join(work, "rpo-data"))
-    if garage:
-        sb.env.update(garage[2])
-    log(f"rpo: {os.path.basename(bin_)}, store {store}, rate {rate}, interval {interval}, "
-        f"fold {'default' if fold is None else fold}")
-    try:
+class RpoGateway:
+    """One `standby serve` (one binary, one store) protecting one VM with one RPO_GIB disk; it
+    serves every RPO row of its binary on that store."""
+
+    def __init__(self, label, bin_, work, store, garage, n):
+        self.label, self.store = label, store
+        self.sb = Standby(bin_, os.path.join(work, f"rpo-data-{store}-{n}"))
+        sb = self.sb
+        if garage:
+            sb.env.update(garage[2])
+        log(f"rpo: gateway {label} ({os.path.basename(bin_)}), store {store}")
         sb.fresh()
         sb.run("disk", "create", "disk0", "--size", f"{RPO_GIB}G")
         if store == "garage":
@@ -799,20 +817,40 @@ def rpo_once(bin_, work, store, rate, interval, fold, garage, n):
             sb.run("store", "init")
         sb.run("policy", "set", "--interval", "5m", "--retention", "24h",
                "--resync-window", "always", "--bandwidth", "0")
-        if fold:
-            sb.run("policy", "set", "--fold-patch-bytes", fold)
         sb.start()
         sb.protect("vm0", "disk0", timeout=RPO_GIB * GIB / 20e6 + 300)
-        sb.run("policy", "set", "--interval", interval)
+
+    def settle(self, timeout=180):
+        """Until the replica has caught up (Protected, log backlog under 1 MiB, RPO under 2 s), then
+        `sync`: a row starts from a drained gateway, not from the last row's backlog."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            st = self.sb.status()
+            if (st["state"].startswith("Protected") and st.get("backlog", 0) < (1 << 20)
+                    and st["as_of"] is not None and time.time() - st["as_of"] < 2):
+                break
+            time.sleep(0.5)
+        else:
+            log(f"  {self.label}: replica not caught up after {timeout} s; the row starts anyway")
+        subprocess.run(["sync"], check=False)
         time.sleep(1.0)
+
+    def row(self, rate, interval, fold):
+        sb = self.sb
+        log(f"rpo: {self.label}, store {self.store}, rate {rate}, interval {interval}, "
+            f"fold {'default' if fold is None else fold}")
+        sb.run("policy", "set", "--interval", interval, "--fold-patch-bytes", fold or "256M")
+        self.settle()
         last = sb.last_job_id()
-        out = os.path.join(work, "fio-rpo.json")
+        log_from = os.path.getsize(sb.err) if os.path.exists(sb.err) else 0
+        _, _, cpu0 = proc_usage(sb.proc.pid)
+        out = os.path.join(os.path.dirname(sb.data), "fio-rpo.json")
         fio = subprocess.Popen(["fio", "--name=w", "--ioengine=nbd", f"--uri={sb.uri('disk0')}",
                                 "--rw=randwrite", "--bs=64k", "--iodepth=4", f"--rate={rate}",
                                 "--time_based", f"--runtime={RPO_SECONDS}", "--norandommap",
                                 "--refill_buffers", "--output-format=json", f"--output={out}"],
                                stdout=subprocess.DEVNULL)
-        samples, states, backlog = [], {}, 0.0
+        samples, states, backlog, rss_peak = [], {}, 0.0, 0
         nxt = time.time()
         while fio.poll() is None:
             st = sb.status()
@@ -822,6 +860,7 @@ def rpo_once(bin_, work, store, rate, interval, fold, garage, n):
             key = st["state"].split(" (")[0]
             states.setdefault(key, now)
             backlog = max(backlog, st.get("backlog", 0))
+            rss_peak = max(rss_peak, proc_usage(sb.proc.pid)[0])
             nxt += RPO_SAMPLE_SECS
             time.sleep(max(0, nxt - time.time()))
         with open(out) as f:
@@ -830,11 +869,11 @@ def rpo_once(bin_, work, store, rate, interval, fold, garage, n):
         ok = [j for j in jobs if j["state"] == "succeeded"]
         bad = [j for j in jobs if j["state"] == "failed"]
         final = sb.status()
-        rss, cpu = proc_usage(sb.proc.pid)
-        sb.stop()
+        rss, hwm, cpu1 = proc_usage(sb.proc.pid)
         with open(sb.err, errors="replace") as f:
+            f.seek(log_from)
             serve_log = f.read()
-        row = {"store": store, "rate": rate, "interval": interval, "fold": fold or "256 MiB (default)",
+        row = {"store": self.store, "rate": rate, "interval": interval, "fold": fold or "256 MiB (default)",
                "n": len(samples), "med": median(samples), "p95": pct(samples, 95), "p99": pct(samples, 99),
                "max": max(samples) if samples else None,
                "ok": len(ok), "failed": len(bad), "job_med": median([j["secs"] for j in ok]),
@@ -843,16 +882,19 @@ def rpo_once(bin_, work, store, rate, interval, fold, garage, n):
                "states": sorted(states, key=states.get),
                "folds": serve_log.count("folded inline"),
                "consolidations": serve_log.count("consolidated patches into chunks"),
-               "rss": rss, "cpu": cpu,
+               "rss": max(rss_peak, rss), "hwm": hwm, "cpu": cpu1 - cpu0, "bin": self.label,
                "rebases": serve_log.count("rebased onto a background consolidation")}
         log(f"  RPO p50 {fmt_s(row['med'])} s, p95 {fmt_s(row['p95'])} s, p99 {fmt_s(row['p99'])} s, "
             f"max {fmt_s(row['max'])} s; deltas ok {row['ok']} failed {row['failed']}; state {row['state']}; "
             f"fio {row['mbps']:.1f} MB/s; {row['folds']} inline folds, {row['consolidations']} consolidations, "
-            f"{row['rebases']} rebases; gateway peak RSS {rss / 1e6:,.0f} MB, CPU {cpu:.1f} s")
+            f"{row['rebases']} rebases; gateway RSS peak {row['rss'] / 1e6:,.0f} MB "
+            f"(process {hwm / 1e6:,.0f} MB), CPU {row['cpu']:.1f} s")
         if row["err"]:
             log(f"  first failed delta: {row['err']}")
         return row
-    finally:
+
+    def close(self):
+        sb = self.sb
         sb.stop()
         for f in (sb.err, sb.out):
             if os.path.exists(f):
