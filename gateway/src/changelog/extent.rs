@@ -485,13 +485,15 @@ impl ExtentMap {
                 side.file.read_exact_at(&mut e, s.pos)?;
                 match decode_entry(&e, 0) {
                     Some((lsn, off, l, _)) if lsn == h.lsn && off == s.offset && l == s.len => {}
-                    _ => return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
+                    _ => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
                             "the preimage of LSN {} at {}+{} in segment {}'s side file is damaged",
                             h.lsn, s.offset, s.len, s.seq
                         ),
-                    )),
+                        ))
+                    }
                 }
                 let (Some(from), Some(to)) = (
                     s.offset.checked_sub(h.offset),
