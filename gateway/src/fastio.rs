@@ -1,4 +1,4 @@
-//! Positioned reads into fresh buffers without zero-filling them first, and a non-blocking
+//! Positioned reads into fresh or reused buffers without zero-filling them first, and a non-blocking
 //! variant (`RWF_NOWAIT`) that is served straight from the page cache or not at all.
 
 use std::fs::File;
@@ -60,15 +60,25 @@ fn short_read(offset: u64, len: usize) -> io::Error {
 
 /// Reads exactly `len` bytes at `offset` (blocking).
 pub fn pread_exact(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(len);
+    let mut buf = Vec::new();
+    pread_into(file, &mut buf, offset, len)?;
+    Ok(buf)
+}
+
+/// Reads exactly `len` bytes at `offset` (blocking) into `buf`, replacing its contents and
+/// reusing its allocation when it has room (its old bytes are never visible: the length is
+/// reset first and grows only by what the kernel wrote).
+pub fn pread_into(file: &File, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<()> {
+    buf.clear();
+    buf.reserve_exact(len);
     while buf.len() < len {
-        match pread_step(file, &mut buf, offset, len, 0)? {
+        match pread_step(file, buf, offset, len, 0)? {
             Step::Read(0) => return Err(short_read(offset, len)),
             Step::Read(_) => {}
             Step::WouldBlock => unreachable!("blocking read reported EAGAIN"),
         }
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// Reads exactly `len` bytes at `offset` if they are all in the page cache; `None` if the read

@@ -323,22 +323,37 @@ impl Codec {
 
     /// Encode a chunk object. In an unencrypted store a chunk that does not compress is
     /// stored bare: its object is exactly its plaintext (a 64 KiB chunk fills 16 file-system
-    /// blocks instead of 17, and nothing is copied into an envelope). Its SHA-256 id still
-    /// verifies it on every read.
+    /// blocks instead of 17). Its SHA-256 id still verifies it on every read. Copies a bare
+    /// chunk; [`Self::encode_chunk_bytes`] does not.
     pub fn encode_chunk(&self, id: &ChunkId, plain: &[u8]) -> Result<Bytes> {
+        Ok(self
+            .encode_unless_bare(id, plain)?
+            .unwrap_or_else(|| Bytes::copy_from_slice(plain)))
+    }
+
+    /// [`Self::encode_chunk`] of a shared buffer: a bare chunk's object is `plain` itself
+    /// (nothing copied, nothing allocated).
+    pub fn encode_chunk_bytes(&self, id: &ChunkId, plain: &Bytes) -> Result<Bytes> {
+        Ok(self
+            .encode_unless_bare(id, plain)?
+            .unwrap_or_else(|| plain.clone()))
+    }
+
+    /// The chunk's envelope, or `None` when it is stored bare (the object is the plaintext).
+    fn encode_unless_bare(&self, id: &ChunkId, plain: &[u8]) -> Result<Option<Bytes>> {
         let may_be_bare = self.raw_chunks && self.crypto.is_none() && !looks_enveloped(plain);
         let try_zstd = self.compression == Compression::Zstd
             && plain.len() >= 64
             && worth_compressing(plain, self.level);
         if may_be_bare && !try_zstd {
-            return Ok(Bytes::copy_from_slice(plain));
+            return Ok(None);
         }
         let obj = self.seal(MAGIC_CHUNK, &id.0, plain, true)?;
         if may_be_bare && obj[5] & FLAG_ZSTD == 0 {
             // The full attempt did not pay off after all: bare is smaller.
-            return Ok(Bytes::copy_from_slice(plain));
+            return Ok(None);
         }
-        Ok(Bytes::from(obj))
+        Ok(Some(Bytes::from(obj)))
     }
 
     /// Decode and fully verify a chunk object (CRC, tag, length, digest).

@@ -22,6 +22,12 @@
 //! separate, data-free patch objects whose [`crate::PatchRef::chunk_refs`] is non-zero, so GC
 //! and verify read only those small objects to find the chunks they reference.
 //!
+//! **Buffers.** Data extents hold shared [`Bytes`]: a cut hands over the buffers it read
+//! ([`Patch::write_bytes`]), a later write carves an earlier one by slicing it, and a whole
+//! chunk one extent covers leaves as a slice ([`Patch::take_whole_chunks`]). A cut's bytes
+//! are therefore held once, in the buffers they were read into, and copied only into the
+//! stored form of the residual patch (or a chunk pieced together from several writes).
+//!
 //! A patch object is stored like a chunk (same envelope: compression, encryption, id = digest
 //! of the plaintext, verified on every read), under `chunks/`, so dedup, GC and verification
 //! treat it like any other chunk. Its plaintext:
@@ -39,6 +45,8 @@
 //! byte-identical to older builds' (same ids, same dedup).
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
 
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
@@ -59,7 +67,8 @@ pub const MAX_PATCH_DATA: u64 = 16 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Body {
-    Data(Vec<u8>),
+    /// Shared, immutable bytes: carving an extent slices them, never copies.
+    Data(Bytes),
     Zero,
     /// Bytes `from..from+len` of the chunk `id`'s plaintext.
     Chunk {
@@ -153,8 +162,15 @@ impl Patch {
         self.map.insert(offset, e);
     }
 
-    /// Record a write of `data` at `offset`.
+    /// Record a write of `data` at `offset` (copies `data`; see [`Self::write_bytes`]).
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_bytes(offset, Bytes::copy_from_slice(data))
+    }
+
+    /// Record a write of `data` at `offset`, keeping `data` itself (no copy): the cut hands
+    /// over the buffers it read, and whole chunks leave the patch as slices of them
+    /// ([`Self::take_whole_chunks`]).
+    pub fn write_bytes(&mut self, offset: u64, data: Bytes) -> Result<()> {
         if data.is_empty() {
             return Ok(());
         }
@@ -163,7 +179,7 @@ impl Patch {
             offset,
             Ext {
                 len: data.len() as u64,
-                body: Body::Data(data.to_vec()),
+                body: Body::Data(data),
             },
         );
         Ok(())
@@ -241,7 +257,7 @@ impl Patch {
         let body = match &e.body {
             Body::Data(d) => {
                 self.data_bytes += len;
-                Body::Data(d[skip as usize..(skip + len) as usize].to_vec())
+                Body::Data(d.slice(skip as usize..(skip + len) as usize))
             }
             Body::Zero => Body::Zero,
             Body::Chunk { id, from } => Body::Chunk {
@@ -336,20 +352,40 @@ impl Patch {
     /// patch rewrites whole and with some data: returns each one's index and full content,
     /// and leaves the patch without them. A chunk only zeroed stays (zero extents cost
     /// nothing). Used by the cut to store them as chunks (see the module header).
-    pub fn take_whole_chunks(&mut self, chunk_size: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+    ///
+    /// A chunk one data extent covers is returned as a slice of that extent's bytes (no copy,
+    /// no allocation: the common case of writes of a chunk or more); only a chunk pieced
+    /// together from several extents is assembled into a new buffer.
+    pub fn take_whole_chunks(&mut self, chunk_size: u64) -> Result<Vec<(u64, Bytes)>> {
         let mut out = Vec::new();
         for ci in self.touched_chunks(chunk_size) {
             let start = ci * chunk_size;
             let end = (start + chunk_size).min(self.disk_size);
+            if let Some(b) = self.single_data(start, end) {
+                self.carve(start, end);
+                out.push((ci, b));
+                continue;
+            }
             if !self.covers(start, end) || !self.touches(start, end, true) {
                 continue;
             }
             let mut buf = vec![0u8; (end - start) as usize];
             self.apply(start, &mut buf)?;
             self.carve(start, end);
-            out.push((ci, buf));
+            out.push((ci, Bytes::from(buf)));
         }
         Ok(out)
+    }
+
+    /// The bytes `[start, end)` as a slice of one data extent, if one covers all of them.
+    fn single_data(&self, start: u64, end: u64) -> Option<Bytes> {
+        let (&s, e) = self.map.range(..=start).next_back()?;
+        match &e.body {
+            Body::Data(d) if s + e.len >= end => {
+                Some(d.slice((start - s) as usize..(end - s) as usize))
+            }
+            _ => None,
+        }
     }
 
     /// First half of resolving a chain (see [`crate::Store::load_disk`]): every chunk extent
@@ -492,7 +528,7 @@ impl Patch {
             };
             let body = match kind {
                 0 => {
-                    let d = take(len as usize)?.to_vec();
+                    let d = Bytes::copy_from_slice(take(len as usize)?);
                     p.data_bytes += len;
                     Body::Data(d)
                 }
@@ -653,7 +689,7 @@ mod tests {
                 prop_assert!(!t.touches(ci * CS, ci * CS + c.len() as u64, false));
                 let id = ref_id(0, *ci);
                 t.refer(ci * CS, c.len() as u64, id, 0).unwrap();
-                chunks.insert(id, c.clone());
+                chunks.insert(id, c.to_vec());
             }
             let mut index2 = DiskIndex::new(size, CS as u32).unwrap();
             for ci in 0..index.len() {
@@ -671,6 +707,44 @@ mod tests {
             let stored: u64 = p.map.values().filter_map(|e| match &e.body { Body::Data(d) => Some(d.len() as u64), _ => None }).sum();
             prop_assert_eq!(stored, p.data_bytes());
         }
+    }
+
+    /// A chunk one write covers leaves the patch as a slice of that write's buffer (no copy);
+    /// one pieced together from several writes is assembled; a partly written one stays.
+    #[test]
+    fn whole_chunks_leave_as_slices_of_the_written_buffers() {
+        let mut p = Patch::new(4 * CS);
+        let big = Bytes::from(vec![7u8; 2 * CS as usize]);
+        p.write_bytes(CS, big.clone()).unwrap();
+        p.write(0, &[1; 100]).unwrap();
+        p.write(100, &[2; (CS - 100) as usize]).unwrap();
+        p.write(3 * CS, &[3; 10]).unwrap();
+        // A later write over part of the big one carves it by slicing, not copying.
+        p.write(CS + 10, &[9; 5]).unwrap();
+        let taken = p.take_whole_chunks(CS).unwrap();
+        let idx: Vec<u64> = taken.iter().map(|(ci, _)| *ci).collect();
+        assert_eq!(idx, vec![0, 1, 2]);
+        assert_eq!(&taken[0].1[..100], &[1; 100][..]);
+        assert_eq!(&taken[0].1[100..], &[2; (CS - 100) as usize][..]);
+        assert_eq!(
+            &taken[1].1[10..15],
+            &[9; 5][..],
+            "chunk 1 is pieced: assembled"
+        );
+        assert_eq!(
+            taken[2].1.as_ptr(),
+            big[CS as usize..].as_ptr(),
+            "chunk 2 was copied"
+        );
+        assert_eq!(taken[2].1.len() as u64, CS);
+        assert_eq!(p.data_bytes(), 10);
+        assert_eq!(p.extent_count(), 1);
+        // Without the later write, chunk 1 is a slice of the big write too.
+        let mut q = Patch::new(4 * CS);
+        q.write_bytes(CS, big.clone()).unwrap();
+        let taken = q.take_whole_chunks(CS).unwrap();
+        assert_eq!(taken[0].1.as_ptr(), big.as_ptr());
+        assert!(q.is_empty());
     }
 
     #[test]

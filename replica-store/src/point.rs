@@ -434,10 +434,7 @@ impl ChunkWriter {
     /// skips holes (zero id) and chunks this session already knows, and encodes the rest;
     /// those are staged together ([`Self::stage_encoded`]: one blocking task locally, the
     /// session's packs on packs). Returns (key, length, outcome) per chunk, in order.
-    pub async fn put_batch(
-        &self,
-        batch: Vec<(u64, Vec<u8>)>,
-    ) -> Result<Vec<(u64, u64, PutOutcome)>> {
+    pub async fn put_batch(&self, batch: Vec<(u64, Bytes)>) -> Result<Vec<(u64, u64, PutOutcome)>> {
         let codec = self.store.codec().clone();
         let me = self.clone();
         let (done, items) = tokio::task::spawn_blocking(move || {
@@ -451,7 +448,7 @@ impl ChunkWriter {
                 } else if me.knows(&id) {
                     PutKind::Deduplicated
                 } else {
-                    items.push((id, codec.encode_chunk(&id, &data)?));
+                    items.push((id, codec.encode_chunk_bytes(&id, &data)?));
                     PutKind::Uploaded
                 };
                 done.push((key, len, id, kind));
@@ -966,6 +963,8 @@ impl PointBuilder {
     /// Every chunk the patch rewrites whole (with some data) is stored as a chunk through the
     /// session's writer (dedup, zero elision, packs) and referred to from a data-free patch
     /// object; the rest is split into objects of at most [`crate::patch::MAX_PATCH_DATA`].
+    /// A chunk one write covers goes to the writer as a slice of the patch's buffer and, when
+    /// stored bare, to the backend as that same buffer: its bytes are never copied here.
     /// All pieces of one call are disjoint, so their order in the chain does not matter.
     pub async fn add_patch(&mut self, disk: &str, mut patch: Patch) -> Result<u64> {
         let index = self.index(disk)?;

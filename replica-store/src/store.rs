@@ -444,7 +444,7 @@ impl Store {
     /// off the runtime's workers).
     pub(crate) async fn encode_chunk(&self, id: ChunkId, data: Bytes) -> Result<Bytes> {
         let codec = self.inner.codec.clone();
-        tokio::task::spawn_blocking(move || codec.encode_chunk(&id, &data))
+        tokio::task::spawn_blocking(move || codec.encode_chunk_bytes(&id, &data))
             .await
             .map_err(|e| Error::Config(format!("encode task failed: {e}")))?
     }

@@ -49,6 +49,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use bytes::Bytes;
+
+use super::bufpool::BufPool;
 use super::durable::{Durability, Target};
 use super::format::{self, Kind, RecordHeader};
 use super::{ChangeLog, LogError};
@@ -461,45 +464,49 @@ impl ExtentMap {
         inner.pieces.insert(offset, Piece { end, lsn });
     }
 
-    /// The bytes of extent record `h` as of its cut (see the module documentation). An error
-    /// with `InvalidData` means a preimage does not match its checksum.
-    pub fn data_of(&self, h: &RecordHeader) -> io::Result<Vec<u8>> {
+    /// The bytes of extent record `h` as of its cut (see the module documentation), in a
+    /// buffer of the shippers' pool ([`super::bufpool`]: reused across cuts, returned when the
+    /// last reference to it is dropped). An error with `InvalidData` means a preimage does not
+    /// match its checksum.
+    pub fn data_of(&self, h: &RecordHeader) -> io::Result<Bytes> {
         let inner = lock(&self.inner);
         let len =
             usize::try_from(h.length).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let mut buf = crate::fastio::pread_exact(&self.image, h.offset, len)?;
-        for s in inner.saved.get(&h.lsn).map(|v| &v[..]).unwrap_or(&[]) {
-            let Some(side) = inner.files.get(&s.seq) else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("the preimage file of segment {} is gone", s.seq),
-                ));
-            };
-            let mut e = vec![0u8; CBW_HEADER_LEN + s.len as usize];
-            side.file.read_exact_at(&mut e, s.pos)?;
-            match decode_entry(&e, 0) {
-                Some((lsn, off, l, _)) if lsn == h.lsn && off == s.offset && l == s.len => {}
-                _ => {
+        BufPool::shared().read(len, |buf| {
+            crate::fastio::pread_into(&self.image, buf, h.offset, len)?;
+            for s in inner.saved.get(&h.lsn).map(|v| &v[..]).unwrap_or(&[]) {
+                let Some(side) = inner.files.get(&s.seq) else {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!(
+                        format!("the preimage file of segment {} is gone", s.seq),
+                    ));
+                };
+                let mut e = vec![0u8; CBW_HEADER_LEN + s.len as usize];
+                side.file.read_exact_at(&mut e, s.pos)?;
+                match decode_entry(&e, 0) {
+                    Some((lsn, off, l, _)) if lsn == h.lsn && off == s.offset && l == s.len => {}
+                    _ => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
                             "the preimage of LSN {} at {}+{} in segment {}'s side file is damaged",
                             h.lsn, s.offset, s.len, s.seq
                         ),
-                    ))
+                        ))
+                    }
+                }
+                let (Some(from), Some(to)) = (
+                    s.offset.checked_sub(h.offset),
+                    (s.offset + s.len).checked_sub(h.offset),
+                ) else {
+                    continue;
+                };
+                if to as usize <= buf.len() {
+                    buf[from as usize..to as usize].copy_from_slice(&e[CBW_HEADER_LEN..]);
                 }
             }
-            let (Some(from), Some(to)) = (
-                s.offset.checked_sub(h.offset),
-                (s.offset + s.len).checked_sub(h.offset),
-            ) else {
-                continue;
-            };
-            if to as usize <= buf.len() {
-                buf[from as usize..to as usize].copy_from_slice(&e[CBW_HEADER_LEN..]);
-            }
-        }
-        Ok(buf)
+            Ok(())
+        })
     }
 
     /// Pieces and preimages held (for tests and accounting): (pieces, preimage bytes).

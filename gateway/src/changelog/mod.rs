@@ -28,6 +28,7 @@
 //!   replays the records after the checkpoint, after a host crash logs the hot extents of the
 //!   image again ([`hot`]), and marks the chain broken on anything it cannot prove consistent.
 
+pub mod bufpool;
 pub mod dirty;
 pub mod durable;
 pub mod extent;

@@ -25,10 +25,14 @@
 //! * An extent record (a large write whose bytes stay in the image) is handed over as the
 //!   write it stands for, its bytes read from the image and the preimages saved for its cut
 //!   ([`super::extent::ExtentMap::data_of`]); a damaged preimage breaks the chain like a
-//!   damaged segment.
+//!   damaged segment. Its bytes are handed over owned ([`Payload::Owned`], a buffer of the
+//!   shippers' pool), so a cut keeps them without a copy; a record's own bytes are lent as a
+//!   slice of the segment ([`Payload::Inline`]).
 
 use std::fs;
 use std::io;
+
+use bytes::Bytes;
 
 use super::extent;
 use super::format::{self, End, Kind, RecordHeader};
@@ -48,6 +52,33 @@ pub enum Reach {
     Quiesced,
 }
 
+/// A record's bytes as [`read_records`] hands them over.
+#[derive(Debug)]
+pub enum Payload<'a> {
+    /// Bytes the record carries, lent from the segment being read.
+    Inline(&'a [u8]),
+    /// An extent's bytes read from the image, in a buffer the caller may keep.
+    Owned(Bytes),
+}
+
+impl Payload<'_> {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Inline(b) => b,
+            Payload::Owned(b) => b,
+        }
+    }
+
+    /// As shared bytes: an owned buffer as it is (no copy), lent bytes copied.
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            Payload::Inline(b) => Bytes::copy_from_slice(b),
+            Payload::Owned(b) => b,
+        }
+    }
+}
+
 /// Calls `f` with every record with an LSN above `after`, in LSN order, as far as `reach`
 /// says, after proving each segment whole (see the module documentation). Returns the LSN of
 /// the last record read (`after` when there was none).
@@ -55,7 +86,7 @@ pub fn read_records(
     log: &ChangeLog,
     after: u64,
     reach: Reach,
-    mut f: impl FnMut(&RecordHeader, &[u8]) -> Result<(), LogError>,
+    mut f: impl FnMut(&RecordHeader, Payload<'_>) -> Result<(), LogError>,
 ) -> Result<u64, LogError> {
     let upto = match reach {
         Reach::Through(upto) => {
@@ -116,9 +147,9 @@ pub fn read_records(
             }
             if h.kind == Kind::Extent {
                 let (wh, data) = extent_as_write(log, &seg, h)?;
-                f(&wh, &data)?;
+                f(&wh, Payload::Owned(data))?;
             } else {
-                f(h, &bytes[r.data.clone()])?;
+                f(h, Payload::Inline(&bytes[r.data.clone()]))?;
             }
             next += 1;
         }
@@ -141,7 +172,7 @@ fn extent_as_write(
     log: &ChangeLog,
     seg: &SegmentInfo,
     h: &RecordHeader,
-) -> Result<(RecordHeader, Vec<u8>), LogError> {
+) -> Result<(RecordHeader, Bytes), LogError> {
     let Some(map) = extent::registered(log.dir()) else {
         return Err(log.break_chain(format!(
             "segment {} holds an extent record (LSN {}) but no image is attached to read it from",
@@ -262,7 +293,7 @@ mod tests {
     fn all(log: &ChangeLog, after: u64, reach: Reach) -> Result<Vec<u64>, LogError> {
         let mut lsns = Vec::new();
         read_records(log, after, reach, |h, data| {
-            assert_eq!(data.len() as u64, h.length);
+            assert_eq!(data.as_slice().len() as u64, h.length);
             lsns.push(h.lsn);
             Ok(())
         })?;

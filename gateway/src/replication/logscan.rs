@@ -44,7 +44,9 @@ pub(crate) fn release_through(log: &ChangeLog, lsn: u64) -> Result<(), LogError>
 
 /// Records of the log's segments with `after < lsn <= upto`, as one patch. Every segment is
 /// proven whole first (see [`crate::changelog::ship`]): anything less breaks the chain and
-/// returns [`LogError::NotHealthy`] (→ full resync), never a partial patch.
+/// returns [`LogError::NotHealthy`] (→ full resync), never a partial patch. An extent's bytes
+/// enter the patch as the buffer they were read into (no copy); a record's own bytes are
+/// copied out of the segment (which is dropped once read).
 pub fn patch_from_log(
     log: &ChangeLog,
     after: u64,
@@ -54,7 +56,8 @@ pub fn patch_from_log(
     let mut patch = Patch::new(disk_size);
     read_records(log, after, Reach::Through(upto), |h, data| {
         let res = match h.kind {
-            Kind::Write | Kind::Extent => patch.write(h.offset, data),
+            // The patch keeps an extent's buffer as it is (see `ship::Payload`).
+            Kind::Write | Kind::Extent => patch.write_bytes(h.offset, data.into_bytes()),
             Kind::Trim | Kind::WriteZeroes => patch.zero(h.offset, h.length),
             Kind::Flush => Ok(()),
         };
