@@ -27,7 +27,7 @@ pub const MIN_CLASS: usize = 64 << 10;
 /// Largest pooled size class.
 pub const MAX_CLASS: usize = 4 << 20;
 /// Most bytes of idle buffers the shared pool keeps (what it may hold beyond a cut's data).
-pub const IDLE_CAP: usize = 128 << 20;
+pub const IDLE_CAP: usize = 32 << 20;
 
 const CLASSES: usize = (MAX_CLASS / MIN_CLASS).trailing_zeros() as usize + 1;
 
