@@ -18,6 +18,11 @@
 //! - it holds no hole (`SEEK_HOLE`), so a structured reply loses nothing by sending it as
 //!   one data chunk (holes still go out as `OFFSET_HOLE` through the ordinary path).
 //!
+//! Writes go through the mapping only where every page is in the page cache already (the
+//! same `mincore` check): a write fault on an uncached page reads it in first, with
+//! read-ahead, which on a sparse image means zero-filling the read-ahead window for every
+//! write. `pwrite` allocates such pages without reading.
+//!
 //! The kernel fills the process's page tables as it copies, and mapped pages count in the
 //! process's resident size (and its OOM score); dirty pages that stay mapped also make their
 //! write-back dearer (the kernel write-protects every mapped page it cleans). After every
@@ -139,7 +144,8 @@ impl ImageMap {
     ///
     /// Into pages that are already dirty this is a plain copy; `pwrite` would walk the file
     /// system's write path for every block again. Durability is the same: `fdatasync` writes
-    /// back pages dirtied through a mapping too.
+    /// back pages dirtied through a mapping too. Ranges not wholly in the page cache are
+    /// refused (`pwrite` then), see below.
     pub fn write(&self, offset: u64, data: &[u8]) -> bool {
         if !self.writable || data.len() < MAPPED_WRITE_MIN || !VM_COPY.load(Ordering::Relaxed) {
             return false;
@@ -150,6 +156,15 @@ impl ImageMap {
         else {
             return false;
         };
+        // Only into pages already in the page cache: a write fault on a page that is not
+        // reads it in first, with read-ahead around it — from the disk for an uncached image,
+        // and on a sparse one by zero-filling the whole read-ahead window for every write
+        // (measured: a fresh 4 GiB sparse disk took 5–38 ms per random 64 KiB write and 55 %
+        // of the gateway's CPU in that zeroing for its first seconds). `pwrite` allocates
+        // new pages without reading anything.
+        if !self.resident(start, start + data.len()) {
+            return false;
+        }
         let local = libc::iovec {
             // SAFETY: `start + len <= self.len`: the range lies inside the mapping.
             iov_base: unsafe { self.base.as_ptr().add(start) }.cast(),
@@ -511,6 +526,11 @@ mod tests {
         f.set_len(8 << 20).unwrap();
         let map = ImageMap::new(&f, 8 << 20, true).unwrap();
         let data = vec![0xa5u8; 256 * 1024];
+        // A hole read once is in the page cache (as zero pages): the write goes through the
+        // mapping and allocates the blocks.
+        let mut zeroes = vec![1u8; data.len()];
+        f.read_exact_at(&mut zeroes, 3 << 20).unwrap();
+        assert!(zeroes.iter().all(|&b| b == 0));
         assert!(map.write(3 << 20, &data));
         f.sync_data().unwrap();
         drop(map);
@@ -529,6 +549,37 @@ mod tests {
         let mut back = vec![0u8; data.len()];
         again.read_exact_at(&mut back, 3 << 20).unwrap();
         assert_eq!(back, data);
+    }
+
+    #[test]
+    fn writes_into_pages_out_of_the_page_cache_are_refused() {
+        // A fresh sparse image: none of its pages is in the page cache.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sparse");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(8 << 20).unwrap();
+        let map = ImageMap::new(&f, 8 << 20, true).unwrap();
+        let data = vec![0x5au8; 128 * 1024];
+        assert!(!map.resident(1 << 20, (1 << 20) + data.len()));
+        assert!(
+            !map.write(1 << 20, &data),
+            "a write into uncached pages went through the mapping"
+        );
+        // The caller's `pwrite` brings the pages in; the next write over them is mapped.
+        f.write_all_at(&data, 1 << 20).unwrap();
+        let again = vec![0x77u8; data.len()];
+        assert!(map.write(1 << 20, &again));
+        let mut back = vec![0u8; data.len()];
+        f.read_exact_at(&mut back, 1 << 20).unwrap();
+        assert_eq!(back, again);
+        // Partly cached: refused as a whole.
+        assert!(!map.write((1 << 20) + 64 * 1024, &data));
     }
 
     #[test]
@@ -562,7 +613,10 @@ mod tests {
         let chunk = vec![0x5au8; 1 << 20];
         let before = resident_file_bytes().unwrap();
         let mut peak = 0;
+        let mut cached = vec![0u8; chunk.len()];
         for off in (0..size).step_by(chunk.len()) {
+            // Mapped writes go only into cached pages: read the (sparse) range in first.
+            f.read_exact_at(&mut cached, off as u64).unwrap();
             assert!(map.write(off as u64, &chunk), "write at {off} not taken");
             peak = peak.max(resident_file_bytes().unwrap());
         }

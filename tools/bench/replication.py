@@ -33,6 +33,8 @@ Environment: STANDBY_BIN (required), SIZE_GIB=8, DELTA_GIB=2, RPO_GIB=4, ROUNDS=
 ROUNDS_INITIAL=2, DELTAS_PER_ROUND=2, RPO_SECONDS=60, RPO_RATES=50m,200m (RPO_RATE: one rate),
 RPO_STORES=local, RPO_INTERVALS=continuous,30s, RPO_SAMPLE_SECS=0.2, RPO_BINS, BENCHES=initial,delta,resync,rpo,
 RPO_FOLD_VARIANTS=1 (also run the RPO rows with patch folding pushed out of reach), RPO_REPS=1,
+RPO_TRACE=DIR (one JSON file per RPO row: the RPO samples with the gateway's and Garage's CPU, the
+row's jobs with their steps, fio's bandwidth and latency per 250 ms and the gateway's log lines),
 KEEP=0 (keep the work directory). First argument: work directory (default: a new temp dir).
 """
 import datetime
@@ -74,6 +76,7 @@ RPO_FOLD_VARIANTS = env_int("RPO_FOLD_VARIANTS", 1)
 RPO_REPS = env_int("RPO_REPS", 1)
 BENCHES = os.environ.get("BENCHES", "initial,delta,resync,rpo").split(",")
 KEEP = env_int("KEEP", 0)
+RPO_TRACE = os.environ.get("RPO_TRACE", "")
 IMPORT_S3_MIB = env_int("IMPORT_S3_MIB", 2048)
 IMPORT_S3_ROUNDS = env_int("IMPORT_S3_ROUNDS", 3)
 RESTIC_PASSWORD = "bench"
@@ -803,6 +806,7 @@ class RpoGateway:
 
     def __init__(self, label, bin_, work, store, garage, n):
         self.label, self.store = label, store
+        self.garage_pid = garage[0].pid if garage else None
         self.sb = Standby(bin_, os.path.join(work, f"rpo-data-{store}-{n}"))
         sb = self.sb
         if garage:
@@ -845,18 +849,28 @@ class RpoGateway:
         log_from = os.path.getsize(sb.err) if os.path.exists(sb.err) else 0
         _, _, cpu0 = proc_usage(sb.proc.pid)
         out = os.path.join(os.path.dirname(sb.data), "fio-rpo.json")
+        bw_log = os.path.join(os.path.dirname(sb.data), "fio-rpo")
         fio = subprocess.Popen(["fio", "--name=w", "--ioengine=nbd", f"--uri={sb.uri('disk0')}",
                                 "--rw=randwrite", "--bs=64k", "--iodepth=4", f"--rate={rate}",
                                 "--time_based", f"--runtime={RPO_SECONDS}", "--norandommap",
-                                "--refill_buffers", "--output-format=json", f"--output={out}"],
+                                "--refill_buffers", "--output-format=json", f"--output={out}"]
+                               + ([f"--write_bw_log={bw_log}", f"--write_lat_log={bw_log}",
+                                   "--log_avg_msec=250"] if RPO_TRACE else []),
                                stdout=subprocess.DEVNULL)
         samples, states, backlog, rss_peak = [], {}, 0.0, 0
+        trace, t_start = [], time.time()
         nxt = time.time()
         while fio.poll() is None:
             st = sb.status()
             now = time.time()  # after the call: errs on the high side
             if st["as_of"] is not None:
                 samples.append(now - st["as_of"])
+            if RPO_TRACE:
+                others = {"garage": self.garage_pid} if self.garage_pid else {}
+                cpu = {k: round(proc_usage(p)[2], 2) for k, p in others.items()}
+                cpu["gateway"] = round(proc_usage(sb.proc.pid)[2], 2)
+                trace.append((round(now - t_start, 3), round(now - st["as_of"], 3) if st["as_of"] else None,
+                              st.get("backlog", 0), st["state"], cpu, os.getloadavg()[0]))
             key = st["state"].split(" (")[0]
             states.setdefault(key, now)
             backlog = max(backlog, st.get("backlog", 0))
@@ -884,6 +898,19 @@ class RpoGateway:
                "consolidations": serve_log.count("consolidated patches into chunks"),
                "rss": max(rss_peak, rss), "hwm": hwm, "cpu": cpu1 - cpu0, "bin": self.label,
                "rebases": serve_log.count("rebased onto a background consolidation")}
+        if RPO_TRACE:
+            fio_log = {}
+            for kind in ("bw", "clat"):
+                path = f"{bw_log}_{kind}.1.log"
+                if os.path.exists(path):
+                    with open(path) as f:
+                        fio_log[kind] = [[int(x) for x in line.split(",")[:2]] for line in f if line.strip()]
+                    os.remove(path)
+            for extra in ("lat", "slat"):
+                path = f"{bw_log}_{extra}.1.log"
+                if os.path.exists(path):
+                    os.remove(path)
+            self.dump_trace(rate, t_start, trace, last, serve_log, fio_log)
         log(f"  RPO p50 {fmt_s(row['med'])} s, p95 {fmt_s(row['p95'])} s, p99 {fmt_s(row['p99'])} s, "
             f"max {fmt_s(row['max'])} s; deltas ok {row['ok']} failed {row['failed']}; state {row['state']}; "
             f"fio {row['mbps']:.1f} MB/s; {row['folds']} inline folds, {row['consolidations']} consolidations, "
@@ -892,6 +919,31 @@ class RpoGateway:
         if row["err"]:
             log(f"  first failed delta: {row['err']}")
         return row
+
+    def dump_trace(self, rate, t_start, trace, last_job, serve_log, fio_log):
+        """RPO_TRACE=DIR: one JSON file per row with the RPO samples (seconds since the row
+        started, RPO, log backlog, state, CPU seconds so far of the gateway and of Garage,
+        the machine's load average), every job of the row with its steps (times in seconds
+        since the row started), fio's bandwidth (KiB/s) and completion latency (ns) per 250 ms
+        (first column: ms since fio started) and the gateway's log lines of the row."""
+        import sqlite3
+        os.makedirs(RPO_TRACE, exist_ok=True)
+        c = sqlite3.connect(f"file:{self.sb.data}/replication.db?mode=ro", uri=True, timeout=10)
+        rel = lambda ms: None if ms is None else round(ms / 1000.0 - t_start, 3)
+        jobs = []
+        for (jid, kind, state, created, finished, detail) in c.execute(
+                "SELECT id, kind, state, created_ms, finished_ms, detail FROM jobs WHERE id > ? ORDER BY id",
+                (last_job,)):
+            steps = [{"name": n, "start": rel(a), "end": rel(b), "detail": d} for (n, a, b, d) in c.execute(
+                "SELECT name, started_ms, finished_ms, detail FROM job_steps WHERE job = ? ORDER BY seq", (jid,))]
+            jobs.append({"id": jid, "kind": kind, "state": state, "start": rel(created), "end": rel(finished),
+                         "detail": detail, "steps": steps})
+        c.close()
+        name = f"{self.store}-{self.label}-{rate}-{int(t_start)}.json"
+        with open(os.path.join(RPO_TRACE, name), "w") as f:
+            json.dump({"samples": trace, "jobs": jobs, "fio": fio_log, "log": serve_log.splitlines()}, f,
+                      indent=1)
+        log(f"  trace written to {os.path.join(RPO_TRACE, name)}")
 
     def close(self):
         sb = self.sb

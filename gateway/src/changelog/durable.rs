@@ -172,6 +172,7 @@ mod faulty {
     #[derive(Debug, Default)]
     pub struct FaultySync {
         st: Mutex<Plan>,
+        cv: std::sync::Condvar,
     }
 
     #[derive(Debug, Default)]
@@ -180,6 +181,10 @@ mod faulty {
         fail: Vec<(Target, u64)>,
         seen: Vec<(Target, u64)>,
         failed: u64,
+        /// Syncs of these targets wait (before doing anything) until released.
+        held: Vec<Target>,
+        /// Syncs waiting on `held`, per target.
+        waiting: Vec<Target>,
     }
 
     impl FaultySync {
@@ -213,12 +218,46 @@ mod faulty {
         pub fn failed(&self) -> u64 {
             self.st.lock().unwrap_or_else(|p| p.into_inner()).failed
         }
+
+        /// Makes every later sync of `target` wait until [`Self::release`] (a slow disk).
+        pub fn hold(&self, target: Target) {
+            self.st
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .held
+                .push(target);
+        }
+
+        /// Lets the syncs of `target` held by [`Self::hold`] go on.
+        pub fn release(&self, target: Target) {
+            self.st
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .held
+                .retain(|&t| t != target);
+            self.cv.notify_all();
+        }
+
+        /// Syncs of `target` waiting on [`Self::hold`] now.
+        pub fn waiting(&self, target: Target) -> usize {
+            let p = self.st.lock().unwrap_or_else(|p| p.into_inner());
+            p.waiting.iter().filter(|&&t| t == target).count()
+        }
     }
 
     impl FileSync for FaultySync {
         fn sync(&self, target: Target, file: &File, all: bool) -> io::Result<()> {
             {
                 let mut p = self.st.lock().unwrap_or_else(|p| p.into_inner());
+                if p.held.contains(&target) {
+                    p.waiting.push(target);
+                    while p.held.contains(&target) {
+                        p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+                    }
+                    if let Some(i) = p.waiting.iter().position(|&t| t == target) {
+                        p.waiting.swap_remove(i);
+                    }
+                }
                 let count = match p.seen.iter_mut().find(|(t, _)| *t == target) {
                     Some((_, c)) => {
                         *c += 1;

@@ -403,10 +403,12 @@ impl ExtentMap {
         let end = offset.saturating_add(len);
         let hit = cut_out(&mut inner.pieces, offset, end);
         let cut = inner.cut_lsn;
+        // Shipped (in the store) though perhaps not yet deleted: nothing needs these bytes.
+        let shipped = log.shipped_through();
         let mut synced = Vec::new();
         let mut segs: Option<Vec<super::SegmentInfo>> = None;
         for (a, b, lsn) in hit {
-            if lsn > cut {
+            if lsn > cut || lsn <= shipped {
                 continue;
             }
             let segs = segs.get_or_insert_with(|| log.segments());

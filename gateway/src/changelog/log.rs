@@ -22,16 +22,18 @@
 //! segments were created — the *log*, not the image (redo durability; the image is synced
 //! only when an image-dependent record asks for it). See [`checkpoint`].
 //!
-//! **Checkpoints** ([`checkpoint`]): the image is made durable lazily — in the background
-//! every few seconds or every N MiB of log, at every seal and before a release — and the
-//! state file then records the checkpointed LSN (the redo point). Segments are released only
-//! when both shipped and checkpointed.
+//! **Checkpoints** ([`checkpoint`]): the image is made durable lazily — by a background
+//! thread every few seconds and every N MiB of log — and the state
+//! file then records the checkpointed LSN (the redo point). Segments are deleted only when
+//! both shipped and checkpointed ([`release`]); a cut never waits for the image's sync.
+//! Without the background thread (`checkpoint_interval` off) seals and releases checkpoint
+//! themselves.
 //!
 //! **Rotation**: when the next record would pass the segment size, a new segment is started
 //! and the old one is sealed in the background (after its in-flight requests drain): footer
 //! with the seal digest (kept up to date as records are appended, see [`format`]),
-//! fdatasync, then a checkpoint. `take` does the same at a flush barrier and
-//! waits for it; `close` seals the active segment at clean shutdown.
+//! fdatasync (the next checkpoint covers it). `take` does the same at a flush barrier and
+//! waits for the seal; `close` seals the active segment at clean shutdown.
 //!
 //! **Recovery** (`open`): verify sealed segments, cut the torn tail, replay every record after
 //! the checkpoint into the image and sync it; after a host crash (boot id changed, no clean
@@ -64,6 +66,7 @@ use crate::catalog::write_atomic;
 mod batch;
 mod checkpoint;
 mod inline;
+mod release;
 
 pub use batch::{overlaps, BatchWrite};
 
@@ -353,6 +356,10 @@ struct St {
     closed: bool,
     paused: bool,
     p: StateFile,
+    /// The replicator has stored every record up to this LSN (see [`release`]): sealed
+    /// segments at or below it wait only for a checkpoint to be deleted, and no longer count
+    /// as backlog. In memory only: after a restart the next release says it again.
+    shipped_through: u64,
 }
 
 /// The append side: LSNs, the active segment and the segments waiting to be sealed. Its lock
@@ -902,6 +909,7 @@ impl ChangeLog {
             closed: false,
             paused: false,
             p,
+            shipped_through: 0,
         };
         let ap = Ap {
             chain_id,
@@ -1433,8 +1441,10 @@ impl ChangeLog {
             self.persist()?;
             sealed_any = true;
         }
-        if sealed_any {
-            // Every seal is a checkpoint: a sealed segment can then be released once shipped.
+        if sealed_any && !self.background_checkpoints() {
+            // Without a background checkpointer every seal is a checkpoint, so that a sealed
+            // segment can be released once shipped. With one, its next checkpoint covers the
+            // segment: a cut never waits for the image's sync (see `release`).
             self.checkpoint()?;
         }
         Ok(())
@@ -1487,6 +1497,15 @@ impl ChangeLog {
 
     /// Deletes the sealed segments up to and including `upto_seq` (shipped by the replicator).
     pub fn release(&self, upto_seq: u64) -> Result<(), LogError> {
+        // Against `reset` (which holds it too): the files listed below are deleted by path,
+        // and a new chain numbers its segments from 0 again, so a reset between listing and
+        // deleting would lose the new chain's files. (The checkpointer thread releases too.)
+        let _s = lock(&self.sh.seal_lock);
+        self.release_locked(upto_seq)
+    }
+
+    /// [`Self::release`], for a caller holding `seal_lock`.
+    fn release_locked(&self, upto_seq: u64) -> Result<(), LogError> {
         // A segment is deleted only when shipped *and* checkpointed (recovery replays from
         // the checkpoint).
         let needs = lock(&self.sh.st)
@@ -1619,6 +1638,7 @@ impl ChangeLog {
             ap.active = None;
             ap.retired.clear();
             st.sealed.clear();
+            st.shipped_through = 0;
             let dir = &self.sh.dir;
             for (_, path) in list_segments(dir).map_err(LogError::io("cannot list", dir))? {
                 fs::remove_file(&path).map_err(LogError::io("cannot remove", &path))?;
@@ -1670,13 +1690,15 @@ impl ChangeLog {
         lock(&self.sh.st).state.clone()
     }
 
-    /// Bytes not yet released (sealed, being sealed and active segments): their files plus
-    /// the bytes their extent records stand for (what shipping them sends).
+    /// Bytes not yet shipped (sealed segments above the shipped LSN, segments being sealed
+    /// and the active one): their files plus the bytes their extent records stand for (what
+    /// shipping them sends).
     pub fn unshipped_bytes(&self) -> u64 {
         let ap = lock(&self.sh.ap);
         let st = lock(&self.sh.st);
         st.sealed
             .iter()
+            .filter(|s| s.last_lsn > st.shipped_through)
             .map(|s| s.bytes + s.extent_bytes)
             .sum::<u64>()
             + ap.retired

@@ -46,6 +46,8 @@ mod latch_tests;
 #[cfg(test)]
 mod redo_tests;
 #[cfg(test)]
+mod release_tests;
+#[cfg(test)]
 mod tests;
 
 use std::io;

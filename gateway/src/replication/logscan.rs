@@ -26,20 +26,12 @@ pub(crate) fn restart(
     Ok(())
 }
 
-/// Seals what was cut and deletes every segment whose records all have LSN ≤ `lsn` (they are
-/// in the store, or — at the start of a pass — in the image the pass reads).
+/// Seals what was cut and releases every segment whose records all have LSN ≤ `lsn` (they
+/// are in the store, or — at the start of a pass — in the image the pass reads): deleted once
+/// checkpointed, without waiting for the image's sync ([`ChangeLog::release_shipped`]).
 pub(crate) fn release_through(log: &ChangeLog, lsn: u64) -> Result<(), LogError> {
     log.wait_sealed()?;
-    let last = log
-        .sealed_segments()
-        .iter()
-        .filter(|s| s.last_lsn <= lsn)
-        .map(|s| s.seq)
-        .max();
-    match last {
-        Some(seq) => log.release(seq),
-        None => Ok(()),
-    }
+    log.release_shipped(lsn)
 }
 
 /// Records of the log's segments with `after < lsn <= upto`, as one patch. Every segment is

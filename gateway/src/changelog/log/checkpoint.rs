@@ -25,7 +25,7 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -97,6 +97,9 @@ pub(crate) struct Ckpt {
     /// Notified after every checkpoint recorded.
     recorded: Condvar,
     recorded_m: Mutex<()>,
+    /// A background checkpointer runs: seals and releases then never wait for an image sync
+    /// (its next checkpoint covers them; see `release`).
+    background: AtomicBool,
 }
 
 impl Ckpt {
@@ -114,6 +117,7 @@ impl Ckpt {
             trigger: Arc::new(Trigger::default()),
             recorded: Condvar::new(),
             recorded_m: Mutex::new(()),
+            background: AtomicBool::new(false),
         }
     }
 
@@ -307,6 +311,12 @@ impl ChangeLog {
         }
     }
 
+    /// Whether a background checkpointer runs (then seals and releases leave checkpoints to
+    /// it).
+    pub(super) fn background_checkpoints(&self) -> bool {
+        self.sh.ck.background.load(Ordering::Acquire)
+    }
+
     /// Holds checkpoints back (`reset` takes it after `seal_lock`, before `ap` and `st`).
     pub(super) fn checkpoint_guard(&self) -> std::sync::MutexGuard<'_, ()> {
         lock(&self.sh.ck.lock)
@@ -330,12 +340,21 @@ impl ChangeLog {
                 if lock(&me.sh.st).closed {
                     return;
                 }
-                if let Err(e) = me.checkpoint() {
-                    warn!(disk = %me.sh.name, "change-log checkpoint failed: {e}");
+                match me.checkpoint() {
+                    // Segments shipped meanwhile can go now that they are checkpointed.
+                    Ok(_) => {
+                        if let Err(e) = me.release_checkpointed() {
+                            warn!(disk = %me.sh.name, "cannot release shipped change-log segments: {e}");
+                        }
+                    }
+                    Err(e) => warn!(disk = %me.sh.name, "change-log checkpoint failed: {e}"),
                 }
             });
-        if let Err(e) = spawned {
-            warn!(disk = %self.sh.name, "cannot start the checkpoint thread ({e}): the image is checkpointed only at seals");
+        match spawned {
+            Ok(_) => self.sh.ck.background.store(true, Ordering::Release),
+            Err(e) => {
+                warn!(disk = %self.sh.name, "cannot start the checkpoint thread ({e}): the image is checkpointed only at seals and releases")
+            }
         }
     }
 
