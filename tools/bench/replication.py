@@ -981,11 +981,17 @@ def main():
     work = tempfile.mkdtemp(prefix="standby-repl-bench-") if created else sys.argv[1]
     os.makedirs(work, exist_ok=True)
     free = shutil.disk_usage(work).free
-    # Peaks: the initial image's data plus its replica; the RPO disk plus its patches.
-    need = (max(SIZE_GIB * 1.25 if "initial" in BENCHES else 0, RPO_GIB * 2, DELTA_GIB * 3) + 4) * GIB
+    # Peaks: the initial image's data plus its replica; for the RPO rows, per store section
+    # and binary, its disk plus everything its rows write (kept: retention outlives the run).
+    rpo_need = 0
+    if "rpo" in BENCHES:
+        per_bin = RPO_GIB * GIB + sum((rate_mbps(r) or 0) * 1e6 * RPO_SECONDS for r in RPO_RATES) * RPO_REPS
+        rpo_need = per_bin * len(rpo_list("RPO_BINS", "this"))
+    need = max((max(SIZE_GIB * 1.25 if "initial" in BENCHES else 0, DELTA_GIB * 3) + 4) * GIB,
+               rpo_need + 4 * GIB)
     if free < need:
         sys.exit(f"only {free / GIB:.1f} GiB free in the work directory, about {need / GIB:.0f} GiB "
-                 f"needed: lower SIZE_GIB")
+                 f"needed: lower SIZE_GIB, RPO_GIB, RPO_REPS or the rates")
     # A private copy, so a concurrent rebuild cannot swap the binary in the middle of the run.
     bin_ = os.path.join(work, "standby")
     shutil.copy2(binary, bin_)
