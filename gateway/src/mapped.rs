@@ -310,6 +310,20 @@ mod tests {
         (dir, f)
     }
 
+    /// A new sparse file of `len` bytes in `dir` (nothing of it in the page cache).
+    fn sparse(dir: &tempfile::TempDir, len: u64) -> (std::path::PathBuf, File) {
+        let p = dir.path().join("sparse");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(len).unwrap();
+        (p, f)
+    }
+
     /// A directory on a file system whose clean pages leave the page cache on request
     /// (`POSIX_FADV_DONTNEED`), which the page-cache tests rely on. tmpfs and ramfs keep every
     /// page, so the system's temporary directory is passed over when it is one of them. `None`
@@ -515,15 +529,7 @@ mod tests {
         let Some(dir) = page_cache_dir("writes_into_holes_allocate_and_survive_a_sync") else {
             return;
         };
-        let p = dir.path().join("sparse");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .unwrap();
-        f.set_len(8 << 20).unwrap();
+        let (p, f) = sparse(&dir, 8 << 20);
         let map = ImageMap::new(&f, 8 << 20, true).unwrap();
         let data = vec![0xa5u8; 256 * 1024];
         // A hole read once is in the page cache (as zero pages): the write goes through the
@@ -555,15 +561,7 @@ mod tests {
     fn writes_into_pages_out_of_the_page_cache_are_refused() {
         // A fresh sparse image: none of its pages is in the page cache.
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("sparse");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .unwrap();
-        f.set_len(8 << 20).unwrap();
+        let (_p, f) = sparse(&dir, 8 << 20);
         let map = ImageMap::new(&f, 8 << 20, true).unwrap();
         let data = vec![0x5au8; 128 * 1024];
         assert!(!map.resident(1 << 20, (1 << 20) + data.len()));

@@ -12,6 +12,7 @@ use nbd_server::ZeroFlags;
 use proptest::prelude::*;
 use rand::{RngCore, SeedableRng};
 
+use crate::changelog::tests::rt;
 use crate::changelog::{LogOptions, LogState};
 use crate::disk::Disk;
 use crate::replication::engine::patch_from_log;
@@ -105,14 +106,6 @@ fn pattern(len: u64, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed) ^ (i >> 9) as u8)
         .collect()
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// Ships the cut at `lsn` from the replica's last point: the engine's patch, applied to the

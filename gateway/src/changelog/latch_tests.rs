@@ -9,18 +9,11 @@ use std::sync::Arc;
 
 use super::durable::{FaultySync, Target};
 use super::log::read_state;
+use super::tests::rt;
 use super::{LogOptions, LogState};
 use crate::disk::Disk;
 
 const SIZE: u64 = 1 << 20;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn opts() -> LogOptions {
     LogOptions {

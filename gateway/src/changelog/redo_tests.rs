@@ -9,6 +9,7 @@ use super::format::RecordHeader;
 use super::log::{read_state, StateFile, STATE_FILE};
 use super::replay::replay_after_with;
 use super::segment::list_segments;
+use super::tests::rt;
 use super::*;
 use crate::disk::Disk;
 
@@ -22,14 +23,6 @@ fn opts(segment_size: u64) -> LogOptions {
         checkpoint_interval: None,
         ..LogOptions::default()
     }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn open(dir: &Path, o: LogOptions) -> (Disk, RecoveryReport) {

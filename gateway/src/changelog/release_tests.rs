@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::durable::{FaultySync, Target};
+use super::tests::rt;
 use super::*;
 use crate::disk::Disk;
 
@@ -43,12 +44,22 @@ fn open(dir: &Path, o: LogOptions, faults: &Arc<FaultySync>) -> Disk {
     .0
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+/// A tracked 1 MiB disk whose syncs go through a fault-injecting layer, its log and a
+/// runtime; `background`: with the background checkpointer.
+fn setup(
+    background: bool,
+) -> (
+    tempfile::TempDir,
+    Arc<FaultySync>,
+    Disk,
+    ChangeLog,
+    tokio::runtime::Runtime,
+) {
+    let t = tempfile::tempdir().unwrap();
+    let faults = FaultySync::new();
+    let disk = open(t.path(), opts(background), &faults);
+    let log = disk.change_log().unwrap();
+    (t, faults, disk, log, rt())
 }
 
 /// Runs `f` on a thread of its own; its result, or `None` if it has not returned in 20 s.
@@ -70,11 +81,7 @@ fn until(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn a_cut_and_a_release_do_not_wait_for_the_image_sync() {
-    let t = tempfile::tempdir().unwrap();
-    let faults = FaultySync::new();
-    let disk = open(t.path(), opts(true), &faults);
-    let log = disk.change_log().unwrap();
-    let rt = rt();
+    let (_t, faults, disk, log, rt) = setup(true);
     for i in 0..8u64 {
         rt.block_on(disk.write(i * 4096, vec![i as u8 + 1; 4096], false))
             .unwrap();
@@ -135,11 +142,7 @@ fn a_cut_and_a_release_do_not_wait_for_the_image_sync() {
 
 #[test]
 fn nothing_above_the_shipped_lsn_is_released() {
-    let t = tempfile::tempdir().unwrap();
-    let faults = FaultySync::new();
-    let disk = open(t.path(), opts(true), &faults);
-    let log = disk.change_log().unwrap();
-    let rt = rt();
+    let (_t, _faults, disk, log, rt) = setup(true);
     rt.block_on(disk.write(0, vec![1; 4096], false)).unwrap();
     let first = log.take().unwrap().last().unwrap().last_lsn;
     rt.block_on(disk.write(4096, vec![2; 4096], false)).unwrap();
@@ -181,11 +184,7 @@ fn nothing_above_the_shipped_lsn_is_released() {
 
 #[test]
 fn without_a_background_checkpointer_seals_and_releases_checkpoint_on_the_spot() {
-    let t = tempfile::tempdir().unwrap();
-    let faults = FaultySync::new();
-    let disk = open(t.path(), opts(false), &faults);
-    let log = disk.change_log().unwrap();
-    let rt = rt();
+    let (_t, faults, disk, log, rt) = setup(false);
     rt.block_on(disk.write(0, vec![1; 4096], false)).unwrap();
     let before = faults.syncs(Target::Image);
     let segs = log.take().unwrap();

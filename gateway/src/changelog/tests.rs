@@ -60,7 +60,8 @@ fn open(f: &Fixture, o: LogOptions) -> (Disk, RecoveryReport) {
     Disk::open_tracked("d", &f.image, &f.log, "disk-id-1", o).unwrap()
 }
 
-fn rt() -> tokio::runtime::Runtime {
+/// A two-worker runtime for the tests of the change log (shared by its test modules).
+pub(super) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
