@@ -5,8 +5,8 @@
 //! recovery replays from the redo point, so it needs every segment after it). Before this
 //! module, a release checkpointed on the spot when a segment was not yet checkpointed, and
 //! every seal (so every cut) checkpointed too: the replication cycle waited for an
-//! `fdatasync` of the image — on a freshly written, sparse image that is block allocation
-//! plus write-back of everything written since the last one, 0.2–0.9 s per cut measured.
+//! `fdatasync` of the image, whose cost grows with what was written since the last one (on a
+//! sparse image it allocates those blocks), and every checkpoint cooled every hot extent.
 //!
 //! Now, with the background checkpointer running (the default), [`ChangeLog::release_shipped`]
 //! only notes the shipped LSN (`shipped_through`, in memory) and deletes the segments that
@@ -18,8 +18,9 @@
 //! ([`ChangeLog::unshipped_bytes`]); they hold at most one checkpoint interval of log on disk.
 //!
 //! Invariants:
-//! * Nothing above the redo point is ever deleted (`release` refuses to delete past it, and
-//!   here only segments whose last LSN is at or below both marks are asked for).
+//! * Nothing above the redo point is ever deleted (`release` checkpoints first when asked to
+//!   go past it, and here only segments whose last LSN is at or below both marks are asked
+//!   for, so it never has to).
 //! * `shipped_through` only grows within a chain and is cleared with the chain (`reset`); it
 //!   is not persisted: after a restart the replicator's next release names it again, and
 //!   until then the segments are merely kept (and shipped again only if a point needs them).
