@@ -403,12 +403,13 @@ impl ExtentMap {
         let end = offset.saturating_add(len);
         let hit = cut_out(&mut inner.pieces, offset, end);
         let cut = inner.cut_lsn;
-        // Shipped (in the store) though perhaps not yet deleted: nothing needs these bytes.
-        let shipped = log.shipped_through();
         let mut synced = Vec::new();
+        let mut shipped: Option<u64> = None;
         let mut segs: Option<Vec<super::SegmentInfo>> = None;
         for (a, b, lsn) in hit {
-            if lsn > cut || lsn <= shipped {
+            // Shipped (in the store) though perhaps not yet deleted: nothing needs these
+            // bytes. (Asked only when a piece of a cut is hit, as the segments are.)
+            if lsn > cut || lsn <= *shipped.get_or_insert_with(|| log.shipped_through()) {
                 continue;
             }
             let segs = segs.get_or_insert_with(|| log.segments());

@@ -164,10 +164,14 @@ fn nothing_above_the_shipped_lsn_is_released() {
     rt.block_on(disk.write(0, vec![3; 4096], false)).unwrap();
     let fresh = log.take().unwrap();
     assert!(log.wait_checkpoint(fresh[0].last_lsn, Duration::from_secs(60)));
-    std::thread::sleep(Duration::from_millis(50));
+    // The checkpointer releases after each checkpoint, one after the other: once a later
+    // checkpoint is recorded, the release that followed the one covering `fresh` has run.
+    rt.block_on(disk.write(4096, vec![4; 4096], false)).unwrap();
+    let later = log.take().unwrap().last().unwrap().last_lsn;
+    assert!(log.wait_checkpoint(later, Duration::from_secs(60)));
     assert_eq!(
-        log.sealed_segments().len(),
-        1,
+        log.sealed_segments()[0].seq,
+        fresh[0].seq,
         "a new chain's segment was released"
     );
     assert!(
