@@ -548,7 +548,7 @@ impl Disk {
         let r = t.log.try_record_now(
             offset,
             data,
-            |chain| t.extents.nothing_before(chain, offset, len),
+            |chain| t.extents.take_uncut(chain, offset, len),
             || write_image(&self.inner, offset, data),
         )?;
         if r.is_ok() {

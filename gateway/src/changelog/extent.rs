@@ -370,13 +370,19 @@ impl ExtentMap {
         self.remove_side_files(|seq, c| c == chain && seq < first);
     }
 
-    /// Whether [`Self::before_write`] of `[offset, offset + len)` on the chain `chain_id`
-    /// would have nothing to do (no piece there), found without waiting: `false` when the
-    /// map is busy or unsure. For the inline write path, which then skips `before_write`;
-    /// pieces are added only by cuts and extent writes, which cannot overlap that write while
-    /// it holds its range and the disk's tracking lock.
-    pub fn nothing_before(&self, chain_id: u64, offset: u64, len: u64) -> bool {
-        let inner = match self.inner.try_lock() {
+    /// For the inline write path, found without waiting: whether [`Self::before_write`] of
+    /// `[offset, offset + len)` on the chain `chain_id` would copy nothing — no piece lies
+    /// there, or only pieces of extents newer than the last cut, which the write's record (a
+    /// later record of the same cut) replaces. If so, forgets the parts of those pieces the
+    /// write covers, as `before_write` does, and returns `true`. `false`, nothing changed:
+    /// the map is busy, follows another chain, or a piece there belongs to a cut (its bytes
+    /// must be saved first: the caller takes the path that may wait).
+    ///
+    /// Call it only where the write's record is certain to follow (the log asks last, under
+    /// its append lock). Pieces are added only by cuts and extent writes, which cannot
+    /// overlap that write while it holds its range and the disk's tracking lock.
+    pub fn take_uncut(&self, chain_id: u64, offset: u64, len: u64) -> bool {
+        let mut inner = match self.inner.try_lock() {
             Ok(g) => g,
             Err(_) => return false,
         };
@@ -384,11 +390,23 @@ impl ExtentMap {
             return false;
         }
         let end = offset.saturating_add(len);
-        inner
-            .pieces
-            .range(..end)
-            .next_back()
-            .is_none_or(|(_, p)| p.end <= offset)
+        let cut = inner.cut_lsn;
+        let mut hit = false;
+        // Pieces never overlap, so walking back from the last one that starts before `end`,
+        // the ends decrease too: the first one ending at or before `offset` ends the walk.
+        for p in inner.pieces.range(..end).rev().map(|(_, p)| p) {
+            if p.end <= offset {
+                break;
+            }
+            if p.lsn <= cut {
+                return false;
+            }
+            hit = true;
+        }
+        if hit {
+            cut_out(&mut inner.pieces, offset, end);
+        }
+        true
     }
 
     /// Before a change to `[offset, offset + len)` of the image (any kind, any size): saves

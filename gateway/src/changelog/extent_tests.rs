@@ -1,7 +1,8 @@
 //! Reference-model test of extents and copy-before-write: random writes of mixed sizes (small
 //! ones logged with their data, large ones as extents), trims and zeroes, cuts, shipments
 //! (the replication engine's own `patch_from_log`) and reopen after a clean stop or a crash,
-//! interleaved on a tracked `Disk`. Every shipped cut must equal the model as it was at that
+//! interleaved on a tracked `Disk`; writes go inline (`Disk::write_now`) when the disk takes
+//! them, as the NBD server sends them. Every shipped cut must equal the model as it was at that
 //! cut, the image must equal the model, and recovery's redo (which skips what later extents
 //! cover) must leave the image equal to the model.
 
@@ -147,7 +148,12 @@ proptest! {
                 Op::Write { off, len, seed } => {
                     let data = pattern(len, seed);
                     model[off as usize..(off + len) as usize].copy_from_slice(&data);
-                    rt.block_on(disk.write(off, data, false)).unwrap();
+                    // As the NBD server does: inline when the disk takes it, else the path
+                    // that may wait.
+                    match disk.write_now(off, &data, false) {
+                        Some(r) => r.unwrap(),
+                        None => rt.block_on(disk.write(off, data, false)).unwrap(),
+                    }
                 }
                 Op::Trim { off, len } => {
                     model[off as usize..(off + len) as usize].fill(0);
@@ -270,5 +276,50 @@ fn backlog_counts_the_bytes_of_extents() {
     let again = log.sealed_segments();
     assert_eq!(again[0].extent_bytes, BIG * 4, "recomputed at open");
     assert!(log.unshipped_bytes() >= BIG * 4);
+    rt.block_on(disk.close()).unwrap();
+}
+
+/// A small write over an extent newer than the last cut is logged inline (its record replaces
+/// that part of the extent in the same cut); over an extent of a cut it is not (the extent's
+/// bytes must be saved first), and the cut still ships the extent as it was.
+#[test]
+fn small_writes_over_uncut_extents_stay_inline() {
+    let f = fixture(21);
+    let rt = rt();
+    // No background checkpoint: one between the writes could cool the extent, and a write
+    // into a cold extent syncs the log first (not inline either).
+    let o = LogOptions {
+        checkpoint_interval: None,
+        ..opts(1 << 20)
+    };
+    let (disk, _) = Disk::open_tracked("d", &f.image, &f.log, "disk-id", o).unwrap();
+    let mut model = f.initial.clone();
+    let big = pattern(BIG * 2, 4);
+    model[..big.len()].copy_from_slice(&big);
+    rt.block_on(disk.write(0, big, false)).unwrap();
+    let small = vec![7u8; 4096];
+    model[4096..8192].copy_from_slice(&small);
+    assert!(
+        disk.write_now(4096, &small, false)
+            .is_some_and(|r| r.is_ok()),
+        "a small write over an extent of no cut is taken inline"
+    );
+    let cut = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
+    let at_cut = model.clone();
+    let later = vec![8u8; 4096];
+    assert!(
+        disk.write_now(BIG, &later, false).is_none(),
+        "a piece of a cut needs its bytes saved first: not inline"
+    );
+    rt.block_on(disk.write(BIG, later.clone(), false)).unwrap();
+    model[BIG as usize..(BIG + 4096) as usize].copy_from_slice(&later);
+    let mut replica = f.initial.clone();
+    let mut shipped = 0;
+    ship(&disk, &mut replica, &mut shipped, cut);
+    assert!(
+        replica == at_cut,
+        "the cut ships the extent as it was at the cut"
+    );
+    assert!(rt.block_on(disk.read(0, SIZE as usize)).unwrap() == model);
     rt.block_on(disk.close()).unwrap();
 }

@@ -297,11 +297,36 @@ struct Active {
 
 /// Zeroes written ahead of the records of the active segment at a time.
 const FILL_AHEAD: u64 = 1 << 20;
+/// The zeroes go out in writes of at most this many bytes, each ending on a multiple of it.
+///
+/// A buffered write allocates page-cache folios as large as itself (kernels with large
+/// folios on ext4, 6.16 and later), and the file system's write path walks every block of a
+/// folio on every write into it. Appends of 4 KiB records into folios made by one 1 MiB write
+/// of zeroes cost 7.0 µs each instead of 1.8–2.1 µs (a 4,136-byte append loop, this
+/// machine's kernel); in 64 KiB pieces the zeroes cost less than they save.
+const FILL_PIECE: u64 = 64 << 10;
 
-/// A buffer of [`FILL_AHEAD`] zeroes.
+/// A buffer of [`FILL_PIECE`] zeroes.
 fn zeroes() -> &'static [u8] {
     static Z: std::sync::OnceLock<Box<[u8]>> = std::sync::OnceLock::new();
-    Z.get_or_init(|| vec![0u8; FILL_AHEAD as usize].into_boxed_slice())
+    Z.get_or_init(|| vec![0u8; FILL_PIECE as usize].into_boxed_slice())
+}
+
+/// Writes zeroes over `[from, to)` of `file` in [`FILL_PIECE`]-aligned pieces; returns where
+/// the zeroes written without a gap end.
+pub(super) fn write_zeroes(file: &File, from: u64, to: u64) -> u64 {
+    let mut at = from;
+    while at < to {
+        let end = ((at / FILL_PIECE + 1) * FILL_PIECE).min(to);
+        if file
+            .write_all_at(&zeroes()[..(end - at) as usize], at)
+            .is_err()
+        {
+            break;
+        }
+        at = end;
+    }
+    at
 }
 
 impl Active {
@@ -328,11 +353,7 @@ impl Active {
             self.filled = from;
             return;
         }
-        let n = (target - from) as usize;
-        self.filled = match self.seg.file.write_all_at(&zeroes()[..n], from) {
-            Ok(()) => target,
-            Err(_) => from,
-        };
+        self.filled = write_zeroes(&self.seg.file, from, target);
     }
 }
 

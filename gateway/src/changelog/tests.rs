@@ -658,6 +658,29 @@ fn active_segment_is_written_ahead_with_zeroes() {
     assert!(replayed(&f) == expect);
 }
 
+/// The zeroes written ahead go out in pieces that end on 64 KiB boundaries (large page-cache
+/// folios made by one big write cost every later small append into them, see `FILL_PIECE`):
+/// they cover exactly `[from, to)`, leave the bytes before `from` alone, and a file that
+/// cannot be written reports how far the zeroes got (nothing).
+#[test]
+fn zeroes_ahead_cover_exactly_their_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("seg");
+    fs::write(&p, vec![0xabu8; 1000]).unwrap();
+    let file = File::options().read(true).write(true).open(&p).unwrap();
+    let to = 1000 + 300_000;
+    assert_eq!(super::log::write_zeroes(&file, 1000, to), to);
+    let bytes = fs::read(&p).unwrap();
+    assert_eq!(bytes.len() as u64, to);
+    assert!(bytes[..1000].iter().all(|&b| b == 0xab));
+    assert!(bytes[1000..].iter().all(|&b| b == 0));
+    assert_eq!(super::log::write_zeroes(&file, to, to), to, "empty range");
+    drop(file);
+    let ro = File::open(&p).unwrap();
+    assert_eq!(super::log::write_zeroes(&ro, to, to + 5000), to);
+    assert_eq!(fs::metadata(&p).unwrap().len(), to);
+}
+
 /// Clean shutdown seals every segment: one that lost its footer afterwards (its bytes after
 /// the last record now zeroes, or gone) breaks the chain.
 #[test]

@@ -40,8 +40,9 @@ impl ChangeLog {
     /// Logs the write of `data` at `offset` and applies it with `apply` (which changes the
     /// image) if that can be done without waiting; `None` (nothing done) otherwise.
     /// `ready(chain_id)` is asked under the append lock, last, whether the caller's own
-    /// preparation for the change needs nothing that waits (e.g. no preimage to save); it
-    /// must not take the log's locks (it is told the chain id instead).
+    /// preparation for the change needs nothing that waits (e.g. no preimage to save); when
+    /// it says yes it may do that preparation too, since the record is then certain to be
+    /// written. It must not take the log's locks (it is told the chain id instead).
     pub fn try_record_now(
         &self,
         offset: u64,
