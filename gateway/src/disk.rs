@@ -207,12 +207,8 @@ fn write_blocking(inner: &Inner, offset: u64, data: &[u8], fua: bool) -> io::Res
     Ok(())
 }
 
-/// Writes into the image: large writes through the mapping when it takes them (see
-/// [`ImageMap::write`]), everything else with `pwrite`.
+/// Writes into the image with `pwrite` (the mapping is for reads only: see [`ImageMap`]).
 fn write_image(inner: &Inner, offset: u64, data: &[u8]) -> io::Result<()> {
-    if inner.map.as_ref().is_some_and(|m| m.write(offset, data)) {
-        return Ok(());
-    }
     inner.file.write_all_at(data, offset)
 }
 
@@ -251,13 +247,10 @@ impl Disk {
         log: Option<(ChangeLog, u64)>,
         dur: Arc<Durability>,
     ) -> Result<Self, DiskError> {
-        let map = match ImageMap::new(&file, size, !read_only) {
+        let map = match ImageMap::new(&file, size) {
             Ok(m) => Some(Arc::new(m)),
             Err(e) => {
-                debug!(
-                    disk = name,
-                    "image not mapped, reads and writes use pread/pwrite: {e}"
-                );
+                debug!(disk = name, "image not mapped, reads use pread: {e}");
                 None
             }
         };

@@ -107,11 +107,11 @@ enum Op {
     },
 }
 
-/// Ranges of every size class the write path distinguishes: small ones (logged and written
-/// with `pwrite`) and ones of [`crate::mapped::MAPPED_WRITE_MIN`] or more (written through the
-/// image's mapping), placed anywhere (the large ones start low enough to fit whole).
+/// Ranges of every size class the write path distinguishes: small ones (logged with their
+/// data) and ones of 64 KiB or more (extents, at the default `extent_min`), placed anywhere
+/// (the large ones start low enough to fit whole).
 fn arb_range() -> impl Strategy<Value = (u64, u64)> {
-    let big = crate::mapped::MAPPED_WRITE_MIN as u64;
+    let big = crate::changelog::extent::DEFAULT_EXTENT_MIN;
     prop_oneof![
         3 => (0u64..SIZE, 1u64..20_000).prop_map(|(off, len)| (off, len.min(SIZE - off))),
         1 => (0u64..SIZE - 3 * big, big..3 * big).prop_map(|(off, len)| (off, len)),
