@@ -300,11 +300,12 @@ const FILL_AHEAD: u64 = 1 << 20;
 /// The zeroes go out in writes of at most this many bytes, each ending on a multiple of it.
 ///
 /// A buffered write allocates page-cache folios as large as itself (kernels with large
-/// folios on ext4, 6.16 and later), and the file system's write path walks every block of a
-/// folio on every write into it. Appends of 4 KiB records into folios made by one 1 MiB write
-/// of zeroes cost 7.0 µs each instead of 1.8–2.1 µs (a 4,136-byte append loop, this
-/// machine's kernel); in 64 KiB pieces the zeroes cost less than they save.
-const FILL_PIECE: u64 = 64 << 10;
+/// folios on ext4, 6.16 and later), and a small write into a large folio costs more. In a loop
+/// of 4,136-byte appends (a 4 KiB write's record; `tools/bench/append.py`), appends into
+/// zeroes written as one 1 MiB write took 1.55–1.69 µs each, into zeroes written in 16–256
+/// KiB pieces 0.78–0.98 µs, and appends that extend the file 1.92–2.03 µs; writing the zeroes
+/// in 256 KiB pieces cost the least of the piece sizes tried (0.83–0.92 µs per append).
+const FILL_PIECE: u64 = 256 << 10;
 
 /// A buffer of [`FILL_PIECE`] zeroes.
 fn zeroes() -> &'static [u8] {

@@ -658,8 +658,9 @@ fn active_segment_is_written_ahead_with_zeroes() {
     assert!(replayed(&f) == expect);
 }
 
-/// The zeroes written ahead go out in pieces that end on 64 KiB boundaries (large page-cache
-/// folios made by one big write cost every later small append into them, see `FILL_PIECE`):
+/// The zeroes written ahead go out in pieces that end on 256 KiB boundaries (large page-cache
+/// folios made by one big write make every later small append into them dearer, see
+/// `FILL_PIECE`):
 /// they cover exactly `[from, to)`, leave the bytes before `from` alone, and a file that
 /// cannot be written reports how far the zeroes got (nothing).
 #[test]
@@ -668,7 +669,7 @@ fn zeroes_ahead_cover_exactly_their_range() {
     let p = dir.path().join("seg");
     fs::write(&p, vec![0xabu8; 1000]).unwrap();
     let file = File::options().read(true).write(true).open(&p).unwrap();
-    let to = 1000 + 300_000;
+    let to = 1000 + 600_000;
     assert_eq!(super::log::write_zeroes(&file, 1000, to), to);
     let bytes = fs::read(&p).unwrap();
     assert_eq!(bytes.len() as u64, to);
