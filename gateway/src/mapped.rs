@@ -63,9 +63,9 @@ pub struct ImageMap {
 // SAFETY: `ImageMap` owns an address range of a read-only `MAP_SHARED` mapping that lives
 // until its `Drop`. Rust code never reads the bytes and never makes a reference to them:
 // reads leave as `MappedRead`s (address + length, copied by the kernel in `writev`), and the
-// other calls (`mincore`, `madvise`, `munmap`) pass the address only. Other writers of the file change the bytes at
-// any time, which is fine for memory only the kernel touches. Moving it to another thread
-// moves an address; the counter is atomic.
+// other calls (`mincore`, `madvise`, `munmap`) pass the address only. Other writers of the
+// file change the bytes at any time, which is fine for memory only the kernel touches.
+// Moving it to another thread moves an address; the counter is atomic.
 unsafe impl Send for ImageMap {}
 // SAFETY: as above: every method takes `&self`, touches the mapping only through system
 // calls and the counter only atomically, so concurrent calls from threads are fine.
