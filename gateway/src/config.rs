@@ -33,6 +33,8 @@
 //! min_free_percent = 5              #   has less free than min(min_free, this % of it)
 //! extent_min = "64K"                # writes this large are logged as extents (bytes stay
 //!                                   #   in the image); "off" logs every write's data
+//! defer_max = "1G"                  # smaller writes' bytes are logged at the next FLUSH or
+//!                                   #   cut, up to this much at a time; "off": with each write
 //! checkpoint_interval = "5s"        # background checkpoint (image synced) this often; "off"
 //! checkpoint_bytes = "256M"         #   ... and after this much log since the last one
 //! hot_limit = 1024                  #   ... and when more extents than this are hot (what a
@@ -132,6 +134,9 @@ pub struct LogConfig {
     pub min_free_percent: Option<u8>,
     /// Smallest write logged as an extent, e.g. "64K" (default), or "off".
     pub extent_min: Option<String>,
+    /// Bytes of small writes whose logging waits for the next FLUSH or cut, e.g. "1G"
+    /// (default), or "off".
+    pub defer_max: Option<String>,
     /// Time between background checkpoints, e.g. "5s" (default), or "off".
     pub checkpoint_interval: Option<String>,
     /// Log bytes between checkpoints, e.g. "256M" (default).
@@ -167,6 +172,18 @@ impl LogConfig {
                 if o.extent_min < 4096 {
                     return Err(format!(
                         "log.extent_min must be at least 4K (or \"off\"), got {s}"
+                    ));
+                }
+            }
+        }
+        match self.defer_max.as_deref() {
+            None => {}
+            Some("off") => o.defer_max = 0,
+            Some(s) => {
+                o.defer_max = parse_size(s).map_err(|e| format!("log.defer_max: {e}"))?;
+                if o.defer_max == 0 {
+                    return Err(format!(
+                        "log.defer_max must be more than 0 (or \"off\"), got {s}"
                     ));
                 }
             }
@@ -291,6 +308,14 @@ mod tests {
         assert_eq!(ext("off").unwrap().extent_min, u64::MAX);
         assert!(ext("1K").unwrap_err().contains("at least 4K"));
         assert_eq!(o.extent_min, crate::changelog::extent::DEFAULT_EXTENT_MIN);
+        let defer = |v: &str| {
+            Config::parse(&format!("[log]\ndefer_max = \"{v}\"\n")).and_then(|c| c.log.options())
+        };
+        assert_eq!(defer("64M").unwrap().defer_max, 64 << 20);
+        assert_eq!(defer("off").unwrap().defer_max, 0);
+        assert!(defer("0").unwrap_err().contains("log.defer_max"));
+        assert!(defer("lots").unwrap_err().contains("log.defer_max"));
+        assert_eq!(o.defer_max, crate::changelog::DEFAULT_DEFER_MAX);
     }
 
     #[test]

@@ -20,7 +20,9 @@
 //! [`LogOptions::extent_min`] bytes are logged as *extents* — the record names the range, the
 //! bytes go to the image only — and every change first saves the bytes of the extents a cut
 //! still needs where it overwrites them (see [`crate::changelog::extent`]); [`Disk::cut`]
-//! tells the extent map where each cut is. An untracked disk writes straight to its image.
+//! tells the extent map where each cut is. Small writes logged inline are *deferred*
+//! extents: [`Disk::flush`] and [`Disk::cut`] log their bytes first (see
+//! [`crate::changelog::extent`], "Deferred small writes"). An untracked disk writes straight to its image.
 //!
 //! Every sync goes through the disk's [`Durability`] (shared with its change log): once an
 //! `fdatasync` of the image or the log has failed, every later FLUSH and FUA write fails with
@@ -39,7 +41,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use nbd_server::{BlockDevice, DeviceFlags, Extent, ZeroFlags};
 use thiserror::Error;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::changelog::durable::{Durability, FileSync, Target};
 use crate::changelog::extent::ExtentMap;
@@ -100,6 +102,9 @@ struct Tracking {
     extents: Arc<ExtentMap>,
     /// Writes of at least this many bytes are logged as extents.
     extent_min: u64,
+    /// Small writes logged inline are deferred while the deferred bytes stay within this
+    /// (`0`: never; see [`crate::changelog::extent`], "Deferred small writes").
+    defer_max: u64,
 }
 
 impl Tracking {
@@ -108,7 +113,7 @@ impl Tracking {
         size: u64,
         image: &File,
         dur: &Arc<Durability>,
-        extent_min: u64,
+        opts: &LogOptions,
     ) -> Result<Self, DiskError> {
         let dirty = Arc::new(DirtyMap::open(log.dir(), size, log.opened_clean()));
         let extents = ExtentMap::open(&log, image, Arc::clone(dur))?;
@@ -116,8 +121,26 @@ impl Tracking {
             log,
             dirty,
             extents,
-            extent_min,
+            extent_min: opts.extent_min,
+            // A log that must rebuild an image from a base copy logs every byte.
+            defer_max: match opts.extent_min {
+                u64::MAX => 0,
+                _ => opts.defer_max,
+            },
         })
+    }
+
+    /// Logs the bytes of the deferred small writes (before a FLUSH's sync round). If the
+    /// image cannot be read for it, the sync round syncs the image instead, which makes
+    /// them durable where they are.
+    fn log_deferred(&self) {
+        if let Err(e) = self.extents.log_deferred(&self.log) {
+            warn!(
+                disk = %self.log.dir().display(),
+                "cannot log the bytes of deferred writes ({e}); this FLUSH syncs the image instead"
+            );
+            self.log.note_image_dependent(self.log.last_lsn());
+        }
     }
 
     /// Before any change of `[offset, offset + len)` reaches the image: preimages of the
@@ -207,6 +230,15 @@ fn write_blocking(inner: &Inner, offset: u64, data: &[u8], fua: bool) -> io::Res
     Ok(())
 }
 
+/// A cut that could not log the bytes of deferred writes (nothing was cut).
+fn deferred_error(log: &ChangeLog, e: io::Error) -> DiskError {
+    DiskError::Log(LogError::Io {
+        what: "cannot log the bytes of deferred writes before a cut of",
+        path: log.dir().to_path_buf(),
+        source: e,
+    })
+}
+
 /// Writes into the image with `pwrite` (the mapping is for reads only: see [`ImageMap`]).
 fn write_image(inner: &Inner, offset: u64, data: &[u8]) -> io::Result<()> {
     inner.file.write_all_at(data, offset)
@@ -244,7 +276,7 @@ impl Disk {
         file: File,
         size: u64,
         read_only: bool,
-        log: Option<(ChangeLog, u64)>,
+        log: Option<(ChangeLog, LogOptions)>,
         dur: Arc<Durability>,
     ) -> Result<Self, DiskError> {
         let map = match ImageMap::new(&file, size) {
@@ -255,7 +287,7 @@ impl Disk {
             }
         };
         let tracking = match log {
-            Some((l, extent_min)) => Some(Tracking::new(l, size, &file, &dur, extent_min)?),
+            Some((l, opts)) => Some(Tracking::new(l, size, &file, &dur, &opts)?),
             None => None,
         };
         Ok(Self {
@@ -299,8 +331,7 @@ impl Disk {
         let dur = Durability::new(name, sync);
         let (log, report) =
             ChangeLog::open_with(name, log_dir, disk_id, &file, size, opts, Arc::clone(&dur))?;
-        let extent_min = opts.extent_min;
-        let disk = Self::from_parts(name, path, file, size, false, Some((log, extent_min)), dur)?;
+        let disk = Self::from_parts(name, path, file, size, false, Some((log, opts)), dur)?;
         Ok((disk, report))
     }
 
@@ -348,7 +379,7 @@ impl Disk {
             self.inner.size,
             &self.inner.file,
             &self.inner.dur,
-            opts.extent_min,
+            &opts,
         )?);
         Ok(Some(report))
     }
@@ -357,7 +388,18 @@ impl Disk {
     /// back (after the ones in flight complete) while each log gets a barrier, so a write
     /// acknowledged on one disk before a write on another never lands in a later cut than
     /// it. Returns each disk's last LSN in the cut. Blocking.
+    ///
+    /// The bytes of deferred small writes are logged first: once while writes go on, then the
+    /// rest with writes held back, right before the barrier, so that no cut holds a deferred
+    /// extent (see [`crate::changelog::extent`], "Deferred small writes").
     pub fn cut(disks: &[Disk]) -> Result<Vec<u64>, DiskError> {
+        for d in disks {
+            if let Some(t) = read_lock(&d.inner.tracking).as_ref() {
+                t.extents
+                    .log_deferred(&t.log)
+                    .map_err(|e| deferred_error(&t.log, e))?;
+            }
+        }
         let mut order: Vec<&Disk> = disks.iter().collect();
         order.sort_by(|a, b| a.inner.name.cmp(&b.inner.name));
         let guards: Vec<_> = order
@@ -372,6 +414,9 @@ impl Disk {
                 .unwrap_or(0);
             match guards[i].as_ref() {
                 Some(t) => {
+                    t.extents
+                        .log_deferred(&t.log)
+                        .map_err(|e| deferred_error(&t.log, e))?;
                     let lsn = t.log.barrier()?;
                     // Writes from here on save the bytes of this cut's extents first.
                     t.extents.cut_at(&t.log, lsn);
@@ -541,8 +586,14 @@ impl Disk {
         let r = t.log.try_record_now(
             offset,
             data,
-            |chain| t.extents.take_uncut(chain, offset, len),
-            || write_image(&self.inner, offset, data),
+            |chain| t.extents.take_uncut(chain, offset, len, t.defer_max),
+            |lsn, deferred| {
+                write_image(&self.inner, offset, data)?;
+                if deferred {
+                    t.extents.insert_deferred(lsn, offset, len);
+                }
+                Ok(())
+            },
         )?;
         if r.is_ok() {
             t.note(offset, len);
@@ -559,6 +610,15 @@ impl Disk {
             .get_or_init(|| Writer::start(&self.inner))
             .as_ref()
             .map(Writer::hold)
+    }
+
+    /// Testing only: the ranges whose last record is an extent (bytes in the image only).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn extent_ranges(&self) -> Vec<(u64, u64)> {
+        read_lock(&self.inner.tracking)
+            .as_ref()
+            .map(|t| t.extents.ranges())
+            .unwrap_or_default()
     }
 
     /// Whether the disk's writer thread has writes queued or in hand.
@@ -583,6 +643,7 @@ impl Disk {
         let inner = Arc::clone(&self.inner);
         blocking(move || match read_lock(&inner.tracking).as_ref() {
             Some(t) => {
+                t.log_deferred();
                 t.log.flush()?;
                 if !t.log.is_logging() {
                     t.dirty.save()?;

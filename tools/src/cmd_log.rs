@@ -1,7 +1,7 @@
 //! `standby log …`: change tracking and change-log inspection.
 
 use anyhow::{bail, Context, Result};
-use gateway::changelog::format::{End, FLAG_FUA, FLAG_MAY_TRIM};
+use gateway::changelog::format::{End, FLAG_DEFERRED, FLAG_FUA, FLAG_IMAGE_SYNCED, FLAG_MAY_TRIM};
 use gateway::changelog::log::{is_locked, read_state, remove_log_dir, ChainHealth};
 use gateway::changelog::segment::{inspect_file, list_segments, segment_path};
 use gateway::units::format_size;
@@ -371,6 +371,12 @@ fn dump(dd: &DataDir, disk: &str, seq: u64, json: bool) -> Result<()> {
         }
         if f & FLAG_MAY_TRIM != 0 {
             flags.push("may_trim");
+        }
+        if f & FLAG_DEFERRED != 0 {
+            flags.push("deferred");
+        }
+        if f & FLAG_IMAGE_SYNCED != 0 {
+            flags.push("image_synced");
         }
         flags
     };

@@ -28,9 +28,14 @@
 //! exact. After a restart every extent of the unreleased segments counts as cut (the barriers
 //! cannot be told from FLUSH records): at worst one extra copy per piece.
 //!
+//! **Deferred small writes** ([`deferred`]): small writes logged inline are extents too
+//! (flagged deferred) until a FLUSH or cut logs their bytes; the map keeps them as *deferred
+//! pieces*, which follow every rule here, and a cut never holds one.
+//!
 //! **Replay** (recovery's redo, `standby log replay`): an extent applies nothing (its bytes are
 //! in the image), and a record applies nothing inside a range that a later extent covers — the
-//! image holds that extent's bytes there, which are newer. [`super::replay::image_dependent`]
+//! image holds that extent's bytes there, which are newer (after a host crash only for extents
+//! up to the last image sync: `replay::replay_after_host_crash`). [`super::replay::image_dependent`]
 //! says which records those are; `replay_after` applies the rule.
 //! Replaying onto a base copy of the image (not the image itself) therefore cannot reproduce
 //! an extent's bytes: that needs the records' data, i.e. writes below the extent threshold.
@@ -42,7 +47,7 @@
 //! lock), so `before_write`, the image write and `insert` of one request never race another
 //! request over the same bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -50,6 +55,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use bytes::Bytes;
+
+mod deferred;
+
+#[cfg(any(test, feature = "testing"))]
+pub use deferred::DEFERRED_LOGGED;
 
 use super::bufpool::BufPool;
 use super::durable::{Durability, Target};
@@ -125,6 +135,9 @@ struct Saved {
 struct Piece {
     end: u64,
     lsn: u64,
+    /// Part of a deferred small write: its bytes are to be logged at the next FLUSH or cut
+    /// (see [`deferred`]). Counted in [`Inner::deferred`] while uncut.
+    deferred: bool,
 }
 
 struct SideFile {
@@ -141,6 +154,61 @@ struct Inner {
     /// Preimages by extent LSN.
     saved: BTreeMap<u64, Vec<Saved>>,
     files: HashMap<u64, SideFile>,
+    /// Start offsets of the deferred pieces newer than the cut (the *live* ones, which the
+    /// next FLUSH must log), so that a FLUSH finds them without walking every piece.
+    live: BTreeSet<u64>,
+    /// Their bytes.
+    deferred: u64,
+}
+
+impl Inner {
+    /// Removes the parts of pieces inside `[start, end)` (see [`cut_out`]), keeping the live
+    /// deferred pieces' index and bytes.
+    fn remove(&mut self, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
+        let hit = cut_out(&mut self.pieces, start, end);
+        let cut = self.cut_lsn;
+        let mut live_hit = false;
+        for &(a, b, lsn, deferred) in &hit {
+            if deferred && lsn > cut {
+                self.deferred = self.deferred.saturating_sub(b - a);
+                live_hit = true;
+            }
+        }
+        if live_hit {
+            // A piece starting before `start` kept its key; those starting inside are gone,
+            // and what ran past `end` is a piece starting at `end` now.
+            let gone: Vec<u64> = self.live.range(start..end).copied().collect();
+            for k in gone {
+                self.live.remove(&k);
+            }
+            if self
+                .pieces
+                .get(&end)
+                .is_some_and(|p| p.deferred && p.lsn > cut)
+            {
+                self.live.insert(end);
+            }
+        }
+        hit.into_iter().map(|(a, b, lsn, _)| (a, b, lsn)).collect()
+    }
+
+    /// After the cut LSN moved: deferred pieces it covers are extents of a cut like any
+    /// other (their bytes are needed by that cut; a FLUSH no longer logs them).
+    fn retire_cut_deferred(&mut self) {
+        let cut = self.cut_lsn;
+        let keys: Vec<u64> = self.live.iter().copied().collect();
+        for k in keys {
+            match self.pieces.get_mut(&k) {
+                Some(p) if p.lsn > cut => continue,
+                Some(p) => {
+                    p.deferred = false;
+                    self.deferred = self.deferred.saturating_sub(p.end - k);
+                }
+                None => {}
+            }
+            self.live.remove(&k);
+        }
+    }
 }
 
 /// The extents of one disk's log that a cut may still need (see the module documentation).
@@ -175,8 +243,8 @@ pub fn registered(dir: &Path) -> Option<Arc<ExtentMap>> {
 }
 
 /// Removes the parts of pieces inside `[start, end)`; returns the removed parts as
-/// (start, end, lsn).
-fn cut_out(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
+/// (start, end, lsn, deferred).
+fn cut_out(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) -> Vec<(u64, u64, u64, bool)> {
     let mut hit = Vec::new();
     let first = pieces
         .range(..start)
@@ -192,18 +260,12 @@ fn cut_out(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) -> Vec<(u64,
             pieces.insert(s, p);
             continue;
         }
-        hit.push((a, b, p.lsn));
+        hit.push((a, b, p.lsn, p.deferred));
         if s < a {
-            pieces.insert(s, Piece { end: a, lsn: p.lsn });
+            pieces.insert(s, Piece { end: a, ..p });
         }
         if b < p.end {
-            pieces.insert(
-                b,
-                Piece {
-                    end: p.end,
-                    lsn: p.lsn,
-                },
-            );
+            pieces.insert(b, p);
         }
     }
     hit
@@ -232,6 +294,8 @@ impl ExtentMap {
                 cut_lsn: 0,
                 saved: BTreeMap::new(),
                 files: HashMap::new(),
+                live: BTreeSet::new(),
+                deferred: 0,
             }),
         });
         if log.state().is_healthy() {
@@ -265,7 +329,14 @@ impl ExtentMap {
                 let end = h.offset.saturating_add(h.length);
                 cut_out(&mut inner.pieces, h.offset, end);
                 if h.kind == Kind::Extent {
-                    inner.pieces.insert(h.offset, Piece { end, lsn: h.lsn });
+                    // Deferred or not: all count as cut here, and recovery has synced the
+                    // image, so nothing is left for a FLUSH to log.
+                    let piece = Piece {
+                        end,
+                        lsn: h.lsn,
+                        deferred: false,
+                    };
+                    inner.pieces.insert(h.offset, piece);
                 }
             }
         }
@@ -325,6 +396,8 @@ impl ExtentMap {
         inner.saved.clear();
         inner.cut_lsn = 0;
         inner.files.clear();
+        inner.live.clear();
+        inner.deferred = 0;
         self.remove_side_files(|_, c| c != chain);
     }
 
@@ -349,11 +422,23 @@ impl ExtentMap {
         let mut inner = lock(&self.inner);
         self.follow_chain(&mut inner, log);
         inner.cut_lsn = inner.cut_lsn.max(lsn);
+        if !inner.live.is_empty() {
+            inner.retire_cut_deferred();
+        }
         let segs = log.segments();
         let first = segs.first().map(|s| s.seq).unwrap_or(u64::MAX);
         // Pieces of released (shipped) extents are needed by no cut any more.
         if let Some(first_lsn) = segs.first().map(|s| s.first_lsn) {
             inner.pieces.retain(|_, p| p.lsn >= first_lsn);
+            if !inner.live.is_empty() {
+                let Inner { live, pieces, .. } = &mut *inner;
+                live.retain(|k| pieces.contains_key(k));
+                inner.deferred = inner
+                    .live
+                    .iter()
+                    .filter_map(|k| inner.pieces.get(k).map(|p| p.end - k))
+                    .sum();
+            }
         }
         let gone: Vec<u64> = inner.files.keys().copied().filter(|&s| s < first).collect();
         if gone.is_empty() {
@@ -374,20 +459,20 @@ impl ExtentMap {
     /// `[offset, offset + len)` on the chain `chain_id` would copy nothing — no piece lies
     /// there, or only pieces of extents newer than the last cut, which the write's record (a
     /// later record of the same cut) replaces. If so, forgets the parts of those pieces the
-    /// write covers, as `before_write` does, and returns `true`. `false`, nothing changed:
-    /// the map is busy, follows another chain, or a piece there belongs to a cut (its bytes
-    /// must be saved first: the caller takes the path that may wait).
+    /// write covers, as `before_write` does, and returns `Some(deferred)`: whether the write
+    /// may be logged as a deferred extent (its bytes logged at the next FLUSH or cut, see
+    /// [`deferred`]), i.e. whether the deferred bytes stay within `defer_max` with it (`0`:
+    /// never). `None`, nothing changed: the map is busy, follows another chain, or a piece
+    /// there belongs to a cut (its bytes must be saved first: the caller takes the path that
+    /// may wait).
     ///
     /// Call it only where the write's record is certain to follow (the log asks last, under
     /// its append lock). Pieces are added only by cuts and extent writes, which cannot
     /// overlap that write while it holds its range and the disk's tracking lock.
-    pub fn take_uncut(&self, chain_id: u64, offset: u64, len: u64) -> bool {
-        let mut inner = match self.inner.try_lock() {
-            Ok(g) => g,
-            Err(_) => return false,
-        };
+    pub fn take_uncut(&self, chain_id: u64, offset: u64, len: u64, defer_max: u64) -> Option<bool> {
+        let mut inner = self.inner.try_lock().ok()?;
         if inner.chain_id != chain_id {
-            return false;
+            return None;
         }
         let end = offset.saturating_add(len);
         let cut = inner.cut_lsn;
@@ -399,14 +484,14 @@ impl ExtentMap {
                 break;
             }
             if p.lsn <= cut {
-                return false;
+                return None;
             }
             hit = true;
         }
         if hit {
-            cut_out(&mut inner.pieces, offset, end);
+            inner.remove(offset, end);
         }
-        true
+        Some(defer_max > 0 && inner.deferred.saturating_add(len) <= defer_max)
     }
 
     /// Before a change to `[offset, offset + len)` of the image (any kind, any size): saves
@@ -419,7 +504,7 @@ impl ExtentMap {
             return Ok(());
         }
         let end = offset.saturating_add(len);
-        let hit = cut_out(&mut inner.pieces, offset, end);
+        let hit = inner.remove(offset, end);
         let cut = inner.cut_lsn;
         let mut synced = Vec::new();
         let mut shipped: Option<u64> = None;
@@ -479,10 +564,18 @@ impl ExtentMap {
 
     /// After the image write of extent `lsn`: its range is a piece now.
     pub fn insert(&self, lsn: u64, offset: u64, len: u64) {
+        self.insert_piece(lsn, offset, len, false);
+    }
+
+    fn insert_piece(&self, lsn: u64, offset: u64, len: u64, deferred: bool) {
         let mut inner = lock(&self.inner);
         let end = offset.saturating_add(len);
-        cut_out(&mut inner.pieces, offset, end);
-        inner.pieces.insert(offset, Piece { end, lsn });
+        inner.remove(offset, end);
+        inner.pieces.insert(offset, Piece { end, lsn, deferred });
+        if deferred && lsn > inner.cut_lsn {
+            inner.deferred += end - offset;
+            inner.live.insert(offset);
+        }
     }
 
     /// The bytes of extent record `h` as of its cut (see the module documentation), in a
@@ -543,21 +636,25 @@ impl ExtentMap {
 mod model_tests;
 
 #[cfg(test)]
+mod deferred_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn cut_out_splits_pieces() {
         let mut p = BTreeMap::new();
-        p.insert(0, Piece { end: 100, lsn: 1 });
-        p.insert(200, Piece { end: 300, lsn: 2 });
+        let piece = |end, lsn, deferred| Piece { end, lsn, deferred };
+        p.insert(0, piece(100, 1, false));
+        p.insert(200, piece(300, 2, true));
         let hit = cut_out(&mut p, 50, 250);
-        assert_eq!(hit, vec![(50, 100, 1), (200, 250, 2)]);
-        assert_eq!(p.get(&0), Some(&Piece { end: 50, lsn: 1 }));
-        assert_eq!(p.get(&250), Some(&Piece { end: 300, lsn: 2 }));
+        assert_eq!(hit, vec![(50, 100, 1, false), (200, 250, 2, true)]);
+        assert_eq!(p.get(&0), Some(&piece(50, 1, false)));
+        assert_eq!(p.get(&250), Some(&piece(300, 2, true)));
         assert_eq!(p.len(), 2);
         let hit = cut_out(&mut p, 10, 20);
-        assert_eq!(hit, vec![(10, 20, 1)]);
+        assert_eq!(hit, vec![(10, 20, 1, false)]);
         assert_eq!(p.len(), 3);
         assert!(cut_out(&mut p, 100, 200).is_empty());
     }

@@ -75,6 +75,8 @@ enum Op {
         len: u64,
     },
     Cut,
+    /// FLUSH: logs the bytes of the deferred small writes.
+    Flush,
     /// Ship the oldest pending cut, or (`skip`) the newest, skipping the ones between.
     Ship {
         skip: bool,
@@ -98,6 +100,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
         1 => arb_range().prop_map(|(off, len)| Op::Trim { off, len }),
         1 => arb_range().prop_map(|(off, len)| Op::Zero { off, len }),
         3 => Just(Op::Cut),
+        2 => Just(Op::Flush),
         3 => any::<bool>().prop_map(|skip| Op::Ship { skip }),
         1 => any::<bool>().prop_map(|clean| Op::Reopen { clean }),
     ]
@@ -163,6 +166,7 @@ proptest! {
                     model[off as usize..(off + len) as usize].fill(0);
                     rt.block_on(disk.write_zeroes(off, len, ZeroFlags::default())).unwrap();
                 }
+                Op::Flush => rt.block_on(disk.flush()).unwrap(),
                 Op::Cut => {
                     let lsn = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
                     pending.push((lsn, model.clone()));
@@ -192,6 +196,10 @@ proptest! {
                 }
             }
             prop_assert!(disk.change_log().unwrap().state().is_healthy());
+            let map = super::registered(disk.change_log().unwrap().dir()).unwrap();
+            if let Err(e) = map.check_deferred_index() {
+                prop_assert!(false, "{}", e);
+            }
         }
         let image = rt.block_on(disk.read(0, SIZE as usize)).unwrap();
         prop_assert!(image == model, "image differs from the model");

@@ -87,6 +87,14 @@ pub const MAX_RECORD_DATA: u32 = 64 << 20;
 
 pub const FLAG_FUA: u8 = 1;
 pub const FLAG_MAY_TRIM: u8 = 2;
+/// On an extent: a small write whose bytes are logged later, at the next FLUSH or cut (a
+/// write record over the same range then follows it; see `changelog::extent::deferred`).
+/// Readers that do not know it treat the record as any extent, which is what it is.
+pub const FLAG_DEFERRED: u8 = 4;
+/// On a flush barrier: the image was synced, after every record up to LSN `offset` had
+/// reached it, before this record was appended (written by a sync round that syncs the
+/// image; see "Host crash" in `changelog::replay`).
+pub const FLAG_IMAGE_SYNCED: u8 = 8;
 
 /// What a record does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

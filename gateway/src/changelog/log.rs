@@ -20,7 +20,9 @@
 //! who arrived before that round started shares it. A round waits for the requests reserved
 //! before it to complete, then fdatasyncs the unsealed segments and the directory when
 //! segments were created — the *log*, not the image (redo durability; the image is synced
-//! only when an image-dependent record asks for it). See [`checkpoint`].
+//! only when an image-dependent record asks for it, first, followed by an image-synced
+//! barrier that the log's sync makes durable). See [`checkpoint`]. The bytes of deferred
+//! small writes are logged before the round by the disk ([`deferred`] has the log's side).
 //!
 //! **Checkpoints** ([`checkpoint`]): the image is made durable lazily — by a background
 //! thread every few seconds and every N MiB of log — and the state
@@ -37,7 +39,8 @@
 //!
 //! **Recovery** (`open`): verify sealed segments, cut the torn tail, replay every record after
 //! the checkpoint into the image and sync it; after a host crash (boot id changed, no clean
-//! shutdown) also log the hot extents again. This file is past 700 lines because recovery,
+//! shutdown) extents supersede earlier records only up to the last image sync the log knows
+//! of (`replay::replay_after_host_crash`), and the hot extents are logged again. This file is past 700 lines because recovery,
 //! the write path and the sync rounds share the log's private state; new logic goes to
 //! [`checkpoint`] and sibling modules.
 //!
@@ -65,6 +68,7 @@ use crate::catalog::write_atomic;
 
 mod batch;
 mod checkpoint;
+mod deferred;
 mod inline;
 mod release;
 
@@ -877,7 +881,11 @@ impl ChangeLog {
                 .map(|s| s.path.clone())
                 .collect();
             let ext = hot::extent_size(disk_size);
-            let replayed = replay::replay_after(&paths, &image, p.applied_lsn).and_then(|stats| {
+            let redo = match host_crash {
+                true => replay::replay_after_host_crash,
+                false => replay::replay_after,
+            };
+            let replayed = redo(&paths, &image, p.applied_lsn).and_then(|stats| {
                 if host_crash {
                     relog = hot::extents_after(&paths, p.applied_lsn, ext, disk_size)?;
                 }
@@ -1376,13 +1384,15 @@ impl ChangeLog {
             }
         }
         // Redo durability: the log holds every byte a FLUSH vouches for; the image is synced
-        // by checkpoints, and here only when an image-dependent record needs it.
-        self.sync_log()?;
+        // by checkpoints, and here only when an image-dependent record needs it — first, so
+        // that the barrier saying so is made durable by the log's sync below.
         if self.sh.logging.load(Ordering::Acquire) {
-            self.sync_image_if_dependent()
+            self.sync_image_if_dependent()?;
+            self.sync_log()
         } else {
             // Broken or overflowed: changes go to the image without a record, so the image
             // is what a FLUSH must make durable.
+            self.sync_log()?;
             self.sync_image()
         }
     }

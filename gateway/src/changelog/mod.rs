@@ -77,6 +77,9 @@ pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
 /// often, halving their IOPS (BENCHMARKS.md, "Change log").
 pub const DEFAULT_HOT_LIMIT: usize = 1024;
 
+/// Default bound on the bytes of deferred small writes (see [`LogOptions::defer_max`]).
+pub const DEFAULT_DEFER_MAX: u64 = 1 << 30;
+
 /// Tunables of a change log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogOptions {
@@ -99,6 +102,10 @@ pub struct LogOptions {
     /// Writes of at least this many bytes are logged as extents: the record carries no data,
     /// the bytes stay in the image (see [`extent`]). `u64::MAX`: never.
     pub extent_min: u64,
+    /// Small writes logged inline are recorded as deferred extents (bytes in the image, logged
+    /// at the next FLUSH or cut) while the bytes so held stay below this; `0`: never (every
+    /// small write's bytes are logged with it). See [`extent`], "Deferred small writes".
+    pub defer_max: u64,
 }
 
 impl Default for LogOptions {
@@ -112,6 +119,7 @@ impl Default for LogOptions {
             checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
             hot_limit: DEFAULT_HOT_LIMIT,
             extent_min: extent::DEFAULT_EXTENT_MIN,
+            defer_max: DEFAULT_DEFER_MAX,
         }
     }
 }

@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::format::{self, End, Kind, RecordHeader, FLAG_MAY_TRIM};
+use super::format::{self, End, Kind, RecordHeader, FLAG_IMAGE_SYNCED, FLAG_MAY_TRIM};
 use super::LogError;
 use crate::disk::{punch_hole, write_zero_buffers, zero_range};
 
@@ -80,6 +80,41 @@ pub fn replay_after(
     replay_after_with(segments, image, after_lsn, &image_dependent)
 }
 
+/// Recovery's redo after a *host* crash: as [`replay_after`], except that an extent newer
+/// than the last image sync the log knows of — the checkpoint (`after_lsn`) or a sync round's
+/// [`FLAG_IMAGE_SYNCED`] barrier — counts as not image-dependent: it applies nothing and
+/// supersedes nothing, so earlier records are applied in its range.
+///
+/// **Why.** An extent's bytes are in the image only, and a host crash may have lost those
+/// not yet synced, while its record survived (a later log sync made it durable). Letting it
+/// supersede an earlier record — a write made durable by a FLUSH through the log alone —
+/// would leave the image's old bytes there and lose that write. Applied instead, the earlier
+/// bytes are what the image holds afterwards, and the extent ("the image's bytes") still
+/// describes them; the extent's own write was not flushed (a FLUSH after it would have synced
+/// the image and left a barrier, or — for a deferred write — logged its bytes), so losing it
+/// is what the NBD contract allows. After a process crash the page cache kept every byte, and
+/// [`replay_after`]'s rule holds.
+pub fn replay_after_host_crash(
+    segments: &[PathBuf],
+    image: &File,
+    after_lsn: u64,
+) -> Result<ReplayStats, LogError> {
+    let mut synced = after_lsn;
+    for (i, path) in segments.iter().enumerate() {
+        let bytes = std::fs::read(path).map_err(LogError::io("cannot read segment", path))?;
+        let d = check_segment(path, &bytes, i + 1 == segments.len())?;
+        for r in &d.records {
+            let h = &r.header;
+            if h.kind == Kind::Flush && h.flags & FLAG_IMAGE_SYNCED != 0 && h.offset < h.lsn {
+                synced = synced.max(h.offset);
+            }
+        }
+    }
+    replay_after_with(segments, image, after_lsn, &|h| {
+        image_dependent(h) && h.lsn <= synced
+    })
+}
+
 /// [`replay_after`] with the test of image-dependence given (tests mark records with it).
 pub fn replay_after_with(
     segments: &[PathBuf],
@@ -129,6 +164,12 @@ pub fn replay_after_with(
             stats.first_lsn = Some(h.lsn);
             stats.last_lsn.get_or_insert(h.lsn);
             if h.kind == Kind::Flush || h.length == 0 {
+                continue;
+            }
+            if h.kind == Kind::Extent && !is_image_dependent(h) {
+                // An extent whose bytes the image may have lost (a host crash before the
+                // image was synced): it neither applies nor supersedes anything, so the
+                // earlier records' bytes are applied there (see `after_host_crash`).
                 continue;
             }
             let end = h.offset.saturating_add(h.length);

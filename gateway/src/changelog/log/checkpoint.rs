@@ -33,7 +33,7 @@ use tracing::{info, warn};
 
 use super::{lock, ChangeLog, Seg};
 use crate::changelog::durable::Target;
-use crate::changelog::format::Kind;
+use crate::changelog::format::{Kind, RecordHeader, FLAG_IMAGE_SYNCED};
 use crate::changelog::hot::HotExtents;
 use crate::changelog::LogError;
 
@@ -168,17 +168,46 @@ impl ChangeLog {
         r
     }
 
-    /// The image part of a sync round: the image is synced only when an image-dependent
-    /// record newer than the last image sync exists (the log holds every other byte).
+    /// The image part of a sync round, before the log's sync: the image is synced only when
+    /// an image-dependent record newer than the last image sync exists (the log holds every
+    /// other byte). Then a flush barrier flagged [`FLAG_IMAGE_SYNCED`] records up to which
+    /// LSN the image is durable (every record up to it had reached the image before the
+    /// sync), which the log's sync that follows makes durable: after a host crash, recovery
+    /// trusts an extent's bytes to be in the image only up to there
+    /// ([`crate::changelog::replay::replay_after_host_crash`]).
     pub(super) fn sync_image_if_dependent(&self) -> io::Result<()> {
         let ck = &self.sh.ck;
         let dep = ck.image_dep.load(Ordering::SeqCst);
         if dep <= ck.image_synced.load(Ordering::SeqCst) {
             return Ok(());
         }
+        // Only what has reached the image is made durable by this sync: a record noted
+        // image-dependent but still being applied needs the next round.
+        let through = lock(&self.sh.st).applied_upto;
         self.sync_image()?;
-        ck.image_synced.fetch_max(dep, Ordering::SeqCst);
+        ck.image_synced
+            .fetch_max(dep.min(through), Ordering::SeqCst);
+        self.append_image_synced(through);
         Ok(())
+    }
+
+    /// Appends the flush barrier saying that the image is durable through LSN `through`
+    /// ([`FLAG_IMAGE_SYNCED`], the LSN in its offset field). It changes nothing, so it is
+    /// complete at once.
+    fn append_image_synced(&self, through: u64) {
+        let mut h = RecordHeader {
+            lsn: 0,
+            kind: Kind::Flush,
+            flags: FLAG_IMAGE_SYNCED,
+            offset: through,
+            length: 0,
+            data_len: 0,
+        };
+        let (lsn, rotated) = self.append(&mut h, &[], false);
+        self.complete_many(&[], &[lsn]);
+        if rotated {
+            self.seal_in_background();
+        }
     }
 
     /// fdatasync of the image (a failure latches and breaks the chain).

@@ -5,9 +5,10 @@
 //!
 //! **Why.** A small write handed to another thread pays two thread wake-ups and a task hop
 //! (submit, reply); at 4 KiB those cost more CPU than logging the write itself (one
-//! `pwritev` of header and data into the log's page cache). A write to an untracked disk is
-//! already copied into the page cache on the worker (`Disk::write_now`); a tracked one now
-//! adds one `pwritev`.
+//! `pwritev` into the log's page cache: a 40-byte deferred extent record whose bytes a FLUSH
+//! or cut logs later, see [`crate::changelog::extent`]; header and data when the caller says
+//! not to defer). A write to an untracked disk is already copied into the page cache on the
+//! worker (`Disk::write_now`); a tracked one adds one `pwritev`.
 //!
 //! **What it never does** (any of these → `None`, nothing changed): wait for a lock
 //! (`try_lock` only), wait for an overlapping request, start a segment (rotation), sync the
@@ -33,7 +34,7 @@ use std::sync::atomic::Ordering;
 use std::sync::TryLockError;
 
 use super::{ChangeLog, Inflight};
-use crate::changelog::format::{self, Kind, RecordHeader, RECORD_HEADER_LEN};
+use crate::changelog::format::{self, Kind, RecordHeader, FLAG_DEFERRED, RECORD_HEADER_LEN};
 use crate::changelog::segment::pwritev_all;
 
 impl ChangeLog {
@@ -41,14 +42,17 @@ impl ChangeLog {
     /// image) if that can be done without waiting; `None` (nothing done) otherwise.
     /// `ready(chain_id)` is asked under the append lock, last, whether the caller's own
     /// preparation for the change needs nothing that waits (e.g. no preimage to save); when
-    /// it says yes it may do that preparation too, since the record is then certain to be
-    /// written. It must not take the log's locks (it is told the chain id instead).
+    /// it says yes (`Some`) it may do that preparation too, since the record is then certain
+    /// to be written. It must not take the log's locks (it is told the chain id instead).
+    /// `Some(true)` logs the write as a *deferred* extent (40 bytes, [`FLAG_DEFERRED`]): the
+    /// caller keeps track of it and logs its bytes later (see
+    /// [`crate::changelog::extent`], "Deferred small writes"). `apply(lsn, deferred)`.
     pub fn try_record_now(
         &self,
         offset: u64,
         data: &[u8],
-        ready: impl FnOnce(u64) -> bool,
-        apply: impl FnOnce() -> io::Result<()>,
+        ready: impl FnOnce(u64) -> Option<bool>,
+        apply: impl FnOnce(u64, bool) -> io::Result<()>,
     ) -> Option<io::Result<()>> {
         if data.is_empty() || !self.sh.logging.load(Ordering::Acquire) {
             return None;
@@ -72,12 +76,16 @@ impl ChangeLog {
             });
             id
         };
-        let Some(lsn) = self.append_now(offset, data, rec_len, ready) else {
+        let Some((lsn, deferred)) = self.append_now(offset, data, rec_len, ready) else {
             self.complete_many(&[id], &[None]);
             return None;
         };
-        self.note_appended(rec_len);
-        let r = apply();
+        self.note_appended(if deferred {
+            RECORD_HEADER_LEN as u64
+        } else {
+            rec_len
+        });
+        let r = apply(lsn, deferred);
         if let Err(e) = &r {
             self.mark_broken(format!(
                 "a write at {offset}+{len} was logged but could not be applied to the image: {e}"
@@ -113,14 +121,14 @@ impl ChangeLog {
 
     /// Under the append lock (if free): checks that the record fits the active segment, the
     /// hot-extent rule needs no sync and `ready`, then reserves the LSN and writes the
-    /// record. `None`: declined, nothing written.
+    /// record (a deferred extent when `ready` says so). `None`: declined, nothing written.
     fn append_now(
         &self,
         offset: u64,
         data: &[u8],
         rec_len: u64,
-        ready: impl FnOnce(u64) -> bool,
-    ) -> Option<u64> {
+        ready: impl FnOnce(u64) -> Option<bool>,
+    ) -> Option<(u64, bool)> {
         let mut ap = try_lock(&self.sh.ap)?;
         if !self.sh.logging.load(Ordering::Acquire) {
             return None;
@@ -131,34 +139,39 @@ impl ChangeLog {
             return None;
         }
         let ck = &self.sh.ck;
+        let len = data.len() as u64;
         if ck
             .hot
-            .needs_sync(offset, data.len() as u64, ck.pending.load(Ordering::SeqCst))
+            .needs_sync(offset, len, ck.pending.load(Ordering::SeqCst))
         {
             return None;
         }
-        if !ready(chain_id) {
-            return None;
-        }
+        let deferred = ready(chain_id)?;
+        // A deferred write's record is an extent: the header alone, the bytes stay in the
+        // image until they are logged (see `changelog::extent::deferred`).
+        let (kind, flags, data) = match deferred {
+            true => (Kind::Extent, FLAG_DEFERRED, &[][..]),
+            false => (Kind::Write, 0, data),
+        };
         let h = RecordHeader {
             lsn,
-            kind: Kind::Write,
-            flags: 0,
+            kind,
+            flags,
             offset,
-            length: data.len() as u64,
+            length: len,
             data_len: data.len() as u32,
         };
         let hb = format::encode_record_header(&h, data);
         a.digest.record(&hb);
         let pos = a.pos;
-        a.pos += rec_len;
+        a.pos += (RECORD_HEADER_LEN + data.len()) as u64;
         a.count += 1;
         let r = pwritev_all(&a.seg.file, &[&hb, data], pos);
         ap.next_lsn += 1;
         if let Err(e) = r {
             self.degrade(&e, "cannot append to the change log");
         }
-        Some(lsn)
+        Some((lsn, deferred))
     }
 
     /// Writes the state file on a thread of its own (inline if none can be started).

@@ -5,10 +5,11 @@
 //! [`crate::disk::Disk`] — its write path, change log, sync rounds, checkpoints, seals and,
 //! after the crash, its recovery — on real files whose syncs go through [`SimStorage`] (the
 //! disk's [`crate::changelog::FileSync`] seam). From the seed it draws the disk size, the
-//! segment size, a sequence of writes (some FUA; about a third of the write steps submit 2–6
+//! segment size, `extent_min` and `defer_max` (extents and deferred small writes, see
+//! [`crate::changelog::extent`]), a sequence of writes (some FUA; about a third of the write steps submit 2–6
 //! concurrent writes, which the disk's writer thread takes as one batch — its
 //! `record_writes` — unless they are logged inline), trims, write-zeroes, FLUSHes,
-//! checkpoints and takes, and a crash point: the n-th sync during one operation (before that sync takes
+//! checkpoints and takes (cut through `Disk::cut`), and a crash point: the n-th sync during one operation (before that sync takes
 //! effect) or the end of an operation; then a process crash (page cache kept) or a host crash
 //! (unsynced writes lost, torn per sector or written back out of order; see [`storage`]).
 //! Recovery runs on what the crash left, and the run checks:
@@ -19,7 +20,9 @@
 //!    completed FLUSH or FUA write, or one written since (acknowledged or in flight)
 //!    ([`model`]) — so no write acknowledged before a completed FLUSH is lost;
 //! 3. replaying the recovered log from the chain's start onto the initial image gives the
-//!    recovered image byte for byte (the log describes the image, so replicas stay exact);
+//!    recovered image byte for byte (the log describes the image, so replicas stay exact),
+//!    except where an extent is the last record (its bytes are the image's by definition;
+//!    a base copy cannot have them);
 //! 4. the disk works on: a write, a FLUSH, a clean close, a clean reopen with nothing to redo.
 //!
 //! A failing seed prints itself and the command that runs it alone ([`run::repro`]).
@@ -54,6 +57,8 @@ mod tests {
         };
         let started = std::time::Instant::now();
         let batches0 = crate::disk::MULTI_WRITE_BATCHES.load(std::sync::atomic::Ordering::Relaxed);
+        let deferred0 =
+            crate::changelog::extent::DEFERRED_LOGGED.load(std::sync::atomic::Ordering::Relaxed);
         let (ok, bad) = campaign(first, count);
         let batches =
             crate::disk::MULTI_WRITE_BATCHES.load(std::sync::atomic::Ordering::Relaxed) - batches0;
@@ -63,8 +68,12 @@ mod tests {
         let cut = ok.iter().filter(|o| o.cut).count();
         let relog = ok.iter().filter(|o| o.relogged > 0).count();
         let durable: u64 = ok.iter().map(|o| o.durable_writes).sum();
+        let deferred = crate::changelog::extent::DEFERRED_LOGGED
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - deferred0;
+        let extent_seeds = ok.iter().filter(|o| o.extent_bytes > 0).count();
         eprintln!(
-            "sim: seeds {first}..{} — {} passed, {} failed; {host} host crashes, {in_sync} crashes inside a sync, {cut} torn log tails cut, {relog} recoveries logged hot extents again, {durable} FUA writes checked, {burst_writes} writes of multi-write steps acknowledged, {batches} multi-write batches logged; {:.1} s",
+            "sim: seeds {first}..{} — {} passed, {} failed; {host} host crashes, {in_sync} crashes inside a sync, {cut} torn log tails cut, {relog} recoveries logged hot extents again, {durable} FUA writes checked, {burst_writes} writes of multi-write steps acknowledged, {batches} multi-write batches logged, {deferred} bytes of deferred writes logged, {extent_seeds} recoveries with extents left out of the replay check; {:.1} s",
             first + count,
             ok.len(),
             bad.len(),
@@ -81,6 +90,7 @@ mod tests {
         // The campaign explores what it claims to.
         if count >= 100 {
             assert!(host > 0 && in_sync > 0 && cut > 0 && relog > 0 && batches > 0);
+            assert!(deferred > 0 && extent_seeds > 0);
         }
     }
 }

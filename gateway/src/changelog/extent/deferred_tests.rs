@@ -1,0 +1,273 @@
+//! Deferred small writes (see `super::deferred`): what is logged when, what a cut holds, the
+//! bound, and recovery's rule for extents after a host crash.
+
+use std::fs;
+
+use crate::changelog::format::{self, Kind, RecordHeader, FLAG_DEFERRED, FLAG_IMAGE_SYNCED};
+use crate::changelog::tests::rt;
+use crate::changelog::{replay, LogOptions, LogState};
+use crate::disk::Disk;
+use crate::replication::engine::patch_from_log;
+
+const SIZE: u64 = 1 << 20;
+
+struct Fixture {
+    _t: tempfile::TempDir,
+    image: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let t = tempfile::tempdir().unwrap();
+    let image = t.path().join("d.img");
+    fs::write(&image, vec![0u8; SIZE as usize]).unwrap();
+    let log = t.path().join("d.hrl");
+    Fixture { _t: t, image, log }
+}
+
+/// No background checkpoint: one could cool an extent, and a write into a cold extent syncs
+/// the log first (not inline).
+fn opts() -> LogOptions {
+    LogOptions {
+        min_free_bytes: 0,
+        min_free_percent: 0,
+        checkpoint_interval: None,
+        ..LogOptions::default()
+    }
+}
+
+fn open(f: &Fixture, o: LogOptions) -> Disk {
+    let (d, report) = Disk::open_tracked("d", &f.image, &f.log, "disk-id", o).unwrap();
+    assert_eq!(report.state, LogState::Healthy);
+    d
+}
+
+/// Every record of the log, oldest first.
+fn records(disk: &Disk) -> Vec<RecordHeader> {
+    let log = disk.change_log().unwrap();
+    let mut out = Vec::new();
+    for s in log.segments() {
+        let d = format::decode_segment(&fs::read(&s.path).unwrap()).unwrap();
+        out.extend(d.records.iter().map(|r| r.header));
+    }
+    out
+}
+
+/// Heats the disk's extent (a first write into a cold extent syncs the log first, so it is
+/// not taken inline) with a write to its last 4 KiB; returns the records logged by then.
+fn warm(disk: &Disk) -> usize {
+    rt().block_on(disk.write(SIZE - 4096, vec![0xAA; 4096], false))
+        .unwrap();
+    records(disk).len()
+}
+
+fn inline(disk: &Disk, offset: u64, data: &[u8]) {
+    let r = disk.write_now(offset, data, false);
+    assert!(r.is_some_and(|r| r.is_ok()), "taken inline at {offset}");
+}
+
+fn deferred(h: &RecordHeader) -> bool {
+    h.kind == Kind::Extent && h.flags & FLAG_DEFERRED != 0
+}
+
+#[test]
+fn a_flush_logs_the_bytes_of_deferred_writes_once() {
+    let f = fixture();
+    let rt = rt();
+    let disk = open(&f, opts());
+    let map = super::registered(disk.change_log().unwrap().dir()).unwrap();
+    let n = warm(&disk);
+    inline(&disk, 0, &[1u8; 4096]);
+    inline(&disk, 0, &[2u8; 4096]);
+    inline(&disk, 4096, &[3u8; 4096]);
+    let recs = records(&disk).split_off(n);
+    assert_eq!(recs.len(), 3);
+    assert!(recs.iter().all(deferred), "{recs:?}");
+    assert_eq!(map.deferred_bytes(), 8192);
+    map.check_deferred_index().unwrap();
+    rt.block_on(disk.flush()).unwrap();
+    assert_eq!(map.deferred_bytes(), 0);
+    map.check_deferred_index().unwrap();
+    // One record for the two adjacent pieces, holding the last bytes of each.
+    let log = disk.change_log().unwrap();
+    let seg = log.segments().pop().unwrap();
+    let d = format::decode_segment(&fs::read(&seg.path).unwrap()).unwrap();
+    let writes: Vec<_> = d
+        .records
+        .iter()
+        .filter(|r| r.header.kind == Kind::Write && r.header.offset < SIZE - 4096)
+        .collect();
+    assert_eq!(writes.len(), 1);
+    let w = writes[0];
+    assert_eq!((w.header.offset, w.header.length), (0, 8192));
+    let bytes = &fs::read(&seg.path).unwrap()[w.data.clone()];
+    assert!(bytes[..4096].iter().all(|&b| b == 2) && bytes[4096..].iter().all(|&b| b == 3));
+    // Nothing is left to log: the next FLUSH appends only its barrier.
+    let n = records(&disk).len();
+    rt.block_on(disk.flush()).unwrap();
+    assert_eq!(records(&disk).len(), n + 1);
+    rt.block_on(disk.close()).unwrap();
+}
+
+#[test]
+fn a_cut_holds_no_deferred_write_and_ships_exactly() {
+    let f = fixture();
+    let rt = rt();
+    let disk = open(&f, opts());
+    let map = super::registered(disk.change_log().unwrap().dir()).unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    warm(&disk);
+    model[(SIZE - 4096) as usize..].fill(0xAA);
+    for i in 0..16u64 {
+        let data = vec![i as u8 + 1; 4096];
+        let off = (i * 7 % 16) * 8192;
+        model[off as usize..off as usize + 4096].copy_from_slice(&data);
+        inline(&disk, off, &data);
+    }
+    let cut = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
+    assert_eq!(
+        map.deferred_bytes(),
+        0,
+        "the cut logged every deferred write"
+    );
+    let at_cut = model.clone();
+    // Overwrites after the cut are deferred again and save no preimage: nothing of the cut
+    // is left in the image only.
+    for i in 0..16u64 {
+        let off = (i * 7 % 16) * 8192;
+        inline(&disk, off, &[0xEE; 4096]);
+    }
+    assert_eq!(super::ExtentMap::usage(&map).1, 0, "no preimage saved");
+    let log = disk.change_log().unwrap();
+    let patch = patch_from_log(&log, 0, cut, SIZE).unwrap();
+    let mut replica = vec![0u8; SIZE as usize];
+    patch.apply(0, &mut replica).unwrap();
+    assert!(replica == at_cut, "the cut ships the writes as they were");
+    rt.block_on(disk.close()).unwrap();
+}
+
+#[test]
+fn the_bound_and_extent_min_off_log_bytes_with_the_write() {
+    let f = fixture();
+    let disk = open(
+        &f,
+        LogOptions {
+            defer_max: 8192,
+            ..opts()
+        },
+    );
+    let n = warm(&disk);
+    for i in 0..3u64 {
+        inline(&disk, i * 8192, &[9u8; 4096]);
+    }
+    let recs = records(&disk).split_off(n);
+    assert!(deferred(&recs[0]) && deferred(&recs[1]));
+    assert_eq!(
+        recs[2].kind,
+        Kind::Write,
+        "past the bound: logged with its data"
+    );
+    rt().block_on(disk.close()).unwrap();
+    drop(disk);
+    let g = fixture();
+    let disk = open(
+        &g,
+        LogOptions {
+            extent_min: u64::MAX,
+            ..opts()
+        },
+    );
+    let n = warm(&disk);
+    inline(&disk, 0, &[9u8; 4096]);
+    assert_eq!(
+        records(&disk)[n].kind,
+        Kind::Write,
+        "a log that replays onto a base"
+    );
+    rt().block_on(disk.close()).unwrap();
+}
+
+/// An open segment written record by record (LSNs from 1).
+struct SegmentWriter {
+    path: std::path::PathBuf,
+    bytes: Vec<u8>,
+    lsn: u64,
+}
+
+impl SegmentWriter {
+    fn new(path: &std::path::Path) -> Self {
+        let h = format::SegmentHeader {
+            disk_id: [0; 16],
+            chain_id: 1,
+            seq: 0,
+            first_lsn: 1,
+            disk_size: 4096,
+        };
+        let w = SegmentWriter {
+            path: path.to_path_buf(),
+            bytes: format::encode_header(&h).to_vec(),
+            lsn: 1,
+        };
+        fs::write(&w.path, &w.bytes).unwrap();
+        w
+    }
+
+    fn push(&mut self, kind: Kind, flags: u8, offset: u64, length: u64, data: &[u8]) {
+        let h = RecordHeader {
+            lsn: self.lsn,
+            kind,
+            flags,
+            offset,
+            length,
+            data_len: data.len() as u32,
+        };
+        self.lsn += 1;
+        self.bytes.extend(format::encode_record(&h, data));
+        fs::write(&self.path, &self.bytes).unwrap();
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.push(Kind::Write, 0, offset, data.len() as u64, data);
+    }
+
+    fn extent(&mut self, offset: u64, length: u64) {
+        self.push(Kind::Extent, 0, offset, length, &[]);
+    }
+
+    fn barrier(&mut self, flags: u8, offset: u64) {
+        self.push(Kind::Flush, flags, offset, 0, &[]);
+    }
+}
+
+/// Recovery after a host crash: an extent newer than the last image sync it knows of
+/// supersedes nothing (its bytes may be lost), one covered by an image-synced barrier does.
+#[test]
+fn host_crash_redo_trusts_extents_only_up_to_an_image_sync() {
+    let t = tempfile::tempdir().unwrap();
+    let seg = t.path().join("0.log");
+    let mut w = SegmentWriter::new(&seg);
+    w.write(0, &[5u8; 512]); // LSN 1: durable through the log
+    w.extent(0, 512); // LSN 2: bytes in the image only
+    let image = t.path().join("img");
+    fs::write(&image, vec![0u8; 4096]).unwrap();
+    let img = fs::OpenOptions::new().write(true).open(&image).unwrap();
+    replay::replay_after_host_crash(std::slice::from_ref(&seg), &img, 0).unwrap();
+    assert!(
+        fs::read(&image).unwrap()[..512].iter().all(|&b| b == 5),
+        "the write is redone"
+    );
+    // With a barrier saying the image was synced after LSN 2, the extent's bytes are trusted.
+    fs::write(&image, vec![0u8; 4096]).unwrap();
+    w.barrier(FLAG_IMAGE_SYNCED, 2); // LSN 3
+    replay::replay_after_host_crash(std::slice::from_ref(&seg), &img, 0).unwrap();
+    assert!(
+        fs::read(&image).unwrap()[..512].iter().all(|&b| b == 0),
+        "the extent wins"
+    );
+    // A process crash keeps the page cache: the extent always wins.
+    let mut w2 = SegmentWriter::new(&seg);
+    w2.write(0, &[5u8; 512]);
+    w2.extent(0, 512);
+    replay::replay_after(std::slice::from_ref(&seg), &img, 0).unwrap();
+    assert!(fs::read(&image).unwrap()[..512].iter().all(|&b| b == 0));
+}
