@@ -586,14 +586,8 @@ impl Disk {
         let r = t.log.try_record_now(
             offset,
             data,
-            |chain| t.extents.take_uncut(chain, offset, len, t.defer_max),
-            |lsn, deferred| {
-                write_image(&self.inner, offset, data)?;
-                if deferred {
-                    t.extents.insert_deferred(lsn, offset, len);
-                }
-                Ok(())
-            },
+            |chain, lsn| t.extents.take_uncut(chain, lsn, offset, len, t.defer_max),
+            || write_image(&self.inner, offset, data),
         )?;
         if r.is_ok() {
             t.note(offset, len);

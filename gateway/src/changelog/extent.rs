@@ -192,6 +192,17 @@ impl Inner {
         hit.into_iter().map(|(a, b, lsn, _)| (a, b, lsn)).collect()
     }
 
+    /// `[offset, offset + len)` is a piece of extent `lsn` now.
+    fn insert(&mut self, lsn: u64, offset: u64, len: u64, deferred: bool) {
+        let end = offset.saturating_add(len);
+        self.remove(offset, end);
+        self.pieces.insert(offset, Piece { end, lsn, deferred });
+        if deferred && lsn > self.cut_lsn {
+            self.deferred += end - offset;
+            self.live.insert(offset);
+        }
+    }
+
     /// After the cut LSN moved: deferred pieces it covers are extents of a cut like any
     /// other (their bytes are needed by that cut; a FLUSH no longer logs them).
     fn retire_cut_deferred(&mut self) {
@@ -460,16 +471,27 @@ impl ExtentMap {
     /// there, or only pieces of extents newer than the last cut, which the write's record (a
     /// later record of the same cut) replaces. If so, forgets the parts of those pieces the
     /// write covers, as `before_write` does, and returns `Some(deferred)`: whether the write
-    /// may be logged as a deferred extent (its bytes logged at the next FLUSH or cut, see
+    /// is logged as a deferred extent (its bytes logged at the next FLUSH or cut, see
     /// [`deferred`]), i.e. whether the deferred bytes stay within `defer_max` with it (`0`:
-    /// never). `None`, nothing changed: the map is busy, follows another chain, or a piece
-    /// there belongs to a cut (its bytes must be saved first: the caller takes the path that
-    /// may wait).
+    /// never) — if so its range is a deferred piece of record `lsn` from here on (one lock
+    /// for both: a second one after the image write could find the map busy and send the
+    /// next write the slow way). `None`, nothing changed: the map is busy, follows another
+    /// chain, or a piece there belongs to a cut (its bytes must be saved first: the caller
+    /// takes the path that may wait).
     ///
     /// Call it only where the write's record is certain to follow (the log asks last, under
     /// its append lock). Pieces are added only by cuts and extent writes, which cannot
-    /// overlap that write while it holds its range and the disk's tracking lock.
-    pub fn take_uncut(&self, chain_id: u64, offset: u64, len: u64, defer_max: u64) -> Option<bool> {
+    /// overlap that write while it holds its range and the disk's tracking lock. The piece is
+    /// in the map before the image write: only a FLUSH's or cut's pass reads a deferred
+    /// piece's bytes, and it holds the range first, so it waits for this write.
+    pub fn take_uncut(
+        &self,
+        chain_id: u64,
+        lsn: u64,
+        offset: u64,
+        len: u64,
+        defer_max: u64,
+    ) -> Option<bool> {
         let mut inner = self.inner.try_lock().ok()?;
         if inner.chain_id != chain_id {
             return None;
@@ -491,7 +513,11 @@ impl ExtentMap {
         if hit {
             inner.remove(offset, end);
         }
-        Some(defer_max > 0 && inner.deferred.saturating_add(len) <= defer_max)
+        let deferred = defer_max > 0 && inner.deferred.saturating_add(len) <= defer_max;
+        if deferred {
+            inner.insert(lsn, offset, len, true);
+        }
+        Some(deferred)
     }
 
     /// Before a change to `[offset, offset + len)` of the image (any kind, any size): saves
@@ -568,14 +594,7 @@ impl ExtentMap {
     }
 
     fn insert_piece(&self, lsn: u64, offset: u64, len: u64, deferred: bool) {
-        let mut inner = lock(&self.inner);
-        let end = offset.saturating_add(len);
-        inner.remove(offset, end);
-        inner.pieces.insert(offset, Piece { end, lsn, deferred });
-        if deferred && lsn > inner.cut_lsn {
-            inner.deferred += end - offset;
-            inner.live.insert(offset);
-        }
+        lock(&self.inner).insert(lsn, offset, len, deferred);
     }
 
     /// The bytes of extent record `h` as of its cut (see the module documentation), in a

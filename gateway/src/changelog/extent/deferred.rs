@@ -50,12 +50,6 @@ const _: () = assert!(FLAG_DEFERRED != 0);
 pub static DEFERRED_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl ExtentMap {
-    /// After the image write of a small write logged as a deferred extent (`lsn`): its range
-    /// is a deferred piece now.
-    pub fn insert_deferred(&self, lsn: u64, offset: u64, len: u64) {
-        self.insert_piece(lsn, offset, len, true);
-    }
-
     /// Bytes of deferred pieces newer than the last cut (what the next FLUSH logs).
     pub fn deferred_bytes(&self) -> u64 {
         lock(&self.inner).deferred

@@ -40,19 +40,20 @@ use crate::changelog::segment::pwritev_all;
 impl ChangeLog {
     /// Logs the write of `data` at `offset` and applies it with `apply` (which changes the
     /// image) if that can be done without waiting; `None` (nothing done) otherwise.
-    /// `ready(chain_id)` is asked under the append lock, last, whether the caller's own
+    /// `ready(chain_id, lsn)` is asked under the append lock, last, whether the caller's own
     /// preparation for the change needs nothing that waits (e.g. no preimage to save); when
     /// it says yes (`Some`) it may do that preparation too, since the record is then certain
-    /// to be written. It must not take the log's locks (it is told the chain id instead).
+    /// to be written, with LSN `lsn`. It must not take the log's locks (it is told the chain
+    /// id and the LSN instead).
     /// `Some(true)` logs the write as a *deferred* extent (40 bytes, [`FLAG_DEFERRED`]): the
     /// caller keeps track of it and logs its bytes later (see
-    /// [`crate::changelog::extent`], "Deferred small writes"). `apply(lsn, deferred)`.
+    /// [`crate::changelog::extent`], "Deferred small writes").
     pub fn try_record_now(
         &self,
         offset: u64,
         data: &[u8],
-        ready: impl FnOnce(u64) -> Option<bool>,
-        apply: impl FnOnce(u64, bool) -> io::Result<()>,
+        ready: impl FnOnce(u64, u64) -> Option<bool>,
+        apply: impl FnOnce() -> io::Result<()>,
     ) -> Option<io::Result<()>> {
         if data.is_empty() || !self.sh.logging.load(Ordering::Acquire) {
             return None;
@@ -85,7 +86,7 @@ impl ChangeLog {
         } else {
             rec_len
         });
-        let r = apply(lsn, deferred);
+        let r = apply();
         if let Err(e) = &r {
             self.mark_broken(format!(
                 "a write at {offset}+{len} was logged but could not be applied to the image: {e}"
@@ -127,7 +128,7 @@ impl ChangeLog {
         offset: u64,
         data: &[u8],
         rec_len: u64,
-        ready: impl FnOnce(u64) -> Option<bool>,
+        ready: impl FnOnce(u64, u64) -> Option<bool>,
     ) -> Option<(u64, bool)> {
         let mut ap = try_lock(&self.sh.ap)?;
         if !self.sh.logging.load(Ordering::Acquire) {
@@ -146,7 +147,7 @@ impl ChangeLog {
         {
             return None;
         }
-        let deferred = ready(chain_id)?;
+        let deferred = ready(chain_id, lsn)?;
         // A deferred write's record is an extent: the header alone, the bytes stay in the
         // image until they are logged (see `changelog::extent::deferred`).
         let (kind, flags, data) = match deferred {
