@@ -22,7 +22,8 @@
 //! still needs where it overwrites them (see [`crate::changelog::extent`]); [`Disk::cut`]
 //! tells the extent map where each cut is. Small writes logged inline are *deferred*
 //! extents: [`Disk::flush`] and [`Disk::cut`] log their bytes first (see
-//! [`crate::changelog::extent`], "Deferred small writes"). An untracked disk writes straight to its image.
+//! [`crate::changelog::extent`], "Deferred small writes"). An untracked disk writes straight
+//! to its image.
 //!
 //! Every sync goes through the disk's [`Durability`] (shared with its change log): once an
 //! `fdatasync` of the image or the log has failed, every later FLUSH and FUA write fails with

@@ -35,8 +35,9 @@
 //! **Replay** (recovery's redo, `standby log replay`): an extent applies nothing (its bytes are
 //! in the image), and a record applies nothing inside a range that a later extent covers — the
 //! image holds that extent's bytes there, which are newer (after a host crash only for extents
-//! up to the last image sync: `replay::replay_after_host_crash`). [`super::replay::image_dependent`]
-//! says which records those are; `replay_after` applies the rule.
+//! up to the last image sync: `replay::replay_after_host_crash`).
+//! [`super::replay::image_dependent`] says which records those are; `replay_after` applies
+//! the rule.
 //! Replaying onto a base copy of the image (not the image itself) therefore cannot reproduce
 //! an extent's bytes: that needs the records' data, i.e. writes below the extent threshold.
 //!

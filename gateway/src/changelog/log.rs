@@ -40,9 +40,9 @@
 //! **Recovery** (`open`): verify sealed segments, cut the torn tail, replay every record after
 //! the checkpoint into the image and sync it; after a host crash (boot id changed, no clean
 //! shutdown) extents supersede earlier records only up to the last image sync the log knows
-//! of (`replay::replay_after_host_crash`), and the hot extents are logged again. This file is past 700 lines because recovery,
-//! the write path and the sync rounds share the log's private state; new logic goes to
-//! [`checkpoint`] and sibling modules.
+//! of (`replay::replay_after_host_crash`), and the hot extents are logged again. This file is
+//! past 700 lines because recovery, the write path and the sync rounds share the log's
+//! private state; new logic goes to [`checkpoint`] and sibling modules.
 //!
 //! **State file** (`state.toml`): chain id, first live segment and LSN (after `release`), the
 //! redo point, clean-shutdown flag with the image's mtime and the boot id, and the persistent

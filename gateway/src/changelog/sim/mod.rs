@@ -6,12 +6,13 @@
 //! after the crash, its recovery — on real files whose syncs go through [`SimStorage`] (the
 //! disk's [`crate::changelog::FileSync`] seam). From the seed it draws the disk size, the
 //! segment size, `extent_min` and `defer_max` (extents and deferred small writes, see
-//! [`crate::changelog::extent`]), a sequence of writes (some FUA; about a third of the write steps submit 2–6
-//! concurrent writes, which the disk's writer thread takes as one batch — its
-//! `record_writes` — unless they are logged inline), trims, write-zeroes, FLUSHes,
-//! checkpoints and takes (cut through `Disk::cut`), and a crash point: the n-th sync during one operation (before that sync takes
-//! effect) or the end of an operation; then a process crash (page cache kept) or a host crash
-//! (unsynced writes lost, torn per sector or written back out of order; see [`storage`]).
+//! [`crate::changelog::extent`]), a sequence of writes (some FUA; about a third of the write
+//! steps submit 2–6 concurrent writes, which the disk's writer thread takes as one batch —
+//! its `record_writes` — unless they are logged inline), trims, write-zeroes, FLUSHes,
+//! checkpoints and takes (cut through `Disk::cut`), and a crash point: the n-th sync during
+//! one operation (before that sync takes effect) or the end of an operation; then a process
+//! crash (page cache kept) or a host crash (unsynced writes lost, torn per sector or written
+//! back out of order; see [`storage`]).
 //! Recovery runs on what the crash left, and the run checks:
 //!
 //! 1. the chain is healthy (a crash alone never breaks it) and recovery saw a host crash
