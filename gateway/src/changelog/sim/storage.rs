@@ -119,10 +119,25 @@ impl SimStorage {
         self.lock().snapshot.clone()
     }
 
+    /// Reads the files as they are at the crash point. Other threads of the disk may still be
+    /// writing while the files are read one by one, which a real crash never allows, so they
+    /// are read in the order that keeps what recovery relies on: the state file (its redo
+    /// point vouches for the image), then the image (its changes must all have records),
+    /// then the log's files, listed again at that point (a record is written before its
+    /// change reaches the image). Read the other way round, a write racing the capture could
+    /// leave the image with a change whose record the copy of the log lacks.
     fn capture(&self, st: &St) -> Snapshot {
         let mut out = Snapshot::new();
-        let mut files = Vec::new();
-        collect(&self.root, &mut files);
+        for phase in 0..3 {
+            let mut files = Vec::new();
+            collect(&self.root, &mut files);
+            files.retain(|p| capture_phase(p) == phase);
+            self.capture_files(st, files, &mut out);
+        }
+        out
+    }
+
+    fn capture_files(&self, st: &St, files: Vec<PathBuf>, out: &mut Snapshot) {
         for p in files {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.starts_with('.') || name == "lock" {
@@ -137,7 +152,22 @@ impl SimStorage {
             let rel = p.strip_prefix(&self.root).unwrap_or(&p).to_path_buf();
             out.insert(rel, FileAtCrash { durable, current });
         }
-        out
+    }
+}
+
+/// When [`SimStorage::capture`] reads a file: 0 the state file, 1 the image (anything outside
+/// a log directory), 2 the log's segments and side files.
+fn capture_phase(p: &Path) -> u8 {
+    if p.file_name().is_some_and(|n| n == crate::changelog::log::STATE_FILE) {
+        return 0;
+    }
+    let in_log = p
+        .components()
+        .any(|c| c.as_os_str().to_string_lossy().ends_with(".hrl"));
+    if in_log {
+        2
+    } else {
+        1
     }
 }
 
