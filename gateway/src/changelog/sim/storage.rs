@@ -158,7 +158,9 @@ impl SimStorage {
 /// When [`SimStorage::capture`] reads a file: 0 the state file, 1 the image (anything outside
 /// a log directory), 2 the log's segments and side files.
 fn capture_phase(p: &Path) -> u8 {
-    if p.file_name().is_some_and(|n| n == crate::changelog::log::STATE_FILE) {
+    if p.file_name()
+        .is_some_and(|n| n == crate::changelog::log::STATE_FILE)
+    {
         return 0;
     }
     let in_log = p
