@@ -254,16 +254,22 @@ pub fn registered(dir: &Path) -> Option<Arc<ExtentMap>> {
         .and_then(|(_, w)| w.upgrade())
 }
 
-/// Removes the parts of pieces inside `[start, end)`; returns the removed parts as
-/// (start, end, lsn, deferred).
-fn cut_out(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) -> Vec<(u64, u64, u64, bool)> {
-    let mut hit = Vec::new();
-    let first = pieces
+/// Where to start walking the pieces that overlap a range starting at `start`: the piece
+/// that begins before `start` and runs past it, if there is one, else `start`.
+fn first_overlapping(pieces: &BTreeMap<u64, Piece>, start: u64) -> u64 {
+    pieces
         .range(..start)
         .next_back()
         .filter(|(_, p)| p.end > start)
         .map(|(&s, _)| s)
-        .unwrap_or(start);
+        .unwrap_or(start)
+}
+
+/// Removes the parts of pieces inside `[start, end)`; returns the removed parts as
+/// (start, end, lsn, deferred).
+fn cut_out(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) -> Vec<(u64, u64, u64, bool)> {
+    let mut hit = Vec::new();
+    let first = first_overlapping(pieces, start);
     let keys: Vec<u64> = pieces.range(first..end).map(|(&s, _)| s).collect();
     for s in keys {
         let Some(p) = pieces.remove(&s) else { continue };
@@ -591,11 +597,7 @@ impl ExtentMap {
 
     /// After the image write of extent `lsn`: its range is a piece now.
     pub fn insert(&self, lsn: u64, offset: u64, len: u64) {
-        self.insert_piece(lsn, offset, len, false);
-    }
-
-    fn insert_piece(&self, lsn: u64, offset: u64, len: u64, deferred: bool) {
-        lock(&self.inner).insert(lsn, offset, len, deferred);
+        lock(&self.inner).insert(lsn, offset, len, false);
     }
 
     /// The bytes of extent record `h` as of its cut (see the module documentation), in a

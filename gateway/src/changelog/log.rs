@@ -1134,6 +1134,16 @@ impl ChangeLog {
     }
 
     /// Waits until no in-flight request overlaps `[start, end)` and registers this one.
+    /// Adds `n` to the appended-bytes counter and checks the free space when that crosses a
+    /// check interval.
+    fn count_appended(&self, n: u64) {
+        let interval = self.sh.opts.space_check_interval.max(1);
+        let before = self.sh.appended.fetch_add(n, Ordering::Relaxed);
+        if before / interval != (before + n) / interval {
+            self.check_space();
+        }
+    }
+
     fn begin_range(&self, start: u64, end: u64) -> io::Result<u64> {
         let mut st = lock(&self.sh.st);
         loop {
@@ -1256,11 +1266,7 @@ impl ChangeLog {
         apply: impl FnOnce(Option<u64>) -> io::Result<()>,
     ) -> io::Result<()> {
         let rec_len = (RECORD_HEADER_LEN + data.len()) as u64;
-        let interval = self.sh.opts.space_check_interval.max(1);
-        let before = self.sh.appended.fetch_add(rec_len, Ordering::Relaxed);
-        if before / interval != (before + rec_len) / interval {
-            self.check_space();
-        }
+        self.count_appended(rec_len);
         let (start, end) = match kind {
             Kind::Flush => (0, 0),
             _ => (offset, offset.saturating_add(length)),

@@ -99,7 +99,7 @@ impl ExtentMap {
         let mut logged = 0u64;
         while let Some((start, end)) = self.deferred_run(log, from) {
             let (mut next, mut got) = (end, 0);
-            let picked = log.log_image_bytes(start, end, || {
+            let lsn = log.log_image_bytes(start, end, || {
                 let Some((a, b)) = self.held_run(start, end) else {
                     return Ok(None);
                 };
@@ -109,7 +109,7 @@ impl ExtentMap {
                 (next, got) = (b, b - a);
                 Ok(Some((a, data)))
             })?;
-            if picked.is_some() {
+            if lsn.is_some() {
                 logged += got;
             }
             from = next;
@@ -142,13 +142,7 @@ impl ExtentMap {
     fn held_run(&self, start: u64, end: u64) -> Option<(u64, u64)> {
         let inner = lock(&self.inner);
         let cut = inner.cut_lsn;
-        let first = inner
-            .pieces
-            .range(..start)
-            .next_back()
-            .filter(|(_, p)| p.end > start)
-            .map(|(&s, _)| s)
-            .unwrap_or(start);
+        let first = super::first_overlapping(&inner.pieces, start);
         let mut run: Option<(u64, u64)> = None;
         for (&s, p) in inner.pieces.range(first..end) {
             let live = p.deferred && p.lsn > cut;

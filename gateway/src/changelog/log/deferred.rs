@@ -9,7 +9,6 @@
 //! the image, already followed it).
 
 use std::io;
-use std::sync::atomic::Ordering;
 
 use super::ChangeLog;
 use crate::changelog::format::{Kind, RecordHeader, RECORD_HEADER_LEN};
@@ -39,11 +38,7 @@ impl ChangeLog {
         };
         debug_assert!(start <= offset && offset + data.len() as u64 <= end);
         let rec_len = (RECORD_HEADER_LEN + data.len()) as u64;
-        let interval = self.sh.opts.space_check_interval.max(1);
-        let before = self.sh.appended.fetch_add(rec_len, Ordering::Relaxed);
-        if before / interval != (before + rec_len) / interval {
-            self.check_space();
-        }
+        self.count_appended(rec_len);
         let mut h = RecordHeader {
             lsn: 0,
             kind: Kind::Write,
