@@ -21,6 +21,11 @@
 #                                                        else vm.dirty_ratio of MemAvailable) of
 #                                                        sequential writes over the disk, then one
 #                                                        FLUSH (--end_fsync=1), all in the figure
+#   4 KiB writes QD32, then one FLUSH                   the rand row, then one FLUSH on a new
+#                                                        connection (`qemu-io -c flush`, timed
+#                                                        from start to exit); its "p99" is that
+#                                                        FLUSH's time (a tracked disk logs its
+#                                                        deferred small writes there)
 # Physical limit (same run, once per repetition): `dd oflag=direct bs=1M` of one disk's size
 # into a new file (so the run never needs more free space than a fourth image), `fio
 # --direct=1` (libaio, 1 MiB QD8) of the sustained row's bytes over a file of the disk's size,
@@ -59,6 +64,7 @@ TESTS = [
     ("rand write 4 KiB QD32", "randwrite", "4k", 32, [], "IOPS", "time"),
     ("flush: 4 KiB write+FLUSH QD1", "randwrite", "4k", 1, ["--fsync=1"], "IOPS", "time"),
     ("sustained seq write 1 MiB QD8", "write", "1M", 8, ["--end_fsync=1"], "MB/s", "bytes"),
+    ("4 KiB writes QD32, then one FLUSH", "randwrite", "4k", 32, [], "IOPS", "time+flush"),
 ]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -194,7 +200,7 @@ def main():
     size_mib = args.size_mib or (512 if q else 2048)
     sustained = (args.sustained_mib << 20) if args.sustained_mib else \
         ((1536 << 20) if q else 3 * dirty_limit() // (1 << 20) * (1 << 20))
-    for tool in ["fio", "nbdkit", "dd"]:
+    for tool in ["fio", "nbdkit", "dd"] + (["qemu-io"] if any(t[6] == "time+flush" for t in tests) else []):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is not installed")
     drop = [not args.no_drop_caches]
@@ -243,7 +249,9 @@ def main():
     phys = {"dd oflag=direct 1 MiB": [], "fio --direct=1 1 MiB QD8": [],
             "fio 4 KiB write+fdatasync QD1": [], "fio 4 KiB pwrite (image only) QD1": [],
             "fio 4,136 B appends (log only) QD1": [],
-            "both: 4 KiB pwrite + 4,136 B append per write": []}
+            "both: 4 KiB pwrite + 4,136 B append per write": [],
+            "fio 40 B appends (deferred record) QD1": [],
+            "both: 4 KiB pwrite + 40 B append per write": []}
     fio_out = os.path.join(work, "fio.json")
     print(f"sustained row: {sustained / 2**30:.1f} GiB (3x the dirty limit unless --sustained-mib)",
           file=sys.stderr)
@@ -258,13 +266,18 @@ def main():
                     fargs = ["--ioengine=nbd", f"--uri={t.uri()}", f"--rw={rw}", f"--bs={bs}",
                              f"--iodepth={qd}", f"--size={size}", "--randrepeat=0",
                              "--norandommap"] + extra
-                    if kind == "time":
+                    if kind.startswith("time"):
                         fargs += ["--time_based", f"--runtime={runtime}", "--ramp_time=2"]
                     else:
                         fargs += [f"--io_size={sustained}"]
                     c0 = t.proc.cpu()
                     r = run_fio(fargs, fio_out)
                     r["cpu_s_per_GB"] = (t.proc.cpu() - c0) / max(r["bytes"] / 1e9, 1e-9)
+                    if kind == "time+flush":
+                        t0 = time.time()
+                        subprocess.run(["qemu-io", "-f", "raw", "-c", "flush", t.uri()], check=True,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        r["p99_us"] = (time.time() - t0) * 1e6
                     results[(tname, t.name)].append(r)
                     print(f"rep {rep + 1} {tname:30} {t.name:8} {r[metric]:>10,.0f} {metric}  "
                           f"p99 {r['p99_us']:,.0f} us  cpu {r['cpu_s_per_GB']:.2f} s/GB",
@@ -311,8 +324,18 @@ def main():
             phys["fio 4,136 B appends (log only) QD1"].append(b)
             phys["both: 4 KiB pwrite + 4,136 B append per write"].append(
                 {"IOPS": 1 / (1 / a["IOPS"] + 1 / b["IOPS"])})
+            # A small write logged as a deferred extent appends only its 40-byte record: the
+            # bound on log-on/log-off for any log that appends one record per write.
+            quiet_cache(drop)
+            c = run_fio(["--ioengine=psync", f"--filename={scratch}", "--rw=write", "--bs=40",
+                         "--fallocate=none", f"--size={max(size // 100, 40 << 10) // 40 * 40}"],
+                        fio_out)
+            os.remove(scratch)
+            phys["fio 40 B appends (deferred record) QD1"].append(c)
+            phys["both: 4 KiB pwrite + 40 B append per write"].append(
+                {"IOPS": 1 / (1 / a["IOPS"] + 1 / c["IOPS"])})
             print(f"rep {rep + 1} physical: " + "; ".join(
-                f"{k} {v[-1]['IOPS' if '4 KiB' in k or '4,136' in k else 'MB/s']:,.0f}"
+                f"{k} {v[-1]['IOPS' if '4 KiB' in k or ' B ' in k else 'MB/s']:,.0f}"
                 for k, v in phys.items()),
                 file=sys.stderr, flush=True)
     finally:
@@ -325,13 +348,14 @@ def main():
     for (tname, rw, bs, qd, extra, metric, kind) in tests:
         for m, fmt in ((metric, "{:,.0f}"), ("p99_us", "{:,.0f}"), ("cpu_s_per_GB", "{:.2f}")):
             off, on, kit = (med[(tname, n)][m] for n in ("log-off", "log-on", "nbdkit"))
-            label = {"p99_us": "p99 µs", "cpu_s_per_GB": "server CPU s/GB"}.get(m, m)
+            label = {"p99_us": "FLUSH µs" if kind == "time+flush" else "p99 µs",
+                     "cpu_s_per_GB": "server CPU s/GB"}.get(m, m)
             print(f"| {tname} | {label} | {fmt.format(off)} | {fmt.format(on)} | {fmt.format(kit)} | "
                   f"{ratio(on, off)} | {ratio(on, kit)} | {ratio(off, kit)} |")
     print("\n| physical limit (same bytes, same run) | metric | median |")
     print("|---|---|---|")
     for k, v in phys.items():
-        m = "IOPS" if "4 KiB" in k or "4,136" in k else "MB/s"
+        m = "IOPS" if "4 KiB" in k or " B " in k else "MB/s"
         print(f"| {k} | {m} | {statistics.median(r[m] for r in v):,.0f} |")
     both = statistics.median(r["IOPS"] for r in phys["both: 4 KiB pwrite + 4,136 B append per write"])
     alone = statistics.median(r["IOPS"] for r in phys["fio 4 KiB pwrite (image only) QD1"])
@@ -339,6 +363,11 @@ def main():
     print(f"\nPage-cache cost per write (fio psync QD1, wall time): a 4 KiB pwrite into the warm "
           f"image {1e6 / alone:.1f} µs, a 4,136-byte log append {1e6 / app:.1f} µs; both "
           f"{1e6 / both:.1f} µs, {both / alone:.2f}x the rate of the pwrite alone.")
+    both40 = statistics.median(r["IOPS"] for r in phys["both: 4 KiB pwrite + 40 B append per write"])
+    app40 = statistics.median(r["IOPS"] for r in phys["fio 40 B appends (deferred record) QD1"])
+    print(f"A 40-byte deferred record append {1e6 / app40:.1f} µs; pwrite + record "
+          f"{1e6 / both40:.1f} µs, {both40 / alone:.2f}x the rate of the pwrite alone (the bound "
+          "on log-on/log-off for small writes with one record appended per write).")
     print(f"\n| server | peak RSS (RssAnon+RssFile) | VmHWM |")
     print("|---|---|---|")
     for p in (standby, nbdkit):
@@ -349,7 +378,9 @@ def main():
           "repetition; servers alternated ABBA; `sync`"
           + (", page cache dropped" if drop[0] else "") + " and the image read once before every run. "
           + (f"[log] {'; '.join(log_conf)}. " if log_conf else "")
-          + "p99 of the flush row is the FLUSH latency. CPU: the server process's user+system time "
+          + "p99 of the flush row is the FLUSH latency; \"FLUSH µs\" of the last row is the time of "
+          "one `qemu-io -c flush` (connection included) right after the writes. CPU: the server "
+          "process's user+system time "
           "during the run divided by the GB fio wrote.")
     print("Change log after each repetition: " + "; ".join(log_lines))
     if not args.workdir:

@@ -195,8 +195,18 @@ impl Inner {
 
     /// `[offset, offset + len)` is a piece of extent `lsn` now.
     fn insert(&mut self, lsn: u64, offset: u64, len: u64, deferred: bool) {
+        self.remove(offset, offset.saturating_add(len));
+        self.insert_free(lsn, offset, len, deferred);
+    }
+
+    /// [`Inner::insert`] where no piece overlaps `[offset, offset + len)`.
+    fn insert_free(&mut self, lsn: u64, offset: u64, len: u64, deferred: bool) {
         let end = offset.saturating_add(len);
-        self.remove(offset, end);
+        debug_assert!(self
+            .pieces
+            .range(..end)
+            .next_back()
+            .is_none_or(|(_, p)| p.end <= offset));
         self.pieces.insert(offset, Piece { end, lsn, deferred });
         if deferred && lsn > self.cut_lsn {
             self.deferred += end - offset;
@@ -266,26 +276,41 @@ fn first_overlapping(pieces: &BTreeMap<u64, Piece>, start: u64) -> u64 {
 }
 
 /// Removes the parts of pieces inside `[start, end)`; returns the removed parts as
-/// (start, end, lsn, deferred).
+/// (start, end, lsn, deferred), by offset.
+///
+/// One walk back from `end` (pieces never overlap, so their ends fall as their starts do,
+/// and the first piece ending at or before `start` ends it): a piece that starts before
+/// `start` is shortened in place, those starting inside are removed, and the part of the
+/// last one that runs past `end` becomes a piece starting at `end`.
 fn cut_out(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) -> Vec<(u64, u64, u64, bool)> {
     let mut hit = Vec::new();
-    let first = first_overlapping(pieces, start);
-    let keys: Vec<u64> = pieces.range(first..end).map(|(&s, _)| s).collect();
-    for s in keys {
-        let Some(p) = pieces.remove(&s) else { continue };
+    if start >= end {
+        return hit;
+    }
+    let mut gone = Vec::new();
+    let mut past_end = None;
+    for (&s, p) in pieces.range_mut(..end).rev() {
+        if p.end <= start {
+            break;
+        }
         let (a, b) = (s.max(start), p.end.min(end));
-        if a >= b {
-            pieces.insert(s, p);
-            continue;
-        }
         hit.push((a, b, p.lsn, p.deferred));
-        if s < a {
-            pieces.insert(s, Piece { end: a, ..p });
-        }
         if b < p.end {
-            pieces.insert(b, p);
+            past_end = Some(Piece { end: p.end, ..*p });
+        }
+        if s < a {
+            p.end = a;
+        } else {
+            gone.push(s);
         }
     }
+    for s in gone {
+        pieces.remove(&s);
+    }
+    if let Some(p) = past_end {
+        pieces.insert(end, p);
+    }
+    hit.reverse();
     hit
 }
 
@@ -491,6 +516,10 @@ impl ExtentMap {
     /// overlap that write while it holds its range and the disk's tracking lock. The piece is
     /// in the map before the image write: only a FLUSH's or cut's pass reads a deferred
     /// piece's bytes, and it holds the range first, so it waits for this write.
+    ///
+    /// Cost (it runs on every small write): a write of exactly a live deferred piece's range
+    /// only renumbers that piece (one B-tree lookup); otherwise one walk checks, another
+    /// removes only if something overlaps, and the insert removes nothing again.
     pub fn take_uncut(
         &self,
         chain_id: u64,
@@ -505,6 +534,16 @@ impl ExtentMap {
         }
         let end = offset.saturating_add(len);
         let cut = inner.cut_lsn;
+        // The same range written again while its deferred piece is live (a hot block between
+        // two FLUSHes): the piece is the new record's now, nothing else changes.
+        if defer_max > 0 {
+            if let Some((&s, p)) = inner.pieces.range_mut(..end).next_back() {
+                if s == offset && p.end == end && p.deferred && p.lsn > cut {
+                    p.lsn = lsn;
+                    return Some(true);
+                }
+            }
+        }
         let mut hit = false;
         // Pieces never overlap, so walking back from the last one that starts before `end`,
         // the ends decrease too: the first one ending at or before `offset` ends the walk.
@@ -522,7 +561,7 @@ impl ExtentMap {
         }
         let deferred = defer_max > 0 && inner.deferred.saturating_add(len) <= defer_max;
         if deferred {
-            inner.insert(lsn, offset, len, true);
+            inner.insert_free(lsn, offset, len, true);
         }
         Some(deferred)
     }
@@ -679,6 +718,21 @@ mod tests {
         assert_eq!(hit, vec![(10, 20, 1, false)]);
         assert_eq!(p.len(), 3);
         assert!(cut_out(&mut p, 100, 200).is_empty());
+        assert!(cut_out(&mut p, 15, 15).is_empty());
+        // Pieces now: [0,10) [20,50) [250,300). One range over all of them, whole or not.
+        let hit = cut_out(&mut p, 5, 260);
+        assert_eq!(
+            hit,
+            vec![(5, 10, 1, false), (20, 50, 1, false), (250, 260, 2, true)]
+        );
+        assert_eq!(p.get(&0), Some(&piece(5, 1, false)));
+        assert_eq!(p.get(&260), Some(&piece(300, 2, true)));
+        assert_eq!(p.len(), 2);
+        // One piece running past both ends of the range.
+        let hit = cut_out(&mut p, 270, 280);
+        assert_eq!(hit, vec![(270, 280, 2, true)]);
+        assert_eq!(p.get(&260), Some(&piece(270, 2, true)));
+        assert_eq!(p.get(&280), Some(&piece(300, 2, true)));
     }
 
     #[test]

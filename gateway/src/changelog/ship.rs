@@ -27,7 +27,8 @@
 //!   ([`super::extent::ExtentMap::data_of`]); a damaged preimage breaks the chain like a
 //!   damaged segment. Its bytes are handed over owned ([`Payload::Owned`], a buffer of the
 //!   shippers' pool), so a cut keeps them without a copy; a record's own bytes are lent as a
-//!   slice of the segment ([`Payload::Inline`]).
+//!   slice of the segment ([`Payload::Inline`]). A reader that needs only the ranges
+//!   written ([`Extents::RangesOnly`]) gets the extent record itself and no image read.
 
 use std::fs;
 use std::io;
@@ -50,6 +51,17 @@ pub enum Reach {
     Live,
     /// Through the log's last LSN; writes are paused, so every segment must be whole.
     Quiesced,
+}
+
+/// What [`read_records`] hands over for an extent record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extents {
+    /// The write it stands for, its bytes read from the image and the preimages (a patch).
+    Bytes,
+    /// The extent record itself with no bytes ([`Payload::Inline`] of an empty slice): for a
+    /// reader that needs only the ranges written (the chunks a resync compares), which then
+    /// costs no read of the image — a resync's last scan runs with writes paused.
+    RangesOnly,
 }
 
 /// A record's bytes as [`read_records`] hands them over.
@@ -80,12 +92,13 @@ impl Payload<'_> {
 }
 
 /// Calls `f` with every record with an LSN above `after`, in LSN order, as far as `reach`
-/// says, after proving each segment whole (see the module documentation). Returns the LSN of
-/// the last record read (`after` when there was none).
+/// says, after proving each segment whole (see the module documentation); extent records as
+/// `extents` says. Returns the LSN of the last record read (`after` when there was none).
 pub fn read_records(
     log: &ChangeLog,
     after: u64,
     reach: Reach,
+    extents: Extents,
     mut f: impl FnMut(&RecordHeader, Payload<'_>) -> Result<(), LogError>,
 ) -> Result<u64, LogError> {
     let upto = match reach {
@@ -145,7 +158,7 @@ pub fn read_records(
                     seg.seq, h.lsn
                 )));
             }
-            if h.kind == Kind::Extent {
+            if h.kind == Kind::Extent && extents == Extents::Bytes {
                 let (wh, data) = extent_as_write(log, &seg, h)?;
                 f(&wh, Payload::Owned(data))?;
             } else {
@@ -292,7 +305,7 @@ mod tests {
 
     fn all(log: &ChangeLog, after: u64, reach: Reach) -> Result<Vec<u64>, LogError> {
         let mut lsns = Vec::new();
-        read_records(log, after, reach, |h, data| {
+        read_records(log, after, reach, Extents::Bytes, |h, data| {
             assert_eq!(data.as_slice().len() as u64, h.length);
             lsns.push(h.lsn);
             Ok(())
@@ -324,6 +337,38 @@ mod tests {
         );
         assert_eq!(all(&log, 4, Reach::Through(7)).unwrap(), vec![5, 6, 7]);
         assert!(log.state().is_healthy());
+    }
+
+    #[test]
+    fn ranges_only_reads_no_extent_bytes() {
+        let t = tempfile::tempdir().unwrap();
+        let (log, image) = open(t.path());
+        write(&log, &image, 2);
+        log.record(Kind::Extent, 0, 8192, 4096, &[], || {
+            image.write_all_at(&[9u8; 4096], 8192)
+        })
+        .unwrap();
+        let upto = log.barrier().unwrap();
+        // No extent map is attached to this log, so reading an extent's bytes is impossible:
+        // the ranges-only read must not try.
+        let mut seen = Vec::new();
+        let last = read_records(
+            &log,
+            0,
+            Reach::Through(upto),
+            Extents::RangesOnly,
+            |h, d| {
+                seen.push((h.lsn, h.kind, h.offset, h.length, d.as_slice().len()));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(last, upto);
+        assert_eq!(seen[2], (3, Kind::Extent, 8192, 4096, 0));
+        assert!(log.state().is_healthy());
+        // Reading the bytes needs the map: without one the chain breaks (as it must).
+        let e = all(&log, 0, Reach::Through(upto)).unwrap_err();
+        assert_broken(&log, e, "no image is attached");
     }
 
     #[test]

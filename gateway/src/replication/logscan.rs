@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use replica_store::Patch;
 
 use crate::changelog::format::Kind;
-use crate::changelog::ship::{read_records, Reach};
+use crate::changelog::ship::{read_records, Extents, Reach};
 use crate::changelog::{ChangeLog, LogError};
 
 /// A new, empty log chain and a clean dirty bitmap (call with writes paused).
@@ -46,23 +46,30 @@ pub fn patch_from_log(
     disk_size: u64,
 ) -> Result<Patch, LogError> {
     let mut patch = Patch::new(disk_size);
-    read_records(log, after, Reach::Through(upto), |h, data| {
-        let res = match h.kind {
-            // The patch keeps an extent's buffer as it is (see `ship::Payload`).
-            Kind::Write | Kind::Extent => patch.write_bytes(h.offset, data.into_bytes()),
-            Kind::Trim | Kind::WriteZeroes => patch.zero(h.offset, h.length),
-            Kind::Flush => Ok(()),
-        };
-        res.map_err(|e| LogError::Io {
-            what: "cannot use a record of",
-            path: log.dir().to_path_buf(),
-            source: std::io::Error::other(format!("LSN {}: {e}", h.lsn)),
-        })
-    })?;
+    read_records(
+        log,
+        after,
+        Reach::Through(upto),
+        Extents::Bytes,
+        |h, data| {
+            let res = match h.kind {
+                // The patch keeps an extent's buffer as it is (see `ship::Payload`).
+                Kind::Write | Kind::Extent => patch.write_bytes(h.offset, data.into_bytes()),
+                Kind::Trim | Kind::WriteZeroes => patch.zero(h.offset, h.length),
+                Kind::Flush => Ok(()),
+            };
+            res.map_err(|e| LogError::Io {
+                what: "cannot use a record of",
+                path: log.dir().to_path_buf(),
+                source: std::io::Error::other(format!("LSN {}: {e}", h.lsn)),
+            })
+        },
+    )?;
     Ok(patch)
 }
 
-/// Chunks touched by the log's records with LSN > `after`, and the last LSN read. With
+/// Chunks touched by the log's records with LSN > `after`, and the last LSN read (extents
+/// by their ranges, without reading their bytes). With
 /// [`Reach::Live`] writes may continue (the scan stops at a record being written); with
 /// [`Reach::Quiesced`] (writes paused) it must reach the log's last LSN. A segment that cannot
 /// be proven whole breaks the chain (→ full resync).
@@ -73,7 +80,8 @@ pub(crate) fn chunks_in_log(
     reach: Reach,
 ) -> Result<(BTreeSet<u64>, u64), LogError> {
     let mut out = BTreeSet::new();
-    let last = read_records(log, after, reach, |h, _| {
+    // The ranges are all it needs: extents' bytes are not read from the image.
+    let last = read_records(log, after, reach, Extents::RangesOnly, |h, _| {
         if h.kind != Kind::Flush && h.length > 0 {
             out.extend(h.offset / cs..=(h.offset + h.length - 1) / cs);
         }
