@@ -518,8 +518,8 @@ impl ExtentMap {
     /// piece's bytes, and it holds the range first, so it waits for this write.
     ///
     /// Cost (it runs on every small write): a write of exactly a live deferred piece's range
-    /// only renumbers that piece (one B-tree lookup); otherwise one walk checks, another
-    /// removes only if something overlaps, and the insert removes nothing again.
+    /// only renumbers that piece, found by the walk that checks the pieces there; another
+    /// walk removes only if something overlaps, and the insert removes nothing again.
     pub fn take_uncut(
         &self,
         chain_id: u64,
@@ -534,25 +534,22 @@ impl ExtentMap {
         }
         let end = offset.saturating_add(len);
         let cut = inner.cut_lsn;
-        // The same range written again while its deferred piece is live (a hot block between
-        // two FLUSHes): the piece is the new record's now, nothing else changes.
-        if defer_max > 0 {
-            if let Some((&s, p)) = inner.pieces.range_mut(..end).next_back() {
-                if s == offset && p.end == end && p.deferred && p.lsn > cut {
-                    p.lsn = lsn;
-                    return Some(true);
-                }
-            }
-        }
         let mut hit = false;
         // Pieces never overlap, so walking back from the last one that starts before `end`,
         // the ends decrease too: the first one ending at or before `offset` ends the walk.
-        for p in inner.pieces.range(..end).rev().map(|(_, p)| p) {
+        for (&s, p) in inner.pieces.range_mut(..end).rev() {
             if p.end <= offset {
                 break;
             }
             if p.lsn <= cut {
                 return None;
+            }
+            // The same range written again while its deferred piece is live (a hot block
+            // between two FLUSHes; being exact, it is the only piece there): the piece is the
+            // new record's now, nothing else changes.
+            if defer_max > 0 && s == offset && p.end == end && p.deferred {
+                p.lsn = lsn;
+                return Some(true);
             }
             hit = true;
         }
