@@ -35,6 +35,8 @@
 //!                                   #   in the image); "off" logs every write's data
 //! defer_max = "1G"                  # smaller writes' bytes are logged at the next FLUSH or
 //!                                   #   cut, up to this much at a time; "off": with each write
+//! image_flush_min = "64M"           # a FLUSH facing this much of them syncs the image
+//!                                   #   instead of logging them; "off": always logs them
 //! checkpoint_interval = "5s"        # background checkpoint (image synced) this often; "off"
 //! checkpoint_bytes = "256M"         #   ... and after this much log since the last one
 //! hot_limit = 1024                  #   ... and when more extents than this are hot (what a
@@ -137,12 +139,29 @@ pub struct LogConfig {
     /// Bytes of small writes whose logging waits for the next FLUSH or cut, e.g. "1G"
     /// (default), or "off".
     pub defer_max: Option<String>,
+    /// Deferred bytes from which a FLUSH syncs the image instead of logging them, e.g.
+    /// "64M" (default), or "off".
+    pub image_flush_min: Option<String>,
     /// Time between background checkpoints, e.g. "5s" (default), or "off".
     pub checkpoint_interval: Option<String>,
     /// Log bytes between checkpoints, e.g. "256M" (default).
     pub checkpoint_bytes: Option<String>,
     /// Hot extents that ask for a checkpoint (default 1024).
     pub hot_limit: Option<usize>,
+}
+
+/// A `[log]` size that may be "off" (0); an explicit 0 is refused, as it reads like "no
+/// limit" to some and "never" to others.
+fn size_or_off(key: &str, s: &str) -> Result<u64, String> {
+    if s == "off" {
+        return Ok(0);
+    }
+    match parse_size(s).map_err(|e| format!("log.{key}: {e}"))? {
+        0 => Err(format!(
+            "log.{key} must be more than 0 (or \"off\"), got {s}"
+        )),
+        n => Ok(n),
+    }
 }
 
 impl LogConfig {
@@ -176,17 +195,11 @@ impl LogConfig {
                 }
             }
         }
-        match self.defer_max.as_deref() {
-            None => {}
-            Some("off") => o.defer_max = 0,
-            Some(s) => {
-                o.defer_max = parse_size(s).map_err(|e| format!("log.defer_max: {e}"))?;
-                if o.defer_max == 0 {
-                    return Err(format!(
-                        "log.defer_max must be more than 0 (or \"off\"), got {s}"
-                    ));
-                }
-            }
+        if let Some(s) = &self.defer_max {
+            o.defer_max = size_or_off("defer_max", s)?;
+        }
+        if let Some(s) = &self.image_flush_min {
+            o.image_flush_min = size_or_off("image_flush_min", s)?;
         }
         match self.checkpoint_interval.as_deref() {
             None => {}
@@ -316,6 +329,15 @@ mod tests {
         assert!(defer("0").unwrap_err().contains("log.defer_max"));
         assert!(defer("lots").unwrap_err().contains("log.defer_max"));
         assert_eq!(o.defer_max, crate::changelog::DEFAULT_DEFER_MAX);
+        let image = |v: &str| {
+            Config::parse(&format!("[log]\nimage_flush_min = \"{v}\"\n"))
+                .and_then(|c| c.log.options())
+        };
+        assert_eq!(image("8M").unwrap().image_flush_min, 8 << 20);
+        assert_eq!(image("off").unwrap().image_flush_min, 0);
+        assert!(image("0").unwrap_err().contains("log.image_flush_min"));
+        assert!(image("some").unwrap_err().contains("log.image_flush_min"));
+        assert_eq!(o.image_flush_min, crate::changelog::DEFAULT_IMAGE_FLUSH_MIN);
     }
 
     #[test]

@@ -45,7 +45,7 @@ use thiserror::Error;
 use tracing::{debug, warn};
 
 use crate::changelog::durable::{Durability, FileSync, Target};
-use crate::changelog::extent::ExtentMap;
+use crate::changelog::extent::{ExtentMap, Pass};
 use crate::changelog::format::{Kind, FLAG_FUA, FLAG_MAY_TRIM};
 use crate::changelog::{ChangeLog, DirtyMap, LogError, LogOptions, RecoveryReport};
 use crate::mapped::ImageMap;
@@ -106,6 +106,9 @@ struct Tracking {
     /// Small writes logged inline are deferred while the deferred bytes stay within this
     /// (`0`: never; see [`crate::changelog::extent`], "Deferred small writes").
     defer_max: u64,
+    /// A FLUSH facing at least this many live deferred bytes syncs the image instead of
+    /// logging them (`0`: never).
+    image_flush_min: u64,
 }
 
 impl Tracking {
@@ -128,14 +131,26 @@ impl Tracking {
                 u64::MAX => 0,
                 _ => opts.defer_max,
             },
+            image_flush_min: opts.image_flush_min,
         })
     }
 
-    /// Logs the bytes of the deferred small writes (before a FLUSH's sync round). If the
-    /// image cannot be read for it, the sync round syncs the image instead, which makes
-    /// them durable where they are.
+    /// Makes the deferred small writes durable with the FLUSH's sync round: logs the bytes
+    /// of the live ones (the synced ones are durable in the image already). With at least
+    /// `image_flush_min` bytes of them, or when the image cannot be read for it, the sync
+    /// round syncs the image instead, which makes them durable where they are: one write of
+    /// each dirty block instead of a copy into the log now and the image's write-back at the
+    /// next checkpoint (see [`crate::changelog::extent`], "Deferred small writes").
     fn log_deferred(&self) {
-        if let Err(e) = self.extents.log_deferred(&self.log) {
+        let live = self.extents.settle(&self.log);
+        if live == 0 {
+            return;
+        }
+        if self.image_flush_min > 0 && live >= self.image_flush_min {
+            self.log.note_image_dependent(self.log.last_lsn());
+            return;
+        }
+        if let Err(e) = self.extents.log_deferred(&self.log, Pass::Flush) {
             warn!(
                 disk = %self.log.dir().display(),
                 "cannot log the bytes of deferred writes ({e}); this FLUSH syncs the image instead"
@@ -397,7 +412,7 @@ impl Disk {
         for d in disks {
             if let Some(t) = read_lock(&d.inner.tracking).as_ref() {
                 t.extents
-                    .log_deferred(&t.log)
+                    .log_deferred(&t.log, Pass::Cut)
                     .map_err(|e| deferred_error(&t.log, e))?;
             }
         }
@@ -416,7 +431,7 @@ impl Disk {
             match guards[i].as_ref() {
                 Some(t) => {
                     t.extents
-                        .log_deferred(&t.log)
+                        .log_deferred(&t.log, Pass::Cut)
                         .map_err(|e| deferred_error(&t.log, e))?;
                     let lsn = t.log.barrier()?;
                     // Writes from here on save the bytes of this cut's extents first.

@@ -30,7 +30,8 @@
 //!
 //! **Deferred small writes** ([`deferred`]): small writes logged inline are extents too
 //! (flagged deferred) until a FLUSH or cut logs their bytes; the map keeps them as *deferred
-//! pieces*, which follow every rule here, and a cut never holds one.
+//! pieces*, which follow every rule here, and a cut never holds one. Those the image holds
+//! durably already are *synced*: a FLUSH skips them, a cut still logs them.
 //!
 //! **Replay** (recovery's redo, `standby log replay`): an extent applies nothing (its bytes are
 //! in the image), and a record applies nothing inside a range that a later extent covers — the
@@ -47,6 +48,10 @@
 //! range it saves is overwritten. Overlapping requests are serialized by the log (its range
 //! lock), so `before_write`, the image write and `insert` of one request never race another
 //! request over the same bytes.
+//!
+//! A little over 700 lines: the pieces, copy-before-write and the shipper's rebuild of an
+//! extent share one lock and the invariants above, so they are kept in one read; deferred
+//! pieces ([`deferred`]) and the tests are in files of their own.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -58,6 +63,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use bytes::Bytes;
 
 mod deferred;
+
+pub use deferred::Pass;
 
 #[cfg(any(test, feature = "testing"))]
 pub use deferred::DEFERRED_LOGGED;
@@ -155,11 +162,19 @@ struct Inner {
     /// Preimages by extent LSN.
     saved: BTreeMap<u64, Vec<Saved>>,
     files: HashMap<u64, SideFile>,
-    /// Start offsets of the deferred pieces newer than the cut (the *live* ones, which the
-    /// next FLUSH must log), so that a FLUSH finds them without walking every piece.
+    /// Start offsets of the deferred pieces newer than the cut and than `synced_lsn` (the
+    /// *live* ones, which the next FLUSH must log), so that a FLUSH finds them without
+    /// walking every piece.
     live: BTreeSet<u64>,
     /// Their bytes.
     deferred: u64,
+    /// Deferred pieces newer than the cut are *synced* up to this LSN: the image holding
+    /// their bytes is durable where recovery trusts it (see [`deferred`], "Synced pieces"),
+    /// so a FLUSH skips them; a cut still logs them.
+    synced_lsn: u64,
+    /// Start offsets of the synced deferred pieces newer than the cut, and their bytes.
+    synced: BTreeSet<u64>,
+    synced_bytes: u64,
 }
 
 impl Inner {
@@ -168,26 +183,27 @@ impl Inner {
     fn remove(&mut self, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
         let hit = cut_out(&mut self.pieces, start, end);
         let cut = self.cut_lsn;
-        let mut live_hit = false;
+        let mut deferred_hit = false;
         for &(a, b, lsn, deferred) in &hit {
             if deferred && lsn > cut {
-                self.deferred = self.deferred.saturating_sub(b - a);
-                live_hit = true;
+                let n = self.bytes_of(lsn);
+                *n = n.saturating_sub(b - a);
+                deferred_hit = true;
             }
         }
-        if live_hit {
+        if deferred_hit {
             // A piece starting before `start` kept its key; those starting inside are gone,
             // and what ran past `end` is a piece starting at `end` now.
-            let gone: Vec<u64> = self.live.range(start..end).copied().collect();
-            for k in gone {
-                self.live.remove(&k);
+            for set in [&mut self.live, &mut self.synced] {
+                let gone: Vec<u64> = set.range(start..end).copied().collect();
+                for k in gone {
+                    set.remove(&k);
+                }
             }
-            if self
-                .pieces
-                .get(&end)
-                .is_some_and(|p| p.deferred && p.lsn > cut)
-            {
-                self.live.insert(end);
+            if let Some(&p) = self.pieces.get(&end) {
+                if p.deferred && p.lsn > cut {
+                    self.index_of(p.lsn).insert(end);
+                }
             }
         }
         hit.into_iter().map(|(a, b, lsn, _)| (a, b, lsn)).collect()
@@ -209,26 +225,8 @@ impl Inner {
             .is_none_or(|(_, p)| p.end <= offset));
         self.pieces.insert(offset, Piece { end, lsn, deferred });
         if deferred && lsn > self.cut_lsn {
-            self.deferred += end - offset;
-            self.live.insert(offset);
-        }
-    }
-
-    /// After the cut LSN moved: deferred pieces it covers are extents of a cut like any
-    /// other (their bytes are needed by that cut; a FLUSH no longer logs them).
-    fn retire_cut_deferred(&mut self) {
-        let cut = self.cut_lsn;
-        let keys: Vec<u64> = self.live.iter().copied().collect();
-        for k in keys {
-            match self.pieces.get_mut(&k) {
-                Some(p) if p.lsn > cut => continue,
-                Some(p) => {
-                    p.deferred = false;
-                    self.deferred = self.deferred.saturating_sub(p.end - k);
-                }
-                None => {}
-            }
-            self.live.remove(&k);
+            *self.bytes_of(lsn) += end - offset;
+            self.index_of(lsn).insert(offset);
         }
     }
 }
@@ -339,6 +337,9 @@ impl ExtentMap {
                 files: HashMap::new(),
                 live: BTreeSet::new(),
                 deferred: 0,
+                synced_lsn: 0,
+                synced: BTreeSet::new(),
+                synced_bytes: 0,
             }),
         });
         if log.state().is_healthy() {
@@ -441,6 +442,9 @@ impl ExtentMap {
         inner.files.clear();
         inner.live.clear();
         inner.deferred = 0;
+        inner.synced_lsn = 0;
+        inner.synced.clear();
+        inner.synced_bytes = 0;
         self.remove_side_files(|_, c| c != chain);
     }
 
@@ -465,7 +469,7 @@ impl ExtentMap {
         let mut inner = lock(&self.inner);
         self.follow_chain(&mut inner, log);
         inner.cut_lsn = inner.cut_lsn.max(lsn);
-        if !inner.live.is_empty() {
+        if !inner.live.is_empty() || !inner.synced.is_empty() {
             inner.retire_cut_deferred();
         }
         let segs = log.segments();
@@ -473,14 +477,22 @@ impl ExtentMap {
         // Pieces of released (shipped) extents are needed by no cut any more.
         if let Some(first_lsn) = segs.first().map(|s| s.first_lsn) {
             inner.pieces.retain(|_, p| p.lsn >= first_lsn);
-            if !inner.live.is_empty() {
-                let Inner { live, pieces, .. } = &mut *inner;
-                live.retain(|k| pieces.contains_key(k));
-                inner.deferred = inner
-                    .live
-                    .iter()
-                    .filter_map(|k| inner.pieces.get(k).map(|p| p.end - k))
-                    .sum();
+            let Inner {
+                live,
+                synced,
+                pieces,
+                deferred,
+                synced_bytes,
+                ..
+            } = &mut *inner;
+            for (set, bytes) in [(live, deferred), (synced, synced_bytes)] {
+                if !set.is_empty() {
+                    set.retain(|k| pieces.contains_key(k));
+                    *bytes = set
+                        .iter()
+                        .filter_map(|k| pieces.get(k).map(|p| p.end - k))
+                        .sum();
+                }
             }
         }
         let gone: Vec<u64> = inner.files.keys().copied().filter(|&s| s < first).collect();
@@ -533,8 +545,9 @@ impl ExtentMap {
             return None;
         }
         let end = offset.saturating_add(len);
-        let cut = inner.cut_lsn;
+        let (cut, synced_lsn) = (inner.cut_lsn, inner.synced_lsn);
         let mut hit = false;
+        let mut renumbered = None;
         // Pieces never overlap, so walking back from the last one that starts before `end`,
         // the ends decrease too: the first one ending at or before `offset` ends the walk.
         for (&s, p) in inner.pieces.range_mut(..end).rev() {
@@ -546,17 +559,28 @@ impl ExtentMap {
             }
             // The same range written again while its deferred piece is live (a hot block
             // between two FLUSHes; being exact, it is the only piece there): the piece is the
-            // new record's now, nothing else changes.
+            // new record's now, nothing else changes — unless it was synced, when it is
+            // live again (its new bytes are not durable).
             if defer_max > 0 && s == offset && p.end == end && p.deferred {
-                p.lsn = lsn;
-                return Some(true);
+                renumbered = Some(std::mem::replace(&mut p.lsn, lsn));
+                break;
             }
             hit = true;
+        }
+        if let Some(old) = renumbered {
+            if old <= synced_lsn && lsn > synced_lsn {
+                inner.synced.remove(&offset);
+                inner.synced_bytes = inner.synced_bytes.saturating_sub(len);
+                inner.live.insert(offset);
+                inner.deferred += len;
+            }
+            return Some(true);
         }
         if hit {
             inner.remove(offset, end);
         }
-        let deferred = defer_max > 0 && inner.deferred.saturating_add(len) <= defer_max;
+        let held = inner.deferred + inner.synced_bytes;
+        let deferred = defer_max > 0 && held.saturating_add(len) <= defer_max;
         if deferred {
             inner.insert_free(lsn, offset, len, true);
         }
@@ -697,55 +721,4 @@ mod model_tests;
 mod deferred_tests;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cut_out_splits_pieces() {
-        let mut p = BTreeMap::new();
-        let piece = |end, lsn, deferred| Piece { end, lsn, deferred };
-        p.insert(0, piece(100, 1, false));
-        p.insert(200, piece(300, 2, true));
-        let hit = cut_out(&mut p, 50, 250);
-        assert_eq!(hit, vec![(50, 100, 1, false), (200, 250, 2, true)]);
-        assert_eq!(p.get(&0), Some(&piece(50, 1, false)));
-        assert_eq!(p.get(&250), Some(&piece(300, 2, true)));
-        assert_eq!(p.len(), 2);
-        let hit = cut_out(&mut p, 10, 20);
-        assert_eq!(hit, vec![(10, 20, 1, false)]);
-        assert_eq!(p.len(), 3);
-        assert!(cut_out(&mut p, 100, 200).is_empty());
-        assert!(cut_out(&mut p, 15, 15).is_empty());
-        // Pieces now: [0,10) [20,50) [250,300). One range over all of them, whole or not.
-        let hit = cut_out(&mut p, 5, 260);
-        assert_eq!(
-            hit,
-            vec![(5, 10, 1, false), (20, 50, 1, false), (250, 260, 2, true)]
-        );
-        assert_eq!(p.get(&0), Some(&piece(5, 1, false)));
-        assert_eq!(p.get(&260), Some(&piece(300, 2, true)));
-        assert_eq!(p.len(), 2);
-        // One piece running past both ends of the range.
-        let hit = cut_out(&mut p, 270, 280);
-        assert_eq!(hit, vec![(270, 280, 2, true)]);
-        assert_eq!(p.get(&260), Some(&piece(270, 2, true)));
-        assert_eq!(p.get(&280), Some(&piece(300, 2, true)));
-    }
-
-    #[test]
-    fn side_file_names_and_entries() {
-        let n = side_file_name(7, 0xabc);
-        assert_eq!(parse_side_file_name(&n), Some((7, 0xabc)));
-        assert_eq!(parse_side_file_name("00000000000000000007.log"), None);
-        let data = vec![5u8; 300];
-        let mut b = encode_entry(9, 4096, &data).to_vec();
-        b.extend_from_slice(&data);
-        assert_eq!(decode_entry(&b, 0), Some((9, 4096, 300, 32)));
-        for i in 0..b.len() {
-            let mut c = b.clone();
-            c[i] ^= 1;
-            assert_eq!(decode_entry(&c, 0), None, "byte {i}");
-            assert_eq!(decode_entry(&b[..i], 0), None, "cut at {i}");
-        }
-    }
-}
+mod tests;

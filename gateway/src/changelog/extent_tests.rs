@@ -43,9 +43,10 @@ fn fixture(seed: u64) -> Fixture {
     }
 }
 
-fn opts(segment_size: u64) -> LogOptions {
+fn opts(segment_size: u64, image_flush_min: u64) -> LogOptions {
     LogOptions {
         segment_size,
+        image_flush_min,
         min_free_bytes: 0,
         min_free_percent: 0,
         extent_min: BIG,
@@ -53,8 +54,9 @@ fn opts(segment_size: u64) -> LogOptions {
     }
 }
 
-fn open(f: &Fixture, seg: u64) -> Disk {
-    let (d, report) = Disk::open_tracked("d", &f.image, &f.log, "disk-id", opts(seg)).unwrap();
+fn open(f: &Fixture, seg: u64, flush_min: u64) -> Disk {
+    let o = opts(seg, flush_min);
+    let (d, report) = Disk::open_tracked("d", &f.image, &f.log, "disk-id", o).unwrap();
     assert_eq!(report.state, LogState::Healthy);
     d
 }
@@ -75,8 +77,11 @@ enum Op {
         len: u64,
     },
     Cut,
-    /// FLUSH: logs the bytes of the deferred small writes.
+    /// FLUSH: logs the bytes of the deferred small writes (or syncs the image, past
+    /// `image_flush_min`).
     Flush,
+    /// A checkpoint: the deferred writes up to it are synced (a FLUSH skips them).
+    Checkpoint,
     /// Ship the oldest pending cut, or (`skip`) the newest, skipping the ones between.
     Ship {
         skip: bool,
@@ -104,6 +109,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
         1 => arb_range().prop_map(|(off, len)| Op::Zero { off, len }),
         3 => Just(Op::Cut),
         2 => Just(Op::Flush),
+        1 => Just(Op::Checkpoint),
         3 => any::<bool>().prop_map(|skip| Op::Ship { skip }),
         1 => any::<bool>().prop_map(|clean| Op::Reopen { clean }),
     ]
@@ -141,6 +147,7 @@ proptest! {
     fn shipped_cuts_equal_the_model(
         ops in proptest::collection::vec(arb_op(), 1..60),
         seg in prop_oneof![Just(64u64 << 10), Just(1 << 20)],
+        flush_min in prop_oneof![Just(0u64), Just(8192), Just(64 << 20)],
     ) {
         let f = fixture(11);
         let rt = rt();
@@ -148,7 +155,7 @@ proptest! {
         let mut replica = f.initial.clone();
         let mut shipped = 0u64;
         let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut disk = open(&f, seg);
+        let mut disk = open(&f, seg, flush_min);
         for op in &ops {
             match op.clone() {
                 Op::Write { off, len, seed } => {
@@ -170,6 +177,9 @@ proptest! {
                     rt.block_on(disk.write_zeroes(off, len, ZeroFlags::default())).unwrap();
                 }
                 Op::Flush => rt.block_on(disk.flush()).unwrap(),
+                Op::Checkpoint => {
+                    disk.change_log().unwrap().checkpoint().unwrap();
+                }
                 Op::Cut => {
                     let lsn = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
                     pending.push((lsn, model.clone()));
@@ -195,7 +205,7 @@ proptest! {
                         disk.change_log().unwrap().wait_sealed().unwrap();
                     }
                     drop(disk);
-                    disk = open(&f, seg);
+                    disk = open(&f, seg, flush_min);
                 }
             }
             prop_assert!(disk.change_log().unwrap().state().is_healthy());
@@ -229,7 +239,7 @@ proptest! {
 fn an_overwritten_extent_ships_its_preimage_across_a_restart() {
     let f = fixture(5);
     let rt = rt();
-    let disk = open(&f, 1 << 20);
+    let disk = open(&f, 1 << 20, 0);
     let a = pattern(BIG * 2, 1);
     rt.block_on(disk.write(0, a.clone(), false)).unwrap();
     let cut = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
@@ -245,7 +255,7 @@ fn an_overwritten_extent_ships_its_preimage_across_a_restart() {
     assert_eq!(saved, 1000 + BIG, "only the overwritten parts were saved");
     rt.block_on(disk.close()).unwrap();
     drop(disk);
-    let disk = open(&f, 1 << 20);
+    let disk = open(&f, 1 << 20, 0);
     let mut replica = f.initial.clone();
     let mut shipped = 0;
     ship(&disk, &mut replica, &mut shipped, cut);
@@ -259,7 +269,7 @@ fn an_overwritten_extent_ships_its_preimage_across_a_restart() {
 fn backlog_counts_the_bytes_of_extents() {
     let f = fixture(6);
     let rt = rt();
-    let disk = open(&f, 1 << 20);
+    let disk = open(&f, 1 << 20, 0);
     let log = disk.change_log().unwrap().clone();
     let empty = log.unshipped_bytes();
     rt.block_on(disk.write(0, pattern(BIG * 4, 3), false))
@@ -282,7 +292,7 @@ fn backlog_counts_the_bytes_of_extents() {
     );
     rt.block_on(disk.close()).unwrap();
     drop(disk);
-    let disk = open(&f, 1 << 20);
+    let disk = open(&f, 1 << 20, 0);
     let log = disk.change_log().unwrap();
     let again = log.sealed_segments();
     assert_eq!(again[0].extent_bytes, BIG * 4, "recomputed at open");
@@ -301,7 +311,7 @@ fn small_writes_over_uncut_extents_stay_inline() {
     // into a cold extent syncs the log first (not inline either).
     let o = LogOptions {
         checkpoint_interval: None,
-        ..opts(1 << 20)
+        ..opts(1 << 20, 0)
     };
     let (disk, _) = Disk::open_tracked("d", &f.image, &f.log, "disk-id", o).unwrap();
     let mut model = f.initial.clone();

@@ -80,6 +80,9 @@ pub const DEFAULT_HOT_LIMIT: usize = 1024;
 /// Default bound on the bytes of deferred small writes (see [`LogOptions::defer_max`]).
 pub const DEFAULT_DEFER_MAX: u64 = 1 << 30;
 
+/// Default for [`LogOptions::image_flush_min`].
+pub const DEFAULT_IMAGE_FLUSH_MIN: u64 = 64 << 20;
+
 /// Tunables of a change log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogOptions {
@@ -106,6 +109,10 @@ pub struct LogOptions {
     /// at the next FLUSH or cut) while the bytes so held stay below this; `0`: never (every
     /// small write's bytes are logged with it). See [`extent`], "Deferred small writes".
     pub defer_max: u64,
+    /// A FLUSH that finds at least this many bytes of deferred small writes to log syncs the
+    /// image instead (they are then durable where they are, and later FLUSHes skip them);
+    /// `0`: never. See [`extent`], "Deferred small writes".
+    pub image_flush_min: u64,
 }
 
 impl Default for LogOptions {
@@ -120,6 +127,7 @@ impl Default for LogOptions {
             hot_limit: DEFAULT_HOT_LIMIT,
             extent_min: extent::DEFAULT_EXTENT_MIN,
             defer_max: DEFAULT_DEFER_MAX,
+            image_flush_min: DEFAULT_IMAGE_FLUSH_MIN,
         }
     }
 }

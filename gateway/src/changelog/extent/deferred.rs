@@ -10,11 +10,14 @@
 //!
 //! **What holds** (beside the rules of the parent module, which a deferred piece follows as
 //! any piece of an extent):
-//! * *Durability.* A FLUSH logs every deferred piece (one forward pass over the disk, every
-//!   LSN) before its sync round, which then syncs the log only: a write acknowledged before
-//!   the FLUSH is either logged with its bytes by that pass or covered by a later record
-//!   (whose own bytes are logged or in the image as any record's are). If the image cannot
-//!   be read, the FLUSH syncs the image instead (`note_image_dependent`).
+//! * *Durability.* A FLUSH logs every live deferred piece (one forward pass over the disk,
+//!   every LSN) before its sync round, which then syncs the log only: a write acknowledged
+//!   before the FLUSH is either logged with its bytes by that pass, synced already (see
+//!   "Synced pieces" below), or covered by a later record (whose own bytes are logged or in
+//!   the image as any record's are). With at least `image_flush_min` live bytes, or if the
+//!   image cannot be read, the FLUSH syncs the image instead (`note_image_dependent`: the
+//!   round syncs the image after every change up to the last LSN reached it, then appends
+//!   the image-synced barrier that its log sync makes durable).
 //! * *Cuts.* [`crate::Disk::cut`] runs a pass while writes go on, then another with writes
 //!   paused, right before the barrier: a cut holds no deferred piece, so no copy-before-write
 //!   is ever needed for one (a write-once overwrite after a cut would otherwise save and sync
@@ -32,10 +35,28 @@
 //! * *Bound.* A write is deferred only while the deferred bytes stay within
 //!   [`crate::changelog::LogOptions::defer_max`] (default 1 GiB), which bounds a FLUSH's or
 //!   a cut's logging; past it, small writes log their data with them as before.
+//!
+//! **Synced pieces.** A deferred piece whose record is at or below the LSN through which
+//! recovery after a host crash trusts the image ([`ChangeLog::image_trusted`]: the recorded
+//! redo point of a checkpoint, or a sync round's image-synced barrier) has its bytes durable
+//! where they are: the image was synced after the write reached it, nothing has changed
+//! them since (any later change cuts the piece), and neither replay nor the relogging of
+//! hot extents can put older bytes there (replay starts after the redo point and lets an
+//! extent up to a barrier supersede earlier records). Such a piece is *synced*: a FLUSH's
+//! pass ([`Pass::Flush`]) skips it, a cut's pass ([`Pass::Cut`]) still logs it (a cut holds
+//! no deferred piece). [`ExtentMap::settle`] moves pieces from the live index to the synced
+//! one when that LSN has moved (one walk of the live index each time: after a checkpoint,
+//! or after a FLUSH that synced the image). So the pieces written before the background
+//! checkpoint cost a FLUSH nothing, and a FLUSH facing many deferred bytes may sync the
+//! image instead of copying them into the log (`LogOptions::image_flush_min`); the pieces
+//! are then synced for the FLUSHes that follow. A piece written again gets a new LSN and is
+//! live again.
 
 use std::io;
 
-use super::{lock, ExtentMap};
+use std::collections::BTreeSet;
+
+use super::{lock, ExtentMap, Inner};
 use crate::changelog::format::FLAG_DEFERRED;
 use crate::changelog::ChangeLog;
 
@@ -49,10 +70,101 @@ const _: () = assert!(FLAG_DEFERRED != 0);
 #[cfg(any(test, feature = "testing"))]
 pub static DEFERRED_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+impl Inner {
+    /// The index a deferred piece of record `lsn` newer than the cut belongs in: live, or
+    /// synced.
+    pub(super) fn index_of(&mut self, lsn: u64) -> &mut BTreeSet<u64> {
+        match lsn > self.synced_lsn {
+            true => &mut self.live,
+            false => &mut self.synced,
+        }
+    }
+
+    /// The byte count of [`Inner::index_of`]'s index.
+    pub(super) fn bytes_of(&mut self, lsn: u64) -> &mut u64 {
+        match lsn > self.synced_lsn {
+            true => &mut self.deferred,
+            false => &mut self.synced_bytes,
+        }
+    }
+
+    /// After the cut LSN moved: deferred pieces it covers are extents of a cut like any
+    /// other (their bytes are needed by that cut; a FLUSH no longer logs them).
+    pub(super) fn retire_cut_deferred(&mut self) {
+        let cut = self.cut_lsn;
+        let keys: Vec<u64> = self.live.iter().chain(&self.synced).copied().collect();
+        for k in keys {
+            let lsn = match self.pieces.get_mut(&k) {
+                Some(p) if p.lsn > cut => continue,
+                Some(p) => {
+                    p.deferred = false;
+                    let (lsn, len) = (p.lsn, p.end - k);
+                    let n = self.bytes_of(lsn);
+                    *n = n.saturating_sub(len);
+                    lsn
+                }
+                None => continue,
+            };
+            self.index_of(lsn).remove(&k);
+        }
+    }
+}
+
+/// Which deferred pieces a pass logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// A FLUSH's: the live ones (not synced).
+    Flush,
+    /// A cut's: all newer than the last cut, synced or not.
+    Cut,
+}
+
 impl ExtentMap {
-    /// Bytes of deferred pieces newer than the last cut (what the next FLUSH logs).
+    /// Bytes of the live deferred pieces (newer than the last cut, not synced): what the
+    /// next FLUSH logs.
     pub fn deferred_bytes(&self) -> u64 {
         lock(&self.inner).deferred
+    }
+
+    /// Bytes of the synced deferred pieces (which a FLUSH skips and a cut logs).
+    pub fn synced_bytes(&self) -> u64 {
+        lock(&self.inner).synced_bytes
+    }
+
+    /// Brings the synced index up to the log's trusted image LSN
+    /// ([`ChangeLog::image_trusted`]): the live pieces at or below it become synced (see
+    /// "Synced pieces"). Returns the live bytes left, what the FLUSH's pass would log.
+    pub fn settle(&self, log: &ChangeLog) -> u64 {
+        let (chain, trusted) = log.image_trusted();
+        let mut inner = lock(&self.inner);
+        self.follow_chain(&mut inner, log);
+        if inner.chain_id != chain || trusted <= inner.synced_lsn {
+            return inner.deferred;
+        }
+        inner.synced_lsn = trusted;
+        if inner.live.is_empty() {
+            return 0;
+        }
+        let Inner {
+            live,
+            synced,
+            pieces,
+            deferred,
+            synced_bytes,
+            ..
+        } = &mut *inner;
+        let mut moved = BTreeSet::new();
+        live.retain(|&k| match pieces.get(&k) {
+            Some(p) if p.lsn <= trusted => {
+                *deferred = deferred.saturating_sub(p.end - k);
+                *synced_bytes += p.end - k;
+                moved.insert(k);
+                false
+            }
+            _ => true,
+        });
+        synced.append(&mut moved);
+        *deferred
     }
 
     /// Testing only: every piece, as `[start, end)`.
@@ -65,42 +177,50 @@ impl ExtentMap {
             .collect()
     }
 
-    /// Testing only: the index of live deferred pieces and their byte count match the
-    /// pieces themselves.
+    /// Testing only: the indexes of live and synced deferred pieces and their byte counts
+    /// match the pieces themselves.
     #[cfg(any(test, feature = "testing"))]
     pub fn check_deferred_index(&self) -> Result<(), String> {
         let inner = lock(&self.inner);
-        let cut = inner.cut_lsn;
-        let want: Vec<u64> = inner
-            .pieces
-            .iter()
-            .filter(|(_, p)| p.deferred && p.lsn > cut)
-            .map(|(&s, _)| s)
-            .collect();
-        let have: Vec<u64> = inner.live.iter().copied().collect();
-        if want != have {
-            return Err(format!("live index {have:?}, deferred pieces {want:?}"));
-        }
-        let bytes: u64 = want.iter().map(|s| inner.pieces[s].end - s).sum();
-        if bytes != inner.deferred {
-            return Err(format!(
-                "{} deferred bytes counted, {bytes} held",
-                inner.deferred
-            ));
+        let (cut, synced) = (inner.cut_lsn, inner.synced_lsn);
+        for (name, index, counted, is_live) in [
+            ("live", &inner.live, inner.deferred, true),
+            ("synced", &inner.synced, inner.synced_bytes, false),
+        ] {
+            let want: Vec<u64> = inner
+                .pieces
+                .iter()
+                .filter(|(_, p)| p.deferred && p.lsn > cut && (p.lsn > synced) == is_live)
+                .map(|(&s, _)| s)
+                .collect();
+            let have: Vec<u64> = index.iter().copied().collect();
+            if want != have {
+                return Err(format!("{name} index {have:?}, deferred pieces {want:?}"));
+            }
+            let bytes: u64 = want.iter().map(|s| inner.pieces[s].end - s).sum();
+            if bytes != counted {
+                return Err(format!(
+                    "{counted} {name} deferred bytes counted, {bytes} held"
+                ));
+            }
         }
         Ok(())
     }
 
-    /// Logs the image's bytes of every deferred piece newer than the last cut as write
+    /// Logs the image's bytes of the deferred pieces newer than the last cut that `pass`
+    /// takes (a FLUSH's: the live ones, after [`Self::settle`]; a cut's: all) as write
     /// records, in one forward pass over the disk; writes may go on meanwhile (pieces added
     /// behind the pass are left for the next one). Returns the bytes logged. Blocking.
-    pub fn log_deferred(&self, log: &ChangeLog) -> io::Result<u64> {
+    pub fn log_deferred(&self, log: &ChangeLog, pass: Pass) -> io::Result<u64> {
+        if pass == Pass::Flush {
+            self.settle(log);
+        }
         let mut from = 0u64;
         let mut logged = 0u64;
-        while let Some((start, end)) = self.deferred_run(log, from) {
+        while let Some((start, end)) = self.deferred_run(log, from, pass) {
             let (mut next, mut got) = (end, 0);
             let lsn = log.log_image_bytes(start, end, || {
-                let Some((a, b)) = self.held_run(start, end) else {
+                let Some((a, b)) = self.held_run(start, end, pass) else {
                     return Ok(None);
                 };
                 let data = crate::fastio::pread_exact(&self.image, a, (b - a) as usize)?;
@@ -119,13 +239,22 @@ impl ExtentMap {
         Ok(logged)
     }
 
-    /// The first run of adjacent deferred pieces newer than the cut that starts at or after
-    /// `from`, at most [`RUN_MAX`] long (unless its first piece is longer).
-    fn deferred_run(&self, log: &ChangeLog, from: u64) -> Option<(u64, u64)> {
+    /// The first run of adjacent deferred pieces newer than the cut that `pass` takes and
+    /// that starts at or after `from`, at most [`RUN_MAX`] long (unless its first piece is
+    /// longer).
+    fn deferred_run(&self, log: &ChangeLog, from: u64, pass: Pass) -> Option<(u64, u64)> {
         let mut inner = lock(&self.inner);
         self.follow_chain(&mut inner, log);
         let mut run: Option<(u64, u64)> = None;
-        for &s in inner.live.range(from..) {
+        let mut live = inner.live.range(from..).copied().peekable();
+        let mut synced = inner.synced.range(from..).copied().peekable();
+        // The live index alone, or both merged by offset.
+        let keys = std::iter::from_fn(|| match (pass, live.peek(), synced.peek()) {
+            (Pass::Cut, Some(&a), Some(&b)) if b < a => synced.next(),
+            (Pass::Cut, None, Some(_)) => synced.next(),
+            _ => live.next(),
+        });
+        for s in keys {
             let Some(p) = inner.pieces.get(&s) else { break };
             match run {
                 None => run = Some((s, p.end)),
@@ -137,15 +266,18 @@ impl ExtentMap {
     }
 
     /// With `[start, end)` held by the log: the first run of adjacent deferred pieces newer
-    /// than the cut inside it, clipped to it (requests that ran since [`Self::deferred_run`]
-    /// may have replaced or split pieces).
-    fn held_run(&self, start: u64, end: u64) -> Option<(u64, u64)> {
+    /// than the cut that `pass` takes inside it, clipped to it (requests that ran since
+    /// [`Self::deferred_run`] may have replaced or split pieces).
+    fn held_run(&self, start: u64, end: u64, pass: Pass) -> Option<(u64, u64)> {
         let inner = lock(&self.inner);
-        let cut = inner.cut_lsn;
+        let floor = match pass {
+            Pass::Flush => inner.cut_lsn.max(inner.synced_lsn),
+            Pass::Cut => inner.cut_lsn,
+        };
         let first = super::first_overlapping(&inner.pieces, start);
         let mut run: Option<(u64, u64)> = None;
         for (&s, p) in inner.pieces.range(first..end) {
-            let live = p.deferred && p.lsn > cut;
+            let live = p.deferred && p.lsn > floor;
             let (a, b) = (s.max(start), p.end.min(end));
             match run {
                 None if live => run = Some((a, b)),

@@ -146,6 +146,98 @@ fn a_cut_holds_no_deferred_write_and_ships_exactly() {
     rt.block_on(disk.close()).unwrap();
 }
 
+/// The write records a pass logged (not the warm-up's block), as (offset, length).
+fn logged_writes(recs: &[RecordHeader]) -> Vec<(u64, u64)> {
+    recs.iter()
+        .filter(|h| h.kind == Kind::Write && h.offset < SIZE - 4096)
+        .map(|h| (h.offset, h.length))
+        .collect()
+}
+
+#[test]
+fn synced_pieces_are_skipped_by_a_flush_and_logged_by_a_cut() {
+    let f = fixture();
+    let rt = rt();
+    let disk = open(&f, opts());
+    let log = disk.change_log().unwrap();
+    let map = super::registered(log.dir()).unwrap();
+    warm(&disk);
+    for off in [0, 4096, 16384] {
+        inline(&disk, off, &[off as u8 + 1; 4096]);
+    }
+    assert_eq!(map.deferred_bytes(), 12288);
+    // A checkpoint records a redo point past them: their bytes are durable in the image.
+    let c = log.checkpoint().unwrap();
+    assert_eq!(log.image_trusted(), (log.chain_id(), c));
+    let n = records(&disk).len();
+    rt.block_on(disk.flush()).unwrap();
+    let recs = records(&disk).split_off(n);
+    assert_eq!(logged_writes(&recs), vec![], "the FLUSH copied nothing");
+    assert_eq!((map.deferred_bytes(), map.synced_bytes()), (0, 12288));
+    map.check_deferred_index().unwrap();
+    // The same block written again is live again; only it is logged by the next FLUSH.
+    // (The checkpoint cooled the extent: warm it again so that the write is taken inline.)
+    warm(&disk);
+    inline(&disk, 4096, &[0x77; 4096]);
+    assert_eq!((map.deferred_bytes(), map.synced_bytes()), (4096, 8192));
+    map.check_deferred_index().unwrap();
+    let n = records(&disk).len();
+    rt.block_on(disk.flush()).unwrap();
+    let recs = records(&disk).split_off(n);
+    assert_eq!(logged_writes(&recs), vec![(4096, 4096)]);
+    assert_eq!((map.deferred_bytes(), map.synced_bytes()), (0, 8192));
+    // A cut logs the synced ones: it holds no deferred piece.
+    let n = records(&disk).len();
+    Disk::cut(std::slice::from_ref(&disk)).unwrap();
+    let recs = records(&disk).split_off(n);
+    assert_eq!(logged_writes(&recs), vec![(0, 4096), (16384, 4096)]);
+    assert_eq!((map.deferred_bytes(), map.synced_bytes()), (0, 0));
+    map.check_deferred_index().unwrap();
+    rt.block_on(disk.close()).unwrap();
+}
+
+#[test]
+fn a_flush_facing_many_deferred_bytes_syncs_the_image_instead() {
+    let f = fixture();
+    let rt = rt();
+    let disk = open(
+        &f,
+        LogOptions {
+            image_flush_min: 8192,
+            ..opts()
+        },
+    );
+    let log = disk.change_log().unwrap();
+    let map = super::registered(log.dir()).unwrap();
+    warm(&disk);
+    // Below the threshold: logged as before.
+    inline(&disk, 0, &[1; 4096]);
+    let n = records(&disk).len();
+    rt.block_on(disk.flush()).unwrap();
+    assert_eq!(logged_writes(&records(&disk).split_off(n)), vec![(0, 4096)]);
+    // At it: the image is synced, a barrier says through which LSN, nothing is copied.
+    for off in [8192, 12288, 20480] {
+        inline(&disk, off, &[2; 4096]);
+    }
+    let last = log.last_lsn();
+    let n = records(&disk).len();
+    rt.block_on(disk.flush()).unwrap();
+    let recs = records(&disk).split_off(n);
+    assert_eq!(logged_writes(&recs), vec![]);
+    let barrier = recs
+        .iter()
+        .find(|h| h.kind == Kind::Flush && h.flags & FLAG_IMAGE_SYNCED != 0)
+        .expect("an image-synced barrier");
+    assert!(barrier.offset >= last, "{barrier:?} covers LSN {last}");
+    // The next FLUSH finds them synced and copies nothing either.
+    let n = records(&disk).len();
+    rt.block_on(disk.flush()).unwrap();
+    assert_eq!(logged_writes(&records(&disk).split_off(n)), vec![]);
+    assert_eq!((map.deferred_bytes(), map.synced_bytes()), (0, 12288));
+    map.check_deferred_index().unwrap();
+    rt.block_on(disk.close()).unwrap();
+}
+
 #[test]
 fn the_bound_and_extent_min_off_log_bytes_with_the_write() {
     let f = fixture();

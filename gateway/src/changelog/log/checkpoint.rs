@@ -175,10 +175,20 @@ impl ChangeLog {
     /// sync), which the log's sync that follows makes durable: after a host crash, recovery
     /// trusts an extent's bytes to be in the image only up to there
     /// ([`crate::changelog::replay::replay_after_host_crash`]).
+    ///
+    /// The image part runs under the checkpoint lock, as checkpoints and
+    /// [`ChangeLog::reset`] do: a new chain cannot begin between this sync and the barrier and
+    /// `image_synced` it leaves, which would otherwise speak of the old chain's LSNs in the
+    /// new one.
     pub(super) fn sync_image_if_dependent(&self) -> io::Result<()> {
         let ck = &self.sh.ck;
         let dep = ck.image_dep.load(Ordering::SeqCst);
         if dep <= ck.image_synced.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _g = lock(&ck.lock);
+        if dep <= ck.image_synced.load(Ordering::SeqCst) {
+            // A checkpoint recorded meanwhile covers it.
             return Ok(());
         }
         // Only what has reached the image is made durable by this sync: a record noted
@@ -216,6 +226,18 @@ impl ChangeLog {
             .dur
             .sync_data(Target::Image, &self.sh.image)
             .inspect_err(|e| self.sync_failed(e))
+    }
+
+    /// The chain and the LSN through which recovery after a host crash will find every change
+    /// in the image: the redo point recorded by a checkpoint, or an image-synced barrier of a
+    /// sync round (appended, so made durable by the log sync of any round that starts after
+    /// this call; if that sync fails, the failure latches and no FLUSH succeeds again). Read
+    /// under the append lock, where [`ChangeLog::reset`] starts a new chain, so the two
+    /// belong together. The FLUSH pass skips deferred writes up to it (see
+    /// [`crate::changelog::extent`], "Deferred small writes").
+    pub fn image_trusted(&self) -> (u64, u64) {
+        let ap = lock(&self.sh.ap);
+        (ap.chain_id, self.sh.ck.image_synced.load(Ordering::SeqCst))
     }
 
     /// Declares record `lsn` image-dependent: its data was written to the image only (the
@@ -299,7 +321,6 @@ impl ChangeLog {
             self.sync_failed(&e);
             return Err(LogError::io("cannot sync the image of", dir)(e));
         }
-        ck.image_synced.fetch_max(c, Ordering::SeqCst);
         {
             let mut st = lock(&self.sh.st);
             if !st.state.is_healthy() {
@@ -308,6 +329,12 @@ impl ChangeLog {
             st.p.applied_lsn = st.p.applied_lsn.max(c);
         }
         self.persist()?;
+        // Only now, with the redo point recorded: recovery after a host crash trusts the
+        // image through the recorded redo point or an image-synced barrier, nothing else. A
+        // sync round that found `image_synced` advanced by a checkpoint not yet recorded
+        // would skip its own image sync and barrier, and an extent (or a deferred write a
+        // FLUSH relied on, see `image_trusted`) could then be replayed over after a crash.
+        ck.image_synced.fetch_max(c, Ordering::SeqCst);
         {
             let _g = lock(&ck.recorded_m);
             ck.done.fetch_max(c, Ordering::SeqCst);

@@ -5,7 +5,8 @@
 //! [`crate::disk::Disk`] — its write path, change log, sync rounds, checkpoints, seals and,
 //! after the crash, its recovery — on real files whose syncs go through [`SimStorage`] (the
 //! disk's [`crate::changelog::FileSync`] seam). From the seed it draws the disk size, the
-//! segment size, `extent_min` and `defer_max` (extents and deferred small writes, see
+//! segment size, `extent_min`, `defer_max` and `image_flush_min` (extents, deferred small
+//! writes and FLUSHes that sync the image instead of logging them, see
 //! [`crate::changelog::extent`]), a sequence of writes (some FUA; about a third of the write
 //! steps submit 2–6 concurrent writes, which the disk's writer thread takes as one batch —
 //! its `record_writes` — unless they are logged inline), trims, write-zeroes, FLUSHes,

@@ -45,6 +45,8 @@ fn opts(rng: &mut StdRng) -> LogOptions {
         extent_min: [4096, 8192, 65536, 65536][rng.gen_range(0..4)],
         // A small bound mixes deferred writes with writes logged with their data.
         defer_max: [0, 16384, 1 << 30, 1 << 30][rng.gen_range(0..4)],
+        // A FLUSH with this many deferred bytes syncs the image instead of logging them.
+        image_flush_min: [0, 4096, 16384, 1 << 30][rng.gen_range(0..4)],
         ..LogOptions::default()
     }
 }
