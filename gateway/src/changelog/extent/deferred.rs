@@ -145,26 +145,23 @@ impl ExtentMap {
         if inner.live.is_empty() {
             return 0;
         }
-        let Inner {
-            live,
-            synced,
-            pieces,
-            deferred,
-            synced_bytes,
-            ..
-        } = &mut *inner;
-        let mut moved = BTreeSet::new();
-        live.retain(|&k| match pieces.get(&k) {
-            Some(p) if p.lsn <= trusted => {
-                *deferred = deferred.saturating_sub(p.end - k);
-                *synced_bytes += p.end - k;
-                moved.insert(k);
-                false
+        // One walk, in offset order (so both sets are built by appending).
+        let (mut kept, mut moved) = (BTreeSet::new(), BTreeSet::new());
+        for k in std::mem::take(&mut inner.live) {
+            match inner.pieces.get(&k).map(|p| (p.lsn, p.end - k)) {
+                Some((lsn, len)) if lsn <= trusted => {
+                    inner.deferred = inner.deferred.saturating_sub(len);
+                    inner.synced_bytes += len;
+                    moved.insert(k);
+                }
+                _ => {
+                    kept.insert(k);
+                }
             }
-            _ => true,
-        });
-        synced.append(&mut moved);
-        *deferred
+        }
+        inner.live = kept;
+        inner.synced.append(&mut moved);
+        inner.deferred
     }
 
     /// Testing only: every piece, as `[start, end)`.
