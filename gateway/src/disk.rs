@@ -469,6 +469,17 @@ impl Disk {
         let inner = Arc::clone(&self.inner);
         blocking(move || match read_lock(&inner.tracking).as_ref() {
             Some(t) => {
+                // The deferred writes' bytes go into the log first, synced ones included: a
+                // reopened map counts every extent of the unreleased segments as cut, so a
+                // piece left here would make the first overwrite after the restart save and
+                // sync a preimage (see `crate::changelog::extent`). If that fails, it is only
+                // that cost: nothing is lost.
+                if let Err(e) = t.extents.log_deferred(&t.log, Pass::Cut) {
+                    warn!(
+                        disk = %t.log.dir().display(),
+                        "cannot log the bytes of deferred writes at close ({e}); after the restart their first overwrites save preimages"
+                    );
+                }
                 t.log.close().map_err(io::Error::from)?;
                 t.dirty.save()
             }

@@ -239,6 +239,38 @@ fn a_flush_facing_many_deferred_bytes_syncs_the_image_instead() {
 }
 
 #[test]
+fn a_clean_close_logs_deferred_writes_so_the_reopened_map_holds_none() {
+    let f = fixture();
+    let rt = rt();
+    let disk = open(&f, opts());
+    let log = disk.change_log().unwrap();
+    warm(&disk);
+    for off in [0, 8192] {
+        inline(&disk, off, &[5; 4096]);
+    }
+    // One synced (a checkpoint covers it, a FLUSH skips it), one live.
+    log.checkpoint().unwrap();
+    rt.block_on(disk.flush()).unwrap();
+    warm(&disk);
+    inline(&disk, 16384, &[6; 4096]);
+    let map = super::registered(log.dir()).unwrap();
+    assert_eq!((map.deferred_bytes(), map.synced_bytes()), (4096, 8192));
+    rt.block_on(disk.close()).unwrap();
+    drop((map, log, disk));
+    let disk = open(&f, opts());
+    let map = super::registered(disk.change_log().unwrap().dir()).unwrap();
+    let held: Vec<_> = map
+        .ranges()
+        .into_iter()
+        .filter(|&(a, _)| a < SIZE - 4096)
+        .collect();
+    assert_eq!(held, vec![], "no piece of the small writes is left to save");
+    rt.block_on(disk.write(0, vec![7; 4096], false)).unwrap();
+    assert_eq!(map.usage().1, 0, "the overwrite saved no preimage");
+    rt.block_on(disk.close()).unwrap();
+}
+
+#[test]
 fn the_bound_and_extent_min_off_log_bytes_with_the_write() {
     let f = fixture();
     let disk = open(
