@@ -568,11 +568,13 @@ impl ExtentMap {
             hit = true;
         }
         if let Some(old) = renumbered {
-            if old <= synced_lsn && lsn > synced_lsn {
-                inner.synced.remove(&offset);
-                inner.synced_bytes = inner.synced_bytes.saturating_sub(len);
-                inner.live.insert(offset);
-                inner.deferred += len;
+            if (old > synced_lsn) != (lsn > synced_lsn) {
+                // It moves between the synced and the live index.
+                inner.index_of(old).remove(&offset);
+                let n = inner.bytes_of(old);
+                *n = n.saturating_sub(len);
+                inner.index_of(lsn).insert(offset);
+                *inner.bytes_of(lsn) += len;
             }
             return Some(true);
         }

@@ -205,13 +205,11 @@ impl ExtentMap {
     }
 
     /// Logs the image's bytes of the deferred pieces newer than the last cut that `pass`
-    /// takes (a FLUSH's: the live ones, after [`Self::settle`]; a cut's: all) as write
-    /// records, in one forward pass over the disk; writes may go on meanwhile (pieces added
-    /// behind the pass are left for the next one). Returns the bytes logged. Blocking.
+    /// takes (a FLUSH's: the live ones — the FLUSH calls [`Self::settle`] first, to skip
+    /// the synced ones; a cut's: all) as write records, in one forward pass over the disk;
+    /// writes may go on meanwhile (pieces added behind the pass are left for the next one).
+    /// Returns the bytes logged. Blocking.
     pub fn log_deferred(&self, log: &ChangeLog, pass: Pass) -> io::Result<u64> {
-        if pass == Pass::Flush {
-            self.settle(log);
-        }
         let mut from = 0u64;
         let mut logged = 0u64;
         while let Some((start, end)) = self.deferred_run(log, from, pass) {
