@@ -434,8 +434,11 @@ impl Disk {
                         .log_deferred(&t.log, Pass::Cut)
                         .map_err(|e| deferred_error(&t.log, e))?;
                     let lsn = t.log.barrier()?;
-                    // Writes from here on save the bytes of this cut's extents first.
+                    // Writes from here on save the bytes of this cut's extents first; the
+                    // state file says where the cut is before any of them runs, so a
+                    // reopened map knows it too.
                     t.extents.cut_at(&t.log, lsn);
+                    t.log.note_cut(lsn)?;
                     out.push(lsn);
                 }
                 None => return Err(DiskError::NotTracked(d.inner.name.clone())),
@@ -469,17 +472,9 @@ impl Disk {
         let inner = Arc::clone(&self.inner);
         blocking(move || match read_lock(&inner.tracking).as_ref() {
             Some(t) => {
-                // The deferred writes' bytes go into the log first, synced ones included: a
-                // reopened map counts every extent of the unreleased segments as cut, so a
-                // piece left here would make the first overwrite after the restart save and
-                // sync a preimage (see `crate::changelog::extent`). If that fails, it is only
-                // that cost: nothing is lost.
-                if let Err(e) = t.extents.log_deferred(&t.log, Pass::Cut) {
-                    warn!(
-                        disk = %t.log.dir().display(),
-                        "cannot log the bytes of deferred writes at close ({e}); after the restart their first overwrites save preimages"
-                    );
-                }
+                // Deferred writes stay as they are: the reopened map loads them as deferred
+                // pieces again, synced by the close (see `crate::changelog::extent`, "After
+                // a restart"), and the next cut logs their bytes.
                 t.log.close().map_err(io::Error::from)?;
                 t.dirty.save()
             }

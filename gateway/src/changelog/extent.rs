@@ -25,8 +25,14 @@
 //!
 //! Only the first write over a piece after a cut pays the copy; writes between two cuts never
 //! do. The cut LSN is set by [`crate::Disk::cut`] while the disk's writes are paused, so it is
-//! exact. After a restart every extent of the unreleased segments counts as cut (the barriers
-//! cannot be told from FLUSH records): at worst one extra copy per piece.
+//! exact.
+//!
+//! **After a restart** (clean or not) the map is rebuilt from the unreleased segments, and the
+//! cut LSN is the one the state file recorded ([`ChangeLog::note_cut`], written by
+//! `Disk::cut` before the writes after the cut resume; a barrier record cannot be told from a
+//! FLUSH's). Extents up to it are in a cut, later ones are not, deferred ones included (their
+//! bytes are in the image, which recovery synced: they are synced pieces). A log whose state
+//! file predates that record counts every extent as cut: at worst one extra copy per piece.
 //!
 //! **Deferred small writes** ([`deferred`]): small writes logged inline are extents too
 //! (flagged deferred) until a FLUSH or cut logs their bytes; the map keeps them as *deferred
@@ -314,7 +320,8 @@ fn cut_out(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) -> Vec<(u64,
 
 impl ExtentMap {
     /// Builds the map of a log just opened: every extent of its unreleased segments, minus
-    /// what later records cover, all counted as cut; the preimages saved before; stale side
+    /// what later records cover, in a cut up to the recorded cut LSN (deferred ones after it
+    /// are deferred pieces again); the preimages saved before; stale side
     /// files (released segments, other chains) deleted. Registers it for the shipper.
     pub fn open(
         log: &ChangeLog,
@@ -355,6 +362,7 @@ impl ExtentMap {
     fn load(&self, log: &ChangeLog) -> Result<(), LogError> {
         let segs = log.segments();
         let mut inner = lock(&self.inner);
+        let cut = log.last_cut();
         for seg in &segs {
             let bytes = match fs::read(&seg.path) {
                 Ok(b) => b,
@@ -373,18 +381,35 @@ impl ExtentMap {
                 let end = h.offset.saturating_add(h.length);
                 cut_out(&mut inner.pieces, h.offset, end);
                 if h.kind == Kind::Extent {
-                    // Deferred or not: all count as cut here, and recovery has synced the
-                    // image, so nothing is left for a FLUSH to log.
+                    // A deferred write after the last cut is a deferred piece again (a
+                    // cut's pass logged the earlier ones' bytes); every other extent is
+                    // a plain one, in a cut or not by its LSN.
                     let piece = Piece {
                         end,
                         lsn: h.lsn,
-                        deferred: false,
+                        deferred: h.flags & format::FLAG_DEFERRED != 0 && h.lsn > cut,
                     };
                     inner.pieces.insert(h.offset, piece);
                 }
             }
         }
-        inner.cut_lsn = log.last_lsn();
+        inner.cut_lsn = cut;
+        // Recovery synced the image and recorded it (the redo point): the deferred pieces
+        // up to it are synced, as a checkpoint would have made them.
+        let (chain, trusted) = log.image_trusted();
+        if chain == inner.chain_id {
+            inner.synced_lsn = trusted.max(log.checkpoint_lsn());
+        }
+        let deferred: Vec<(u64, u64, u64)> = inner
+            .pieces
+            .iter()
+            .filter(|(_, p)| p.deferred)
+            .map(|(&s, p)| (s, p.end - s, p.lsn))
+            .collect();
+        for (start, len, lsn) in deferred {
+            *inner.bytes_of(lsn) += len;
+            inner.index_of(lsn).insert(start);
+        }
         let first_seq = segs.first().map(|s| s.seq).unwrap_or(u64::MAX);
         let chain = inner.chain_id;
         let entries = fs::read_dir(&self.dir).map_err(LogError::io("cannot list", &self.dir))?;

@@ -141,7 +141,7 @@ fn ship(disk: &Disk, replica: &mut [u8], shipped: &mut u64, lsn: u64) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::changelog::tests::cases(40), ..ProptestConfig::default() })]
 
     #[test]
     fn shipped_cuts_equal_the_model(

@@ -144,6 +144,13 @@ pub struct StateFile {
     pub state: ChainHealth,
     #[serde(default)]
     pub reason: String,
+    /// LSN of the last cut (recovery point) of this chain, recorded before the writes after
+    /// it resume ([`ChangeLog::note_cut`]): the extents a reopened map loads up to it belong
+    /// to a cut, later ones do not (see [`super::extent`], "After a restart"). Absent from
+    /// the state files of older builds, which did not record it: opening such a log takes
+    /// its last LSN (every record then counts as cut, as those builds assumed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_cut_lsn: Option<u64>,
 }
 
 /// The chain's health as the state file stores it (`state = "healthy"` …); [`LogState`] with
@@ -187,6 +194,7 @@ impl StateFile {
             boot_id: boot_id(),
             state: ChainHealth::Healthy,
             reason: String::new(),
+            last_cut_lsn: Some(0),
         }
     }
 
@@ -922,6 +930,14 @@ impl ChangeLog {
         }
         let opened_clean = fresh || p.clean;
         p.clean = false;
+        // A state file of an older build: which barrier was a cut is unknown, so every
+        // record kept counts as cut. Never past the log's end either: after a host crash
+        // the state file may name a cut whose barrier was lost with the log's unsynced
+        // tail, and the LSNs after the end are given out again — to records of no cut (an
+        // LSN at or below the cut would make a deferred write count as cut, and a FLUSH
+        // would not log it).
+        let cut = p.last_cut_lsn.get_or_insert(last_lsn);
+        *cut = (*cut).min(last_lsn);
         p.boot_id = boot_id();
         p.set_state(&state);
         if let Some(reason) = state.reason() {
@@ -1521,6 +1537,28 @@ impl ChangeLog {
         }
         self.require_healthy()?;
         Ok(self.last_lsn())
+    }
+
+    /// Records (in the state file, durably) that a cut ends at `lsn`. [`crate::Disk::cut`]
+    /// calls it while the disk's writes are still paused, so that no write after the cut
+    /// runs before a reopened extent map can know where the cut was (see
+    /// [`super::extent`], "After a restart"). Never moves back. Blocking.
+    pub fn note_cut(&self, lsn: u64) -> Result<(), LogError> {
+        {
+            let mut st = lock(&self.sh.st);
+            let last = st.p.last_cut_lsn.get_or_insert(0);
+            if *last >= lsn {
+                return Ok(());
+            }
+            *last = lsn;
+        }
+        self.persist()
+    }
+
+    /// The LSN of the last cut recorded by [`Self::note_cut`] (for a log whose state file
+    /// predates the record: its last LSN when it was opened).
+    pub fn last_cut(&self) -> u64 {
+        lock(&self.sh.st).p.last_cut_lsn.unwrap_or(0)
     }
 
     /// True while changes are being logged (false once the chain is broken or overflowed).

@@ -135,8 +135,17 @@ fn pattern(len: u64, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Cases of a reference-model property test: `n`, or `PROPTEST_CASES` when set (longer
+/// campaigns; an explicit `cases` would otherwise override proptest's own reading of it).
+pub fn cases(n: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::changelog::tests::cases(48), ..ProptestConfig::default() })]
 
     /// Random write/trim/zero/flush/take/reopen sequences on a tracked `Disk` and on a
     /// `Vec<u8>` model: the image equals the model, and so does the log replayed onto the

@@ -31,7 +31,9 @@
 //!   crash an unsynced piece's bytes may be lost from the image; its extent record, if it
 //!   survived, says "the image's bytes", which is what the image then holds, and the hot
 //!   extent rule makes recovery log that part again as for any write. Recovery syncs the
-//!   image, so reopened logs hold no deferred piece (the map loads them as cut extents).
+//!   image and records it, so a reopened map loads the deferred writes after the last cut
+//!   as synced pieces (live ones if a host crash kept the redo point back), and the next
+//!   cut logs their bytes.
 //! * *Bound.* A write is deferred only while the deferred bytes stay within
 //!   [`crate::changelog::LogOptions::defer_max`] (default 1 GiB), which bounds a FLUSH's or
 //!   a cut's logging; past it, small writes log their data with them as before.

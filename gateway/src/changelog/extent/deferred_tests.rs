@@ -238,35 +238,138 @@ fn a_flush_facing_many_deferred_bytes_syncs_the_image_instead() {
     rt.block_on(disk.close()).unwrap();
 }
 
+/// After a restart, clean or after a process crash, the map knows where the last cut was
+/// (the state file records it): a plain extent of the cut still saves its bytes before an
+/// overwrite, the deferred writes after the cut are deferred pieces again (synced: recovery
+/// synced the image and recorded it), so overwriting them saves nothing, and the next cut
+/// logs their bytes. Both cuts ship as the disk was at them.
 #[test]
-fn a_clean_close_logs_deferred_writes_so_the_reopened_map_holds_none() {
+fn a_reopened_map_knows_the_last_cut() {
+    for clean in [true, false] {
+        let f = fixture();
+        let rt = rt();
+        let disk = open(&f, opts());
+        let mut model = vec![0u8; SIZE as usize];
+        let put = |model: &mut Vec<u8>, off: u64, data: &[u8]| {
+            model[off as usize..off as usize + data.len()].copy_from_slice(data);
+        };
+        warm(&disk);
+        put(&mut model, SIZE - 4096, &[0xAA; 4096]);
+        inline(&disk, 0, &[1; 4096]);
+        put(&mut model, 0, &[1; 4096]);
+        // A plain extent (the default extent_min is 64 KiB).
+        rt.block_on(disk.write(65536, vec![2; 65536], false))
+            .unwrap();
+        put(&mut model, 65536, &[2; 65536]);
+        let cut = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
+        let at_cut = model.clone();
+        warm(&disk);
+        for off in [8192, 16384] {
+            inline(&disk, off, &[3; 4096]);
+            put(&mut model, off, &[3; 4096]);
+        }
+        let log = disk.change_log().unwrap().clone();
+        assert_eq!(log.last_cut(), cut);
+        if clean {
+            rt.block_on(disk.close()).unwrap();
+        } else {
+            // A process crash: nothing closed, the files as they are.
+            log.wait_sealed().unwrap();
+        }
+        drop((log, disk));
+        let disk = open(&f, opts());
+        let log = disk.change_log().unwrap().clone();
+        assert_eq!(log.last_cut(), cut, "clean {clean}");
+        let map = super::registered(log.dir()).unwrap();
+        map.check_deferred_index().unwrap();
+        assert_eq!(map.deferred_bytes(), 0, "clean {clean}: nothing live");
+        assert!(
+            map.synced_bytes() >= 8192,
+            "clean {clean}: the writes after the cut are synced pieces: {}",
+            map.synced_bytes()
+        );
+        // Overwrites of the deferred writes after the cut save nothing; one of the cut's
+        // extent saves its bytes.
+        rt.block_on(disk.write(8192, vec![4; 4096], false)).unwrap();
+        put(&mut model, 8192, &[4; 4096]);
+        assert_eq!(
+            map.usage().1,
+            0,
+            "clean {clean}: no preimage for a piece after the cut"
+        );
+        rt.block_on(disk.write(65536, vec![5; 4096], false))
+            .unwrap();
+        put(&mut model, 65536, &[5; 4096]);
+        assert_eq!(
+            map.usage().1,
+            4096,
+            "clean {clean}: the cut's extent saved its bytes"
+        );
+        map.check_deferred_index().unwrap();
+        let cut2 = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
+        assert_eq!(
+            (map.deferred_bytes(), map.synced_bytes()),
+            (0, 0),
+            "clean {clean}: the second cut logged them"
+        );
+        let mut replica = vec![0u8; SIZE as usize];
+        patch_from_log(&log, 0, cut, SIZE)
+            .unwrap()
+            .apply(0, &mut replica)
+            .unwrap();
+        assert!(
+            replica == at_cut,
+            "clean {clean}: the first cut ships as it was"
+        );
+        patch_from_log(&log, cut, cut2, SIZE)
+            .unwrap()
+            .apply(0, &mut replica)
+            .unwrap();
+        assert!(
+            replica == model,
+            "clean {clean}: the second cut ships as it was"
+        );
+        rt.block_on(disk.close()).unwrap();
+    }
+}
+
+/// A state file written by a build that did not record cuts: every extent of the log counts
+/// as cut after the restart (the rule those builds followed), so an overwrite saves its
+/// bytes; the next cut is recorded.
+#[test]
+fn a_state_file_without_the_last_cut_counts_every_extent_as_cut() {
     let f = fixture();
     let rt = rt();
     let disk = open(&f, opts());
-    let log = disk.change_log().unwrap();
     warm(&disk);
-    for off in [0, 8192] {
-        inline(&disk, off, &[5; 4096]);
-    }
-    // One synced (a checkpoint covers it, a FLUSH skips it), one live.
-    log.checkpoint().unwrap();
-    rt.block_on(disk.flush()).unwrap();
-    warm(&disk);
-    inline(&disk, 16384, &[6; 4096]);
-    let map = super::registered(log.dir()).unwrap();
-    assert_eq!((map.deferred_bytes(), map.synced_bytes()), (4096, 8192));
+    inline(&disk, 0, &[1; 4096]);
+    let last = disk.change_log().unwrap().last_lsn();
     rt.block_on(disk.close()).unwrap();
-    drop((map, log, disk));
-    let disk = open(&f, opts());
-    let map = super::registered(disk.change_log().unwrap().dir()).unwrap();
-    let held: Vec<_> = map
-        .ranges()
-        .into_iter()
-        .filter(|&(a, _)| a < SIZE - 4096)
+    drop(disk);
+    let state = f.log.join(crate::changelog::log::STATE_FILE);
+    let text = fs::read_to_string(&state).unwrap();
+    assert!(text.contains("last_cut_lsn"), "{text}");
+    let old: String = text
+        .lines()
+        .filter(|l| !l.starts_with("last_cut_lsn"))
+        .map(|l| format!("{l}\n"))
         .collect();
-    assert_eq!(held, vec![], "no piece of the small writes is left to save");
-    rt.block_on(disk.write(0, vec![7; 4096], false)).unwrap();
-    assert_eq!(map.usage().1, 0, "the overwrite saved no preimage");
+    fs::write(&state, old).unwrap();
+    let disk = open(&f, opts());
+    let log = disk.change_log().unwrap().clone();
+    assert_eq!(log.last_cut(), last, "every record kept counts as cut");
+    let map = super::registered(log.dir()).unwrap();
+    assert_eq!((map.deferred_bytes(), map.synced_bytes()), (0, 0));
+    rt.block_on(disk.write(0, vec![2; 4096], false)).unwrap();
+    assert_eq!(
+        map.usage().1,
+        4096,
+        "the extent of the old log saved its bytes"
+    );
+    let cut = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
+    assert!(fs::read_to_string(&state)
+        .unwrap()
+        .contains(&format!("last_cut_lsn = {cut}")));
     rt.block_on(disk.close()).unwrap();
 }
 
@@ -394,4 +497,45 @@ fn host_crash_redo_trusts_extents_only_up_to_an_image_sync() {
     w2.extent(0, 512);
     replay::replay_after(std::slice::from_ref(&seg), &img, 0).unwrap();
     assert!(fs::read(&image).unwrap()[..512].iter().all(|&b| b == 0));
+}
+
+/// A state file naming a cut past the log's end (a host crash lost the barrier with the log's
+/// unsynced tail, the state file was synced): the cut is taken back to the end, so the LSNs
+/// given out again belong to no cut, and a deferred write after the restart is logged by the
+/// next FLUSH as any other.
+#[test]
+fn a_recorded_cut_past_the_end_of_the_log_is_taken_back_to_it() {
+    let f = fixture();
+    let rt = rt();
+    let disk = open(&f, opts());
+    warm(&disk);
+    let last = disk.change_log().unwrap().last_lsn();
+    rt.block_on(disk.close()).unwrap();
+    drop(disk);
+    let state = f.log.join(crate::changelog::log::STATE_FILE);
+    let text = fs::read_to_string(&state).unwrap();
+    let past: String = text
+        .lines()
+        .map(|l| match l.starts_with("last_cut_lsn") {
+            true => format!("last_cut_lsn = {}\n", last + 100),
+            false => format!("{l}\n"),
+        })
+        .collect();
+    fs::write(&state, past).unwrap();
+    let disk = open(&f, opts());
+    let log = disk.change_log().unwrap().clone();
+    assert_eq!(log.last_cut(), log.last_lsn(), "taken back to the end");
+    let map = super::registered(log.dir()).unwrap();
+    warm(&disk);
+    let n = records(&disk).len();
+    inline(&disk, 0, &[7; 4096]);
+    assert_eq!(map.deferred_bytes(), 4096, "a live deferred write");
+    map.check_deferred_index().unwrap();
+    rt.block_on(disk.flush()).unwrap();
+    assert_eq!(
+        logged_writes(&records(&disk).split_off(n)),
+        vec![(0, 4096)],
+        "the FLUSH logged it"
+    );
+    rt.block_on(disk.close()).unwrap();
 }
