@@ -10,7 +10,7 @@
 # Usage: tools/bench/changelog.sh [--quick] [--runtime 20] [--reps 3] [--size-mib 2048]
 #                                 [--sustained-mib N] [--no-drop-caches] [--workdir DIR]
 #                                 [--extent-min SIZE|off] [--log-config 'KEY = VALUE' ...]
-#                                 [--only ROW-TEXT]
+#                                 [--only ROW-TEXT] [--warm readahead|4k]
 #
 # Rows (fio's nbd engine):
 #   seq write 1 MiB QD8, rand write 4 KiB QD32          time based (--runtime, +2 s ramp)
@@ -46,6 +46,13 @@
 # --log-config 'hot_limit = 4096' (repeatable) adds that line (TOML) to the `[log]` section, e.g.
 # 'checkpoint_interval = "60s"'; the table's footnote names every line written.
 # --only TEXT runs only the rows whose name contains TEXT (e.g. --only rand).
+# --warm: how each image is read once before a run. "readahead" (default): `cat`. On kernels
+# that cache files in large folios (ext4 from 6.16 on) read-ahead leaves folios of up to 2 MiB,
+# and every 4 KiB buffered write into one walks all of the folio's block heads
+# (`ext4_block_write_begin`): most of a small write's cost, for every server, and more the
+# less of them stays in the CPU caches (BENCHMARKS.md, "Where a 4 KiB write's time goes").
+# "4k": 1 MiB reads under POSIX_FADV_RANDOM, which leave 4 KiB folios (as a server's own
+# random reads would), so the rows show the servers' own costs.
 # STANDBY_BIN=PATH runs that binary instead of building this tree (e.g. a before/after pair).
 # --quick: --runtime 4 --reps 1 --size-mib 512 --sustained-mib 1536 (for development).
 set -euo pipefail
@@ -151,7 +158,28 @@ def quiet_cache(drop, image=None):
             print(f"cannot drop the page cache ({e}); going on without", file=sys.stderr)
             drop[0] = False
     if image:
+        warm(image)
+
+WARM = ["readahead"]
+
+def warm(image):
+    """Reads the image once into the page cache: with `cat` (read-ahead: on kernels that cache
+    files in large folios, ext4 from 6.16 on, folios of up to 2 MiB), or with --warm 4k in
+    1 MiB reads under POSIX_FADV_RANDOM (no read-ahead: 4 KiB folios)."""
+    if WARM[0] == "readahead":
         subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
+        return
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        at = 0
+        while True:
+            b = os.pread(fd, 1 << 20, at)
+            if not b:
+                break
+            at += len(b)
+    finally:
+        os.close(fd)
 
 def run_fio(args, out):
     subprocess.run(["fio", "--name=bench", "--output-format=json", f"--output={out}"] + args,
@@ -190,7 +218,9 @@ def main():
     ap.add_argument("--extent-min", default=None)
     ap.add_argument("--log-config", action="append", default=[])
     ap.add_argument("--only", default=None)
+    ap.add_argument("--warm", choices=["readahead", "4k"], default="readahead")
     args = ap.parse_args()
+    WARM[0] = args.warm
     tests = [t for t in TESTS if not args.only or args.only in t[0]]
     if not tests:
         raise SystemExit(f"--only {args.only}: no row's name contains it")
@@ -376,7 +406,8 @@ def main():
           f"{sustained / 2**30:.1f} GiB then one FLUSH; {size_mib} MiB random images; log-off and log-on "
           "disks served by one `standby serve` process, nbdkit by one process, both for every row of a "
           "repetition; servers alternated ABBA; `sync`"
-          + (", page cache dropped" if drop[0] else "") + " and the image read once before every run. "
+          + (", page cache dropped" if drop[0] else "") + " and the image read once before every run ("
+          + ("`cat`" if WARM[0] == "readahead" else "1 MiB reads without read-ahead, --warm 4k") + "). "
           + (f"[log] {'; '.join(log_conf)}. " if log_conf else "")
           + "p99 of the flush row is the FLUSH latency; \"FLUSH µs\" of the last row is the time of "
           "one `qemu-io -c flush` (connection included) right after the writes. CPU: the server "
