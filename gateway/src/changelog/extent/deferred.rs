@@ -177,11 +177,22 @@ impl ExtentMap {
     }
 
     /// Testing only: the indexes of live and synced deferred pieces and their byte counts
-    /// match the pieces themselves.
+    /// match the pieces themselves, and no deferred piece is at or below the cut (a cut holds
+    /// none: no pass would log it).
     #[cfg(any(test, feature = "testing"))]
     pub fn check_deferred_index(&self) -> Result<(), String> {
         let inner = lock(&self.inner);
         let (cut, synced) = (inner.cut_lsn, inner.synced_lsn);
+        if let Some((s, p)) = inner
+            .pieces
+            .iter()
+            .find(|(_, p)| p.deferred && p.lsn <= cut)
+        {
+            return Err(format!(
+                "deferred piece at {s} with LSN {} at or below the cut {cut}",
+                p.lsn
+            ));
+        }
         for (name, index, counted, is_live) in [
             ("live", &inner.live, inner.deferred, true),
             ("synced", &inner.synced, inner.synced_bytes, false),

@@ -261,9 +261,19 @@ pub fn run_seed(seed: u64, rt: &tokio::runtime::Runtime) -> Result<Outcome, Stri
             "replaying the recovered log does not give the recovered image (first difference at byte {i})"
         ));
     }
-    // The disk works on: a write, a flush and a clean close, then a clean reopen.
+    // The disk works on: a write (which a FLUSH must find if it was deferred), a flush and
+    // a clean close, then a clean reopen.
+    rt.block_on(write_all(&disk, &[(0, vec![0xA5; SECTOR], false)]))
+        .into_iter()
+        .collect::<std::io::Result<Vec<()>>>()
+        .map_err(|e| format!("write after recovery: {e}"))?;
+    let map = disk
+        .change_log()
+        .and_then(|l| crate::changelog::extent::registered(l.dir()))
+        .ok_or("no extent map after recovery")?;
+    map.check_deferred_index()
+        .map_err(|e| format!("extent map after recovery and a write: {e}"))?;
     rt.block_on(async {
-        disk.write(0, vec![0xA5; SECTOR], false).await?;
         disk.flush().await?;
         disk.close().await
     })
