@@ -313,24 +313,36 @@ fn a_reopened_map_knows_the_last_cut() {
             "clean {clean}: the second cut logged them"
         );
         let mut replica = vec![0u8; SIZE as usize];
-        patch_from_log(&log, 0, cut, SIZE)
-            .unwrap()
-            .apply(0, &mut replica)
-            .unwrap();
-        assert!(
-            replica == at_cut,
-            "clean {clean}: the first cut ships as it was"
-        );
-        patch_from_log(&log, cut, cut2, SIZE)
-            .unwrap()
-            .apply(0, &mut replica)
-            .unwrap();
-        assert!(
-            replica == model,
-            "clean {clean}: the second cut ships as it was"
-        );
+        for (from, to, want) in [(0, cut, &at_cut), (cut, cut2, &model)] {
+            patch_from_log(&log, from, to, SIZE)
+                .unwrap()
+                .apply(0, &mut replica)
+                .unwrap();
+            assert!(
+                replica == *want,
+                "clean {clean}: the cut at {to} ships as the disk was"
+            );
+        }
         rt.block_on(disk.close()).unwrap();
     }
+}
+
+/// Rewrites the log's state file with `last_cut_lsn` set to `lsn`, or without it (as older
+/// builds wrote it); returns its path.
+fn set_last_cut(f: &Fixture, lsn: Option<u64>) -> std::path::PathBuf {
+    let state = f.log.join(crate::changelog::log::STATE_FILE);
+    let text = fs::read_to_string(&state).unwrap();
+    assert!(text.contains("last_cut_lsn"), "{text}");
+    let edited: String = text
+        .lines()
+        .filter_map(|l| match (l.starts_with("last_cut_lsn"), lsn) {
+            (false, _) => Some(format!("{l}\n")),
+            (true, Some(n)) => Some(format!("last_cut_lsn = {n}\n")),
+            (true, None) => None,
+        })
+        .collect();
+    fs::write(&state, edited).unwrap();
+    state
 }
 
 /// A state file written by a build that did not record cuts: every extent of the log counts
@@ -346,15 +358,7 @@ fn a_state_file_without_the_last_cut_counts_every_extent_as_cut() {
     let last = disk.change_log().unwrap().last_lsn();
     rt.block_on(disk.close()).unwrap();
     drop(disk);
-    let state = f.log.join(crate::changelog::log::STATE_FILE);
-    let text = fs::read_to_string(&state).unwrap();
-    assert!(text.contains("last_cut_lsn"), "{text}");
-    let old: String = text
-        .lines()
-        .filter(|l| !l.starts_with("last_cut_lsn"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    fs::write(&state, old).unwrap();
+    let state = set_last_cut(&f, None);
     let disk = open(&f, opts());
     let log = disk.change_log().unwrap().clone();
     assert_eq!(log.last_cut(), last, "every record kept counts as cut");
@@ -512,16 +516,7 @@ fn a_recorded_cut_past_the_end_of_the_log_is_taken_back_to_it() {
     let last = disk.change_log().unwrap().last_lsn();
     rt.block_on(disk.close()).unwrap();
     drop(disk);
-    let state = f.log.join(crate::changelog::log::STATE_FILE);
-    let text = fs::read_to_string(&state).unwrap();
-    let past: String = text
-        .lines()
-        .map(|l| match l.starts_with("last_cut_lsn") {
-            true => format!("last_cut_lsn = {}\n", last + 100),
-            false => format!("{l}\n"),
-        })
-        .collect();
-    fs::write(&state, past).unwrap();
+    set_last_cut(&f, Some(last + 100));
     let disk = open(&f, opts());
     let log = disk.change_log().unwrap().clone();
     assert_eq!(log.last_cut(), log.last_lsn(), "taken back to the end");
