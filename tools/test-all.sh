@@ -5,10 +5,12 @@
 #   tools/test-all.sh --long     # the same, then the long change-log campaigns (hours on 2 cores):
 #                                #   100,000 seeds of the storage-fault simulation (changelog::sim,
 #                                #   one shard per core) and 1,000 iterations of the kill -9
-#                                #   campaign (tests/tests/changelog_crash.rs); each prints its
-#                                #   counts, and the run fails if any seed or iteration does.
-#                                #   STANDBY_LONG_SIM_SEEDS / STANDBY_LONG_CRASH_ITERATIONS change
-#                                #   the sizes. `.ci/run` runs the suite without it.
+#                                #   campaign (tests/tests/changelog_crash.rs), and 2,000 cases of
+#                                #   each change-log reference-model property test; each prints
+#                                #   its counts, and the run fails if any seed, iteration or case
+#                                #   does. STANDBY_LONG_SIM_SEEDS / STANDBY_LONG_CRASH_ITERATIONS /
+#                                #   STANDBY_LONG_PROPTEST_CASES change the sizes. `.ci/run` runs
+#                                #   the suite without it.
 #
 # Works on a fresh Debian 12 machine with the Rust toolchain, whatever other APT repositories are
 # listed (see tools/lib/deps.sh for how the Debian mirror and suites are chosen). When a
@@ -95,6 +97,11 @@ for ((i = 0; i < shards; i++)); do
 done
 fail=0
 for p in "${pids[@]}"; do wait "$p" || fail=1; done
+echo "== long: change-log reference-model property tests, ${STANDBY_LONG_PROPTEST_CASES:-2000} cases each"
+PROPTEST_CASES="${STANDBY_LONG_PROPTEST_CASES:-2000}" \
+    cargo test --release --quiet -p gateway --features testing --lib -- \
+    changelog::tests::reference_model changelog::extent::model_tests::shipped_cuts_equal_the_model \
+    || fail=1
 echo "== long: kill -9 campaign, ${STANDBY_LONG_CRASH_ITERATIONS:-1000} iterations"
 STANDBY_CRASH_ITERATIONS="${STANDBY_LONG_CRASH_ITERATIONS:-1000}" \
     cargo test --release -p standby-e2e --test changelog_crash -- --nocapture || fail=1
