@@ -47,7 +47,7 @@
 # 'checkpoint_interval = "60s"'; the table's footnote names every line written.
 # --only TEXT runs only the rows whose name contains TEXT (e.g. --only rand).
 # --warm: how each image is read once before a run. "readahead" (default): `cat`. On kernels
-# that cache files in large folios (ext4 from 6.16 on) read-ahead leaves folios of up to 2 MiB,
+# that cache files in large folios (ext4 from 6.16 on) read-ahead leaves large folios,
 # and every 4 KiB buffered write into one walks all of the folio's block heads
 # (`ext4_block_write_begin`): most of a small write's cost, for every server, and more the
 # less of them stays in the CPU caches (BENCHMARKS.md, "Where a 4 KiB write's time goes").
@@ -164,7 +164,7 @@ WARM = ["readahead"]
 
 def warm(image):
     """Reads the image once into the page cache: with `cat` (read-ahead: on kernels that cache
-    files in large folios, ext4 from 6.16 on, folios of up to 2 MiB), or with --warm 4k in
+    files in large folios, ext4 from 6.16 on, large ones), or with --warm 4k in
     1 MiB reads under POSIX_FADV_RANDOM (no read-ahead: 4 KiB folios)."""
     if WARM[0] == "readahead":
         subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
