@@ -231,8 +231,7 @@ impl Inner {
             .is_none_or(|(_, p)| p.end <= offset));
         self.pieces.insert(offset, Piece { end, lsn, deferred });
         if deferred && lsn > self.cut_lsn {
-            *self.bytes_of(lsn) += end - offset;
-            self.index_of(lsn).insert(offset);
+            self.index_piece(offset, lsn, end - offset);
         }
     }
 }
@@ -407,8 +406,7 @@ impl ExtentMap {
             .map(|(&s, p)| (s, p.end - s, p.lsn))
             .collect();
         for (start, len, lsn) in deferred {
-            *inner.bytes_of(lsn) += len;
-            inner.index_of(lsn).insert(start);
+            inner.index_piece(start, lsn, len);
         }
         let first_seq = segs.first().map(|s| s.seq).unwrap_or(u64::MAX);
         let chain = inner.chain_id;
@@ -595,11 +593,8 @@ impl ExtentMap {
         if let Some(old) = renumbered {
             if (old > synced_lsn) != (lsn > synced_lsn) {
                 // It moves between the synced and the live index.
-                inner.index_of(old).remove(&offset);
-                let n = inner.bytes_of(old);
-                *n = n.saturating_sub(len);
-                inner.index_of(lsn).insert(offset);
-                *inner.bytes_of(lsn) += len;
+                inner.unindex_piece(offset, old, len);
+                inner.index_piece(offset, lsn, len);
             }
             return Some(true);
         }

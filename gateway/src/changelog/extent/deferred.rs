@@ -90,24 +90,35 @@ impl Inner {
         }
     }
 
+    /// Enters the deferred piece starting at `k`, of record `lsn` (newer than the cut) and
+    /// `len` bytes, in its index and byte count.
+    pub(super) fn index_piece(&mut self, k: u64, lsn: u64, len: u64) {
+        *self.bytes_of(lsn) += len;
+        self.index_of(lsn).insert(k);
+    }
+
+    /// Takes it out of them again.
+    pub(super) fn unindex_piece(&mut self, k: u64, lsn: u64, len: u64) {
+        let n = self.bytes_of(lsn);
+        *n = n.saturating_sub(len);
+        self.index_of(lsn).remove(&k);
+    }
+
     /// After the cut LSN moved: deferred pieces it covers are extents of a cut like any
     /// other (their bytes are needed by that cut; a FLUSH no longer logs them).
     pub(super) fn retire_cut_deferred(&mut self) {
         let cut = self.cut_lsn;
         let keys: Vec<u64> = self.live.iter().chain(&self.synced).copied().collect();
         for k in keys {
-            let lsn = match self.pieces.get_mut(&k) {
-                Some(p) if p.lsn > cut => continue,
-                Some(p) => {
-                    p.deferred = false;
-                    let (lsn, len) = (p.lsn, p.end - k);
-                    let n = self.bytes_of(lsn);
-                    *n = n.saturating_sub(len);
-                    lsn
-                }
-                None => continue,
+            let Some(p) = self.pieces.get_mut(&k) else {
+                continue;
             };
-            self.index_of(lsn).remove(&k);
+            if p.lsn > cut {
+                continue;
+            }
+            p.deferred = false;
+            let (lsn, len) = (p.lsn, p.end - k);
+            self.unindex_piece(k, lsn, len);
         }
     }
 }
