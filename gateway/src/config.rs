@@ -37,6 +37,8 @@
 //!                                   #   cut, up to this much at a time; "off": with each write
 //! image_flush_min = "64M"           # a FLUSH facing this much of them syncs the image
 //!                                   #   instead of logging them; "off": always logs them
+//! flush_heavy_writes = 8            # while each FLUSH follows at most this many small
+//!                                   #   writes, they are logged with their data; 0: never
 //! checkpoint_interval = "5s"        # background checkpoint (image synced) this often; "off"
 //! checkpoint_bytes = "256M"         #   ... and after this much log since the last one
 //! hot_limit = 1024                  #   ... and when more extents than this are hot (what a
@@ -142,6 +144,8 @@ pub struct LogConfig {
     /// Deferred bytes from which a FLUSH syncs the image instead of logging them, e.g.
     /// "64M" (default), or "off".
     pub image_flush_min: Option<String>,
+    /// Small writes per FLUSH up to which they are logged with their data (default 8), or 0.
+    pub flush_heavy_writes: Option<u32>,
     /// Time between background checkpoints, e.g. "5s" (default), or "off".
     pub checkpoint_interval: Option<String>,
     /// Log bytes between checkpoints, e.g. "256M" (default).
@@ -200,6 +204,9 @@ impl LogConfig {
         }
         if let Some(s) = &self.image_flush_min {
             o.image_flush_min = size_or_off("image_flush_min", s)?;
+        }
+        if let Some(n) = self.flush_heavy_writes {
+            o.flush_heavy_writes = n;
         }
         match self.checkpoint_interval.as_deref() {
             None => {}
@@ -338,6 +345,18 @@ mod tests {
         assert!(image("0").unwrap_err().contains("log.image_flush_min"));
         assert!(image("some").unwrap_err().contains("log.image_flush_min"));
         assert_eq!(o.image_flush_min, crate::changelog::DEFAULT_IMAGE_FLUSH_MIN);
+        let heavy = |v: &str| {
+            Config::parse(&format!("[log]\nflush_heavy_writes = {v}\n"))
+                .and_then(|c| c.log.options())
+        };
+        assert_eq!(heavy("32").unwrap().flush_heavy_writes, 32);
+        assert_eq!(heavy("0").unwrap().flush_heavy_writes, 0);
+        assert!(heavy("-1").is_err());
+        assert!(heavy("\"off\"").is_err());
+        assert_eq!(
+            o.flush_heavy_writes,
+            crate::changelog::DEFAULT_FLUSH_HEAVY_WRITES
+        );
     }
 
     #[test]

@@ -22,7 +22,8 @@
 //! still needs where it overwrites them (see [`crate::changelog::extent`]); [`Disk::cut`]
 //! tells the extent map where each cut is. Small writes logged inline are *deferred*
 //! extents: [`Disk::flush`] and [`Disk::cut`] log their bytes first (see
-//! [`crate::changelog::extent`], "Deferred small writes"). An untracked disk writes straight
+//! [`crate::changelog::extent`], "Deferred small writes") — except between frequent
+//! FLUSHes, where they are logged with their data (see [`tracking`]). An untracked disk writes straight
 //! to its image.
 //!
 //! Every sync goes through the disk's [`Durability`] (shared with its change log): once an
@@ -31,7 +32,8 @@
 //!
 //! Longer than most files (~1,000 lines, 130 of them tests): the data path of untracked and
 //! tracked disks (read, write, trim, zeroes, flush, cut) is one type's methods, kept together so
-//! the ordering rules above can be checked in one read; the writer thread is in [`writer`].
+//! the ordering rules above can be checked in one read; the writer thread is in [`writer`],
+//! what a write or FLUSH does to the change log, dirty bitmap and extent map in [`tracking`].
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -42,19 +44,23 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use nbd_server::{BlockDevice, DeviceFlags, Extent, ZeroFlags};
 use thiserror::Error;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::changelog::durable::{Durability, FileSync, Target};
-use crate::changelog::extent::{ExtentMap, Pass};
+use crate::changelog::extent::Pass;
 use crate::changelog::format::{Kind, FLAG_FUA, FLAG_MAY_TRIM};
 use crate::changelog::{ChangeLog, DirtyMap, LogError, LogOptions, RecoveryReport};
 use crate::mapped::ImageMap;
 
+mod tracking;
 mod writer;
 
 #[cfg(any(test, feature = "testing"))]
+pub use tracking::FLUSH_HEAVY_WRITES;
+#[cfg(any(test, feature = "testing"))]
 pub use writer::MULTI_WRITE_BATCHES;
 
+use tracking::Tracking;
 use writer::Writer;
 
 /// Why a disk cannot be opened.
@@ -94,84 +100,6 @@ struct Inner {
     /// The writer thread for small tracked writes, started by the first one (`None` inside:
     /// no thread could be started, the blocking pool does them).
     writer: std::sync::OnceLock<Option<Writer>>,
-}
-
-struct Tracking {
-    log: ChangeLog,
-    dirty: Arc<DirtyMap>,
-    /// Extents a cut may still need (see [`crate::changelog::extent`]).
-    extents: Arc<ExtentMap>,
-    /// Writes of at least this many bytes are logged as extents.
-    extent_min: u64,
-    /// Small writes logged inline are deferred while the deferred bytes stay within this
-    /// (`0`: never; see [`crate::changelog::extent`], "Deferred small writes").
-    defer_max: u64,
-    /// A FLUSH facing at least this many live deferred bytes syncs the image instead of
-    /// logging them (`0`: never).
-    image_flush_min: u64,
-}
-
-impl Tracking {
-    fn new(
-        log: ChangeLog,
-        size: u64,
-        image: &File,
-        dur: &Arc<Durability>,
-        opts: &LogOptions,
-    ) -> Result<Self, DiskError> {
-        let dirty = Arc::new(DirtyMap::open(log.dir(), size, log.opened_clean()));
-        let extents = ExtentMap::open(&log, image, Arc::clone(dur))?;
-        Ok(Tracking {
-            log,
-            dirty,
-            extents,
-            extent_min: opts.extent_min,
-            // A log that must rebuild an image from a base copy logs every byte.
-            defer_max: match opts.extent_min {
-                u64::MAX => 0,
-                _ => opts.defer_max,
-            },
-            image_flush_min: opts.image_flush_min,
-        })
-    }
-
-    /// Makes the deferred small writes durable with the FLUSH's sync round: logs the bytes
-    /// of the live ones (the synced ones are durable in the image already). With at least
-    /// `image_flush_min` bytes of them, or when the image cannot be read for it, the sync
-    /// round syncs the image instead, which makes them durable where they are: one write of
-    /// each dirty block instead of a copy into the log now and the image's write-back at the
-    /// next checkpoint (see [`crate::changelog::extent`], "Deferred small writes").
-    fn log_deferred(&self) {
-        let live = self.extents.settle(&self.log);
-        if live == 0 {
-            return;
-        }
-        if self.image_flush_min > 0 && live >= self.image_flush_min {
-            self.log.note_image_dependent(self.log.last_lsn());
-            return;
-        }
-        if let Err(e) = self.extents.log_deferred(&self.log, Pass::Flush) {
-            warn!(
-                disk = %self.log.dir().display(),
-                "cannot log the bytes of deferred writes ({e}); this FLUSH syncs the image instead"
-            );
-            self.log.note_image_dependent(self.log.last_lsn());
-        }
-    }
-
-    /// Before any change of `[offset, offset + len)` reaches the image: preimages of the
-    /// extents a cut still needs there (see [`ExtentMap::before_write`]).
-    fn before_write(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.extents.before_write(&self.log, offset, len)
-    }
-
-    /// Called after a change reached the image: a change the log did not record (overflow,
-    /// broken chain) is remembered in the dirty bitmap.
-    fn note(&self, offset: u64, len: u64) {
-        if !self.log.is_logging() {
-            self.dirty.mark(offset, len);
-        }
-    }
 }
 
 fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -608,7 +536,7 @@ impl Disk {
         let r = t.log.try_record_now(
             offset,
             data,
-            |chain, lsn| t.extents.take_uncut(chain, lsn, offset, len, t.defer_max),
+            |chain, lsn| t.extents.take_uncut(chain, lsn, offset, len, t.defer_max()),
             || write_image(&self.inner, offset, data),
         )?;
         if r.is_ok() {
@@ -659,6 +587,7 @@ impl Disk {
         let inner = Arc::clone(&self.inner);
         blocking(move || match read_lock(&inner.tracking).as_ref() {
             Some(t) => {
+                t.note_flush();
                 t.log_deferred();
                 t.log.flush()?;
                 if !t.log.is_logging() {

@@ -3,7 +3,7 @@
 //! Each iteration starts `standby serve` on a tracked disk, runs two clients at once — fio
 //! (nbd engine, random 4 KiB writes, crc32c verify headers) for load on one half of the disk
 //! and an oracle client on the other half that pipelines 4 KiB writes with a FLUSH every few
-//! writes and records exactly which writes were acknowledged before each completed flush —
+//! writes (3 or 12, by iteration: small writes logged with their data, or deferred) and records exactly which writes were acknowledged before each completed flush —
 //! then `kill -9`s the gateway at a random moment, restarts it (recovery) and stops it
 //! cleanly, and checks:
 //!
@@ -37,7 +37,13 @@ const SIZE: u64 = 32 << 20;
 const HALF: u64 = SIZE / 2;
 const BLOCK: u64 = 4096;
 const WINDOW: usize = 8;
-const FLUSH_EVERY: u64 = 12;
+/// The oracle's FLUSH comes after this many writes: every 12 in even iterations (the gateway
+/// defers the small writes' bytes to the FLUSH), every 3 in odd ones, which also send no
+/// write while the FLUSH is in flight (at most `flush_heavy_writes` per FLUSH with fio's: the
+/// gateway logs them with their data).
+fn flush_every(iter: u64) -> u64 {
+    [12, 3][(iter % 2) as usize]
+}
 const REBASE: u64 = 5;
 
 fn block_data(iter: u64, idx: u64) -> Vec<u8> {
@@ -83,7 +89,12 @@ fn oracle_client(addr: std::net::SocketAddr, iter: u64, seed: u64) -> Oracle {
     loop {
         // Send while there is room.
         while inflight_writes.len() + usize::from(flush_inflight.is_some()) < WINDOW {
-            if since_flush >= FLUSH_EVERY && flush_inflight.is_none() {
+            if since_flush >= flush_every(iter) && flush_inflight.is_some() && iter % 2 == 1 {
+                // Odd iterations send no write while their FLUSH is in flight: at most 3
+                // writes per FLUSH, so the gateway logs them with their data.
+                break;
+            }
+            if since_flush >= flush_every(iter) && flush_inflight.is_none() {
                 let covered = std::mem::take(&mut acked_not_durable);
                 if c.send_request(0, CMD_FLUSH, cookie, 0, 0, &[]).is_err() {
                     return o;
@@ -263,12 +274,17 @@ fn kill9_loses_no_acknowledged_write_and_log_replays_to_the_image() {
     let started = Instant::now();
     let (mut total_durable, mut total_acked, mut total_flushes, mut cuts) = (0, 0, 0, 0);
     let mut total_extent_bytes = 0u64;
+    // (deferred extents, write records) of the oracle's half, for FLUSHes every 12 and 3.
+    let mut oracle_records = [(0u64, 0u64); 2];
+    // The newest segment seen by the last iteration (`None` on a new chain).
+    let mut last_seq: Option<u64> = None;
     for iter in 0..iterations {
         if iter > 0 && iter % REBASE == 0 {
             // New chain: the current image becomes the base.
             run(standby(&dd).args(["log", "disable", DISK]));
             run(standby(&dd).args(["log", "enable", DISK]));
             std::fs::copy(image_path(&dd), &base).expect("copy base image");
+            last_seq = None;
         }
         let verbose = std::env::var_os("STANDBY_CRASH_VERBOSE").is_some();
         let t0 = Instant::now();
@@ -351,6 +367,33 @@ fn kill9_loses_no_acknowledged_write_and_log_replays_to_the_image() {
         assert!(!lsns.is_empty(), "{dump}");
         assert!(lsns.windows(2).all(|w| w[1] == w[0] + 1), "{dump}");
         assert_eq!(lsns.last().copied(), v["last_lsn"].as_u64(), "{dump}");
+        // How the oracle's small writes were logged in this iteration's segments (every
+        // start of the gateway begins a new one): deferred (an extent flagged so) or with
+        // their data (a write record; a FLUSH's copy of a deferred write is one too).
+        let tally = &mut oracle_records[(iter % 2) as usize];
+        for seg in list["segments"].as_array().into_iter().flatten() {
+            let seq = seg["seq"].as_u64().unwrap_or(0);
+            if last_seq.is_some_and(|l| seq <= l) || seg["records"].as_u64() == Some(0) {
+                continue;
+            }
+            let dump = json(&dd, &["log", "dump", DISK, "--segment", &seq.to_string()]);
+            for r in dump["records"].as_array().into_iter().flatten() {
+                if r["offset"].as_u64().is_none_or(|o| o >= HALF) || r["length"] != 4096 {
+                    continue;
+                }
+                let deferred = r["flags"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|f| f == "deferred"));
+                match r["kind"].as_str() {
+                    Some("extent") if deferred => tally.0 += 1,
+                    Some("write") => tally.1 += 1,
+                    _ => {}
+                }
+            }
+        }
+        last_seq = list["segments"]
+            .as_array()
+            .and_then(|s| s.iter().filter_map(|s| s["seq"].as_u64()).max());
 
         // (b): base image + whole log == current image, except where an extent is the last
         // record (a small write whose bytes the next FLUSH or cut would have logged): its
@@ -397,8 +440,12 @@ fn kill9_loses_no_acknowledged_write_and_log_replays_to_the_image() {
         }
     }
     eprintln!(
-        "crash test: {iterations} kill -9 iterations in {:?}: oracle writes acknowledged {total_acked}, flushes completed {total_flushes}, durable writes checked {total_durable}, lost 0; torn tails cut {cuts}; bytes whose last record was an extent (left out of the replay check) {total_extent_bytes}",
-        started.elapsed()
+        "crash test: {iterations} kill -9 iterations in {:?}: oracle writes acknowledged {total_acked}, flushes completed {total_flushes}, durable writes checked {total_durable}, lost 0; torn tails cut {cuts}; bytes whose last record was an extent (left out of the replay check) {total_extent_bytes}; the oracle's 4 KiB records, FLUSH every 12 writes: {} deferred extents, {} write records; every 3: {} deferred extents, {} write records",
+        started.elapsed(),
+        oracle_records[0].0,
+        oracle_records[0].1,
+        oracle_records[1].0,
+        oracle_records[1].1,
     );
     assert!(
         total_durable > 0,

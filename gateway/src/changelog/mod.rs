@@ -83,6 +83,9 @@ pub const DEFAULT_DEFER_MAX: u64 = 1 << 30;
 /// Default for [`LogOptions::image_flush_min`].
 pub const DEFAULT_IMAGE_FLUSH_MIN: u64 = 64 << 20;
 
+/// Default for [`LogOptions::flush_heavy_writes`].
+pub const DEFAULT_FLUSH_HEAVY_WRITES: u32 = 8;
+
 /// Tunables of a change log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogOptions {
@@ -113,6 +116,10 @@ pub struct LogOptions {
     /// image instead (they are then durable where they are, and later FLUSHes skip them);
     /// `0`: never. See [`extent`], "Deferred small writes".
     pub image_flush_min: u64,
+    /// While each FLUSH follows at most this many small writes (a database's commits, a
+    /// journal's), small writes are logged with their data instead of deferred; `0`: never.
+    /// See [`extent`], "Deferred small writes".
+    pub flush_heavy_writes: u32,
 }
 
 impl Default for LogOptions {
@@ -128,6 +135,7 @@ impl Default for LogOptions {
             extent_min: extent::DEFAULT_EXTENT_MIN,
             defer_max: DEFAULT_DEFER_MAX,
             image_flush_min: DEFAULT_IMAGE_FLUSH_MIN,
+            flush_heavy_writes: DEFAULT_FLUSH_HEAVY_WRITES,
         }
     }
 }

@@ -36,7 +36,10 @@
 //!   cut logs their bytes.
 //! * *Bound.* A write is deferred only while the deferred bytes stay within
 //!   [`crate::changelog::LogOptions::defer_max`] (default 1 GiB), which bounds a FLUSH's or
-//!   a cut's logging; past it, small writes log their data with them as before.
+//!   a cut's logging; past it, small writes log their data with them as before. The disk
+//!   also passes a bound of 0 while each FLUSH follows only a few small writes
+//!   ([`crate::changelog::LogOptions::flush_heavy_writes`]): deferring then only adds a
+//!   read and a record per write.
 //!
 //! **Synced pieces.** A deferred piece whose record is at or below the LSN through which
 //! recovery after a host crash trusts the image ([`ChangeLog::image_trusted`]: the recorded

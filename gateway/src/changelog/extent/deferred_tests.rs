@@ -36,6 +36,14 @@ fn opts() -> LogOptions {
     }
 }
 
+/// [`opts`], with small writes deferred however often FLUSHes come.
+fn every_write_deferred() -> LogOptions {
+    LogOptions {
+        flush_heavy_writes: 0,
+        ..opts()
+    }
+}
+
 fn open(f: &Fixture, o: LogOptions) -> Disk {
     let (d, report) = Disk::open_tracked("d", &f.image, &f.log, "disk-id", o).unwrap();
     assert_eq!(report.state, LogState::Healthy);
@@ -110,6 +118,62 @@ fn a_flush_logs_the_bytes_of_deferred_writes_once() {
 }
 
 #[test]
+fn frequent_flushes_have_small_writes_logged_with_their_data() {
+    let f = fixture();
+    let rt = rt();
+    let disk = open(&f, opts());
+    let map = super::registered(disk.change_log().unwrap().dir()).unwrap();
+    let heavy = opts().flush_heavy_writes as u64;
+    assert!(heavy >= 2, "the default logs writes with their data");
+    let n = warm(&disk);
+    // No FLUSH yet: deferred.
+    inline(&disk, 0, &[1; 4096]);
+    assert!(deferred(&records(&disk)[n]));
+    rt.block_on(disk.flush()).unwrap();
+    // The FLUSH followed one small write: the next ones carry their data, and the FLUSH
+    // after them appends only its barrier (nothing to copy from the image).
+    let n = records(&disk).len();
+    inline(&disk, 4096, &[2; 4096]);
+    inline(&disk, 8192, &[3; 4096]);
+    assert_eq!(map.deferred_bytes(), 0);
+    rt.block_on(disk.flush()).unwrap();
+    let recs = records(&disk).split_off(n);
+    let kinds: Vec<Kind> = recs.iter().map(|h| h.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![Kind::Write, Kind::Write, Kind::Flush],
+        "{recs:?}"
+    );
+    assert_eq!(logged_writes(&recs), vec![(4096, 4096), (8192, 4096)]);
+    // More small writes than that before a FLUSH: those past the count are deferred again
+    // at once, and so are the writes after that FLUSH.
+    let n = records(&disk).len();
+    for i in 0..=heavy {
+        inline(&disk, 16384 + i * 4096, &[4; 4096]);
+    }
+    let recs = records(&disk).split_off(n);
+    assert_eq!(recs.iter().filter(|h| deferred(h)).count(), 1, "{recs:?}");
+    assert!(deferred(recs.last().unwrap()), "{recs:?}");
+    rt.block_on(disk.flush()).unwrap();
+    let n = records(&disk).len();
+    inline(&disk, 0, &[5; 4096]);
+    assert!(deferred(&records(&disk)[n]));
+    assert_eq!(map.deferred_bytes(), 4096);
+    map.check_deferred_index().unwrap();
+    // Whichever way they were logged, a cut ships the image as it is.
+    let cut = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
+    let log = disk.change_log().unwrap();
+    let patch = patch_from_log(&log, 0, cut, SIZE).unwrap();
+    let mut replica = vec![0u8; SIZE as usize];
+    patch.apply(0, &mut replica).unwrap();
+    assert!(
+        replica == fs::read(&f.image).unwrap(),
+        "the log holds every write"
+    );
+    rt.block_on(disk.close()).unwrap();
+}
+
+#[test]
 fn a_cut_holds_no_deferred_write_and_ships_exactly() {
     let f = fixture();
     let rt = rt();
@@ -158,7 +222,9 @@ fn logged_writes(recs: &[RecordHeader]) -> Vec<(u64, u64)> {
 fn synced_pieces_are_skipped_by_a_flush_and_logged_by_a_cut() {
     let f = fixture();
     let rt = rt();
-    let disk = open(&f, opts());
+    // FLUSHes after a few writes each would have the writes after them logged with their
+    // data (see `frequent_flushes_have_small_writes_logged_with_their_data`).
+    let disk = open(&f, every_write_deferred());
     let log = disk.change_log().unwrap();
     let map = super::registered(log.dir()).unwrap();
     warm(&disk);
@@ -204,7 +270,7 @@ fn a_flush_facing_many_deferred_bytes_syncs_the_image_instead() {
         &f,
         LogOptions {
             image_flush_min: 8192,
-            ..opts()
+            ..every_write_deferred()
         },
     );
     let log = disk.change_log().unwrap();

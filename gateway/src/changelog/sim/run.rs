@@ -47,6 +47,8 @@ fn opts(rng: &mut StdRng) -> LogOptions {
         defer_max: [0, 16384, 1 << 30, 1 << 30][rng.gen_range(0..4)],
         // A FLUSH with this many deferred bytes syncs the image instead of logging them.
         image_flush_min: [0, 4096, 16384, 1 << 30][rng.gen_range(0..4)],
+        // While FLUSHes follow few small writes, those are logged with their data (0: never).
+        flush_heavy_writes: [0, 2, 8, u32::MAX][rng.gen_range(0..4)],
         ..LogOptions::default()
     }
 }
