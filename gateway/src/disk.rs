@@ -23,8 +23,8 @@
 //! tells the extent map where each cut is. Small writes logged inline are *deferred*
 //! extents: [`Disk::flush`] and [`Disk::cut`] log their bytes first (see
 //! [`crate::changelog::extent`], "Deferred small writes") — except between frequent
-//! FLUSHes, where they are logged with their data (see [`tracking`]). An untracked disk writes straight
-//! to its image.
+//! FLUSHes, where they are logged with their data (see [`tracking`]). An untracked disk
+//! writes straight to its image.
 //!
 //! Every sync goes through the disk's [`Durability`] (shared with its change log): once an
 //! `fdatasync` of the image or the log has failed, every later FLUSH and FUA write fails with

@@ -3,9 +3,10 @@
 //! Each iteration starts `standby serve` on a tracked disk, runs two clients at once — fio
 //! (nbd engine, random 4 KiB writes, crc32c verify headers) for load on one half of the disk
 //! and an oracle client on the other half that pipelines 4 KiB writes with a FLUSH every few
-//! writes (3 or 12, by iteration: small writes logged with their data, or deferred) and records exactly which writes were acknowledged before each completed flush —
-//! then `kill -9`s the gateway at a random moment, restarts it (recovery) and stops it
-//! cleanly, and checks:
+//! writes (3 or 12, by iteration: small writes logged with their data, or deferred) and
+//! records exactly which writes were acknowledged before each completed flush — then
+//! `kill -9`s the gateway at a random moment, restarts it (recovery) and stops it cleanly, and
+//! checks:
 //!
 //! (a) every write acknowledged before the last completed flush is in the image (or a later
 //!     write to the same block is);
@@ -89,20 +90,22 @@ fn oracle_client(addr: std::net::SocketAddr, iter: u64, seed: u64) -> Oracle {
     loop {
         // Send while there is room.
         while inflight_writes.len() + usize::from(flush_inflight.is_some()) < WINDOW {
-            if since_flush >= flush_every(iter) && flush_inflight.is_some() && iter % 2 == 1 {
-                // Odd iterations send no write while their FLUSH is in flight: at most 3
-                // writes per FLUSH, so the gateway logs them with their data.
-                break;
-            }
-            if since_flush >= flush_every(iter) && flush_inflight.is_none() {
-                let covered = std::mem::take(&mut acked_not_durable);
-                if c.send_request(0, CMD_FLUSH, cookie, 0, 0, &[]).is_err() {
-                    return o;
+            if since_flush >= flush_every(iter) {
+                if flush_inflight.is_none() {
+                    let covered = std::mem::take(&mut acked_not_durable);
+                    if c.send_request(0, CMD_FLUSH, cookie, 0, 0, &[]).is_err() {
+                        return o;
+                    }
+                    flush_inflight = Some((cookie, covered));
+                    cookie += 1;
+                    since_flush = 0;
+                    continue;
                 }
-                flush_inflight = Some((cookie, covered));
-                cookie += 1;
-                since_flush = 0;
-                continue;
+                if iter % 2 == 1 {
+                    // Odd iterations send no write while their FLUSH is in flight: at most 3
+                    // writes per FLUSH, so the gateway logs them with their data.
+                    break;
+                }
             }
             let block = loop {
                 let b = rng.gen_range(0..HALF / BLOCK);

@@ -29,10 +29,10 @@ pub(super) struct Tracking {
     pub(super) extent_min: u64,
     /// Small writes logged inline are deferred while the deferred bytes stay within this
     /// (`0`: never; see [`crate::changelog::extent`], "Deferred small writes").
-    pub(super) defer_max: u64,
+    defer_max: u64,
     /// A FLUSH facing at least this many live deferred bytes syncs the image instead of
     /// logging them (`0`: never).
-    pub(super) image_flush_min: u64,
+    image_flush_min: u64,
     /// Small writes since the last FLUSH (counted where the inline path picks their bound).
     since_flush: AtomicU64,
     /// Whether the last FLUSH came after at most `flush_heavy_writes` of them: then small
