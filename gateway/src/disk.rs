@@ -503,13 +503,15 @@ impl Disk {
 
     /// A write without FUA of up to [`WRITE_NOW_MAX`] bytes, done on the caller's thread (a
     /// runtime worker): copied into the image's page cache, which takes a few microseconds —
-    /// less than handing it to another thread. On a tracked disk only a small write (below
-    /// `extent_min`) whose logging needs no wait ([`ChangeLog::try_record_now`]: no lock
-    /// held, no overlapping request, no rotation, no log sync, no preimage) and only while
-    /// the disk's writer thread is idle: its record is one more `pwritev` into the log's
-    /// page cache. `None` (then use [`Disk::write`]) for FUA writes, larger ones, and every
-    /// write that would wait. Never waits for a lock: while tracking is being switched or a
-    /// cut is being taken (the tracking lock is held exclusively), it returns `None` too.
+    /// less than handing it to another thread. On a tracked disk only a write whose logging
+    /// needs no wait (no lock held, no overlapping request, no rotation, no log sync, no
+    /// preimage) and only while the disk's writer thread is idle: a small one (below
+    /// `extent_min`, [`ChangeLog::try_record_now`]) or an extent whose range no cut still
+    /// needs ([`ChangeLog::try_record_extent_now`]); its record is one more `pwritev` into
+    /// the log's page cache. `None` (then use [`Disk::write`]) for FUA writes, larger ones,
+    /// and every write that would wait. Never waits for a lock: while tracking is being
+    /// switched or a cut is being taken (the tracking lock is held exclusively), it returns
+    /// `None` too.
     pub fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
         if fua || data.len() > WRITE_NOW_MAX {
             return None;
@@ -527,11 +529,23 @@ impl Disk {
             // log waits for this write.
             return Some(write_image(&self.inner, offset, data));
         };
-        // A small tracked write: logged and applied here when nothing has to wait and the
-        // writer thread has nothing queued (so writes are taken in arrival order).
+        // A tracked write: logged and applied here when nothing has to wait and the writer
+        // thread has nothing queued (so writes are taken in arrival order).
         let len = data.len() as u64;
-        if len >= t.extent_min || self.writer_busy() {
+        if self.writer_busy() {
             return None;
+        }
+        if len >= t.extent_min {
+            let r = t.log.try_record_extent_now(
+                offset,
+                len,
+                |chain, lsn| t.extents.take_uncut_extent(chain, lsn, offset, len),
+                || write_image(&self.inner, offset, data),
+            )?;
+            if r.is_ok() {
+                t.note(offset, len);
+            }
+            return Some(r);
         }
         let r = t.log.try_record_now(
             offset,
@@ -987,12 +1001,18 @@ mod tests {
             .is_ok());
         assert_eq!(log.last_lsn(), 2, "logged inline");
         assert_eq!(tracked.read(8192, 4096).await.unwrap(), vec![4u8; 4096]);
-        // FUA, extents (64K and more), a paused disk: never inline, nothing logged.
+        // FUA, a paused disk: never inline, nothing logged.
         assert!(tracked.write_now(0, &[5u8; 4096], true).is_none());
-        assert!(tracked.write_now(0, &[5u8; 65536], false).is_none());
         tracked.with_writes_paused(|| assert!(tracked.write_now(0, &[5u8; 4096], false).is_none()));
         assert_eq!(log.last_lsn(), 2);
         assert_eq!(tracked.read(0, 4096).await.unwrap(), vec![3u8; 4096]);
+        // An extent (64K and more) into the hot extent: inline too, as a 40-byte record.
+        assert!(tracked
+            .write_now(65536, &[6u8; 65536], false)
+            .unwrap()
+            .is_ok());
+        assert_eq!(log.last_lsn(), 3, "logged inline");
+        assert_eq!(tracked.read(65536, 65536).await.unwrap(), vec![6u8; 65536]);
         // Both records replay: the log describes the image.
         tracked.flush().await.unwrap();
         let segs = log.segments();

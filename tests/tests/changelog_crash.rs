@@ -2,7 +2,7 @@
 //!
 //! Each iteration starts `standby serve` on a tracked disk, runs two clients at once — fio
 //! (nbd engine, random 4 KiB writes, crc32c verify headers) for load on one half of the disk
-//! and an oracle client on the other half that pipelines 4 KiB writes with a FLUSH every few
+//! and an oracle client on the other half that pipelines writes with a FLUSH every few
 //! writes (3 or 12, by iteration: small writes logged with their data, or deferred) and
 //! records exactly which writes were acknowledged before each completed flush — then
 //! `kill -9`s the gateway at a random moment, restarts it (recovery) and stops it cleanly, and
@@ -12,8 +12,9 @@
 //!     write to the same block is);
 //! (b) replaying the change log from its beginning onto the image as it was when the chain
 //!     started reproduces the current image byte for byte, except where an extent is the
-//!     last record (a deferred small write whose bytes the next FLUSH or cut would have
-//!     logged: a base copy cannot have them; the summary line counts those bytes);
+//!     last record (a large write, or a deferred small write whose bytes the next FLUSH or
+//!     cut would have logged: the image holds them, a base copy cannot; the summary line
+//!     counts those bytes);
 //! plus: the log is healthy and `standby log verify` passes.
 //!
 //! Every `REBASE` iterations the chain is restarted (tracking disabled and enabled) with a
@@ -47,19 +48,26 @@ fn flush_every(iter: u64) -> u64 {
 }
 const REBASE: u64 = 5;
 
-fn block_data(iter: u64, idx: u64) -> Vec<u8> {
+/// The oracle's writes, in blocks: mostly one (4 KiB: a small write, logged with its data
+/// or deferred), one in four an extent (64 KiB to 1 MiB: logged as a 40-byte record, its bytes
+/// in the image only, mostly on the connection's task).
+const WRITE_BLOCKS: [u64; 8] = [1, 1, 1, 1, 1, 16, 64, 256];
+
+/// The bytes of block `k` of write `idx`.
+fn block_data(iter: u64, idx: u64, k: u64) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK as usize];
-    rand::rngs::StdRng::seed_from_u64((iter << 32) ^ idx ^ 0x5eed_0000_0000_0000)
+    rand::rngs::StdRng::seed_from_u64((iter << 32) ^ (k << 20) ^ idx ^ 0x5eed_0000_0000_0000)
         .fill_bytes(&mut b);
     b[0..8].copy_from_slice(&iter.to_le_bytes());
     b[8..16].copy_from_slice(&idx.to_le_bytes());
+    b[16..24].copy_from_slice(&k.to_le_bytes());
     b
 }
 
 /// What the oracle client saw before the gateway died.
 #[derive(Default)]
 struct Oracle {
-    /// Writes in send order: (block index, write index).
+    /// Writes in send order: (first block, blocks).
     writes: Vec<(u64, u64)>,
     /// For each write index: was it acknowledged (successfully)?
     acked: Vec<bool>,
@@ -68,7 +76,7 @@ struct Oracle {
     flushes_completed: u64,
 }
 
-/// Pipelined writes (never two in flight to the same block) with periodic flushes, until
+/// Pipelined writes (never two in flight over the same block) with periodic flushes, until
 /// the connection breaks.
 fn oracle_client(addr: std::net::SocketAddr, iter: u64, seed: u64) -> Oracle {
     let mut o = Oracle::default();
@@ -107,23 +115,35 @@ fn oracle_client(addr: std::net::SocketAddr, iter: u64, seed: u64) -> Oracle {
                     break;
                 }
             }
-            let block = loop {
-                let b = rng.gen_range(0..HALF / BLOCK);
-                if !busy_blocks.contains_key(&b) {
+            let n = WRITE_BLOCKS[rng.gen_range(0..WRITE_BLOCKS.len())];
+            let first = loop {
+                let b = rng.gen_range(0..=HALF / BLOCK - n);
+                if (b..b + n).all(|b| !busy_blocks.contains_key(&b)) {
                     break b;
                 }
             };
             let idx = o.writes.len();
-            o.writes.push((block, idx as u64));
+            o.writes.push((first, n));
             o.acked.push(false);
-            let data = block_data(iter, idx as u64);
-            if c.send_request(0, CMD_WRITE, cookie, block * BLOCK, BLOCK as u32, &data)
-                .is_err()
+            let data: Vec<u8> = (0..n)
+                .flat_map(|k| block_data(iter, idx as u64, k))
+                .collect();
+            if c.send_request(
+                0,
+                CMD_WRITE,
+                cookie,
+                first * BLOCK,
+                data.len() as u32,
+                &data,
+            )
+            .is_err()
             {
                 return o;
             }
             inflight_writes.insert(cookie, idx);
-            busy_blocks.insert(block, idx);
+            for b in first..first + n {
+                busy_blocks.insert(b, idx);
+            }
             cookie += 1;
             since_flush += 1;
         }
@@ -137,7 +157,10 @@ fn oracle_client(addr: std::net::SocketAddr, iter: u64, seed: u64) -> Oracle {
         );
         if let Some(idx) = inflight_writes.remove(&r.cookie) {
             o.acked[idx] = true;
-            busy_blocks.remove(&o.writes[idx].0);
+            let (first, n) = o.writes[idx];
+            for b in first..first + n {
+                busy_blocks.remove(&b);
+            }
             acked_not_durable.push(idx);
         } else if flush_inflight.as_ref().is_some_and(|(k, _)| *k == r.cookie) {
             let (_, covered) = flush_inflight.take().unwrap_or_default();
@@ -228,25 +251,31 @@ fn image_path(dd: &Path) -> std::path::PathBuf {
     dd.join("disks").join(format!("{DISK}.img"))
 }
 
-/// (a): every durable write (or a later write to its block) is in the image.
+/// (a): every block of every durable write (or of a later write over that block) is in the
+/// image.
 fn check_durable(image: &[u8], iter: u64, o: &Oracle) -> usize {
-    let mut last_write_of: HashMap<u64, Vec<usize>> = HashMap::new();
-    for (i, (block, _)) in o.writes.iter().enumerate() {
-        last_write_of.entry(*block).or_default().push(i);
+    // block → the writes over it, in send order.
+    let mut writes_over: HashMap<u64, Vec<usize>> = HashMap::new();
+    for (i, &(first, n)) in o.writes.iter().enumerate() {
+        for b in first..first + n {
+            writes_over.entry(b).or_default().push(i);
+        }
     }
     let mut checked = 0;
     for &d in &o.durable {
-        let block = o.writes[d].0;
-        let at = (block * BLOCK) as usize;
-        let got = &image[at..at + BLOCK as usize];
-        let ok = last_write_of[&block]
-            .iter()
-            .filter(|&&i| i >= d)
-            .any(|&i| got == block_data(iter, i as u64).as_slice());
-        assert!(
-            ok,
-            "iteration {iter}: write #{d} to block {block} was acknowledged before a completed flush but is not in the image after the crash"
-        );
+        let (first, n) = o.writes[d];
+        for block in first..first + n {
+            let at = (block * BLOCK) as usize;
+            let got = &image[at..at + BLOCK as usize];
+            let ok = writes_over[&block].iter().filter(|&&i| i >= d).any(|&i| {
+                let k = block - o.writes[i].0;
+                got == block_data(iter, i as u64, k).as_slice()
+            });
+            assert!(
+                ok,
+                "iteration {iter}: write #{d} ({n} blocks from block {first}) was acknowledged before a completed flush but its block {block} is not in the image after the crash"
+            );
+        }
         checked += 1;
     }
     checked
@@ -279,6 +308,8 @@ fn kill9_loses_no_acknowledged_write_and_log_replays_to_the_image() {
     let mut total_extent_bytes = 0u64;
     // (deferred extents, write records) of the oracle's half, for FLUSHes every 12 and 3.
     let mut oracle_records = [(0u64, 0u64); 2];
+    // The oracle's writes of 64 KiB and more logged as extents (40-byte records).
+    let mut oracle_extents = 0u64;
     // The newest segment seen by the last iteration (`None` on a new chain).
     let mut last_seq: Option<u64> = None;
     for iter in 0..iterations {
@@ -381,7 +412,13 @@ fn kill9_loses_no_acknowledged_write_and_log_replays_to_the_image() {
             }
             let dump = json(&dd, &["log", "dump", DISK, "--segment", &seq.to_string()]);
             for r in dump["records"].as_array().into_iter().flatten() {
-                if r["offset"].as_u64().is_none_or(|o| o >= HALF) || r["length"] != 4096 {
+                if r["offset"].as_u64().is_none_or(|o| o >= HALF) {
+                    continue;
+                }
+                if r["kind"] == "extent" && r["length"].as_u64() >= Some(16 * BLOCK) {
+                    oracle_extents += 1;
+                }
+                if r["length"] != 4096 {
                     continue;
                 }
                 let deferred = r["flags"]
@@ -399,8 +436,9 @@ fn kill9_loses_no_acknowledged_write_and_log_replays_to_the_image() {
             .and_then(|s| s.iter().filter_map(|s| s["seq"].as_u64()).max());
 
         // (b): base image + whole log == current image, except where an extent is the last
-        // record (a small write whose bytes the next FLUSH or cut would have logged): its
-        // bytes are the image's by definition, and a base copy cannot have them.
+        // record (a large write, or a small write whose bytes the next FLUSH or cut would
+        // have logged): its bytes are the image's by definition, and a base copy cannot have
+        // them.
         std::fs::copy(&base, &replay_img).expect("copy base");
         run(standby(&dd)
             .args(["log", "replay", DISK, "--onto"])
@@ -443,7 +481,7 @@ fn kill9_loses_no_acknowledged_write_and_log_replays_to_the_image() {
         }
     }
     eprintln!(
-        "crash test: {iterations} kill -9 iterations in {:?}: oracle writes acknowledged {total_acked}, flushes completed {total_flushes}, durable writes checked {total_durable}, lost 0; torn tails cut {cuts}; bytes whose last record was an extent (left out of the replay check) {total_extent_bytes}; the oracle's 4 KiB records, FLUSH every 12 writes: {} deferred extents, {} write records; every 3: {} deferred extents, {} write records",
+        "crash test: {iterations} kill -9 iterations in {:?}: oracle writes acknowledged {total_acked}, flushes completed {total_flushes}, durable writes checked {total_durable}, lost 0; torn tails cut {cuts}; bytes whose last record was an extent (left out of the replay check) {total_extent_bytes}; the oracle's 4 KiB records, FLUSH every 12 writes: {} deferred extents, {} write records; every 3: {} deferred extents, {} write records; its writes of 64 KiB and more: {oracle_extents} extent records",
         started.elapsed(),
         oracle_records[0].0,
         oracle_records[0].1,
@@ -453,5 +491,9 @@ fn kill9_loses_no_acknowledged_write_and_log_replays_to_the_image() {
     assert!(
         total_durable > 0,
         "no flush completed in any iteration: the test checked nothing"
+    );
+    assert!(
+        oracle_extents > 0,
+        "no large write of the oracle was logged as an extent: the test missed that path"
     );
 }

@@ -55,9 +55,10 @@
 //! lock), so `before_write`, the image write and `insert` of one request never race another
 //! request over the same bytes.
 //!
-//! A little over 700 lines: the pieces, copy-before-write and the shipper's rebuild of an
-//! extent share one lock and the invariants above, so they are kept in one read; deferred
-//! pieces ([`deferred`]) and the tests are in files of their own.
+//! About 770 lines: the pieces, copy-before-write (waiting, `before_write`, and not,
+//! `take_uncut_extent` for an inline write) and the shipper's rebuild of an extent share one
+//! lock and the invariants above, so they are kept in one read; deferred pieces
+//! ([`deferred`]) and the tests are in files of their own.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -607,6 +608,34 @@ impl ExtentMap {
             inner.insert_free(lsn, offset, len, true);
         }
         Some(deferred)
+    }
+
+    /// For a large write logged inline as extent `lsn` (`ChangeLog::try_record_extent_now`):
+    /// if no piece under `[offset, offset + len)` belongs to a cut (nothing to save), makes
+    /// the range a piece of `lsn` — what [`Self::before_write`] and [`Self::insert`] do
+    /// around the image write on the path that may wait — and returns `Some(())`. `None`,
+    /// nothing changed: the map is busy, follows another chain, or a piece there belongs to
+    /// a cut. The piece is in the map before the image write: only a cut's extents are read
+    /// back (by the shipper), and no cut can be taken while the write holds the disk's
+    /// tracking lock.
+    pub fn take_uncut_extent(&self, chain_id: u64, lsn: u64, offset: u64, len: u64) -> Option<()> {
+        let mut inner = self.inner.try_lock().ok()?;
+        if inner.chain_id != chain_id {
+            return None;
+        }
+        let end = offset.saturating_add(len);
+        let cut = inner.cut_lsn;
+        let in_cut = inner
+            .pieces
+            .range(..end)
+            .rev()
+            .take_while(|(_, p)| p.end > offset)
+            .any(|(_, p)| p.lsn <= cut);
+        if in_cut {
+            return None;
+        }
+        inner.insert(lsn, offset, len, false);
+        Some(())
     }
 
     /// Before a change to `[offset, offset + len)` of the image (any kind, any size): saves

@@ -344,3 +344,90 @@ fn small_writes_over_uncut_extents_stay_inline() {
     assert!(rt.block_on(disk.read(0, SIZE as usize)).unwrap() == model);
     rt.block_on(disk.close()).unwrap();
 }
+
+/// A large write is logged inline as an extent when nothing waits: its 40-byte record, the
+/// range a piece of the map, the backlog counting its bytes, and the next FLUSH syncs the
+/// image (its bytes are there only). Over a piece of a cut it is not taken inline (the piece's
+/// bytes must be saved first), and the cut still ships what it held.
+#[test]
+fn large_writes_are_extents_logged_inline_unless_a_cut_needs_their_bytes() {
+    use crate::changelog::durable::{FaultySync, Target};
+    use crate::changelog::format::{decode_segment, Kind};
+    let f = fixture(22);
+    let rt = rt();
+    let o = LogOptions {
+        checkpoint_interval: None,
+        ..opts(1 << 20, 0)
+    };
+    let faults = FaultySync::new();
+    let (disk, _) =
+        Disk::open_tracked_with_sync("d", &f.image, &f.log, "disk-id", o, faults.clone()).unwrap();
+    let log = disk.change_log().unwrap().clone();
+    let mut model = f.initial.clone();
+    // The first write into a cold extent syncs the log: not inline, nothing logged.
+    let first = pattern(BIG, 1);
+    assert!(disk.write_now(0, &first, false).is_none(), "cold extent");
+    assert_eq!(log.last_lsn(), 0);
+    rt.block_on(disk.write(0, first.clone(), false)).unwrap();
+    model[..first.len()].copy_from_slice(&first);
+    rt.block_on(disk.flush()).unwrap();
+    let backlog = log.unshipped_bytes();
+    let images = faults.syncs(Target::Image);
+
+    // Hot now: a large write is taken inline, as an extent.
+    let big = pattern(BIG * 2, 2);
+    assert!(
+        disk.write_now(BIG, &big, false).is_some_and(|r| r.is_ok()),
+        "a large write into a hot extent is taken inline"
+    );
+    model[BIG as usize..(BIG * 3) as usize].copy_from_slice(&big);
+    let lsn = log.last_lsn();
+    assert_eq!(disk.extent_ranges(), vec![(0, BIG), (BIG, BIG * 3)]);
+    assert_eq!(log.unshipped_bytes(), backlog + 40 + BIG * 2);
+    rt.block_on(disk.flush()).unwrap();
+    assert_eq!(
+        faults.syncs(Target::Image),
+        images + 1,
+        "the FLUSH after an extent syncs the image"
+    );
+    let seg = log.segments().last().unwrap().path.clone();
+    let dec = decode_segment(&fs::read(seg).unwrap()).unwrap();
+    let rec = dec
+        .records
+        .iter()
+        .find(|r| r.header.lsn == lsn)
+        .expect("the extent's record");
+    assert_eq!(rec.header.kind, Kind::Extent);
+    assert_eq!((rec.header.offset, rec.header.length), (BIG, BIG * 2));
+    assert_eq!((rec.header.flags, rec.data.len()), (0, 0));
+
+    // After a cut, a large write over one of its pieces saves the bytes first: not inline.
+    let cut = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
+    let at_cut = model.clone();
+    let over = pattern(BIG, 3);
+    assert!(
+        disk.write_now(BIG * 2, &over, false).is_none(),
+        "a piece of a cut needs its bytes saved first: not inline"
+    );
+    rt.block_on(disk.write(BIG * 2, over.clone(), false))
+        .unwrap();
+    model[(BIG * 2) as usize..(BIG * 3) as usize].copy_from_slice(&over);
+    // Beside the cut's pieces, inline again.
+    let beside = pattern(BIG, 4);
+    assert!(disk
+        .write_now(BIG * 4, &beside, false)
+        .is_some_and(|r| r.is_ok()));
+    model[(BIG * 4) as usize..(BIG * 5) as usize].copy_from_slice(&beside);
+    let mut replica = f.initial.clone();
+    let mut shipped = 0;
+    ship(&disk, &mut replica, &mut shipped, cut);
+    assert!(
+        replica == at_cut,
+        "the cut ships the extents as they were at the cut"
+    );
+    let end = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
+    ship(&disk, &mut replica, &mut shipped, end);
+    assert!(replica == model, "the next cut ships the writes after it");
+    assert!(rt.block_on(disk.read(0, SIZE as usize)).unwrap() == model);
+    rt.block_on(disk.close()).unwrap();
+}

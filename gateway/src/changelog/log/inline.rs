@@ -1,14 +1,20 @@
-//! Inline logging of a small write: [`ChangeLog::try_record_now`] logs and applies one write
-//! on the caller's thread (a runtime worker, from `Disk::write_now`) when nothing on the way
-//! has to wait, and declines otherwise (the caller then hands the write to the disk's writer
-//! thread, which does the same work allowed to wait).
+//! Inline logging: [`ChangeLog::try_record_now`] (a small write) and
+//! [`ChangeLog::try_record_extent_now`] (a large one, logged as an extent) log and apply one
+//! write on the caller's thread (a runtime worker, from `Disk::write_now`) when nothing on the
+//! way has to wait, and decline otherwise (the caller then hands the write to the disk's
+//! writer thread or the blocking pool, which do the same work allowed to wait).
 //!
-//! **Why.** A small write handed to another thread pays two thread wake-ups and a task hop
-//! (submit, reply); at 4 KiB those cost more CPU than logging the write itself (one
-//! `pwritev` into the log's page cache: a 40-byte deferred extent record whose bytes a FLUSH
-//! or cut logs later, see [`crate::changelog::extent`]; header and data when the caller says
-//! not to defer). A write to an untracked disk is already copied into the page cache on the
-//! worker (`Disk::write_now`); a tracked one adds one `pwritev`.
+//! **Why.** A write handed to another thread pays two thread wake-ups and a task hop (submit,
+//! reply); at 4 KiB those cost more CPU than logging the write itself (one `pwritev` into the
+//! log's page cache: a 40-byte deferred extent record whose bytes a FLUSH or cut logs later,
+//! see [`crate::changelog::extent`]; header and data when the caller says not to defer). A
+//! write to an untracked disk, up to 1 MiB, is already copied into the page cache on the
+//! worker (`Disk::write_now`); a tracked one adds one `pwritev` of its record. Large writes
+//! handed to the blocking pool also ran up to eight at a time (one per request in flight on
+//! a connection) on two cores, on threads of their own; inline, at most one runs per worker,
+//! as on an untracked disk. Measured, sequential 1 MiB at QD8: the tracked disk's CPU per GB
+//! went from 1.1–1.9× the untracked disk's to 1.04–1.09× (BENCHMARKS.md, "Large writes
+//! logged inline").
 //!
 //! **What it never does** (any of these → `None`, nothing changed): wait for a lock
 //! (`try_lock` only), wait for an overlapping request, start a segment (rotation), sync the
@@ -28,6 +34,10 @@
 //!   sync, which makes the record durable with an LSN above the checkpoint (the request had
 //!   not completed, so the checkpoint's LSN is below it) — the extent is then hot in fact.
 //!   A write that needs no sync never heats an extent (as in `guard_image_change`).
+//! * An extent's bytes are in the image only: its LSN is noted image-dependent before
+//!   `apply`, so the sync round of any FLUSH after the write's reply syncs the image too (as
+//!   in `record`). Its preimage rule is the caller's `ready` (`ExtentMap::take_uncut_extent`
+//!   declines over a piece of a cut).
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -55,12 +65,65 @@ impl ChangeLog {
         ready: impl FnOnce(u64, u64) -> Option<bool>,
         apply: impl FnOnce() -> io::Result<()>,
     ) -> Option<io::Result<()>> {
-        if data.is_empty() || !self.sh.logging.load(Ordering::Acquire) {
+        if data.is_empty() {
             return None;
         }
-        let len = data.len() as u64;
-        let rec_len = (RECORD_HEADER_LEN + data.len()) as u64;
-        self.count_appended_unless_check_due(rec_len)?;
+        let full = (RECORD_HEADER_LEN + data.len()) as u64;
+        self.try_inline(
+            offset,
+            data.len() as u64,
+            full,
+            |chain, lsn| {
+                Some(match ready(chain, lsn)? {
+                    true => (Kind::Extent, FLAG_DEFERRED, &[][..]),
+                    false => (Kind::Write, 0, data),
+                })
+            },
+            apply,
+        )
+    }
+
+    /// Logs a large write of `len` bytes at `offset` as an *extent* (a 40-byte record, the
+    /// bytes in the image only, see [`crate::changelog::extent`]) and applies it with
+    /// `apply` if that can be done without waiting; `None` (nothing done) otherwise.
+    /// `ready(chain_id, lsn)` as for [`Self::try_record_now`]. The record is noted
+    /// image-dependent before `apply` runs, so a FLUSH after this write syncs the image too.
+    pub fn try_record_extent_now(
+        &self,
+        offset: u64,
+        len: u64,
+        ready: impl FnOnce(u64, u64) -> Option<()>,
+        apply: impl FnOnce() -> io::Result<()>,
+    ) -> Option<io::Result<()>> {
+        if len == 0 {
+            return None;
+        }
+        self.try_inline(
+            offset,
+            len,
+            RECORD_HEADER_LEN as u64,
+            |chain, lsn| {
+                ready(chain, lsn)?;
+                Some((Kind::Extent, 0, &[][..]))
+            },
+            apply,
+        )
+    }
+
+    /// The common path of both: `choose(chain_id, lsn)` says, under the append lock, which
+    /// record to write (kind, flags, data); `rec_max` is the largest record it may choose.
+    fn try_inline<'d>(
+        &self,
+        offset: u64,
+        len: u64,
+        rec_max: u64,
+        choose: impl FnOnce(u64, u64) -> Option<(Kind, u8, &'d [u8])>,
+        apply: impl FnOnce() -> io::Result<()>,
+    ) -> Option<io::Result<()>> {
+        if !self.sh.logging.load(Ordering::Acquire) {
+            return None;
+        }
+        self.count_appended_unless_check_due(rec_max)?;
         let end = offset.checked_add(len)?;
         let id = {
             let mut st = try_lock(&self.sh.st)?;
@@ -77,15 +140,16 @@ impl ChangeLog {
             });
             id
         };
-        let Some((lsn, deferred)) = self.append_now(offset, data, rec_len, ready) else {
+        let Some((lsn, h)) = self.append_now(offset, len, rec_max, choose) else {
             self.complete_many(&[id], &[None]);
             return None;
         };
-        self.note_appended(if deferred {
-            RECORD_HEADER_LEN as u64
-        } else {
-            rec_len
-        });
+        self.note_appended((RECORD_HEADER_LEN as u64) + u64::from(h.data_len));
+        self.sh.recorded.fetch_add(len, Ordering::Relaxed);
+        if is_extent(&h) {
+            // Its bytes are in the image only: the next sync round syncs the image too.
+            self.note_image_dependent(lsn);
+        }
         let r = apply();
         if let Err(e) = &r {
             self.mark_broken(format!(
@@ -120,40 +184,36 @@ impl ChangeLog {
         }
     }
 
-    /// Under the append lock (if free): checks that the record fits the active segment, the
-    /// hot-extent rule needs no sync and `ready`, then reserves the LSN and writes the
-    /// record (a deferred extent when `ready` says so). `None`: declined, nothing written.
-    fn append_now(
+    /// Under the append lock (if free): checks that a record of up to `rec_max` bytes fits
+    /// the active segment, that the hot-extent rule needs no sync and that `choose` accepts,
+    /// then reserves the LSN and writes the record `choose` gave. `None`: declined, nothing
+    /// written.
+    fn append_now<'d>(
         &self,
         offset: u64,
-        data: &[u8],
-        rec_len: u64,
-        ready: impl FnOnce(u64, u64) -> Option<bool>,
-    ) -> Option<(u64, bool)> {
+        len: u64,
+        rec_max: u64,
+        choose: impl FnOnce(u64, u64) -> Option<(Kind, u8, &'d [u8])>,
+    ) -> Option<(u64, RecordHeader)> {
         let mut ap = try_lock(&self.sh.ap)?;
         if !self.sh.logging.load(Ordering::Acquire) {
             return None;
         }
         let (lsn, chain_id) = (ap.next_lsn, ap.chain_id);
         let a = ap.active.as_mut()?;
-        if a.count > 0 && a.pos + rec_len > self.sh.opts.segment_size {
+        if a.count > 0 && a.pos + rec_max > self.sh.opts.segment_size {
             return None;
         }
         let ck = &self.sh.ck;
-        let len = data.len() as u64;
         if ck
             .hot
             .needs_sync(offset, len, ck.pending.load(Ordering::SeqCst))
         {
             return None;
         }
-        let deferred = ready(chain_id, lsn)?;
-        // A deferred write's record is an extent: the header alone, the bytes stay in the
-        // image until they are logged (see `changelog::extent::deferred`).
-        let (kind, flags, data) = match deferred {
-            true => (Kind::Extent, FLAG_DEFERRED, &[][..]),
-            false => (Kind::Write, 0, data),
-        };
+        // A deferred write's record is an extent too: the header alone, the bytes stay in
+        // the image until they are logged (see `changelog::extent::deferred`).
+        let (kind, flags, data) = choose(chain_id, lsn)?;
         let h = RecordHeader {
             lsn,
             kind,
@@ -167,12 +227,16 @@ impl ChangeLog {
         let pos = a.pos;
         a.pos += (RECORD_HEADER_LEN + data.len()) as u64;
         a.count += 1;
+        if is_extent(&h) {
+            // The backlog counts the bytes it stands for (as `append` does).
+            a.extent_bytes += len;
+        }
         let r = pwritev_all(&a.seg.file, &[&hb, data], pos);
         ap.next_lsn += 1;
         if let Err(e) = r {
             self.degrade(&e, "cannot append to the change log");
         }
-        Some((lsn, deferred))
+        Some((lsn, h))
     }
 
     /// Writes the state file on a thread of its own (inline if none can be started).
@@ -194,4 +258,10 @@ fn try_lock<T>(m: &std::sync::Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> 
         Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
         Err(TryLockError::WouldBlock) => None,
     }
+}
+
+/// A large write's extent record (not a deferred small write's, whose bytes the log gets at
+/// the next FLUSH or cut).
+fn is_extent(h: &RecordHeader) -> bool {
+    h.kind == Kind::Extent && h.flags & FLAG_DEFERRED == 0
 }
