@@ -535,24 +535,21 @@ impl Disk {
         if self.writer_busy() {
             return None;
         }
-        if len >= t.extent_min {
-            let r = t.log.try_record_extent_now(
+        let r = if len >= t.extent_min {
+            t.log.try_record_extent_now(
                 offset,
                 len,
                 |chain, lsn| t.extents.take_uncut_extent(chain, lsn, offset, len),
                 || write_image(&self.inner, offset, data),
-            )?;
-            if r.is_ok() {
-                t.note(offset, len);
-            }
-            return Some(r);
-        }
-        let r = t.log.try_record_now(
-            offset,
-            data,
-            |chain, lsn| t.extents.take_uncut(chain, lsn, offset, len, t.defer_max()),
-            || write_image(&self.inner, offset, data),
-        )?;
+            )?
+        } else {
+            t.log.try_record_now(
+                offset,
+                data,
+                |chain, lsn| t.extents.take_uncut(chain, lsn, offset, len, t.defer_max()),
+                || write_image(&self.inner, offset, data),
+            )?
+        };
         if r.is_ok() {
             t.note(offset, len);
         }
@@ -1013,7 +1010,8 @@ mod tests {
             .is_ok());
         assert_eq!(log.last_lsn(), 3, "logged inline");
         assert_eq!(tracked.read(65536, 65536).await.unwrap(), vec![6u8; 65536]);
-        // Both records replay: the log describes the image.
+        // Both write records are in the log with their data (the extent's bytes are the
+        // image's): the log describes the image.
         tracked.flush().await.unwrap();
         let segs = log.segments();
         let bytes = std::fs::read(&segs.last().unwrap().path).unwrap();
