@@ -43,6 +43,8 @@
 //! checkpoint_bytes = "256M"         #   ... and after this much log since the last one
 //! hot_limit = 1024                  #   ... and when more extents than this are hot (what a
 //!                                   #   host crash makes recovery re-log; docs/changelog.md)
+//! heat_ahead = 32                   # a sequential writer heats this many extents ahead of
+//!                                   #   itself (one log sync per window, not per extent); 0: off
 //!
 //! [[disk]]
 //! name = "web01-os"
@@ -152,6 +154,8 @@ pub struct LogConfig {
     pub checkpoint_bytes: Option<String>,
     /// Hot extents that ask for a checkpoint (default 1024).
     pub hot_limit: Option<usize>,
+    /// Extents a sequential writer heats ahead of itself (default 32), or 0.
+    pub heat_ahead: Option<u16>,
 }
 
 /// A `[log]` size that may be "off" (0); an explicit 0 is refused, as it reads like "no
@@ -232,6 +236,9 @@ impl LogConfig {
                 return Err("log.hot_limit must be at least 1, got 0".to_string());
             }
             o.hot_limit = n;
+        }
+        if let Some(n) = self.heat_ahead {
+            o.heat_ahead = n;
         }
         Ok(o)
     }
@@ -370,6 +377,10 @@ mod tests {
         );
         assert_eq!(o.checkpoint_bytes, 1 << 30);
         assert_eq!(o.hot_limit, 4096);
+        assert_eq!(opts("heat_ahead = 0").map(|o| o.heat_ahead), Ok(0));
+        assert_eq!(opts("heat_ahead = 8").map(|o| o.heat_ahead), Ok(8));
+        assert!(opts("heat_ahead = 70000").is_err());
+        assert!(opts("heat_ahead = -1").is_err());
         assert_eq!(
             opts("checkpoint_interval = \"2m\"")
                 .unwrap()

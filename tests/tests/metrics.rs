@@ -1,7 +1,9 @@
 //! `/metrics` of a running gateway, parsed by the Python `prometheus_client` OpenMetrics parser
 //! (a real, strict parser: a malformed exposition fails the test), with values checked against
 //! known activity: writes and reads by qemu-io, a protected VM reaching Protected, its jobs,
-//! the bytes its writes appended to the change log, the store's objects and bytes against
+//! the bytes its writes appended to the change log (and the log syncs a sequential writer
+//! waits for: a few windows of extents heated ahead, not one per extent), the store's
+//! objects and bytes against
 //! `store info --json`, the chunk cache's hits when an attached point is read twice. The store
 //! figures again on an S3 store (Garage on 127.0.0.1): equal to `store info --json` after the
 //! first point, refreshed after a later replication job, cache hits and misses moving when an
@@ -251,14 +253,7 @@ fn metrics_count_real_activity() {
 
     // Protect the VM: its state, health, RPO, last point and jobs appear.
     let admin = token(&dd, "ops", false);
-    let a = request(
-        "POST",
-        &format!("{base}/api/v1/vms"),
-        Some(&admin),
-        Some(r#"{"vm":"v1","disks":["d1"]}"#),
-        &[],
-    );
-    assert_eq!(a.status, 201, "{}", a.body);
+    protect_v1(&base, &admin);
     let s = wait_for(
         &dd,
         "v1 Protected in /metrics",
@@ -495,6 +490,78 @@ fn store_figures_match(
     .then_some((s, info))
 }
 
+/// A sequential writer heats windows of extents ahead of itself (docs/changelog.md, "Heating
+/// ahead of a stream"): qemu-io writing 200 MiB in order, 1 MiB at a time, on a protected
+/// disk crosses 50 extents of 4 MiB, and its writes wait for a few log syncs, not one per
+/// extent; the bytes read back.
+#[test]
+fn sequential_writes_heat_extents_ahead() {
+    let qemu_io = require_tool("qemu-io");
+    let t = standby_e2e::test_dir("metrics-heat");
+    let dd = site(t.path(), &[("d1", "256M")]);
+    let ro = token(&dd, "prometheus", true);
+    let admin = token(&dd, "ops", false);
+    let g = Gateway::start(&dd, &["--api-listen", "127.0.0.1:0"]);
+    let base = origin(g.api.as_deref().expect("API address"));
+    protect_v1(&base, &admin);
+    let d1 = [("disk", "d1")];
+    let s0 = wait_for(
+        &dd,
+        "d1's change log in /metrics",
+        Duration::from_secs(60),
+        || {
+            let (_, s) = scrape(&base, &ro);
+            let protected = value(
+                &s,
+                "standby_vm_state",
+                &[("vm", "v1"), ("state", "Protected")],
+            ) == Some(1.0);
+            (protected && value(&s, "standby_disk_log_hot_syncs_total", &d1).is_some()).then_some(s)
+        },
+    );
+    let counter =
+        |s: &[Sample], name: &str| value(s, name, &d1).unwrap_or_else(|| panic!("{name}"));
+    let syncs0 = counter(&s0, "standby_disk_log_hot_syncs_total");
+    let windows0 = counter(&s0, "standby_disk_log_windows_heated_total");
+
+    write_patterns(&qemu_io, &g.uri("d1"), 0, 200);
+
+    let (_, s1) = scrape(&base, &ro);
+    let syncs = counter(&s1, "standby_disk_log_hot_syncs_total") - syncs0;
+    let windows = counter(&s1, "standby_disk_log_windows_heated_total") - windows0;
+    eprintln!("200 MiB written in order: {syncs} log syncs, {windows} windows heated");
+    // One sync per window (a few: one each 16 extents, and one after each checkpoint the
+    // replication's cuts and the timer take meanwhile), against 50 with `heat_ahead = 0`.
+    assert!(
+        windows >= 2.0,
+        "{windows} windows heated for 200 MiB written in order"
+    );
+    assert!(
+        (1.0..=25.0).contains(&syncs),
+        "{syncs} log syncs for 50 extents written in order ({windows} windows)"
+    );
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+    for i in [0u64, 63, 64, 127, 128, 199] {
+        args.push("-c".into());
+        args.push(format!("read -P {} {} 1M", i + 1, i << 20));
+    }
+    args.push(g.uri("d1"));
+    let out = run_stdout(Command::new(&qemu_io).args(&args));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}
+
+/// Protects VM v1 of disk d1 through the API.
+fn protect_v1(base: &str, admin: &str) {
+    let a = request(
+        "POST",
+        &format!("{base}/api/v1/vms"),
+        Some(admin),
+        Some(r#"{"vm":"v1","disks":["d1"]}"#),
+        &[],
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+}
+
 /// qemu-io writes of 1 MiB, each with its own pattern byte (nothing deduplicates).
 fn write_patterns(qemu_io: &std::path::Path, uri: &str, first: u64, n: u64) {
     let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
@@ -533,14 +600,7 @@ fn store_metrics_on_s3() {
     let g = Gateway::start_env(&dd, &["--api-listen", "127.0.0.1:0"], &env);
     let base = origin(g.api.as_deref().expect("API address"));
     write_patterns(&qemu_io, &g.uri("d1"), 0, 4);
-    let a = request(
-        "POST",
-        &format!("{base}/api/v1/vms"),
-        Some(&admin),
-        Some(r#"{"vm":"v1","disks":["d1"]}"#),
-        &[],
-    );
-    assert_eq!(a.status, 201, "{}", a.body);
+    protect_v1(&base, &admin);
 
     wait_for(&dd, "v1 Protected", Duration::from_secs(90), || {
         let a = request(

@@ -391,6 +391,7 @@ fn dump(dd: &DataDir, disk: &str, seq: u64, json: bool) -> Result<()> {
                     "offset": r.header.offset,
                     "length": r.header.length,
                     "flags": flags_of(r.header.flags),
+                    "ahead": r.header.ahead,
                     "at": r.at,
                 })
             })
@@ -427,8 +428,13 @@ fn dump(dd: &DataDir, disk: &str, seq: u64, json: bool) -> Result<()> {
     for r in &d.records {
         let h = &r.header;
         let flags = flags_of(h.flags);
+        // A window of extents heated ahead of a stream, only when there is one.
+        let ahead = match h.ahead {
+            0 => String::new(),
+            n => format!(" ahead={n}"),
+        };
         println!(
-            "lsn={} kind={} offset={} length={} flags={} at={}",
+            "lsn={} kind={} offset={} length={} flags={}{ahead} at={}",
             h.lsn,
             h.kind.name(),
             h.offset,

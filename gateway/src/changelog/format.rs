@@ -30,7 +30,7 @@
 //! | 8      | 8    | LSN (log sequence number; +1 per record, no gaps in a chain)   |
 //! | 16     | 1    | kind: 1 write, 2 trim, 3 write-zeroes, 4 flush barrier, 5 extent |
 //! | 17     | 1    | flags: bit 0 FUA, bit 1 may-trim (write-zeroes)                |
-//! | 18     | 2    | reserved (0)                                                   |
+//! | 18     | 2    | ahead: extents after its last one the record may heat (`hot`); 0 |
 //! | 20     | 4    | data length (= length for writes, 0 otherwise)                 |
 //! | 24     | 8    | offset in the disk                                             |
 //! | 32     | 8    | length in bytes                                                |
@@ -146,6 +146,9 @@ pub struct RecordHeader {
     pub lsn: u64,
     pub kind: Kind,
     pub flags: u8,
+    /// Extents after the one holding the record's last byte that it may have made hot
+    /// (`changelog::hot`, "Heating ahead"); 0 for most records.
+    pub ahead: u16,
     pub offset: u64,
     pub length: u64,
     pub data_len: u32,
@@ -256,6 +259,7 @@ pub fn encode_record_header(r: &RecordHeader, data: &[u8]) -> [u8; RECORD_HEADER
     b[8..16].copy_from_slice(&r.lsn.to_le_bytes());
     b[16] = r.kind as u8;
     b[17] = r.flags;
+    b[18..20].copy_from_slice(&r.ahead.to_le_bytes());
     b[20..24].copy_from_slice(&r.data_len.to_le_bytes());
     b[24..32].copy_from_slice(&r.offset.to_le_bytes());
     b[32..40].copy_from_slice(&r.length.to_le_bytes());
@@ -370,6 +374,7 @@ pub fn decode_record(b: &[u8], at: usize, expected_lsn: u64) -> Result<Record, S
         lsn: u64_at(h, 8),
         kind,
         flags: h[17],
+        ahead: u16::from_le_bytes([h[18], h[19]]),
         offset: u64_at(h, 24),
         length: u64_at(h, 32),
         data_len,
@@ -544,6 +549,7 @@ mod tests {
             lsn,
             kind,
             flags: 0,
+            ahead: 0,
             offset,
             length: if kind == Kind::Write {
                 data.len() as u64
@@ -697,6 +703,8 @@ mod tests {
             lsn: 101,
             kind: Kind::Extent,
             flags: FLAG_FUA,
+            // A window of heated extents (bytes 18..20, little-endian) round-trips.
+            ahead: 0x0102,
             offset: 1 << 20,
             length: 1 << 20,
             data_len: 0,
@@ -705,6 +713,7 @@ mod tests {
         let d = decode_segment(&b).unwrap();
         assert_eq!(d.end, End::Open);
         assert_eq!(d.records[1].header, ext);
+        assert_eq!(b[b.len() - 22..b.len() - 20], [2, 1]);
         assert!(d.records[1].data.is_empty());
         assert_eq!(Kind::Extent.name(), "extent");
         // Version 1 header, same records: still read.
@@ -725,6 +734,7 @@ mod tests {
                 lsn: 100,
                 kind: Kind::Extent,
                 flags: 0,
+                ahead: 0,
                 offset: 0,
                 length,
                 data_len: data.len() as u32,
@@ -825,7 +835,7 @@ mod tests {
                     Kind::Extent => (vec![], len.max(&1).to_owned()),
                     _ => (vec![], *len),
                 };
-                let rh = RecordHeader { lsn: first + i as u64, kind, flags: *flags, offset: *off, length, data_len: data.len() as u32 };
+                let rh = RecordHeader { lsn: first + i as u64, kind, flags: *flags, ahead: 0, offset: *off, length, data_len: data.len() as u32 };
                 b.extend(encode_record(&rh, &data));
                 expected.push((rh, data));
             }

@@ -888,7 +888,7 @@ impl ChangeLog {
                 .filter(|s| s.last_lsn > p.applied_lsn)
                 .map(|s| s.path.clone())
                 .collect();
-            let ext = hot::extent_size(disk_size);
+            let ext = hot::extent_size(disk_size, opts.hot_extent_min);
             let redo = match host_crash {
                 true => replay::replay_after_host_crash,
                 false => replay::replay_after,
@@ -985,7 +985,7 @@ impl ChangeLog {
                 appended: AtomicU64::new(0),
                 recorded: AtomicU64::new(0),
                 sync_rounds: AtomicU64::new(0),
-                ck: checkpoint::Ckpt::new(disk_size, p_applied),
+                ck: checkpoint::Ckpt::new(disk_size, opts.hot_extent_min, p_applied),
                 opened_clean,
                 _lock: lock_file,
             }),
@@ -1288,10 +1288,21 @@ impl ChangeLog {
             _ => (offset, offset.saturating_add(length)),
         };
         let id = self.begin_range(start, end)?;
+        let ahead = match kind {
+            Kind::Flush => 0,
+            _ => {
+                let ck = &self.sh.ck;
+                let pending = ck.pending.load(Ordering::SeqCst);
+                ck.hot
+                    .plan(offset, length, pending, self.sh.opts.heat_ahead, true)
+                    .ahead
+            }
+        };
         let mut h = RecordHeader {
             lsn: 0,
             kind,
             flags,
+            ahead,
             offset,
             length,
             data_len: data.len() as u32,
@@ -1305,7 +1316,7 @@ impl ChangeLog {
                 self.note_image_dependent(lsn);
             }
             if kind != Kind::Flush {
-                self.guard_image_change(offset, length, lsn);
+                self.guard_image_change(offset, length, ahead, lsn);
             }
         }
         let r = apply(lsn);

@@ -80,6 +80,9 @@ pub const DEFAULT_HOT_LIMIT: usize = 1024;
 /// Default bound on the bytes of deferred small writes (see [`LogOptions::defer_max`]).
 pub const DEFAULT_DEFER_MAX: u64 = 1 << 30;
 
+/// Default for [`LogOptions::heat_ahead`]: 32 extents (128 MiB of 4 MiB extents).
+pub const DEFAULT_HEAT_AHEAD: u16 = 32;
+
 /// Default for [`LogOptions::image_flush_min`].
 pub const DEFAULT_IMAGE_FLUSH_MIN: u64 = 64 << 20;
 
@@ -105,6 +108,15 @@ pub struct LogOptions {
     /// ... and when more than this many extents turned hot (bounds what recovery after a host
     /// crash logs again: this many extents of [`hot::extent_size`]).
     pub hot_limit: usize,
+    /// Hot extents (see [`hot`]) are this large at least (a power of two; more on disks of
+    /// over 65,536 extents). Not in the configuration file: recovery after a host crash must
+    /// use the size the crashed run used, and nothing records it, so it is fixed in
+    /// production ([`hot::MIN_EXTENT`]); tests use small extents to have many on small disks.
+    pub hot_extent_min: u64,
+    /// A record that continues a sequential stream may heat this many extents after its own
+    /// (see [`hot`], "Heating ahead"); `0`: never. Each record says how many it heated, so
+    /// recovery needs no setting.
+    pub heat_ahead: u16,
     /// Writes of at least this many bytes are logged as extents: the record carries no data,
     /// the bytes stay in the image (see [`extent`]). `u64::MAX`: never.
     pub extent_min: u64,
@@ -132,6 +144,8 @@ impl Default for LogOptions {
             checkpoint_interval: Some(DEFAULT_CHECKPOINT_INTERVAL),
             checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
             hot_limit: DEFAULT_HOT_LIMIT,
+            hot_extent_min: hot::MIN_EXTENT,
+            heat_ahead: DEFAULT_HEAT_AHEAD,
             extent_min: extent::DEFAULT_EXTENT_MIN,
             defer_max: DEFAULT_DEFER_MAX,
             image_flush_min: DEFAULT_IMAGE_FLUSH_MIN,

@@ -470,6 +470,7 @@ mod tests {
                 lsn: log.last_lsn() + 1,
                 kind: Kind::Write,
                 flags: 0,
+                ahead: 0,
                 offset: 0,
                 length: 1024,
                 data_len: 1024,

@@ -1,7 +1,9 @@
 //! Per-disk figures read from the disks this gateway serves at each scrape, from memory only
 //! (no I/O): bytes appended to each disk's change log since the gateway started and the disk
 //! bytes those records cover (large writes are extent records whose data stays in the
-//! image), and the fill of its dirty bitmap (the changes the log could not record: overflow or broken chain,
+//! image), the log syncs its hot-extent rule made writers wait for and the windows of
+//! extents it heated ahead of sequential writers (see `changelog::hot`), and the fill of its
+//! dirty bitmap (the changes the log could not record: overflow or broken chain,
 //! to be resynchronized).
 //!
 //! The families are cleared and refilled on each scrape, so a disk no longer served (or no
@@ -27,6 +29,8 @@ pub struct DiskLabel {
 pub struct DiskMetrics {
     log_written: Family<DiskLabel, Counter>,
     log_recorded: Family<DiskLabel, Counter>,
+    hot_syncs: Family<DiskLabel, Counter>,
+    windows: Family<DiskLabel, Counter>,
     dirty: Family<DiskLabel, Gauge<f64, AtomicU64>>,
 }
 
@@ -35,6 +39,8 @@ impl DiskMetrics {
         let m = Self {
             log_written: Family::default(),
             log_recorded: Family::default(),
+            hot_syncs: Family::default(),
+            windows: Family::default(),
             dirty: Family::default(),
         };
         r.register_with_unit(
@@ -49,6 +55,16 @@ impl DiskMetrics {
             Unit::Bytes,
             m.log_recorded.clone(),
         );
+        r.register(
+            "standby_disk_log_hot_syncs",
+            "Change-log syncs writes to a disk waited for before reaching a cold part of the image, or to heat extents ahead of a sequential writer, since the disk was opened",
+            m.hot_syncs.clone(),
+        );
+        r.register(
+            "standby_disk_log_windows_heated",
+            "Windows of extents heated ahead of a sequential writer on a disk (one log sync for many extents) since the disk was opened",
+            m.windows.clone(),
+        );
         r.register_with_unit(
             "standby_disk_dirty",
             "Fraction of a disk's 64 KiB grains marked in its dirty bitmap (changes the log did not record)",
@@ -58,10 +74,12 @@ impl DiskMetrics {
         m
     }
 
-    /// Refills both families from the live disks of `exports`.
+    /// Refills the families from the live disks of `exports`.
     pub fn refresh(&self, exports: &Exports<Device>) {
         self.log_written.clear();
         self.log_recorded.clear();
+        self.hot_syncs.clear();
+        self.windows.clear();
         self.dirty.clear();
         for e in exports.list() {
             let Some(d) = e.device.live() else { continue };
@@ -77,6 +95,15 @@ impl DiskMetrics {
                     .get_or_create(&l)
                     .inner()
                     .store(log.recorded_bytes(), Ordering::Relaxed);
+                let (syncs, windows) = log.hot_counters();
+                self.hot_syncs
+                    .get_or_create(&l)
+                    .inner()
+                    .store(syncs, Ordering::Relaxed);
+                self.windows
+                    .get_or_create(&l)
+                    .inner()
+                    .store(windows, Ordering::Relaxed);
             }
             if let Some(m) = d.dirty_map() {
                 self.dirty.get_or_create(&l).set(m.dirty_ratio());

@@ -514,6 +514,7 @@ impl SegmentWriter {
             lsn: self.lsn,
             kind,
             flags,
+            ahead: 0,
             offset,
             length,
             data_len: data.len() as u32,

@@ -86,7 +86,7 @@ impl ChangeLog {
         for (w, lsn) in writes.iter().zip(&lsns) {
             if let Some(lsn) = *lsn {
                 appended += w.rec_len();
-                self.guard_image_change(w.offset, w.data.len() as u64, lsn);
+                self.guard_image_change(w.offset, w.data.len() as u64, 0, lsn);
             }
         }
         if appended > 0 {
@@ -214,6 +214,7 @@ impl ChangeLog {
                     lsn: next_lsn,
                     kind: Kind::Write,
                     flags: w.flags,
+                    ahead: 0,
                     offset: w.offset,
                     length: w.data.len() as u64,
                     data_len: w.data.len() as u32,

@@ -103,7 +103,7 @@ pub(crate) struct Ckpt {
 }
 
 impl Ckpt {
-    pub(crate) fn new(disk_size: u64, checkpoint: u64) -> Self {
+    pub(crate) fn new(disk_size: u64, extent_min: u64, checkpoint: u64) -> Self {
         Self {
             lock: Mutex::new(()),
             done: AtomicU64::new(checkpoint),
@@ -113,7 +113,7 @@ impl Ckpt {
             image_dep: AtomicU64::new(0),
             image_synced: AtomicU64::new(0),
             since: AtomicU64::new(0),
-            hot: HotExtents::new(disk_size),
+            hot: HotExtents::new(disk_size, extent_min),
             trigger: Arc::new(Trigger::default()),
             recorded: Condvar::new(),
             recorded_m: Mutex::new(()),
@@ -209,6 +209,7 @@ impl ChangeLog {
             lsn: 0,
             kind: Kind::Flush,
             flags: FLAG_IMAGE_SYNCED,
+            ahead: 0,
             offset: through,
             length: 0,
             data_len: 0,
@@ -251,17 +252,20 @@ impl ChangeLog {
     }
 
     /// The hot-extent rule, between appending record `lsn` (a change to
-    /// `[offset, offset+len)`) and applying it to the image: if an extent it touches has no
-    /// durable record above the pending checkpoint, sync the log up to this record first.
-    pub(super) fn guard_image_change(&self, offset: u64, len: u64, lsn: u64) {
+    /// `[offset, offset+len)` whose header says `ahead`) and applying it to the image: if an
+    /// extent it touches has no durable record above the pending checkpoint, or the record
+    /// heats a window ahead of a stream, sync the log up to this record first; then its
+    /// extents (and window) are hot.
+    pub(super) fn guard_image_change(&self, offset: u64, len: u64, ahead: u16, lsn: u64) {
         let ck = &self.sh.ck;
         let pending = ck.pending.load(Ordering::SeqCst);
-        if !ck.hot.needs_sync(offset, len, pending) {
+        if ahead == 0 && !ck.hot.needs_sync(offset, len, pending) {
             return;
         }
         if ck.log_durable.load(Ordering::SeqCst) < lsn {
             let _g = lock(&ck.log_sync_lock);
             if ck.log_durable.load(Ordering::SeqCst) < lsn {
+                ck.hot.note_sync();
                 if let Err(e) = self.sync_log() {
                     self.mark_broken(format!(
                         "the change log could not be synced before a change reached a cold part of the image: {e}"
@@ -271,10 +275,17 @@ impl ChangeLog {
                 }
             }
         }
-        ck.hot.heat(offset, len, lsn, pending);
+        ck.hot.heat(offset, len, ahead, lsn, pending);
         if ck.hot.heated() > self.sh.opts.hot_limit {
             ck.trigger.kick();
         }
+    }
+
+    /// Log syncs the hot-extent rule made writers wait for (a change reaching a cold part of
+    /// the image, or a window heated ahead of a sequential writer), and the windows heated,
+    /// since the log was opened.
+    pub fn hot_counters(&self) -> (u64, u64) {
+        self.sh.ck.hot.counters()
     }
 
     /// Counts appended log bytes; asks for a checkpoint every `checkpoint_bytes`.

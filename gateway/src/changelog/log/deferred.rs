@@ -43,6 +43,7 @@ impl ChangeLog {
             lsn: 0,
             kind: Kind::Write,
             flags: 0,
+            ahead: 0,
             offset,
             length: data.len() as u64,
             data_len: data.len() as u32,

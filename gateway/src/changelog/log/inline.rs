@@ -33,7 +33,8 @@
 //!   was appended before the checkpoint published it, and so before that checkpoint's log
 //!   sync, which makes the record durable with an LSN above the checkpoint (the request had
 //!   not completed, so the checkpoint's LSN is below it) — the extent is then hot in fact.
-//!   A write that needs no sync never heats an extent (as in `guard_image_change`).
+//!   A write that needs no sync never heats an extent (as in `guard_image_change`), and a
+//!   write that would heat extents ahead of a stream (`hot`, "Heating ahead") declines too.
 //! * An extent's bytes are in the image only: its LSN is noted image-dependent before
 //!   `apply`, so the sync round of any FLUSH after the write's reply syncs the image too (as
 //!   in `record`). Its preimage rule is the caller's `ready` (`ExtentMap::take_uncut_extent`
@@ -205,10 +206,15 @@ impl ChangeLog {
             return None;
         }
         let ck = &self.sh.ck;
-        if ck
-            .hot
-            .needs_sync(offset, len, ck.pending.load(Ordering::SeqCst))
-        {
+        let plan = ck.hot.plan(
+            offset,
+            len,
+            ck.pending.load(Ordering::SeqCst),
+            self.sh.opts.heat_ahead,
+            false,
+        );
+        if plan.sync || plan.preheat {
+            // A cold extent, or a window to heat ahead of a stream: both sync the log.
             return None;
         }
         // A deferred write's record is an extent too: the header alone, the bytes stay in
@@ -218,6 +224,7 @@ impl ChangeLog {
             lsn,
             kind,
             flags,
+            ahead: 0,
             offset,
             length: len,
             data_len: data.len() as u32,

@@ -41,6 +41,10 @@ fn opts(rng: &mut StdRng) -> LogOptions {
         checkpoint_interval: None,
         checkpoint_bytes: u64::MAX,
         hot_limit: usize::MAX,
+        // Small extents, so that a disk of 32-256 KiB has many, hot and cold, and streams
+        // heat windows ahead of them (`hot`, "Heating ahead").
+        hot_extent_min: [1024, 4096, 16384, 1 << 22][rng.gen_range(0..4)],
+        heat_ahead: [0, 1, 4, 32][rng.gen_range(0..4)],
         // Writes of 4-16 KiB become extents under the first two (their FLUSH syncs the image).
         extent_min: [4096, 8192, 65536, 65536][rng.gen_range(0..4)],
         // A small bound mixes deferred writes with writes logged with their data.
@@ -96,6 +100,7 @@ pub fn run_seed(seed: u64, rt: &tokio::runtime::Runtime) -> Result<Outcome, Stri
     let crash_op = rng.gen_range(0..out.ops);
     let in_sync = rng.gen_bool(0.6);
     let sectors = size / SECTOR as u64;
+    let mut stream_end = sectors;
     for i in 0..out.ops {
         if i == crash_op && in_sync {
             sim.crash_at_sync(rng.gen_range(1..=3));
@@ -114,8 +119,13 @@ pub fn run_seed(seed: u64, rt: &tokio::runtime::Runtime) -> Result<Outcome, Stri
                     if writes.len() == burst {
                         break;
                     }
-                    let first = rng.gen_range(0..sectors);
+                    // Half the writes continue a stream (where the last one ended).
+                    let first = match stream_end < sectors && rng.gen_bool(0.5) {
+                        true => stream_end,
+                        false => rng.gen_range(0..sectors),
+                    };
                     let n = rng.gen_range(1..=(sectors - first).min(32));
+                    stream_end = first + n;
                     let (off, len) = (first * SECTOR as u64, n * SECTOR as u64);
                     if writes
                         .iter()
@@ -230,6 +240,11 @@ pub fn run_seed(seed: u64, rt: &tokio::runtime::Runtime) -> Result<Outcome, Stri
             "recovery saw host crash = {}, the simulation did {:?}",
             report.host_crash, kind
         ));
+    }
+    // Recovery's own records (extents logged again) may have started segments whose seals
+    // run in the background; the replay below reads the directory as sealed.
+    if let Some(l) = disk.change_log() {
+        let _ = l.wait_sealed();
     }
     let image = rt
         .block_on(disk.read(0, size as usize))
