@@ -38,14 +38,26 @@
 //! recovery after a host crash re-logs the windows of the records after the checkpoint
 //! too ([`extents_after`]). Which writes get a window:
 //! * only a write that continues a stream: it starts within two extents (or two of its own
-//!   lengths) of where the previous such write ended, and is at least 1/64 of an extent (64 KiB for 4 MiB
-//!   extents), so random writes on a large disk never heat windows (they would fill
+//!   lengths) of where the previous such write ended, and is at least 1/64 of an extent
+//!   (64 KiB for 4 MiB extents), so random writes on a large disk never heat windows (they would fill
 //!   `hot_limit` 32 times sooner and checkpoint that much more often);
 //! * when its own extent is cold (it syncs anyway; the window comes with the same sync), or
 //!   when the extent half a window ahead is cold and no other writer has claimed a window
 //!   holding it (a *pre-heat*: that one write takes the slow path and syncs while the
 //!   others keep writing into the hot half of the window, so a steady stream never meets a
 //!   cold extent between checkpoints).
+//!
+//! Why windows keep the rule: a window's extents get the LSN of the record that heated
+//! them, only after the log sync that made that record durable, and the record's header
+//! names the window, so "a durable record above the checkpoint touches or windows the
+//! extent" holds exactly as "touches" did. A write that then skips the sync in such an
+//! extent is the case of the ordering paragraph above: either that heating record is
+//! above the recorded checkpoint (recovery re-logs its window), or a checkpoint passed it,
+//! published after the write read the old one, so the write's record was appended before
+//! that checkpoint's log sync: it is durable, and either above the checkpoint (recovery
+//! re-logs its extent) or covered by it (its change reached the image before the
+//! checkpoint's image sync). The simulation fails when recovery ignores the windows
+//! or a window is heated before its record's sync (docs/changelog.md, "Tests").
 //!
 //! A window that is never written costs only its re-logging after a host crash (at most
 //! one window per stream beyond what was written).
