@@ -91,9 +91,14 @@ pub struct Plan {
     pub sync: bool,
     /// Extents after the change's last one that its record may heat (its header's `ahead`).
     pub ahead: u16,
+}
+
+impl Plan {
     /// The window is a pre-heat: the change's own extents are hot, the record is to be synced
     /// only to heat its window (the inline path leaves that to the slow path).
-    pub preheat: bool,
+    pub fn preheat(&self) -> bool {
+        self.ahead > 0 && !self.sync
+    }
 }
 
 /// Packs a claimed window `lo..=hi` of extent indexes (both below 2^32).
@@ -163,11 +168,7 @@ impl HotExtents {
     /// only reported (the inline path then declines, and the slow path claims it).
     pub fn plan(&self, offset: u64, len: u64, checkpoint: u64, window: u16, claim: bool) -> Plan {
         let sync = self.needs_sync(offset, len, checkpoint);
-        let none = Plan {
-            sync,
-            ahead: 0,
-            preheat: false,
-        };
+        let none = Plan { sync, ahead: 0 };
         if window == 0 || len < (self.extent / 64).max(1) {
             return none;
         }
@@ -185,7 +186,6 @@ impl HotExtents {
         let window_plan = Plan {
             sync,
             ahead: ahead as u16,
-            preheat: !sync,
         };
         if sync {
             self.claimed
@@ -221,13 +221,11 @@ impl HotExtents {
     /// Records that the log is durable up to `lsn`, a record touching `[offset, offset+len)`
     /// whose header says `ahead`: its extents and the `ahead` after them are hot.
     pub fn heat(&self, offset: u64, len: u64, ahead: u16, lsn: u64, checkpoint: u64) {
-        let r = self.extents_of(offset, len);
         if ahead > 0 {
             WINDOWS_HEATED.fetch_add(1, Ordering::Relaxed);
             self.windows.fetch_add(1, Ordering::Relaxed);
         }
-        let last = (*r.end() + u64::from(ahead)).min(self.lsn.len() as u64 - 1);
-        for e in *r.start()..=last.max(*r.end()) {
+        for e in extents_with_window(self.extent, self.disk_size, offset, len, ahead) {
             if let Some(l) = self.lsn.get(e as usize) {
                 let before = l.fetch_max(lsn, Ordering::SeqCst);
                 if before <= checkpoint {
@@ -285,6 +283,21 @@ pub fn extents_of(
     first..=last
 }
 
+/// Extents that `[offset, offset+len)` touches and the `ahead` after its last one, up to
+/// the disk's last extent: what a record heats, and what recovery re-logs for it.
+pub fn extents_with_window(
+    extent: u64,
+    disk_size: u64,
+    offset: u64,
+    len: u64,
+    ahead: u16,
+) -> std::ops::RangeInclusive<u64> {
+    let r = extents_of(extent, disk_size, offset, len);
+    let n = disk_size.div_ceil(extent).max(1);
+    let last = (*r.end() + u64::from(ahead)).min(n - 1).max(*r.end());
+    *r.start()..=last
+}
+
 /// Extents (of `extent` bytes) touched by the records with an LSN above `after` in
 /// `segments`, and the `ahead` extents after each one's last: what recovery after a host
 /// crash logs again.
@@ -306,10 +319,9 @@ pub fn extents_after(
         for r in &d.records {
             let h = &r.header;
             if h.lsn > after && h.kind != Kind::Flush && h.length > 0 {
-                let r = extents_of(extent, disk_size, h.offset, h.length);
-                let n = disk_size.div_ceil(extent).max(1);
-                let last = (*r.end() + u64::from(h.ahead)).min(n - 1).max(*r.end());
-                out.extend(*r.start()..=last);
+                out.extend(extents_with_window(
+                    extent, disk_size, h.offset, h.length, h.ahead,
+                ));
             }
         }
     }
@@ -352,15 +364,15 @@ mod tests {
         let big = 1 << 20;
         // The first write has no stream to continue: its own extent only.
         let p = h.plan(0, big, 0, 8, true);
-        assert_eq!((p.sync, p.ahead, p.preheat), (true, 0, false));
+        assert_eq!((p.sync, p.ahead, p.preheat()), (true, 0, false));
         h.heat(0, big, p.ahead, 1, 0);
         // The next one continues it, in a hot extent whose half-window ahead is cold: a
         // pre-heat of 8 extents, claimed.
         let p = h.plan(big, big, 0, 8, true);
-        assert_eq!((p.sync, p.ahead, p.preheat), (false, 8, true));
+        assert_eq!((p.sync, p.ahead, p.preheat()), (false, 8, true));
         // A write beside it finds the window claimed: nothing to do (no sync, no window).
         let p = h.plan(2 * big, big, 0, 8, true);
-        assert_eq!((p.sync, p.ahead, p.preheat), (false, 0, false));
+        assert_eq!((p.sync, p.ahead, p.preheat()), (false, 0, false));
         // The claimed pre-heat's record is synced, then its window is hot: extents 1..=8.
         h.heat(big, big, 8, 2, 0);
         assert!(!h.needs_sync(E, 8 * E, 0));
@@ -374,18 +386,18 @@ mod tests {
         let p = h.plan(16 * big, big, 0, 8, true); // extent 4: its half-window ahead is 8, hot
         assert!(!p.sync && p.ahead == 0, "{p:?}");
         let p = h.plan(20 * big, big, 0, 8, true); // extent 5: 9 is cold, outside the claim
-        assert_eq!((p.sync, p.ahead, p.preheat), (false, 8, true));
+        assert_eq!((p.sync, p.ahead, p.preheat()), (false, 8, true));
         // Without claiming (the inline path), a pre-heat is reported and not claimed.
         let h2 = HotExtents::new(1 << 30, E);
         h2.plan(0, big, 0, 8, false);
         h2.heat(0, big, 0, 1, 0);
-        assert!(h2.plan(big, big, 0, 8, false).preheat);
-        assert!(h2.plan(2 * big, big, 0, 8, false).preheat);
+        assert!(h2.plan(big, big, 0, 8, false).preheat());
+        assert!(h2.plan(2 * big, big, 0, 8, false).preheat());
         // A checkpoint cools everything and drops the claim; a stream that finds its own
         // extent cold gets a window with the sync it needs anyway.
         h.cooled();
         let p = h.plan(21 * big, big, 2, 8, true);
-        assert_eq!((p.sync, p.ahead, p.preheat), (true, 8, false));
+        assert_eq!((p.sync, p.ahead, p.preheat()), (true, 8, false));
         // Random writes far apart never get a window, nor writes under 1/64 of an extent.
         let r = HotExtents::new(1 << 30, E);
         for (i, off) in [0u64, 700 << 20, 90 << 20, 400 << 20, 10 << 20]
