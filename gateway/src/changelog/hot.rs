@@ -64,10 +64,6 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-/// Windows heated ahead of streams, by every log of the process (tests and the simulation
-/// read it to show they exercise the path).
-pub static WINDOWS_HEATED: AtomicU64 = AtomicU64::new(0);
-
 /// Smallest extent (DRBD's activity-log extent is 4 MiB too).
 pub const MIN_EXTENT: u64 = 4 << 20;
 /// At most this many extents are tracked per disk (memory: 8 bytes each).
@@ -222,7 +218,6 @@ impl HotExtents {
     /// whose header says `ahead`: its extents and the `ahead` after them are hot.
     pub fn heat(&self, offset: u64, len: u64, ahead: u16, lsn: u64, checkpoint: u64) {
         if ahead > 0 {
-            WINDOWS_HEATED.fetch_add(1, Ordering::Relaxed);
             self.windows.fetch_add(1, Ordering::Relaxed);
         }
         for e in extents_with_window(self.extent, self.disk_size, offset, len, ahead) {

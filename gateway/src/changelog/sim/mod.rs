@@ -62,8 +62,6 @@ mod tests {
         let deferred0 =
             crate::changelog::extent::DEFERRED_LOGGED.load(std::sync::atomic::Ordering::Relaxed);
         let heavy0 = crate::disk::FLUSH_HEAVY_WRITES.load(std::sync::atomic::Ordering::Relaxed);
-        let windows0 =
-            crate::changelog::hot::WINDOWS_HEATED.load(std::sync::atomic::Ordering::Relaxed);
         let (ok, bad) = campaign(first, count);
         let batches =
             crate::disk::MULTI_WRITE_BATCHES.load(std::sync::atomic::Ordering::Relaxed) - batches0;
@@ -79,9 +77,7 @@ mod tests {
         let heavy =
             crate::disk::FLUSH_HEAVY_WRITES.load(std::sync::atomic::Ordering::Relaxed) - heavy0;
         let extent_seeds = ok.iter().filter(|o| o.extent_bytes > 0).count();
-        let windows = crate::changelog::hot::WINDOWS_HEATED
-            .load(std::sync::atomic::Ordering::Relaxed)
-            - windows0;
+        let windows: u64 = ok.iter().map(|o| o.windows).sum();
         eprintln!(
             "sim: seeds {first}..{} — {} passed, {} failed; {host} host crashes, {in_sync} crashes inside a sync, {cut} torn log tails cut, {relog} recoveries logged hot extents again, {durable} FUA writes checked, {burst_writes} writes of multi-write steps acknowledged, {batches} multi-write batches logged, {deferred} bytes of deferred writes logged, {heavy} small writes logged with their data between frequent FLUSHes, {extent_seeds} recoveries with extents left out of the replay check, {windows} windows of extents heated ahead of streams; {:.1} s",
             first + count,

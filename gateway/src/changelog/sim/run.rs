@@ -31,6 +31,8 @@ pub struct Outcome {
     /// deferred one whose bytes were not logged before the crash): left out of the replay
     /// comparison.
     pub extent_bytes: u64,
+    /// Windows of extents the first life's log heated ahead of streams.
+    pub windows: u64,
 }
 
 fn opts(rng: &mut StdRng) -> LogOptions {
@@ -214,6 +216,7 @@ pub fn run_seed(seed: u64, rt: &tokio::runtime::Runtime) -> Result<Outcome, Stri
     }
     sim.crash_now();
     let snap = sim.snapshot().ok_or("no snapshot")?;
+    out.windows = log.hot_counters().1;
     drop(log);
     drop(disk);
     let kind = if out.host_crash {
