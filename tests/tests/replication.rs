@@ -509,9 +509,13 @@ fn kill9_in_initial_replication_and_resync_resumes() {
         &w.oracle,
     );
 
-    // A full resync, slowed down, killed half way, resumed.
-    run(standby(&dd).args(["policy", "set", "--bandwidth", "8M"]));
+    // A full resync, slowed down, killed half way, resumed. It sends only the chunks the
+    // store lacks (about 18 MB here), and its progress shows at checkpoints 2 s apart: at
+    // 2 MB/s it lasts ~9 s, so several checkpoints show before it ends (at 8 MB/s it could end
+    // 0.2 s after the first, and the kill came too late). The policy is set after the writes
+    // so that a delta shipping them is not slowed down too.
     w.random_writes(200);
+    run(standby(&dd).args(["policy", "set", "--bandwidth", "2M"]));
     run(standby(&dd).args(["resync", "vm", "--full"]));
     wait_for(&dd, "the resync to be under way", T, || {
         let s = state(&dd, "vm");
