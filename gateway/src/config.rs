@@ -41,8 +41,9 @@
 //!                                   #   writes, they are logged with their data; 0: never
 //! checkpoint_interval = "5s"        # background checkpoint (image synced) this often; "off"
 //! checkpoint_bytes = "256M"         #   ... and after this much log since the last one
-//! hot_limit = 1024                  #   ... and when more extents than this are hot (what a
-//!                                   #   host crash makes recovery re-log; docs/changelog.md)
+//! hot_limit = 1024                  #   ... and when more extents than this turned hot (a
+//!                                   #   host crash makes recovery re-log two intervals' worth;
+//!                                   #   docs/changelog.md)
 //! heat_ahead = 32                   # a sequential writer heats this many extents ahead of
 //!                                   #   itself (one log sync per window, not per extent); 0: off
 //!

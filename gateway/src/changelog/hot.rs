@@ -9,33 +9,51 @@
 //! in the log's page cache before its change reaches the image's.)
 //!
 //! **The rule.** The image is divided into extents ([`extent_size`]). An extent is *hot* when
-//! the log holds a **durable** record touching it with an LSN above the checkpoint. Before a
-//! change to a cold extent reaches the image, the log is synced up to that change's record
-//! (one `fdatasync` of the log, shared by concurrent writers), and the extent becomes hot. So
-//! every change in the image that the log may have lost lies in an extent touched by a durable
-//! record after the checkpoint, and recovery after a host crash knows every extent to repair:
-//! it re-logs the image's bytes of those extents (write records), after which the log again
-//! describes the image exactly. A checkpoint (image synced up to LSN C) cools every extent
-//! whose hot record is `<= C`.
+//! the log holds a **durable** record touching it with an LSN above the *cooling mark* (the
+//! redo point before the last one, see "Two intervals" below). Before a change to a cold
+//! extent reaches the image, the log is synced up to that change's record (one `fdatasync`
+//! of the log, shared by concurrent writers), and the extent becomes hot. So every change in
+//! the image that the log may have lost lies in an extent touched by a durable record after
+//! the *relog point* the state file records (the cooling mark, once recorded), and recovery
+//! after a host crash knows every extent to repair: it re-logs the image's bytes of those
+//! extents (write records), after which the log again describes the image exactly.
+//!
+//! **Two intervals.** A checkpoint (image synced up to LSN C) does not cool the extents it
+//! passed; the *next* one does. Checkpoint k+1 publishes the redo point C(k) of checkpoint k
+//! as the cooling mark, then syncs the log and the image, then records C(k+1) as the redo
+//! point and C(k) as the relog point. An extent stays hot while a record of the current or
+//! the previous interval heated it, so a writer that keeps rewriting the same extents (a
+//! stream wrapping round a small disk, random writes over a database file) meets cold ones
+//! half as often; and a write that continues a stream heats its window again as soon as
+//! the *pending* checkpoint has passed it (`plan`), while the writes go on into the still
+//! hot window, so a steady stream never waits for a log sync at a checkpoint. The cost:
+//! what recovery re-logs is the extents of two intervals (`hot_limit` each), and a segment
+//! is deleted only when the relog point has passed it (two checkpoints). A checkpoint that
+//! finds nothing new in the image since the last one only moves the relog point up to the
+//! redo point (publish, log sync, state file: no image sync).
 //!
 //! **Ordering with a checkpoint.** A writer appends its record, *then* compares the extent's
-//! hot LSN with the checkpoint's *pending* LSN (published before the checkpoint syncs the
-//! log). If it read the old checkpoint, its record was appended before the checkpoint's log
-//! sync, so that sync made it durable: it is a durable record above the new checkpoint.
+//! hot LSN with the cooling mark (published, with the pending redo point, before the
+//! checkpoint syncs the log). If it read the old mark, its record was appended before the
+//! checkpoint's log sync, so that sync made it durable: either above the relog point the
+//! checkpoint records (its extent is then hot in fact), or at or below it, when its change
+//! had reached the image before the previous checkpoint synced the image. A writer that read
+//! the new mark found the extent's record above the relog point the checkpoint records.
 //!
-//! Cost: one log sync per extent that turns hot, per checkpoint interval (writers touching
-//! many cold extents share those syncs); a checkpoint is requested when more than
-//! `hot_limit` extents are hot, which bounds what recovery re-logs.
+//! Cost: one log sync per extent that turns hot, per two checkpoint intervals (writers
+//! touching many cold extents share those syncs); a checkpoint is requested when more than
+//! `hot_limit` extents turned hot since the last, which bounds what recovery re-logs to
+//! about twice that.
 //!
 //! **Heating ahead of a sequential writer** (a read-ahead for the hot set). A writer
-//! streaming at 2 GB/s crosses 500 extents of 4 MiB a second, and every checkpoint cools
+//! streaming at 2 GB/s crosses 500 extents of 4 MiB a second, and every checkpoint cooled
 //! them all: one log sync per extent, each waiting behind the image's write-back, held the
 //! sequential benchmark row at 0.58× of an untracked disk. So a record may say, in its
 //! header's `ahead` field, that it heats the `ahead` extents after the one holding its last
 //! byte as well as its own ([`HotExtents::plan`] decides; `heat_ahead` extents, 32 by
 //! default). The rule stays the same with "touching" read as "touching, or within a
 //! record's `ahead`": the sync that makes such a record durable heats its window, and
-//! recovery after a host crash re-logs the windows of the records after the checkpoint
+//! recovery after a host crash re-logs the windows of the records after the relog point
 //! too ([`extents_after`]). Which writes get a window:
 //! * only a write that continues a stream: it starts within two extents (or two of its own
 //!   lengths) of where the previous such write ended, and is at least 1/64 of an extent
@@ -49,15 +67,17 @@
 //!
 //! Why windows keep the rule: a window's extents get the LSN of the record that heated
 //! them, only after the log sync that made that record durable, and the record's header
-//! names the window, so "a durable record above the checkpoint touches or windows the
+//! names the window, so "a durable record above the cooling mark touches or windows the
 //! extent" holds exactly as "touches" did. A write that then skips the sync in such an
 //! extent is the case of the ordering paragraph above: either that heating record is
-//! above the recorded checkpoint (recovery re-logs its window), or a checkpoint passed it,
-//! published after the write read the old one, so the write's record was appended before
-//! that checkpoint's log sync: it is durable, and either above the checkpoint (recovery
-//! re-logs its extent) or covered by it (its change reached the image before the
-//! checkpoint's image sync). The simulation fails when recovery ignores the windows
-//! or a window is heated before its record's sync (docs/changelog.md, "Tests").
+//! above the recorded relog point (recovery re-logs its window), or a checkpoint moved the
+//! mark past it after the write read the old mark, so the write's record was appended
+//! before that checkpoint's log sync: it is durable, and either above the relog point that
+//! checkpoint records (recovery re-logs its extent) or at or below it (its change reached
+//! the image before the previous checkpoint's image sync). The simulation fails when
+//! recovery ignores the windows, a window is heated before its record's sync, recovery
+//! re-logs after the redo point instead of the relog point, or a checkpoint records its
+//! own redo point as the relog point (docs/changelog.md, "Tests").
 //!
 //! A window that is never written costs only its re-logging after a host crash (at most
 //! one window per stream beyond what was written).
@@ -148,22 +168,33 @@ impl HotExtents {
     }
 
     /// Whether a change to `[offset, offset+len)` needs the log synced first: some extent it
-    /// touches has no durable record above `checkpoint`.
-    pub fn needs_sync(&self, offset: u64, len: u64, checkpoint: u64) -> bool {
+    /// touches has no durable record above `cool` (the cooling mark).
+    pub fn needs_sync(&self, offset: u64, len: u64, cool: u64) -> bool {
         self.extents_of(offset, len).any(|e| {
             self.lsn
                 .get(e as usize)
-                .is_some_and(|l| l.load(Ordering::SeqCst) <= checkpoint)
+                .is_some_and(|l| l.load(Ordering::SeqCst) <= cool)
         })
     }
 
-    /// What a change to `[offset, offset+len)` needs, with the pending checkpoint
-    /// `checkpoint` and windows of `window` extents (0: never heat ahead). Call it once per
-    /// record, just before the record is written (it follows the stream). With `claim`, a
-    /// pre-heat claims its window (the path that will sync for it); without, a pre-heat is
-    /// only reported (the inline path then declines, and the slow path claims it).
-    pub fn plan(&self, offset: u64, len: u64, checkpoint: u64, window: u16, claim: bool) -> Plan {
-        let sync = self.needs_sync(offset, len, checkpoint);
+    /// What a change to `[offset, offset+len)` needs, with the cooling mark `cool` (an
+    /// extent whose durable record is at or below it is cold), the pending checkpoint
+    /// `pending` (an extent at or below it cools at the next checkpoint: a window is heated
+    /// again before that) and windows of `window` extents (0: never heat ahead). Call it
+    /// once per record, just before the record is written (it follows the stream). With
+    /// `claim`, a pre-heat claims its window (the path that will sync for it); without, a
+    /// pre-heat is only reported (the inline path then declines, and the slow path claims
+    /// it).
+    pub fn plan(
+        &self,
+        offset: u64,
+        len: u64,
+        cool: u64,
+        pending: u64,
+        window: u16,
+        claim: bool,
+    ) -> Plan {
+        let sync = self.needs_sync(offset, len, cool);
         let none = Plan { sync, ahead: 0 };
         if window == 0 || len < (self.extent / 64).max(1) {
             return none;
@@ -189,12 +220,12 @@ impl HotExtents {
             return window_plan;
         }
         let mid = last + ahead.div_ceil(2);
-        let cold = self
+        let cooling = self
             .lsn
             .get(mid as usize)
-            .is_some_and(|l| l.load(Ordering::SeqCst) <= checkpoint);
+            .is_some_and(|l| l.load(Ordering::SeqCst) <= pending);
         let c = self.claimed.load(Ordering::Relaxed);
-        if !cold || (c != 0 && (c >> 32) <= mid && mid <= (c & 0xffff_ffff)) {
+        if !cooling || (c != 0 && (c >> 32) <= mid && mid <= (c & 0xffff_ffff)) {
             return none;
         }
         if claim
@@ -215,15 +246,16 @@ impl HotExtents {
     }
 
     /// Records that the log is durable up to `lsn`, a record touching `[offset, offset+len)`
-    /// whose header says `ahead`: its extents and the `ahead` after them are hot.
-    pub fn heat(&self, offset: u64, len: u64, ahead: u16, lsn: u64, checkpoint: u64) {
+    /// whose header says `ahead`: its extents and the `ahead` after them are hot. Those that
+    /// were at or below the pending checkpoint `pending` count as heated (for `hot_limit`).
+    pub fn heat(&self, offset: u64, len: u64, ahead: u16, lsn: u64, pending: u64) {
         if ahead > 0 {
             self.windows.fetch_add(1, Ordering::Relaxed);
         }
         for e in extents_with_window(self.extent, self.disk_size, offset, len, ahead) {
             if let Some(l) = self.lsn.get(e as usize) {
                 let before = l.fetch_max(lsn, Ordering::SeqCst);
-                if before <= checkpoint {
+                if before <= pending {
                     self.heated.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -257,7 +289,8 @@ impl HotExtents {
         self.heated.load(Ordering::Relaxed)
     }
 
-    /// A checkpoint completed (extents whose LSN it passed are cold by comparison).
+    /// A checkpoint completed (extents whose LSN its cooling mark passed are cold by
+    /// comparison).
     pub fn cooled(&self) {
         self.heated.store(0, Ordering::Relaxed);
         // A claimed window may be cold again: the next writer that finds it so claims anew.
@@ -293,9 +326,9 @@ pub fn extents_with_window(
     *r.start()..=last
 }
 
-/// Extents (of `extent` bytes) touched by the records with an LSN above `after` in
-/// `segments`, and the `ahead` extents after each one's last: what recovery after a host
-/// crash logs again.
+/// Extents (of `extent` bytes) touched by the records with an LSN above `after` (the relog
+/// point) in `segments`, and the `ahead` extents after each one's last: what recovery after
+/// a host crash logs again.
 pub fn extents_after(
     segments: &[std::path::PathBuf],
     after: u64,
@@ -358,15 +391,15 @@ mod tests {
         let h = HotExtents::new(1 << 30, E); // 256 extents
         let big = 1 << 20;
         // The first write has no stream to continue: its own extent only.
-        let p = h.plan(0, big, 0, 8, true);
+        let p = h.plan(0, big, 0, 0, 8, true);
         assert_eq!((p.sync, p.ahead, p.preheat()), (true, 0, false));
         h.heat(0, big, p.ahead, 1, 0);
         // The next one continues it, in a hot extent whose half-window ahead is cold: a
         // pre-heat of 8 extents, claimed.
-        let p = h.plan(big, big, 0, 8, true);
+        let p = h.plan(big, big, 0, 0, 8, true);
         assert_eq!((p.sync, p.ahead, p.preheat()), (false, 8, true));
         // A write beside it finds the window claimed: nothing to do (no sync, no window).
-        let p = h.plan(2 * big, big, 0, 8, true);
+        let p = h.plan(2 * big, big, 0, 0, 8, true);
         assert_eq!((p.sync, p.ahead, p.preheat()), (false, 0, false));
         // The claimed pre-heat's record is synced, then its window is hot: extents 1..=8.
         h.heat(big, big, 8, 2, 0);
@@ -375,23 +408,23 @@ mod tests {
         assert_eq!(h.heated(), 9);
         // Writes go on inside the window without a sync, until its middle is behind them.
         for i in 3..4 * 4 {
-            let p = h.plan(i * big, big, 0, 8, true);
+            let p = h.plan(i * big, big, 0, 0, 8, true);
             assert!(!p.sync && p.ahead == 0, "{i}: {p:?}");
         }
-        let p = h.plan(16 * big, big, 0, 8, true); // extent 4: its half-window ahead is 8, hot
+        let p = h.plan(16 * big, big, 0, 0, 8, true); // extent 4: its half-window ahead is 8, hot
         assert!(!p.sync && p.ahead == 0, "{p:?}");
-        let p = h.plan(20 * big, big, 0, 8, true); // extent 5: 9 is cold, outside the claim
+        let p = h.plan(20 * big, big, 0, 0, 8, true); // extent 5: 9 is cold, outside the claim
         assert_eq!((p.sync, p.ahead, p.preheat()), (false, 8, true));
         // Without claiming (the inline path), a pre-heat is reported and not claimed.
         let h2 = HotExtents::new(1 << 30, E);
-        h2.plan(0, big, 0, 8, false);
+        h2.plan(0, big, 0, 0, 8, false);
         h2.heat(0, big, 0, 1, 0);
-        assert!(h2.plan(big, big, 0, 8, false).preheat());
-        assert!(h2.plan(2 * big, big, 0, 8, false).preheat());
+        assert!(h2.plan(big, big, 0, 0, 8, false).preheat());
+        assert!(h2.plan(2 * big, big, 0, 0, 8, false).preheat());
         // A checkpoint cools everything and drops the claim; a stream that finds its own
         // extent cold gets a window with the sync it needs anyway.
         h.cooled();
-        let p = h.plan(21 * big, big, 2, 8, true);
+        let p = h.plan(21 * big, big, 2, 2, 8, true);
         assert_eq!((p.sync, p.ahead, p.preheat()), (true, 8, false));
         // Random writes far apart never get a window, nor writes under 1/64 of an extent.
         let r = HotExtents::new(1 << 30, E);
@@ -399,24 +432,49 @@ mod tests {
             .iter()
             .enumerate()
         {
-            let p = r.plan(*off, big, 0, 8, true);
+            let p = r.plan(*off, big, 0, 0, 8, true);
             assert_eq!(p.ahead, 0, "{i}");
         }
         let s = HotExtents::new(1 << 30, E);
         for i in 0..64u64 {
-            assert_eq!(s.plan(i * 4096, 4096, 0, 8, true).ahead, 0);
+            assert_eq!(s.plan(i * 4096, 4096, 0, 0, 8, true).ahead, 0);
         }
         // A window never reaches past the disk's last extent.
         let t = HotExtents::new(10 * E, E);
-        t.plan(7 * E, big, 0, 8, true);
-        let p = t.plan(7 * E + big, big, 0, 8, true);
+        t.plan(7 * E, big, 0, 0, 8, true);
+        let p = t.plan(7 * E + big, big, 0, 0, 8, true);
         assert_eq!(p.ahead, 2);
         t.heat(7 * E + big, big, p.ahead, 3, 0);
         assert!(!t.needs_sync(7 * E, 3 * E, 0));
         // 0: heating ahead is off.
         let o = HotExtents::new(1 << 30, E);
-        o.plan(0, big, 0, 0, true);
-        assert_eq!(o.plan(big, big, 0, 0, true).ahead, 0);
+        o.plan(0, big, 0, 0, 0, true);
+        assert_eq!(o.plan(big, big, 0, 0, 0, true).ahead, 0);
+    }
+
+    /// Two intervals: an extent heated in the interval the pending checkpoint closes stays
+    /// hot (no sync), but a stream's window in it is heated again before the next
+    /// checkpoint would cool it.
+    #[test]
+    fn the_pending_checkpoint_warns_and_the_cooling_mark_cools() {
+        let h = HotExtents::new(1 << 30, E);
+        let big = 1 << 20;
+        h.plan(0, big, 0, 0, 8, true);
+        // Extents 0..=16 hot at LSN 5.
+        h.heat(0, big, 16, 5, 0);
+        // A checkpoint at LSN 7 is pending; the cooling mark is the previous redo point, 0.
+        assert!(!h.needs_sync(0, 17 * E, 0));
+        let p = h.plan(big, big, 0, 7, 8, true);
+        assert_eq!((p.sync, p.ahead, p.preheat()), (false, 8, true));
+        h.heat(big, big, 8, 8, 7);
+        // The next checkpoint's mark (7) cools what only LSN 5 heated, not the new window.
+        assert!(!h.needs_sync(0, 9 * E, 7));
+        assert!(h.needs_sync(9 * E, 1, 7));
+        // Without a stream, a write in a warm extent neither syncs nor heats ahead.
+        let r = HotExtents::new(1 << 30, E);
+        r.heat(0, 4096, 0, 5, 0);
+        let p = r.plan(0, 4096, 0, 7, 8, true);
+        assert_eq!((p.sync, p.ahead), (false, 0));
     }
 
     #[test]

@@ -26,8 +26,9 @@
 //!
 //! **Checkpoints** ([`checkpoint`]): the image is made durable lazily — by a background
 //! thread every few seconds and every N MiB of log — and the state
-//! file then records the checkpointed LSN (the redo point). Segments are deleted only when
-//! both shipped and checkpointed ([`release`]); a cut never waits for the image's sync.
+//! file then records the checkpointed LSN (the redo point) and the one before it (the relog
+//! point). Segments are deleted only when both shipped and below the relog point
+//! ([`release`]); a cut never waits for the image's sync.
 //! Without the background thread (`checkpoint_interval` off) seals and releases checkpoint
 //! themselves.
 //!
@@ -40,12 +41,13 @@
 //! **Recovery** (`open`): verify sealed segments, cut the torn tail, replay every record after
 //! the checkpoint into the image and sync it; after a host crash (boot id changed, no clean
 //! shutdown) extents supersede earlier records only up to the last image sync the log knows
-//! of (`replay::replay_after_host_crash`), and the hot extents are logged again. This file is
+//! of (`replay::replay_after_host_crash`), and the hot extents (of the records after the
+//! relog point) are logged again. This file is
 //! past 700 lines because recovery, the write path and the sync rounds share the log's
 //! private state; new logic goes to [`checkpoint`] and sibling modules.
 //!
 //! **State file** (`state.toml`): chain id, first live segment and LSN (after `release`), the
-//! redo point, clean-shutdown flag with the image's mtime and the boot id, and the persistent
+//! redo and relog points, clean-shutdown flag with the image's mtime and the boot id, and the persistent
 //! health (healthy / broken / overflow with the reason).
 
 use std::collections::{BTreeSet, VecDeque};
@@ -151,6 +153,13 @@ pub struct StateFile {
     /// its last LSN (every record then counts as cut, as those builds assumed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_cut_lsn: Option<u64>,
+    /// The relog point: the redo point before the last one (see
+    /// [`super::hot`], "Two intervals"). After a host crash, recovery logs again the
+    /// image's bytes of the extents of every record above it, so the segments above it are
+    /// kept. Absent from the state files of older builds, which relogged after the redo
+    /// point: [`StateFile::relog_point`] then takes `applied_lsn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relog_after: Option<u64>,
 }
 
 /// The chain's health as the state file stores it (`state = "healthy"` …); [`LogState`] with
@@ -195,7 +204,15 @@ impl StateFile {
             state: ChainHealth::Healthy,
             reason: String::new(),
             last_cut_lsn: Some(0),
+            relog_after: Some(0),
         }
+    }
+
+    /// The relog point (never above the redo point).
+    pub fn relog_point(&self) -> u64 {
+        self.relog_after
+            .unwrap_or(self.applied_lsn)
+            .min(self.applied_lsn)
     }
 
     pub fn log_state(&self) -> LogState {
@@ -881,11 +898,28 @@ impl ChangeLog {
             }
         }
         let mut relog = std::collections::BTreeSet::new();
-        if state.is_healthy() && p.applied_lsn < last_lsn {
+        // After a host crash, the extents of the records above the relog point (the redo
+        // point before the last) are logged again, even when the redo point is the log's
+        // end: a write whose record the crash took may lie in one (see `hot`).
+        let relog_after = p.relog_point();
+        if host_crash && p.first_lsn > relog_after.wrapping_add(1) {
+            state = LogState::Broken {
+                reason: format!(
+                    "the log starts at LSN {} but recovery after a host crash needs its records from LSN {}",
+                    p.first_lsn,
+                    relog_after + 1
+                ),
+            };
+        }
+        let from = match host_crash {
+            true => relog_after,
+            false => p.applied_lsn,
+        };
+        if state.is_healthy() && from < last_lsn {
             let paths: Vec<PathBuf> = rec
                 .sealed
                 .iter()
-                .filter(|s| s.last_lsn > p.applied_lsn)
+                .filter(|s| s.last_lsn > from)
                 .map(|s| s.path.clone())
                 .collect();
             let ext = hot::extent_size(disk_size, opts.hot_extent_min);
@@ -895,7 +929,7 @@ impl ChangeLog {
             };
             let replayed = redo(&paths, &image, p.applied_lsn).and_then(|stats| {
                 if host_crash {
-                    relog = hot::extents_after(&paths, p.applied_lsn, ext, disk_size)?;
+                    relog = hot::extents_after(&paths, relog_after, ext, disk_size)?;
                 }
                 Ok(stats)
             });
@@ -916,9 +950,11 @@ impl ChangeLog {
             state = LogState::Broken { reason };
         }
         if state.is_healthy() && relog.is_empty() {
-            // Everything the log holds is now durable in the image. (After a host crash with
-            // extents to log again, the redo point moves only when that is done.)
+            // Everything the log holds is now durable in the image, and the image holds
+            // nothing the log lacks. (After a host crash with extents to log again, the redo
+            // and relog points move only when that is done.)
             p.applied_lsn = last_lsn;
+            p.relog_after = Some(last_lsn);
         }
         if state.is_healthy() {
             p.first_seq = rec.sealed.first().map(|s| s.seq).unwrap_or(rec.next_seq);
@@ -943,7 +979,7 @@ impl ChangeLog {
         if let Some(reason) = state.reason() {
             error!(disk = name, "change log is {}: {reason}", state.label());
         }
-        let p_applied = p.applied_lsn;
+        let (p_applied, p_relog) = (p.applied_lsn, p.relog_point());
         let st = St {
             state: state.clone(),
             sealed: rec.sealed,
@@ -985,7 +1021,7 @@ impl ChangeLog {
                 appended: AtomicU64::new(0),
                 recorded: AtomicU64::new(0),
                 sync_rounds: AtomicU64::new(0),
-                ck: checkpoint::Ckpt::new(disk_size, opts.hot_extent_min, p_applied),
+                ck: checkpoint::Ckpt::new(disk_size, opts.hot_extent_min, p_applied, p_relog),
                 opened_clean,
                 _lock: lock_file,
             }),
@@ -1292,9 +1328,15 @@ impl ChangeLog {
             Kind::Flush => 0,
             _ => {
                 let ck = &self.sh.ck;
-                let pending = ck.pending.load(Ordering::SeqCst);
                 ck.hot
-                    .plan(offset, length, pending, self.sh.opts.heat_ahead, true)
+                    .plan(
+                        offset,
+                        length,
+                        ck.cool.load(Ordering::SeqCst),
+                        ck.pending.load(Ordering::SeqCst),
+                        self.sh.opts.heat_ahead,
+                        true,
+                    )
                     .ahead
             }
         };
@@ -1593,21 +1635,31 @@ impl ChangeLog {
 
     /// [`Self::release`], for a caller holding `seal_lock`.
     fn release_locked(&self, upto_seq: u64) -> Result<(), LogError> {
-        // A segment is deleted only when shipped *and* checkpointed (recovery replays from
-        // the checkpoint).
+        // A segment is deleted only when shipped *and* checkpointed twice (recovery replays
+        // from the redo point and logs again the extents of the records after the relog
+        // point).
         let needs = lock(&self.sh.st)
             .sealed
             .iter()
             .filter(|s| s.seq <= upto_seq)
             .map(|s| s.last_lsn)
             .max();
-        if needs.is_some_and(|l| l > self.checkpoint_lsn())
-            && self.checkpoint()? < needs.unwrap_or(0)
-        {
-            return Err(LogError::NotHealthy {
-                disk: self.sh.name.clone(),
-                state: self.state(),
-            });
+        if let Some(needs) = needs {
+            // Two checkpoints at most: the first records the redo point past the segments,
+            // the second moves the relog point there (a segment goes only when neither redo
+            // nor relog after a host crash needs it).
+            for _ in 0..2 {
+                if needs <= self.relog_lsn() {
+                    break;
+                }
+                self.checkpoint()?;
+            }
+            if needs > self.relog_lsn() {
+                return Err(LogError::NotHealthy {
+                    disk: self.sh.name.clone(),
+                    state: self.state(),
+                });
+            }
         }
         let removed: Vec<SegmentInfo> = {
             let ap = lock(&self.sh.ap);
@@ -1692,6 +1744,7 @@ impl ChangeLog {
             st.p.image_mtime_ns = mtime;
             if st.state.is_healthy() {
                 st.p.applied_lsn = last;
+                st.p.relog_after = Some(last);
             }
         }
         self.persist()?;

@@ -72,7 +72,8 @@ pub const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration
 /// Default log bytes between checkpoints.
 pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
 /// Default number of hot extents that asks for a checkpoint: 1,024 extents of 4 MiB bound
-/// what recovery re-logs after a host crash at about 4 GiB. 256 made random writes over a
+/// what recovery re-logs after a host crash at about 4 GiB per checkpoint interval (two
+/// intervals are re-logged). 256 made random writes over a
 /// 2 GiB disk checkpoint (and then sync the log for every re-heated extent) about twice as
 /// often, halving their IOPS (BENCHMARKS.md, "Change log").
 pub const DEFAULT_HOT_LIMIT: usize = 1024;
@@ -106,7 +107,8 @@ pub struct LogOptions {
     /// ... and whenever this many log bytes were appended since the last checkpoint ...
     pub checkpoint_bytes: u64,
     /// ... and when more than this many extents turned hot (bounds what recovery after a host
-    /// crash logs again: this many extents of [`hot::extent_size`]).
+    /// crash logs again: this many extents of [`hot::extent_size`] per checkpoint interval,
+    /// of the last two; see [`hot`], "Two intervals").
     pub hot_limit: usize,
     /// Hot extents (see [`hot`]) are this large at least (a power of two; more on disks of
     /// over 65,536 extents). Not in the configuration file: recovery after a host crash must

@@ -95,20 +95,57 @@ fn a_host_crash_keeps_the_chain_and_logs_the_hot_extents_again() {
     assert_eq!(report.relogged, 0);
 }
 
+/// One checkpoint moves the redo point; the relog point follows one checkpoint later (see
+/// `hot`, "Two intervals"): a host crash between them logs the extent again, a host crash
+/// after both has nothing to repair.
 #[test]
-fn a_host_crash_right_after_a_checkpoint_has_nothing_to_repair() {
-    let t = tempfile::tempdir().unwrap();
-    fs::write(t.path().join("d.img"), vec![0u8; SIZE as usize]).unwrap();
-    let rt = rt();
-    let (disk, _) = open(t.path(), opts(1 << 20));
-    rt.block_on(disk.write(0, vec![1u8; 4096], false)).unwrap();
-    disk.change_log().unwrap().checkpoint().unwrap();
-    drop(disk);
-    other_boot(&t.path().join("d.hrl"));
-    let (_disk, report) = open(t.path(), opts(1 << 20));
-    assert_eq!(report.state, LogState::Healthy);
-    assert!(report.host_crash);
-    assert_eq!((report.redone, report.relogged), (0, 0));
+fn a_host_crash_after_two_checkpoints_has_nothing_to_repair() {
+    for checkpoints in [1, 2] {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("d.img"), vec![0u8; SIZE as usize]).unwrap();
+        let rt = rt();
+        let (disk, _) = open(t.path(), opts(1 << 20));
+        rt.block_on(disk.write(0, vec![1u8; 4096], false)).unwrap();
+        let log = disk.change_log().unwrap();
+        let c = log.checkpoint().unwrap();
+        assert_eq!((log.checkpoint_lsn(), log.relog_lsn()), (c, 0));
+        if checkpoints == 2 {
+            // Nothing new in the image: only the relog point moves (no image sync).
+            assert_eq!(log.checkpoint().unwrap(), c);
+            assert_eq!(log.relog_lsn(), c);
+        }
+        let state = read_state(log.dir()).unwrap().unwrap();
+        assert_eq!(state.relog_point(), log.relog_lsn());
+        drop(log);
+        drop(disk);
+        other_boot(&t.path().join("d.hrl"));
+        let (disk, report) = open(t.path(), opts(1 << 20));
+        assert_eq!(report.state, LogState::Healthy);
+        assert!(report.host_crash);
+        assert_eq!(report.redone, 0);
+        match checkpoints {
+            1 => assert_eq!(report.relogged, SIZE.min(hot::MIN_EXTENT), "{report:?}"),
+            _ => assert_eq!(report.relogged, 0, "{report:?}"),
+        }
+        let now = rt.block_on(disk.read(0, 4096)).unwrap();
+        assert_eq!(now, vec![1u8; 4096]);
+    }
+}
+
+/// A state file of an older build has no relog point: its redo point is taken (those builds
+/// relogged after it). A relog point above the redo point is never believed.
+#[test]
+fn the_relog_point_of_older_state_files_is_the_redo_point() {
+    let mut p: StateFile = toml::from_str(
+        "format = 1\ndisk_id = \"d\"\nchain_id = \"0000000000000001\"\nfirst_seq = 0\nfirst_lsn = 1\napplied_lsn = 42\nclean = false\nimage_mtime_ns = 0\nboot_id = \"\"\nstate = \"healthy\"\n",
+    )
+    .unwrap();
+    assert_eq!((p.relog_after, p.relog_point()), (None, 42));
+    p.relog_after = Some(50);
+    assert_eq!(p.relog_point(), 42);
+    p.relog_after = Some(7);
+    assert_eq!(p.relog_point(), 7);
+    assert!(toml::to_string(&p).unwrap().contains("relog_after = 7"));
 }
 
 #[test]

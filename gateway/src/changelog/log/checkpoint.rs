@@ -7,17 +7,20 @@
 //!   image-dependent record ([`ChangeLog::note_image_dependent`]) is newer than the last image
 //!   sync, syncs the image too.
 //! * **Checkpoint** ([`ChangeLog::checkpoint`]): with C = the LSN up to which every change has
-//!   reached the image, publish C as *pending*, sync the log, sync the image, then record C in
-//!   `state.toml` (written atomically and fsynced) as the redo point. Recovery replays every
-//!   record after the recorded C. Run by a background thread every `checkpoint_interval`,
+//!   reached the image, publish C as *pending* and the previous redo point as the *cooling
+//!   mark*, sync the log, sync the image, then record C in `state.toml` (written atomically
+//!   and fsynced) as the redo point and the previous one as the *relog point*. Recovery
+//!   replays every record after the recorded C, and after a host crash logs again the
+//!   extents of the records after the relog point. With nothing new in the image, only the
+//!   relog point moves up (no image sync). Run by a background thread every `checkpoint_interval`,
 //!   when `checkpoint_bytes` of log were appended since the last one, when more than
 //!   `hot_limit` extents are hot, and at every seal (so `take` and clean shutdown), and by
-//!   `release` before deleting a segment not yet checkpointed: a segment is deleted only when
-//!   it is both shipped and checkpointed.
-//! * **Hot extents** (see [`super::super::hot`]): a change to an extent with no durable record
-//!   above the pending checkpoint first syncs the log up to its own record.
+//!   `release` before deleting a segment the relog point has not passed: a segment is deleted
+//!   only when it is both shipped and below the relog point.
+//! * **Hot extents** (see [`super::super::hot`], "Two intervals"): a change to an extent with
+//!   no durable record above the cooling mark first syncs the log up to its own record.
 //! * **After a host crash** ([`ChangeLog::relog_extents`]): the image's bytes of every extent
-//!   touched by a record after the checkpoint are logged again, so the log describes what the
+//!   touched by a record after the relog point are logged again, so the log describes what the
 //!   image holds, including writes whose records the crash took.
 //!
 //! A failed sync latches (see [`super::super::durable`]) and breaks the chain, as everywhere.
@@ -84,6 +87,13 @@ pub(crate) struct Ckpt {
     done: AtomicU64,
     /// The checkpoint being taken (≥ `done`): published before its log sync.
     pub(super) pending: AtomicU64,
+    /// The cooling mark: an extent whose durable record is at or below it is cold. The
+    /// redo point before the pending checkpoint's, published with `pending` (see `hot`,
+    /// "Two intervals").
+    pub(super) cool: AtomicU64,
+    /// The relog point recorded in the state file (≤ `done`): after a host crash, recovery
+    /// logs again the extents of every record above it, so no segment above it is deleted.
+    relog: AtomicU64,
     /// Every record up to this LSN is durable in the log.
     log_durable: AtomicU64,
     log_sync_lock: Mutex<()>,
@@ -103,11 +113,14 @@ pub(crate) struct Ckpt {
 }
 
 impl Ckpt {
-    pub(crate) fn new(disk_size: u64, extent_min: u64, checkpoint: u64) -> Self {
+    /// `checkpoint` and `relog`: the redo and relog points the state file records.
+    pub(crate) fn new(disk_size: u64, extent_min: u64, checkpoint: u64, relog: u64) -> Self {
         Self {
             lock: Mutex::new(()),
             done: AtomicU64::new(checkpoint),
             pending: AtomicU64::new(checkpoint),
+            cool: AtomicU64::new(relog),
+            relog: AtomicU64::new(relog),
             log_durable: AtomicU64::new(checkpoint),
             log_sync_lock: Mutex::new(()),
             image_dep: AtomicU64::new(0),
@@ -126,6 +139,8 @@ impl Ckpt {
         for a in [
             &self.done,
             &self.pending,
+            &self.cool,
+            &self.relog,
             &self.log_durable,
             &self.image_dep,
             &self.image_synced,
@@ -253,13 +268,13 @@ impl ChangeLog {
 
     /// The hot-extent rule, between appending record `lsn` (a change to
     /// `[offset, offset+len)` whose header says `ahead`) and applying it to the image: if an
-    /// extent it touches has no durable record above the pending checkpoint, or the record
-    /// heats a window ahead of a stream, sync the log up to this record first; then its
-    /// extents (and window) are hot.
+    /// extent it touches has no durable record above the cooling mark, or the record heats
+    /// a window ahead of a stream, sync the log up to this record first; then its extents
+    /// (and window) are hot.
     pub(super) fn guard_image_change(&self, offset: u64, len: u64, ahead: u16, lsn: u64) {
         let ck = &self.sh.ck;
-        let pending = ck.pending.load(Ordering::SeqCst);
-        if ahead == 0 && !ck.hot.needs_sync(offset, len, pending) {
+        let cool = ck.cool.load(Ordering::SeqCst);
+        if ahead == 0 && !ck.hot.needs_sync(offset, len, cool) {
             return;
         }
         if ck.log_durable.load(Ordering::SeqCst) < lsn {
@@ -275,7 +290,8 @@ impl ChangeLog {
                 }
             }
         }
-        ck.hot.heat(offset, len, ahead, lsn, pending);
+        ck.hot
+            .heat(offset, len, ahead, lsn, ck.pending.load(Ordering::SeqCst));
         if ck.hot.heated() > self.sh.opts.hot_limit {
             ck.trigger.kick();
         }
@@ -304,9 +320,20 @@ impl ChangeLog {
         self.sh.ck.done.load(Ordering::SeqCst)
     }
 
+    /// The relog point recorded in the state file: after a host crash, recovery logs again
+    /// the extents of every record above it (see `hot`, "Two intervals").
+    pub fn relog_lsn(&self) -> u64 {
+        self.sh.ck.relog.load(Ordering::SeqCst)
+    }
+
     /// Takes a checkpoint: every change that has reached the image is made durable there
-    /// (log first, then image) and the state file records the LSN up to which that holds.
-    /// Returns the checkpointed LSN. Blocking. Nothing to do on a log that is not recording.
+    /// (log first, then image) and the state file records the LSN up to which that holds,
+    /// and the previous redo point as the relog point. Returns the checkpointed LSN.
+    /// Blocking. Nothing to do on a log that is not recording.
+    ///
+    /// With nothing new in the image since the last checkpoint, only the relog point moves
+    /// up to the redo point (when it is below it): the cooling mark is published and the log
+    /// synced, as below, without the image sync.
     pub fn checkpoint(&self) -> Result<u64, LogError> {
         let ck = &self.sh.ck;
         let _g = lock(&ck.lock);
@@ -314,23 +341,29 @@ impl ChangeLog {
         if !self.sh.logging.load(Ordering::Acquire) {
             return Ok(done);
         }
-        let c = lock(&self.sh.st).applied_upto;
-        if c <= done {
+        let c = lock(&self.sh.st).applied_upto.max(done);
+        if c == done && ck.relog.load(Ordering::SeqCst) >= done {
             return Ok(done);
         }
         {
             // Published under the append lock: the inline path (`try_record_now`) checks the
-            // hot-extent rule and appends under it, so either it saw this pending LSN or its
-            // record is appended before this checkpoint's log sync (see `inline`).
+            // hot-extent rule and appends under it, so either it saw this cooling mark or its
+            // record is appended before this checkpoint's log sync (see `inline`). The cooling
+            // mark is the redo point recorded before this one, which this checkpoint records
+            // as the relog point: every extent a writer finds hot from now on has a durable
+            // record above it.
             let _ap = lock(&self.sh.ap);
             ck.pending.fetch_max(c, Ordering::SeqCst);
+            ck.cool.fetch_max(done, Ordering::SeqCst);
         }
         let dir = &self.sh.dir;
         self.sync_log()
             .map_err(LogError::io("cannot sync the change log in", dir))?;
-        if let Err(e) = self.sh.dur.sync_data(Target::Image, &self.sh.image) {
-            self.sync_failed(&e);
-            return Err(LogError::io("cannot sync the image of", dir)(e));
+        if c > done {
+            if let Err(e) = self.sh.dur.sync_data(Target::Image, &self.sh.image) {
+                self.sync_failed(&e);
+                return Err(LogError::io("cannot sync the image of", dir)(e));
+            }
         }
         {
             let mut st = lock(&self.sh.st);
@@ -338,8 +371,10 @@ impl ChangeLog {
                 return Ok(done);
             }
             st.p.applied_lsn = st.p.applied_lsn.max(c);
+            st.p.relog_after = Some(st.p.relog_point().max(done));
         }
         self.persist()?;
+        ck.relog.fetch_max(done, Ordering::SeqCst);
         // Only now, with the redo point recorded: recovery after a host crash trusts the
         // image through the recorded redo point or an image-synced barrier, nothing else. A
         // sync round that found `image_synced` advanced by a checkpoint not yet recorded

@@ -27,12 +27,13 @@
 //! * LSN order = file order: LSN and place are reserved and the record written under the
 //!   append lock.
 //! * The image never holds a change the log lacks: the record is written before `apply`.
-//! * Hot extents: the rule is checked *under the append lock*, with the pending checkpoint
-//!   LSN that checkpoints publish under the same lock (`checkpoint`). Either this check saw
-//!   the new pending LSN (then a cold extent declines: no record is written), or the record
-//!   was appended before the checkpoint published it, and so before that checkpoint's log
-//!   sync, which makes the record durable with an LSN above the checkpoint (the request had
-//!   not completed, so the checkpoint's LSN is below it) — the extent is then hot in fact.
+//! * Hot extents: the rule is checked *under the append lock*, with the cooling mark that
+//!   checkpoints publish under the same lock (`checkpoint`). Either this check saw the new
+//!   mark (then a cold extent declines: no record is written), or the record was appended
+//!   before the checkpoint published it, and so before that checkpoint's log sync, which
+//!   makes the record durable: either above the relog point that checkpoint records (its
+//!   extent is then hot in fact), or at or below it, when the change had reached the image
+//!   before the previous checkpoint synced the image.
 //!   A write that needs no sync never heats an extent (as in `guard_image_change`), and a
 //!   write that would heat extents ahead of a stream (`hot`, "Heating ahead") declines too.
 //! * An extent's bytes are in the image only: its LSN is noted image-dependent before
@@ -209,6 +210,7 @@ impl ChangeLog {
         let plan = ck.hot.plan(
             offset,
             len,
+            ck.cool.load(Ordering::SeqCst),
             ck.pending.load(Ordering::SeqCst),
             self.sh.opts.heat_ahead,
             false,

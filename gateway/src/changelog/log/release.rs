@@ -1,8 +1,9 @@
 //! Releasing shipped segments without waiting for the image.
 //!
 //! A sealed segment may be deleted only when it is both **shipped** (the replicator stored
-//! every record in it) and **checkpointed** (the redo point is at or past its last LSN:
-//! recovery replays from the redo point, so it needs every segment after it). Before this
+//! every record in it) and **checkpointed twice** (the relog point, the redo point before the
+//! last, is at or past its last LSN: recovery replays from the redo point and, after a host
+//! crash, reads the records after the relog point, so it needs every segment after it). Before this
 //! module, a release checkpointed on the spot when a segment was not yet checkpointed, and
 //! every seal (so every cut) checkpointed too: the replication cycle waited for an
 //! `fdatasync` of the image, whose cost grows with what was written since the last one (on a
@@ -15,12 +16,12 @@
 //! ([`ChangeLog::release_checkpointed`]). Nothing asks it for an extra checkpoint: one per
 //! cut would sync the image and cool every hot extent twice a second under continuous
 //! replication. Shipped segments that wait for it no longer count as backlog
-//! ([`ChangeLog::unshipped_bytes`]); they hold at most one checkpoint interval of log on disk.
+//! ([`ChangeLog::unshipped_bytes`]); they hold at most two checkpoint intervals of log on disk.
 //!
 //! Invariants:
-//! * Nothing above the redo point is ever deleted (`release` checkpoints first when asked to
-//!   go past it, and here only segments whose last LSN is at or below both marks are asked
-//!   for, so it never has to).
+//! * Nothing above the relog point is ever deleted (`release` checkpoints first, twice at
+//!   most, when asked to go past it, and here only segments whose last LSN is at or below
+//!   both marks are asked for, so it never has to).
 //! * `shipped_through` only grows within a chain and is cleared with the chain (`reset`); it
 //!   is not persisted: after a restart the replicator's next release names it again, and
 //!   until then the segments are merely kept (and shipped again only if a point needs them).
@@ -73,7 +74,9 @@ impl ChangeLog {
     }
 
     fn release_checkpointed_locked(&self) -> Result<(), LogError> {
-        let ck = self.checkpoint_lsn();
+        // The relog point (≤ the redo point): recovery after a host crash reads the records
+        // above it.
+        let ck = self.relog_lsn();
         let seq = {
             let st = lock(&self.sh.st);
             st.sealed
