@@ -1328,16 +1328,18 @@ impl ChangeLog {
             Kind::Flush => 0,
             _ => {
                 let ck = &self.sh.ck;
-                ck.hot
-                    .plan(
-                        offset,
-                        length,
-                        ck.cool.load(Ordering::SeqCst),
-                        ck.pending.load(Ordering::SeqCst),
-                        self.sh.opts.heat_ahead,
-                        true,
-                    )
-                    .ahead
+                let p = ck.hot.plan(
+                    offset,
+                    length,
+                    ck.cool.load(Ordering::SeqCst),
+                    ck.pending.load(Ordering::SeqCst),
+                    self.sh.opts.heat_ahead,
+                    true,
+                );
+                match p.preheat() && !self.preheat_now() {
+                    true => 0,
+                    false => p.ahead,
+                }
             }
         };
         let mut h = RecordHeader {

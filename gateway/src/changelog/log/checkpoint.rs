@@ -110,6 +110,9 @@ pub(crate) struct Ckpt {
     /// A background checkpointer runs: seals and releases then never wait for an image sync
     /// (its next checkpoint covers them; see `release`).
     background: AtomicBool,
+    /// A checkpoint's syncs are running: a pre-heat then waits for nothing (see
+    /// [`ChangeLog::preheat_now`]).
+    pub(super) syncing: AtomicBool,
 }
 
 impl Ckpt {
@@ -131,6 +134,7 @@ impl Ckpt {
             recorded: Condvar::new(),
             recorded_m: Mutex::new(()),
             background: AtomicBool::new(false),
+            syncing: AtomicBool::new(false),
         }
     }
 
@@ -320,6 +324,13 @@ impl ChangeLog {
         self.sh.ck.done.load(Ordering::SeqCst)
     }
 
+    /// Whether a pre-heat should sync now: not while a checkpoint's syncs run (its log sync
+    /// would queue behind the image's write-back for seconds, and the writer with it; the
+    /// extents stay hot by the cooling mark meanwhile, see `hot`, "Two intervals").
+    pub(super) fn preheat_now(&self) -> bool {
+        !self.sh.ck.syncing.load(Ordering::SeqCst)
+    }
+
     /// The relog point recorded in the state file: after a host crash, recovery logs again
     /// the extents of every record above it (see `hot`, "Two intervals").
     pub fn relog_lsn(&self) -> u64 {
@@ -356,6 +367,8 @@ impl ChangeLog {
             ck.pending.fetch_max(c, Ordering::SeqCst);
             ck.cool.fetch_max(done, Ordering::SeqCst);
         }
+        ck.syncing.store(true, Ordering::SeqCst);
+        let _syncing = Syncing(&ck.syncing);
         let dir = &self.sh.dir;
         self.sync_log()
             .map_err(LogError::io("cannot sync the change log in", dir))?;
@@ -488,5 +501,14 @@ impl ChangeLog {
         self.checkpoint()?;
         info!(disk = %self.sh.name, extents = extents.len(), bytes = logged, "host crash: parts of the image that may hold writes the log lost were logged again");
         Ok(logged)
+    }
+}
+
+/// Clears the "checkpoint syncing" flag when a checkpoint's syncs end, on every path.
+struct Syncing<'a>(&'a AtomicBool);
+
+impl Drop for Syncing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }

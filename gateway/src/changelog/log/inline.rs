@@ -215,7 +215,7 @@ impl ChangeLog {
             self.sh.opts.heat_ahead,
             false,
         );
-        if plan.sync || plan.preheat() {
+        if plan.sync || (plan.preheat() && self.preheat_now()) {
             // A cold extent, or a window to heat ahead of a stream: both sync the log.
             return None;
         }
