@@ -63,7 +63,12 @@
 //!   when the extent half a window ahead is cold and no other writer has claimed a window
 //!   holding it (a *pre-heat*: that one write takes the slow path and syncs while the
 //!   others keep writing into the hot half of the window, so a steady stream never meets a
-//!   cold extent between checkpoints).
+//!   cold extent between checkpoints);
+//! * a pre-heat never while a checkpoint's syncs run (`ChangeLog::preheat_now`): its log
+//!   sync would queue behind the image's write-back (seconds, measured), and the other
+//!   writers behind it. The window is hot by the cooling mark meanwhile, so the write goes
+//!   on inline with no window; the first continuing write after the checkpoint claims it.
+//!   Skipping a pre-heat only heats less: the rule is untouched.
 //!
 //! Why windows keep the rule: a window's extents get the LSN of the record that heated
 //! them, only after the log sync that made that record durable, and the record's header

@@ -132,6 +132,43 @@ fn a_host_crash_after_two_checkpoints_has_nothing_to_repair() {
     }
 }
 
+/// While a checkpoint's syncs run, a stream neither makes nor claims a pre-heat (its log sync
+/// would queue behind the image's write-back); the first write after it does.
+#[test]
+fn a_stream_skips_its_preheats_while_a_checkpoint_syncs() {
+    let t = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("d.img"), vec![0u8; SIZE as usize]).unwrap();
+    let rt = rt();
+    let o = LogOptions {
+        hot_extent_min: 4096,
+        heat_ahead: 8,
+        // Logged as extents, on the path streams take (small writes are batched, no windows).
+        extent_min: 4096,
+        ..opts(1 << 20)
+    };
+    let (disk, _) = open(t.path(), o);
+    let log = disk.change_log().unwrap();
+    let write = |extent: u64| rt.block_on(disk.write(extent * 4096, vec![9u8; 4096], false));
+    // Extent 0 starts the stream (a sync, no window); extent 1 continues it and is cold: a
+    // sync that heats the window 2..=9 with it.
+    write(0).unwrap();
+    write(1).unwrap();
+    assert_eq!(log.hot_counters(), (2, 1));
+    // Extents 6..=8 would pre-heat (the middle of their window is cold), but a checkpoint
+    // is syncing: they go on in the hot window, no sync, no window, no claim.
+    log.set_checkpoint_syncing(true);
+    for e in 2..=8 {
+        write(e).unwrap();
+    }
+    assert_eq!(log.hot_counters(), (2, 1));
+    // After it, the next write pre-heats (nothing claimed the window meanwhile).
+    log.set_checkpoint_syncing(false);
+    write(9).unwrap();
+    assert_eq!(log.hot_counters(), (3, 2));
+    let now = rt.block_on(disk.read(0, 10 * 4096)).unwrap();
+    assert_eq!(now, vec![9u8; 10 * 4096]);
+}
+
 /// A state file of an older build has no relog point: its redo point is taken (those builds
 /// relogged after it). A relog point above the redo point is never believed.
 #[test]

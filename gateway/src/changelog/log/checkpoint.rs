@@ -331,6 +331,12 @@ impl ChangeLog {
         !self.sh.ck.syncing.load(Ordering::SeqCst)
     }
 
+    /// Tests: as if a checkpoint's syncs were running (or not), without running one.
+    #[cfg(test)]
+    pub(crate) fn set_checkpoint_syncing(&self, on: bool) {
+        self.sh.ck.syncing.store(on, Ordering::SeqCst);
+    }
+
     /// The relog point recorded in the state file: after a host crash, recovery logs again
     /// the extents of every record above it (see `hot`, "Two intervals").
     pub fn relog_lsn(&self) -> u64 {
