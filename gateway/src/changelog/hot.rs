@@ -134,6 +134,9 @@ pub struct HotExtents {
     disk_size: u64,
     /// Per extent: the LSN of a durable record touching it (0: none known).
     lsn: Vec<AtomicU64>,
+    /// Per extent: the highest LSN of an appended record touching it, durable or not (see
+    /// "Re-heated by the checkpoint"; [`Self::reheat`]).
+    touched: Vec<AtomicU64>,
     /// Extents that turned hot since the last checkpoint (an estimate for the trigger).
     heated: AtomicUsize,
     /// Where the last write long enough to stream ended (sequential detection).
@@ -155,6 +158,7 @@ impl HotExtents {
             extent,
             disk_size,
             lsn: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            touched: (0..n).map(|_| AtomicU64::new(0)).collect(),
             heated: AtomicUsize::new(0),
             stream_end: AtomicU64::new(u64::MAX),
             claimed: AtomicU64::new(0),
@@ -267,6 +271,37 @@ impl HotExtents {
         }
     }
 
+    /// Notes that record `lsn`, appended, touches `[offset, offset+len)` (durable or not yet:
+    /// [`Self::reheat`] uses it only once the log is durable past it).
+    pub fn touch(&self, offset: u64, len: u64, lsn: u64) {
+        for e in self.extents_of(offset, len) {
+            if let Some(t) = self.touched.get(e as usize) {
+                t.fetch_max(lsn, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// The log is durable up to `durable`: every extent whose last touching record is at or
+    /// below it gets that record's LSN (a durable record touching it). Called by a checkpoint
+    /// after a log sync and before it publishes its cooling mark, so that extents written in
+    /// the interval stay hot (see "Re-heated by the checkpoint"). An extent touched since by
+    /// a record not yet durable is left as it is (its earlier records are not tracked).
+    /// At most `max` extents get a higher LSN (they count as heated in the interval that
+    /// begins, see [`Self::cooled`]); returns how many did.
+    pub fn reheat(&self, durable: u64, max: usize) -> usize {
+        let mut n = 0;
+        for (l, t) in self.lsn.iter().zip(&self.touched) {
+            if n >= max {
+                break;
+            }
+            let t = t.load(Ordering::SeqCst);
+            if t <= durable && l.fetch_max(t, Ordering::SeqCst) < t {
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Counts a log sync the rule made a writer wait for.
     pub fn note_sync(&self) {
         self.syncs.fetch_add(1, Ordering::Relaxed);
@@ -282,7 +317,7 @@ impl HotExtents {
 
     /// Forgets every hot extent (a new chain: LSNs restart).
     pub fn clear(&self) {
-        for l in &self.lsn {
+        for l in self.lsn.iter().chain(&self.touched) {
             l.store(0, Ordering::SeqCst);
         }
         self.heated.store(0, Ordering::Relaxed);
@@ -295,9 +330,10 @@ impl HotExtents {
     }
 
     /// A checkpoint completed (extents whose LSN its cooling mark passed are cold by
-    /// comparison).
-    pub fn cooled(&self) {
-        self.heated.store(0, Ordering::Relaxed);
+    /// comparison); `reheated` extents it kept hot ([`Self::reheat`]) count as heated in the
+    /// interval that begins (they will be in what recovery re-logs, as heated ones are).
+    pub fn cooled(&self, reheated: usize) {
+        self.heated.store(reheated, Ordering::Relaxed);
         // A claimed window may be cold again: the next writer that finds it so claims anew.
         self.claimed.store(0, Ordering::Relaxed);
     }
@@ -381,12 +417,37 @@ mod tests {
         // A range spanning a cold extent needs the sync.
         assert!(h.needs_sync(MIN_EXTENT - 1, 2, 0));
         assert_eq!(h.heated(), 1);
-        h.cooled();
+        h.cooled(0);
         assert_eq!(h.heated(), 0);
         // Huge disks get larger extents, never more than 65,536 of them.
         assert_eq!(extent_size(1 << 40, MIN_EXTENT), 16 << 20);
         assert_eq!(extent_size(1 << 20, 4096), 4096);
         assert_eq!(extent_size(1 << 20, 3000), 4096);
+    }
+
+    #[test]
+    fn a_checkpoint_reheats_only_extents_whose_last_record_is_durable() {
+        let h = HotExtents::new(8 * E, E);
+        // Extents 0..4 heated at LSN 1 (a synced record); later records touch 0, 1 and 2.
+        h.heat(0, 4 * E, 0, 1, 0);
+        h.touch(0, 1, 5);
+        h.touch(E, 1, 9);
+        h.touch(2 * E, 1, 6);
+        h.touch(2 * E, 1, 12);
+        // The log is durable up to 10: 0 and 1 get their records' LSNs; 2's last record
+        // (12) is not durable and its earlier ones are not tracked, so it keeps LSN 1.
+        assert_eq!(h.reheat(10, usize::MAX), 2);
+        assert!(!h.needs_sync(0, 2 * E, 4));
+        assert!(h.needs_sync(2 * E, 1, 4));
+        // Nothing to raise again; at most `max` extents per call.
+        assert_eq!(h.reheat(10, usize::MAX), 0);
+        h.touch(5 * E, 3 * E, 11);
+        assert_eq!(h.reheat(11, 2), 2);
+        assert!(!h.needs_sync(5 * E, 2 * E, 4));
+        assert!(h.needs_sync(7 * E, 1, 4));
+        // They count as heated in the interval that begins.
+        h.cooled(2);
+        assert_eq!(h.heated(), 2);
     }
 
     const E: u64 = MIN_EXTENT;
@@ -428,7 +489,7 @@ mod tests {
         assert!(h2.plan(2 * big, big, 0, 0, 8, false).preheat());
         // A checkpoint cools everything and drops the claim; a stream that finds its own
         // extent cold gets a window with the sync it needs anyway.
-        h.cooled();
+        h.cooled(0);
         let p = h.plan(21 * big, big, 2, 2, 8, true);
         assert_eq!((p.sync, p.ahead, p.preheat()), (true, 8, false));
         // Random writes far apart never get a window, nor writes under 1/64 of an extent.

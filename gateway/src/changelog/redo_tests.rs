@@ -169,6 +169,51 @@ fn a_stream_skips_its_preheats_while_a_checkpoint_syncs() {
     assert_eq!(now, vec![9u8; 10 * 4096]);
 }
 
+/// Extents written in every interval stay hot past the checkpoints that end them (each
+/// checkpoint's first log sync re-heats them): rewriting them syncs the log only the first
+/// time, and recovery after a host crash still finds the image as written.
+#[test]
+fn extents_written_every_interval_stay_hot_across_checkpoints() {
+    let t = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("d.img"), vec![0u8; SIZE as usize]).unwrap();
+    let rt = rt();
+    let o = LogOptions {
+        hot_extent_min: 4096,
+        // One segment: no sealer thread still running to rewrite the state file.
+        ..opts(8 << 20)
+    };
+    let (disk, _) = open(t.path(), o.clone());
+    let log = disk.change_log().unwrap();
+    let extents = SIZE / 4096;
+    let write_all = |round: u8| {
+        for e in 0..extents {
+            let data = vec![round.wrapping_add(e as u8); 4096];
+            rt.block_on(disk.write(e * 4096, data, false)).unwrap();
+        }
+    };
+    write_all(1);
+    let (first, _) = log.hot_counters();
+    assert!(first >= 1);
+    for round in 2..=4 {
+        log.checkpoint().unwrap();
+        write_all(round);
+    }
+    assert_eq!(log.hot_counters().0, first, "a rewritten extent went cold");
+    rt.block_on(disk.flush()).unwrap();
+    drop(log);
+    drop(disk);
+    other_boot(&t.path().join("d.hrl"));
+    let (disk, report) = open(t.path(), o);
+    assert_eq!(report.state, LogState::Healthy);
+    assert!(report.host_crash && report.relogged <= SIZE, "{report:?}");
+    let now = rt.block_on(disk.read(0, SIZE as usize)).unwrap();
+    for e in 0..extents as usize {
+        assert!(now[e * 4096..(e + 1) * 4096]
+            .iter()
+            .all(|&b| b == 4u8.wrapping_add(e as u8)));
+    }
+}
+
 /// A state file of an older build has no relog point: its redo point is taken (those builds
 /// relogged after it). A relog point above the redo point is never believed.
 #[test]

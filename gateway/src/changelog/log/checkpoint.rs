@@ -277,6 +277,7 @@ impl ChangeLog {
     /// (and window) are hot.
     pub(super) fn guard_image_change(&self, offset: u64, len: u64, ahead: u16, lsn: u64) {
         let ck = &self.sh.ck;
+        ck.hot.touch(offset, len, lsn);
         let cool = ck.cool.load(Ordering::SeqCst);
         if ahead == 0 && !ck.hot.needs_sync(offset, len, cool) {
             return;
@@ -362,6 +363,17 @@ impl ChangeLog {
         if c == done && ck.relog.load(Ordering::SeqCst) >= done {
             return Ok(done);
         }
+        // Re-heat (`hot`, "Re-heated by the checkpoint"): with the log durable up to here,
+        // every extent whose last record is durable gets that record's LSN, so the extents
+        // written in the interval that ends stay hot past the cooling mark published below,
+        // and their next writes need no log sync while the image syncs. This log sync comes
+        // before the image's write-back starts, so it is quick.
+        self.sync_log()
+            .map_err(LogError::io("cannot sync the change log in", &self.sh.dir))?;
+        let reheated = ck.hot.reheat(
+            ck.log_durable.load(Ordering::SeqCst),
+            self.sh.opts.hot_limit / 2,
+        );
         {
             // Published under the append lock: the inline path (`try_record_now`) checks the
             // hot-extent rule and appends under it, so either it saw this cooling mark or its
@@ -405,7 +417,7 @@ impl ChangeLog {
             ck.done.fetch_max(c, Ordering::SeqCst);
             ck.recorded.notify_all();
         }
-        ck.hot.cooled();
+        ck.hot.cooled(reheated);
         ck.since.store(0, Ordering::Relaxed);
         Ok(c)
     }

@@ -242,6 +242,9 @@ impl ChangeLog {
         }
         let r = pwritev_all(&a.seg.file, &[&hb, data], pos);
         ap.next_lsn += 1;
+        // Appended: a checkpoint's log sync may keep its extent hot (`hot`, "Re-heated by
+        // the checkpoint").
+        ck.hot.touch(offset, len, lsn);
         if let Err(e) = r {
             self.degrade(&e, "cannot append to the change log");
         }
