@@ -40,10 +40,25 @@
 //! had reached the image before the previous checkpoint synced the image. A writer that read
 //! the new mark found the extent's record above the relog point the checkpoint records.
 //!
+//! **Re-heated by the checkpoint.** A write to a hot extent heats nothing (it needs no
+//! sync), so an extent heated once went cold two checkpoints later however often it was
+//! written meanwhile, and its next write synced the log just when the checkpoint's image
+//! write-back made log syncs slow (random writes over a whole disk met that at every
+//! checkpoint). So every record also notes, per extent, the highest LSN that touched it
+//! (`touch`, durable or not), and a checkpoint, *before* it publishes its cooling mark,
+//! syncs the log and gives each extent whose last touching record is at or below the
+//! durable LSN that record's LSN ([`HotExtents::reheat`]). That keeps the invariant every
+//! argument above rests on — an extent's LSN is that of a durable record touching it — so
+//! nothing else changes: extents written in the interval that ends stay hot through the
+//! next one. An extent whose last record is not yet durable keeps its LSN (its earlier
+//! records are not tracked). The log sync comes before the image's write-back starts, so
+//! it is quick. Re-heated extents count as heated in the interval that begins, and at most
+//! `hot_limit / 2` are re-heated, so the bound below holds.
+//!
 //! Cost: one log sync per extent that turns hot, per two checkpoint intervals (writers
-//! touching many cold extents share those syncs); a checkpoint is requested when more than
-//! `hot_limit` extents turned hot since the last, which bounds what recovery re-logs to
-//! about twice that.
+//! touching many cold extents share those syncs), plus one per checkpoint; a checkpoint is
+//! requested when more than `hot_limit` extents turned hot (or were re-heated) since the
+//! last, which bounds what recovery re-logs to about twice that.
 //!
 //! **Heating ahead of a sequential writer** (a read-ahead for the hot set). A writer
 //! streaming at 2 GB/s crosses 500 extents of 4 MiB a second, and every checkpoint cooled
