@@ -182,7 +182,7 @@ fn extents_written_every_interval_stay_hot_across_checkpoints() {
         // One segment: no sealer thread still running to rewrite the state file.
         ..opts(8 << 20)
     };
-    let (disk, _) = open(t.path(), o.clone());
+    let (disk, _) = open(t.path(), o);
     let log = disk.change_log().unwrap();
     let extents = SIZE / 4096;
     let write_all = |round: u8| {
