@@ -1327,19 +1327,11 @@ impl ChangeLog {
         let ahead = match kind {
             Kind::Flush => 0,
             _ => {
-                let ck = &self.sh.ck;
                 // While a checkpoint's syncs run, a pre-heat is neither claimed nor made:
                 // its log sync would wait behind the image's write-back (the window stays
                 // hot by the cooling mark meanwhile; a writer after the checkpoint claims it).
                 let now = self.preheat_now();
-                let p = ck.hot.plan(
-                    offset,
-                    length,
-                    ck.cool.load(Ordering::SeqCst),
-                    ck.pending.load(Ordering::SeqCst),
-                    self.sh.opts.heat_ahead,
-                    now,
-                );
+                let p = self.plan_hot(offset, length, now);
                 match p.preheat() && !now {
                     true => 0,
                     false => p.ahead,

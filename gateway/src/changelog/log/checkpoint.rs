@@ -38,6 +38,7 @@ use super::{lock, ChangeLog, Seg};
 use crate::changelog::durable::Target;
 use crate::changelog::format::{Kind, RecordHeader, FLAG_IMAGE_SYNCED};
 use crate::changelog::hot::HotExtents;
+use crate::changelog::hot::Plan;
 use crate::changelog::LogError;
 
 /// Largest record written when an extent is logged again after a host crash.
@@ -330,6 +331,21 @@ impl ChangeLog {
     /// extents stay hot by the cooling mark meanwhile, see `hot`, "Two intervals").
     pub(super) fn preheat_now(&self) -> bool {
         !self.sh.ck.syncing.load(Ordering::SeqCst)
+    }
+
+    /// What the hot-extent rule asks of a change to `[offset, offset+len)`, with the current
+    /// cooling mark, pending checkpoint and `heat_ahead` window ([`HotExtents::plan`]; with
+    /// `claim`, a pre-heat claims its window).
+    pub(super) fn plan_hot(&self, offset: u64, len: u64, claim: bool) -> Plan {
+        let ck = &self.sh.ck;
+        ck.hot.plan(
+            offset,
+            len,
+            ck.cool.load(Ordering::SeqCst),
+            ck.pending.load(Ordering::SeqCst),
+            self.sh.opts.heat_ahead,
+            claim,
+        )
     }
 
     /// Tests: as if a checkpoint's syncs were running (or not), without running one.

@@ -206,15 +206,7 @@ impl ChangeLog {
         if a.count > 0 && a.pos + rec_max > self.sh.opts.segment_size {
             return None;
         }
-        let ck = &self.sh.ck;
-        let plan = ck.hot.plan(
-            offset,
-            len,
-            ck.cool.load(Ordering::SeqCst),
-            ck.pending.load(Ordering::SeqCst),
-            self.sh.opts.heat_ahead,
-            false,
-        );
+        let plan = self.plan_hot(offset, len, false);
         if plan.sync || (plan.preheat() && self.preheat_now()) {
             // A cold extent, or a window to heat ahead of a stream: both sync the log.
             return None;
@@ -244,7 +236,7 @@ impl ChangeLog {
         ap.next_lsn += 1;
         // Appended: a checkpoint's log sync may keep its extent hot (`hot`, "Re-heated by
         // the checkpoint").
-        ck.hot.touch(offset, len, lsn);
+        self.sh.ck.hot.touch(offset, len, lsn);
         if let Err(e) = r {
             self.degrade(&e, "cannot append to the change log");
         }
