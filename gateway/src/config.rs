@@ -33,7 +33,7 @@
 //! min_free_percent = 5              #   has less free than min(min_free, this % of it)
 //! extent_min = "64K"                # writes this large are logged as extents (bytes stay
 //!                                   #   in the image); "off" logs every write's data
-//! defer_max = "1G"                  # smaller writes' bytes are logged at the next FLUSH or
+//! defer_max = "4G"                  # smaller writes' bytes are logged at the next FLUSH or
 //!                                   #   cut, up to this much at a time; "off": with each write
 //! image_flush_min = "64M"           # a FLUSH facing this much of them syncs the image
 //!                                   #   instead of logging them; "off": always logs them

@@ -13,7 +13,9 @@ wall time per append spent in the append itself, in writing zeroes and in fdatas
 per piece size, medians of --reps runs, rows alternated.
 
 Usage: tools/bench/append.py [--dir DIR] [--records 100000] [--sync-every 64] [--reps 3]
-                             [--pieces 0,4096,16384,65536,262144,1048576]
+                             [--pieces 0,4096,16384,65536,262144,1048576] [--record-size 4136]
+
+--record-size 40: a deferred small write's record (the header alone).
 """
 import argparse
 import os
@@ -21,13 +23,13 @@ import statistics
 import tempfile
 import time
 
-REC = 40 + 4096
+REC = [40 + 4096]
 FILL = 1 << 20
 
 
 def run(path, piece, records, sync_every):
     """Wall time per append spent appending, writing zeroes and syncing (µs)."""
-    rec = os.urandom(REC)
+    rec = os.urandom(REC[0])
     zeroes = bytes(max(piece, 1))
     fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o600)
     clock = time.perf_counter
@@ -52,7 +54,7 @@ def run(path, piece, records, sync_every):
             t = clock()
             os.pwrite(fd, rec, off)
             t_app += clock() - t
-            off += REC
+            off += REC[0]
         return tuple(x / records * 1e6 for x in (t_app, t_fill, t_sync))
     finally:
         os.close(fd)
@@ -66,7 +68,9 @@ def main():
     ap.add_argument("--sync-every", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--pieces", default="0,4096,16384,65536,262144,1048576")
+    ap.add_argument("--record-size", type=int, default=REC[0])
     args = ap.parse_args()
+    REC[0] = args.record_size
     pieces = [int(p) for p in args.pieces.split(",")]
     d = args.dir or tempfile.mkdtemp(prefix="standby-bench-append-", dir="/var/tmp")
     os.makedirs(d, exist_ok=True)
@@ -88,7 +92,7 @@ def main():
         label = "none (appends extend the file)" if p == 0 else f"{p // 1024} KiB"
         print(f"| {label} | {med(a, 0)} | {med(a, 1)} | {med(b, 0)} | {med(b, 1)} | {med(b, 2)} |")
     print(f"\nµs of wall time per append, medians of {args.reps} runs of {args.records:,} appends "
-          f"of {REC:,} bytes; zeroes {FILL >> 20} MiB ahead (their cost spread over the appends), "
+          f"of {REC[0]:,} bytes; zeroes {FILL >> 20} MiB ahead (their cost spread over the appends), "
           f"refilled when the appends come within half of it; file in {d}. Every figure "
           "includes the interpreter's per-call cost (about the same in every row).")
     if not args.dir:

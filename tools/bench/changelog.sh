@@ -45,7 +45,9 @@
 # built-in 64K; "off" logs every write's data, as builds before extents did).
 # --log-config 'hot_limit = 4096' (repeatable) adds that line (TOML) to the `[log]` section, e.g.
 # 'checkpoint_interval = "60s"'; the table's footnote names every line written.
-# --only TEXT runs only the rows whose name contains TEXT (e.g. --only rand).
+# --only TEXT runs only the rows whose name contains TEXT (e.g. --only rand); "A|B" runs the
+# rows containing A or B, in the table's order (e.g. --only "seq write 1|rand" for the rand row
+# after the seq row, as in the full sequence).
 # --warm: how each image is read once before a run. "readahead" (default): `cat`. On kernels
 # that cache files in large folios (ext4 from 6.16 on) read-ahead leaves large folios,
 # and every 4 KiB buffered write into one walks all of the folio's block heads
@@ -221,7 +223,8 @@ def main():
     ap.add_argument("--warm", choices=["readahead", "4k"], default="readahead")
     args = ap.parse_args()
     WARM[0] = args.warm
-    tests = [t for t in TESTS if not args.only or args.only in t[0]]
+    only = args.only.split("|") if args.only else None
+    tests = [t for t in TESTS if not only or any(o in t[0] for o in only)]
     if not tests:
         raise SystemExit(f"--only {args.only}: no row's name contains it")
     q = args.quick

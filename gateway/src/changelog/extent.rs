@@ -71,7 +71,7 @@ use bytes::Bytes;
 
 mod deferred;
 
-pub use deferred::Pass;
+pub use deferred::{Pass, PIECES_MAX};
 
 #[cfg(any(test, feature = "testing"))]
 pub use deferred::DEFERRED_LOGGED;
@@ -243,6 +243,8 @@ pub struct ExtentMap {
     image: File,
     dur: Arc<Durability>,
     inner: Mutex<Inner>,
+    /// [`PIECES_MAX`] (tests lower it: [`ExtentMap::set_pieces_max`]).
+    pieces_max: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for ExtentMap {
@@ -336,6 +338,7 @@ impl ExtentMap {
             dir: dir.clone(),
             image,
             dur,
+            pieces_max: std::sync::atomic::AtomicUsize::new(PIECES_MAX),
             inner: Mutex::new(Inner {
                 chain_id: log.chain_id(),
                 pieces: BTreeMap::new(),
@@ -541,9 +544,9 @@ impl ExtentMap {
     /// write covers, as `before_write` does, and returns `Some(deferred)`: whether the write
     /// is logged as a deferred extent (its bytes logged at the next FLUSH or cut, see
     /// [`deferred`]), i.e. whether the deferred bytes stay within `defer_max` with it (`0`:
-    /// never) — if so its range is a deferred piece of record `lsn` from here on (one lock
-    /// for both: a second one after the image write could find the map busy and send the
-    /// next write the slow way). `None`, nothing changed: the map is busy, follows another
+    /// never) and the deferred pieces within [`PIECES_MAX`] — if so its range is a deferred
+    /// piece of record `lsn` from here on (one lock for both: a second one after the image
+    /// write could find the map busy and send the next write the slow way). `None`, nothing changed: the map is busy, follows another
     /// chain, or a piece there belongs to a cut (its bytes must be saved first: the caller
     /// takes the path that may wait).
     ///
@@ -603,11 +606,21 @@ impl ExtentMap {
             inner.remove(offset, end);
         }
         let held = inner.deferred + inner.synced_bytes;
-        let deferred = defer_max > 0 && held.saturating_add(len) <= defer_max;
+        let pieces = inner.live.len() + inner.synced.len();
+        let deferred = defer_max > 0
+            && held.saturating_add(len) <= defer_max
+            && pieces < self.pieces_max.load(std::sync::atomic::Ordering::Relaxed);
         if deferred {
             inner.insert_free(lsn, offset, len, true);
         }
         Some(deferred)
+    }
+
+    /// Testing only: lowers the bound on deferred pieces ([`PIECES_MAX`]).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn set_pieces_max(&self, n: usize) {
+        self.pieces_max
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// For a large write logged inline as extent `lsn` (`ChangeLog::try_record_extent_now`):

@@ -78,8 +78,9 @@ pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
 /// often, halving their IOPS (BENCHMARKS.md, "Change log").
 pub const DEFAULT_HOT_LIMIT: usize = 1024;
 
-/// Default bound on the bytes of deferred small writes (see [`LogOptions::defer_max`]).
-pub const DEFAULT_DEFER_MAX: u64 = 1 << 30;
+/// Default bound on the bytes of deferred small writes (see [`LogOptions::defer_max`]): 4 GiB,
+/// with at most [`extent::PIECES_MAX`] pieces (see there why).
+pub const DEFAULT_DEFER_MAX: u64 = 4 << 30;
 
 /// Default for [`LogOptions::heat_ahead`]: 32 extents (128 MiB of 4 MiB extents).
 pub const DEFAULT_HEAT_AHEAD: u16 = 32;

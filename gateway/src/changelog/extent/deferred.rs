@@ -35,8 +35,9 @@
 //!   as synced pieces (live ones if a host crash kept the redo point back), and the next
 //!   cut logs their bytes.
 //! * *Bound.* A write is deferred only while the deferred bytes stay within
-//!   [`crate::changelog::LogOptions::defer_max`] (default 1 GiB), which bounds a FLUSH's or
-//!   a cut's logging; past it, small writes log their data with them as before. The disk
+//!   [`crate::changelog::LogOptions::defer_max`] (default 4 GiB), which bounds a FLUSH's or
+//!   a cut's logging, and the deferred pieces within [`PIECES_MAX`], which bounds the map's
+//!   memory; past either, small writes log their data with them as before. The disk
 //!   also passes a bound of 0 while each FLUSH follows only a few small writes
 //!   ([`crate::changelog::LogOptions::flush_heavy_writes`]): deferring then only adds a
 //!   read and a record per write.
@@ -64,6 +65,21 @@ use std::collections::BTreeSet;
 use super::{lock, ExtentMap, Inner};
 use crate::changelog::format::FLAG_DEFERRED;
 use crate::changelog::ChangeLog;
+
+/// Most deferred pieces a map holds (live and synced): 1,048,576, one per 4 KiB of the
+/// default `defer_max` (4 GiB), so random 4 KiB writes reach both bounds together and
+/// smaller writes cannot make the map larger. A piece costs the map about 50 bytes (an entry
+/// of the pieces' B-tree and one of an index's), so this is about 50–64 MiB per disk at
+/// most. Past it, small writes are logged with their data until a FLUSH or cut logs the
+/// deferred ones.
+///
+/// Why the bound is this high (it was 1 GiB, i.e. 262,144 such pieces): random 4 KiB
+/// writes over a 2 GiB disk with no FLUSH and no cut, 12 s at QD32, reached 1 GiB of pieces
+/// within seconds, and every later write carried its 4 KiB into the log — 0.61× the
+/// untracked disk's IOPS; with the bound at 4 GiB, 0.91×, at the same CPU per GB as the
+/// untracked disk and 58 MiB of peak resident set against 50 (BENCHMARKS.md, "The
+/// deferred-write bound").
+pub const PIECES_MAX: usize = 1 << 20;
 
 /// Largest run of adjacent deferred pieces logged as one record (pieces are not split to
 /// meet it; none is larger than the largest write logged inline, 1 MiB).

@@ -484,6 +484,51 @@ fn the_bound_and_extent_min_off_log_bytes_with_the_write() {
     rt().block_on(disk.close()).unwrap();
 }
 
+#[test]
+fn the_piece_bound_logs_bytes_with_the_write_until_a_flush() {
+    let f = fixture();
+    let disk = open(&f, every_write_deferred());
+    let map = crate::changelog::extent::registered(&f.log).unwrap();
+    map.set_pieces_max(2);
+    let n = warm(&disk);
+    for i in 0..3u64 {
+        inline(&disk, i * 8192, &[7u8; 4096]);
+    }
+    // The same block again: its piece is renumbered, no new piece.
+    inline(&disk, 0, &[8u8; 4096]);
+    let kinds: Vec<bool> = records(&disk)[n..].iter().map(deferred).collect();
+    assert_eq!(
+        kinds,
+        [true, true, false, true],
+        "deferred while under 2 pieces"
+    );
+    assert_eq!(
+        records(&disk)[n + 2].kind,
+        Kind::Write,
+        "logged with its data"
+    );
+    assert_eq!(map.deferred_bytes(), 8192);
+    // A FLUSH logs the deferred pieces: room again.
+    rt().block_on(disk.flush()).unwrap();
+    assert_eq!(map.deferred_bytes(), 0);
+    let m = records(&disk).len();
+    inline(&disk, 3 * 8192, &[9u8; 4096]);
+    assert!(
+        deferred(&records(&disk)[m]),
+        "deferred again after the FLUSH"
+    );
+    map.check_deferred_index().unwrap();
+    // What was written reads back.
+    let rt = rt();
+    assert_eq!(rt.block_on(disk.read(0, 4096)).unwrap(), vec![8u8; 4096]);
+    assert_eq!(rt.block_on(disk.read(8192, 4096)).unwrap(), vec![7u8; 4096]);
+    assert_eq!(
+        rt.block_on(disk.read(3 * 8192, 4096)).unwrap(),
+        vec![9u8; 4096]
+    );
+    rt.block_on(disk.close()).unwrap();
+}
+
 /// An open segment written record by record (LSNs from 1).
 struct SegmentWriter {
     path: std::path::PathBuf,
