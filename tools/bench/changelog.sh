@@ -337,7 +337,7 @@ def main():
             phys["fio 4 KiB write+fdatasync QD1"].append(r)
             # What a logged 4 KiB write inherently costs in the page cache: one pwrite into
             # the image plus one append of header + data to the log (two buffered writes),
-            # against the image pwrite alone: the bound on log-on/log-off for small writes.
+            # against the image pwrite alone: what logging adds to the page-cache work per write.
             # In the page-cache state the rows start from (dropped, then the image read
             # once): on kernels whose file systems cache files in large folios, a 4 KiB write
             # into a folio made by read-ahead costs far more than one into a small folio.
@@ -357,8 +357,9 @@ def main():
             phys["fio 4,136 B appends (log only) QD1"].append(b)
             phys["both: 4 KiB pwrite + 4,136 B append per write"].append(
                 {"IOPS": 1 / (1 / a["IOPS"] + 1 / b["IOPS"])})
-            # A small write logged as a deferred extent appends only its 40-byte record: the
-            # bound on log-on/log-off for any log that appends one record per write.
+            # A small write logged as a deferred extent appends only its 40-byte record: what
+            # a log that appends one record per write adds to the page-cache work (the rand
+            # row, where the NBD request and the network take their share, ran above it).
             quiet_cache(drop)
             c = run_fio(["--ioengine=psync", f"--filename={scratch}", "--rw=write", "--bs=40",
                          "--fallocate=none", f"--size={max(size // 100, 40 << 10) // 40 * 40}"],
@@ -399,8 +400,9 @@ def main():
     both40 = statistics.median(r["IOPS"] for r in phys["both: 4 KiB pwrite + 40 B append per write"])
     app40 = statistics.median(r["IOPS"] for r in phys["fio 40 B appends (deferred record) QD1"])
     print(f"A 40-byte deferred record append {1e6 / app40:.1f} µs; pwrite + record "
-          f"{1e6 / both40:.1f} µs, {both40 / alone:.2f}x the rate of the pwrite alone (the bound "
-          "on log-on/log-off for small writes with one record appended per write).")
+          f"{1e6 / both40:.1f} µs, {both40 / alone:.2f}x the rate of the pwrite alone (what the "
+          "record adds to the server's page-cache work per small write; not a bound on the row, "
+          "where the NBD request, the network and fio take their share of each write's time).")
     print(f"\n| server | peak RSS (RssAnon+RssFile) | VmHWM |")
     print("|---|---|---|")
     for p in (standby, nbdkit):
