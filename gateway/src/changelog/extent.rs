@@ -546,9 +546,9 @@ impl ExtentMap {
     /// [`deferred`]), i.e. whether the deferred bytes stay within `defer_max` with it (`0`:
     /// never) and the deferred pieces within [`PIECES_MAX`] — if so its range is a deferred
     /// piece of record `lsn` from here on (one lock for both: a second one after the image
-    /// write could find the map busy and send the next write the slow way). `None`, nothing changed: the map is busy, follows another
-    /// chain, or a piece there belongs to a cut (its bytes must be saved first: the caller
-    /// takes the path that may wait).
+    /// write could find the map busy and send the next write the slow way). `None`, nothing
+    /// changed: the map is busy, follows another chain, or a piece there belongs to a cut
+    /// (its bytes must be saved first: the caller takes the path that may wait).
     ///
     /// Call it only where the write's record is certain to follow (the log asks last, under
     /// its append lock). Pieces are added only by cuts and extent writes, which cannot
