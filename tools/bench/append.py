@@ -23,13 +23,13 @@ import statistics
 import tempfile
 import time
 
-REC = [40 + 4096]
+REC = 40 + 4096
 FILL = 1 << 20
 
 
-def run(path, piece, records, sync_every):
-    """Wall time per append spent appending, writing zeroes and syncing (µs)."""
-    rec = os.urandom(REC[0])
+def run(path, piece, records, sync_every, size):
+    """Wall time per append of `size` bytes spent appending, writing zeroes and syncing (µs)."""
+    rec = os.urandom(size)
     zeroes = bytes(max(piece, 1))
     fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o600)
     clock = time.perf_counter
@@ -54,7 +54,7 @@ def run(path, piece, records, sync_every):
             t = clock()
             os.pwrite(fd, rec, off)
             t_app += clock() - t
-            off += REC[0]
+            off += size
         return tuple(x / records * 1e6 for x in (t_app, t_fill, t_sync))
     finally:
         os.close(fd)
@@ -68,9 +68,8 @@ def main():
     ap.add_argument("--sync-every", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--pieces", default="0,4096,16384,65536,262144,1048576")
-    ap.add_argument("--record-size", type=int, default=REC[0])
+    ap.add_argument("--record-size", type=int, default=REC)
     args = ap.parse_args()
-    REC[0] = args.record_size
     pieces = [int(p) for p in args.pieces.split(",")]
     d = args.dir or tempfile.mkdtemp(prefix="standby-bench-append-", dir="/var/tmp")
     os.makedirs(d, exist_ok=True)
@@ -81,7 +80,7 @@ def main():
         for s in (0, args.sync_every):
             for p in order:
                 os.sync()
-                res[(p, s)].append(run(path, p, args.records, s))
+                res[(p, s)].append(run(path, p, args.records, s, args.record_size))
     print(f"| zeroes written in pieces of | append (no sync) | zeroes (no sync) | "
           f"append (fdatasync every {args.sync_every}) | zeroes | fdatasync |")
     print("|---|---|---|---|---|---|")
@@ -92,7 +91,7 @@ def main():
         label = "none (appends extend the file)" if p == 0 else f"{p // 1024} KiB"
         print(f"| {label} | {med(a, 0)} | {med(a, 1)} | {med(b, 0)} | {med(b, 1)} | {med(b, 2)} |")
     print(f"\nµs of wall time per append, medians of {args.reps} runs of {args.records:,} appends "
-          f"of {REC[0]:,} bytes; zeroes {FILL >> 20} MiB ahead (their cost spread over the appends), "
+          f"of {args.record_size:,} bytes; zeroes {FILL >> 20} MiB ahead (their cost spread over the appends), "
           f"refilled when the appends come within half of it; file in {d}. Every figure "
           "includes the interpreter's per-call cost (about the same in every row).")
     if not args.dir:

@@ -46,8 +46,9 @@
 # --log-config 'hot_limit = 4096' (repeatable) adds that line (TOML) to the `[log]` section, e.g.
 # 'checkpoint_interval = "60s"'; the table's footnote names every line written.
 # --only TEXT runs only the rows whose name contains TEXT (e.g. --only rand); "A|B" runs the
-# rows containing A or B, in the table's order (e.g. --only "seq write 1|rand" for the rand row
-# after the seq row, as in the full sequence).
+# rows containing A or B, in the table's order (e.g. --only "seq write|rand write 4 KiB QD32":
+# the seq row, then the rand row as in the full sequence, then the sustained row, whose name
+# contains "seq write" too).
 # --warm: how each image is read once before a run. "readahead" (default): `cat`. On kernels
 # that cache files in large folios (ext4 from 6.16 on) read-ahead leaves large folios,
 # and every 4 KiB buffered write into one walks all of the folio's block heads
