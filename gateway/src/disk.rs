@@ -31,9 +31,10 @@
 //! EIO until the disk is reopened (see [`crate::changelog::durable`]).
 //!
 //! Longer than most files (~1,000 lines, 130 of them tests): the data path of untracked and
-//! tracked disks (read, write, trim, zeroes, flush, cut) is one type's methods, kept together so
+//! tracked disks (read, write, trim, zeroes, flush) is one type's methods, kept together so
 //! the ordering rules above can be checked in one read; the writer thread is in [`writer`],
-//! what a write or FLUSH does to the change log, dirty bitmap and extent map in [`tracking`].
+//! the cut across disks in [`cut`], what a write or FLUSH does to the change log, dirty
+//! bitmap and extent map in [`tracking`].
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -47,13 +48,15 @@ use thiserror::Error;
 use tracing::debug;
 
 use crate::changelog::durable::{Durability, FileSync, Target};
-use crate::changelog::extent::Pass;
 use crate::changelog::format::{Kind, FLAG_FUA, FLAG_MAY_TRIM};
 use crate::changelog::{ChangeLog, DirtyMap, LogError, LogOptions, RecoveryReport};
 use crate::mapped::ImageMap;
 
+mod cut;
 mod tracking;
 mod writer;
+
+pub use cut::CutStats;
 
 #[cfg(any(test, feature = "testing"))]
 pub use tracking::FLUSH_HEAVY_WRITES;
@@ -326,54 +329,6 @@ impl Disk {
             &opts,
         )?);
         Ok(Some(report))
-    }
-
-    /// Cuts the change logs of several disks at one instant: writes to all of them are held
-    /// back (after the ones in flight complete) while each log gets a barrier, so a write
-    /// acknowledged on one disk before a write on another never lands in a later cut than
-    /// it. Returns each disk's last LSN in the cut. Blocking.
-    ///
-    /// The bytes of deferred small writes are logged first: once while writes go on, then the
-    /// rest with writes held back, right before the barrier, so that no cut holds a deferred
-    /// extent (see [`crate::changelog::extent`], "Deferred small writes").
-    pub fn cut(disks: &[Disk]) -> Result<Vec<u64>, DiskError> {
-        for d in disks {
-            if let Some(t) = read_lock(&d.inner.tracking).as_ref() {
-                t.extents
-                    .log_deferred(&t.log, Pass::Cut)
-                    .map_err(|e| deferred_error(&t.log, e))?;
-            }
-        }
-        let mut order: Vec<&Disk> = disks.iter().collect();
-        order.sort_by(|a, b| a.inner.name.cmp(&b.inner.name));
-        let guards: Vec<_> = order
-            .iter()
-            .map(|d| write_lock(&d.inner.tracking))
-            .collect();
-        let mut out = Vec::with_capacity(disks.len());
-        for d in disks {
-            let i = order
-                .iter()
-                .position(|o| Arc::ptr_eq(&o.inner, &d.inner))
-                .unwrap_or(0);
-            match guards[i].as_ref() {
-                Some(t) => {
-                    t.extents
-                        .log_deferred(&t.log, Pass::Cut)
-                        .map_err(|e| deferred_error(&t.log, e))?;
-                    let lsn = t.log.barrier()?;
-                    // Writes from here on save the bytes of this cut's extents first; the
-                    // state file says where the cut is before any of them runs, so a
-                    // reopened map knows it too.
-                    t.extents.cut_at(&t.log, lsn);
-                    t.log.note_cut(lsn)?;
-                    out.push(lsn);
-                }
-                None => return Err(DiskError::NotTracked(d.inner.name.clone())),
-            }
-        }
-        drop(guards);
-        Ok(out)
     }
 
     /// Stops change tracking on an open disk (the VM was unprotected): waits for the writes

@@ -18,10 +18,11 @@
 //!   image cannot be read, the FLUSH syncs the image instead (`note_image_dependent`: the
 //!   round syncs the image after every change up to the last LSN reached it, then appends
 //!   the image-synced barrier that its log sync makes durable).
-//! * *Cuts.* [`crate::Disk::cut`] runs a pass while writes go on, then another with writes
-//!   paused, right before the barrier: a cut holds no deferred piece, so no copy-before-write
-//!   is ever needed for one (a write-once overwrite after a cut would otherwise save and sync
-//!   4 KiB preimages one by one). If a pass fails, the cut fails and nothing was cut.
+//! * *Cuts.* [`crate::Disk::cut`] runs passes while writes go on (repeated while they
+//!   shrink, see `crate::disk::cut`), then one with writes paused, right before the
+//!   barrier: a cut holds no deferred piece, so no copy-before-write is ever needed for one
+//!   (a write-once overwrite after a cut would otherwise save and sync 4 KiB preimages one
+//!   by one). If a pass fails, the cut fails and nothing was cut.
 //! * *Order.* A piece's bytes are read while the log holds its range
 //!   ([`ChangeLog::log_image_bytes`]), so the write record that follows the extent holds the
 //!   image's bytes at its own LSN. Replay and the shipper take the later record over the
