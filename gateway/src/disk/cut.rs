@@ -20,8 +20,8 @@
 //! times; a workload that writes new blocks faster than a pass copies them stops the
 //! repetition at once. Then the held pass logged nothing and writes were held 6–340 ms (the
 //! barrier and the state file's sync under heavy write-back). Still open: writes also stall
-//! for seconds *during* the unheld passes of such a cut (page-cache write-back throttling;
-//! see the BENCHMARKS entry).
+//! for seconds *during* the unheld passes of such a cut (log syncs that write back what the
+//! pass appended; see the BENCHMARKS entry).
 //!
 //! **Invariants.** Every pass is [`ExtentMap::log_deferred`](crate::changelog::extent::ExtentMap::log_deferred),
 //! safe while writes go on; only the held pass, the barrier and the cut LSN's record in the
