@@ -14,7 +14,10 @@ Several binaries are measured in one invocation, alternated A B B A (one fresh d
 directory and one `standby serve` per run: the scenario needs a fresh protection).
 
 usage: tools/bench/cut_hold.py [--fill SECS] [--disk-gib N] [--rounds N] [--workdir DIR]
+                                [--log-config 'NAME=KEY = VALUE' ...]
                                 NAME=STANDBY_BIN [NAME=STANDBY_BIN ...]
+--log-config adds a line to the `[log]` section of the configuration of NAME's runs, e.g.
+`--log-config 'big=checkpoint_bytes = "16G"' default=BIN big=BIN` (one binary, two settings).
 Needs: fio with the nbd engine. Takes about 2 minutes per run on 2 cores.
 """
 import argparse
@@ -44,10 +47,13 @@ def duration_s(text, tag):
     return float(m.group(1)) * {"ns": 1e-9, "µs": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
 
 
-def one_run(binary, work, fill, disk_gib):
+def one_run(binary, work, fill, disk_gib, log_conf):
     data = os.path.join(work, "data")
     shutil.rmtree(data, ignore_errors=True)
     os.makedirs(data)
+    if log_conf:
+        with open(os.path.join(data, "standby.toml"), "w") as f:
+            f.write("[log]\n" + "".join(line + "\n" for line in log_conf))
 
     def cli(*args):
         p = subprocess.run([binary, "--data-dir", data, "--log", "warn", *args],
@@ -148,11 +154,18 @@ def main():
     ap.add_argument("--disk-gib", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1, help="A B B A sequences")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--log-config", action="append", default=[], help="NAME=LINE")
     ap.add_argument("bins", nargs="+", help="NAME=STANDBY_BIN")
     a = ap.parse_args()
     bins = [b.split("=", 1) for b in a.bins]
     if any(len(b) != 2 or not os.access(b[1], os.X_OK) for b in bins):
         sys.exit("each binary as NAME=PATH to an executable standby")
+    conf = {}
+    for c in a.log_config:
+        name, _, line = c.partition("=")
+        if not line or name not in dict(bins):
+            sys.exit(f"--log-config {c!r}: expected NAME=LINE with NAME one of the builds")
+        conf.setdefault(name, []).append(line)
     if shutil.which("fio") is None:
         sys.exit("fio is required")
     work = a.workdir or tempfile.mkdtemp(prefix="cut-hold-")
@@ -165,7 +178,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for i, (name, binary) in enumerate(order, 1):
         subprocess.run(["sync"])
-        r = one_run(binary, work, a.fill, a.disk_gib)
+        r = one_run(binary, work, a.fill, a.disk_gib, conf.get(name, []))
         print(f"| {i} | {name} | {r['barrier_s']:.2f} | {r['gateway']} | {r['near_ms']:.1f} "
               f"| {r['before_ms']:.1f} | {r['max_ms']:.1f} | {r['iops']:,.0f} |", flush=True)
     if a.workdir is None:
