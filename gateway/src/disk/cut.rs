@@ -15,16 +15,17 @@
 //! copy while the VM keeps writing, and the held pass then copies what was written
 //! meanwhile, with writes held. Measured with one unheld pass, 2 GiB of deferred 4 KiB
 //! writes and a QD32 writer going on: the slowest writes at the cut's end took 68–1,715 ms
-//! in four runs (BENCHMARKS.md, "A cut after 2 GiB of deferred writes"). So unheld passes repeat ([`precopy_again`]) while each
-//! logs less than the one before and more than [`PRECOPY_DONE`], at most [`PRECOPY_PASSES`]
-//! times; a workload that writes new blocks faster than a pass copies them stops the
-//! repetition at once. Then the held pass logged nothing and writes were held 6–340 ms (the
-//! barrier and the state file's sync under heavy write-back). Still open: writes also stall
-//! for seconds *during* the unheld passes of such a cut (log syncs that write back what the
-//! pass appended; see the BENCHMARKS entry).
+//! in four runs (BENCHMARKS.md, "A cut after 2 GiB of deferred writes"). So unheld passes
+//! repeat ([`precopy_again`]) while each logs less than the one before and more than
+//! [`PRECOPY_DONE`], at most [`PRECOPY_PASSES`] times; a workload that writes new blocks
+//! faster than a pass copies them stops the repetition at once. Then the held pass logged
+//! nothing and writes were held 2–340 ms (the barrier and the state file's sync under heavy
+//! write-back). Still open: writes also stall for seconds *during* the unheld passes of such
+//! a cut (log syncs that write back what the pass appended; see the BENCHMARKS entry).
 //!
-//! **Invariants.** Every pass is [`ExtentMap::log_deferred`](crate::changelog::extent::ExtentMap::log_deferred),
-//! safe while writes go on; only the held pass, the barrier and the cut LSN's record in the
+//! **Invariants.** Every pass is
+//! [`ExtentMap::log_deferred`](crate::changelog::extent::ExtentMap::log_deferred), safe
+//! while writes go on; only the held pass, the barrier and the cut LSN's record in the
 //! state file run with writes held, so the cut is exact and holds no deferred piece. If a
 //! pass fails, the cut fails and nothing was cut. Disks are locked in name order, so two
 //! cuts of overlapping sets cannot deadlock.
@@ -134,14 +135,26 @@ impl Disk {
             .map(|&b| format!("{:.1}", mib(b)))
             .collect();
         if stats.held >= Duration::from_millis(100) {
-            info!(disks = ?names, held_ms = stats.held.as_millis() as u64,
+            info!(
+                disks = ?names,
+                held_ms = stats.held.as_millis() as u64,
                 held_pass_ms = stats.held_pass.as_millis() as u64,
-                held_mib = mib(stats.held_bytes), unheld_passes_mib = ?passes,
-                "a cut held the disks' writes for {} ms while it logged {:.1} MiB of deferred writes",
-                stats.held.as_millis(), mib(stats.held_bytes));
+                held_mib = mib(stats.held_bytes),
+                unheld_passes_mib = ?passes,
+                "a cut held the disks' writes for {} ms while it logged {:.1} MiB of deferred \
+                 writes",
+                stats.held.as_millis(),
+                mib(stats.held_bytes)
+            );
         } else {
-            debug!(disks = ?names, held_us = stats.held.as_micros() as u64,
-                held_pass_us = stats.held_pass.as_micros() as u64, held_mib = mib(stats.held_bytes), unheld_passes_mib = ?passes, "cut");
+            debug!(
+                disks = ?names,
+                held_us = stats.held.as_micros() as u64,
+                held_pass_us = stats.held_pass.as_micros() as u64,
+                held_mib = mib(stats.held_bytes),
+                unheld_passes_mib = ?passes,
+                "cut"
+            );
         }
         Ok((out, stats))
     }
