@@ -43,7 +43,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use nbd_server::{BlockDevice, DeviceFlags, Extent, ZeroFlags};
+use nbd_server::{BlockDevice, DeviceFlags, Extent, FlushReply, ZeroFlags};
 use thiserror::Error;
 use tracing::debug;
 
@@ -53,6 +53,7 @@ use crate::changelog::{ChangeLog, DirtyMap, LogError, LogOptions, RecoveryReport
 use crate::mapped::ImageMap;
 
 mod cut;
+mod syncer;
 mod tracking;
 mod writer;
 
@@ -63,6 +64,7 @@ pub use tracking::FLUSH_HEAVY_WRITES;
 #[cfg(any(test, feature = "testing"))]
 pub use writer::MULTI_WRITE_BATCHES;
 
+use syncer::Syncer;
 use tracking::Tracking;
 use writer::Writer;
 
@@ -103,6 +105,9 @@ struct Inner {
     /// The writer thread for small tracked writes, started by the first one (`None` inside:
     /// no thread could be started, the blocking pool does them).
     writer: std::sync::OnceLock<Option<Writer>>,
+    /// The sync thread answering NBD FLUSHes, started by the first one (`None` inside: no
+    /// thread could be started, FLUSH uses the blocking pool).
+    syncer: std::sync::OnceLock<Option<Syncer>>,
 }
 
 fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -248,6 +253,7 @@ impl Disk {
                 dur,
                 tracking: RwLock::new(tracking),
                 writer: std::sync::OnceLock::new(),
+                syncer: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -551,19 +557,7 @@ impl Disk {
             return Ok(());
         }
         let inner = Arc::clone(&self.inner);
-        blocking(move || match read_lock(&inner.tracking).as_ref() {
-            Some(t) => {
-                t.note_flush();
-                t.log_deferred();
-                t.log.flush()?;
-                if !t.log.is_logging() {
-                    t.dirty.save()?;
-                }
-                Ok(())
-            }
-            None => inner.dur.sync_data(Target::Image, &inner.file),
-        })
-        .await
+        blocking(move || flush_blocking(&inner)).await
     }
 
     /// Discards a range: it reads back as zeroes and its blocks are released.
@@ -824,6 +818,17 @@ impl BlockDevice for Disk {
         Disk::flush(self).await
     }
 
+    fn flush_detached(&self, reply: FlushReply) -> Option<FlushReply> {
+        if self.inner.read_only {
+            reply.send(Ok(()));
+            return None;
+        }
+        match self.inner.syncer.get_or_init(|| Syncer::start(&self.inner)) {
+            Some(s) => s.submit(reply),
+            None => Some(reply),
+        }
+    }
+
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         Disk::trim(self, offset, len, fua).await
     }
@@ -851,6 +856,24 @@ impl BlockDevice for Disk {
             Ok(())
         })
         .await
+    }
+}
+
+/// Makes every completed write of a writable disk durable: the change log's sync round on a
+/// tracked disk (the log is the redo log), the image's `fdatasync` otherwise. Blocks; runs
+/// on the blocking pool ([`Disk::flush`]) or the disk's sync thread ([`syncer`]).
+fn flush_blocking(inner: &Inner) -> io::Result<()> {
+    match read_lock(&inner.tracking).as_ref() {
+        Some(t) => {
+            t.note_flush();
+            t.log_deferred();
+            t.log.flush()?;
+            if !t.log.is_logging() {
+                t.dirty.save()?;
+            }
+            Ok(())
+        }
+        None => inner.dur.sync_data(Target::Image, &inner.file),
     }
 }
 

@@ -5,6 +5,8 @@ use std::io;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+pub use crate::direct::FlushReply;
+
 /// What a device can do; turned into NBD transmission flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceFlags {
@@ -126,6 +128,17 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Makes every write that completed before this call durable.
     fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Runs a flush on a thread of the device's own and answers it from there: the device
+    /// makes every write that completed before this call durable, then calls
+    /// [`FlushReply::send`] with the result, from that thread. On a plain socket the reply
+    /// is written straight to the socket, so answering costs no wake-up of the runtime.
+    /// Returns the reply back (`Some`) to decline: the server then awaits
+    /// [`BlockDevice::flush`]. Called on the connection's task, so it must not block (e.g.
+    /// it only queues the reply for the device's thread).
+    fn flush_detached(&self, reply: FlushReply) -> Option<FlushReply> {
+        Some(reply)
+    }
 
     /// Discards a range (it may read back as zeroes afterwards, or keep old data).
     fn trim(&self, offset: u64, len: u64, fua: bool)

@@ -12,6 +12,7 @@
 
 pub mod access;
 pub mod device;
+mod direct;
 pub mod export;
 pub mod handshake;
 pub mod limits;
@@ -33,7 +34,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 pub use access::Access;
-pub use device::{BlockDevice, BlockSize, DeviceFlags, Extent, MappedRead, ZeroFlags};
+pub use device::{BlockDevice, BlockSize, DeviceFlags, Extent, FlushReply, MappedRead, ZeroFlags};
 pub use export::{Export, Exports};
 pub use limits::Limits;
 pub use observe::{ExportObserver, Observer};
@@ -130,10 +131,11 @@ impl<D: BlockDevice> Server<D> {
         self.accept_loop(|| async {
             let (sock, peer) = listener.accept().await?;
             let _ = sock.set_nodelay(true);
+            let wire = direct::Wire::tcp(&sock);
             Ok((
                 Box::new(sock) as handshake::BoxStream,
                 Peer::Ip(peer),
-                Transport::Socket,
+                Transport::Socket(wire),
             ))
         })
         .await
@@ -143,10 +145,11 @@ impl<D: BlockDevice> Server<D> {
     pub async fn serve_unix(self: &Arc<Self>, listener: UnixListener) -> io::Result<()> {
         self.accept_loop(|| async {
             let (sock, _) = listener.accept().await?;
+            let wire = direct::Wire::unix(&sock);
             Ok((
                 Box::new(sock) as handshake::BoxStream,
                 Peer::Unix,
-                Transport::Socket,
+                Transport::Socket(wire),
             ))
         })
         .await
@@ -264,8 +267,13 @@ impl<D: BlockDevice> Server<D> {
                 negotiated,
             } => {
                 debug!(export = %export.name, structured = negotiated.structured, tls = negotiated.tls, "transmission");
-                // Under TLS the payload is encrypted in user space: no mapped reads.
-                let kernel_writes = transport == Transport::Socket && !negotiated.tls;
+                // Under TLS the payload is encrypted in user space: no mapped reads, and no
+                // reply written past the TLS writer.
+                let wire = match transport {
+                    Transport::Socket(wire) if !negotiated.tls => wire,
+                    Transport::Socket(_) | Transport::Stream => None,
+                };
+                let kernel_writes = wire.is_some();
                 let stop = self.shutdown.subscribe();
                 let ctx = transmission::Context {
                     kernel_writes,
@@ -277,6 +285,7 @@ impl<D: BlockDevice> Server<D> {
                         .observer
                         .as_ref()
                         .map(|o| o.export(&export.name)),
+                    wire,
                 };
                 transmission::serve(stream, export, negotiated, ctx, stop).await
             }
@@ -300,10 +309,11 @@ impl std::fmt::Display for Peer {
 }
 
 /// What a session's stream is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transport {
-    /// A TCP or Unix socket: `writev` hands its buffers straight to the kernel.
-    Socket,
+    /// A TCP or Unix socket: `writev` hands its buffers straight to the kernel. With a
+    /// duplicate of its descriptor for replies sent from a device's thread (`None` if the
+    /// process had no descriptor left for it: then the socket is served as a stream).
+    Socket(Option<direct::Wire>),
     /// Some other byte stream, which may read the buffers it is given in user space.
     Stream,
 }

@@ -14,6 +14,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::device::MappedRead;
+use crate::direct::Direct;
 use crate::proto::*;
 
 /// Reads shorter than this never get holes split out of them.
@@ -148,14 +149,21 @@ const WRITE_BATCH_REPLIES: usize = 64;
 /// Most iovecs handed to one `writev` (Linux's IOV_MAX is 1024).
 const MAX_IOVECS: usize = 1024;
 
+/// Sends queued replies until every sender is gone. With `direct`, replies may also be sent
+/// by other threads (see `crate::direct`): the writer marks itself busy while it holds
+/// replies, and writes a direct send's unwritten tail before its own batch.
 pub(crate) async fn writer_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     reply_timeout: Duration,
+    direct: Option<std::sync::Arc<Direct>>,
 ) -> io::Result<()> {
     let mut batch: Vec<Reply> = Vec::with_capacity(WRITE_BATCH_REPLIES);
     let mut parts: Vec<Part> = Vec::new();
     while let Some(first) = rx.recv().await {
+        if let Some(tail) = direct.as_ref().and_then(|d| d.writer_begins()) {
+            batch.push(tail);
+        }
         batch.push(first);
         // Gather whatever else is ready: one system call for many replies.
         while batch.len() < WRITE_BATCH_REPLIES {
@@ -169,6 +177,9 @@ pub(crate) async fn writer_loop<W: AsyncWrite + Unpin>(
         parts.clear();
         // Written: release the replies' slots and bytes.
         batch.clear();
+        if let Some(d) = &direct {
+            d.writer_ends();
+        }
     }
     wr.shutdown().await
 }

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, trace};
 
 use crate::device::{nbd_errno, BlockDevice, Extent, ZeroFlags};
+use crate::direct::{error_parts, Direct, FlushReply, Sink, Wire};
 use crate::export::Export;
 use crate::handshake::{BoxStream, Negotiated};
 use crate::proto::*;
@@ -48,6 +49,9 @@ pub struct Context {
     pub reply_timeout: Duration,
     /// Statistics of this session's export.
     pub observer: Option<Arc<dyn crate::observe::ExportObserver>>,
+    /// A duplicate of a plain socket's descriptor: FLUSH replies may be sent from the
+    /// device's thread (see `crate::direct`). `None` under TLS and for other streams.
+    pub(crate) wire: Option<Wire>,
 }
 
 struct Conn<D> {
@@ -56,14 +60,13 @@ struct Conn<D> {
     size: u64,
     /// The reply writer's `writev` goes straight to the kernel: mapped reads are allowed.
     kernel_writes: bool,
-    tx: mpsc::UnboundedSender<Reply>,
+    sink: Arc<Sink>,
     observer: Option<Arc<dyn crate::observe::ExportObserver>>,
 }
 
 impl<D: BlockDevice> Conn<D> {
     fn send_held(&self, parts: Vec<Part>, held: Held) {
-        // The writer only goes away when the client has; the reader will notice too.
-        let _ = self.tx.send(Reply { parts, _held: held });
+        self.sink.queue(Reply { parts, _held: held });
     }
 
     /// Replies with an error, structured (with a message) when negotiated.
@@ -72,22 +75,8 @@ impl<D: BlockDevice> Conn<D> {
             o.ok = false;
         }
         debug!(export = %self.export.name, cookie, errno, msg, "request failed");
-        if self.neg.structured {
-            let msg = &msg.as_bytes()[..msg.len().min(4096)];
-            let mut payload = Vec::with_capacity(6 + msg.len());
-            payload.extend_from_slice(&errno.to_be_bytes());
-            payload.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-            payload.extend_from_slice(msg);
-            let hdr = structured_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_ERROR,
-                cookie,
-                payload.len() as u32,
-            );
-            self.send_held(vec![hdr.to_vec().into(), payload.into()], held);
-        } else {
-            self.send_held(vec![simple_reply(errno, cookie).to_vec().into()], held);
-        }
+        let parts = error_parts(self.neg.structured, cookie, errno, msg);
+        self.send_held(parts, held);
     }
 
     fn ok(&self, cookie: u64, held: Held) {
@@ -271,7 +260,12 @@ pub async fn serve<D: BlockDevice>(
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
     // Unbounded only in type: every reply holds a slot, so at most MAX_IN_FLIGHT are queued.
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut writer = tokio::spawn(writer_loop(wr, rx, ctx.reply_timeout));
+    let direct = ctx.wire.map(|w| Arc::new(Direct::new(w)));
+    let sink = Arc::new(Sink {
+        tx,
+        direct: direct.clone(),
+    });
+    let mut writer = tokio::spawn(writer_loop(wr, rx, ctx.reply_timeout, direct));
     let limits = ConnLimits {
         slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         bytes: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES)),
@@ -285,7 +279,7 @@ pub async fn serve<D: BlockDevice>(
         export,
         neg,
         kernel_writes: ctx.kernel_writes,
-        tx,
+        sink,
         observer: ctx.observer,
     });
 
@@ -500,10 +494,15 @@ async fn request_loop<D: BlockDevice, R: AsyncBufRead + Unpin>(
                 if bad_flags(0) {
                     c.error(cookie, EINVAL, "unsupported flags for FLUSH", held);
                 } else {
-                    tokio::spawn(async move {
-                        let r = c.export.device.flush().await;
-                        c.done(cookie, r, "flush", held);
-                    });
+                    let sink = Arc::clone(&c.sink);
+                    let reply = FlushReply::new(cookie, c.neg.structured, held, sink);
+                    // The device may run the flush on a thread of its own and answer from
+                    // there (no trip back through the runtime); else a task awaits it.
+                    if let Some(reply) = c.export.device.flush_detached(reply) {
+                        tokio::spawn(async move {
+                            reply.send(c.export.device.flush().await);
+                        });
+                    }
                 }
             }
             CMD_TRIM => {

@@ -4,6 +4,8 @@
 //! checkpoints, whose failure latches the same way), qemu-io's FLUSH gets EIO — and so does every
 //! later one, although the layer (like Linux after a write-back error) lets the next
 //! `fdatasync` succeed. Reopening the disk (what restarting `standby serve` does) clears it.
+//! The FLUSHes run on the disk's sync thread and are answered from it (the test checks the
+//! thread exists), so the error replies take that path.
 
 use std::path::Path;
 use std::process::Command;
@@ -51,6 +53,18 @@ async fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
     (o.status.success() && !text.contains("failed"), text)
 }
 
+/// The names of this process's threads.
+fn thread_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap() {
+        let comm = t.unwrap().path().join("comm");
+        if let Ok(n) = std::fs::read_to_string(comm) {
+            names.push(n.trim().to_string());
+        }
+    }
+    names
+}
+
 fn open(dir: &Path, sync: Arc<dyn FileSync>) -> Disk {
     let opts = LogOptions {
         min_free_bytes: 0,
@@ -74,6 +88,13 @@ async fn a_flush_after_a_failed_fdatasync_gets_eio_until_the_disk_is_reopened() 
 
     let (ok, out) = qemu_io(&uri, &["write -P 1 0 64k", "flush"]).await;
     assert!(ok, "before the fault: {out}");
+    // The FLUSH ran on the disk's sync thread (and was answered from it), not on the
+    // blocking pool: the failures below go through that path.
+    assert!(
+        thread_names().iter().any(|n| n == "disk-sync-d"),
+        "no sync thread: {:?}",
+        thread_names()
+    );
 
     faults.fail_nth(Target::Log, 1);
     let (ok, out) = qemu_io(&uri, &["write -P 2 64k 64k", "flush"]).await;

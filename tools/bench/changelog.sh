@@ -33,7 +33,11 @@
 # logged small write: fio psync 4 KiB random pwrites into the image file, dropped and read
 # once as before the rows (A, what a log-off write costs the server besides NBD) and 4,136-byte sequential writes into a new
 # sparse file (B: a record, 40-byte header + 4 KiB, into new page-cache pages, what logging
-# adds); "both" is 1/(1/A + 1/B) per second, the two done one after the other.
+# adds); "both" is 1/(1/A + 1/B) per second, the two done one after the other. Flush floor:
+# the flush row's file operations alone, one Python loop per design, A B B A, --runtime s each —
+# A in place (4 KiB pwrite into the image, its fdatasync), B redo (the same pwrite, a 4,176-byte
+# record appended to a log written ahead with zeroes, the log's fdatasync, the image's fdatasync
+# every 5 s on another thread): B/A bounds what log-on can keep of log-off on the flush row.
 #
 # Before every run: `sync`, drop the page cache (unless --no-drop-caches or not allowed),
 # then read the served image once (page cache warm, as in the other benchmarks). The server
@@ -208,6 +212,57 @@ def dirty_limit():
         mem = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f}
     return mem["MemAvailable"] * ratio // 100
 
+def redo_floor(image, logpath, size, seconds, interval=5.0):
+    """The flush row's two designs reduced to their file operations, same Python loop for both,
+    alternated A B B A, `seconds` each: A, an untracked disk's write+FLUSH (a 4 KiB pwrite at a
+    random block of the image, then its fdatasync); B, a redo log's (the same pwrite, a record
+    of 40-byte header + 4 KiB + 40-byte barrier appended to a log file written ahead with
+    zeroes, the log's fdatasync, and the image's fdatasync every `interval` seconds on another
+    thread, as checkpoints do). Returns (A, B) writes per second."""
+    import random, threading
+    fi = os.open(image, os.O_RDWR)
+    fl = os.open(logpath, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    log_size = 256 << 20
+    zeros = bytes(1 << 20)
+    for off in range(0, log_size, len(zeros)):
+        os.pwrite(fl, zeros, off)
+    os.fsync(fl)
+    page, rec, blocks = os.urandom(4096), os.urandom(4096 + 80), size // 4096
+    def one(redo):
+        stop = threading.Event()
+        def checkpoints():
+            while not stop.wait(interval):
+                os.fdatasync(fi)
+        th = threading.Thread(target=checkpoints) if redo else None
+        if th:
+            th.start()
+        n, off, t0 = 0, 0, time.time()
+        while time.time() - t0 < seconds:
+            os.pwrite(fi, page, random.randrange(blocks) * 4096)
+            if redo:
+                os.pwrite(fl, rec, off)
+                off = off + len(rec) if off + 2 * len(rec) <= log_size else 0
+                os.fdatasync(fl)
+            else:
+                os.fdatasync(fi)
+            n += 1
+        rate = n / (time.time() - t0)
+        stop.set()
+        if th:
+            th.join()
+        os.fdatasync(fi)
+        return rate
+    rates = {False: [], True: []}
+    try:
+        for redo in (False, True, True, False):
+            subprocess.run(["sync"], check=True)
+            rates[redo].append(one(redo))
+    finally:
+        os.close(fi)
+        os.close(fl)
+    return statistics.mean(rates[False]), statistics.mean(rates[True])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("standby_bin")
@@ -285,7 +340,9 @@ def main():
             "fio 4,136 B appends (log only) QD1": [],
             "both: 4 KiB pwrite + 4,136 B append per write": [],
             "fio 40 B appends (deferred record) QD1": [],
-            "both: 4 KiB pwrite + 40 B append per write": []}
+            "both: 4 KiB pwrite + 40 B append per write": [],
+            "flush floor A: 4 KiB pwrite + image fdatasync (in place)": [],
+            "flush floor B: 4 KiB pwrite + record append + log fdatasync (redo)": []}
     fio_out = os.path.join(work, "fio.json")
     print(f"sustained row: {sustained / 2**30:.1f} GiB (3x the dirty limit unless --sustained-mib)",
           file=sys.stderr)
@@ -369,6 +426,14 @@ def main():
             phys["fio 40 B appends (deferred record) QD1"].append(c)
             phys["both: 4 KiB pwrite + 40 B append per write"].append(
                 {"IOPS": 1 / (1 / a["IOPS"] + 1 / c["IOPS"])})
+            # The redo log's own limit on the flush row (`redo_floor`): what writing every
+            # small write twice (log now, image at the checkpoint) costs on this disk.
+            quiet_cache(drop)
+            fa, fb = redo_floor(imgs["kit"], scratch, size, runtime)
+            os.remove(scratch)
+            phys["flush floor A: 4 KiB pwrite + image fdatasync (in place)"].append({"IOPS": fa})
+            phys["flush floor B: 4 KiB pwrite + record append + log fdatasync (redo)"].append(
+                {"IOPS": fb})
             print(f"rep {rep + 1} physical: " + "; ".join(
                 f"{k} {v[-1]['IOPS' if '4 KiB' in k or ' B ' in k else 'MB/s']:,.0f}"
                 for k, v in phys.items()),
@@ -404,6 +469,11 @@ def main():
           f"{1e6 / both40:.1f} µs, {both40 / alone:.2f}x the rate of the pwrite alone (what the "
           "record adds to the server's page-cache work per small write; not a bound on the row, "
           "where the NBD request, the network and fio take their share of each write's time).")
+    fla = statistics.median(r["IOPS"] for r in phys["flush floor A: 4 KiB pwrite + image fdatasync (in place)"])
+    flb = statistics.median(r["IOPS"] for r in phys["flush floor B: 4 KiB pwrite + record append + log fdatasync (redo)"])
+    print(f"Flush floor (one Python loop per design, A B B A, {runtime} s each, image fdatasync every "
+          f"5 s in B): redo/in place {flb / fla:.2f}x — the most a redo log's write+FLUSH can keep of "
+          "an untracked disk's on this disk; the flush row's log-on/log-off compares with it.")
     print(f"\n| server | peak RSS (RssAnon+RssFile) | VmHWM |")
     print("|---|---|---|")
     for p in (standby, nbdkit):

@@ -7,7 +7,7 @@
 
 use std::io;
 
-use nbd_server::{BlockDevice, BlockSize, DeviceFlags, Extent, ZeroFlags};
+use nbd_server::{BlockDevice, BlockSize, DeviceFlags, Extent, FlushReply, ZeroFlags};
 
 use super::ReplicaDisk;
 use crate::disk::Disk;
@@ -112,6 +112,14 @@ impl BlockDevice for Device {
                 Some(d) => BlockDevice::flush(d).await,
                 None => BlockDevice::flush(r).await,
             },
+        }
+    }
+
+    fn flush_detached(&self, reply: FlushReply) -> Option<FlushReply> {
+        match self {
+            Device::Live(d) => BlockDevice::flush_detached(d, reply),
+            // A replica may be handed over to a live disk at any time: its flush is awaited.
+            Device::Replica(_) => Some(reply),
         }
     }
 
