@@ -5,7 +5,7 @@
 //! ordinary way costs two wake-ups after the sync: the runtime's (to resume the request's
 //! task) and the reply writer's. On a write+FLUSH loop at queue depth 1 that was 55–65 µs per
 //! pair, most of the gap between a gateway disk and `nbdkit file` (BENCHMARKS.md, "FLUSH
-//! replied from the syncing thread"). So the device may take the reply along
+//! answered by the thread that synced"). So the device may take the reply along
 //! ([`crate::BlockDevice::flush_detached`]) and send it when its sync is done: a
 //! [`FlushReply`] writes the reply straight to the socket when it can, and queues it for the
 //! connection's writer task when it cannot.

@@ -7,7 +7,7 @@
 //! `fdatasync` on an untracked disk) and sends each its reply, which on a plain socket is
 //! written to the socket by this thread. A FLUSH so costs one thread wake-up (the request's
 //! hand-over) instead of three (to the blocking pool, back to the runtime, to the reply
-//! writer); BENCHMARKS.md, "FLUSH replied from the syncing thread", has the figures.
+//! writer); BENCHMARKS.md, "FLUSH answered by the thread that synced", has the figures.
 //!
 //! **Invariants.** A FLUSH is answered only by a flush that started after it was queued, and
 //! every write it covers completed before it was queued: so taking all waiting FLUSHes into
