@@ -273,9 +273,9 @@ fn two_concurrent_clients_on_one_export() {
 
 /// A FLUSH after every write on four connections at once (fio's nbd engine, `--fsync=1`,
 /// four writes in flight each), on an untracked disk and on a tracked one: the FLUSHes are
-/// answered from the disk's sync thread, their replies written to each socket beside the
-/// writes' replies (queued for each connection's writer). fio checks every reply by its
-/// cookie and every block's data after its writes.
+/// answered from the disk's sync thread (the test checks the gateway has it), their replies
+/// written to each socket beside the writes' replies (queued for each connection's writer).
+/// fio checks every reply by its cookie and every block's data after its writes.
 #[test]
 fn fio_write_and_flush_on_four_connections_verifies() {
     for tracked in [false, true] {
@@ -299,6 +299,17 @@ fn fio_write_and_flush_on_four_connections_verifies() {
         for j in jobs {
             j.join().unwrap();
         }
+        // The FLUSHes went to the disk's sync thread (through the gateway's export device,
+        // which must forward them), not to the blocking pool.
+        let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", g.pid()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_string())
+            .collect();
+        assert!(
+            threads.iter().any(|n| n == "disk-sync-vm1"),
+            "no sync thread in the gateway: {threads:?}"
+        );
         drop(g);
     }
 }
