@@ -273,10 +273,8 @@ impl<D: BlockDevice> Server<D> {
                     Transport::Socket(wire) if !negotiated.tls => wire,
                     Transport::Socket(_) | Transport::Stream => None,
                 };
-                let kernel_writes = wire.is_some();
                 let stop = self.shutdown.subscribe();
                 let ctx = transmission::Context {
-                    kernel_writes,
                     memory: Arc::clone(&self.memory),
                     idle_timeout: self.config.limits.idle_timeout,
                     reply_timeout: self.config.limits.reply_timeout,

@@ -41,8 +41,6 @@ use crate::SessionError;
 
 /// What a session's transmission phase gets from the server.
 pub struct Context {
-    /// The reply writer's `writev` goes straight to the kernel: mapped reads are allowed.
-    pub kernel_writes: bool,
     /// The server's payload memory budget, shared by all connections.
     pub memory: Arc<Semaphore>,
     pub idle_timeout: Option<Duration>,
@@ -50,7 +48,8 @@ pub struct Context {
     /// Statistics of this session's export.
     pub observer: Option<Arc<dyn crate::observe::ExportObserver>>,
     /// A duplicate of a plain socket's descriptor: FLUSH replies may be sent from the
-    /// device's thread (see `crate::direct`). `None` under TLS and for other streams.
+    /// device's thread (see `crate::direct`), and the reply writer's `writev` goes straight
+    /// to the kernel, so mapped reads are allowed. `None` under TLS and for other streams.
     pub(crate) wire: Option<Wire>,
 }
 
@@ -58,8 +57,6 @@ struct Conn<D> {
     export: Arc<Export<D>>,
     neg: Negotiated,
     size: u64,
-    /// The reply writer's `writev` goes straight to the kernel: mapped reads are allowed.
-    kernel_writes: bool,
     sink: Arc<Sink>,
     observer: Option<Arc<dyn crate::observe::ExportObserver>>,
 }
@@ -146,9 +143,8 @@ impl<D: BlockDevice> Conn<D> {
 
     /// The reply to a read as mapped memory, if the device offers it on this connection.
     fn mapped_read(&self, cookie: u64, offset: u64, len: u32) -> Option<Vec<Part>> {
-        if !self.kernel_writes {
-            return None;
-        }
+        // Only on a plain socket, whose writer's `writev` goes straight to the kernel.
+        self.sink.direct.as_ref()?;
         let m = self.export.device.read_mapped(offset, len as usize)?;
         if m.len() != len as usize {
             // A device bug; the ordinary path answers instead.
@@ -278,7 +274,6 @@ pub async fn serve<D: BlockDevice>(
         size: export.device.size(),
         export,
         neg,
-        kernel_writes: ctx.kernel_writes,
         sink,
         observer: ctx.observer,
     });
