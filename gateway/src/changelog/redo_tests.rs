@@ -21,6 +21,9 @@ fn opts(segment_size: u64) -> LogOptions {
         min_free_bytes: 0,
         min_free_percent: 0,
         checkpoint_interval: None,
+        // Redo: every small write logged with its data (a deferred one's bytes are in the
+        // image until a FLUSH or cut logs them; `extent::deferred_tests` has those).
+        defer_max: 0,
         ..LogOptions::default()
     }
 }

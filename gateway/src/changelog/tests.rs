@@ -730,10 +730,15 @@ fn record_writes_splits_at_rotation_and_replays() {
     assert!(!log::overlaps(&writes, 12 * 4096, 4096));
     assert!(log::overlaps(&writes, 4096 + 100, 1));
     let mut applied = Vec::new();
-    let results = log.record_writes(&writes, |i| {
-        applied.push(i);
-        image.write_all_at(writes[i].data, writes[i].offset)
-    });
+    let results = log.record_writes(
+        &writes,
+        |_, _, _| None,
+        |i, deferred| {
+            assert!(!deferred);
+            applied.push(i);
+            image.write_all_at(writes[i].data, writes[i].offset)
+        },
+    );
     assert_eq!(applied, (0..12).collect::<Vec<_>>());
     assert!(results.iter().all(|r| r.is_ok()));
     assert_eq!(log.last_lsn(), 12);

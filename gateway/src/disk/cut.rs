@@ -197,14 +197,12 @@ mod tests {
         for off in (0..DEFERRED).step_by(4096) {
             let data = vec![(off / 4096 % 251) as u8 + 1; 4096];
             // The first write into a cold extent syncs the log, the one that crosses a
-            // free-space check checks: not inline, so not deferred.
+            // free-space check checks: not inline, but deferred by the writer thread too.
             match disk.write_now(off, &data, false) {
-                Some(r) => {
-                    r.unwrap();
-                    deferred += 4096;
-                }
+                Some(r) => r.unwrap(),
                 None => rt.block_on(disk.write(off, data, false)).unwrap(),
             }
+            deferred += 4096;
         }
         assert!(
             deferred > DEFERRED - DEFERRED / 64,

@@ -8,7 +8,8 @@
 //! already in the batch, and hands the batch to [`ChangeLog::record_writes`]: one `pwritev`
 //! appends all records, then each change is applied to the image and its request answered.
 //! With many requests in flight the thread rarely sleeps, so there is neither a thread wake-up
-//! nor a lock hand-over per write.
+//! nor a lock hand-over per write. A write the extent map lets defer is logged as a 40-byte
+//! deferred extent, as inline (`crate::changelog::log`'s `batch`, "Deferred records").
 //!
 //! **Invariants** (those of the change log, see `crate::changelog::log`): records reach the
 //! log in LSN order as one contiguous run; overlapping requests are never in one batch, and a
@@ -219,11 +220,24 @@ fn process(inner: &Inner, batch: Vec<Req>, queued: &AtomicUsize) {
     if writes.len() > 1 {
         MULTI_WRITE_BATCHES.fetch_add(1, Ordering::Relaxed);
     }
-    let results = t.log.record_writes(&writes, |i| {
-        let w = &writes[i];
-        t.before_write(w.offset, w.data.len() as u64)?;
-        write_image(inner, w.offset, w.data)
-    });
+    // As inline (`Disk::write_now`): a write the extent map lets defer is logged without
+    // its bytes, and its piece is in the map already; any other saves what a cut still needs
+    // before the image changes.
+    let results = t.log.record_writes(
+        &writes,
+        |i, chain, lsn| {
+            let w = &writes[i];
+            t.extents
+                .take_uncut(chain, lsn, w.offset, w.data.len() as u64, t.defer_max())
+        },
+        |i, deferred| {
+            let w = &writes[i];
+            if !deferred {
+                t.before_write(w.offset, w.data.len() as u64)?;
+            }
+            write_image(inner, w.offset, w.data)
+        },
+    );
     drop(writes);
     for (r, res) in batch.iter().zip(&results) {
         if res.is_ok() {

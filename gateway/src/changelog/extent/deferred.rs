@@ -1,6 +1,7 @@
-//! Deferred small writes: a small write logged inline may be recorded as an extent flagged
-//! [`FLAG_DEFERRED`] — 40 bytes, its data in the image only — and its bytes are logged later,
-//! by [`ExtentMap::log_deferred`], at the next FLUSH and before every cut.
+//! Deferred small writes: a small write logged inline or by the disk's writer thread may be
+//! recorded as an extent flagged [`FLAG_DEFERRED`] — 40 bytes, its data in the image only —
+//! and its bytes are logged later, by [`ExtentMap::log_deferred`], at the next FLUSH and
+//! before every cut.
 //!
 //! **Why.** Copying each 4 KiB write into the log on the write path doubles the page-cache
 //! copies of random small writes: a tracked disk ran random 4 KiB writes at 0.47–0.87× of an

@@ -64,7 +64,7 @@ fn records(disk: &Disk) -> Vec<RecordHeader> {
 /// Heats the disk's extent (a first write into a cold extent syncs the log first, so it is
 /// not taken inline) with a write to its last 4 KiB; returns the records logged by then.
 fn warm(disk: &Disk) -> usize {
-    rt().block_on(disk.write(SIZE - 4096, vec![0xAA; 4096], false))
+    rt().block_on(disk.write(SIZE - 4096, vec![0xAA; 4096], true))
         .unwrap();
     records(disk).len()
 }
@@ -644,5 +644,69 @@ fn a_recorded_cut_past_the_end_of_the_log_is_taken_back_to_it() {
         vec![(0, 4096)],
         "the FLUSH logged it"
     );
+    rt.block_on(disk.close()).unwrap();
+}
+
+/// Small writes the disk's writer thread takes (here one batch, held together as the
+/// simulation holds its bursts) are deferred as inline ones are: 40-byte records, their
+/// pieces in the map, their bytes logged once by the next FLUSH. One over a piece of a cut
+/// is logged with its data, after the piece's bytes were saved: the cut still ships them.
+#[test]
+fn the_writer_thread_defers_small_writes_too() {
+    let f = fixture();
+    let rt = rt();
+    let disk = open(&f, every_write_deferred());
+    let map = super::registered(disk.change_log().unwrap().dir()).unwrap();
+    warm(&disk);
+    // A large write (an extent: its bytes stay in the image), then a cut that holds it.
+    rt.block_on(disk.write(65536, vec![9u8; 65536], false))
+        .unwrap();
+    let cut = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
+    let n = records(&disk).len();
+    let batches = crate::disk::MULTI_WRITE_BATCHES.load(std::sync::atomic::Ordering::Relaxed);
+    let results = rt.block_on(async {
+        let hold = disk.hold_writer();
+        let writes = futures::future::join3(
+            disk.write(0, vec![1u8; 4096], false),
+            disk.write(4096, vec![2u8; 4096], false),
+            disk.write(65536, vec![3u8; 4096], false),
+        );
+        // `join` polls the three writes (each queues itself) before it lets the thread go.
+        futures::future::join(writes, async move { drop(hold) })
+            .await
+            .0
+    });
+    results.0.unwrap();
+    results.1.unwrap();
+    results.2.unwrap();
+    assert!(
+        crate::disk::MULTI_WRITE_BATCHES.load(std::sync::atomic::Ordering::Relaxed) > batches,
+        "the three writes were one batch"
+    );
+    let recs = records(&disk).split_off(n);
+    assert_eq!(recs.len(), 3, "{recs:?}");
+    assert!(deferred(&recs[0]) && deferred(&recs[1]), "{recs:?}");
+    assert_eq!(
+        (recs[2].kind, recs[2].offset, recs[2].length),
+        (Kind::Write, 65536, 4096),
+        "over a piece of the cut: logged with its data"
+    );
+    assert_eq!(map.deferred_bytes(), 8192);
+    map.check_deferred_index().unwrap();
+    // The FLUSH logs the two deferred writes' bytes as one record.
+    let n = records(&disk).len();
+    rt.block_on(disk.flush()).unwrap();
+    assert_eq!(logged_writes(&records(&disk).split_off(n)), vec![(0, 8192)]);
+    assert_eq!(map.deferred_bytes(), 0);
+    // The cut ships the extent's bytes of the cut, not the later write's.
+    let log = disk.change_log().unwrap();
+    let patch = patch_from_log(&log, 0, cut, SIZE).unwrap();
+    let mut replica = vec![0u8; SIZE as usize];
+    patch.apply(0, &mut replica).unwrap();
+    assert!(replica[65536..131072].iter().all(|&b| b == 9));
+    // The image holds every write of the batch.
+    let image = fs::read(&f.image).unwrap();
+    assert!(image[..4096].iter().all(|&b| b == 1) && image[4096..8192].iter().all(|&b| b == 2));
+    assert!(image[65536..69632].iter().all(|&b| b == 3));
     rt.block_on(disk.close()).unwrap();
 }

@@ -16,13 +16,22 @@
 //!   (the first sync it needs covers the whole batch).
 //! * A change that cannot be applied after its record was logged breaks the chain, as in
 //!   `record`; every request gets its own result.
+//! * **Deferred records**, as inline: for each write without flags the caller's `ready` is
+//!   asked under the append lock, last, once its LSN and place are certain
+//!   (`ExtentMap::take_uncut` for the disk); `Some(true)` makes its record a 40-byte deferred
+//!   extent (its bytes are logged at the next FLUSH or cut, see
+//!   `crate::changelog::extent::deferred`), anything else a record with its data. So a write
+//!   that waited (a cold extent's log sync, a rotation, a busy lock) costs the log what an
+//!   inline one does, and so do the writes queued behind it, which the disk sends here until
+//!   the thread is idle: logged with their data they cost 4–5× the CPU of an inline write
+//!   (BENCHMARKS.md, "The writer thread defers small writes too").
 
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{lock, wait, ChangeLog, Inflight};
-use crate::changelog::format::{self, Kind, RecordHeader, RECORD_HEADER_LEN};
+use crate::changelog::format::{self, Kind, RecordHeader, FLAG_DEFERRED, RECORD_HEADER_LEN};
 use crate::changelog::segment::pwritev_all;
 
 /// One write of a batch: its place in the disk and its bytes (logged with the record).
@@ -55,12 +64,17 @@ pub fn overlaps(batch: &[BatchWrite<'_>], offset: u64, len: u64) -> bool {
 
 impl ChangeLog {
     /// Logs `writes` (small writes, none overlapping another) and applies each with
-    /// `apply(i)`, which changes the image. Blocking: for the disk's writer thread. Returns
-    /// one result per write, in order (see the module documentation).
+    /// `apply(i, deferred)`, which changes the image. `ready(i, chain_id, lsn)` is asked
+    /// under the append lock, once write `i`'s record is certain to be written with LSN
+    /// `lsn` (as [`ChangeLog::try_record_now`]'s), whether it is logged as a deferred extent
+    /// (`Some(true)`); `apply` is told. It must not take the log's locks. Blocking: for the
+    /// disk's writer thread. Returns one result per write, in order (see the module
+    /// documentation).
     pub fn record_writes(
         &self,
         writes: &[BatchWrite<'_>],
-        mut apply: impl FnMut(usize) -> io::Result<()>,
+        mut ready: impl FnMut(usize, u64, u64) -> Option<bool>,
+        mut apply: impl FnMut(usize, bool) -> io::Result<()>,
     ) -> Vec<io::Result<()>> {
         if writes.is_empty() {
             return Vec::new();
@@ -81,11 +95,14 @@ impl ChangeLog {
                     .collect();
             }
         };
-        let (lsns, rotated) = self.append_batch(writes);
+        let (lsns, deferred, rotated) = self.append_batch(writes, &mut ready);
         let mut appended = 0;
-        for (w, lsn) in writes.iter().zip(&lsns) {
+        for ((w, lsn), &d) in writes.iter().zip(&lsns).zip(&deferred) {
             if let Some(lsn) = *lsn {
-                appended += w.rec_len();
+                appended += match d {
+                    true => RECORD_HEADER_LEN as u64,
+                    false => w.rec_len(),
+                };
                 self.guard_image_change(w.offset, w.data.len() as u64, 0, lsn);
             }
         }
@@ -101,7 +118,7 @@ impl ChangeLog {
         }
         let mut out = Vec::with_capacity(writes.len());
         for (i, (w, lsn)) in writes.iter().zip(&lsns).enumerate() {
-            let r = apply(i);
+            let r = apply(i, deferred[i]);
             if let (Err(e), Some(_)) = (&r, lsn) {
                 self.mark_broken(format!(
                     "a write at {}+{} was logged but could not be applied to the image: {e}",
@@ -174,15 +191,22 @@ impl ChangeLog {
 
     /// Reserves consecutive LSNs and places for `writes` and writes them, one `pwritev` per
     /// segment, under the append lock. Returns each write's LSN (None when the log is not
-    /// recording) and whether the active segment was rotated.
-    fn append_batch(&self, writes: &[BatchWrite<'_>]) -> (Vec<Option<u64>>, bool) {
+    /// recording), whether it was logged as a deferred extent (`ready`, see
+    /// [`ChangeLog::record_writes`]) and whether the active segment was rotated.
+    fn append_batch(
+        &self,
+        writes: &[BatchWrite<'_>],
+        ready: &mut impl FnMut(usize, u64, u64) -> Option<bool>,
+    ) -> (Vec<Option<u64>>, Vec<bool>, bool) {
         let n = writes.len();
         let mut lsns = vec![None; n];
+        let mut deferred = vec![false; n];
         if !self.sh.logging.load(Ordering::Acquire) {
-            return (lsns, false);
+            return (lsns, deferred, false);
         }
         let seg_size = self.sh.opts.segment_size;
         let mut ap = lock(&self.sh.ap);
+        let chain_id = ap.chain_id;
         let mut rotated = false;
         let mut headers: Vec<[u8; RECORD_HEADER_LEN]> = Vec::with_capacity(n);
         let mut i = 0;
@@ -207,38 +231,55 @@ impl ChangeLog {
             headers.clear();
             while i < n {
                 let w = &writes[i];
+                // The fit is checked with the data, so a record that turns out deferred
+                // never passes the segment size either.
                 if a.count > 0 && a.pos + w.rec_len() > seg_size {
                     break;
                 }
+                // Asked last: this record is certain to be written, with this LSN (never
+                // for an empty write, which has no range to defer).
+                deferred[i] = w.flags == 0
+                    && !w.data.is_empty()
+                    && ready(i, chain_id, next_lsn) == Some(true);
+                let (kind, flags, data) = match deferred[i] {
+                    true => (Kind::Extent, FLAG_DEFERRED, &[][..]),
+                    false => (Kind::Write, w.flags, w.data),
+                };
                 let h = RecordHeader {
                     lsn: next_lsn,
-                    kind: Kind::Write,
-                    flags: w.flags,
+                    kind,
+                    flags,
                     ahead: 0,
                     offset: w.offset,
                     length: w.data.len() as u64,
-                    data_len: w.data.len() as u32,
+                    data_len: data.len() as u32,
                 };
-                let hb = format::encode_record_header(&h, w.data);
+                let hb = format::encode_record_header(&h, data);
                 a.digest.record(&hb);
                 headers.push(hb);
                 lsns[i] = Some(next_lsn);
                 next_lsn += 1;
-                a.pos += w.rec_len();
+                a.pos += (RECORD_HEADER_LEN + data.len()) as u64;
                 a.count += 1;
+                if deferred[i] {
+                    // The backlog counts the bytes it stands for (as an inline one does).
+                    a.extent_bytes += w.data.len() as u64;
+                }
                 i += 1;
             }
             let seg = Arc::clone(&a.seg);
             ap.next_lsn = next_lsn;
             let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * (i - first));
-            for (h, w) in headers.iter().zip(&writes[first..i]) {
+            for (j, h) in headers.iter().enumerate() {
                 bufs.push(h);
-                bufs.push(w.data);
+                if !deferred[first + j] {
+                    bufs.push(writes[first + j].data);
+                }
             }
             if let Err(e) = pwritev_all(&seg.file, &bufs, start) {
                 self.degrade(&e, "cannot append to the change log");
             }
         }
-        (lsns, rotated)
+        (lsns, deferred, rotated)
     }
 }
