@@ -20,8 +20,9 @@
 #   STANDBY_SKIP_INSTALL=1   do not install anything (tests fail if something is missing)
 #   STANDBY_SKIP_LINT=1      skip cargo fmt / clippy
 #   STANDBY_SKIP_S3=1        leave out the tests that need the Garage S3 server (every such test
-#                            has "s3" in its name); nextest reports them as skipped. Refused
-#                            under CI=true: there a missing dependency fails the run.
+#                            has "s3" in its name; nextest reports them as skipped) and do not
+#                            install Garage (~15 minutes of building). Refused under CI=true:
+#                            there a missing dependency fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 long=0
@@ -48,8 +49,12 @@ fi
 install_deps() {
     install_apt_packages "${APT_PACKAGES[@]}"
     install_qemu_system
-    install_cargo_tool "the Garage S3 server $GARAGE_VERSION" "[[ \$(garage --version) == *'$GARAGE_VERSION'* ]]" \
-        " (takes ~15 minutes on 2 cores)" garage --version "$GARAGE_VERSION" --locked
+    if [ "${STANDBY_SKIP_S3:-0}" = 1 ]; then
+        echo "== STANDBY_SKIP_S3=1: the Garage S3 server is not installed (only its tests need it)"
+    else
+        install_cargo_tool "the Garage S3 server $GARAGE_VERSION" "[[ \$(garage --version) == *'$GARAGE_VERSION'* ]]" \
+            " (takes ~15 minutes on 2 cores)" garage --version "$GARAGE_VERSION" --locked
+    fi
     install_cargo_tool cargo-nextest "cargo nextest --version" "" cargo-nextest --locked
 }
 

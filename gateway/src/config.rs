@@ -39,6 +39,8 @@
 //!                                   #   instead of logging them; "off": always logs them
 //! flush_heavy_writes = 8            # while each FLUSH follows at most this many small
 //!                                   #   writes, they are logged with their data; 0: never
+//! mapped_records = true             # 40-byte records copied into a mapping of the segment
+//!                                   #   (ext4, XFS, tmpfs only); false: written with pwritev
 //! checkpoint_interval = "5s"        # background checkpoint (image synced) this often; "off"
 //! checkpoint_bytes = "256M"         #   ... and after this much log since the last one
 //! hot_limit = 1024                  #   ... and when more extents than this turned hot (a
@@ -149,6 +151,8 @@ pub struct LogConfig {
     pub image_flush_min: Option<String>,
     /// Small writes per FLUSH up to which they are logged with their data (default 8), or 0.
     pub flush_heavy_writes: Option<u32>,
+    /// Records without data copied into a mapping of the segment (default true).
+    pub mapped_records: Option<bool>,
     /// Time between background checkpoints, e.g. "5s" (default), or "off".
     pub checkpoint_interval: Option<String>,
     /// Log bytes between checkpoints, e.g. "256M" (default).
@@ -212,6 +216,9 @@ impl LogConfig {
         }
         if let Some(n) = self.flush_heavy_writes {
             o.flush_heavy_writes = n;
+        }
+        if let Some(b) = self.mapped_records {
+            o.mapped_records = b;
         }
         match self.checkpoint_interval.as_deref() {
             None => {}
@@ -365,6 +372,13 @@ mod tests {
             o.flush_heavy_writes,
             crate::changelog::DEFAULT_FLUSH_HEAVY_WRITES
         );
+        let mapped = |v: &str| {
+            Config::parse(&format!("[log]\nmapped_records = {v}\n")).and_then(|c| c.log.options())
+        };
+        assert!(!mapped("false").unwrap().mapped_records);
+        assert!(mapped("true").unwrap().mapped_records);
+        assert!(mapped("\"no\"").is_err());
+        assert!(o.mapped_records);
     }
 
     #[test]

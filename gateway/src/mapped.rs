@@ -74,29 +74,7 @@ unsafe impl Sync for ImageMap {}
 impl ImageMap {
     /// Maps the first `size` bytes of `file`, read-only.
     pub fn new(file: &File, size: u64) -> io::Result<Self> {
-        let len = usize::try_from(size)
-            .ok()
-            .filter(|&l| l > 0)
-            .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, "image size not mappable")
-            })?;
-        // SAFETY: a new read-only shared mapping of an open descriptor; the kernel picks the
-        // address, so no existing memory is replaced. The result is checked before use.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base =
-            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
+        let (base, len) = map_shared(file, size, libc::PROT_READ)?;
         Ok(Self {
             base,
             len,
@@ -196,8 +174,35 @@ fn resident_file_bytes() -> Option<u64> {
     Some(pages * page_size() as u64)
 }
 
+/// A new shared mapping of the first `size` bytes of `file` with protection `prot` (the
+/// kernel picks the address): its base and length. The caller owns it and unmaps it
+/// (`munmap(base, len)`) when done.
+pub(crate) fn map_shared(file: &File, size: u64, prot: i32) -> io::Result<(NonNull<u8>, usize)> {
+    let len = usize::try_from(size)
+        .ok()
+        .filter(|&l| l > 0)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "size not mappable"))?;
+    // SAFETY: a new shared mapping of an open descriptor; the kernel picks the address, so no
+    // existing memory is replaced. The result is checked before use.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
+    Ok((base, len))
+}
+
 /// The system's page size.
-fn page_size() -> usize {
+pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
         .ok()

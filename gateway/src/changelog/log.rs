@@ -13,7 +13,9 @@
 //! segment is written ahead with zeroes by each log sync (`Active::fill_ahead`), so a sync
 //! rarely changes the file's size; decoding ends a segment at zeroes that run to the end of
 //! the file. Small writes may also be logged inline on the caller's thread when nothing has
-//! to wait ([`ChangeLog::try_record_now`], in [`inline`]).
+//! to wait ([`ChangeLog::try_record_now`], in [`inline`]); their 40-byte records are copied
+//! into a mapping of the active segment instead of written ([`super::segmap`]: same page
+//! cache, no system call), which needs the zeroes ahead too (`Active::write_mapped`).
 //!
 //! **Sync** (`sync`, used by FLUSH and FUA): group commit. A caller needs one sync round that
 //! starts after it arrived; the first waiter becomes the leader of the next round, everyone
@@ -60,10 +62,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::durable::{Durability, Target};
 use super::format::{self, End, Kind, RecordHeader, SegmentHeader, HEADER_LEN, RECORD_HEADER_LEN};
+use super::segmap::{self, SegMap};
 use super::segment::{self, create_segment, list_segments, pwritev_all, seal_file};
 use super::{hot, replay, LogError, LogOptions, LogState};
 use crate::catalog::write_atomic;
@@ -322,6 +325,10 @@ struct Active {
     /// The seal digest of the records written so far (header, then each record header):
     /// sealing needs no read of the segment.
     digest: format::SealDigest,
+    /// A writable mapping of the segment for the inline path's records without data (see
+    /// [`super::segmap`]); `None` where the file system or the option does not allow it.
+    /// Dropped when the segment is retired.
+    map: Option<SegMap>,
 }
 
 /// Zeroes written ahead of the records of the active segment at a time.
@@ -366,9 +373,11 @@ impl Active {
     /// inside the file's size, so the `fdatasync` of a FLUSH writes the records' pages
     /// without an inode-size update (a journal commit on ext4 and XFS) for all but one sync
     /// per [`FILL_AHEAD`] bytes. Called by the log sync (`sync_log`), just before its
-    /// `fdatasync`, not per append: a log that is never synced (writes without FLUSH) pays
-    /// no zeroes, and one synced often pays them once per [`FILL_AHEAD`] / 2 bytes, as an
-    /// append-time fill would. Call under the append lock after the records up to `pos`
+    /// `fdatasync`, and by the mapped path when a record does not fit below the zeroes
+    /// ([`Self::write_mapped`]: a copy into the mapping must land in written blocks), not
+    /// per append: a log of records with data that is never synced (writes without FLUSH)
+    /// pays no zeroes, and one synced often pays them once per [`FILL_AHEAD`] / 2 bytes, as
+    /// an append-time fill would. Call under the append lock after the records up to `pos`
     /// were written: the zeroes start at `max(pos, filled)`, never over a record. Decoding
     /// ends a segment at zeroes that run to the end of the file (see
     /// [`format::decode_segment`]). A failure is harmless (the next append extends the file
@@ -384,6 +393,28 @@ impl Active {
             return;
         }
         self.filled = write_zeroes(&self.seg.file, from, target);
+        if let Some(m) = self.map.as_mut() {
+            m.drop_behind(self.pos);
+        }
+    }
+
+    /// Writes the record `parts` at `pos` through the segment's mapping if it has one and
+    /// the record fits below the zeroes ahead (writing more zeroes first when it does not,
+    /// see [`Self::fill_ahead`]); `false`: the caller writes it with `pwritev`. Call under
+    /// the append lock, with `pos` the records' end (before it is moved past this one).
+    fn write_mapped(&mut self, pos: u64, parts: &[&[u8]], segment_size: u64) -> bool {
+        // The zeroes start at `self.pos`: a record past it would land in a hole.
+        if self.map.is_none() || pos != self.pos {
+            return false;
+        }
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if pos + len > self.filled {
+            self.fill_ahead(segment_size);
+        }
+        let filled = self.filled;
+        self.map
+            .as_mut()
+            .is_some_and(|m| m.write(pos, parts, filled))
     }
 }
 
@@ -414,7 +445,8 @@ struct St {
 }
 
 /// The append side: LSNs, the active segment and the segments waiting to be sealed. Its lock
-/// is held across the `pwritev` of a record, so records reach the log in LSN order and the
+/// is held across the `pwritev` (or the copy into the mapping) of a record, so records reach
+/// the log in LSN order and the
 /// log is always a contiguous prefix (lock order: `ap` before `st`, never the reverse).
 struct Ap {
     chain_id: u64,
@@ -457,10 +489,15 @@ struct Shared {
     /// Disk bytes covered by the records appended (writes, zeroes, trims; for `/metrics`).
     recorded: AtomicU64,
     sync_rounds: AtomicU64,
+    /// Records copied into a segment's mapping (see [`super::segmap`]).
+    mapped: AtomicU64,
     /// Checkpoints, log/image durability watermarks, hot extents (see [`checkpoint`]).
     ck: checkpoint::Ckpt,
     /// Opened after a clean shutdown (or fresh).
     opened_clean: bool,
+    /// Segments are mapped for the inline path's records (`LogOptions::mapped_records` and a
+    /// file system that overwrites in place, see [`super::segmap`]).
+    map_records: bool,
     _lock: File,
 }
 
@@ -1021,8 +1058,10 @@ impl ChangeLog {
                 appended: AtomicU64::new(0),
                 recorded: AtomicU64::new(0),
                 sync_rounds: AtomicU64::new(0),
+                mapped: AtomicU64::new(0),
                 ck: checkpoint::Ckpt::new(disk_size, opts.hot_extent_min, p_applied, p_relog),
                 opened_clean,
+                map_records: opts.mapped_records && segmap::supported(dir),
                 _lock: lock_file,
             }),
         };
@@ -1058,6 +1097,12 @@ impl ChangeLog {
         };
         let (path, file) = create_segment(&self.sh.dir, &header)?;
         let digest = format::SealDigest::new(&format::encode_header(&header));
+        let map = match self.sh.map_records {
+            true => SegMap::new(&file, self.sh.opts.segment_size)
+                .map_err(|e| debug!(disk = %self.sh.name, "segment not mapped, records go through pwritev: {e}"))
+                .ok(),
+            false => None,
+        };
         ap.active = Some(Active {
             seg: Arc::new(Seg {
                 seq,
@@ -1070,6 +1115,7 @@ impl ChangeLog {
             count: 0,
             extent_bytes: 0,
             digest,
+            map,
         });
         ap.dir_dirty = true;
         Ok(())
@@ -1077,9 +1123,11 @@ impl ChangeLog {
 
     /// Retires the active segment and starts the next one.
     fn rotate_locked(&self, ap: &mut Ap) -> io::Result<()> {
-        let Some(old) = ap.active.take() else {
+        let Some(mut old) = ap.active.take() else {
             return Ok(());
         };
+        // Nothing copies into a retired segment; sealing truncates it (see `segmap`).
+        old.map = None;
         let seq = old.seg.seq + 1;
         match self.start_segment(ap, seq) {
             Ok(()) => {
@@ -1715,7 +1763,8 @@ impl ChangeLog {
         let healthy = self.sh.logging.load(Ordering::Acquire);
         if healthy {
             let mut ap = lock(&self.sh.ap);
-            if let Some(a) = ap.active.take() {
+            if let Some(mut a) = ap.active.take() {
+                a.map = None;
                 if a.count > 0 {
                     ap.retired.push_back(a);
                 } else {
@@ -1932,6 +1981,12 @@ impl ChangeLog {
     /// Sync rounds run so far (each serves every flusher waiting when it started).
     pub fn sync_rounds(&self) -> u64 {
         self.sh.sync_rounds.load(Ordering::Relaxed)
+    }
+
+    /// Records copied into a mapping of their segment so far (the others were written with
+    /// `pwritev`; see [`super::segmap`]).
+    pub fn mapped_records(&self) -> u64 {
+        self.sh.mapped.load(Ordering::Relaxed)
     }
 
     pub fn chain_id(&self) -> u64 {

@@ -36,6 +36,7 @@ pub mod format;
 pub mod hot;
 pub mod log;
 pub mod replay;
+pub mod segmap;
 pub mod segment;
 pub mod ship;
 #[cfg(any(test, feature = "testing"))]
@@ -43,6 +44,8 @@ pub mod sim;
 
 #[cfg(test)]
 mod latch_tests;
+#[cfg(test)]
+mod mapped_tests;
 #[cfg(test)]
 mod redo_tests;
 #[cfg(test)]
@@ -135,6 +138,11 @@ pub struct LogOptions {
     /// journal's), small writes are logged with their data instead of deferred; `0`: never.
     /// See [`extent`], "Deferred small writes".
     pub flush_heavy_writes: u32,
+    /// The inline path's records without data (40 bytes: deferred small writes, large
+    /// writes' extents) are copied into a shared mapping of the active segment instead of
+    /// written with `pwritev`, on file systems that overwrite in place; `false`: always
+    /// `pwritev`. See [`segmap`].
+    pub mapped_records: bool,
 }
 
 impl Default for LogOptions {
@@ -153,6 +161,7 @@ impl Default for LogOptions {
             defer_max: DEFAULT_DEFER_MAX,
             image_flush_min: DEFAULT_IMAGE_FLUSH_MIN,
             flush_heavy_writes: DEFAULT_FLUSH_HEAVY_WRITES,
+            mapped_records: true,
         }
     }
 }

@@ -69,6 +69,18 @@ pub(super) fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Every record header of the disk's log, oldest first (shared by the change log's test
+/// modules).
+pub(super) fn records(disk: &Disk) -> Vec<format::RecordHeader> {
+    let log = disk.change_log().unwrap();
+    let mut out = Vec::new();
+    for s in log.segments() {
+        let d = format::decode_segment(&fs::read(&s.path).unwrap()).unwrap();
+        out.extend(d.records.iter().map(|r| r.header));
+    }
+    out
+}
+
 /// Replays the whole log onto a copy of the initial image and returns the result.
 fn replayed(f: &Fixture) -> Vec<u8> {
     let copy = f.initial.with_extension("replay");

@@ -4,7 +4,7 @@
 use std::fs;
 
 use crate::changelog::format::{self, Kind, RecordHeader, FLAG_DEFERRED, FLAG_IMAGE_SYNCED};
-use crate::changelog::tests::rt;
+use crate::changelog::tests::{records, rt};
 use crate::changelog::{replay, LogOptions, LogState};
 use crate::disk::Disk;
 use crate::replication::engine::patch_from_log;
@@ -48,17 +48,6 @@ fn open(f: &Fixture, o: LogOptions) -> Disk {
     let (d, report) = Disk::open_tracked("d", &f.image, &f.log, "disk-id", o).unwrap();
     assert_eq!(report.state, LogState::Healthy);
     d
-}
-
-/// Every record of the log, oldest first.
-fn records(disk: &Disk) -> Vec<RecordHeader> {
-    let log = disk.change_log().unwrap();
-    let mut out = Vec::new();
-    for s in log.segments() {
-        let d = format::decode_segment(&fs::read(&s.path).unwrap()).unwrap();
-        out.extend(d.records.iter().map(|r| r.header));
-    }
-    out
 }
 
 /// Heats the disk's extent (a first write into a cold extent syncs the log first, so it is

@@ -5,9 +5,10 @@
 //! writer thread or the blocking pool, which do the same work allowed to wait).
 //!
 //! **Why.** A write handed to another thread pays two thread wake-ups and a task hop (submit,
-//! reply); at 4 KiB those cost more CPU than logging the write itself (one `pwritev` into the
-//! log's page cache: a 40-byte deferred extent record whose bytes a FLUSH or cut logs later,
-//! see [`crate::changelog::extent`]; header and data when the caller says not to defer). A
+//! reply); at 4 KiB those cost more CPU than logging the write itself (a 40-byte deferred
+//! extent record whose bytes a FLUSH or cut logs later, see [`crate::changelog::extent`],
+//! copied into a mapping of the segment, see [`crate::changelog::segmap`]; a `pwritev` of
+//! header and data when the caller says not to defer, or where segments are not mapped). A
 //! write to an untracked disk, up to 1 MiB, is already copied into the page cache on the
 //! worker (`Disk::write_now`); a tracked one adds one `pwritev` of its record. Large writes
 //! handed to the blocking pool also ran up to eight at a time (one per request in flight on
@@ -226,13 +227,21 @@ impl ChangeLog {
         let hb = format::encode_record_header(&h, data);
         a.digest.record(&hb);
         let pos = a.pos;
+        // A record without data is copied into the segment's mapping (no system call, see
+        // `changelog::segmap`); one with data, or where there is no mapping, is written.
+        let r = match data.is_empty() && a.write_mapped(pos, &[&hb], self.sh.opts.segment_size) {
+            true => {
+                self.sh.mapped.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            false => pwritev_all(&a.seg.file, &[&hb, data], pos),
+        };
         a.pos += (RECORD_HEADER_LEN + data.len()) as u64;
         a.count += 1;
         if is_extent(&h) {
             // The backlog counts the bytes it stands for (as `append` does).
             a.extent_bytes += len;
         }
-        let r = pwritev_all(&a.seg.file, &[&hb, data], pos);
         ap.next_lsn += 1;
         // Appended: a checkpoint's log sync may keep its extent hot (`hot`, "Re-heated by
         // the checkpoint").

@@ -55,6 +55,9 @@ fn opts(rng: &mut StdRng) -> LogOptions {
         image_flush_min: [0, 4096, 16384, 1 << 30][rng.gen_range(0..4)],
         // While FLUSHes follow few small writes, those are logged with their data (0: never).
         flush_heavy_writes: [0, 2, 8, u32::MAX][rng.gen_range(0..4)],
+        // Records without data copied into a mapping of the segment, or written (the
+        // simulation's files are on a memory file system, where the mapping is allowed).
+        mapped_records: rng.gen_range(0..4) != 0,
         ..LogOptions::default()
     }
 }
