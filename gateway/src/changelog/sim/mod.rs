@@ -62,6 +62,8 @@ mod tests {
         let deferred0 =
             crate::changelog::extent::DEFERRED_LOGGED.load(std::sync::atomic::Ordering::Relaxed);
         let heavy0 = crate::disk::FLUSH_HEAVY_WRITES.load(std::sync::atomic::Ordering::Relaxed);
+        let mapped0 =
+            crate::changelog::segmap::MAPPED_RECORDS.load(std::sync::atomic::Ordering::Relaxed);
         let (ok, bad) = campaign(first, count);
         let batches =
             crate::disk::MULTI_WRITE_BATCHES.load(std::sync::atomic::Ordering::Relaxed) - batches0;
@@ -76,10 +78,13 @@ mod tests {
             - deferred0;
         let heavy =
             crate::disk::FLUSH_HEAVY_WRITES.load(std::sync::atomic::Ordering::Relaxed) - heavy0;
+        let mapped = crate::changelog::segmap::MAPPED_RECORDS
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - mapped0;
         let extent_seeds = ok.iter().filter(|o| o.extent_bytes > 0).count();
         let windows: u64 = ok.iter().map(|o| o.windows).sum();
         eprintln!(
-            "sim: seeds {first}..{} — {} passed, {} failed; {host} host crashes, {in_sync} crashes inside a sync, {cut} torn log tails cut, {relog} recoveries logged hot extents again, {durable} FUA writes checked, {burst_writes} writes of multi-write steps acknowledged, {batches} multi-write batches logged, {deferred} bytes of deferred writes logged, {heavy} small writes logged with their data between frequent FLUSHes, {extent_seeds} recoveries with extents left out of the replay check, {windows} windows of extents heated ahead of streams; {:.1} s",
+            "sim: seeds {first}..{} — {} passed, {} failed; {host} host crashes, {in_sync} crashes inside a sync, {cut} torn log tails cut, {relog} recoveries logged hot extents again, {durable} FUA writes checked, {burst_writes} writes of multi-write steps acknowledged, {batches} multi-write batches logged, {deferred} bytes of deferred writes logged, {heavy} small writes logged with their data between frequent FLUSHes, {extent_seeds} recoveries with extents left out of the replay check, {windows} windows of extents heated ahead of streams, {mapped} records copied into a segment's mapping; {:.1} s",
             first + count,
             ok.len(),
             bad.len(),
@@ -96,7 +101,7 @@ mod tests {
         // The campaign explores what it claims to.
         if count >= 100 {
             assert!(host > 0 && in_sync > 0 && cut > 0 && relog > 0 && batches > 0);
-            assert!(deferred > 0 && extent_seeds > 0 && windows > 0);
+            assert!(deferred > 0 && extent_seeds > 0 && windows > 0 && mapped > 0);
         }
     }
 }
