@@ -10,7 +10,7 @@
 //! copied into a mapping of the segment, see [`crate::changelog::segmap`]; a `pwritev` of
 //! header and data when the caller says not to defer, or where segments are not mapped). A
 //! write to an untracked disk, up to 1 MiB, is already copied into the page cache on the
-//! worker (`Disk::write_now`); a tracked one adds one `pwritev` of its record. Large writes
+//! worker (`Disk::write_now`); a tracked one adds its record. Large writes
 //! handed to the blocking pool also ran up to eight at a time (one per request in flight on
 //! a connection) on two cores, on threads of their own; inline, at most one runs per worker,
 //! as on an untracked disk. Measured, sequential 1 MiB at QD8: the tracked disk's CPU per GB
@@ -22,6 +22,11 @@
 //! log (a change to a cold extent, see [`crate::changelog::hot`]), check the free space
 //! (the write that crosses a check interval goes the slow way), write the state file (a
 //! failure that changed the log's health is persisted on a thread of its own).
+//! What it may do besides the record and the image write: write the zeroes ahead of the
+//! records when a record copied into the mapping does not fit below them (up to 1 MiB into
+//! the page cache, once per ~26,000 records of 40 bytes; `Active::write_mapped`), as the log
+//! sync does otherwise — a buffered write, which waits for the disk no more than the
+//! record's own `pwritev` did.
 //!
 //! **Invariants** — those of `record` (see the parent module):
 //! * Ranges: registered under the request lock only when no in-flight request overlaps.
