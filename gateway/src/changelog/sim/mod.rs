@@ -37,7 +37,7 @@ pub mod model;
 pub mod run;
 pub mod storage;
 
-pub use self::run::{campaign, repro, run_seed, Outcome};
+pub use self::run::{campaign, repro, run_seed, sim_dir, Outcome};
 pub use self::storage::{CrashKind, SimStorage};
 
 #[cfg(test)]
@@ -101,7 +101,9 @@ mod tests {
         // The campaign explores what it claims to.
         if count >= 100 {
             assert!(host > 0 && in_sync > 0 && cut > 0 && relog > 0 && batches > 0);
-            assert!(deferred > 0 && extent_seeds > 0 && windows > 0 && mapped > 0);
+            assert!(deferred > 0 && extent_seeds > 0 && windows > 0);
+            // Where the seeds' files are on a file system that allows the mapping.
+            assert!(mapped > 0 || !crate::changelog::segmap::supported(&sim_dir()));
         }
     }
 }

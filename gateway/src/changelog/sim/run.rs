@@ -66,7 +66,7 @@ fn opts(rng: &mut StdRng) -> LogOptions {
 /// when there is one (the state file's real fsyncs would otherwise dominate the run time;
 /// durability is the simulation's business, not the file system's), else the temporary
 /// directory.
-fn sim_dir() -> std::path::PathBuf {
+pub fn sim_dir() -> std::path::PathBuf {
     if let Some(d) = std::env::var_os("STANDBY_SIM_DIR") {
         return d.into();
     }
