@@ -48,10 +48,6 @@ use crate::mapped::{map_shared, page_size};
 /// behind them.
 pub const DROP_STEP: u64 = 1 << 20;
 
-/// Testing only: records copied into a mapping (all logs), for the simulation's summary.
-#[cfg(any(test, feature = "testing"))]
-pub static MAPPED_RECORDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// A writable shared mapping of the first `len` bytes of a segment file.
 pub struct SegMap {
     base: NonNull<u8>,
@@ -122,8 +118,6 @@ impl SegMap {
             }
             at += p.len();
         }
-        #[cfg(any(test, feature = "testing"))]
-        MAPPED_RECORDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         true
     }
 

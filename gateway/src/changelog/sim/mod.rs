@@ -62,8 +62,6 @@ mod tests {
         let deferred0 =
             crate::changelog::extent::DEFERRED_LOGGED.load(std::sync::atomic::Ordering::Relaxed);
         let heavy0 = crate::disk::FLUSH_HEAVY_WRITES.load(std::sync::atomic::Ordering::Relaxed);
-        let mapped0 =
-            crate::changelog::segmap::MAPPED_RECORDS.load(std::sync::atomic::Ordering::Relaxed);
         let (ok, bad) = campaign(first, count);
         let batches =
             crate::disk::MULTI_WRITE_BATCHES.load(std::sync::atomic::Ordering::Relaxed) - batches0;
@@ -78,9 +76,7 @@ mod tests {
             - deferred0;
         let heavy =
             crate::disk::FLUSH_HEAVY_WRITES.load(std::sync::atomic::Ordering::Relaxed) - heavy0;
-        let mapped = crate::changelog::segmap::MAPPED_RECORDS
-            .load(std::sync::atomic::Ordering::Relaxed)
-            - mapped0;
+        let mapped: u64 = ok.iter().map(|o| o.mapped).sum();
         let extent_seeds = ok.iter().filter(|o| o.extent_bytes > 0).count();
         let windows: u64 = ok.iter().map(|o| o.windows).sum();
         eprintln!(

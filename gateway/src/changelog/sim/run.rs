@@ -33,6 +33,8 @@ pub struct Outcome {
     pub extent_bytes: u64,
     /// Windows of extents the first life's log heated ahead of streams.
     pub windows: u64,
+    /// Records the first life's log copied into a segment's mapping.
+    pub mapped: u64,
 }
 
 fn opts(rng: &mut StdRng) -> LogOptions {
@@ -220,6 +222,7 @@ pub fn run_seed(seed: u64, rt: &tokio::runtime::Runtime) -> Result<Outcome, Stri
     sim.crash_now();
     let snap = sim.snapshot().ok_or("no snapshot")?;
     out.windows = log.hot_counters().1;
+    out.mapped = log.mapped_records();
     drop(log);
     drop(disk);
     let kind = if out.host_crash {
