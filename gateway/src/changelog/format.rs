@@ -154,6 +154,24 @@ pub struct RecordHeader {
     pub data_len: u32,
 }
 
+impl RecordHeader {
+    /// Bytes of the image the record stands for beyond its own bytes in the log: an extent
+    /// record's length (a deferred small write's too), else 0. The backlog of a segment
+    /// (`SegmentInfo::extent_bytes`) is the sum of these over its records, counted the same
+    /// way by every path that appends a record and when a log is reopened.
+    ///
+    /// A deferred extent counts its length from the start, so that writes waiting for a
+    /// FLUSH or a cut show in the backlog; when the pass logs their bytes, that write record
+    /// counts them again (an overestimate of at most the deferred bytes logged, until the cut
+    /// that holds both is shipped: the backlog errs towards a resync, never away from one).
+    pub fn backlog_extra(&self) -> u64 {
+        match self.kind {
+            Kind::Extent => self.length,
+            _ => 0,
+        }
+    }
+}
+
 /// A segment footer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Footer {

@@ -623,12 +623,7 @@ fn info_of(seq: u64, path: &Path, d: &format::Decoded, bytes: u64) -> SegmentInf
         last_lsn: d.last_lsn(),
         records: d.records.len() as u64,
         bytes,
-        extent_bytes: d
-            .records
-            .iter()
-            .filter(|r| r.header.kind == format::Kind::Extent)
-            .map(|r| r.header.length)
-            .sum(),
+        extent_bytes: d.records.iter().map(|r| r.header.backlog_extra()).sum(),
         path: path.to_path_buf(),
         sealed: true,
     }
@@ -1306,9 +1301,7 @@ impl ChangeLog {
         let pos = a.pos;
         a.pos += rec_len;
         a.count += 1;
-        if h.kind == Kind::Extent {
-            a.extent_bytes += h.length;
-        }
+        a.extent_bytes += h.backlog_extra();
         let file = Arc::clone(&a.seg);
         ap.next_lsn += 1;
         if let Err(e) = pwritev_all(&file.file, &[&hb, data], pos) {

@@ -699,3 +699,59 @@ fn the_writer_thread_defers_small_writes_too() {
     assert!(image[65536..69632].iter().all(|&b| b == 3));
     rt.block_on(disk.close()).unwrap();
 }
+
+/// One backlog rule for a deferred write, whichever path logged it: inline, in a batch of
+/// the writer thread, or the slow path's `append`; and a reopened log counts it the same.
+/// Each stands for its bytes (40 + its length), so writes waiting for a FLUSH show in the
+/// backlog; the FLUSH's record of their bytes adds them again (see
+/// `RecordHeader::backlog_extra`).
+#[test]
+fn every_path_counts_a_deferred_write_in_the_backlog_the_same() {
+    let f = fixture();
+    let rt = rt();
+    let disk = open(&f, every_write_deferred());
+    let log = disk.change_log().unwrap().clone();
+    warm(&disk);
+    let before = log.unshipped_bytes();
+    let n = records(&disk).len();
+    inline(&disk, 0, &[1u8; 4096]);
+    assert_eq!(log.unshipped_bytes(), before + 40 + 4096, "inline");
+    let results = rt.block_on(async {
+        let hold = disk.hold_writer();
+        let writes = futures::future::join(
+            disk.write(8192, vec![2u8; 4096], false),
+            disk.write(16384, vec![3u8; 512], false),
+        );
+        futures::future::join(writes, async move { drop(hold) })
+            .await
+            .0
+    });
+    results.0.unwrap();
+    results.1.unwrap();
+    let recs = records(&disk).split_off(n);
+    assert_eq!(recs.len(), 3, "{recs:?}");
+    assert!(recs.iter().all(deferred), "{recs:?}");
+    let waiting = before + 3 * 40 + 4096 + 4096 + 512;
+    assert_eq!(log.unshipped_bytes(), waiting, "writer thread");
+    // The FLUSH logs their bytes as three write records (the ranges are not adjacent) and
+    // appends its barrier; each counts its bytes in the log.
+    rt.block_on(disk.flush()).unwrap();
+    let flushed = log.unshipped_bytes();
+    assert_eq!(flushed, waiting + 3 * 40 + 4096 + 4096 + 512 + 40);
+    // Sealed and reopened: the same count from the records on disk.
+    let sealed = log.take().unwrap();
+    let extent_bytes: u64 = sealed.iter().map(|s| s.extent_bytes).sum();
+    assert_eq!(extent_bytes, 4096 + 4096 + 512);
+    rt.block_on(disk.close()).unwrap();
+    drop((disk, log));
+    let disk = open(&f, every_write_deferred());
+    let again: u64 = disk
+        .change_log()
+        .unwrap()
+        .sealed_segments()
+        .iter()
+        .map(|s| s.extent_bytes)
+        .sum();
+    assert_eq!(again, extent_bytes, "recounted at open");
+    rt.block_on(disk.close()).unwrap();
+}

@@ -261,12 +261,7 @@ impl ChangeLog {
                 next_lsn += 1;
                 a.pos += (RECORD_HEADER_LEN + data.len()) as u64;
                 a.count += 1;
-                if deferred[i] {
-                    // The backlog counts the bytes it stands for, as `append` and a
-                    // reopened log (`info_of`) count every extent's. (The inline path counts
-                    // only a non-deferred extent's: the two differ, see the issue note.)
-                    a.extent_bytes += w.data.len() as u64;
-                }
+                a.extent_bytes += h.backlog_extra();
                 i += 1;
             }
             let seg = Arc::clone(&a.seg);

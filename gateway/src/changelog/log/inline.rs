@@ -243,10 +243,7 @@ impl ChangeLog {
         };
         a.pos += (RECORD_HEADER_LEN + data.len()) as u64;
         a.count += 1;
-        if is_extent(&h) {
-            // The backlog counts the bytes it stands for (as `append` does).
-            a.extent_bytes += len;
-        }
+        a.extent_bytes += h.backlog_extra();
         ap.next_lsn += 1;
         // Appended: a checkpoint's log sync may keep its extent hot (`hot`, "Re-heated by
         // the checkpoint").
