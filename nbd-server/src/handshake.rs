@@ -3,6 +3,7 @@
 //! Every option that names an export looks it up through [`Ctx::lookup`], which hides the
 //! exports the client may not open ([`Access`]): they are answered exactly like unknown names.
 
+use std::any::Any;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -16,8 +17,52 @@ use crate::tls::{ClientIdentity, TlsConfig};
 use crate::SessionError;
 
 /// Any byte stream the server can talk NBD over (TCP, Unix socket, TLS on either).
-pub trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
+pub trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The stream's two directions, for the transmission phase, whose request reader and
+    /// reply writer run at once on different threads.
+    ///
+    /// A TCP or Unix socket is split without a lock (`into_split`: each half polls the
+    /// socket's own readiness), any other stream (TLS) with `tokio::io::split`, whose halves
+    /// share a mutex held across each read and write system call. Under load that mutex
+    /// made the request reader wait, asleep, for a reply writer that the kernel had
+    /// preempted inside its `writev` (the reply wakes the client on the same core), and the
+    /// other core went idle meanwhile.
+    fn into_halves(self: Box<Self>) -> (ReadHalf, WriteHalf);
+}
+
+/// The reading direction of a [`BoxStream`].
+pub type ReadHalf = Box<dyn AsyncRead + Unpin + Send>;
+/// The writing direction of a [`BoxStream`].
+pub type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncStream for T {
+    fn into_halves(self: Box<Self>) -> (ReadHalf, WriteHalf) {
+        let any: Box<dyn Any + Send> = self;
+        let any = match any.downcast::<tokio::net::TcpStream>() {
+            Ok(s) => {
+                let (r, w) = s.into_split();
+                return (Box::new(r), Box::new(w));
+            }
+            Err(any) => any,
+        };
+        let any = match any.downcast::<tokio::net::UnixStream>() {
+            Ok(s) => {
+                let (r, w) = s.into_split();
+                return (Box::new(r), Box::new(w));
+            }
+            Err(any) => any,
+        };
+        match any.downcast::<T>() {
+            Ok(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (Box::new(r), Box::new(w))
+            }
+            // `any` is the `Box<T>` this method was given: it downcasts to `T`.
+            Err(_) => unreachable!("a boxed stream downcasts to its own type"),
+        }
+    }
+}
+
 pub type BoxStream = Box<dyn AsyncStream>;
 
 /// What the client negotiated, carried into the transmission phase.
@@ -389,4 +434,42 @@ async fn send_info<D: BlockDevice>(
     d.extend_from_slice(&bs.preferred.to_be_bytes());
     d.extend_from_slice(&bs.maximum.to_be_bytes());
     send_reply(s, option, REP_INFO, &d).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both directions of a stream's halves carry bytes at once: a read waiting for data
+    /// does not hold up a write on the other half. For each kind of stream `into_halves`
+    /// splits differently (TCP and Unix sockets without a lock, anything else with one).
+    async fn halves_carry_both_ways(ours: BoxStream, mut theirs: impl AsyncStream) {
+        let (mut rd, mut wr) = ours.into_halves();
+        let reader = tokio::spawn(async move {
+            let mut b = [0u8; 5];
+            rd.read_exact(&mut b).await.map(|_| b)
+        });
+        // The read above waits; the write goes out meanwhile.
+        wr.write_all(b"reply").await.unwrap();
+        wr.flush().await.unwrap();
+        let mut got = [0u8; 5];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"reply");
+        theirs.write_all(b"query").await.unwrap();
+        assert_eq!(&reader.await.unwrap().unwrap(), b"query");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn halves_of_tcp_unix_and_other_streams() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (client, server) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+        halves_carry_both_ways(Box::new(server.unwrap().0), client.unwrap()).await;
+
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        halves_carry_both_ways(Box::new(a), b).await;
+
+        let (a, b) = tokio::io::duplex(64);
+        halves_carry_both_ways(Box::new(a), b).await;
+    }
 }

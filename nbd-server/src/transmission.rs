@@ -252,7 +252,7 @@ pub async fn serve<D: BlockDevice>(
     ctx: Context,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
-    let (rd, wr) = tokio::io::split(stream);
+    let (rd, wr) = stream.into_halves();
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
     // Unbounded only in type: every reply holds a slot, so at most MAX_IN_FLIGHT are queued.
     let (tx, rx) = mpsc::unbounded_channel();
