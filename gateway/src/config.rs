@@ -153,7 +153,7 @@ pub struct LogConfig {
     pub flush_heavy_writes: Option<u32>,
     /// Records without data copied into a mapping of the segment (default true).
     pub mapped_records: Option<bool>,
-    /// Time between background checkpoints, e.g. "5s" (default), or "off".
+    /// Time between background checkpoints, e.g. "30s" (default), or "off".
     pub checkpoint_interval: Option<String>,
     /// Log bytes between checkpoints, e.g. "256M" (default).
     pub checkpoint_bytes: Option<String>,
