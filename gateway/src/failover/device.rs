@@ -174,6 +174,35 @@ mod tests {
     use super::*;
     use crate::failover::Overlay;
 
+    /// Every export serves a [`Device`]: a live disk's fast paths (the optional methods of
+    /// `BlockDevice`, whose default declines) must reach the disk through it, or they are
+    /// lost without a word. Each is asked of the device and of the disk alike (not
+    /// `flush_detached`, whose reply only the NBD server can make).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_live_disk_keeps_its_fast_paths_behind_the_device() {
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("live.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let disk = Disk::open("d", &img, false).unwrap();
+        let dev = Device::Live(disk.clone());
+        assert!(matches!(
+            BlockDevice::write_now(&dev, 0, &[7; 65536], false),
+            Some(Ok(()))
+        ));
+        assert_eq!(
+            BlockDevice::read_now(&dev, 0, 4096).map(|r| r.unwrap()),
+            disk.read_now(0, 4096).map(|r| r.unwrap())
+        );
+        assert_eq!(
+            BlockDevice::read_mapped(&dev, 0, 65536).is_some(),
+            disk.read_mapped(0, 65536).is_some()
+        );
+        assert_eq!(BlockDevice::flags(&dev), BlockDevice::flags(&disk));
+    }
+
     /// A connection opened before `failover commit` holds the replica's [`Device`]; after
     /// the handover its writes go to the live disk, not into the adopted overlay behind the
     /// live disk's back.
