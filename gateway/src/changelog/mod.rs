@@ -72,11 +72,8 @@ pub const DEFAULT_MIN_FREE_PERCENT: u8 = 5;
 
 /// Default time between background checkpoints: the kernel's own write-back age for dirty
 /// pages (`vm.dirty_expire_centisecs`, 30 s), so a checkpoint's image sync mostly finds pages
-/// the kernel writes back anyway. Every 5 s (the default until 2026-12-07) it wrote the
-/// image back about four times as often as the kernel would: on random 4 KiB writes over a
-/// 2 GiB disk, at least 0.8–1.1 GiB each time, during which (2–3 s of every ~7) the writes
-/// ran at 65–100 k IOPS against 125–147 k (BENCHMARKS.md, "Checkpoints every 30 s; staged
-/// writes tried").
+/// the kernel writes back anyway (measured, and what it costs: docs/changelog.md, "Why every
+/// 30 s").
 pub const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Default log bytes between checkpoints.
 pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
