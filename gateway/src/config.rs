@@ -41,7 +41,8 @@
 //!                                   #   writes, they are logged with their data; 0: never
 //! mapped_records = true             # 40-byte records copied into a mapping of the segment
 //!                                   #   (ext4, XFS, tmpfs only); false: written with pwritev
-//! checkpoint_interval = "30s"       # background checkpoint (image synced) this often; "off"
+//! checkpoint_interval = "30s"       # background checkpoint (image synced) once the oldest
+//!                                   #   change it would cover is this old; "off"
 //! checkpoint_bytes = "256M"         #   ... and after this much log since the last one
 //! hot_limit = 1024                  #   ... and when more extents than this turned hot (a
 //!                                   #   host crash makes recovery re-log two intervals' worth;

@@ -7,7 +7,8 @@
 # log-off/nbdkit, the servers' peak resident set, and the physical limit of the machine's
 # disk measured in the same run (dd oflag=direct, fio --direct=1).
 #
-# Usage: tools/bench/changelog.sh [--quick] [--runtime 20] [--reps 3] [--size-mib 2048]
+# Usage: tools/bench/changelog.sh [--quick] [--runtime 20] [--long-runtime 60] [--reps 3]
+#                                 [--size-mib 2048]
 #                                 [--sustained-mib N] [--no-drop-caches] [--workdir DIR]
 #                                 [--extent-min SIZE|off] [--log-config 'KEY = VALUE' ...]
 #                                 [--only ROW-TEXT] [--warm readahead|4k]
@@ -21,6 +22,15 @@
 #                                                        else vm.dirty_ratio of MemAvailable) of
 #                                                        sequential writes over the disk, then one
 #                                                        FLUSH (--end_fsync=1), all in the figure
+#   sustained rand write 4 KiB QD32                     the rand row for --long-runtime s (default
+#                                                        60, +2 s ramp): long enough that the
+#                                                        page cache's write-back of the image is
+#                                                        in the figure of every server (the
+#                                                        kernel writes back data dirty for 30 s,
+#                                                        `vm.dirty_expire_centisecs`; a tracked
+#                                                        disk's checkpoint, once its oldest change
+#                                                        is 30 s old), where a shorter row after
+#                                                        the page cache was synced holds none
 #   4 KiB writes QD32, then one FLUSH                   the rand row, then one FLUSH on a new
 #                                                        connection (`qemu-io -c flush`, timed
 #                                                        from start to exit); its "p99" is that
@@ -53,7 +63,7 @@
 # --only TEXT runs only the rows whose name contains TEXT (e.g. --only rand); "A|B" runs the
 # rows containing A or B, in the table's order (e.g. --only "seq write|rand write 4 KiB QD32":
 # the seq row, then the rand row as in the full sequence, then the sustained row, whose name
-# contains "seq write" too).
+# contains "seq write" too; "rand write 4 KiB QD32" likewise selects the sustained rand row).
 # --warm: how each image is read once before a run. "readahead" (default): `cat`. On kernels
 # that cache files in large folios (ext4 from 6.16 on) read-ahead leaves large folios,
 # and every 4 KiB buffered write into one walks all of the folio's block heads
@@ -62,7 +72,7 @@
 # "4k": 1 MiB reads under POSIX_FADV_RANDOM, which leave 4 KiB folios (as a server's own
 # random reads would), so the rows show the servers' own costs.
 # STANDBY_BIN=PATH runs that binary instead of building this tree (e.g. a before/after pair).
-# --quick: --runtime 4 --reps 1 --size-mib 512 --sustained-mib 1536 (for development).
+# --quick: --runtime 4 --long-runtime 8 --reps 1 --size-mib 512 --sustained-mib 1536 (for development).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ -z "${STANDBY_BIN:-}" ]; then
@@ -79,6 +89,7 @@ TESTS = [
     ("rand write 4 KiB QD32", "randwrite", "4k", 32, [], "IOPS", "time"),
     ("flush: 4 KiB write+FLUSH QD1", "randwrite", "4k", 1, ["--fsync=1"], "IOPS", "time"),
     ("sustained seq write 1 MiB QD8", "write", "1M", 8, ["--end_fsync=1"], "MB/s", "bytes"),
+    ("sustained rand write 4 KiB QD32", "randwrite", "4k", 32, [], "IOPS", "long"),
     ("4 KiB writes QD32, then one FLUSH", "randwrite", "4k", 32, [], "IOPS", "time+flush"),
 ]
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -269,6 +280,7 @@ def main():
     ap.add_argument("standby_bin")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runtime", type=int, default=None)
+    ap.add_argument("--long-runtime", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--size-mib", type=int, default=None)
     ap.add_argument("--sustained-mib", type=int, default=None)
@@ -286,6 +298,7 @@ def main():
         raise SystemExit(f"--only {args.only}: no row's name contains it")
     q = args.quick
     runtime = args.runtime or (4 if q else 20)
+    long_runtime = args.long_runtime or (8 if q else 60)
     reps = args.reps or (1 if q else 3)
     size_mib = args.size_mib or (512 if q else 2048)
     sustained = (args.sustained_mib << 20) if args.sustained_mib else \
@@ -358,8 +371,9 @@ def main():
                     fargs = ["--ioengine=nbd", f"--uri={t.uri()}", f"--rw={rw}", f"--bs={bs}",
                              f"--iodepth={qd}", f"--size={size}", "--randrepeat=0",
                              "--norandommap"] + extra
-                    if kind.startswith("time"):
-                        fargs += ["--time_based", f"--runtime={runtime}", "--ramp_time=2"]
+                    if kind.startswith("time") or kind == "long":
+                        secs = long_runtime if kind == "long" else runtime
+                        fargs += ["--time_based", f"--runtime={secs}", "--ramp_time=2"]
                     else:
                         fargs += [f"--io_size={sustained}"]
                     c0 = t.proc.cpu()
@@ -479,7 +493,8 @@ def main():
     print("|---|---|---|")
     for p in (standby, nbdkit):
         print(f"| {p.name} | {p.peak / 2**20:,.0f} MiB | {p.hwm / 2**20:,.0f} MiB |")
-    print(f"\nMedians of {reps} repetitions; time-based rows {runtime} s (+2 s ramp); sustained row "
+    print(f"\nMedians of {reps} repetitions; time-based rows {runtime} s (+2 s ramp), the sustained rand "
+          f"row {long_runtime} s (+2 s ramp); sustained seq row "
           f"{sustained / 2**30:.1f} GiB then one FLUSH; {size_mib} MiB random images; log-off and log-on "
           "disks served by one `standby serve` process, nbdkit by one process, both for every row of a "
           "repetition; servers alternated ABBA; `sync`"

@@ -70,10 +70,10 @@ pub const DEFAULT_MIN_FREE_BYTES: u64 = 1 << 30;
 /// Default free-space floor (percent of the file system).
 pub const DEFAULT_MIN_FREE_PERCENT: u8 = 5;
 
-/// Default time between background checkpoints: the kernel's own write-back age for dirty
-/// pages (`vm.dirty_expire_centisecs`, 30 s), so a checkpoint's image sync mostly finds pages
-/// the kernel writes back anyway (measured, and what it costs: docs/changelog.md, "Why every
-/// 30 s").
+/// Default age of the oldest change at a background checkpoint: the kernel's own write-back
+/// age for dirty pages (`vm.dirty_expire_centisecs`, 30 s), so a checkpoint's image sync
+/// mostly finds pages the kernel writes back anyway (measured, and what it costs:
+/// docs/changelog.md, "Why every 30 s" and "When the timer checkpoints").
 pub const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Default log bytes between checkpoints.
 pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
@@ -108,8 +108,11 @@ pub struct LogOptions {
     pub min_free_percent: u8,
     /// Free space is checked every this many appended bytes (and at every rotation).
     pub space_check_interval: u64,
-    /// A background checkpoint (image synced, redo point recorded) runs this often (`None`:
-    /// no background thread; checkpoints then happen at seals, releases and on request).
+    /// A background checkpoint (image synced, redo point recorded) runs once the oldest
+    /// change it would cover is this old — under continuous writes, this often; with
+    /// nothing new, one that only moves the relog point comes this long after the last
+    /// (`None`: no background thread; checkpoints then happen at seals, releases and on
+    /// request). See docs/changelog.md, "When the timer checkpoints".
     pub checkpoint_interval: Option<std::time::Duration>,
     /// ... and whenever this many log bytes were appended since the last checkpoint ...
     pub checkpoint_bytes: u64,

@@ -12,9 +12,11 @@
 //!   and fsynced) as the redo point and the previous one as the *relog point*. Recovery
 //!   replays every record after the recorded C, and after a host crash logs again the
 //!   extents of the records after the relog point. With nothing new in the image, only the
-//!   relog point moves up (no image sync). Run by a background thread every `checkpoint_interval`,
-//!   when `checkpoint_bytes` of log were appended since the last one, when more than
-//!   `hot_limit` extents are hot, and at every seal (so `take` and clean shutdown), and by
+//!   relog point moves up (no image sync). Run by a background thread once the oldest change
+//!   it would cover is `checkpoint_interval` old (`Schedule`; with nothing new, that long
+//!   after the last one), when `checkpoint_bytes` of log were appended since the last one,
+//!   when more than `hot_limit` extents are hot, and at every seal (so `take` and clean
+//!   shutdown), and by
 //!   `release` before deleting a segment the relog point has not passed: a segment is deleted
 //!   only when it is both shipped and below the relog point.
 //! * **Hot extents** (see [`super::super::hot`], "Two intervals"): a change to an extent with
@@ -30,7 +32,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -64,18 +66,90 @@ impl Trigger {
         self.cv.notify_all();
     }
 
-    /// Waits for a kick, a stop or `every`; returns true to stop.
-    fn wait(&self, every: Duration) -> bool {
+    /// Waits for a kick, a stop or `tick`; says which came (a stop before a kick).
+    fn wait(&self, tick: Duration) -> Wake {
         let mut g = lock(&self.st);
         if !g.0 && !g.1 {
             g = self
                 .cv
-                .wait_timeout(g, every)
+                .wait_timeout(g, tick)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
-        g.0 = false;
-        g.1
+        let kicked = std::mem::take(&mut g.0);
+        match (g.1, kicked) {
+            (true, _) => Wake::Stop,
+            (false, true) => Wake::Kick,
+            (false, false) => Wake::Tick,
+        }
+    }
+}
+
+/// What woke the background checkpointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// The log is closing: the thread ends.
+    Stop,
+    /// A checkpoint was asked for (`checkpoint_bytes` of log, `hot_limit` hot extents).
+    Kick,
+    /// Its tick: time to look whether the timer's checkpoint is due.
+    Tick,
+}
+
+/// When the background checkpointer's timer checkpoints: once the oldest change the redo
+/// point does not cover may be `every` old — the kernel's own rule for dirty pages
+/// (`vm.dirty_expire_centisecs`) — not on a fixed grid. Under continuous writes that is
+/// every `every`, as a grid would be; a burst of writes shorter than `every` after a quiet
+/// spell has its image sync (a write-back of all it dirtied) after the burst, as the
+/// kernel's, not in its middle. With nothing new in the image, the cheap checkpoint that
+/// only moves the relog point comes `every` after the last one. See docs/changelog.md,
+/// "When the timer checkpoints".
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    every: Duration,
+    /// The last moment the image was known to hold nothing above the redo point (a tick
+    /// that found nothing new, or the start of a checkpoint, which covers every change
+    /// applied before it): every change not covered is younger than this.
+    clean_at: Instant,
+    /// The start of the last checkpoint the schedule ran.
+    last: Instant,
+}
+
+impl Schedule {
+    fn new(every: Duration, now: Instant) -> Self {
+        Self {
+            every,
+            clean_at: now,
+            last: now,
+        }
+    }
+
+    /// How often the thread looks: a second, or `every` when shorter. A change is then
+    /// between `every` minus a tick and `every` plus a tick old when its checkpoint starts
+    /// (the kernel's flusher looks every 5 s).
+    fn tick(&self) -> Duration {
+        self.every.min(Duration::from_secs(1))
+    }
+
+    /// Whether to checkpoint at `now`, woken by `wake`, with `new`: the image holds changes
+    /// the redo point does not cover.
+    fn due(&mut self, now: Instant, wake: Wake, new: bool) -> bool {
+        if !new {
+            self.clean_at = now;
+        }
+        let since = |t: Instant| now.saturating_duration_since(t) >= self.every;
+        match wake {
+            Wake::Stop => false,
+            Wake::Kick => true,
+            Wake::Tick if new => since(self.clean_at),
+            Wake::Tick => since(self.last),
+        }
+    }
+
+    /// A checkpoint started at `now`.
+    fn ran(&mut self, now: Instant) {
+        self.clean_at = now;
+        self.last = now;
     }
 }
 
@@ -480,23 +554,36 @@ impl ChangeLog {
         let trigger = Arc::clone(&self.sh.ck.trigger);
         let spawned = std::thread::Builder::new()
             .name("hrl-ckpt".into())
-            .spawn(move || loop {
-                if trigger.wait(every) {
-                    return;
-                }
-                let Some(sh) = weak.upgrade() else { return };
-                let me = ChangeLog { sh };
-                if lock(&me.sh.st).closed {
-                    return;
-                }
-                match me.checkpoint() {
-                    // Segments shipped meanwhile can go now that they are checkpointed.
-                    Ok(_) => {
-                        if let Err(e) = me.release_checkpointed() {
-                            warn!(disk = %me.sh.name, "cannot release shipped change-log segments: {e}");
-                        }
+            .spawn(move || {
+                let mut schedule = Schedule::new(every, Instant::now());
+                loop {
+                    let wake = trigger.wait(schedule.tick());
+                    if wake == Wake::Stop {
+                        return;
                     }
-                    Err(e) => warn!(disk = %me.sh.name, "change-log checkpoint failed: {e}"),
+                    let Some(sh) = weak.upgrade() else { return };
+                    let me = ChangeLog { sh };
+                    let new = {
+                        let st = lock(&me.sh.st);
+                        if st.closed {
+                            return;
+                        }
+                        st.applied_upto > me.sh.ck.done.load(Ordering::SeqCst)
+                    };
+                    let now = Instant::now();
+                    if !schedule.due(now, wake, new) {
+                        continue;
+                    }
+                    schedule.ran(now);
+                    match me.checkpoint() {
+                        // Segments shipped meanwhile can go now that they are checkpointed.
+                        Ok(_) => {
+                            if let Err(e) = me.release_checkpointed() {
+                                warn!(disk = %me.sh.name, "cannot release shipped change-log segments: {e}");
+                            }
+                        }
+                        Err(e) => warn!(disk = %me.sh.name, "change-log checkpoint failed: {e}"),
+                    }
                 }
             });
         match spawned {
@@ -546,3 +633,6 @@ impl Drop for Syncing<'_> {
         self.0.store(false, Ordering::SeqCst);
     }
 }
+
+#[cfg(test)]
+mod tests;
