@@ -16,9 +16,8 @@
 //!   it would cover is `checkpoint_interval` old (`Schedule`; with nothing new, that long
 //!   after the last one), when `checkpoint_bytes` of log were appended since the last one,
 //!   when more than `hot_limit` extents are hot, and at every seal (so `take` and clean
-//!   shutdown), and by
-//!   `release` before deleting a segment the relog point has not passed: a segment is deleted
-//!   only when it is both shipped and below the relog point.
+//!   shutdown), and by `release` before deleting a segment the relog point has not passed: a
+//!   segment is deleted only when it is both shipped and below the relog point.
 //! * **Hot extents** (see [`super::super::hot`], "Two intervals"): a change to an extent with
 //!   no durable record above the cooling mark first syncs the log up to its own record.
 //! * **After a host crash** ([`ChangeLog::relog_extents`]): the image's bytes of every extent

@@ -61,9 +61,9 @@ fn kicks_checkpoint_at_once_and_a_stop_never() {
 #[test]
 fn a_change_waits_about_one_interval_whatever_the_wake_ups() {
     // Wake-ups at irregular moments (early timeouts of the condition variable, kicks
-    // from other triggers): a change first seen at `seen`, made after the last clean
-    // tick, is checkpointed between `every` minus a tick and `every` plus a tick after
-    // that clean tick, never later.
+    // from other triggers): a change made after the last tick that found the image clean
+    // is checkpointed by a tick between `every` and `every` plus a tick after that clean
+    // tick (so less than `every` plus a tick after the change), never later.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut rnd = move |n: u64| {
         x ^= x << 13;
