@@ -59,7 +59,9 @@
 # --extent-min writes `[log] extent_min` into the data directory's standby.toml (default: the
 # built-in 64K; "off" logs every write's data, as builds before extents did).
 # --log-config 'hot_limit = 4096' (repeatable) adds that line (TOML) to the `[log]` section, e.g.
-# 'checkpoint_interval = "60s"'; the table's footnote names every line written.
+# 'checkpoint_interval = "60s"'; the table's footnote names every line written. The file is
+# removed when the run ends (however it ends), so that nothing run later against the work
+# directory's data directory inherits the settings.
 # --only TEXT runs only the rows whose name contains TEXT (e.g. --only rand); "A|B" runs the
 # rows containing A or B, in the table's order (e.g. --only "seq write|rand write 4 KiB QD32":
 # the seq row, then the rand row as in the full sequence, then the sustained row, whose name
@@ -455,6 +457,8 @@ def main():
                 file=sys.stderr, flush=True)
     finally:
         standby.stop(); nbdkit.stop()
+        if log_conf and os.path.exists(conf):
+            os.remove(conf)
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("MB/s", "IOPS", "p99_us", "cpu_s_per_GB")}
            for k, v in results.items()}
     ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
