@@ -60,8 +60,8 @@
 # built-in 64K; "off" logs every write's data, as builds before extents did).
 # --log-config 'hot_limit = 4096' (repeatable) adds that line (TOML) to the `[log]` section, e.g.
 # 'checkpoint_interval = "60s"'; the table's footnote names every line written. The file is
-# removed when the run ends (however it ends), so that nothing run later against the work
-# directory's data directory inherits the settings.
+# removed when the run ends (normally, on an error, Ctrl-C, SIGTERM or SIGHUP), so that nothing
+# run later against the work directory's data directory inherits the settings.
 # --only TEXT runs only the rows whose name contains TEXT (e.g. --only rand); "A|B" runs the
 # rows containing A or B, in the table's order (e.g. --only "seq write|rand write 4 KiB QD32":
 # the seq row, then the rand row as in the full sequence, then the sustained row, whose name
@@ -362,6 +362,10 @@ def main():
     fio_out = os.path.join(work, "fio.json")
     print(f"sustained row: {sustained / 2**30:.1f} GiB (3x the dirty limit unless --sustained-mib)",
           file=sys.stderr)
+    # SIGTERM and SIGHUP end the run as Ctrl-C does: through `finally` (servers stopped, the
+    # standby.toml this run wrote removed).
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda n, _f: sys.exit(128 + n))
     try:
         for rep in range(reps):
             reset_log()
