@@ -222,6 +222,47 @@ fn has_no_hole(file: &File, offset: u64, len: u64) -> bool {
     hole >= 0 && hole as u64 >= offset + len
 }
 
+/// A directory on a file system whose clean pages leave the page cache on request
+/// (`POSIX_FADV_DONTNEED`), which the page-cache tests rely on. tmpfs and ramfs keep every
+/// page, so the system's temporary directory is passed over when it is one of them. `None`
+/// (the test is reported as skipped, with the reason) when no candidate qualifies; under
+/// `CI=true` that fails the test instead.
+#[cfg(test)]
+pub(crate) fn page_cache_dir(test: &str) -> Option<tempfile::TempDir> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let candidates = [
+        std::env::temp_dir(),
+        std::path::PathBuf::from("/var/tmp"),
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    ];
+    for dir in &candidates {
+        let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+            continue;
+        };
+        // SAFETY: `libc::statfs` is plain integers, for which all-zero bytes are valid.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statfs with a NUL-terminated path and a zeroed struct it fills in.
+        if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+            continue;
+        }
+        let kind = st.f_type as i64;
+        if kind != TMPFS_MAGIC && kind != RAMFS_MAGIC {
+            if let Ok(d) = tempfile::tempdir_in(dir) {
+                return Some(d);
+            }
+        }
+    }
+    let why = format!(
+        "{test}: SKIPPED: no directory on a file system that drops clean pages on request \
+         (tried {candidates:?}: tmpfs, ramfs or not writable); set TMPDIR to a directory on \
+         a disk file system to run it"
+    );
+    assert!(std::env::var("CI").map_or(true, |v| v != "true"), "{why}");
+    eprintln!("{why}");
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,46 +283,6 @@ mod tests {
         let data: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
         f.write_all_at(&data, 0).unwrap();
         (dir, f)
-    }
-
-    /// A directory on a file system whose clean pages leave the page cache on request
-    /// (`POSIX_FADV_DONTNEED`), which the page-cache tests rely on. tmpfs and ramfs keep every
-    /// page, so the system's temporary directory is passed over when it is one of them. `None`
-    /// (the test is reported as skipped, with the reason) when no candidate qualifies; under
-    /// `CI=true` that fails the test instead.
-    fn page_cache_dir(test: &str) -> Option<tempfile::TempDir> {
-        const TMPFS_MAGIC: i64 = 0x0102_1994;
-        const RAMFS_MAGIC: i64 = 0x8584_58f6;
-        let candidates = [
-            std::env::temp_dir(),
-            std::path::PathBuf::from("/var/tmp"),
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
-        ];
-        for dir in &candidates {
-            let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-                continue;
-            };
-            // SAFETY: `libc::statfs` is plain integers, for which all-zero bytes are valid.
-            let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-            // SAFETY: statfs with a NUL-terminated path and a zeroed struct it fills in.
-            if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-                continue;
-            }
-            let kind = st.f_type as i64;
-            if kind != TMPFS_MAGIC && kind != RAMFS_MAGIC {
-                if let Ok(d) = tempfile::tempdir_in(dir) {
-                    return Some(d);
-                }
-            }
-        }
-        let why = format!(
-            "{test}: SKIPPED: no directory on a file system that drops clean pages on request \
-             (tried {candidates:?}: tmpfs, ramfs or not writable); set TMPDIR to a directory on \
-             a disk file system to run it"
-        );
-        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "{why}");
-        eprintln!("{why}");
-        None
     }
 
     /// Writes a mapped read into a pipe and reads the pipe back: the way the kernel sees it.

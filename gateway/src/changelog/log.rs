@@ -12,7 +12,9 @@
 //! same for a batch of small writes (the disk's writer thread) with one `pwritev`. The active
 //! segment is written ahead with zeroes by each log sync (`Active::fill_ahead`), so a sync
 //! rarely changes the file's size; decoding ends a segment at zeroes that run to the end of
-//! the file. Small writes may also be logged inline on the caller's thread when nothing has
+//! the file. A sync that made at most [`DROP_SPAN`] bytes of records durable then drops their
+//! pages from the page cache, so the zeroes written next reuse that memory
+//! (`Active::cache_to_drop`). Small writes may also be logged inline on the caller's thread when nothing has
 //! to wait ([`ChangeLog::try_record_now`], in [`inline`]); their 40-byte records are copied
 //! into a mapping of the active segment instead of written ([`super::segmap`]: same page
 //! cache, no system call), which needs the zeroes ahead too (`Active::write_mapped`).
@@ -329,32 +331,56 @@ struct Active {
     /// [`super::segmap`]); `None` where the file system or the option does not allow it.
     /// Dropped when the segment is retired.
     map: Option<SegMap>,
+    /// The page-cache pages below this offset were dropped after a log sync made them durable,
+    /// or left to the kernel (see [`Self::cache_to_drop`]).
+    cache_done: u64,
 }
 
 /// Zeroes written ahead of the records of the active segment at a time.
 const FILL_AHEAD: u64 = 1 << 20;
-/// The zeroes go out in writes of at most this many bytes, each ending on a multiple of it.
+/// The zeroes go out in writes of one page each (the largest piece is [`MAX_FILL_PIECE`]).
 ///
 /// A buffered write allocates page-cache folios as large as itself (kernels with large
-/// folios on ext4, 6.16 and later), and a small write into a large folio costs more. In a loop
-/// of 4,136-byte appends (a 4 KiB write's record; `tools/bench/append.py`), appends into
-/// zeroes written as one 1 MiB write took 1.55–1.69 µs each, into zeroes written in 16–256
-/// KiB pieces 0.78–0.98 µs, and appends that extend the file 1.92–2.03 µs; writing the zeroes
-/// in 256 KiB pieces cost the least of the piece sizes tried (0.83–0.92 µs per append).
-const FILL_PIECE: u64 = 256 << 10;
-
-/// A buffer of [`FILL_PIECE`] zeroes.
-fn zeroes() -> &'static [u8] {
-    static Z: std::sync::OnceLock<Box<[u8]>> = std::sync::OnceLock::new();
-    Z.get_or_init(|| vec![0u8; FILL_PIECE as usize].into_boxed_slice())
+/// folios on ext4, 6.16 and later). Page-sized folios are what lets a log sync's dropped
+/// pages (see [`DROP_SPAN`]) serve as the next zeroes' pages: the kernel keeps freed single
+/// pages on per-CPU lists and hands them out again first, while a freed large folio goes back
+/// to the buddy allocator, where a hypervisor that takes free guest memory back (free page
+/// reporting) may reclaim it, so the next page written there faults in the host first.
+/// Measured on the flush row (BENCHMARKS.md, "The flush row's pages, recycled"): page-sized
+/// zeroes and dropped pages ran the row at 1.17–1.24× the rate of 256 KiB zeroes and kept
+/// pages; either change alone did not move it. Earlier, with kept pages, 16–256 KiB pieces had made
+/// the appends cheapest (0.78–0.98 µs each in `tools/bench/append.py`, against 1.55–1.69 µs
+/// into zeroes written as one 1 MiB write).
+fn fill_piece() -> u64 {
+    (crate::mapped::page_size() as u64).clamp(512, MAX_FILL_PIECE)
 }
 
-/// Writes zeroes over `[from, to)` of `file` in [`FILL_PIECE`]-aligned pieces; returns where
-/// the zeroes written without a gap end.
+/// The size of the buffer of zeroes (and the largest piece, on systems with larger pages).
+const MAX_FILL_PIECE: u64 = 64 << 10;
+
+/// A log sync drops the page-cache pages it made durable — whole pages behind the records,
+/// from where the last sync left off — when they span at most this many bytes: the log of a
+/// FLUSH loop of small writes, which would otherwise grow into a new page of memory per
+/// write or two. Its pages are read back from the disk when the segment is shipped, a few
+/// bytes per FLUSH. A sync that made more durable (large writes between FLUSHes, a
+/// checkpoint's sync of a log written without FLUSH) leaves its pages to the kernel, so
+/// the shipper finds them cached. The tail page, which the next records go on filling, is
+/// never dropped.
+const DROP_SPAN: u64 = 256 << 10;
+
+/// A buffer of [`MAX_FILL_PIECE`] zeroes.
+fn zeroes() -> &'static [u8] {
+    static Z: std::sync::OnceLock<Box<[u8]>> = std::sync::OnceLock::new();
+    Z.get_or_init(|| vec![0u8; MAX_FILL_PIECE as usize].into_boxed_slice())
+}
+
+/// Writes zeroes over `[from, to)` of `file` in pieces of [`fill_piece`] bytes, each ending
+/// on a multiple of it; returns where the zeroes written without a gap end.
 pub(super) fn write_zeroes(file: &File, from: u64, to: u64) -> u64 {
+    let piece = fill_piece();
     let mut at = from;
     while at < to {
-        let end = ((at / FILL_PIECE + 1) * FILL_PIECE).min(to);
+        let end = ((at / piece + 1) * piece).min(to);
         if file
             .write_all_at(&zeroes()[..(end - at) as usize], at)
             .is_err()
@@ -396,6 +422,27 @@ impl Active {
         if let Some(m) = self.map.as_mut() {
             m.drop_behind(self.pos);
         }
+    }
+
+    /// The page-cache range a log sync may drop once it has made the records up to `pos`
+    /// durable: the whole pages from where the last sync left off up to the page holding
+    /// `pos` (which the next records go on filling) or the first page the segment's mapping
+    /// may map, when they span at most [`DROP_SPAN`] bytes; `None` otherwise, and larger
+    /// spans are left to the kernel. Either way the next
+    /// sync starts where this one ends. Call under the append lock, when the sync takes its
+    /// files: every record below `pos` was written then, and the sync makes its pages clean.
+    fn cache_to_drop(&mut self) -> Option<(u64, u64)> {
+        let page = crate::mapped::page_size() as u64;
+        // Pages the segment's mapping may still map are not dropped (the kernel would keep
+        // them, after draining every CPU's page lists to try again): records copied into
+        // the mapping wait until its page tables are dropped behind them.
+        let mapped = self.map.as_ref().map_or(u64::MAX, SegMap::mapped_from);
+        let to = (self.pos / page * page).min(mapped);
+        if to <= self.cache_done {
+            return None;
+        }
+        let from = std::mem::replace(&mut self.cache_done, to);
+        (to - from <= DROP_SPAN).then_some((from, to))
     }
 
     /// Writes the record `parts` at `pos` through the segment's mapping if it has one and
@@ -1111,6 +1158,7 @@ impl ChangeLog {
             extent_bytes: 0,
             digest,
             map,
+            cache_done: 0,
         });
         ap.dir_dirty = true;
         Ok(())

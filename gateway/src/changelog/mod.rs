@@ -43,6 +43,8 @@ pub mod ship;
 pub mod sim;
 
 #[cfg(test)]
+mod cache_tests;
+#[cfg(test)]
 mod latch_tests;
 #[cfg(test)]
 mod mapped_tests;

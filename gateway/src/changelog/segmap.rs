@@ -54,6 +54,10 @@ pub struct SegMap {
     len: usize,
     /// Page tables below this offset were dropped.
     dropped: u64,
+    /// The start of the lowest page a copy may have mapped since (`None`: no copy above
+    /// `dropped`), and the end of the copies.
+    copied_from: Option<u64>,
+    copied_end: u64,
 }
 
 // SAFETY: `SegMap` owns an address range of a `MAP_SHARED` mapping that lives until its
@@ -91,6 +95,8 @@ impl SegMap {
             base,
             len,
             dropped: 0,
+            copied_from: None,
+            copied_end: 0,
         })
     }
 
@@ -118,7 +124,16 @@ impl SegMap {
             }
             at += p.len();
         }
+        let page = (pos / page_size() as u64) * page_size() as u64;
+        self.copied_from = Some(self.copied_from.map_or(page, |f| f.min(page)));
+        self.copied_end = self.copied_end.max(end);
         true
+    }
+
+    /// No page of the file below this offset is mapped by this mapping: the page cache may
+    /// free those pages (see `DROP_SPAN` in the log); pages above it may be mapped.
+    pub fn mapped_from(&self) -> u64 {
+        self.copied_from.unwrap_or(u64::MAX)
     }
 
     /// Drops the page tables of the whole pages below `upto` (the records' end) once at
@@ -143,6 +158,10 @@ impl SegMap {
         };
         if r == 0 {
             self.dropped = upto;
+            self.copied_from = match self.copied_end > upto {
+                true => self.copied_from.map(|f| f.max(upto)),
+                false => None,
+            };
         }
     }
 }
@@ -183,9 +202,12 @@ mod tests {
         f.read_exact_at(&mut end, (3 << 20) - 4).unwrap();
         assert_eq!(end, [0u8; 4]);
         // Dropping the page tables keeps the data; later copies still land.
+        assert_eq!(m.mapped_from(), 0, "a copy maps its page");
         m.drop_behind(2 << 20);
         assert_eq!(m.dropped, 2 << 20);
+        assert_eq!(m.mapped_from(), u64::MAX, "every copied page was unmapped");
         assert!(m.write(200, &[b"again"], 3 << 20));
+        assert_eq!(m.mapped_from(), 0);
         drop(m);
         let mut got = [0u8; 5];
         f.read_exact_at(&mut got, 200).unwrap();

@@ -82,6 +82,25 @@ pub fn pwritev_all(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<(
     Ok(())
 }
 
+/// Asks the kernel to drop the page-cache pages of `[from, to)` of `file`
+/// (`POSIX_FADV_DONTNEED`): clean pages not mapped anywhere are freed, dirty or mapped ones
+/// stay, and the file's bytes are unchanged — a read brings them back from the disk. A hint:
+/// its failure costs memory, never data.
+pub fn drop_cached(file: &File, from: u64, to: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(to.saturating_sub(from)))
+    else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: posix_fadvise on a descriptor `file` keeps open for the call; no memory is
+    // passed to the kernel.
+    let r =
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+    match r {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
 /// Creates a new segment file with its header (not yet synced).
 pub fn create_segment(dir: &Path, header: &SegmentHeader) -> io::Result<(PathBuf, File)> {
     let path = segment_path(dir, header.seq);

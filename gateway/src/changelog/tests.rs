@@ -679,10 +679,10 @@ fn active_segment_is_written_ahead_with_zeroes() {
     assert!(replayed(&f) == expect);
 }
 
-/// The zeroes written ahead go out in pieces that end on 256 KiB boundaries (large page-cache
-/// folios made by one big write make every later small append into them dearer, see
-/// `FILL_PIECE`): they cover exactly `[from, to)`, leave the bytes before `from` alone, and a
-/// file that cannot be written reports how far the zeroes got (nothing).
+/// The zeroes written ahead go out in page-sized pieces (page-sized folios, whose memory a
+/// log sync's dropped pages give back, see `fill_piece`): they cover exactly `[from, to)`,
+/// leave the bytes before `from` alone, and a file that cannot be written reports how far
+/// the zeroes got (nothing).
 #[test]
 fn zeroes_ahead_cover_exactly_their_range() {
     let dir = tempfile::tempdir().unwrap();

@@ -33,13 +33,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{lock, ChangeLog, Seg};
 use crate::changelog::durable::Target;
 use crate::changelog::format::{Kind, RecordHeader, FLAG_IMAGE_SYNCED};
 use crate::changelog::hot::HotExtents;
 use crate::changelog::hot::Plan;
+use crate::changelog::segment;
 use crate::changelog::LogError;
 
 /// Largest record written when an extent is logged again after a host crash.
@@ -234,15 +235,17 @@ impl ChangeLog {
     /// Makes every record appended so far durable: fdatasync of the unsealed segments and,
     /// when segments were created, of the directory.
     pub(super) fn sync_log(&self) -> io::Result<()> {
-        let (files, dir_dirty, upto) = {
+        let (files, dir_dirty, upto, drop) = {
             let mut ap = lock(&self.sh.ap);
             let mut files: Vec<Arc<Seg>> = ap.retired.iter().map(|a| Arc::clone(&a.seg)).collect();
+            let mut drop = None;
             if let Some(a) = ap.active.as_mut() {
                 a.fill_ahead(self.sh.opts.segment_size);
                 files.push(Arc::clone(&a.seg));
+                drop = a.cache_to_drop().map(|range| (Arc::clone(&a.seg), range));
             }
             let upto = ap.next_lsn.wrapping_sub(1);
-            (files, std::mem::take(&mut ap.dir_dirty), upto)
+            (files, std::mem::take(&mut ap.dir_dirty), upto, drop)
         };
         let dur = &self.sh.dur;
         let r = files
@@ -255,6 +258,13 @@ impl ChangeLog {
         match &r {
             Ok(()) => {
                 self.sh.ck.log_durable.fetch_max(upto, Ordering::SeqCst);
+                // The pages just made durable, so the zeroes written next reuse their
+                // memory (see `DROP_SPAN`). A hint: a failure only keeps them cached.
+                if let Some((seg, (from, to))) = drop {
+                    if let Err(e) = segment::drop_cached(&seg.file, from, to) {
+                        debug!(disk = %self.sh.name, "log pages not dropped from the page cache: {e}");
+                    }
+                }
             }
             Err(e) => self.sync_failed(e),
         }
