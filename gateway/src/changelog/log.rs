@@ -14,10 +14,11 @@
 //! rarely changes the file's size; decoding ends a segment at zeroes that run to the end of
 //! the file. A sync that made at most [`DROP_SPAN`] bytes of records durable then drops their
 //! pages from the page cache, so the zeroes written next reuse that memory
-//! (`Active::cache_to_drop`). Small writes may also be logged inline on the caller's thread when nothing has
-//! to wait ([`ChangeLog::try_record_now`], in [`inline`]); their 40-byte records are copied
-//! into a mapping of the active segment instead of written ([`super::segmap`]: same page
-//! cache, no system call), which needs the zeroes ahead too (`Active::write_mapped`).
+//! (`Active::cache_to_drop`). Small writes may also be logged inline on the caller's thread
+//! when nothing has to wait ([`ChangeLog::try_record_now`], in [`inline`]); their 40-byte
+//! records are copied into a mapping of the active segment instead of written
+//! ([`super::segmap`]: same page cache, no system call), which needs the zeroes ahead too
+//! (`Active::write_mapped`).
 //!
 //! **Sync** (`sync`, used by FLUSH and FUA): group commit. A caller needs one sync round that
 //! starts after it arrived; the first waiter becomes the leader of the next round, everyone
@@ -348,9 +349,9 @@ const FILL_AHEAD: u64 = 1 << 20;
 /// reporting) may reclaim it, so the next page written there faults in the host first.
 /// Measured on the flush row (BENCHMARKS.md, "The flush row's pages, recycled"): page-sized
 /// zeroes and dropped pages ran the row at 1.17–1.24× the rate of 256 KiB zeroes and kept
-/// pages; either change alone did not move it. Earlier, with kept pages, 16–256 KiB pieces had made
-/// the appends cheapest (0.78–0.98 µs each in `tools/bench/append.py`, against 1.55–1.69 µs
-/// into zeroes written as one 1 MiB write).
+/// pages; either change alone did not move it. Earlier, with kept pages, 16–256 KiB pieces
+/// had made the appends cheapest (0.78–0.98 µs each in `tools/bench/append.py`, against
+/// 1.55–1.69 µs into zeroes written as one 1 MiB write).
 fn fill_piece() -> u64 {
     (crate::mapped::page_size() as u64).clamp(512, MAX_FILL_PIECE)
 }
@@ -428,9 +429,9 @@ impl Active {
     /// durable: the whole pages from where the last sync left off up to the page holding
     /// `pos` (which the next records go on filling) or the first page the segment's mapping
     /// may map, when they span at most [`DROP_SPAN`] bytes; `None` otherwise, and larger
-    /// spans are left to the kernel. Either way the next
-    /// sync starts where this one ends. Call under the append lock, when the sync takes its
-    /// files: every record below `pos` was written then, and the sync makes its pages clean.
+    /// spans are left to the kernel. Either way the next sync starts where this one ends.
+    /// Call under the append lock, when the sync takes its files: every record below `pos`
+    /// was written then, and the sync makes its pages clean.
     fn cache_to_drop(&mut self) -> Option<(u64, u64)> {
         let page = crate::mapped::page_size() as u64;
         // Pages the segment's mapping may still map are not dropped (the kernel would keep
