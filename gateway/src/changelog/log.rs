@@ -339,25 +339,30 @@ struct Active {
 
 /// Zeroes written ahead of the records of the active segment at a time.
 const FILL_AHEAD: u64 = 1 << 20;
-/// The zeroes go out in writes of one page each (the largest piece is [`MAX_FILL_PIECE`]).
+/// The zeroes go out in writes of [`LARGE_FILL_PIECE`] bytes, or of one page each when the
+/// log sync that writes them drops the pages it made durable ([`DROP_SPAN`]); each write ends
+/// on a multiple of its size.
 ///
-/// A buffered write allocates page-cache folios as large as itself (kernels with large
-/// folios on ext4, 6.16 and later). Page-sized folios are what lets a log sync's dropped
-/// pages (see [`DROP_SPAN`]) serve as the next zeroes' pages: the kernel keeps freed single
-/// pages on per-CPU lists and hands them out again first, while a freed large folio goes back
-/// to the buddy allocator, where a hypervisor that takes free guest memory back (free page
-/// reporting) may reclaim it, so the next page written there faults in the host first.
-/// Measured on the flush row (BENCHMARKS.md, "The flush row's pages, recycled"): page-sized
-/// zeroes and dropped pages ran the row at 1.17–1.24× the rate of 256 KiB zeroes and kept
-/// pages; either change alone did not move it. Earlier, with kept pages, 16–256 KiB pieces
-/// had made the appends cheapest (0.78–0.98 µs each in `tools/bench/append.py`, against
-/// 1.55–1.69 µs into zeroes written as one 1 MiB write).
-fn fill_piece() -> u64 {
-    (crate::mapped::page_size() as u64).clamp(512, MAX_FILL_PIECE)
-}
+/// A buffered write allocates page-cache folios as large as itself (kernels with large folios
+/// on ext4, 6.16 and later), and a small write into a large folio costs more: in a loop of
+/// 4,136-byte appends (a 4 KiB write's record; `tools/bench/append.py`), appends into zeroes
+/// written as one 1 MiB write took 1.55–1.69 µs each, into zeroes written in 16–256 KiB
+/// pieces 0.78–0.98 µs; with an `fdatasync` every 64 appends, zeroes in 256 KiB pieces cost
+/// about 8 µs less per append than page-sized ones (fewer writes, fewer folios to write back).
+/// Page-sized folios are what lets a sync's dropped pages serve as the next zeroes' pages: the
+/// kernel keeps freed single pages on per-CPU lists and hands them out again first, while a
+/// freed large folio goes back to the buddy allocator, where a hypervisor that takes free
+/// guest memory back (free page reporting) may reclaim it, so the next page written there
+/// faults in the host first. Measured on the flush row (BENCHMARKS.md, "The flush row's
+/// pages, recycled"): page-sized zeroes and dropped pages ran the row at 1.17–1.24× the rate
+/// of 256 KiB zeroes and kept pages; either change alone did not move it.
+const LARGE_FILL_PIECE: u64 = 256 << 10;
 
-/// The size of the buffer of zeroes (and the largest piece, on systems with larger pages).
-const MAX_FILL_PIECE: u64 = 64 << 10;
+/// One page, the zeroes' piece where the sync drops pages (at least 512 bytes, at most
+/// [`LARGE_FILL_PIECE`]).
+fn page_piece() -> u64 {
+    (crate::mapped::page_size() as u64).clamp(512, LARGE_FILL_PIECE)
+}
 
 /// A log sync drops the page-cache pages it made durable — whole pages behind the records,
 /// from where the last sync left off — when they span at most this many bytes: the log of a
@@ -369,16 +374,17 @@ const MAX_FILL_PIECE: u64 = 64 << 10;
 /// never dropped.
 const DROP_SPAN: u64 = 256 << 10;
 
-/// A buffer of [`MAX_FILL_PIECE`] zeroes.
+/// A buffer of [`LARGE_FILL_PIECE`] zeroes.
 fn zeroes() -> &'static [u8] {
     static Z: std::sync::OnceLock<Box<[u8]>> = std::sync::OnceLock::new();
-    Z.get_or_init(|| vec![0u8; MAX_FILL_PIECE as usize].into_boxed_slice())
+    Z.get_or_init(|| vec![0u8; LARGE_FILL_PIECE as usize].into_boxed_slice())
 }
 
-/// Writes zeroes over `[from, to)` of `file` in pieces of [`fill_piece`] bytes, each ending
-/// on a multiple of it; returns where the zeroes written without a gap end.
-pub(super) fn write_zeroes(file: &File, from: u64, to: u64) -> u64 {
-    let piece = fill_piece();
+/// Writes zeroes over `[from, to)` of `file` in pieces of `piece` bytes (at most
+/// [`LARGE_FILL_PIECE`]), each ending on a multiple of it; returns where the zeroes written
+/// without a gap end.
+pub(super) fn write_zeroes(file: &File, from: u64, to: u64, piece: u64) -> u64 {
+    let piece = piece.clamp(1, LARGE_FILL_PIECE);
     let mut at = from;
     while at < to {
         let end = ((at / piece + 1) * piece).min(to);
@@ -408,8 +414,9 @@ impl Active {
     /// were written: the zeroes start at `max(pos, filled)`, never over a record. Decoding
     /// ends a segment at zeroes that run to the end of the file (see
     /// [`format::decode_segment`]). A failure is harmless (the next append extends the file
-    /// as before), so it is ignored.
-    fn fill_ahead(&mut self, segment_size: u64) {
+    /// as before), so it is ignored. `piece`: the size of the zeroes' writes (see
+    /// [`LARGE_FILL_PIECE`]).
+    fn fill_ahead(&mut self, segment_size: u64, piece: u64) {
         if self.pos + FILL_AHEAD / 2 <= self.filled {
             return;
         }
@@ -419,9 +426,19 @@ impl Active {
             self.filled = from;
             return;
         }
-        self.filled = write_zeroes(&self.seg.file, from, target);
+        self.filled = write_zeroes(&self.seg.file, from, target, piece);
         if let Some(m) = self.map.as_mut() {
             m.drop_behind(self.pos);
+        }
+    }
+
+    /// The piece of the zeroes a log sync writes ahead: one page when the records since
+    /// the last sync span at most [`DROP_SPAN`] (the sync drops their pages, and the zeroes
+    /// reuse them), else [`LARGE_FILL_PIECE`]. Call before [`Self::cache_to_drop`].
+    fn sync_fill_piece(&self) -> u64 {
+        match self.pos.saturating_sub(self.cache_done) <= DROP_SPAN {
+            true => page_piece(),
+            false => LARGE_FILL_PIECE,
         }
     }
 
@@ -457,7 +474,7 @@ impl Active {
         }
         let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         if pos + len > self.filled {
-            self.fill_ahead(segment_size);
+            self.fill_ahead(segment_size, LARGE_FILL_PIECE);
         }
         let filled = self.filled;
         self.map

@@ -679,10 +679,10 @@ fn active_segment_is_written_ahead_with_zeroes() {
     assert!(replayed(&f) == expect);
 }
 
-/// The zeroes written ahead go out in page-sized pieces (page-sized folios, whose memory a
-/// log sync's dropped pages give back, see `fill_piece`): they cover exactly `[from, to)`,
-/// leave the bytes before `from` alone, and a file that cannot be written reports how far
-/// the zeroes got (nothing).
+/// The zeroes written ahead go out in pieces that end on multiples of their size (256 KiB,
+/// or a page where the sync drops pages, see `LARGE_FILL_PIECE`): they cover exactly
+/// `[from, to)`, leave the bytes before `from` alone, and a file that cannot be written
+/// reports how far the zeroes got (nothing).
 #[test]
 fn zeroes_ahead_cover_exactly_their_range() {
     let dir = tempfile::tempdir().unwrap();
@@ -690,15 +690,22 @@ fn zeroes_ahead_cover_exactly_their_range() {
     fs::write(&p, vec![0xabu8; 1000]).unwrap();
     let file = File::options().read(true).write(true).open(&p).unwrap();
     let to = 1000 + 600_000;
-    assert_eq!(super::log::write_zeroes(&file, 1000, to), to);
-    let bytes = fs::read(&p).unwrap();
-    assert_eq!(bytes.len() as u64, to);
-    assert!(bytes[..1000].iter().all(|&b| b == 0xab));
-    assert!(bytes[1000..].iter().all(|&b| b == 0));
-    assert_eq!(super::log::write_zeroes(&file, to, to), to, "empty range");
+    for piece in [4096, 256 << 10] {
+        fs::write(&p, vec![0xabu8; 1000]).unwrap();
+        assert_eq!(super::log::write_zeroes(&file, 1000, to, piece), to);
+        let bytes = fs::read(&p).unwrap();
+        assert_eq!(bytes.len() as u64, to);
+        assert!(bytes[..1000].iter().all(|&b| b == 0xab));
+        assert!(bytes[1000..].iter().all(|&b| b == 0));
+        assert_eq!(
+            super::log::write_zeroes(&file, to, to, piece),
+            to,
+            "empty range"
+        );
+    }
     drop(file);
     let ro = File::open(&p).unwrap();
-    assert_eq!(super::log::write_zeroes(&ro, to, to + 5000), to);
+    assert_eq!(super::log::write_zeroes(&ro, to, to + 5000, 4096), to);
     assert_eq!(fs::metadata(&p).unwrap().len(), to);
 }
 

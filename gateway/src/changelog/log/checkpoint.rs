@@ -240,7 +240,8 @@ impl ChangeLog {
             let mut files: Vec<Arc<Seg>> = ap.retired.iter().map(|a| Arc::clone(&a.seg)).collect();
             let mut drop = None;
             if let Some(a) = ap.active.as_mut() {
-                a.fill_ahead(self.sh.opts.segment_size);
+                let piece = a.sync_fill_piece();
+                a.fill_ahead(self.sh.opts.segment_size, piece);
                 files.push(Arc::clone(&a.seg));
                 drop = a.cache_to_drop().map(|range| (Arc::clone(&a.seg), range));
             }
