@@ -432,16 +432,6 @@ impl Active {
         }
     }
 
-    /// The piece of the zeroes a log sync writes ahead: one page when the records since
-    /// the last sync span at most [`DROP_SPAN`] (the sync drops their pages, and the zeroes
-    /// reuse them), else [`LARGE_FILL_PIECE`]. Call before [`Self::cache_to_drop`].
-    fn sync_fill_piece(&self) -> u64 {
-        match self.pos.saturating_sub(self.cache_done) <= DROP_SPAN {
-            true => page_piece(),
-            false => LARGE_FILL_PIECE,
-        }
-    }
-
     /// The page-cache range a log sync may drop once it has made the records up to `pos`
     /// durable: the whole pages from where the last sync left off up to the page holding
     /// `pos` (which the next records go on filling) or the first page the segment's mapping

@@ -240,10 +240,13 @@ impl ChangeLog {
             let mut files: Vec<Arc<Seg>> = ap.retired.iter().map(|a| Arc::clone(&a.seg)).collect();
             let mut drop = None;
             if let Some(a) = ap.active.as_mut() {
-                let piece = a.sync_fill_piece();
+                // A sync that drops pages writes its zeroes a page at a time, into the
+                // pages it frees (see `LARGE_FILL_PIECE`).
+                let range = a.cache_to_drop();
+                let piece = range.map_or(super::LARGE_FILL_PIECE, |_| super::page_piece());
                 a.fill_ahead(self.sh.opts.segment_size, piece);
                 files.push(Arc::clone(&a.seg));
-                drop = a.cache_to_drop().map(|range| (Arc::clone(&a.seg), range));
+                drop = range.map(|range| (Arc::clone(&a.seg), range));
             }
             let upto = ap.next_lsn.wrapping_sub(1);
             (files, std::mem::take(&mut ap.dir_dirty), upto, drop)
