@@ -153,6 +153,9 @@ struct Piece {
     /// Part of a deferred small write: its bytes are to be logged at the next FLUSH or cut
     /// (see [`deferred`]). Counted in [`Inner::deferred`] while uncut.
     deferred: bool,
+    /// Live deferred pieces of several writes merged into one (see [`deferred`], "Merged
+    /// pieces"): `lsn` is the newest of their records, not the record of every byte.
+    merged: bool,
 }
 
 struct SideFile {
@@ -230,7 +233,15 @@ impl Inner {
             .range(..end)
             .next_back()
             .is_none_or(|(_, p)| p.end <= offset));
-        self.pieces.insert(offset, Piece { end, lsn, deferred });
+        self.pieces.insert(
+            offset,
+            Piece {
+                end,
+                lsn,
+                deferred,
+                merged: false,
+            },
+        );
         if deferred && lsn > self.cut_lsn {
             self.index_piece(offset, lsn, end - offset);
         }
@@ -391,6 +402,7 @@ impl ExtentMap {
                         end,
                         lsn: h.lsn,
                         deferred: h.flags & format::FLAG_DEFERRED != 0 && h.lsn > cut,
+                        merged: false,
                     };
                     inner.pieces.insert(h.offset, piece);
                 }
@@ -492,10 +504,23 @@ impl ExtentMap {
     /// Called by [`crate::Disk::cut`] with the barrier LSN while the disk's writes are
     /// paused: every extent up to it belongs to a cut. Also deletes the side files of
     /// released segments.
-    pub fn cut_at(&self, log: &ChangeLog, lsn: u64) {
+    ///
+    /// Fails, changing nothing, where a merged deferred piece (see [`deferred`], "Merged
+    /// pieces") would fall into the cut: its record LSN is the newest of its writes', so a
+    /// preimage saved for it could not be found for the others. The cut's own pass logs
+    /// every deferred piece first, so this is a pass that did not finish; the cut then
+    /// fails as a failed pass does, and the next one logs them.
+    pub fn cut_at(&self, log: &ChangeLog, lsn: u64) -> io::Result<()> {
         let mut inner = lock(&self.inner);
         self.follow_chain(&mut inner, log);
-        inner.cut_lsn = inner.cut_lsn.max(lsn);
+        let cut = inner.cut_lsn.max(lsn);
+        if let Some(at) = inner.merged_at_or_below(cut) {
+            return Err(io::Error::other(format!(
+                "deferred writes at offset {at} are not logged yet (the pass before the \
+                 barrier did not finish); the cut is not taken, the next one logs them"
+            )));
+        }
+        inner.cut_lsn = cut;
         if !inner.live.is_empty() || !inner.synced.is_empty() {
             inner.retire_cut_deferred();
         }
@@ -524,7 +549,7 @@ impl ExtentMap {
         }
         let gone: Vec<u64> = inner.files.keys().copied().filter(|&s| s < first).collect();
         if gone.is_empty() {
-            return;
+            return Ok(());
         }
         for s in &gone {
             inner.files.remove(s);
@@ -535,6 +560,7 @@ impl ExtentMap {
         });
         let chain = inner.chain_id;
         self.remove_side_files(|seq, c| c == chain && seq < first);
+        Ok(())
     }
 
     /// For the inline write path, found without waiting: whether [`Self::before_write`] of
@@ -584,6 +610,14 @@ impl ExtentMap {
             if p.lsn <= cut {
                 return None;
             }
+            // Inside a live deferred piece (a block written again between two FLUSHes, or
+            // next to others merged with it): the piece is the new record's now — every
+            // byte of it is still the image's and still to be logged — nothing else
+            // changes. Being inside it, no other piece lies there.
+            if defer_max > 0 && p.deferred && p.lsn > synced_lsn && s <= offset && end <= p.end {
+                p.lsn = lsn;
+                return Some(true);
+            }
             // The same range written again while its deferred piece is live (a hot block
             // between two FLUSHes; being exact, it is the only piece there): the piece is the
             // new record's now, nothing else changes — unless it was synced, when it is
@@ -611,7 +645,7 @@ impl ExtentMap {
             && held.saturating_add(len) <= defer_max
             && pieces < self.pieces_max.load(std::sync::atomic::Ordering::Relaxed);
         if deferred {
-            inner.insert_free(lsn, offset, len, true);
+            inner.insert_deferred(lsn, offset, len);
         }
         Some(deferred)
     }
@@ -786,3 +820,6 @@ mod deferred_tests;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod merge_tests;

@@ -118,7 +118,9 @@ impl Disk {
                     // Writes from here on save the bytes of this cut's extents first; the
                     // state file says where the cut is before any of them runs, so a
                     // reopened map knows it too.
-                    t.extents.cut_at(&t.log, lsn);
+                    t.extents
+                        .cut_at(&t.log, lsn)
+                        .map_err(|e| deferred_error(&t.log, e))?;
                     t.log.note_cut(lsn)?;
                     out.push(lsn);
                 }

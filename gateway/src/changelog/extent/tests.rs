@@ -5,7 +5,12 @@ use super::*;
 #[test]
 fn cut_out_splits_pieces() {
     let mut p = BTreeMap::new();
-    let piece = |end, lsn, deferred| Piece { end, lsn, deferred };
+    let piece = |end, lsn, deferred| Piece {
+        end,
+        lsn,
+        deferred,
+        merged: false,
+    };
     p.insert(0, piece(100, 1, false));
     p.insert(200, piece(300, 2, true));
     let hit = cut_out(&mut p, 50, 250);
