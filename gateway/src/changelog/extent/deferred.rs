@@ -70,7 +70,7 @@
 //! segment keeps it. Synced pieces are not merged (a write next to one would make the FLUSH
 //! log bytes that are durable already). Why: random small writes over a disk leave one piece
 //! per block until the FLUSH, ~500,000 of them on a 2 GiB disk, and the map's B-tree walk for
-//! a random block missed the CPU caches on every write (about 0.8 µs of a logged write's
+//! a random block missed the CPU caches on every write (about 1 µs of a logged write's
 //! ~7 µs on this machine, BENCHMARKS.md); merged, the same writes leave at most one piece per
 //! window once they cover it. What it must never do: fall into a cut unlogged — a preimage
 //! saved under the newest LSN could not be found for the older writes' records — so
@@ -150,7 +150,11 @@ impl Inner {
     pub(super) fn insert_deferred(&mut self, lsn: u64, offset: u64, len: u64) {
         let end = offset.saturating_add(len);
         let floor = self.cut_lsn.max(self.synced_lsn);
-        debug_assert!(lsn > floor);
+        if lsn <= floor {
+            // Not live (never so for a new record): entered as it is, unmerged.
+            self.insert_free(lsn, offset, len, true);
+            return;
+        }
         let window = |a: u64, b: u64| a / RUN_MAX == (b - 1) / RUN_MAX;
         let live = |p: &Piece| p.deferred && p.lsn > floor;
         let left = self
