@@ -3,10 +3,12 @@
 //! it, a FLUSH logs their bytes as written, and a cut never takes one unlogged.
 
 use std::fs;
+use std::sync::Arc;
 
+use crate::changelog::extent::ExtentMap;
 use crate::changelog::format::Kind;
 use crate::changelog::tests::{records, rt};
-use crate::changelog::{LogOptions, LogState};
+use crate::changelog::{ChangeLog, LogOptions, LogState};
 use crate::disk::Disk;
 
 /// The 1 MiB windows pieces are merged in; the disk is two of them.
@@ -34,6 +36,23 @@ fn open(t: &tempfile::TempDir) -> Disk {
     d
 }
 
+/// [`open`]'s disk, with its log and extent map.
+fn tracked(t: &tempfile::TempDir) -> (Disk, ChangeLog, Arc<ExtentMap>) {
+    let disk = open(t);
+    let log = disk.change_log().unwrap();
+    let map = super::registered(log.dir()).unwrap();
+    (disk, log, map)
+}
+
+/// The write records logged after the first `n` records, as (offset, length).
+fn writes_since(disk: &Disk, n: usize) -> Vec<(u64, u64)> {
+    records(disk)[n..]
+        .iter()
+        .filter(|h| h.kind == Kind::Write)
+        .map(|h| (h.offset, h.length))
+        .collect()
+}
+
 fn inline(disk: &Disk, offset: u64, byte: u8) {
     let r = disk.write_now(offset, &[byte; 4096], false);
     assert!(r.is_some_and(|r| r.is_ok()), "taken inline at {offset}");
@@ -43,9 +62,7 @@ fn inline(disk: &Disk, offset: u64, byte: u8) {
 fn adjacent_deferred_writes_merge_within_a_window() {
     let t = tempfile::tempdir().unwrap();
     let rt = rt();
-    let disk = open(&t);
-    let log = disk.change_log().unwrap();
-    let map = super::registered(log.dir()).unwrap();
+    let (disk, log, map) = tracked(&t);
     // Out of order: the second joins the first from the left, the third fills the block the
     // warm-up wrote (no piece there) between it and the window's end.
     inline(&disk, W - 8192, 1);
@@ -99,9 +116,7 @@ fn adjacent_deferred_writes_merge_within_a_window() {
 fn pieces_synced_by_a_checkpoint_do_not_merge_with_live_ones() {
     let t = tempfile::tempdir().unwrap();
     let rt = rt();
-    let disk = open(&t);
-    let log = disk.change_log().unwrap();
-    let map = super::registered(log.dir()).unwrap();
+    let (disk, log, map) = tracked(&t);
     inline(&disk, 0, 1);
     log.checkpoint().unwrap();
     map.settle(&log);
@@ -116,11 +131,7 @@ fn pieces_synced_by_a_checkpoint_do_not_merge_with_live_ones() {
     map.check_deferred_index().unwrap();
     let n = records(&disk).len();
     rt.block_on(disk.flush()).unwrap();
-    let logged: Vec<(u64, u64)> = records(&disk)[n..]
-        .iter()
-        .filter(|h| h.kind == Kind::Write)
-        .map(|h| (h.offset, h.length))
-        .collect();
+    let logged = writes_since(&disk, n);
     assert_eq!(logged, vec![(4096, 4096)], "only the live piece");
     rt.block_on(disk.close()).unwrap();
 }
@@ -129,9 +140,7 @@ fn pieces_synced_by_a_checkpoint_do_not_merge_with_live_ones() {
 fn a_cut_never_takes_a_merged_piece_unlogged() {
     let t = tempfile::tempdir().unwrap();
     let rt = rt();
-    let disk = open(&t);
-    let log = disk.change_log().unwrap();
-    let map = super::registered(log.dir()).unwrap();
+    let (disk, log, map) = tracked(&t);
     inline(&disk, 0, 1);
     inline(&disk, 4096, 2);
     assert_eq!(disk.extent_ranges(), vec![(0, 8192)]);
@@ -144,11 +153,7 @@ fn a_cut_never_takes_a_merged_piece_unlogged() {
     // A cut logs the piece's bytes first, then takes the cut.
     let n = records(&disk).len();
     Disk::cut(std::slice::from_ref(&disk)).unwrap();
-    let logged: Vec<(u64, u64)> = records(&disk)[n..]
-        .iter()
-        .filter(|h| h.kind == Kind::Write)
-        .map(|h| (h.offset, h.length))
-        .collect();
+    let logged = writes_since(&disk, n);
     assert_eq!(logged, vec![(0, 8192)]);
     assert!(disk.extent_ranges().is_empty());
     map.check_deferred_index().unwrap();
