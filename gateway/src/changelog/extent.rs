@@ -582,9 +582,11 @@ impl ExtentMap {
     /// in the map before the image write: only a FLUSH's or cut's pass reads a deferred
     /// piece's bytes, and it holds the range first, so it waits for this write.
     ///
-    /// Cost (it runs on every small write): a write of exactly a live deferred piece's range
-    /// only renumbers that piece, found by the walk that checks the pieces there; another
-    /// walk removes only if something overlaps, and the insert removes nothing again.
+    /// Cost (it runs on every small write): a write inside a live deferred piece (merged
+    /// or not, see [`deferred`], "Merged pieces"), or of exactly a synced one's range, only
+    /// renumbers that piece, found by the walk that checks the pieces there; another walk
+    /// removes only if something overlaps, and the insert removes nothing again (it looks
+    /// up the neighbours it may merge with).
     pub fn take_uncut(
         &self,
         chain_id: u64,
@@ -618,10 +620,9 @@ impl ExtentMap {
                 p.lsn = lsn;
                 return Some(true);
             }
-            // The same range written again while its deferred piece is live (a hot block
-            // between two FLUSHes; being exact, it is the only piece there): the piece is the
-            // new record's now, nothing else changes — unless it was synced, when it is
-            // live again (its new bytes are not durable).
+            // The same range written again over a synced deferred piece (live ones were
+            // taken just above; being exact, it is the only piece there): the piece is the
+            // new record's now and live again (its new bytes are not durable).
             if defer_max > 0 && s == offset && p.end == end && p.deferred {
                 renumbered = Some(std::mem::replace(&mut p.lsn, lsn));
                 break;
