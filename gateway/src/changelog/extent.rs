@@ -188,6 +188,21 @@ struct Inner {
 }
 
 impl Inner {
+    fn new(chain_id: u64) -> Inner {
+        Inner {
+            chain_id,
+            pieces: BTreeMap::new(),
+            cut_lsn: 0,
+            saved: BTreeMap::new(),
+            files: HashMap::new(),
+            live: BTreeSet::new(),
+            deferred: 0,
+            synced_lsn: 0,
+            synced: BTreeSet::new(),
+            synced_bytes: 0,
+        }
+    }
+
     /// Removes the parts of pieces inside `[start, end)` (see [`cut_out`]), keeping the live
     /// deferred pieces' index and bytes.
     fn remove(&mut self, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
@@ -350,18 +365,7 @@ impl ExtentMap {
             image,
             dur,
             pieces_max: std::sync::atomic::AtomicUsize::new(PIECES_MAX),
-            inner: Mutex::new(Inner {
-                chain_id: log.chain_id(),
-                pieces: BTreeMap::new(),
-                cut_lsn: 0,
-                saved: BTreeMap::new(),
-                files: HashMap::new(),
-                live: BTreeSet::new(),
-                deferred: 0,
-                synced_lsn: 0,
-                synced: BTreeSet::new(),
-                synced_bytes: 0,
-            }),
+            inner: Mutex::new(Inner::new(log.chain_id())),
         });
         if log.state().is_healthy() {
             if let Err(e) = map.load(log) {
@@ -582,11 +586,9 @@ impl ExtentMap {
     /// in the map before the image write: only a FLUSH's or cut's pass reads a deferred
     /// piece's bytes, and it holds the range first, so it waits for this write.
     ///
-    /// Cost (it runs on every small write): a write inside a live deferred piece (merged
-    /// or not, see [`deferred`], "Merged pieces"), or of exactly a synced one's range, only
-    /// renumbers that piece, found by the walk that checks the pieces there; another walk
-    /// removes only if something overlaps, and the insert removes nothing again (it looks
-    /// up the neighbours it may merge with).
+    /// Cost (it runs on every small write): one walk of the pieces' B-tree back from `end`
+    /// on the common paths (see `Inner::take_uncut`), plus an insert into the pieces and the
+    /// live index for a new piece that no live piece before it takes in.
     pub fn take_uncut(
         &self,
         chain_id: u64,
@@ -599,56 +601,8 @@ impl ExtentMap {
         if inner.chain_id != chain_id {
             return None;
         }
-        let end = offset.saturating_add(len);
-        let (cut, synced_lsn) = (inner.cut_lsn, inner.synced_lsn);
-        let mut hit = false;
-        let mut renumbered = None;
-        // Pieces never overlap, so walking back from the last one that starts before `end`,
-        // the ends decrease too: the first one ending at or before `offset` ends the walk.
-        for (&s, p) in inner.pieces.range_mut(..end).rev() {
-            if p.end <= offset {
-                break;
-            }
-            if p.lsn <= cut {
-                return None;
-            }
-            // Inside a live deferred piece (a block written again between two FLUSHes, or
-            // next to others merged with it): the piece is the new record's now — every
-            // byte of it is still the image's and still to be logged — nothing else
-            // changes. Being inside it, no other piece lies there.
-            if defer_max > 0 && p.deferred && p.lsn > synced_lsn && s <= offset && end <= p.end {
-                p.lsn = lsn;
-                return Some(true);
-            }
-            // The same range written again over a synced deferred piece (live ones were
-            // taken just above; being exact, it is the only piece there): the piece is the
-            // new record's now and live again (its new bytes are not durable).
-            if defer_max > 0 && s == offset && p.end == end && p.deferred {
-                renumbered = Some(std::mem::replace(&mut p.lsn, lsn));
-                break;
-            }
-            hit = true;
-        }
-        if let Some(old) = renumbered {
-            if (old > synced_lsn) != (lsn > synced_lsn) {
-                // It moves between the synced and the live index.
-                inner.unindex_piece(offset, old, len);
-                inner.index_piece(offset, lsn, len);
-            }
-            return Some(true);
-        }
-        if hit {
-            inner.remove(offset, end);
-        }
-        let held = inner.deferred + inner.synced_bytes;
-        let pieces = inner.live.len() + inner.synced.len();
-        let deferred = defer_max > 0
-            && held.saturating_add(len) <= defer_max
-            && pieces < self.pieces_max.load(std::sync::atomic::Ordering::Relaxed);
-        if deferred {
-            inner.insert_deferred(lsn, offset, len);
-        }
-        Some(deferred)
+        let pieces_max = self.pieces_max.load(std::sync::atomic::Ordering::Relaxed);
+        inner.take_uncut(lsn, offset, len, defer_max, pieces_max)
     }
 
     /// Testing only: lowers the bound on deferred pieces ([`PIECES_MAX`]).
@@ -824,3 +778,6 @@ mod tests;
 
 #[cfg(test)]
 mod merge_tests;
+
+#[cfg(test)]
+mod take_tests;

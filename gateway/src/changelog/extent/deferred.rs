@@ -195,6 +195,162 @@ impl Inner {
         }
     }
 
+    /// [`ExtentMap::take_uncut`] under the map's lock, with the map's bound on pieces.
+    ///
+    /// One walk of the pieces back from `end` decides the common paths: the piece starting
+    /// at `end` (a right neighbour to merge with), the pieces over the write (one of a cut:
+    /// decline; a live deferred one around it: renumbered, as is a synced one of exactly its
+    /// range), and the first piece ending at or before `offset` (a left neighbour, grown in
+    /// place over the write, and over the right one too when both fit one window). So a
+    /// write next to a live piece costs that one walk (and a removal if it joins two), a
+    /// write with no live neighbour one walk and two inserts. A write over other pieces
+    /// removes them first and then enters its piece as [`Inner::insert_deferred`] does:
+    /// the same rules, in more walks.
+    pub(super) fn take_uncut(
+        &mut self,
+        lsn: u64,
+        offset: u64,
+        len: u64,
+        defer_max: u64,
+        pieces_max: usize,
+    ) -> Option<bool> {
+        if len == 0 {
+            // Nothing to keep track of (never asked: an empty write logs nothing).
+            return Some(false);
+        }
+        let end = offset.saturating_add(len);
+        let (cut, synced_lsn) = (self.cut_lsn, self.synced_lsn);
+        let floor = cut.max(synced_lsn);
+        let fits = |m: &Inner| {
+            defer_max > 0
+                && (m.deferred + m.synced_bytes).saturating_add(len) <= defer_max
+                && m.live.len() + m.synced.len() < pieces_max
+        };
+        // Only a new piece that is live merges (see "Merged pieces").
+        let merges = fits(self) && lsn > floor;
+        let window = |a: u64, b: u64| a / RUN_MAX == (b - 1) / RUN_MAX;
+        let live = |p: &Piece| p.deferred && p.lsn > floor;
+        let mut right = None;
+        let mut hit = false;
+        let mut renumbered = None;
+        let mut grown = None;
+        // Pieces never overlap, so walking back from the one that starts at `end`, the ends
+        // decrease too: the first one ending at or before `offset` ends the walk.
+        for (&s, p) in self.pieces.range_mut(..=end).rev() {
+            if s == end {
+                // Starts where the write ends: a neighbour, not under the write.
+                right = Some(p.end).filter(|_| live(p));
+                continue;
+            }
+            if p.end <= offset {
+                if !hit && merges && p.end == offset && live(p) && window(s, end) {
+                    // The left neighbour takes the write in, and the right one if the
+                    // result stays in its window; its key, and so its index entry, stays.
+                    let joined = right.filter(|&e| window(s, e));
+                    p.end = joined.unwrap_or(end);
+                    p.lsn = lsn;
+                    p.merged = true;
+                    grown = Some(joined.is_some());
+                }
+                break;
+            }
+            if p.lsn <= cut {
+                return None;
+            }
+            // Inside a live deferred piece (a block written again between two FLUSHes, or
+            // next to others merged with it): the piece is the new record's now — every
+            // byte of it is still the image's and still to be logged — nothing else
+            // changes. Being inside it, no other piece lies there.
+            if defer_max > 0 && p.deferred && p.lsn > synced_lsn && s <= offset && end <= p.end {
+                p.lsn = lsn;
+                return Some(true);
+            }
+            // The same range written again over a synced deferred piece (live ones were
+            // taken just above; being exact, it is the only piece there): the piece is the
+            // new record's now and live again (its new bytes are not durable).
+            if defer_max > 0 && s == offset && p.end == end && p.deferred {
+                renumbered = Some(std::mem::replace(&mut p.lsn, lsn));
+                break;
+            }
+            hit = true;
+        }
+        if let Some(old) = renumbered {
+            if (old > synced_lsn) != (lsn > synced_lsn) {
+                // It moves between the synced and the live index.
+                self.unindex_piece(offset, old, len);
+                self.index_piece(offset, lsn, len);
+            }
+            return Some(true);
+        }
+        if hit {
+            self.remove(offset, end);
+            let deferred = fits(self);
+            if deferred {
+                self.insert_deferred(lsn, offset, len);
+            }
+            return Some(deferred);
+        }
+        if let Some(joined) = grown {
+            // The right neighbour's bytes stay counted: they are the grown piece's now.
+            self.deferred += len;
+            if joined {
+                self.pieces.remove(&end);
+                self.live.remove(&end);
+            }
+            return Some(true);
+        }
+        if !merges {
+            if fits(self) {
+                // Not live (never so for a new record): entered as it is.
+                self.insert_free(lsn, offset, len, true);
+                return Some(true);
+            }
+            return Some(false);
+        }
+        let joined = right.filter(|&e| window(offset, e));
+        if joined.is_some() {
+            self.pieces.remove(&end);
+            self.live.remove(&end);
+        }
+        self.pieces.insert(
+            offset,
+            Piece {
+                end: joined.unwrap_or(end),
+                lsn,
+                deferred: true,
+                merged: joined.is_some(),
+            },
+        );
+        self.live.insert(offset);
+        self.deferred += len;
+        Some(true)
+    }
+
+    /// [`ExtentMap::settle`]'s change: the image is trusted through `trusted` (above
+    /// `synced_lsn`), so the live pieces at or below it are synced now.
+    pub(super) fn settle_to(&mut self, trusted: u64) {
+        self.synced_lsn = trusted;
+        if self.live.is_empty() {
+            return;
+        }
+        // One walk, in offset order (so both sets are built by appending).
+        let (mut kept, mut moved) = (BTreeSet::new(), BTreeSet::new());
+        for k in std::mem::take(&mut self.live) {
+            match self.pieces.get(&k).map(|p| (p.lsn, p.end - k)) {
+                Some((lsn, len)) if lsn <= trusted => {
+                    self.deferred = self.deferred.saturating_sub(len);
+                    self.synced_bytes += len;
+                    moved.insert(k);
+                }
+                _ => {
+                    kept.insert(k);
+                }
+            }
+        }
+        self.live = kept;
+        self.synced.append(&mut moved);
+    }
+
     /// The start of a merged deferred piece whose LSN is at or below `cut`, if any.
     pub(super) fn merged_at_or_below(&self, cut: u64) -> Option<u64> {
         self.live
@@ -254,26 +410,7 @@ impl ExtentMap {
         if inner.chain_id != chain || trusted <= inner.synced_lsn {
             return inner.deferred;
         }
-        inner.synced_lsn = trusted;
-        if inner.live.is_empty() {
-            return 0;
-        }
-        // One walk, in offset order (so both sets are built by appending).
-        let (mut kept, mut moved) = (BTreeSet::new(), BTreeSet::new());
-        for k in std::mem::take(&mut inner.live) {
-            match inner.pieces.get(&k).map(|p| (p.lsn, p.end - k)) {
-                Some((lsn, len)) if lsn <= trusted => {
-                    inner.deferred = inner.deferred.saturating_sub(len);
-                    inner.synced_bytes += len;
-                    moved.insert(k);
-                }
-                _ => {
-                    kept.insert(k);
-                }
-            }
-        }
-        inner.live = kept;
-        inner.synced.append(&mut moved);
+        inner.settle_to(trusted);
         inner.deferred
     }
 

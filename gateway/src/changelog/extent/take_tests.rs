@@ -1,0 +1,242 @@
+//! Reference-model test of `Inner::take_uncut`, the one walk a small write's piece takes:
+//! random writes of one or more blocks (and a few unaligned ones), plain extents, syncs
+//! (`Inner::settle_to`) and cuts over a 4 MiB disk (four merge windows), applied to two maps —
+//! one through `take_uncut`, one through the rules as first written, in separate steps
+//! (walk for a cut or a renumber; remove what the write covers; check the bounds; enter the
+//! piece with `Inner::insert_deferred`). After every step both answer alike and hold the same
+//! pieces, indexes and byte counts, and those agree with each other.
+
+use proptest::prelude::*;
+
+use super::{Inner, Piece};
+
+const BLOCK: u64 = 4096;
+const BLOCKS: u64 = 1024;
+
+/// The rules of `take_uncut` in separate steps (each its own walk of the pieces), as they
+/// were before the single walk: the reference.
+fn reference(
+    m: &mut Inner,
+    lsn: u64,
+    offset: u64,
+    len: u64,
+    defer_max: u64,
+    pieces_max: usize,
+) -> Option<bool> {
+    if len == 0 {
+        return Some(false);
+    }
+    let end = offset + len;
+    let (cut, synced_lsn) = (m.cut_lsn, m.synced_lsn);
+    let mut hit = false;
+    let mut renumbered = None;
+    for (&s, p) in m.pieces.range_mut(..end).rev() {
+        if p.end <= offset {
+            break;
+        }
+        if p.lsn <= cut {
+            return None;
+        }
+        if defer_max > 0 && p.deferred && p.lsn > synced_lsn && s <= offset && end <= p.end {
+            p.lsn = lsn;
+            return Some(true);
+        }
+        if defer_max > 0 && s == offset && p.end == end && p.deferred {
+            renumbered = Some(std::mem::replace(&mut p.lsn, lsn));
+            break;
+        }
+        hit = true;
+    }
+    if let Some(old) = renumbered {
+        if (old > synced_lsn) != (lsn > synced_lsn) {
+            m.unindex_piece(offset, old, len);
+            m.index_piece(offset, lsn, len);
+        }
+        return Some(true);
+    }
+    if hit {
+        m.remove(offset, end);
+    }
+    let deferred = defer_max > 0
+        && (m.deferred + m.synced_bytes).saturating_add(len) <= defer_max
+        && m.live.len() + m.synced.len() < pieces_max;
+    if deferred {
+        m.insert_deferred(lsn, offset, len);
+    }
+    Some(deferred)
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// A small write of `blocks` blocks at block `at` (or 512 bytes at a byte offset).
+    Write {
+        at: u64,
+        blocks: u64,
+        unaligned: bool,
+    },
+    /// A plain extent (a large write, or one a cut needs), as `Inner::insert` enters it.
+    Extent { at: u64, blocks: u64 },
+    /// The image synced through the newest record.
+    Sync,
+    /// A cut: its pass logs every deferred piece (they leave the map), then the barrier.
+    Cut,
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        24 => (0..BLOCKS, 1..4u64, prop::bool::weighted(0.05))
+            .prop_map(|(at, blocks, unaligned)| Op::Write { at, blocks, unaligned }),
+        // Writes clustered in a few windows, so that neighbours meet and join.
+        24 => (0..64u64, 0..8u64, 1..3u64).prop_map(|(i, w, blocks)| Op::Write {
+            at: (w % 4) * 256 + 250 + i % 12,
+            blocks,
+            unaligned: false,
+        }),
+        3 => (0..BLOCKS, 1..300u64).prop_map(|(at, blocks)| Op::Extent { at, blocks }),
+        2 => Just(Op::Sync),
+        1 => Just(Op::Cut),
+    ]
+}
+
+fn same(a: &Inner, b: &Inner) -> Result<(), String> {
+    let pieces = |m: &Inner| {
+        m.pieces
+            .iter()
+            .map(|(&s, &p)| (s, p))
+            .collect::<Vec<(u64, Piece)>>()
+    };
+    if pieces(a) != pieces(b) {
+        return Err(format!("pieces {:?}\nreference {:?}", pieces(a), pieces(b)));
+    }
+    if (&a.live, &a.synced, a.deferred, a.synced_bytes)
+        != (&b.live, &b.synced, b.deferred, b.synced_bytes)
+    {
+        return Err(format!(
+            "indexes {:?} {:?} {} {}\nreference {:?} {:?} {} {}",
+            a.live,
+            a.synced,
+            a.deferred,
+            a.synced_bytes,
+            b.live,
+            b.synced,
+            b.deferred,
+            b.synced_bytes
+        ));
+    }
+    // And the indexes say what the pieces are.
+    for (is_live, index, bytes) in [
+        (true, &a.live, a.deferred),
+        (false, &a.synced, a.synced_bytes),
+    ] {
+        let want: Vec<u64> = a
+            .pieces
+            .iter()
+            .filter(|(_, p)| p.deferred && p.lsn > a.cut_lsn && (p.lsn > a.synced_lsn) == is_live)
+            .map(|(&s, _)| s)
+            .collect();
+        let sum: u64 = want.iter().map(|s| a.pieces[s].end - s).sum();
+        if want != index.iter().copied().collect::<Vec<_>>() || sum != bytes {
+            return Err(format!(
+                "index {index:?} ({bytes} bytes) for pieces at {want:?} ({sum})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A cut's pass and barrier on one map: every deferred piece is logged (leaves the map),
+/// then the extents up to `lsn` are in the cut.
+fn cut(m: &mut Inner, lsn: u64) {
+    let deferred: Vec<(u64, u64)> = m
+        .pieces
+        .iter()
+        .filter(|(_, p)| p.deferred && p.lsn > m.cut_lsn)
+        .map(|(&s, p)| (s, p.end))
+        .collect();
+    for (a, b) in deferred {
+        m.remove(a, b);
+    }
+    m.cut_lsn = lsn;
+    m.retire_cut_deferred();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: crate::changelog::tests::cases(200), ..ProptestConfig::default() })]
+
+    #[test]
+    fn one_walk_equals_the_steps(
+        ops in proptest::collection::vec(arb_op(), 1..400),
+        defer_max in prop_oneof![Just(0u64), Just(16 * BLOCK), Just(u64::MAX / 2)],
+        pieces_max in prop_oneof![Just(6usize), Just(1 << 20)],
+    ) {
+        let (mut fast, mut slow) = (Inner::new(1), Inner::new(1));
+        let mut lsn = 0u64;
+        for op in &ops {
+            lsn += 1;
+            match *op {
+                Op::Write { at, blocks, unaligned } => {
+                    let (offset, len) = match unaligned {
+                        true => (at * BLOCK + 512 * (at % 7), 512 * blocks),
+                        false => (at * BLOCK, (blocks * BLOCK).min((BLOCKS - at) * BLOCK)),
+                    };
+                    let a = fast.take_uncut(lsn, offset, len, defer_max, pieces_max);
+                    let b = reference(&mut slow, lsn, offset, len, defer_max, pieces_max);
+                    prop_assert_eq!(a, b, "write {}+{} as LSN {}", offset, len, lsn);
+                }
+                Op::Extent { at, blocks } => {
+                    let len = blocks.min(BLOCKS - at) * BLOCK;
+                    fast.insert(lsn, at * BLOCK, len, false);
+                    slow.insert(lsn, at * BLOCK, len, false);
+                }
+                Op::Sync => {
+                    fast.settle_to(lsn);
+                    slow.settle_to(lsn);
+                }
+                Op::Cut => {
+                    cut(&mut fast, lsn);
+                    cut(&mut slow, lsn);
+                }
+            }
+            if let Err(e) = same(&fast, &slow) {
+                return Err(TestCaseError::fail(format!("after {op:?} (LSN {lsn}): {e}")));
+            }
+        }
+    }
+}
+
+/// The walk's own branches, one by one: a write after a live piece grows it in place, one
+/// before it takes it in, one between two joins them, a window's edge keeps them apart.
+#[test]
+fn neighbours_join_in_one_walk() {
+    let mut m = Inner::new(1);
+    let w = |m: &mut Inner, lsn: u64, block: u64| {
+        m.take_uncut(lsn, block * BLOCK, BLOCK, u64::MAX / 2, 1 << 20)
+    };
+    assert_eq!(w(&mut m, 1, 10), Some(true));
+    assert_eq!(w(&mut m, 2, 11), Some(true)); // grows 10 in place
+    assert_eq!(w(&mut m, 3, 13), Some(true));
+    assert_eq!(w(&mut m, 4, 9), Some(true)); // takes 10.. in
+    let starts = |m: &Inner| {
+        m.pieces
+            .iter()
+            .map(|(&s, p)| (s / BLOCK, p.end / BLOCK, p.lsn))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(starts(&m), vec![(9, 12, 4), (13, 14, 3)]);
+    assert_eq!(w(&mut m, 5, 12), Some(true)); // joins both
+    assert_eq!(starts(&m), vec![(9, 14, 5)]);
+    assert_eq!(m.live.iter().copied().collect::<Vec<_>>(), vec![9 * BLOCK]);
+    assert_eq!(m.deferred, 5 * BLOCK);
+    // The window's edge (block 256 starts the second 1 MiB window).
+    assert_eq!(w(&mut m, 6, 255), Some(true));
+    assert_eq!(w(&mut m, 7, 256), Some(true));
+    assert_eq!(starts(&m), vec![(9, 14, 5), (255, 256, 6), (256, 257, 7)]);
+    // A synced piece is no neighbour: written next to, it stays apart.
+    m.settle_to(7);
+    assert_eq!(w(&mut m, 8, 14), Some(true));
+    assert_eq!(
+        starts(&m),
+        vec![(9, 14, 5), (14, 15, 8), (255, 256, 6), (256, 257, 7)]
+    );
+    assert_eq!(m.deferred, BLOCK);
+}
