@@ -3,7 +3,8 @@
 # log OFF, one with it ON (as a real gateway serves mixed work) — and one `nbdkit file`
 # process, all rows in those same processes, servers alternated A B C / C B A (ABBA) within
 # each row, medians of --reps repetitions. Prints a Markdown table with throughput, p99
-# latency, server CPU seconds per GB written, the ratios log-on/log-off, log-on/nbdkit and
+# latency, server and client (fio) CPU seconds per GB written, the machine's idle share during
+# each run, the ratios log-on/log-off, log-on/nbdkit and
 # log-off/nbdkit, the servers' peak resident set, and the physical limit of the machine's
 # disk measured in the same run (dd oflag=direct, fio --direct=1).
 #
@@ -212,8 +213,17 @@ def run_fio(args, out):
     if s.get("total_ios", 0) > 0 and "percentile" in s.get("lat_ns", {}):
         p99 = s["lat_ns"]["percentile"].get("99.000000", 0) / 1000.0
     secs = job["job_runtime"] / 1000.0
+    # fio's own CPU (user + system, % of one CPU over the job's run) per GB written.
+    client = (job.get("usr_cpu", 0) + job.get("sys_cpu", 0)) / 100 * secs
     return {"MB/s": w["io_bytes"] / 1e6 / max(secs, 1e-9), "IOPS": w["total_ios"] / max(secs, 1e-9),
-            "p99_us": p99, "bytes": w["io_bytes"], "flushes": s.get("total_ios", 0)}
+            "p99_us": p99, "bytes": w["io_bytes"], "flushes": s.get("total_ios", 0),
+            "client_cpu_s_per_GB": client / max(w["io_bytes"] / 1e9, 1e-9)}
+
+def cpu_ticks():
+    """(idle, total) jiffies of all CPUs (/proc/stat): the machine's idle share of a run."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[3] + v[4], sum(v)
 
 def dirty_limit():
     with open("/proc/sys/vm/dirty_bytes") as f:
@@ -410,9 +420,11 @@ def main():
                         fargs += ["--time_based", f"--runtime={secs}", "--ramp_time=2"]
                     else:
                         fargs += [f"--io_size={sustained}"]
-                    c0 = t.proc.cpu()
+                    c0, k0 = t.proc.cpu(), cpu_ticks()
                     r = run_fio(fargs, fio_out)
                     r["cpu_s_per_GB"] = (t.proc.cpu() - c0) / max(r["bytes"] / 1e9, 1e-9)
+                    k1 = cpu_ticks()
+                    r["idle_pct"] = 100 * (k1[0] - k0[0]) / max(k1[1] - k0[1], 1)
                     if kind == "time+flush":
                         t0 = time.time()
                         subprocess.run(["qemu-io", "-f", "raw", "-c", "flush", t.uri()], check=True,
@@ -420,7 +432,8 @@ def main():
                         r["p99_us"] = (time.time() - t0) * 1e6
                     results[(tname, t.name)].append(r)
                     print(f"rep {rep + 1} {tname:30} {t.name:8} {r[metric]:>10,.0f} {metric}  "
-                          f"p99 {r['p99_us']:,.0f} us  cpu {r['cpu_s_per_GB']:.2f} s/GB",
+                          f"p99 {r['p99_us']:,.0f} us  cpu {r['cpu_s_per_GB']:.2f} s/GB  "
+                          f"fio {r['client_cpu_s_per_GB']:.2f} s/GB  idle {r['idle_pct']:.0f}%",
                           file=sys.stderr, flush=True)
             standby.stop(); nbdkit.stop()
             check_log()
@@ -493,18 +506,34 @@ def main():
         standby.stop(); nbdkit.stop()
         if log_conf and os.path.exists(conf):
             os.remove(conf)
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("MB/s", "IOPS", "p99_us", "cpu_s_per_GB")}
+    med = {k: {m: statistics.median(r[m] for r in v)
+               for m in ("MB/s", "IOPS", "p99_us", "cpu_s_per_GB", "client_cpu_s_per_GB", "idle_pct")}
            for k, v in results.items()}
     ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
     print("| test | metric | log-off | log-on | nbdkit | log-on/log-off | log-on/nbdkit | log-off/nbdkit |")
     print("|---|---|---|---|---|---|---|---|")
     for (tname, rw, bs, qd, extra, metric, kind) in tests:
-        for m, fmt in ((metric, "{:,.0f}"), ("p99_us", "{:,.0f}"), ("cpu_s_per_GB", "{:.2f}")):
+        for m, fmt in ((metric, "{:,.0f}"), ("p99_us", "{:,.0f}"), ("cpu_s_per_GB", "{:.2f}"),
+                       ("client_cpu_s_per_GB", "{:.2f}"), ("idle_pct", "{:.0f}")):
             off, on, kit = (med[(tname, n)][m] for n in ("log-off", "log-on", "nbdkit"))
             label = {"p99_us": "FLUSH µs" if kind == "time+flush" else "p99 µs",
-                     "cpu_s_per_GB": "server CPU s/GB"}.get(m, m)
+                     "cpu_s_per_GB": "server CPU s/GB", "client_cpu_s_per_GB": "fio CPU s/GB",
+                     "idle_pct": "machine idle %"}.get(m, m)
+            ratios = ["-"] * 3 if m == "idle_pct" else [ratio(on, off), ratio(on, kit), ratio(off, kit)]
             print(f"| {tname} | {label} | {fmt.format(off)} | {fmt.format(on)} | {fmt.format(kit)} | "
-                  f"{ratio(on, off)} | {ratio(on, kit)} | {ratio(off, kit)} |")
+                  + " | ".join(ratios) + " |")
+    for (tname, rw, bs, qd, extra, metric, kind) in tests:
+        if tname != "rand write 4 KiB QD32":
+            continue
+        per = lambda n, m: med[(tname, n)][m] * 4096 / 1e3  # s/GB -> µs per 4 KiB write
+        off_s, on_s = per("log-off", "cpu_s_per_GB"), per("log-on", "cpu_s_per_GB")
+        off_c, on_c = per("log-off", "client_cpu_s_per_GB"), per("log-on", "client_cpu_s_per_GB")
+        print(f"\nCPU per 4 KiB write, rand row (server + fio, medians): log-off {off_s:.1f} + "
+              f"{off_c:.1f} µs with the machine {med[(tname, 'log-off')]['idle_pct']:.0f}% idle, "
+              f"log-on {on_s:.1f} + {on_c:.1f} µs, {med[(tname, 'log-on')]['idle_pct']:.0f}% idle. "
+              "A row whose machine is close to 0% idle is bound by the CPU that server and client "
+              f"share; at log-off's total, log-on's extra {on_s - off_s:.1f} µs of server CPU would "
+              f"hold it to {(off_s + off_c) / (on_s + off_c):.2f}x of log-off on this machine.")
     print("\n| physical limit (same bytes, same run) | metric | median |")
     print("|---|---|---|")
     for k, v in phys.items():
@@ -546,7 +575,8 @@ def main():
           + "p99 of the flush row is the FLUSH latency; \"FLUSH µs\" of the last row is the time of "
           "one `qemu-io -c flush` (connection included) right after the writes. CPU: the server "
           "process's user+system time "
-          "during the run divided by the GB fio wrote.")
+          "during the run divided by the GB fio wrote; fio CPU likewise for the client (its user+system "
+          "share over the job); machine idle: idle share of all CPUs over the run (/proc/stat).")
     print("Change log after each repetition: " + "; ".join(log_lines))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
