@@ -111,6 +111,77 @@ const _: () = assert!(FLAG_DEFERRED != 0);
 #[cfg(any(test, feature = "testing"))]
 pub static DEFERRED_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// A small write's request to the map, as [`Inner::take_uncut`] and its reference model
+/// (`take_tests`) see it.
+pub(super) struct Write {
+    pub(super) lsn: u64,
+    pub(super) offset: u64,
+    pub(super) len: u64,
+    pub(super) end: u64,
+    defer_max: u64,
+    cut: u64,
+    synced_lsn: u64,
+}
+
+/// What a write does with a piece under it.
+pub(super) enum Under {
+    /// The piece is in a cut: its bytes must be saved first (the path that may wait).
+    Decline,
+    /// The write lies inside a live deferred piece, which took its LSN: nothing else changes.
+    Renumbered,
+    /// The write's exact range was a synced deferred piece, which took its LSN (the old one
+    /// given): it may move to the live index ([`Inner::renumber_exact`]).
+    Exact(u64),
+    /// Anything else: the write's range is removed from the piece.
+    Hit,
+}
+
+impl Write {
+    pub(super) fn new(m: &Inner, lsn: u64, offset: u64, len: u64, defer_max: u64) -> Write {
+        Write {
+            lsn,
+            offset,
+            len,
+            end: offset.saturating_add(len),
+            defer_max,
+            cut: m.cut_lsn,
+            synced_lsn: m.synced_lsn,
+        }
+    }
+
+    /// Whether the write may be deferred: the deferred bytes within `defer_max` with it (`0`:
+    /// never) and the deferred pieces within `pieces_max`.
+    pub(super) fn fits(&self, m: &Inner, pieces_max: usize) -> bool {
+        self.defer_max > 0
+            && (m.deferred + m.synced_bytes).saturating_add(self.len) <= self.defer_max
+            && m.live.len() + m.synced.len() < pieces_max
+    }
+
+    /// What the write does with the piece `[s, p.end)`, which lies under it (renumbering it
+    /// where the answer says so).
+    pub(super) fn under(&self, s: u64, p: &mut Piece) -> Under {
+        if p.lsn <= self.cut {
+            return Under::Decline;
+        }
+        let deferred = self.defer_max > 0 && p.deferred;
+        // Inside a live deferred piece (a block written again between two FLUSHes, or next
+        // to others merged with it): the piece is the new record's now — every byte of it is
+        // still the image's and still to be logged — nothing else changes. Being inside it,
+        // no other piece lies there.
+        if deferred && p.lsn > self.synced_lsn && s <= self.offset && self.end <= p.end {
+            p.lsn = self.lsn;
+            return Under::Renumbered;
+        }
+        // The same range written again over a synced deferred piece (live ones were taken
+        // just above; being exact, it is the only piece there): the piece is the new
+        // record's now and live again (its new bytes are not durable).
+        if deferred && s == self.offset && p.end == self.end {
+            return Under::Exact(std::mem::replace(&mut p.lsn, self.lsn));
+        }
+        Under::Hit
+    }
+}
+
 impl Inner {
     /// The index a deferred piece of record `lsn` newer than the cut belongs in: live, or
     /// synced.
@@ -141,6 +212,15 @@ impl Inner {
         let n = self.bytes_of(lsn);
         *n = n.saturating_sub(len);
         self.index_of(lsn).remove(&k);
+    }
+
+    /// After [`Under::Exact`]: the piece of exactly `w`'s range, of record `old` before, moves
+    /// between the synced and the live index if its new LSN puts it in the other.
+    pub(super) fn renumber_exact(&mut self, w: &Write, old: u64) {
+        if (old > self.synced_lsn) != (w.lsn > self.synced_lsn) {
+            self.unindex_piece(w.offset, old, w.len);
+            self.index_piece(w.offset, w.lsn, w.len);
+        }
     }
 
     /// Enters a deferred piece of record `lsn` (newer than the cut and than `synced_lsn`, as
@@ -218,14 +298,10 @@ impl Inner {
             // Nothing to keep track of (never asked: an empty write logs nothing).
             return Some(false);
         }
-        let end = offset.saturating_add(len);
-        let (cut, synced_lsn) = (self.cut_lsn, self.synced_lsn);
-        let floor = cut.max(synced_lsn);
-        let fits = |m: &Inner| {
-            defer_max > 0
-                && (m.deferred + m.synced_bytes).saturating_add(len) <= defer_max
-                && m.live.len() + m.synced.len() < pieces_max
-        };
+        let w = Write::new(self, lsn, offset, len, defer_max);
+        let end = w.end;
+        let floor = self.cut_lsn.max(self.synced_lsn);
+        let fits = |m: &Inner| w.fits(m, pieces_max);
         // Only a new piece that is live merges (see "Merged pieces").
         let merges = fits(self) && lsn > floor;
         let window = |a: u64, b: u64| a / RUN_MAX == (b - 1) / RUN_MAX;
@@ -254,32 +330,18 @@ impl Inner {
                 }
                 break;
             }
-            if p.lsn <= cut {
-                return None;
+            match w.under(s, p) {
+                Under::Decline => return None,
+                Under::Renumbered => return Some(true),
+                Under::Exact(old) => {
+                    renumbered = Some(old);
+                    break;
+                }
+                Under::Hit => hit = true,
             }
-            // Inside a live deferred piece (a block written again between two FLUSHes, or
-            // next to others merged with it): the piece is the new record's now — every
-            // byte of it is still the image's and still to be logged — nothing else
-            // changes. Being inside it, no other piece lies there.
-            if defer_max > 0 && p.deferred && p.lsn > synced_lsn && s <= offset && end <= p.end {
-                p.lsn = lsn;
-                return Some(true);
-            }
-            // The same range written again over a synced deferred piece (live ones were
-            // taken just above; being exact, it is the only piece there): the piece is the
-            // new record's now and live again (its new bytes are not durable).
-            if defer_max > 0 && s == offset && p.end == end && p.deferred {
-                renumbered = Some(std::mem::replace(&mut p.lsn, lsn));
-                break;
-            }
-            hit = true;
         }
         if let Some(old) = renumbered {
-            if (old > synced_lsn) != (lsn > synced_lsn) {
-                // It moves between the synced and the live index.
-                self.unindex_piece(offset, old, len);
-                self.index_piece(offset, lsn, len);
-            }
+            self.renumber_exact(&w, old);
             return Some(true);
         }
         if hit {

@@ -8,13 +8,16 @@
 
 use proptest::prelude::*;
 
+use super::deferred::{Under, Write};
 use super::{Inner, Piece};
 
 const BLOCK: u64 = 4096;
 const BLOCKS: u64 = 1024;
 
 /// The rules of `take_uncut` in separate steps (each its own walk of the pieces), as they
-/// were before the single walk: the reference.
+/// were before the single walk: the reference. What a write does with a piece under it
+/// (`Write::under`) and the bounds (`Write::fits`) are shared; the neighbours and the
+/// merge are what the single walk does differently, and what this checks.
 fn reference(
     m: &mut Inner,
     lsn: u64,
@@ -26,40 +29,30 @@ fn reference(
     if len == 0 {
         return Some(false);
     }
-    let end = offset + len;
-    let (cut, synced_lsn) = (m.cut_lsn, m.synced_lsn);
-    let mut hit = false;
-    let mut renumbered = None;
-    for (&s, p) in m.pieces.range_mut(..end).rev() {
+    let w = Write::new(m, lsn, offset, len, defer_max);
+    let (mut hit, mut renumbered) = (false, None);
+    for (&s, p) in m.pieces.range_mut(..w.end).rev() {
         if p.end <= offset {
             break;
         }
-        if p.lsn <= cut {
-            return None;
+        match w.under(s, p) {
+            Under::Decline => return None,
+            Under::Renumbered => return Some(true),
+            Under::Exact(old) => {
+                renumbered = Some(old);
+                break;
+            }
+            Under::Hit => hit = true,
         }
-        if defer_max > 0 && p.deferred && p.lsn > synced_lsn && s <= offset && end <= p.end {
-            p.lsn = lsn;
-            return Some(true);
-        }
-        if defer_max > 0 && s == offset && p.end == end && p.deferred {
-            renumbered = Some(std::mem::replace(&mut p.lsn, lsn));
-            break;
-        }
-        hit = true;
     }
     if let Some(old) = renumbered {
-        if (old > synced_lsn) != (lsn > synced_lsn) {
-            m.unindex_piece(offset, old, len);
-            m.index_piece(offset, lsn, len);
-        }
+        m.renumber_exact(&w, old);
         return Some(true);
     }
     if hit {
-        m.remove(offset, end);
+        m.remove(offset, w.end);
     }
-    let deferred = defer_max > 0
-        && (m.deferred + m.synced_bytes).saturating_add(len) <= defer_max
-        && m.live.len() + m.synced.len() < pieces_max;
+    let deferred = w.fits(m, pieces_max);
     if deferred {
         m.insert_deferred(lsn, offset, len);
     }
