@@ -55,7 +55,7 @@
 //! lock), so `before_write`, the image write and `insert` of one request never race another
 //! request over the same bytes.
 //!
-//! About 770 lines: the pieces, copy-before-write (waiting, `before_write`, and not,
+//! About 780 lines: the pieces, copy-before-write (waiting, `before_write`, and not,
 //! `take_uncut_extent` for an inline write) and the shipper's rebuild of an extent share one
 //! lock and the invariants above, so they are kept in one read; deferred pieces
 //! ([`deferred`]) and the tests are in files of their own.

@@ -3,8 +3,10 @@
 //! (`Inner::settle_to`) and cuts over a 4 MiB disk (four merge windows), applied to two maps —
 //! one through `take_uncut`, one through the rules as first written, in separate steps
 //! (walk for a cut or a renumber; remove what the write covers; check the bounds; enter the
-//! piece with `Inner::insert_deferred`). After every step both answer alike and hold the same
-//! pieces, indexes and byte counts, and those agree with each other.
+//! piece with `Inner::insert_deferred`, which finds and merges the neighbours). The two share
+//! what a write does with a piece under it and the bounds (`Write`); what differs, and what
+//! this checks, is how the neighbours are found and joined. After every step both answer alike
+//! and hold the same pieces, indexes and byte counts, and those agree with each other.
 
 use proptest::prelude::*;
 
