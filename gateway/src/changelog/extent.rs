@@ -237,11 +237,12 @@ impl Inner {
     /// `[offset, offset + len)` is a piece of extent `lsn` now.
     fn insert(&mut self, lsn: u64, offset: u64, len: u64, deferred: bool) {
         self.remove(offset, offset.saturating_add(len));
-        self.insert_free(lsn, offset, len, deferred);
+        self.insert_free(lsn, offset, len, deferred, false);
     }
 
-    /// [`Inner::insert`] where no piece overlaps `[offset, offset + len)`.
-    fn insert_free(&mut self, lsn: u64, offset: u64, len: u64, deferred: bool) {
+    /// [`Inner::insert`] where no piece overlaps `[offset, offset + len)`; `merged` for a
+    /// live deferred piece that several writes' pieces make up (see [`deferred`]).
+    fn insert_free(&mut self, lsn: u64, offset: u64, len: u64, deferred: bool, merged: bool) {
         let end = offset.saturating_add(len);
         debug_assert!(self
             .pieces
@@ -254,7 +255,7 @@ impl Inner {
                 end,
                 lsn,
                 deferred,
-                merged: false,
+                merged,
             },
         );
         if deferred && lsn > self.cut_lsn {

@@ -107,6 +107,20 @@ const RUN_MAX: u64 = 1 << 20;
 
 const _: () = assert!(FLAG_DEFERRED != 0);
 
+/// Whether `[a, b)` (not empty) lies inside one [`RUN_MAX`]-aligned window: how far pieces
+/// are merged (see "Merged pieces").
+fn one_window(a: u64, b: u64) -> bool {
+    a / RUN_MAX == (b - 1) / RUN_MAX
+}
+
+impl Piece {
+    /// A deferred piece whose record is newer than `floor`: live for a pass (or a merge)
+    /// whose floor that is.
+    fn live_above(&self, floor: u64) -> bool {
+        self.deferred && self.lsn > floor
+    }
+}
+
 /// Testing only: bytes of deferred writes logged by [`ExtentMap::log_deferred`] (all maps).
 #[cfg(any(test, feature = "testing"))]
 pub static DEFERRED_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -223,55 +237,57 @@ impl Inner {
         }
     }
 
+    /// The LSN above which a deferred piece is live (newer than the cut and than the synced
+    /// point): what a FLUSH logs and what merges.
+    fn live_floor(&self) -> u64 {
+        self.cut_lsn.max(self.synced_lsn)
+    }
+
+    /// Takes out the live piece starting at `at`, to be joined into the one before it (its
+    /// bytes leave the count; the piece that takes it in counts them again).
+    fn take_joined(&mut self, at: u64) {
+        if let Some(p) = self.pieces.remove(&at) {
+            self.live.remove(&at);
+            self.deferred = self.deferred.saturating_sub(p.end - at);
+        }
+    }
+
     /// Enters a deferred piece of record `lsn` (newer than the cut and than `synced_lsn`, as
     /// every new record is) over `[offset, offset + len)`, where no piece lies, merged with
     /// the live deferred pieces that end where it starts and start where it ends, as long as
     /// the result stays inside one [`RUN_MAX`]-aligned window (see "Merged pieces").
     pub(super) fn insert_deferred(&mut self, lsn: u64, offset: u64, len: u64) {
         let end = offset.saturating_add(len);
-        let floor = self.cut_lsn.max(self.synced_lsn);
+        let floor = self.live_floor();
         if lsn <= floor {
             // Not live (never so for a new record): entered as it is, unmerged.
-            self.insert_free(lsn, offset, len, true);
+            self.insert_free(lsn, offset, len, true, false);
             return;
         }
-        let window = |a: u64, b: u64| a / RUN_MAX == (b - 1) / RUN_MAX;
-        let live = |p: &Piece| p.deferred && p.lsn > floor;
         let left = self
             .pieces
             .range(..offset)
             .next_back()
-            .filter(|(&s, p)| p.end == offset && live(p) && window(s, end))
+            .filter(|(&s, p)| p.end == offset && p.live_above(floor) && one_window(s, end))
             .map(|(&s, _)| s);
         let start = left.unwrap_or(offset);
         let right = self
             .pieces
             .get(&end)
-            .filter(|p| live(p) && window(start, p.end))
+            .filter(|p| p.live_above(floor) && one_window(start, p.end))
             .map(|p| p.end);
         if right.is_some() {
-            // Its bytes stay counted: they are the merged piece's now.
-            self.pieces.remove(&end);
-            self.live.remove(&end);
+            self.take_joined(end);
         }
-        self.deferred += len;
         let merged_end = right.unwrap_or(end);
         match left.and_then(|s| self.pieces.get_mut(&s)) {
             Some(p) => {
                 p.end = merged_end;
                 p.lsn = lsn;
                 p.merged = true;
+                self.deferred += merged_end - offset;
             }
-            None => {
-                let piece = Piece {
-                    end: merged_end,
-                    lsn,
-                    deferred: true,
-                    merged: right.is_some(),
-                };
-                self.pieces.insert(offset, piece);
-                self.live.insert(offset);
-            }
+            None => self.insert_free(lsn, offset, merged_end - offset, true, right.is_some()),
         }
     }
 
@@ -300,12 +316,10 @@ impl Inner {
         }
         let w = Write::new(self, lsn, offset, len, defer_max);
         let end = w.end;
-        let floor = self.cut_lsn.max(self.synced_lsn);
+        let floor = self.live_floor();
         let fits = |m: &Inner| w.fits(m, pieces_max);
         // Only a new piece that is live merges (see "Merged pieces").
         let merges = fits(self) && lsn > floor;
-        let window = |a: u64, b: u64| a / RUN_MAX == (b - 1) / RUN_MAX;
-        let live = |p: &Piece| p.deferred && p.lsn > floor;
         let mut right = None;
         let mut hit = false;
         let mut renumbered = None;
@@ -315,18 +329,18 @@ impl Inner {
         for (&s, p) in self.pieces.range_mut(..=end).rev() {
             if s == end {
                 // Starts where the write ends: a neighbour, not under the write.
-                right = Some(p.end).filter(|_| live(p));
+                right = Some(p.end).filter(|_| p.live_above(floor));
                 continue;
             }
             if p.end <= offset {
-                if !hit && merges && p.end == offset && live(p) && window(s, end) {
+                if !hit && merges && p.end == offset && p.live_above(floor) && one_window(s, end) {
                     // The left neighbour takes the write in, and the right one if the
                     // result stays in its window; its key, and so its index entry, stays.
-                    let joined = right.filter(|&e| window(s, e));
+                    let joined = right.filter(|&e| one_window(s, e));
                     p.end = joined.unwrap_or(end);
                     p.lsn = lsn;
                     p.merged = true;
-                    grown = Some(joined.is_some());
+                    grown = Some(p.end);
                 }
                 break;
             }
@@ -352,39 +366,28 @@ impl Inner {
             }
             return Some(deferred);
         }
-        if let Some(joined) = grown {
-            // The right neighbour's bytes stay counted: they are the grown piece's now.
-            self.deferred += len;
-            if joined {
-                self.pieces.remove(&end);
-                self.live.remove(&end);
+        if let Some(grown_end) = grown {
+            if grown_end > end {
+                self.take_joined(end);
             }
+            // The grown piece's bytes past `offset`: the write's and the joined piece's.
+            self.deferred += grown_end - offset;
             return Some(true);
         }
         if !merges {
             if fits(self) {
                 // Not live (never so for a new record): entered as it is.
-                self.insert_free(lsn, offset, len, true);
+                self.insert_free(lsn, offset, len, true, false);
                 return Some(true);
             }
             return Some(false);
         }
-        let joined = right.filter(|&e| window(offset, e));
+        let joined = right.filter(|&e| one_window(offset, e));
         if joined.is_some() {
-            self.pieces.remove(&end);
-            self.live.remove(&end);
+            self.take_joined(end);
         }
-        self.pieces.insert(
-            offset,
-            Piece {
-                end: joined.unwrap_or(end),
-                lsn,
-                deferred: true,
-                merged: joined.is_some(),
-            },
-        );
-        self.live.insert(offset);
-        self.deferred += len;
+        let new_end = joined.unwrap_or(end);
+        self.insert_free(lsn, offset, new_end - offset, true, joined.is_some());
         Some(true)
     }
 
@@ -411,6 +414,42 @@ impl Inner {
         }
         self.live = kept;
         self.synced.append(&mut moved);
+    }
+
+    /// [`ExtentMap::check_deferred_index`] on the map's state (testing only): the indexes of
+    /// live and synced deferred pieces and their byte counts match the pieces themselves, and
+    /// no deferred piece is at or below the cut (a cut holds none: no pass would log it).
+    #[cfg(any(test, feature = "testing"))]
+    pub(super) fn check_deferred_index(&self) -> Result<(), String> {
+        let (cut, synced) = (self.cut_lsn, self.synced_lsn);
+        if let Some((s, p)) = self.pieces.iter().find(|(_, p)| p.deferred && p.lsn <= cut) {
+            return Err(format!(
+                "deferred piece at {s} with LSN {} at or below the cut {cut}",
+                p.lsn
+            ));
+        }
+        for (name, index, counted, is_live) in [
+            ("live", &self.live, self.deferred, true),
+            ("synced", &self.synced, self.synced_bytes, false),
+        ] {
+            let want: Vec<u64> = self
+                .pieces
+                .iter()
+                .filter(|(_, p)| p.deferred && p.lsn > cut && (p.lsn > synced) == is_live)
+                .map(|(&s, _)| s)
+                .collect();
+            let have: Vec<u64> = index.iter().copied().collect();
+            if want != have {
+                return Err(format!("{name} index {have:?}, deferred pieces {want:?}"));
+            }
+            let bytes: u64 = want.iter().map(|s| self.pieces[s].end - s).sum();
+            if bytes != counted {
+                return Err(format!(
+                    "{counted} {name} deferred bytes counted, {bytes} held"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The start of a merged deferred piece whose LSN is at or below `cut`, if any.
@@ -491,40 +530,7 @@ impl ExtentMap {
     /// none: no pass would log it).
     #[cfg(any(test, feature = "testing"))]
     pub fn check_deferred_index(&self) -> Result<(), String> {
-        let inner = lock(&self.inner);
-        let (cut, synced) = (inner.cut_lsn, inner.synced_lsn);
-        if let Some((s, p)) = inner
-            .pieces
-            .iter()
-            .find(|(_, p)| p.deferred && p.lsn <= cut)
-        {
-            return Err(format!(
-                "deferred piece at {s} with LSN {} at or below the cut {cut}",
-                p.lsn
-            ));
-        }
-        for (name, index, counted, is_live) in [
-            ("live", &inner.live, inner.deferred, true),
-            ("synced", &inner.synced, inner.synced_bytes, false),
-        ] {
-            let want: Vec<u64> = inner
-                .pieces
-                .iter()
-                .filter(|(_, p)| p.deferred && p.lsn > cut && (p.lsn > synced) == is_live)
-                .map(|(&s, _)| s)
-                .collect();
-            let have: Vec<u64> = index.iter().copied().collect();
-            if want != have {
-                return Err(format!("{name} index {have:?}, deferred pieces {want:?}"));
-            }
-            let bytes: u64 = want.iter().map(|s| inner.pieces[s].end - s).sum();
-            if bytes != counted {
-                return Err(format!(
-                    "{counted} {name} deferred bytes counted, {bytes} held"
-                ));
-            }
-        }
-        Ok(())
+        lock(&self.inner).check_deferred_index()
     }
 
     /// Logs the image's bytes of the deferred pieces newer than the last cut that `pass`
@@ -589,13 +595,13 @@ impl ExtentMap {
     fn held_run(&self, start: u64, end: u64, pass: Pass) -> Option<(u64, u64)> {
         let inner = lock(&self.inner);
         let floor = match pass {
-            Pass::Flush => inner.cut_lsn.max(inner.synced_lsn),
+            Pass::Flush => inner.live_floor(),
             Pass::Cut => inner.cut_lsn,
         };
         let first = super::first_overlapping(&inner.pieces, start);
         let mut run: Option<(u64, u64)> = None;
         for (&s, p) in inner.pieces.range(first..end) {
-            let live = p.deferred && p.lsn > floor;
+            let live = p.live_above(floor);
             let (a, b) = (s.max(start), p.end.min(end));
             match run {
                 None if live => run = Some((a, b)),

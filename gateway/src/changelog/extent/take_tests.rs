@@ -119,24 +119,7 @@ fn same(a: &Inner, b: &Inner) -> Result<(), String> {
         ));
     }
     // And the indexes say what the pieces are.
-    for (is_live, index, bytes) in [
-        (true, &a.live, a.deferred),
-        (false, &a.synced, a.synced_bytes),
-    ] {
-        let want: Vec<u64> = a
-            .pieces
-            .iter()
-            .filter(|(_, p)| p.deferred && p.lsn > a.cut_lsn && (p.lsn > a.synced_lsn) == is_live)
-            .map(|(&s, _)| s)
-            .collect();
-        let sum: u64 = want.iter().map(|s| a.pieces[s].end - s).sum();
-        if want != index.iter().copied().collect::<Vec<_>>() || sum != bytes {
-            return Err(format!(
-                "index {index:?} ({bytes} bytes) for pieces at {want:?} ({sum})"
-            ));
-        }
-    }
-    Ok(())
+    a.check_deferred_index()
 }
 
 /// A cut's pass and barrier on one map: every deferred piece is logged (leaves the map),
