@@ -49,13 +49,15 @@
 //! an extent's bytes: that needs the records' data, i.e. writes below the extent threshold.
 //!
 //! **Invariants.** Pieces never overlap; every piece is in an unreleased segment of the current
-//! chain; a piece's range holds the extent's bytes in the image (nothing writes a tracked
-//! image except through [`ExtentMap::before_write`]); a preimage is durable before the image
+//! chain; a piece's range holds the bytes its cut needs there in the image — the extent's, or
+//! those of small writes it absorbed (see [`deferred`], "Absorbed writes"), which are later
+//! records of the same cut (nothing writes a tracked image except through
+//! [`ExtentMap::before_write`] or `take_uncut`); a preimage is durable before the image
 //! range it saves is overwritten. Overlapping requests are serialized by the log (its range
 //! lock), so `before_write`, the image write and `insert` of one request never race another
 //! request over the same bytes.
 //!
-//! About 780 lines: the pieces, copy-before-write (waiting, `before_write`, and not,
+//! About 820 lines: the pieces, copy-before-write (waiting, `before_write`, and not,
 //! `take_uncut_extent` for an inline write) and the shipper's rebuild of an extent share one
 //! lock and the invariants above, so they are kept in one read; deferred pieces
 //! ([`deferred`]) and the tests are in files of their own.
@@ -185,6 +187,9 @@ struct Inner {
     /// Start offsets of the synced deferred pieces newer than the cut, and their bytes.
     synced: BTreeSet<u64>,
     synced_bytes: u64,
+    /// The newest small write absorbed by a large write's piece since the last FLUSH (see
+    /// [`deferred`], "Absorbed writes"), 0 if none: the next FLUSH syncs the image for it.
+    absorbed_lsn: u64,
 }
 
 impl Inner {
@@ -200,7 +205,20 @@ impl Inner {
             synced_lsn: 0,
             synced: BTreeSet::new(),
             synced_bytes: 0,
+            absorbed_lsn: 0,
         }
+    }
+
+    /// Whether a piece or a preimage of record `h` is left in its range.
+    fn holds(&self, h: &RecordHeader) -> bool {
+        let end = h.offset.saturating_add(h.length);
+        self.saved.contains_key(&h.lsn)
+            || self
+                .pieces
+                .range(..end)
+                .rev()
+                .take_while(|(_, p)| p.end > h.offset)
+                .any(|(_, p)| p.lsn == h.lsn)
     }
 
     /// Removes the parts of pieces inside `[start, end)` (see [`cut_out`]), keeping the live
@@ -489,6 +507,7 @@ impl ExtentMap {
         inner.synced_lsn = 0;
         inner.synced.clear();
         inner.synced_bytes = 0;
+        inner.absorbed_lsn = 0;
         self.remove_side_files(|_, c| c != chain);
     }
 
@@ -576,7 +595,8 @@ impl ExtentMap {
     /// is logged as a deferred extent (its bytes logged at the next FLUSH or cut, see
     /// [`deferred`]), i.e. whether the deferred bytes stay within `defer_max` with it (`0`:
     /// never) and the deferred pieces within [`PIECES_MAX`] — if so its range is a deferred
-    /// piece of record `lsn` from here on (one lock for both: a second one after the image
+    /// piece of record `lsn` from here on, or lies inside a large write's piece that absorbs
+    /// it (`deferred`, "Absorbed writes") (one lock for both: a second one after the image
     /// write could find the map busy and send the next write the slow way). `None`, nothing
     /// changed: the map is busy, follows another chain, or a piece there belongs to a cut
     /// (its bytes must be saved first: the caller takes the path that may wait).
@@ -718,11 +738,20 @@ impl ExtentMap {
     /// buffer of the shippers' pool ([`super::bufpool`]: reused across cuts, returned when the
     /// last reference to it is dropped). An error with `InvalidData` means a preimage does not
     /// match its checksum.
-    pub fn data_of(&self, h: &RecordHeader) -> io::Result<Bytes> {
+    ///
+    /// `None` for a deferred write of which the map holds neither a piece nor a preimage:
+    /// its cut has its bytes from other records — a later one over its range (the pass that
+    /// logged it, or a write over it) or an earlier extent's piece that absorbed it (see
+    /// [`deferred`], "Absorbed writes") — so it applies nothing. Reading the image for it
+    /// would be wrong for an absorbed write the image no longer holds after the cut.
+    pub fn data_of(&self, h: &RecordHeader) -> io::Result<Option<Bytes>> {
         let inner = lock(&self.inner);
+        if h.flags & format::FLAG_DEFERRED != 0 && !inner.holds(h) {
+            return Ok(None);
+        }
         let len =
             usize::try_from(h.length).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        BufPool::shared().read(len, |buf| {
+        let data = BufPool::shared().read(len, |buf| {
             crate::fastio::pread_into(&self.image, buf, h.offset, len)?;
             for s in inner.saved.get(&h.lsn).map(|v| &v[..]).unwrap_or(&[]) {
                 let Some(side) = inner.files.get(&s.seq) else {
@@ -756,7 +785,8 @@ impl ExtentMap {
                 }
             }
             Ok(())
-        })
+        })?;
+        Ok(Some(data))
     }
 
     /// Pieces and preimages held (for tests and accounting): (pieces, preimage bytes).
@@ -782,3 +812,6 @@ mod merge_tests;
 
 #[cfg(test)]
 mod take_tests;
+
+#[cfg(test)]
+mod absorb_tests;

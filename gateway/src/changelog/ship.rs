@@ -159,8 +159,10 @@ pub fn read_records(
                 )));
             }
             if h.kind == Kind::Extent && extents == Extents::Bytes {
-                let (wh, data) = extent_as_write(log, &seg, h)?;
-                f(&wh, Payload::Owned(data))?;
+                // A deferred write whose bytes its cut has from other records: nothing.
+                if let Some((wh, data)) = extent_as_write(log, &seg, h)? {
+                    f(&wh, Payload::Owned(data))?;
+                }
             } else {
                 f(h, Payload::Inline(&bytes[r.data.clone()]))?;
             }
@@ -179,13 +181,14 @@ pub fn read_records(
 }
 
 /// An extent record as the write it stands for: its bytes as of its cut, read from the image
-/// and the preimages (see [`super::extent`]). A damaged preimage breaks the chain; other read
-/// errors are returned as they are (the engine retries).
+/// and the preimages (see [`super::extent`]); `None` for a deferred write whose cut has its
+/// bytes from other records ([`super::extent::ExtentMap::data_of`]). A damaged preimage
+/// breaks the chain; other read errors are returned as they are (the engine retries).
 fn extent_as_write(
     log: &ChangeLog,
     seg: &SegmentInfo,
     h: &RecordHeader,
-) -> Result<(RecordHeader, Bytes), LogError> {
+) -> Result<Option<(RecordHeader, Bytes)>, LogError> {
     let Some(map) = extent::registered(log.dir()) else {
         return Err(log.break_chain(format!(
             "segment {} holds an extent record (LSN {}) but no image is attached to read it from",
@@ -193,7 +196,8 @@ fn extent_as_write(
         )));
     };
     let data = match map.data_of(h) {
-        Ok(d) => d,
+        Ok(Some(d)) => d,
+        Ok(None) => return Ok(None),
         Err(e) if e.kind() == io::ErrorKind::InvalidData => {
             return Err(log.break_chain(e.to_string()))
         }
@@ -204,7 +208,7 @@ fn extent_as_write(
         data_len: data.len() as u32,
         ..*h
     };
-    Ok((wh, data))
+    Ok(Some((wh, data)))
 }
 
 struct Verified {

@@ -76,7 +76,30 @@
 //! saved under the newest LSN could not be found for the older writes' records — so
 //! [`ExtentMap::cut_at`] refuses (the cut fails, nothing changed) rather than retire one;
 //! the cut's own pass logs every deferred piece before its barrier, so that only happens
-//! when a pass did not finish.
+//! when a pass did not finish. A live piece that takes the LSN of a write strictly inside
+//! it is marked merged for the same reason.
+//!
+//! **Absorbed writes.** A small write that lies inside one piece of a large write's extent
+//! newer than the cut ([`Under::Absorbed`]) changes nothing in the map: that piece already
+//! says "at the cut, ship the image's bytes here", and those bytes will be this write's (or
+//! a later record's of the same cut). Its record is a deferred extent as any; what differs:
+//! * *Durability*: no pass logs it. The map keeps the newest such LSN, and the next FLUSH
+//!   ([`ExtentMap::settle`]) declares it image-dependent, so that FLUSH's sync round syncs
+//!   the image (and appends the image-synced barrier) as for the large write itself; a host
+//!   crash before that FLUSH is what it is for any unflushed write.
+//! * *Shipping*: the shipper applies nothing for a deferred write of which the map holds no
+//!   piece and no preimage ([`ExtentMap::data_of`]). Every other such write has its bytes
+//!   from a later record of its cut (a pass's, or a write over it), and an absorbed one from
+//!   the earlier piece, whose bytes a write after the cut saves first as for any piece in
+//!   a cut — so the preimage is found under that piece's LSN.
+//! * *After a restart* the map is loaded from the records, and the write is a deferred
+//!   piece over part of the extent's, as before absorption: the next cut logs it.
+//!
+//! Why: after a sequential row (the disk covered by large writes since the last cut),
+//! random small writes each split a piece into three — up to hundreds of thousands of
+//! pieces, whose B-tree walks miss the CPU caches on every write (BENCHMARKS.md); absorbed,
+//! the map keeps one piece per large write. Not with `defer_max` 0 (writes that carry
+//! their data: a FLUSH after every few writes, where a sync of the image costs more).
 
 use std::io;
 
@@ -146,6 +169,9 @@ pub(super) enum Under {
     /// The write's exact range was a synced deferred piece, which took its LSN (the old one
     /// given): it may move to the live index ([`Inner::renumber_exact`]).
     Exact(u64),
+    /// The write lies inside a piece of a large write's extent newer than the cut, which
+    /// holds it (see "Absorbed writes"): nothing changes but [`Inner::absorbed_lsn`].
+    Absorbed,
     /// Anything else: the write's range is removed from the piece.
     Hit,
 }
@@ -183,8 +209,15 @@ impl Write {
         // still the image's and still to be logged — nothing else changes. Being inside it,
         // no other piece lies there.
         if deferred && p.lsn > self.synced_lsn && s <= self.offset && self.end <= p.end {
+            // Strictly inside, the piece's LSN no longer names the record of every byte.
+            p.merged |= s != self.offset || p.end != self.end;
             p.lsn = self.lsn;
             return Under::Renumbered;
+        }
+        // Inside an extent's piece newer than the cut (see "Absorbed writes"); not when
+        // writes are to carry their data (`defer_max` 0: the disk wants no image sync).
+        if self.defer_max > 0 && !p.deferred && s <= self.offset && self.end <= p.end {
+            return Under::Absorbed;
         }
         // The same range written again over a synced deferred piece (live ones were taken
         // just above; being exact, it is the only piece there): the piece is the new
@@ -296,7 +329,8 @@ impl Inner {
     /// One walk of the pieces back from `end` decides the common paths: the piece starting
     /// at `end` (a right neighbour to merge with), the pieces over the write (one of a cut:
     /// decline; a live deferred one around it: renumbered, as is a synced one of exactly its
-    /// range), and the first piece ending at or before `offset` (a left neighbour, grown in
+    /// range; a large write's one around it: absorbed, see "Absorbed writes"), and the first
+    /// piece ending at or before `offset` (a left neighbour, grown in
     /// place over the write, and over the right one too when both fit one window). So a
     /// write next to a live piece costs that one walk (and a removal if it joins two), a
     /// write with no live neighbour one walk and two inserts. A write over other pieces
@@ -347,6 +381,10 @@ impl Inner {
             match w.under(s, p) {
                 Under::Decline => return None,
                 Under::Renumbered => return Some(true),
+                Under::Absorbed => {
+                    self.absorbed_lsn = lsn;
+                    return Some(true);
+                }
                 Under::Exact(old) => {
                     renumbered = Some(old);
                     break;
@@ -501,13 +539,19 @@ impl ExtentMap {
         lock(&self.inner).synced_bytes
     }
 
-    /// Brings the synced index up to the log's trusted image LSN
-    /// ([`ChangeLog::image_trusted`]): the live pieces at or below it become synced (see
-    /// "Synced pieces"). Returns the live bytes left, what the FLUSH's pass would log.
+    /// For a FLUSH, before its pass: brings the synced index up to the log's trusted image
+    /// LSN ([`ChangeLog::image_trusted`]): the live pieces at or below it become synced (see
+    /// "Synced pieces"); and declares the writes absorbed since the last FLUSH image-dependent
+    /// (see "Absorbed writes"), so that its sync round syncs the image. Returns the live
+    /// bytes left, what the FLUSH's pass would log.
     pub fn settle(&self, log: &ChangeLog) -> u64 {
         let (chain, trusted) = log.image_trusted();
         let mut inner = lock(&self.inner);
         self.follow_chain(&mut inner, log);
+        let absorbed = std::mem::take(&mut inner.absorbed_lsn);
+        if absorbed > 0 {
+            log.note_image_dependent(absorbed);
+        }
         if inner.chain_id != chain || trusted <= inner.synced_lsn {
             return inner.deferred;
         }

@@ -9,15 +9,15 @@ use crate::changelog::{replay, LogOptions, LogState};
 use crate::disk::Disk;
 use crate::replication::engine::patch_from_log;
 
-const SIZE: u64 = 1 << 20;
+pub(super) const SIZE: u64 = 1 << 20;
 
-struct Fixture {
+pub(super) struct Fixture {
     _t: tempfile::TempDir,
     image: std::path::PathBuf,
     log: std::path::PathBuf,
 }
 
-fn fixture() -> Fixture {
+pub(super) fn fixture() -> Fixture {
     let t = tempfile::tempdir().unwrap();
     let image = t.path().join("d.img");
     fs::write(&image, vec![0u8; SIZE as usize]).unwrap();
@@ -27,7 +27,7 @@ fn fixture() -> Fixture {
 
 /// No background checkpoint: one could cool an extent, and a write into a cold extent syncs
 /// the log first (not inline).
-fn opts() -> LogOptions {
+pub(super) fn opts() -> LogOptions {
     LogOptions {
         min_free_bytes: 0,
         min_free_percent: 0,
@@ -37,14 +37,14 @@ fn opts() -> LogOptions {
 }
 
 /// [`opts`], with small writes deferred however often FLUSHes come.
-fn every_write_deferred() -> LogOptions {
+pub(super) fn every_write_deferred() -> LogOptions {
     LogOptions {
         flush_heavy_writes: 0,
         ..opts()
     }
 }
 
-fn open(f: &Fixture, o: LogOptions) -> Disk {
+pub(super) fn open(f: &Fixture, o: LogOptions) -> Disk {
     let (d, report) = Disk::open_tracked("d", &f.image, &f.log, "disk-id", o).unwrap();
     assert_eq!(report.state, LogState::Healthy);
     d
@@ -52,18 +52,18 @@ fn open(f: &Fixture, o: LogOptions) -> Disk {
 
 /// Heats the disk's extent (a first write into a cold extent syncs the log first, so it is
 /// not taken inline) with a write to its last 4 KiB; returns the records logged by then.
-fn warm(disk: &Disk) -> usize {
+pub(super) fn warm(disk: &Disk) -> usize {
     rt().block_on(disk.write(SIZE - 4096, vec![0xAA; 4096], true))
         .unwrap();
     records(disk).len()
 }
 
-fn inline(disk: &Disk, offset: u64, data: &[u8]) {
+pub(super) fn inline(disk: &Disk, offset: u64, data: &[u8]) {
     let r = disk.write_now(offset, data, false);
     assert!(r.is_some_and(|r| r.is_ok()), "taken inline at {offset}");
 }
 
-fn deferred(h: &RecordHeader) -> bool {
+pub(super) fn deferred(h: &RecordHeader) -> bool {
     h.kind == Kind::Extent && h.flags & FLAG_DEFERRED != 0
 }
 
@@ -200,7 +200,7 @@ fn a_cut_holds_no_deferred_write_and_ships_exactly() {
 }
 
 /// The write records a pass logged (not the warm-up's block), as (offset, length).
-fn logged_writes(recs: &[RecordHeader]) -> Vec<(u64, u64)> {
+pub(super) fn logged_writes(recs: &[RecordHeader]) -> Vec<(u64, u64)> {
     recs.iter()
         .filter(|h| h.kind == Kind::Write && h.offset < SIZE - 4096)
         .map(|h| (h.offset, h.length))

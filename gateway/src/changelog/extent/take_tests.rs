@@ -40,6 +40,10 @@ fn reference(
         match w.under(s, p) {
             Under::Decline => return None,
             Under::Renumbered => return Some(true),
+            Under::Absorbed => {
+                m.absorbed_lsn = lsn;
+                return Some(true);
+            }
             Under::Exact(old) => {
                 renumbered = Some(old);
                 break;
@@ -102,6 +106,12 @@ fn same(a: &Inner, b: &Inner) -> Result<(), String> {
     };
     if pieces(a) != pieces(b) {
         return Err(format!("pieces {:?}\nreference {:?}", pieces(a), pieces(b)));
+    }
+    if a.absorbed_lsn != b.absorbed_lsn {
+        return Err(format!(
+            "absorbed {} reference {}",
+            a.absorbed_lsn, b.absorbed_lsn
+        ));
     }
     if (&a.live, &a.synced, a.deferred, a.synced_bytes)
         != (&b.live, &b.synced, b.deferred, b.synced_bytes)
@@ -217,4 +227,41 @@ fn neighbours_join_in_one_walk() {
         vec![(9, 14, 5), (14, 15, 8), (255, 256, 6), (256, 257, 7)]
     );
     assert_eq!(m.deferred, BLOCK);
+}
+
+/// A small write inside a piece of a large write's extent newer than the cut is absorbed:
+/// the map does not change, and the next FLUSH is told to sync the image. Not across the
+/// piece's edge, not over a piece in a cut, and not when writes carry their data.
+#[test]
+fn a_write_inside_a_large_writes_piece_is_absorbed() {
+    let mut m = Inner::new(1);
+    m.insert(1, 0, 256 * BLOCK, false);
+    let before = m.pieces.clone();
+    let w = |m: &mut Inner, lsn: u64, block: u64, blocks: u64, defer_max: u64| {
+        m.take_uncut(lsn, block * BLOCK, blocks * BLOCK, defer_max, 1 << 20)
+    };
+    assert_eq!(w(&mut m, 2, 10, 1, u64::MAX / 2), Some(true));
+    assert_eq!(w(&mut m, 3, 255, 1, u64::MAX / 2), Some(true));
+    assert_eq!(m.pieces, before, "absorbed writes change no piece");
+    assert_eq!((m.absorbed_lsn, m.deferred), (3, 0));
+    // Across the piece's end: the part inside leaves the extent's piece, the write is a
+    // deferred piece of its own.
+    assert_eq!(w(&mut m, 4, 255, 2, u64::MAX / 2), Some(true));
+    let starts: Vec<(u64, u64, u64, bool)> = m
+        .pieces
+        .iter()
+        .map(|(&s, p)| (s / BLOCK, p.end / BLOCK, p.lsn, p.deferred))
+        .collect();
+    assert_eq!(starts, vec![(0, 255, 1, false), (255, 257, 4, true)]);
+    assert_eq!(m.absorbed_lsn, 3);
+    // Writes that carry their data (`defer_max` 0) split the piece as before.
+    assert_eq!(w(&mut m, 5, 20, 1, 0), Some(false));
+    assert_eq!(m.pieces.range(..255 * BLOCK).count(), 2);
+    m.check_deferred_index().unwrap();
+    // Once the extent is in a cut, its bytes must be saved first: declined.
+    let mut c = Inner::new(1);
+    c.insert(1, 0, 256 * BLOCK, false);
+    c.cut_lsn = 1;
+    assert_eq!(w(&mut c, 2, 30, 1, u64::MAX / 2), None);
+    assert_eq!(c.absorbed_lsn, 0);
 }
