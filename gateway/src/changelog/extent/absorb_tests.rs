@@ -5,12 +5,11 @@
 //! (from the piece's preimage), and across a restart before the cut.
 
 use super::deferred_tests::{
-    deferred, every_write_deferred, fixture, inline, logged_writes, open, warm, SIZE,
+    deferred, every_write_deferred, fixture, inline, logged_writes, open, shipped, warm, SIZE,
 };
 use crate::changelog::format::{Kind, FLAG_IMAGE_SYNCED};
 use crate::changelog::tests::{records, rt};
 use crate::disk::Disk;
-use crate::replication::engine::patch_from_log;
 
 const BIG: u64 = 256 << 10;
 
@@ -65,11 +64,8 @@ fn absorbed_writes_are_synced_by_the_flush_and_shipped_from_the_extent() {
     rt.block_on(disk.write(8192, vec![0xEE; 8192], false))
         .unwrap();
     assert!(super::ExtentMap::usage(&map).1 >= 8192, "preimage saved");
-    let patch = patch_from_log(&log, 0, cut, SIZE).unwrap();
-    let mut replica = vec![0u8; SIZE as usize];
-    patch.apply(0, &mut replica).unwrap();
     assert!(
-        replica == at_cut,
+        shipped(&disk, cut) == at_cut,
         "the cut ships the absorbed writes as they were"
     );
     rt.block_on(disk.close()).unwrap();
@@ -94,11 +90,7 @@ fn an_absorbed_write_is_a_deferred_piece_after_a_restart() {
     let cut = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
     let recs = records(&disk).split_off(n);
     assert_eq!(logged_writes(&recs), vec![(4096, 4096)]);
-    let mut replica = vec![0u8; SIZE as usize];
-    patch_from_log(&log, 0, cut, SIZE)
-        .unwrap()
-        .apply(0, &mut replica)
-        .unwrap();
+    let replica = shipped(&disk, cut);
     let mut want = vec![0x11u8; BIG as usize];
     want[4096..8192].fill(0x22);
     assert!(replica[..BIG as usize] == want[..]);

@@ -67,6 +67,17 @@ pub(super) fn deferred(h: &RecordHeader) -> bool {
     h.kind == Kind::Extent && h.flags & FLAG_DEFERRED != 0
 }
 
+/// The disk's bytes as its first cut (`cut`, from LSN 0) ships them onto zeroes.
+pub(super) fn shipped(disk: &Disk, cut: u64) -> Vec<u8> {
+    let log = disk.change_log().unwrap();
+    let mut replica = vec![0u8; SIZE as usize];
+    patch_from_log(&log, 0, cut, SIZE)
+        .unwrap()
+        .apply(0, &mut replica)
+        .unwrap();
+    replica
+}
+
 #[test]
 fn a_flush_logs_the_bytes_of_deferred_writes_once() {
     let f = fixture();
@@ -151,10 +162,7 @@ fn frequent_flushes_have_small_writes_logged_with_their_data() {
     map.check_deferred_index().unwrap();
     // Whichever way they were logged, a cut ships the image as it is.
     let cut = Disk::cut(std::slice::from_ref(&disk)).unwrap()[0];
-    let log = disk.change_log().unwrap();
-    let patch = patch_from_log(&log, 0, cut, SIZE).unwrap();
-    let mut replica = vec![0u8; SIZE as usize];
-    patch.apply(0, &mut replica).unwrap();
+    let replica = shipped(&disk, cut);
     assert!(
         replica == fs::read(&f.image).unwrap(),
         "the log holds every write"
@@ -191,10 +199,7 @@ fn a_cut_holds_no_deferred_write_and_ships_exactly() {
         inline(&disk, off, &[0xEE; 4096]);
     }
     assert_eq!(super::ExtentMap::usage(&map).1, 0, "no preimage saved");
-    let log = disk.change_log().unwrap();
-    let patch = patch_from_log(&log, 0, cut, SIZE).unwrap();
-    let mut replica = vec![0u8; SIZE as usize];
-    patch.apply(0, &mut replica).unwrap();
+    let replica = shipped(&disk, cut);
     assert!(replica == at_cut, "the cut ships the writes as they were");
     rt.block_on(disk.close()).unwrap();
 }
@@ -688,10 +693,7 @@ fn the_writer_thread_defers_small_writes_too() {
     assert_eq!(logged_writes(&records(&disk).split_off(n)), vec![(0, 8192)]);
     assert_eq!(map.deferred_bytes(), 0);
     // The cut ships the extent's bytes of the cut, not the later write's.
-    let log = disk.change_log().unwrap();
-    let patch = patch_from_log(&log, 0, cut, SIZE).unwrap();
-    let mut replica = vec![0u8; SIZE as usize];
-    patch.apply(0, &mut replica).unwrap();
+    let replica = shipped(&disk, cut);
     assert!(replica[65536..131072].iter().all(|&b| b == 9));
     // The image holds every write of the batch.
     let image = fs::read(&f.image).unwrap();
