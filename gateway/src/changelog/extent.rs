@@ -209,15 +209,20 @@ impl Inner {
         }
     }
 
+    /// The pieces overlapping `[offset, end)`, the last one first (pieces never overlap, so
+    /// walking back their ends decrease too).
+    fn overlapping(&self, offset: u64, end: u64) -> impl Iterator<Item = (&u64, &Piece)> {
+        self.pieces
+            .range(..end)
+            .rev()
+            .take_while(move |(_, p)| p.end > offset)
+    }
+
     /// Whether a piece or a preimage of record `h` is left in its range.
     fn holds(&self, h: &RecordHeader) -> bool {
-        let end = h.offset.saturating_add(h.length);
         self.saved.contains_key(&h.lsn)
             || self
-                .pieces
-                .range(..end)
-                .rev()
-                .take_while(|(_, p)| p.end > h.offset)
+                .overlapping(h.offset, h.offset.saturating_add(h.length))
                 .any(|(_, p)| p.lsn == h.lsn)
     }
 
@@ -648,12 +653,7 @@ impl ExtentMap {
         }
         let end = offset.saturating_add(len);
         let cut = inner.cut_lsn;
-        let in_cut = inner
-            .pieces
-            .range(..end)
-            .rev()
-            .take_while(|(_, p)| p.end > offset)
-            .any(|(_, p)| p.lsn <= cut);
+        let in_cut = inner.overlapping(offset, end).any(|(_, p)| p.lsn <= cut);
         if in_cut {
             return None;
         }

@@ -204,11 +204,12 @@ impl Write {
             return Under::Decline;
         }
         let deferred = self.defer_max > 0 && p.deferred;
+        let inside = s <= self.offset && self.end <= p.end;
         // Inside a live deferred piece (a block written again between two FLUSHes, or next
         // to others merged with it): the piece is the new record's now — every byte of it is
         // still the image's and still to be logged — nothing else changes. Being inside it,
         // no other piece lies there.
-        if deferred && p.lsn > self.synced_lsn && s <= self.offset && self.end <= p.end {
+        if deferred && p.lsn > self.synced_lsn && inside {
             // Strictly inside, the piece's LSN no longer names the record of every byte.
             p.merged |= s != self.offset || p.end != self.end;
             p.lsn = self.lsn;
@@ -216,7 +217,7 @@ impl Write {
         }
         // Inside an extent's piece newer than the cut (see "Absorbed writes"); not when
         // writes are to carry their data (`defer_max` 0: the disk wants no image sync).
-        if self.defer_max > 0 && !p.deferred && s <= self.offset && self.end <= p.end {
+        if self.defer_max > 0 && !p.deferred && inside {
             return Under::Absorbed;
         }
         // The same range written again over a synced deferred piece (live ones were taken
